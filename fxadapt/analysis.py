@@ -1,0 +1,117 @@
+"""``fxadapt.analyze``: coupled channel groups, residual blocks and the cost model of a model.
+
+Pipeline: capture (unless given a captured ``GraphModule``) -> propagate channel labels through the op-rule
+table -> form groups from label unions and sites -> find residual blocks by dominance -> build the cost
+polynomial. Results are frozen dataclasses; per-node conclusions are written to ``node.meta`` under the
+keys in ``fxadapt.meta``; the networkx data-flow graph stays inside the ``Analysis``.
+
+Example:
+    >>> import torch, fxadapt
+    >>> class Res(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.stem, self.body = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, padding=1)
+    ...         self.head = torch.nn.Linear(8, 2)
+    ...     def forward(self, x):
+    ...         x = self.stem(x)
+    ...         return self.head((x + self.body(x)).mean((2, 3)))
+    >>> a = fxadapt.analyze(Res(), (torch.randn(1, 3, 12, 12),))
+    >>> [(g.name, g.width, g.prunable) for g in a.groups]
+    [('stem', 8, True)]
+    >>> [(b.entry, b.exit, b.removable) for b in a.blocks]
+    [('stem', 'add', True)]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+from torch.fx import GraphModule
+
+from fxadapt import meta
+from fxadapt.blocks import Block, dataflow_graph, find_blocks
+from fxadapt.capture import capture
+from fxadapt.cost import CostModel
+from fxadapt.cost_terms import build_cost
+from fxadapt.groups import Group, form_groups
+from fxadapt.propagate import labels_of, propagate
+
+
+@dataclass
+class Analysis:
+    """What fxadapt knows about a captured model (see module docstring)."""
+
+    gm: GraphModule
+    groups: list[Group]
+    blocks: list[Block]
+    cost: CostModel
+    graph: nx.DiGraph = field(repr=False)
+    fired: Counter = field(default_factory=Counter)
+    group_of: np.ndarray = field(default=None, repr=False)
+    unit_of: np.ndarray = field(default=None, repr=False)
+    roots: np.ndarray = field(default=None, repr=False)
+
+    @property
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def units_for(self, widths: dict[int, int] | None) -> dict[int, float] | None:
+        if widths is None:
+            return None
+        return {gid: w / self.groups[gid].granularity for gid, w in widths.items()}
+
+    def macs(self, widths: dict[int, int] | None = None, present: dict[int, float] | None = None) -> float:
+        """Total MACs at the given group widths (channels; default: current) and block presences."""
+        return self.cost.macs(self.units_for(widths), present)
+
+    def params(self, widths: dict[int, int] | None = None, present: dict[int, float] | None = None) -> float:
+        return self.cost.params(self.units_for(widths), present)
+
+    def summary(self) -> str:
+        from fxadapt.report import analysis_table
+
+        return analysis_table(self)
+
+
+def analyze(model: Any, example_inputs: Any = None) -> Analysis:
+    """Analyse ``model`` (an ``nn.Module`` plus example inputs, or a ``GraphModule`` from ``capture``)."""
+    if isinstance(model, GraphModule) and "fxadapt.batch" in model.meta:
+        gm = model
+    else:
+        gm = capture(model, example_inputs)
+    ctx = propagate(gm)
+    groups, group_of, unit_of = form_groups(ctx.ledger)
+    roots = ctx.ledger.uf.roots()
+    graph = dataflow_graph(gm)
+    blocks = find_blocks(gm, graph)
+    node_blocks: dict[str, tuple[int, ...]] = {}
+    for b in blocks:
+        if b.removable:
+            for name in b.body:
+                node_blocks[name] = node_blocks.get(name, ()) + (b.id,)
+    cost = build_cost(gm, ctx, groups, roots, group_of, node_blocks)
+    groups = [_with_shares(g, cost) for g in groups]
+    _annotate(gm, roots, group_of, node_blocks)
+    return Analysis(gm, groups, blocks, cost, graph, ctx.fired, group_of, unit_of, roots)
+
+
+def _with_shares(g: Group, cost: CostModel) -> Group:
+    if not g.prunable:
+        return g
+    import dataclasses
+
+    return dataclasses.replace(g, macs_share=cost.share(g.id, "macs"), params_share=cost.share(g.id, "params"))
+
+
+def _annotate(gm: GraphModule, roots, group_of, node_blocks) -> None:
+    for node in gm.graph.nodes:
+        labs = labels_of(node.meta.get(meta.TRACK))
+        if labs:
+            ids = np.unique(group_of[roots[np.concatenate([lab.reshape(-1) for lab in labs])]])
+            node.meta[meta.GROUP] = tuple(int(i) for i in ids if i >= 0)
+        if node.name in node_blocks:
+            node.meta[meta.BLOCK] = node_blocks[node.name]

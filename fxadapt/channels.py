@@ -1,0 +1,124 @@
+"""Channel labels: the element-level bookkeeping behind coupled channel groups.
+
+Every channel a producer (conv, linear, embedding, ...) creates gets a unique integer *label*. A tensor's
+``Track`` says which of its axes carry channels and, for every position along those axes, which label sits
+there. Op rules move labels (pass-through, cat, split, permute, view), *couple* them (``a + b`` forces the
+channel at position i of ``a`` and of ``b`` to be kept or dropped together: their labels are unioned), or
+*freeze* them (an op we cannot rewrite consumes them).
+
+After propagation, the union-find classes of labels are the *group channels*; classes touching the same
+set of sites (the places that must be sliced: weights, norm parameters, shape arguments) form one group.
+A site's ``labels`` array maps each of its positions to a class, so one group can be a slice of a
+concatenation, a strided subset after a channel shuffle, or a block of ``H*W`` features after a flatten.
+
+Invariant: a tracked axis is never mixed with untracked content, so selecting, in every site, the
+positions whose class is kept (in original order) yields tensors that still fit together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Track:
+    """Channel labels carried by a tensor.
+
+    ``axes`` are sorted non-negative tensor axes; ``labels`` has shape ``[size(a) for a in axes]``. Along
+    every other axis the labels are constant (the channel axis of an NCHW activation is ``axes == (1,)``).
+
+    >>> t = Track((1,), np.arange(4))
+    >>> t.moved({1: 2}).axes
+    (2,)
+    """
+
+    axes: tuple[int, ...]
+    labels: np.ndarray
+
+    def moved(self, mapping: dict[int, int]) -> Track:
+        """Rename axes (old -> new), keeping labels aligned with sorted axis order."""
+        new = [mapping[a] for a in self.axes]
+        order = np.argsort(new)
+        return Track(tuple(int(new[i]) for i in order), np.transpose(self.labels, order))
+
+    def flat(self) -> np.ndarray:
+        return self.labels.reshape(-1)
+
+
+class UnionFind:
+    """Union-find over integer labels, with path halving (labels are allocated densely from 0)."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(a, b)
+        pairs = {(int(x), int(y)) for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()) if x != y}
+        for x, y in pairs:
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A parameter or buffer of the graph module, by fully qualified name (``"layer1.0.conv1.weight"``)."""
+
+    target: str
+
+    @property
+    def module_path(self) -> str:
+        return self.target.rpartition(".")[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """A place that must change when channels are kept or added.
+
+    kind: ``"param"`` (slice ``ref`` along ``axis``), ``"shape_arg"`` (entry ``index`` of the shape list at
+    argument ``arg`` of ``node_name``), ``"groups"`` (the ``groups`` of a depthwise conv follows its input).
+    ``labels`` gives, for every position along the axis, its channel label. ``role`` tells the cost model
+    and reports what the site is (``"out"``, ``"in"``, ``"norm"``, ``"bias"``, ``"const"``, ``"shape"``).
+    """
+
+    kind: str
+    labels: np.ndarray
+    role: str
+    node_name: str
+    ref: ParamRef | None = None
+    axis: int = 0
+    arg: int = 0
+    index: int = 0
+
+
+@dataclass
+class Ledger:
+    """Everything a propagation run learns: label unions, frozen labels with reasons, and sites."""
+
+    uf: UnionFind = field(default_factory=UnionFind)
+    frozen: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+
+    def couple(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.uf.union_arrays(a, b)
+
+    def freeze(self, labels: np.ndarray, reason: str) -> None:
+        if labels.size:
+            self.frozen.append((labels.reshape(-1), reason))

@@ -1,0 +1,110 @@
+"""Build the cost model's terms from an analysed graph (see ``fxadapt.cost`` for the formulas)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.fx import GraphModule
+
+from fxadapt.channels import ParamRef, Track
+from fxadapt.cost import CostModel, LinearForm, Term
+from fxadapt.propagate import normalize
+
+aten = torch.ops.aten
+CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default}
+ADDMM = {aten.addmm.default, aten.baddbmm.default}
+
+
+class FormMaker:
+    """Turns a label array (positions of one axis) into a ``LinearForm`` over prunable groups."""
+
+    def __init__(self, roots: np.ndarray, group_of: np.ndarray, groups: list):
+        self.roots, self.group_of = roots, group_of
+        self.units = {g.id: g.units for g in groups if g.prunable}
+
+    def __call__(self, labels: np.ndarray | None, size: int) -> LinearForm:
+        if labels is None:
+            return LinearForm(float(size))
+        g = self.group_of[self.roots[labels.reshape(-1)]]
+        var = np.isin(g, list(self.units))
+        ids, counts = np.unique(g[var], return_counts=True)
+        coefs = tuple((int(i), float(c) / self.units[int(i)]) for i, c in zip(ids.tolist(), counts.tolist()))
+        return LinearForm(float((~var).sum()), coefs)
+
+
+def _axis(t, axis: int):
+    if not isinstance(t, Track) or axis not in t.axes:
+        return None
+    k = t.axes.index(axis)
+    lab = np.moveaxis(t.labels, k, -1)
+    return lab.reshape(-1, lab.shape[-1])[0]
+
+
+def _weight_factors(ref: ParamRef, ctx, sites: dict, form: FormMaker) -> list[LinearForm]:
+    shape = ctx.shape(ref)
+    return [form(sites.get((ref.target, ax)), shape[ax]) for ax in range(len(shape))]
+
+
+def _activation_factors(t, shape: tuple, form: FormMaker) -> tuple[float, list[LinearForm]]:
+    """Constant part and variable factors of ``numel`` of a tensor with track ``t``."""
+    coef, factors = 1.0, []
+    free = t.axes[-1] if isinstance(t, Track) else None
+    for ax, size in enumerate(shape):
+        if ax == free:
+            factors.append(form(_axis(t, ax), size))
+        else:
+            coef *= size
+    return coef, factors
+
+
+def _mac_term(node, call, ctx, sites, form) -> tuple[float, list[LinearForm]] | None:
+    op, out = call.op, ctx.shapes.get(node.name)
+    if op in CONV or op in CONV_T or op is aten.linear.default:
+        w = call.arg(1, "weight")
+        if not isinstance(w, ParamRef):
+            return None
+        src = ctx.shapes[call.args[0].name] if op in CONV_T else out
+        ch = src[1] if op is not aten.linear.default else src[-1]
+        return math.prod(src) / ch, _weight_factors(w, ctx, sites, form)
+    if op in MATMUL or op in ADDMM:
+        a = call.args[1] if op in ADDMM else call.args[0]
+        k = ctx.shape(a)[-1]
+        coef, factors = _activation_factors(ctx.tracks.get(node.name), out, form)
+        return coef, factors + [form(_axis(ctx.track(a), len(ctx.shape(a)) - 1), k)]
+    if op is aten.scaled_dot_product_attention.default:
+        q, k, v = call.args[:3]
+        qs, ks, vs = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+        e = form(_axis(ctx.track(q), len(qs) - 1), qs[-1]) + form(_axis(ctx.track(v), len(vs) - 1), vs[-1])
+        return math.prod(qs[:-1]) * ks[-2], [e]
+    return None
+
+
+def build_cost(gm: GraphModule, ctx, groups: list, roots, group_of, node_blocks: dict) -> CostModel:
+    form = FormMaker(roots, group_of, groups)
+    sites = {}
+    for s in ctx.ledger.sites:
+        if s.kind == "param":
+            sites.setdefault((s.ref.target, s.axis), s.labels)
+    macs, owner = [], {}
+    for node in gm.graph.nodes:
+        call = normalize(node)
+        if call is None:
+            continue
+        for a in call.args:
+            if isinstance(a, ParamRef):
+                owner.setdefault(a.target, node.name)
+        term = _mac_term(node, call, ctx, sites, form)
+        if term is not None:
+            macs.append(Term(term[0], tuple(term[1]), node_blocks.get(node.name, ()), node.name))
+    params = []
+    for name, p in gm.named_parameters():
+        user = owner.get(name, "")
+        ref = ParamRef(name)
+        params.append(Term(1.0, tuple(_weight_factors(ref, ctx, sites, form)) if p.dim() else (),
+                           node_blocks.get(user, ()), user))
+    units = {g.id: g.units for g in groups if g.prunable}
+    return CostModel(tuple(macs), tuple(params), units)

@@ -1,0 +1,111 @@
+"""Coupled channel groups from a propagation ledger.
+
+Union-find classes of labels are *units* (channels that live or die together). Units that touch exactly the
+same set of sites form one *group*: a prunable width. The group's canonical member is its first producer
+site (a conv/linear output axis); unit order follows that member, so unit ``k`` is the producer's ``k``-th
+channel. ``width`` counts the canonical member's channels and ``granularity = width / units`` (e.g. the
+``groups`` of a grouped conv, or ``r^2`` before a pixel shuffle).
+
+A group is frozen when any of its units was frozen by a rule; the first recorded reason is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fxadapt.channels import Ledger, Site
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One place the group lives: a site, and per position the group unit it holds (-1: another group)."""
+
+    site: Site
+    index: np.ndarray
+
+    @property
+    def kind(self) -> str:
+        return self.site.kind
+
+    @property
+    def target(self) -> str | None:
+        return self.site.ref.target if self.site.ref is not None else None
+
+    @property
+    def axis(self) -> int:
+        return self.site.axis
+
+    def __repr__(self) -> str:
+        where = self.target or self.site.node_name
+        return f"Member({self.site.role} {where}[axis {self.axis}], {int((self.index >= 0).sum())} positions)"
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    id: int
+    width: int
+    units: int
+    granularity: int
+    members: tuple[Member, ...]
+    prunable: bool
+    reason: str | None
+    roots: np.ndarray
+    name: str = ""
+    macs_share: float = 0.0
+    params_share: float = 0.0
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"frozen: {self.reason}"
+        return f"Group({self.id} {self.name!r}, width={self.width}, granularity={self.granularity}, {state})"
+
+
+PRODUCER_ROLES = ("out", "dw")
+
+
+def form_groups(ledger: Ledger) -> tuple[list[Group], np.ndarray, np.ndarray]:
+    """Groups, plus per-root arrays ``group_of`` and ``unit_of`` (-1 where a root has no group)."""
+    roots = ledger.uf.roots()
+    frozen: dict[int, str] = {}
+    for labels, reason in ledger.frozen:
+        for r in np.unique(roots[labels]).tolist():
+            frozen.setdefault(r, reason)
+    sig: dict[int, list[int]] = {}
+    for si, site in enumerate(ledger.sites):
+        for r in np.unique(roots[site.labels]).tolist():
+            sig.setdefault(r, []).append(si)
+    by_key: dict[tuple, list[int]] = {}
+    for r, sites in sig.items():
+        by_key.setdefault(tuple(sites), []).append(r)
+    group_of = np.full(len(roots), -1, dtype=np.int64)
+    unit_of = np.full(len(roots), -1, dtype=np.int64)
+    groups = []
+    for key, rs in by_key.items():
+        groups.append(_make_group(len(groups), key, rs, ledger.sites, roots, frozen, group_of, unit_of))
+    return groups, group_of, unit_of
+
+
+def _make_group(gid, key, rs, sites, roots, frozen, group_of, unit_of) -> Group:
+    members_sites = [sites[i] for i in key]
+    canon = next((s for s in members_sites if s.role in PRODUCER_ROLES), members_sites[0])
+    in_group = np.isin(roots[canon.labels], rs)
+    canon_roots = roots[canon.labels][in_group]
+    _, first = np.unique(canon_roots, return_index=True)
+    ordered = canon_roots[np.sort(first)]
+    missing = np.setdiff1d(np.asarray(rs), ordered)
+    ordered = np.concatenate([ordered, missing])
+    group_of[ordered] = gid
+    unit_of[ordered] = np.arange(len(ordered))
+    members = []
+    for s in members_sites:
+        r = roots[s.labels]
+        members.append(Member(s, np.where(group_of[r] == gid, unit_of[r], -1)))
+    width = int(in_group.sum())
+    units = len(ordered)
+    reason = next((frozen[r] for r in ordered.tolist() if r in frozen), None)
+    if reason is None and units == 1:
+        reason = "a single unit: nothing to choose"
+    name = canon.ref.module_path if canon.ref is not None else canon.node_name
+    return Group(gid, width, units, max(1, width // max(units, 1)), tuple(members), reason is None, reason,
+                 ordered, name)

@@ -1,0 +1,190 @@
+"""The op-rule table: how every ATen op treats the channel axis.
+
+One dict, ``RULES``, keyed by the call target (an ATen ``OpOverload`` such as
+``torch.ops.aten.conv2d.default``, or ``operator.getitem``). A rule is a function ``(call, ctx) -> out``
+registered with ``@rule(op, ..., kind=...)``; ``kind`` is one of ``produces``, ``consumes``, ``passes``,
+``couples``, ``reindexes``, ``blocks`` and is what ``fxadapt inspect`` prints.
+
+A rule returns the output ``Track`` (or a tuple of them for multi-output ops, or ``None`` when the output
+carries no channels) and records on ``ctx`` what it learned: label unions (``ctx.couple``), frozen labels
+(``ctx.freeze``) and sites to rewrite (``ctx.site``). It may return ``Blocked(reason)`` instead: every
+channel flowing into the op is frozen with that reason. Ops without a rule are blocked the same way —
+nothing ever defaults to element-wise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from fxadapt.channels import Ledger, ParamRef, Site, Track
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A rule's refusal, with the reason shown to users."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    fn: Callable
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class RuleRecord:
+    """What happened at one node (stored in ``node.meta[meta.RULE]``)."""
+
+    rule: str
+    kind: str
+    blocked: str | None = None
+
+
+RULES: dict[Any, RuleSpec] = {}
+KINDS = ("produces", "consumes", "passes", "couples", "reindexes", "blocks", "ignores")
+
+
+def rule(*targets: Any, kind: str) -> Callable:
+    """Register ``fn`` as the channel rule of every target (ATen overloads or ``operator.getitem``)."""
+    assert kind in KINDS, kind
+
+    def deco(fn: Callable) -> Callable:
+        for t in targets:
+            assert t not in RULES, f"two rules for {t}"
+            RULES[t] = RuleSpec(fn, kind, fn.__name__)
+        return fn
+
+    return deco
+
+
+def aten_ops(*names: str) -> list:
+    """Resolve ``"relu.default"`` style names to overloads, skipping ones this torch build lacks."""
+    out = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(torch.ops.aten, packet, None)
+        op = getattr(op, overload or "default", None) if op is not None else None
+        if op is not None:
+            out.append(op)
+    return out
+
+
+@dataclass(frozen=True)
+class Call:
+    """A normalized op call: the ATen overload and its arguments bound by schema name.
+
+    Activations are fx ``Node`` objects; parameters and buffers are ``ParamRef``; the rest are constants.
+    """
+
+    op: Any
+    node: Node
+    args: tuple
+    kwargs: dict
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if index < len(self.args):
+            return self.args[index]
+        return self.kwargs.get(name, default)
+
+
+class Ctx:
+    """What a rule sees: tracks and shapes of its inputs, a label allocator and the ledger."""
+
+    def __init__(self, shapes: dict[str, tuple], params: dict[str, torch.Tensor]):
+        self.shapes = shapes
+        self.params = params
+        self.tracks: dict[str, Any] = {}
+        self.ledger = Ledger()
+        self.fired: Counter = Counter()
+        self.node: Node | None = None
+
+    # --- reading ---------------------------------------------------------------------------------
+    def track(self, x: Any) -> Track | None:
+        if isinstance(x, Node):
+            t = self.tracks.get(x.name)
+            return t if isinstance(t, Track) else None
+        return None
+
+    def shape(self, x: Any) -> tuple[int, ...] | None:
+        if isinstance(x, Node):
+            return self.shapes.get(x.name)
+        if isinstance(x, ParamRef):
+            return tuple(self.params[x.target].shape)
+        if isinstance(x, torch.Tensor):
+            return tuple(x.shape)
+        return None
+
+    def out_shape(self) -> tuple[int, ...] | None:
+        return self.shapes.get(self.node.name)
+
+    # --- recording -------------------------------------------------------------------------------
+    def new(self, n: int) -> np.ndarray:
+        return self.ledger.uf.new(n)
+
+    def couple(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.ledger.couple(a, b)
+
+    def freeze(self, x: Track | np.ndarray | None, reason: str) -> None:
+        if x is None:
+            return
+        labels = x.labels if isinstance(x, Track) else x
+        self.ledger.freeze(np.asarray(labels), f"{self.node.name}: {reason}")
+
+    def site(self, kind: str, labels: np.ndarray, role: str, **kw: Any) -> None:
+        self.ledger.sites.append(Site(kind, np.asarray(labels).reshape(-1), role, self.node.name, **kw))
+
+    def param_site(self, ref: Any, axis: int, labels: np.ndarray, role: str) -> None:
+        if isinstance(ref, ParamRef):
+            self.site("param", labels, role, ref=ref, axis=axis)
+
+    def freeze_inputs(self, call: Call, reason: str) -> None:
+        for a in _flat_nodes(call.args, call.kwargs):
+            self.freeze(self.track(a), reason)
+
+
+def _flat_nodes(args: tuple, kwargs: dict) -> list[Node]:
+    out: list[Node] = []
+    torch.fx.node.map_arg((args, kwargs), lambda n: out.append(n))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers shared by rule families
+# ------------------------------------------------------------------------------------------------
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def axis_labels(ctx: Ctx, t: Track, axis: int) -> np.ndarray:
+    """1-D labels along ``axis`` of a track; other tracked axes are unioned away (one space per tensor)."""
+    k = t.axes.index(axis)
+    lab = np.moveaxis(t.labels, k, -1)
+    flat = lab.reshape(-1, lab.shape[-1])
+    if flat.shape[0] > 1:
+        ctx.couple(flat, flat[:1])
+    return flat[0]
+
+
+def only_axis(ctx: Ctx, t: Track | None, axis: int, what: str) -> np.ndarray | None:
+    """Labels of ``t`` along ``axis``; channels tracked on any other axis are frozen (cannot follow)."""
+    if t is None:
+        return None
+    if axis not in t.axes:
+        ctx.freeze(t, f"channels on axis {t.axes} reach {what} on another axis")
+        return None
+    if len(t.axes) > 1:
+        return axis_labels(ctx, t, axis)
+    return t.labels
+
+
+def passthrough(t: Track | None) -> Track | None:
+    return t

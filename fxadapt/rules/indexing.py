@@ -1,0 +1,211 @@
+"""Rules for ops that concatenate, split or slice tensors, and for matrix products.
+
+cat along the channel axis concatenates label arrays (one group can then be a slice of a concatenation);
+split/chunk hand each output its slice of labels and record a ``split`` site, so materialization can
+rewrite the sizes (an equal ``chunk`` becomes ``split_with_sizes`` when the halves shrink differently);
+slice with step 1 records a ``slice`` site whose bounds become kept-channel counts. ``unbind``/``select``
+on the channel axis make positions meaningful, so those channels freeze. Along untracked axes all operands
+must carry the same channels, and are coupled.
+
+Matrix products ``a[..., n, k] @ b[..., k, m]``: the contracted ``k`` labels of both operands are
+coupled (a parameter operand is sliced instead); batch axes are coupled; ``n`` (from ``a``) or ``m`` (from
+``b``) flows to the output. A parameter ``b`` makes ``m`` a new channel space, like ``linear``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+from torch.fx import Node
+
+from fxadapt.channels import ParamRef, Track
+from fxadapt.rules.core import Blocked, aten_ops, axis_labels, norm_dim, only_axis, rule
+from fxadapt.rules.pointwise import _reduced
+
+
+def _align_all(ctx, tracks: list[Track | None], what: str) -> Track | None:
+    """Couple tensors that must carry the same channels on the same axes; return the reference."""
+    ref = next((t for t in tracks if t is not None), None)
+    if ref is None:
+        return None
+    for t in tracks:
+        if t is None:
+            ctx.freeze(ref, f"{what} with a fixed-size tensor")
+        elif t.axes == ref.axes and t.labels.shape == ref.labels.shape:
+            ctx.couple(ref.labels, t.labels)
+        else:
+            ctx.freeze(t, f"{what} of tensors with channels on different axes")
+            ctx.freeze(ref, f"{what} of tensors with channels on different axes")
+    return ref
+
+
+@rule(*aten_ops("cat.default", "concat.default", "concatenate.default"), kind="reindexes")
+def cat(call, ctx):
+    xs = [x for x in call.arg(0, "tensors") if ctx.shape(x) and len(ctx.shape(x)) == len(ctx.out_shape())]
+    dim = norm_dim(call.arg(1, "dim", 0), len(ctx.out_shape()))
+    tracks = [ctx.track(x) for x in xs]
+    if not any(t is not None and dim in t.axes for t in tracks):
+        return _align_all(ctx, tracks, "concatenation")
+    parts = []
+    for x, t in zip(xs, tracks):
+        if t is not None and t.axes == (dim,):
+            parts.append(t.labels)
+            continue
+        ctx.freeze(t, "concatenated along channels with a different channel layout")
+        lab = ctx.new(ctx.shape(x)[dim])
+        ctx.freeze(lab, f"channels concatenated from fixed-size tensor {getattr(x, 'name', x)}")
+        parts.append(lab)
+    return Track((dim,), np.concatenate(parts))
+
+
+@rule(*aten_ops("stack.default"), kind="reindexes")
+def stack(call, ctx):
+    xs = list(call.arg(0, "tensors"))
+    dim = norm_dim(call.arg(1, "dim", 0), len(ctx.out_shape()))
+    tracks = [ctx.track(x) for x in xs]
+    tracks = [None if t is None else t.moved({a: a + (a >= dim) for a in t.axes}) for t in tracks]
+    return _align_all(ctx, tracks, "stack")
+
+
+def _out_shapes(ctx) -> list[tuple]:
+    shapes = ctx.out_shape()
+    return list(shapes) if shapes and isinstance(shapes[0], tuple) else [shapes]
+
+
+@rule(*aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default", "tensor_split.sections",
+                "split_with_sizes_copy.default", "unsafe_split.Tensor", "unsafe_chunk.default"), kind="reindexes")
+def split(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    shapes = _out_shapes(ctx)
+    dim = norm_dim(call.arg(2, "dim", 0), len(ctx.shape(x)))
+    if t is None or dim not in t.axes:
+        return tuple(t for _ in shapes)
+    if t.axes != (dim,):
+        return Blocked("split of a multi-axis channel layout")
+    bounds = np.cumsum([0] + [s[dim] for s in shapes])
+    ctx.site("split", t.labels, "split", arg=dim)
+    return tuple(Track((dim,), t.labels[bounds[i]:bounds[i + 1]]) for i in range(len(shapes)))
+
+
+@rule(*aten_ops("unbind.int"), kind="reindexes")
+def unbind(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    dim = norm_dim(call.arg(1, "dim", 0), len(ctx.shape(x)))
+    n = ctx.shape(x)[dim]
+    if t is not None and dim in t.axes:
+        ctx.freeze(t, "unbind along the channel axis makes every channel a separate output")
+        return tuple(None for _ in range(n))
+    out = None if t is None else t.moved({a: a - (a > dim) for a in t.axes})
+    return tuple(out for _ in range(n))
+
+
+@rule(*aten_ops("slice.Tensor", "narrow.default", "slice_copy.Tensor"), kind="reindexes")
+def slice_(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    nd = len(ctx.shape(x))
+    dim = norm_dim(call.arg(1, "dim", 0), nd)
+    if t is None or dim not in t.axes:
+        return t
+    if t.axes != (dim,):
+        return Blocked("slice of a multi-axis channel layout")
+    n = ctx.shape(x)[dim]
+    if call.op.__name__.startswith("narrow"):
+        start, end, step = call.arg(2, "start"), call.arg(2, "start") + call.arg(3, "length"), 1
+    else:
+        start, end, step = call.arg(2, "start"), call.arg(3, "end"), call.arg(4, "step", 1)
+    if not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
+        return Blocked("slice bounds computed at run time on the channel axis")
+    if step not in (1, None):
+        return Blocked(f"strided slice (step {step}) of the channel axis")
+    lo, hi, _ = slice(start, end).indices(n)
+    if (lo, hi) != (0, n):
+        ctx.site("slice", t.labels, "slice", arg=lo, index=hi)
+    return Track((dim,), t.labels[lo:hi])
+
+
+@rule(*aten_ops("select.int", "select_copy.int"), kind="reindexes")
+def select(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    dim = norm_dim(call.arg(1, "dim"), len(ctx.shape(x)))
+    if t is None:
+        return None
+    if dim in t.axes:
+        ctx.freeze(t, "select picks one channel position by index")
+        return None
+    return t.moved({a: a - (a > dim) for a in t.axes})
+
+
+@rule(operator.getitem, kind="reindexes")
+def getitem(call, ctx):
+    src, idx = call.args[0], call.args[1]
+    tracks = ctx.tracks.get(src.name) if isinstance(src, Node) else None
+    if isinstance(tracks, tuple) and isinstance(idx, int) and idx < len(tracks):
+        return tracks[idx]
+    return None
+
+
+def _matmul(ctx, a, b, out_nd: int):
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    if len(sa) < 2 or len(sb) < 2:
+        return Blocked("matrix product with a 1-D operand")
+    ta, tb = ctx.track(a), ctx.track(b)
+    ka, kb = len(sa) - 1, len(sb) - 2
+    la = only_axis(ctx, ta, ka, "a matmul contraction") if ta is not None and ka in ta.axes else None
+    lb = only_axis(ctx, tb, kb, "a matmul contraction") if tb is not None and kb in tb.axes else None
+    if la is not None and lb is not None:
+        ctx.couple(la, lb)
+    elif la is not None and isinstance(b, ParamRef):
+        ctx.param_site(b, kb, la, "in")
+    elif la is not None or lb is not None:
+        ctx.freeze(la if la is not None else lb, "contracted with a fixed-size tensor")
+    rest_a = _reduced(ctx, ta, [ka], keep=True) if ta is not None else None
+    rest_b = _reduced(ctx, tb, [kb], keep=True) if tb is not None else None
+    outs = []
+    for rest, nd in ((rest_a, len(sa)), (rest_b, len(sb))):
+        if rest is not None:
+            outs.append(rest.moved({x: x + out_nd - nd for x in rest.axes}))
+    if isinstance(b, ParamRef) and len(sb) == 2:
+        new = ctx.new(sb[1])
+        ctx.param_site(b, 1, new, "out")
+        if not outs:
+            return Track((out_nd - 1,), new)
+        ctx.freeze(new, "matmul output columns beside tracked channels")
+    return _align_all(ctx, outs, "matrix product") if len(outs) > 1 else (outs[0] if outs else None)
+
+
+@rule(*aten_ops("matmul.default", "mm.default", "bmm.default"), kind="couples")
+def matmul(call, ctx):
+    return _matmul(ctx, call.arg(0, "self"), call.arg(1, "other"), len(ctx.out_shape()))
+
+
+@rule(*aten_ops("addmm.default", "baddbmm.default"), kind="couples")
+def addmm(call, ctx):
+    out = _matmul(ctx, call.arg(1, "mat1"), call.arg(2, "mat2"), len(ctx.out_shape()))
+    bias_t = ctx.track(call.arg(0, "self"))
+    if isinstance(out, Track) and bias_t is not None and bias_t.axes == out.axes:
+        ctx.couple(out.labels, bias_t.labels)
+    elif isinstance(out, Track) and isinstance(call.arg(0, "self"), ParamRef) and out.axes[-1] == len(ctx.out_shape()) - 1:
+        ctx.param_site(call.arg(0, "self"), 0, axis_labels(ctx, out, out.axes[-1]), "bias")
+    return out
+
+
+@rule(*aten_ops("scaled_dot_product_attention.default"), kind="couples")
+def sdpa(call, ctx):
+    """softmax(q k^T) v: q/k head_dim coupled, batch/head axes coupled, output carries v's channels."""
+    q, k, v = call.arg(0, "query"), call.arg(1, "key"), call.arg(2, "value")
+    nd = len(ctx.out_shape())
+    tq, tk, tv = ctx.track(q), ctx.track(k), ctx.track(v)
+    if tq is not None and tk is not None and tq.axes == tk.axes:
+        ctx.couple(tq.labels, tk.labels)
+    elif tq is not None or tk is not None:
+        ctx.freeze(tq, "query/key channels on different axes")
+        ctx.freeze(tk, "query/key channels on different axes")
+    if tq is not None and any(a < nd - 1 for a in tq.axes) and tv is not None and tv.axes != tq.axes:
+        ctx.freeze(tv, "value heads not aligned with query heads")
+        return None
+    return tv

@@ -1,0 +1,161 @@
+"""Rules for parametric ops: convolutions, linear, embedding and the normalisations.
+
+Convolution, weight ``W[O, I/g, k...]`` (transposed: ``W[I, O/g, k...]``):
+- ``groups == 1``: output channels are new labels (sites: ``W`` out axis, bias); input labels index ``W``'s in
+  axis.
+- depthwise (``groups == C_in``, multiplier ``m = C_out / C_in``): output channel ``o`` is computed from
+  input channel ``o // m`` only, so the output carries the input's labels repeated ``m`` times (a
+  pass-through); ``groups`` follows the number of kept input channels.
+- grouped (``1 < groups < C_in``): channels are viewed as ``[groups, C/groups]`` and the labels of one
+  intra-group position are unioned across groups, so every kept position is kept in every group and
+  ``groups`` stays fixed (granularity = ``groups``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxadapt.channels import ParamRef, Track
+from fxadapt.rules.core import Blocked, aten_ops, norm_dim, only_axis, rule
+
+
+def _grouped(ctx, labels: np.ndarray, groups: int) -> np.ndarray:
+    """Union labels of the same intra-group position across ``groups`` equal blocks; return one block."""
+    blocks = labels.reshape(groups, -1)
+    ctx.couple(blocks, blocks[:1])
+    return blocks[0]
+
+
+def _conv(call, ctx, w_axes: tuple[int, int], groups: int):
+    """Shared conv logic; ``w_axes`` = (weight axis of output channels, weight axis of input channels)."""
+    x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
+    if not isinstance(w, ParamRef):
+        return Blocked("convolution weight is computed at run time")
+    out_ax, in_ax = w_axes
+    cin, cout = ctx.shape(x)[1], ctx.out_shape()[1]
+    tin = only_axis(ctx, ctx.track(x), 1, "a convolution")
+    if groups > 1 and groups == cin:
+        if tin is None:
+            return None
+        out = np.repeat(tin, cout // cin)
+        ctx.param_site(w, 0, out if out_ax == 0 else tin, "dw")
+        ctx.param_site(b, 0, out, "bias")
+        ctx.site("groups", tin, "groups")
+        return Track((1,), out)
+    if tin is not None:
+        in_lab = _grouped(ctx, tin, groups) if groups > 1 else tin
+        ctx.param_site(w, in_ax, in_lab if in_ax == 1 else tin, "in")
+    out = ctx.new(cout)
+    out_lab = _grouped(ctx, out, groups) if groups > 1 else out
+    ctx.param_site(w, out_ax, out if out_ax == 0 else out_lab, "out")
+    ctx.param_site(b, 0, out, "bias")
+    return Track((1,), out)
+
+
+@rule(*aten_ops("conv1d.default", "conv2d.default", "conv3d.default"), kind="produces")
+def conv(call, ctx):
+    return _conv(call, ctx, (0, 1), call.arg(6, "groups", 1))
+
+
+@rule(*aten_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"), kind="produces")
+def conv_transpose(call, ctx):
+    return _conv(call, ctx, (1, 0), call.arg(6, "groups", 1))
+
+
+@rule(*aten_ops("convolution.default"), kind="produces")
+def convolution(call, ctx):
+    axes = (1, 0) if call.arg(6, "transposed", False) else (0, 1)
+    return _conv(call, ctx, axes, call.arg(8, "groups", 1))
+
+
+@rule(*aten_ops("linear.default"), kind="produces")
+def linear(call, ctx):
+    """``y = x W^T + b`` over the last axis; other tracked axes of ``x`` pass through."""
+    x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
+    if not isinstance(w, ParamRef):
+        return Blocked("linear weight is computed at run time")
+    last = len(ctx.shape(x)) - 1
+    t = ctx.track(x)
+    new = ctx.new(ctx.shape(w)[0])
+    ctx.param_site(w, 0, new, "out")
+    ctx.param_site(b, 0, new, "bias")
+    if t is not None and last not in t.axes:
+        ctx.freeze(new, "linear over an untracked axis while channels sit on another axis")
+        return t
+    if t is not None:
+        ctx.param_site(w, 1, only_axis(ctx, t, last, "a linear layer"), "in")
+    return Track((last,), new)
+
+
+@rule(*aten_ops("embedding.default"), kind="produces")
+def embedding(call, ctx):
+    w = call.arg(0, "weight")
+    if not isinstance(w, ParamRef):
+        return Blocked("embedding table is computed at run time")
+    new = ctx.new(ctx.shape(w)[1])
+    ctx.param_site(w, 1, new, "out")
+    return Track((len(ctx.out_shape()) - 1,), new)
+
+
+def _norm_sites(ctx, call, lab, names: tuple[tuple[int, str], ...]):
+    for idx, name in names:
+        ctx.param_site(call.arg(idx, name), 0, lab, "norm")
+
+
+@rule(*aten_ops("batch_norm.default", "instance_norm.default"), kind="passes")
+def batch_norm(call, ctx):
+    """Per-channel affine + statistics over axis 1: every parameter/buffer is sliced with the channel."""
+    lab = only_axis(ctx, ctx.track(call.arg(0, "input")), 1, "a batch norm")
+    if lab is None:
+        return None
+    _norm_sites(ctx, call, lab, ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
+    return Track((1,), lab)
+
+
+@rule(*aten_ops("group_norm.default"), kind="passes")
+def group_norm(call, ctx):
+    """Statistics over ``[groups, C/groups]`` blocks: intra-group positions are unioned across groups."""
+    lab = only_axis(ctx, ctx.track(call.arg(0, "input")), 1, "a group norm")
+    if lab is None:
+        return None
+    groups = call.arg(1, "num_groups")
+    if groups > 1:
+        _grouped(ctx, lab, groups)
+    _norm_sites(ctx, call, lab, ((2, "weight"), (3, "bias")))
+    return Track((1,), lab)
+
+
+@rule(*aten_ops("layer_norm.default"), kind="passes")
+def layer_norm(call, ctx):
+    """Normalises over the trailing ``len(normalized_shape)`` axes; a tracked one among them is sliced."""
+    x = call.arg(0, "input")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    nd, k = len(ctx.shape(x)), len(call.arg(1, "normalized_shape"))
+    inside = [a for a in t.axes if a >= nd - k]
+    if not inside:
+        return t
+    if len(t.axes) > 1:
+        return Blocked("layer norm over a multi-axis channel layout")
+    ax = inside[0]
+    _axis_site = ax - (nd - k)
+    for idx, name in ((2, "weight"), (3, "bias")):
+        ctx.param_site(call.arg(idx, name), _axis_site, t.labels, "norm")
+    ctx.site("shape_arg", t.labels, "shape", arg=1, index=_axis_site)
+    return t
+
+
+@rule(*aten_ops("rms_norm.default"), kind="passes")
+def rms_norm(call, ctx):
+    x = call.arg(0, "input")
+    t = ctx.track(x)
+    nd = len(ctx.shape(x))
+    if t is None or t.axes != (nd - 1,) or len(call.arg(1, "normalized_shape")) != 1:
+        return t if t is None or nd - 1 not in t.axes else Blocked("rms norm over several axes")
+    ctx.param_site(call.arg(2, "weight"), 0, t.labels, "norm")
+    ctx.site("shape_arg", t.labels, "shape", arg=1, index=0)
+    return t
+
+
+__all__ = ["conv", "linear", "embedding", "batch_norm", "group_norm", "layer_norm", "norm_dim"]

@@ -1,0 +1,230 @@
+"""Rules for shape-preserving and broadcasting ops: activations, arithmetic, pooling, reductions.
+
+Broadcasting ``out = f(a, b, ...)``: operands are right-aligned to the output. For every tracked output
+axis, an operand that has the full size there must carry the same channels — its labels are unioned with
+the reference operand's (residual add, SE multiply). An operand of size 1 there is broadcast and does not
+couple (its own labels, if any, are frozen: a one-channel producer cannot shrink). A parameter or buffer
+of full size is sliced with the channels (a ``const`` site); any other fixed-size tensor freezes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.fx import Node
+
+from fxadapt.channels import ParamRef, Track
+from fxadapt.rules.core import Blocked, aten_ops, axis_labels, norm_dim, rule
+
+UNARY = aten_ops(
+    "relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default", "hardtanh_.default",
+    "sigmoid.default", "sigmoid_.default", "tanh.default", "tanh_.default", "gelu.default", "gelu_.default",
+    "silu.default", "silu_.default", "hardswish.default", "hardswish_.default", "hardsigmoid.default",
+    "hardsigmoid_.default", "leaky_relu.default", "leaky_relu_.default", "elu.default", "elu_.default",
+    "selu.default", "selu_.default", "celu.default", "softplus.default", "mish.default", "mish_.default",
+    "prelu.default", "clamp.default", "clamp_.default", "clamp_min.default", "clamp_max.default",
+    "neg.default", "exp.default", "log.default", "sqrt.default", "rsqrt.default", "abs.default",
+    "reciprocal.default", "erf.default", "sin.default", "cos.default", "square.default", "sign.default",
+    "pow.Tensor_Scalar", "add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar", "rsub.Scalar",
+    "logical_not.default", "dropout.default", "dropout_.default", "alpha_dropout.default",
+    "feature_dropout.default", "feature_alpha_dropout.default", "contiguous.default", "clone.default",
+    "detach.default", "detach_.default", "alias.default", "lift_fresh_copy.default", "_to_copy.default",
+    "to.dtype", "to.device", "to.dtype_layout", "type_as.default", "zeros_like.default", "ones_like.default",
+    "empty_like.default", "full_like.default", "rand_like.default", "randn_like.default", "bernoulli.p",
+    "softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default", "cumsum.default",
+    "fill.Scalar", "floor.default", "ceil.default", "round.default", "isnan.default",
+)
+
+
+@rule(*UNARY, kind="passes")
+def unary(call, ctx):
+    """Shape-preserving op of one tensor (extra arguments are scalars or dims): labels pass through."""
+    x = call.arg(0, "self")
+    if call.op.__name__.startswith("prelu"):
+        w = call.arg(1, "weight")
+        t = ctx.track(x)
+        if t is not None and 1 in t.axes and ctx.shape(w) and ctx.shape(w)[0] > 1:
+            ctx.param_site(w, 0, axis_labels(ctx, t, 1), "norm")
+    return ctx.track(x)
+
+
+BINARY = aten_ops(
+    "add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor",
+    "div_.Tensor", "div.Tensor_mode", "maximum.default", "minimum.default", "pow.Tensor_Tensor",
+    "eq.Tensor", "ne.Tensor", "gt.Tensor", "lt.Tensor", "ge.Tensor", "le.Tensor", "atan2.default",
+    "where.self", "masked_fill.Scalar", "masked_fill.Tensor", "rsub.Tensor", "clamp.Tensor",
+    "copy.default", "copy_.default", "logical_and.default", "logical_or.default", "bitwise_and.Tensor",
+    "addcmul.default", "addcdiv.default", "lerp.Tensor", "lerp.Scalar", "hardtanh_backward.default",
+)
+
+
+def _aligned(ctx, x, nd: int) -> tuple[tuple, Track | None]:
+    """Operand shape right-aligned to ``nd`` dims, and its track moved to output axes."""
+    shape = ctx.shape(x) or ()
+    off = nd - len(shape)
+    t = ctx.track(x)
+    if t is not None and off:
+        t = t.moved({a: a + off for a in t.axes})
+    return (1,) * off + tuple(shape), t
+
+
+@rule(*BINARY, kind="couples")
+def broadcast(call, ctx):
+    out_shape = ctx.out_shape()
+    if out_shape is None:
+        return None
+    nd = len(out_shape)
+    ops = [a for a in call.args if isinstance(a, (Node, ParamRef))]
+    aligned = [(a, *_aligned(ctx, a, nd)) for a in ops]
+    ref = None
+    for _, shape, t in aligned:
+        if t is None:
+            continue
+        if any(shape[a] == 1 and out_shape[a] > 1 for a in t.axes):
+            ctx.freeze(t, "one-channel tensor broadcast over channels")
+        elif ref is None:
+            ref = t
+        elif t.axes == ref.axes:
+            ctx.couple(ref.labels, t.labels)
+        elif set(t.axes) <= set(ref.axes) or set(ref.axes) <= set(t.axes):
+            big, small = (ref, t) if set(t.axes) <= set(ref.axes) else (t, ref)
+            ctx.couple(big.labels, _expand(small, big))
+            ref = big
+        else:
+            ctx.freeze(t, f"operands carry channels on different axes {t.axes} vs {ref.axes}")
+            ctx.freeze(ref, f"operands carry channels on different axes {t.axes} vs {ref.axes}")
+    if ref is None:
+        return None
+    for a, shape, t in aligned:
+        if t is not None:
+            continue
+        full = [ax for ax in ref.axes if shape[ax] > 1]
+        if not full:
+            continue
+        if isinstance(a, ParamRef) and len(ref.axes) == 1:
+            off = nd - len(ctx.shape(a))
+            ctx.param_site(a, ref.axes[0] - off, ref.labels, "const")
+        else:
+            ctx.freeze(ref, f"combined with fixed-size tensor {getattr(a, 'name', a)}")
+    return ref
+
+
+def _expand(small: Track, big: Track) -> np.ndarray:
+    """``small``'s labels broadcast over the axes of ``big`` (``small.axes`` is a subset)."""
+    shape = [big.labels.shape[k] if a in small.axes else 1 for k, a in enumerate(big.axes)]
+    return np.broadcast_to(small.labels.reshape(shape), big.labels.shape)
+
+
+REDUCE = aten_ops(
+    "mean.dim", "sum.dim_IntList", "amax.default", "amin.default", "var.correction", "std.correction",
+    "var.dim", "std.dim", "logsumexp.default", "prod.dim_int", "norm.ScalarOpt_dim", "max.dim", "min.dim",
+    "argmax.default", "argmin.default", "all.dim", "any.dim",
+)
+
+
+@rule(*REDUCE, kind="consumes")
+def reduce(call, ctx):
+    """Reducing a tracked axis consumes its channels (fewer summands, same shape); others pass through."""
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    nd = len(ctx.shape(x))
+    dims = call.arg(1, "dim")
+    keep = bool(call.arg(2, "keepdim", False))
+    dims = list(range(nd)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+    dims = sorted({norm_dim(d, nd) for d in dims})
+    out = _reduced(ctx, t, dims, keep)
+    return (out, out) if call.op.__name__ in ("max.dim", "min.dim") else out
+
+
+def _reduced(ctx, t: Track | None, dims: list[int], keep: bool) -> Track | None:
+    if t is None:
+        return None
+    remaining = [a for a in t.axes if a not in dims]
+    if not remaining:
+        return None
+    lab = t.labels
+    for a in sorted((a for a in t.axes if a in dims), reverse=True):
+        k = t.axes.index(a)
+        moved = np.moveaxis(lab, k, 0)
+        ctx.couple(moved, moved[:1])
+        lab = moved[0]
+    shift = {a: a if keep else a - sum(d < a for d in dims) for a in remaining}
+    return Track(tuple(shift[a] for a in remaining), lab)
+
+
+POOL = aten_ops(
+    "max_pool1d.default", "max_pool2d.default", "max_pool3d.default", "avg_pool1d.default",
+    "avg_pool2d.default", "avg_pool3d.default", "adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default",
+    "adaptive_avg_pool3d.default", "lp_pool2d.default", "upsample_nearest1d.vec", "upsample_nearest2d.vec",
+    "upsample_nearest3d.vec", "upsample_bilinear2d.vec", "upsample_bicubic2d.vec", "upsample_linear1d.vec",
+    "upsample_trilinear3d.vec", "upsample_nearest2d.default", "upsample_bilinear2d.default",
+    "_upsample_bilinear2d_aa.vec", "_upsample_nearest_exact2d.vec", "grid_sampler.default",
+    "reflection_pad1d.default", "reflection_pad2d.default", "replication_pad2d.default",
+)
+POOL_TUPLE = aten_ops(
+    "max_pool2d_with_indices.default", "adaptive_max_pool2d.default", "adaptive_max_pool1d.default",
+    "max_pool3d_with_indices.default", "max_pool1d_with_indices.default",
+)
+
+
+def _spatial(ctx, x, tail: int):
+    t = ctx.track(x)
+    if t is None:
+        return None
+    nd = len(ctx.shape(x))
+    if any(a >= nd - tail for a in t.axes):
+        return Blocked("pooling/resampling over an axis that carries channels")
+    return t
+
+
+@rule(*POOL, kind="passes")
+def pool(call, ctx):
+    """Spatial op on the trailing (1-3) axes: labels on the leading axes pass through."""
+    x = call.arg(0, "input")
+    nd = len(ctx.shape(x))
+    return _spatial(ctx, x, max(1, nd - 2))
+
+
+@rule(*POOL_TUPLE, kind="passes")
+def pool_tuple(call, ctx):
+    x = call.arg(0, "input")
+    out = _spatial(ctx, x, max(1, len(ctx.shape(x)) - 2))
+    return out if isinstance(out, Blocked) else (out, out)
+
+
+@rule(*aten_ops("pad.default", "constant_pad_nd.default"), kind="passes")
+def pad(call, ctx):
+    """Padding of untracked axes passes; padding the channel axis adds fixed channels, so it blocks."""
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    nd, pads = len(ctx.shape(x)), call.arg(1, "pad")
+    padded = {nd - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
+    if padded & set(t.axes):
+        return Blocked("zero-padding along the channel axis")
+    return t
+
+
+FACTORY = aten_ops(
+    "zeros.default", "ones.default", "empty.memory_format", "full.default", "arange.default",
+    "arange.start", "arange.start_step", "scalar_tensor.default", "randn.default", "rand.default",
+    "tensor.default", "linspace.default", "eye.default",
+)
+NO_TENSOR = aten_ops(
+    "sym_size.int", "sym_numel.default", "sym_stride.int", "sym_storage_offset.default",
+    "_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range.default",
+    "sym_constrain_range_for_size.default", "_assert_async.msg", "_local_scalar_dense.default",
+    "item.default", "dim.default", "size.int", "numel.default", "_check_is_size.default",
+)
+
+
+@rule(*FACTORY, *NO_TENSOR, kind="ignores")
+def no_channels(call, ctx):
+    """Factories and shape queries: no channels flow in or out (a size query of a batch dim)."""
+    for a in call.args:
+        t = ctx.track(a)
+        if t is not None and call.op.__name__.startswith("sym_size"):
+            d = norm_dim(call.arg(1, "dim"), len(ctx.shape(a)))
+            if d in t.axes:
+                ctx.freeze(t, "channel count read as a number at run time")
+    return None

@@ -1,0 +1,210 @@
+"""Rules for ops that move the channel axis around: view/reshape, permute, squeeze, expand, pixel shuffle.
+
+view/reshape: input and output dims are split into the minimal runs with equal products (numpy's reshape
+grouping). The run holding the tracked axes is re-laid out by reshaping the label array (untracked dims
+broadcast in), so a flatten ``[C, H, W] -> [C*H*W]`` gives every feature the label of its channel (a
+``H*W`` multiplier) and a channel shuffle ``[C] -> [g, C/g] -> transpose -> [C]`` permutes labels exactly.
+When a channel axis is split into several axes (``[C] -> [g, C/g]``, attention heads ``[H, D]``), labels
+are unioned along every split axis but the innermost, so any kept subset is a product set and the view
+stays valid: channel shuffles keep ``g``, attention keeps the head count and prunes ``head_dim``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxadapt.channels import Track
+from fxadapt.rules.core import Blocked, aten_ops, norm_dim, rule
+
+
+def _runs(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
+    """Split the dims of two shapes of equal numel into minimal runs of equal product."""
+    runs: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        ri, rj, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ri.append(i)
+                pa *= a[i]
+                i += 1
+            else:
+                rj.append(j)
+                pb *= b[j]
+                j += 1
+        runs.append((ri, rj))
+    if runs:
+        runs[-1][0].extend(range(i, len(a)))
+        runs[-1][1].extend(range(j, len(b)))
+    return runs
+
+
+def relayout(ctx, t: Track, in_shape: tuple, out_shape: tuple) -> Track | Blocked | None:
+    """Labels of a tensor of ``in_shape`` after ``reshape(out_shape)``.
+
+    The runs from the first to the last one holding a tracked axis form one contiguous span of dims, so
+    broadcasting the labels over the span's input dims and reshaping to its output dims is exact.
+    """
+    try:
+        runs = _runs(tuple(in_shape), tuple(out_shape))
+    except IndexError:
+        return Blocked(f"cannot relate shapes {tuple(in_shape)} and {tuple(out_shape)}")
+    hit = [k for k, r in enumerate(runs) if set(r[0]) & set(t.axes)]
+    if not hit:
+        return Blocked(f"cannot relate shapes {tuple(in_shape)} and {tuple(out_shape)}")
+    ins = [d for r in runs[hit[0]:hit[-1] + 1] for d in r[0]]
+    outs = [d for r in runs[hit[0]:hit[-1] + 1] for d in r[1]]
+    full = t.labels.reshape([in_shape[a] if a in t.axes else 1 for a in ins])
+    full = np.broadcast_to(full, [in_shape[a] for a in ins]).reshape([out_shape[a] for a in outs])
+    keep = [k for k in range(full.ndim) if not _constant_along(full, k)]
+    if not keep:
+        ctx.freeze(t, "reshape collapses the channel axis to one position")
+        return None
+    lab = full[tuple(slice(None) if k in keep else 0 for k in range(full.ndim))]
+    if len(keep) > 1:
+        outer = lab.reshape(-1, lab.shape[-1])
+        ctx.couple(outer, outer[:1])
+    return Track(tuple(outs[k] for k in keep), np.ascontiguousarray(lab))
+
+
+def _constant_along(a: np.ndarray, k: int) -> bool:
+    return bool(np.all(a == a.take([0], axis=k)))
+
+
+def _shape_sites(ctx, t: Track, sizes) -> None:
+    """Int entries of a shape list at tracked axes change with the channel count: record them."""
+    if t is None or isinstance(t, Blocked):
+        return
+    for k, a in enumerate(t.axes):
+        if a < len(sizes) and isinstance(sizes[a], int) and sizes[a] != -1 and k == len(t.axes) - 1:
+            idx = [0] * t.labels.ndim
+            idx[k] = slice(None)
+            ctx.site("shape_arg", t.labels[tuple(idx)], "shape", arg=1, index=a)
+
+
+@rule(*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
+                "unflatten.int", "view_copy.default"), kind="reindexes")
+def view(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    out = relayout(ctx, t, ctx.shape(x), ctx.out_shape())
+    if isinstance(out, Blocked):
+        return out
+    if call.op.__name__.split(".")[0] in ("view", "reshape", "_unsafe_view", "view_copy"):
+        _shape_sites(ctx, out, call.arg(1, "size"))
+    return out
+
+
+@rule(*aten_ops("squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default", "squeeze_.dim",
+                "unsqueeze_.default"), kind="reindexes")
+def squeeze(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    return None if t is None else relayout(ctx, t, ctx.shape(x), ctx.out_shape())
+
+
+@rule(*aten_ops("permute.default", "transpose.int", "t.default", "swapaxes.default", "movedim.int",
+                "numpy_T.default", "permute_copy.default", "transpose_copy.int"), kind="reindexes")
+def permute(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    nd = len(ctx.shape(x))
+    name = call.op.__name__.split(".")[0]
+    if name in ("permute", "permute_copy"):
+        perm = [norm_dim(d, nd) for d in call.arg(1, "dims")]
+    else:
+        perm = list(range(nd))
+        if name in ("transpose", "swapaxes", "transpose_copy"):
+            i, j = norm_dim(call.arg(1, "dim0"), nd), norm_dim(call.arg(2, "dim1"), nd)
+            perm[i], perm[j] = perm[j], perm[i]
+        elif name == "movedim":
+            s, d = norm_dim(call.arg(1, "source"), nd), norm_dim(call.arg(2, "destination"), nd)
+            perm.remove(s)
+            perm.insert(d, s)
+        else:
+            perm = perm[::-1]
+    return t.moved({old: new for new, old in enumerate(perm)})
+
+
+@rule(*aten_ops("expand.default", "expand_as.default", "expand_copy.default"), kind="reindexes")
+def expand(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    off = len(ctx.out_shape()) - len(ctx.shape(x))
+    out = t.moved({a: a + off for a in t.axes}) if off else t
+    sizes = call.arg(1, "size")
+    if isinstance(sizes, (list, tuple)):
+        _shape_sites(ctx, out, sizes)
+    return out
+
+
+@rule(*aten_ops("pixel_shuffle.default"), kind="reindexes")
+def pixel_shuffle(call, ctx):
+    """``[C*r^2, H, W] -> [C, H*r, W*r]``: the r^2 sub-channels of a channel are unioned (granularity r^2)."""
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    nd = len(ctx.shape(x))
+    if t.axes != (nd - 3,):
+        return Blocked("pixel_shuffle with channels on an unexpected axis")
+    r2 = call.arg(1, "upscale_factor") ** 2
+    blocks = t.labels.reshape(-1, r2)
+    ctx.couple(blocks, blocks[:, :1])
+    return Track(t.axes, blocks[:, 0].copy())
+
+
+@rule(*aten_ops("pixel_unshuffle.default"), kind="reindexes")
+def pixel_unshuffle(call, ctx):
+    """``[C, H, W] -> [C*r^2, H/r, W/r]``: every channel becomes r^2 consecutive channels (same label)."""
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    if t.axes != (len(ctx.shape(x)) - 3,):
+        return Blocked("pixel_unshuffle with channels on an unexpected axis")
+    return Track(t.axes, np.repeat(t.labels, call.arg(1, "downscale_factor") ** 2))
+
+
+@rule(*aten_ops("channel_shuffle.default", "native_channel_shuffle.default"), kind="reindexes")
+def channel_shuffle(call, ctx):
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    if t.axes != (1,):
+        return Blocked("channel_shuffle with channels on an unexpected axis")
+    g = call.arg(1, "groups")
+    blocks = t.labels.reshape(g, -1)
+    ctx.couple(blocks, blocks[:1])
+    return Track((1,), blocks.T.reshape(-1).copy())
+
+
+@rule(*aten_ops("repeat.default", "tile.default", "flip.default", "roll.default", "index_select.default",
+                "gather.default", "take_along_dim.default", "index.Tensor", "repeat_interleave.self_int"),
+      kind="reindexes")
+def gather_like(call, ctx):
+    """Ops that re-index an axis by data or repeat it: fine on untracked axes, blocking on channels."""
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is None:
+        return None
+    nd = len(ctx.shape(x))
+    name = call.op.__name__.split(".")[0]
+    if name in ("index_select", "gather", "take_along_dim") and isinstance(call.arg(1, "dim"), int):
+        if norm_dim(call.arg(1, "dim"), nd) not in t.axes:
+            return t
+    if name in ("flip", "roll") and not {norm_dim(d, nd) for d in call.arg(1 if name == "flip" else 2, "dims") or []} & set(t.axes):
+        return t
+    if name in ("repeat", "tile") and len(ctx.out_shape()) == nd:
+        reps = call.arg(1, "repeats")
+        if all(reps[a - (nd - len(reps))] == 1 for a in t.axes if a >= nd - len(reps)):
+            return t
+    return Blocked(f"{name} re-indexes the channel axis")

@@ -1,0 +1,1 @@
+"""Graph passes of fxadapt, one module each; every pass is ``GraphModule -> PassResult``."""

@@ -1,0 +1,298 @@
+"""Pass: lift parametric ATen calls back into standard ``nn`` modules (``call_module`` nodes).
+
+``torch.export`` yields ``aten.conv2d(x, W, b, ...)`` with ``W`` a ``get_attr``; its ``.module()`` refuses
+``.train()`` and bakes ``training=False`` into ``batch_norm``/``dropout``. Re-wrapping each such call in the
+``nn`` module that computes exactly the same function (``nn.Conv2d`` with the same weight tensor,
+``nn.BatchNorm2d`` with the same running stats, ``nn.Dropout``...) makes the graph module train, eval,
+fine-tune, slice and export like any model. Parameters keep their fully qualified names: the module is
+installed at the weight's owner path (``features.conv.weight`` -> module ``features.conv``).
+
+The ATen call a module stands for is kept in ``node.meta[meta.ATEN]`` (an ``AtenCall`` with ``ParamRef``
+placeholders) so the op-rule table, keyed by ATen overloads, still applies.
+
+Example:
+    >>> import torch
+    >>> from fxadapt import capture
+    >>> gm = capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), (torch.randn(2, 3, 8, 8),))
+    >>> [type(m).__name__ for m in gm.children()]
+    ['Conv2d', 'BatchNorm2d']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxadapt import meta
+from fxadapt.channels import ParamRef
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Input:
+    """Placeholder in an ``AtenCall`` template: the call's ``i``-th activation argument."""
+
+    i: int
+
+
+@dataclass(frozen=True)
+class AtenCall:
+    """The ATen call a lifted module computes, with parameters as ``ParamRef`` and activations as ``Input``."""
+
+    op: object
+    args: tuple
+
+    def bind(self, node: Node) -> tuple:
+        return tuple(node.args[a.i] if isinstance(a, Input) else a for a in self.args)
+
+
+@dataclass(frozen=True)
+class LiftConfig:
+    lift_dropout: bool = True
+    origin: nn.Module | None = None   # the user's model: BN momentum is read from it (export bakes 0.0/None)
+
+
+def _conv(transposed: bool, nd_from_weight: bool = True) -> Callable:
+    def build(a: list, t: dict) -> nn.Module:
+        w, b = t[a[1]], t.get(a[2]) if a[2] is not None else None
+        nd = w.dim() - 2
+        if transposed:
+            cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 1]
+            stride, padding, out_pad, groups, dilation = a[3], a[4], a[5], a[6], a[7]
+            m = cls(w.shape[0], w.shape[1] * groups, w.shape[2:], stride, padding, out_pad, groups,
+                    b is not None, dilation, device="meta")
+        else:
+            cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
+            stride, padding, dilation, groups = a[3], a[4], a[5], a[6]
+            m = cls(w.shape[1] * groups, w.shape[0], w.shape[2:], stride, padding, dilation, groups,
+                    b is not None, device="meta")
+        m.weight, m.bias = w, b
+        return m
+
+    return build
+
+
+def _bn(a: list, t: dict) -> nn.Module:
+    x_rank = a[0]
+    w, b, rm, rv = (t.get(r) if r is not None else None for r in a[1:5])
+    n = next(v.shape[0] for v in (w, b, rm, rv) if v is not None)
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x_rank]
+    m = cls(n, eps=a[7], momentum=a[6], affine=w is not None, track_running_stats=rm is not None, device="meta")
+    if w is not None:
+        m.weight, m.bias = w, b
+    if rm is not None:
+        m.running_mean, m.running_var = rm, rv
+        m.num_batches_tracked = t.get(("nbt", a[3]), torch.tensor(0, dtype=torch.long))
+    return m
+
+
+def _linear(a: list, t: dict) -> nn.Module:
+    w, b = t[a[1]], t.get(a[2]) if a[2] is not None else None
+    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    m.weight, m.bias = w, b
+    return m
+
+
+def _layer_norm(a: list, t: dict) -> nn.Module:
+    w, b = (t.get(r) if r is not None else None for r in a[2:4])
+    m = nn.LayerNorm(a[1], eps=a[4], elementwise_affine=w is not None, bias=b is not None, device="meta")
+    if w is not None:
+        m.weight = w
+    if b is not None:
+        m.bias = b
+    return m
+
+
+def _group_norm(a: list, t: dict) -> nn.Module:
+    w, b = (t.get(r) if r is not None else None for r in a[2:4])
+    n = w.shape[0] if w is not None else None
+    if n is None:
+        raise _Skip()
+    m = nn.GroupNorm(a[1], n, eps=a[4], affine=True, device="meta")
+    m.weight, m.bias = w, b
+    return m
+
+
+def _embedding(a: list, t: dict) -> nn.Module:
+    w = t[a[0]]
+    m = nn.Embedding(w.shape[0], w.shape[1], padding_idx=a[2] if a[2] != -1 else None, device="meta")
+    m.weight = w
+    return m
+
+
+class _Skip(Exception):
+    """Leave the call as a plain ATen call (an argument pattern we do not lift)."""
+
+
+# op -> (builder, indices of activation args, indices of parameter args)
+LIFT: dict = {
+    aten.conv1d.default: (_conv(False), (0,), (1, 2)),
+    aten.conv2d.default: (_conv(False), (0,), (1, 2)),
+    aten.conv3d.default: (_conv(False), (0,), (1, 2)),
+    aten.conv_transpose1d.default: (_conv(True), (0,), (1, 2)),
+    aten.conv_transpose2d.input: (_conv(True), (0,), (1, 2)),
+    aten.conv_transpose3d.input: (_conv(True), (0,), (1, 2)),
+    aten.linear.default: (_linear, (0,), (1, 2)),
+    aten.batch_norm.default: (_bn, (0,), (1, 2, 3, 4)),
+    aten.layer_norm.default: (_layer_norm, (0,), (2, 3)),
+    aten.group_norm.default: (_group_norm, (0,), (2, 3)),
+    aten.embedding.default: (_embedding, (1,), (0,)),
+}
+DROPOUT = {aten.dropout.default: nn.Dropout, aten.feature_dropout.default: nn.Dropout2d,
+           aten.alpha_dropout.default: nn.AlphaDropout}
+
+
+def _fill_args(node: Node) -> list:
+    """Schema-complete positional args (defaults filled in)."""
+    schema = node.target._schema
+    args = list(node.args)
+    for arg in schema.arguments[len(args):]:
+        args.append(node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else None))
+    return args
+
+
+def _module_name(node: Node, gm: GraphModule, args: list, params: tuple, taken: set) -> str:
+    path = ""
+    for i in params:
+        if isinstance(args[i], Node) and args[i].op == "get_attr":
+            path = args[i].target.rpartition(".")[0]
+            break
+    if not path:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else node.name
+    path = path.replace("L['self'].", "") or node.name
+    name, k = path, 1
+    while name in taken:
+        name, k = f"{path}_{k}", k + 1
+    return name
+
+
+def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
+    """Replace lifted ATen calls by ``call_module`` nodes; returns a new, trainable ``GraphModule``."""
+    graph = gm.graph
+    modules: dict[str, nn.Module] = {}
+    taken: set[str] = set()
+    n_lifted = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in DROPOUT and cfg.lift_dropout:
+            args = _fill_args(node)
+            name = _module_name(node, gm, args, (), taken)
+            built = DROPOUT[node.target](args[1])
+            template = AtenCall(node.target, (Input(0), *args[1:]))
+            new_args = (args[0],)
+        elif node.target in LIFT:
+            args = _fill_args(node)
+            builder, act_idx, par_idx = LIFT[node.target]
+            if any(not isinstance(args[i], Node) or args[i].op != "get_attr" for i in par_idx if args[i] is not None):
+                continue
+            tensors = {a.target: getattr_path(gm, a.target) for i in par_idx if isinstance(a := args[i], Node)}
+            for a in (args[i] for i in par_idx):
+                if isinstance(a, Node) and a.target.endswith("running_mean"):
+                    nbt = a.target.rpartition(".")[0] + ".num_batches_tracked"
+                    if _has(gm, nbt):
+                        tensors[("nbt", a.target)] = getattr_path(gm, nbt)
+            built_args = [len(a.meta["val"].shape) if i in act_idx and isinstance(a, Node) and "val" in a.meta
+                          else (a.target if isinstance(a, Node) and a.op == "get_attr" else a)
+                          for i, a in enumerate(args)]
+            try:
+                built = builder(built_args, tensors)
+            except _Skip:
+                continue
+            name = _module_name(node, gm, args, par_idx, taken)
+            template = AtenCall(node.target, tuple(
+                Input(act_idx.index(i)) if i in act_idx else
+                (ParamRef(f"{name}.{_attr(built, a.target, gm)}") if isinstance(a, Node) else a)
+                for i, a in enumerate(args)))
+            new_args = tuple(args[i] for i in act_idx)
+        else:
+            continue
+        taken.add(name)
+        _copy_hparams(built, cfg.origin, name)
+        modules[name] = built
+        with graph.inserting_before(node):
+            new = graph.create_node("call_module", name, new_args)
+        new.meta.update(node.meta)
+        new.meta[meta.ATEN] = template
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        n_lifted += 1
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    out = _rebuild(gm, modules)
+    out.meta["fxadapt.lifted"] = n_lifted
+    return PassResult(out, n_lifted > 0)
+
+
+def _copy_hparams(built: nn.Module, origin: nn.Module | None, name: str) -> None:
+    """BatchNorm momentum is not visible in an eval-mode export: take it from the user's module."""
+    if origin is None or not isinstance(built, nn.modules.batchnorm._BatchNorm):
+        return
+    try:
+        src = getattr_path(origin, name)
+    except AttributeError:
+        return
+    if isinstance(src, nn.modules.batchnorm._BatchNorm):
+        built.momentum = src.momentum
+
+
+def _attr(module: nn.Module, target: str, gm: GraphModule) -> str:
+    tensor = getattr_path(gm, target)
+    for name, value in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if value is tensor:
+            return name
+    return target.rpartition(".")[2]
+
+
+def _has(gm: nn.Module, target: str) -> bool:
+    try:
+        getattr_path(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def getattr_path(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(root: nn.Module, target: str, value) -> None:
+    *parents, leaf = target.split(".")
+    obj = root
+    for part in parents:
+        if not hasattr(obj, part):
+            obj.add_module(part, nn.Module())
+        obj = getattr(obj, part)
+    if isinstance(value, nn.Module):
+        obj.add_module(leaf, value)
+    elif isinstance(value, nn.Parameter):
+        obj.register_parameter(leaf, value)
+    else:
+        obj.register_buffer(leaf, value)
+
+
+def _rebuild(gm: GraphModule, modules: dict[str, nn.Module]) -> GraphModule:
+    """A fresh plain ``GraphModule`` holding the lifted modules and every remaining attribute."""
+    root = nn.Module()
+    for name in sorted(modules, key=lambda n: n.count(".")):
+        set_path(root, name, modules[name])
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and not _has(root, node.target):
+            set_path(root, node.target, getattr_path(gm, node.target))
+        if node.op == "call_module" and not _has(root, node.target):
+            set_path(root, node.target, getattr_path(gm, node.target))
+    gm.graph._tracer_cls = None  # export's tracer cannot be rebuilt on unpickling; fx's default can
+    gm.graph._tracer_extras = {}
+    out = GraphModule(root, gm.graph, class_name="CapturedModule")
+    return out

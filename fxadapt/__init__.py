@@ -7,8 +7,9 @@
 [8]
 """
 
+from fxadapt.analysis import Analysis, analyze
 from fxadapt.capture import capture
 from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
 
-__all__ = ["capture", "CaptureError", "InputError", "BudgetError", "FxAdaptError"]
+__all__ = ["analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError", "FxAdaptError"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ Example:
     ...         return self.head((x + self.body(x)).mean((2, 3)))
     >>> a = fxadapt.analyze(Res(), (torch.randn(1, 3, 12, 12),))
     >>> [(g.name, g.width, g.prunable) for g in a.groups]
-    [('stem', 8, True)]
+    [('stem', 8, True), ('head', 2, False)]
     >>> [(b.entry, b.exit, b.removable) for b in a.blocks]
     [('stem', 'add', True)]
 """

@@ -9,7 +9,11 @@
 
 from fxadapt.analysis import Analysis, analyze
 from fxadapt.capture import capture
+from fxadapt.budget import Budget
 from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
+from fxadapt.export import ExportError, export_onnx
+from fxadapt.report import Report, report
+from fxadapt.transform import VerificationError, transform
 
-__all__ = ["analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError", "FxAdaptError"]
+__all__ = ["export_onnx", "ExportError", "transform", "report", "Report", "Budget", "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError", "FxAdaptError"]
 __version__ = "0.1.0"

@@ -71,19 +71,53 @@ def form_groups(ledger: Ledger) -> tuple[list[Group], np.ndarray, np.ndarray]:
     for labels, reason in ledger.frozen:
         for r in np.unique(roots[labels]).tolist():
             frozen.setdefault(r, reason)
-    sig: dict[int, list[int]] = {}
-    for si, site in enumerate(ledger.sites):
-        for r in np.unique(roots[site.labels]).tolist():
-            sig.setdefault(r, []).append(si)
-    by_key: dict[tuple, list[int]] = {}
-    for r, sites in sig.items():
-        by_key.setdefault(tuple(sites), []).append(r)
     group_of = np.full(len(roots), -1, dtype=np.int64)
     unit_of = np.full(len(roots), -1, dtype=np.int64)
     groups = []
-    for key, rs in by_key.items():
+    for key, rs in _signature_classes(ledger.sites, roots):
         groups.append(_make_group(len(groups), key, rs, ledger.sites, roots, frozen, group_of, unit_of))
     return groups, group_of, unit_of
+
+
+def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """Roots grouped by the exact (ascending) tuple of site indices they touch, vectorised.
+
+    Classes come in order of (first site, smallest root), i.e. the order in which a scan of the sites
+    first meets them; the roots of a class are ascending.
+
+    >>> from fxadapt.channels import Site
+    >>> sites = [Site("param", np.array([0, 1, 2]), "out", "a"), Site("param", np.array([1, 2]), "in", "b")]
+    >>> [(key, rs.tolist()) for key, rs in _signature_classes(sites, np.arange(3))]
+    [((0,), [0]), ((0, 1), [1, 2])]
+    """
+    per = [np.unique(roots[s.labels]) for s in sites]
+    if not per or not sum(len(u) for u in per):
+        return []
+    r = np.concatenate(per)
+    s = np.repeat(np.arange(len(sites), dtype=np.int64), [len(u) for u in per])
+    order = np.argsort(r, kind="stable")  # by root; site indices stay ascending within a root
+    r, s = r[order], s[order]
+    starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+    counts = np.diff(np.r_[starts, len(r)])
+    root_ids = r[starts]
+    sig = np.empty(len(starts), dtype=np.int64)
+    offset = 0
+    for length in np.unique(counts).tolist():  # exact row-wise dedup among signatures of equal length
+        sel = np.flatnonzero(counts == length)
+        _, inv = np.unique(s[starts[sel][:, None] + np.arange(length)], axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        sig[sel] = inv + offset
+        offset += int(inv.max()) + 1
+    _, first = np.unique(sig, return_index=True)  # roots ascend, so this is each class's smallest root
+    first = first[np.lexsort((root_ids[first], s[starts[first]]))]
+    by_sig = np.argsort(sig, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(sig))]
+    out = []
+    for i in first.tolist():
+        c = int(sig[i])
+        key = tuple(s[starts[i]:starts[i] + counts[i]].tolist())
+        out.append((key, root_ids[by_sig[bounds[c]:bounds[c + 1]]]))
+    return out
 
 
 def _make_group(gid, key, rs, sites, roots, frozen, group_of, unit_of) -> Group:

@@ -19,12 +19,18 @@ from fxadapt.rules import RULES, Blocked, Call, Ctx, RuleRecord
 
 
 def concrete_shape(val, batch: int):
-    """Shape of a node's ``meta['val']`` with symbolic sizes replaced by the example batch size."""
+    """Shape of a node's ``meta['val']`` at the example batch size (``4*s0`` -> ``4 * batch``)."""
     if isinstance(val, torch.Tensor):
-        return tuple(int(d) if isinstance(d, int) else batch for d in val.shape)
+        return tuple(int(d) if isinstance(d, int) else _at_batch(d, batch) for d in val.shape)
     if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
         return tuple(concrete_shape(v, batch) for v in val)
     return None
+
+
+def _at_batch(d, batch: int) -> int:
+    """A symbolic size evaluated with every free symbol set to the batch (only batch axes are dynamic)."""
+    expr = d.node.expr
+    return int(expr.subs({sym: batch for sym in expr.free_symbols}))
 
 
 def _ref(x):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A plain-text table with right-aligned numbers.
@@ -50,3 +52,73 @@ def analysis_table(a) -> str:
                   "yes" if b.repeatable else "no", b.reason or ""] for b in a.blocks]
         out += ["", table(["id", "entry", "exit", "body ops", "removable", "repeatable", "note"], brows)]
     return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    id: int
+    name: str
+    before: int
+    after: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``transform`` did: widths per group, blocks, MACs/params before/after/target, history."""
+
+    strategy: str
+    macs_before: float
+    macs_after: float
+    macs_target: float
+    params_before: float
+    params_after: float
+    params_target: float | None
+    groups: tuple[GroupChange, ...]
+    blocks_removed: tuple[str, ...] = ()
+    blocks_added: tuple[str, ...] = ()
+    seconds: float = 0.0
+    history: tuple = ()
+
+    @staticmethod
+    def build(a, plan, out, target, macs: float, strategy: str, seconds: float, history=()) -> Report:
+        groups = tuple(GroupChange(g.id, g.name, g.width, plan.units.get(g.id, g.units) * g.granularity)
+                       for g in a.groups)
+        blocks = {b.id: b for b in a.blocks}
+        return Report(strategy, a.macs(), macs, target.macs, a.params(),
+                      float(sum(p.numel() for p in out.parameters())), target.params, groups,
+                      tuple(blocks[b].exit for b in sorted(plan.remove)),
+                      tuple(f"{blocks[b].exit} x{k}" for b, k in sorted(plan.repeat.items())),
+                      seconds, tuple(history))
+
+    def table(self) -> str:
+        head = table(["", "before", "after", "target", "ratio"], [
+            ["MACs", human(self.macs_before), human(self.macs_after), human(self.macs_target),
+             f"{self.macs_after / self.macs_before:.3f}"],
+            ["params", human(self.params_before), human(self.params_after),
+             human(self.params_target) if self.params_target else "-",
+             f"{self.params_after / self.params_before:.3f}"]])
+        changed = [[c.id, c.name[:48], c.before, c.after, f"{c.after / c.before:.2f}"]
+                   for c in self.groups if c.before != c.after]
+        lines = [f"fxadapt.transform ({self.strategy}, {self.seconds:.1f} s)", head, "",
+                 f"{len(changed)} of {len(self.groups)} groups changed width"]
+        if changed:
+            lines.append(table(["id", "group", "before", "after", "x"], changed))
+        if self.blocks_removed or self.blocks_added:
+            lines.append(f"blocks removed: {list(self.blocks_removed)}  added: {list(self.blocks_added)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def attach(model, report: Report):
+    model.fxadapt_report = report
+    return model
+
+
+def report(model) -> Report:
+    """The ``Report`` of a model returned by ``fxadapt.transform``."""
+    rep = getattr(model, "fxadapt_report", None)
+    if rep is None:
+        raise ValueError("this model was not produced by fxadapt.transform (it carries no report)")
+    return rep

@@ -21,7 +21,7 @@ from torch.fx import Node
 
 from fxadapt.channels import ParamRef, Track
 from fxadapt.rules.core import Blocked, aten_ops, axis_labels, norm_dim, only_axis, rule
-from fxadapt.rules.pointwise import _reduced
+from fxadapt.rules.pointwise import _expand, _reduced
 
 
 def _align_all(ctx, tracks: list[Track | None], what: str) -> Track | None:
@@ -159,6 +159,7 @@ def _matmul(ctx, a, b, out_nd: int):
     lb = only_axis(ctx, tb, kb, "a matmul contraction") if tb is not None and kb in tb.axes else None
     if la is not None and lb is not None:
         ctx.couple(la, lb)
+        ctx.site("mix", la, "mix")
     elif la is not None and isinstance(b, ParamRef):
         ctx.param_site(b, kb, la, "in")
     elif la is not None or lb is not None:
@@ -175,6 +176,11 @@ def _matmul(ctx, a, b, out_nd: int):
         if not outs:
             return Track((out_nd - 1,), new)
         ctx.freeze(new, "matmul output columns beside tracked channels")
+    if len(outs) > 1 and outs[0].axes != outs[1].axes and set(outs[0].axes) <= set(outs[1].axes):
+        # attn @ v: batch/head axes of both operands carry the same channels, v adds its columns
+        small, big = outs
+        ctx.couple(big.labels, _expand(small, big))
+        return big
     return _align_all(ctx, outs, "matrix product") if len(outs) > 1 else (outs[0] if outs else None)
 
 
@@ -202,6 +208,7 @@ def sdpa(call, ctx):
     tq, tk, tv = ctx.track(q), ctx.track(k), ctx.track(v)
     if tq is not None and tk is not None and tq.axes == tk.axes:
         ctx.couple(tq.labels, tk.labels)
+        ctx.site("mix", tq.labels, "mix")
     elif tq is not None or tk is not None:
         ctx.freeze(tq, "query/key channels on different axes")
         ctx.freeze(tk, "query/key channels on different axes")

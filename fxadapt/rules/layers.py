@@ -119,6 +119,7 @@ def group_norm(call, ctx):
     if lab is None:
         return None
     groups = call.arg(1, "num_groups")
+    ctx.site("mix", lab, "mix")
     if groups > 1:
         _grouped(ctx, lab, groups)
     _norm_sites(ctx, call, lab, ((2, "weight"), (3, "bias")))
@@ -139,6 +140,7 @@ def layer_norm(call, ctx):
     if len(t.axes) > 1:
         return Blocked("layer norm over a multi-axis channel layout")
     ax = inside[0]
+    ctx.site("mix", t.labels, "mix")
     _axis_site = ax - (nd - k)
     for idx, name in ((2, "weight"), (3, "bias")):
         ctx.param_site(call.arg(idx, name), _axis_site, t.labels, "norm")

@@ -9,7 +9,10 @@ of full size is sliced with the channels (a ``const`` site); any other fixed-siz
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
+import torch
 from torch.fx import Node
 
 from fxadapt.channels import ParamRef, Track
@@ -35,10 +38,17 @@ UNARY = aten_ops(
 )
 
 
+MIXING = ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum")
+
+
 @rule(*UNARY, kind="passes")
 def unary(call, ctx):
     """Shape-preserving op of one tensor (extra arguments are scalars or dims): labels pass through."""
     x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is not None and call.op.__name__.split(".")[0] in MIXING and isinstance(call.arg(1, "dim"), int):
+        if norm_dim(call.arg(1, "dim"), len(ctx.shape(x))) in t.axes:
+            ctx.site("mix", t.labels, "mix")
     if call.op.__name__.startswith("prelu"):
         w = call.arg(1, "weight")
         t = ctx.track(x)
@@ -131,6 +141,8 @@ def reduce(call, ctx):
     keep = bool(call.arg(2, "keepdim", False))
     dims = list(range(nd)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
     dims = sorted({norm_dim(d, nd) for d in dims})
+    if t is not None and set(dims) & set(t.axes):
+        ctx.site("mix", t.labels, "mix")  # the reduction mixes channels: growing them is not function-preserving
     out = _reduced(ctx, t, dims, keep)
     return (out, out) if call.op.__name__ in ("max.dim", "min.dim") else out
 
@@ -227,4 +239,17 @@ def no_channels(call, ctx):
             d = norm_dim(call.arg(1, "dim"), len(ctx.shape(a)))
             if d in t.axes:
                 ctx.freeze(t, "channel count read as a number at run time")
+    return None
+
+
+SYM_ARITH = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+             operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+             operator.ge, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not)
+
+
+@rule(*SYM_ARITH, kind="ignores")
+def sym_arith(call, ctx):
+    """Python arithmetic on symbolic sizes (``4 * batch``): export emits it only for ``SymInt`` values."""
+    if any(ctx.track(a) is not None for a in call.args):
+        return Blocked(f"{call.op.__name__} applied to a tensor that carries channels")
     return None

@@ -65,6 +65,9 @@ def relayout(ctx, t: Track, in_shape: tuple, out_shape: tuple) -> Track | Blocke
     if len(keep) > 1:
         outer = lab.reshape(-1, lab.shape[-1])
         ctx.couple(outer, outer[:1])
+        # the outer split axes now hold the innermost axis' labels at every position: they carry no
+        # channels of their own (a reduction over the innermost axis must not union its channels)
+        keep, lab = keep[-1:], outer[0]
     return Track(tuple(outs[k] for k in keep), np.ascontiguousarray(lab))
 
 

@@ -1,0 +1,152 @@
+"""Plans: which units of every group to keep or copy, and which blocks to remove or repeat.
+
+A group's *selection* is an array of unit indices: the kept original units in increasing order, followed
+by the source unit of every new (grown) unit. For each site the plan resolves the new positions:
+
+- shrink: the positions whose unit is kept, in original order (so every tensor keeps a consistent
+  order: producer, element-wise partners, consumers, flattened features and cat slices alike);
+- grow: the copies of a group's units are appended right after that group's run of positions in the
+  site (a cat of groups A and B becomes ``[A, A', B, B']``, which is what concatenating the grown
+  tensors gives). This needs the group's positions to form one contiguous, unit-ordered run in every
+  site; interleaved layouts (grouped convs, channel shuffles) and channel-mixing ops (reductions and
+  norms over channels, activation-activation contractions) make a group not growable, with the reason.
+
+Importance (data-free): the L1 norm of each unit's producer weights, ``sum_p |W_p[unit]| / numel``, each
+producer site normalised by its mean so convs of different fan-in weigh alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fxadapt.channels import Site
+
+
+@dataclass(frozen=True, eq=False)
+class SiteEdit:
+    """New positions of one site: ``index[k]`` is the source position, ``new[k]`` marks a grown copy."""
+
+    site: Site
+    index: np.ndarray
+    new: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything ``passes.materialize`` needs; built by ``make_plan`` from an ``Analysis``."""
+
+    edits: tuple[SiteEdit, ...]
+    units: dict[int, int]
+    remove: frozenset = frozenset()
+    repeat: dict = field(default_factory=dict)
+    blocks: tuple = ()
+
+
+def positions(a, site: Site) -> tuple[np.ndarray, np.ndarray]:
+    """Group id and unit index of every position of a site (-1 where none)."""
+    r = a.roots[site.labels]
+    return a.group_of[r], a.unit_of[r]
+
+
+def growth_blocker(a, group) -> str | None:
+    """Why a group cannot grow function-preservingly, or None."""
+    if not group.prunable:
+        return group.reason
+    for m in group.members:
+        if m.site.role == "mix":
+            return f"channels are mixed at {m.site.node_name} (reduction/norm/contraction over channels)"
+        pos = np.flatnonzero(m.index >= 0)
+        if pos.size and (np.any(np.diff(pos) != 1) or np.any(np.diff(m.index[pos]) < 0)):
+            return f"channels are interleaved at {m.site.node_name} (grouped conv or shuffle layout)"
+    return None
+
+
+def importance(a, group) -> np.ndarray:
+    """Per-unit L1 importance of a group (see module docstring)."""
+    score = np.zeros(group.units)
+    gm = a.gm
+    for m in group.members:
+        s = m.site
+        if s.kind != "param" or s.role not in ("out", "dw"):
+            continue
+        w = _get(gm, s.ref.target).detach()
+        per_pos = w.abs().transpose(0, s.axis).reshape(w.shape[s.axis], -1).mean(1).double().numpy()
+        pos = m.index >= 0
+        sums = np.bincount(m.index[pos], weights=per_pos[pos], minlength=group.units)
+        score += sums / max(sums.mean(), 1e-12)
+    return score
+
+
+def _get(root, target: str) -> torch.Tensor:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def select_units(a, group, n: int, score: np.ndarray | None = None) -> np.ndarray:
+    """Selection of ``n`` units: the top-``n`` by importance (shrink), or all plus copies (grow)."""
+    score = importance(a, group) if score is None else score
+    order = np.argsort(-score, kind="stable")
+    if n <= group.units:
+        return np.sort(order[:n])
+    extra = np.resize(order, n - group.units)
+    return np.concatenate([np.arange(group.units), extra])
+
+
+def make_plan(a, units: dict[int, int], remove=(), repeat=None) -> Plan:
+    """Resolve a plan from kept-unit counts per group (groups left out keep all their units)."""
+    select = {}
+    for g in a.groups:
+        n = units.get(g.id, g.units)
+        if n == g.units:
+            continue
+        if not g.prunable:
+            raise ValueError(f"group {g.id} ({g.name}) is frozen: {g.reason}")
+        if n > g.units and (why := growth_blocker(a, g)):
+            raise ValueError(f"group {g.id} ({g.name}) cannot grow: {why}")
+        select[g.id] = select_units(a, g, n)
+    edits = tuple(_site_edit(a, s, select) for s in _sites(a) if _touched(a, s, select))
+    return Plan(edits, {g.id: units.get(g.id, g.units) for g in a.groups}, frozenset(remove),
+                dict(repeat or {}), tuple(a.blocks))
+
+
+def _sites(a) -> list[Site]:
+    seen, out = set(), []
+    for g in a.groups:
+        for m in g.members:
+            if id(m.site) not in seen:
+                seen.add(id(m.site))
+                out.append(m.site)
+    return out
+
+
+def _touched(a, site: Site, select: dict) -> bool:
+    g, _ = positions(a, site)
+    return bool(np.isin(g, list(select)).any())
+
+
+def _site_edit(a, site: Site, select: dict) -> SiteEdit:
+    g, u = positions(a, site)
+    index, new = [], []
+    last_of = {gid: int(np.flatnonzero(g == gid)[-1]) for gid in np.unique(g) if gid in select}
+    for p in range(len(g)):
+        gid = int(g[p])
+        sel = select.get(gid)
+        if sel is None:
+            index.append(p)
+            new.append(False)
+            continue
+        units = a.groups[gid].units
+        if u[p] in sel[: min(len(sel), units)] if len(sel) <= units else True:
+            index.append(p)
+            new.append(False)
+        if p == last_of[gid] and len(sel) > units:
+            for src in sel[units:]:
+                for q in np.flatnonzero((g == gid) & (u == src)):
+                    index.append(int(q))
+                    new.append(True)
+    return SiteEdit(site, np.asarray(index, dtype=np.int64), np.asarray(new, dtype=bool))

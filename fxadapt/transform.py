@@ -1,0 +1,137 @@
+"""``fxadapt.transform``: adapt a model to a MAC budget, end to end, and check the result.
+
+Pipeline (each step leaves a runnable, shape-checked graph):
+
+    analysis = analyze(model, example_inputs)          # capture + groups + blocks + cost model
+    target   = parse_budget(budget, macs, params)
+    units    = solve_widths(analysis, target.macs)     # strategy "datafree" (also what "auto" means)
+    plan     = make_plan(analysis, units)               # importance-ranked channels per group
+    adapted  = materialize(analysis.gm, plan)           # slice / widen, remove / repeat blocks
+    adapted  = fold_bn(adapted)                         # optional, checked numerically
+
+Checks on every result: it runs on the example inputs with the original output structure and shapes;
+its MACs, counted independently with ``FlopCounterMode``, are within 1% of the target on the right side;
+when the change is meant to preserve the function (identity budget, pure growth, BN folding) the outputs
+match the original with ``torch.testing.assert_close`` at tight tolerance. A failed check raises.
+
+Example:
+    >>> import torch, fxadapt
+    >>> from fxadapt.examples import example_model, EXAMPLE_INPUT_SHAPE
+    >>> x = torch.randn(EXAMPLE_INPUT_SHAPE)
+    >>> small = fxadapt.transform(example_model(), 0.5, (x,))
+    >>> r = fxadapt.report(small)
+    >>> 0.49 <= r.macs_after / r.macs_before <= 0.5
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxadapt.analysis import analyze
+from fxadapt.budget import TOL, SolveConfig, parse_budget, solve_widths
+from fxadapt.capture import normalize_inputs
+from fxadapt.errors import BudgetError, FxAdaptError
+from fxadapt.passes.fold_bn import fold_bn as fold_bn_pass
+from fxadapt.passes.materialize import materialize
+from fxadapt.passes.shape_check import shape_check
+from fxadapt.plan import make_plan
+from fxadapt.report import Report, attach
+
+STRATEGIES = ("auto", "datafree")
+
+
+class VerificationError(FxAdaptError):
+    """An adapted model failed a check (runs, shapes, budget, numerics); the message says which."""
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    fold_bn: bool = True
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+
+def count_macs(model: nn.Module, inputs: tuple) -> float:
+    """MACs of one forward pass, counted by ``FlopCounterMode`` (FLOPs / 2)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    model.train(was)
+    return counter.get_total_flops() / 2
+
+
+def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, strategy: str = "auto",
+              fold_bn: bool = True, config: TransformConfig | None = None) -> nn.Module:
+    """Return a copy of ``model`` adapted to ``budget`` (see module docstring)."""
+    cfg = config or TransformConfig(fold_bn=fold_bn)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
+    start = time.perf_counter()
+    inputs = normalize_inputs(example_inputs)
+    a = analyze(model, inputs)
+    before_macs, before_params = a.macs(), a.params()
+    target = parse_budget(budget, before_macs, before_params)
+    if target.macs is None:
+        raise BudgetError("only MAC budgets are solved so far; give macs= (params are reported)")
+    if not a.prunable:
+        raise BudgetError(f"{type(model).__name__} has no prunable channel group: "
+                          + "; ".join(sorted({g.reason for g in a.groups if g.reason})[:3]))
+    units = solve_widths(a, target.macs, cfg.solve)
+    plan = make_plan(a, units)
+    out = materialize(a.gm, plan).graph_module
+    shape_check(out, inputs)
+    reference = _outputs(model, inputs)
+    _check_shapes(reference, _outputs(out, inputs))
+    if all(units.get(g.id, g.units) >= g.units for g in a.groups):
+        _close(reference, _outputs(out, inputs), cfg, "function-preserving growth / identity")
+    if cfg.fold_bn:
+        folded = fold_bn_pass(out).graph_module
+        _close(_outputs(out, inputs), _outputs(folded, inputs), cfg, "BatchNorm folding")
+        out = folded
+    macs = count_macs(out, inputs)
+    _check_budget(macs, target.macs, before_macs)
+    out.train(model.training)
+    report = Report.build(a, plan, out, target, macs, strategy, time.perf_counter() - start)
+    return attach(out, report)
+
+
+def _outputs(model: nn.Module, inputs: tuple) -> Any:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(*inputs)
+    model.train(was)
+    return out
+
+
+def _check_shapes(ref: Any, got: Any) -> None:
+    ra, rs = pytree.tree_flatten(ref)
+    ga, gs = pytree.tree_flatten(got)
+    if rs != gs or [tuple(t.shape) for t in ra] != [tuple(t.shape) for t in ga]:
+        raise VerificationError(f"adapted model's outputs {[tuple(t.shape) for t in ga]} differ in structure "
+                                f"or shape from the original's {[tuple(t.shape) for t in ra]}")
+
+
+def _close(ref: Any, got: Any, cfg: TransformConfig, what: str) -> None:
+    try:
+        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol)
+    except AssertionError as e:
+        raise VerificationError(f"{what} changed the model's outputs: {e}") from e
+
+
+def _check_budget(macs: float, target: float, base: float) -> None:
+    grow = target > base
+    ok = target <= macs <= target * (1 + TOL) if grow else target * (1 - TOL) <= macs <= target
+    if not ok:
+        raise VerificationError(f"adapted model has {macs:,.0f} MACs, outside the 1% window of the target "
+                                f"{target:,.0f} ({'at or above' if grow else 'at or below'} it)")

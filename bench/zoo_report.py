@@ -31,7 +31,12 @@ def _oracle_cell(o) -> tuple[str, str]:
         return "tp-fail", o.failure
     if o.agree:
         return "agree", ""
-    return "differ", f"ours-only {o.only_ours[:2]} / tp-only {o.only_tp[:2]}"
+    return o.category, f"ours-only {_short(o.only_ours)} / tp-only {_short(o.only_tp)}"
+
+
+def _short(groups: list) -> str:
+    return "; ".join("{" + ", ".join(g[:3]) + (f", +{len(g) - 3}" if len(g) > 3 else "") + "}"
+                     for g in groups[:3]) + (f" (+{len(groups) - 3} groups)" if len(groups) > 3 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     entries = [e for e in zh.zoo_entries() if not args.factories or e.factory in args.factories]
     tot = dict(tried=0, captured=0, analyzed=0, cost_ok=0, groups_ok=0, untouched=0, tp_built=0, tp_agree=0)
-    print(f"{'model':28} cap ana cost  tp      sec  groups  note", flush=True)
+    diffs: dict[str, list[str]] = {}
+    print(f"{'model':28} cap ana cost  tp           sec  groups  note", flush=True)
     for e in entries:
         model, x = zh.build(e)
         r = zh.check_model(e.factory, model, x)
@@ -52,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         tot["tried"] += 1
         tot["tp_built"] += bool(o and o.ok)
         tot["tp_agree"] += bool(o and o.agree)
+        if o and o.ok and not o.agree:
+            diffs[o.category] = diffs.get(o.category, []) + [e.factory]
         groups = f"{r.n_prunable}/{r.n_groups}"
-        print(f"{e.factory:28} {_mark(r.captured)}   {_mark(r.analyzed)}   {_mark(r.cost_ok)}    {tp:7} "
+        print(f"{e.factory:28} {_mark(r.captured)}   {_mark(r.analyzed)}   {_mark(r.cost_ok)}    {tp:12} "
               f"{r.seconds:5.1f}  {groups:7} {r.failure or note}", flush=True)
     print("\ntotals: " + "  ".join(f"{k}={v}" for k, v in tot.items()))
+    for cat, names in sorted(diffs.items()):
+        print(f"TP differences, {cat}: {', '.join(names)}")
     return 0
 
 

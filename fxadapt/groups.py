@@ -90,34 +90,26 @@ def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple
     >>> [(key, rs.tolist()) for key, rs in _signature_classes(sites, np.arange(3))]
     [((0,), [0]), ((0, 1), [1, 2])]
     """
-    per = [np.unique(roots[s.labels]) for s in sites]
-    if not per or not sum(len(u) for u in per):
+    cls = np.zeros(len(roots), dtype=np.int64)  # partition refinement: class 0 = "touches no site yet"
+    class_sites: list[tuple[int, ...]] = [()]
+    for si, site in enumerate(sites):
+        r = roots[site.labels.reshape(-1)]
+        c = cls[r]  # split every class the site meets into (in site, not in site); sort-based (np.unique is slow)
+        order = np.argsort(c, kind="stable")
+        step = np.r_[True, c[order][1:] != c[order][:-1]]
+        inv = np.empty(len(c), dtype=np.int64)
+        inv[order] = np.cumsum(step) - 1
+        cls[r] = len(class_sites) + inv  # a root repeated in the site gets the same new class each time
+        class_sites.extend(class_sites[k] + (si,) for k in c[order][step].tolist())
+    seen = cls > 0
+    ids, first = np.unique(cls[seen], return_index=True)  # cls[seen] is in root order: first = min root
+    if not ids.size:
         return []
-    r = np.concatenate(per)
-    s = np.repeat(np.arange(len(sites), dtype=np.int64), [len(u) for u in per])
-    order = np.argsort(r, kind="stable")  # by root; site indices stay ascending within a root
-    r, s = r[order], s[order]
-    starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-    counts = np.diff(np.r_[starts, len(r)])
-    root_ids = r[starts]
-    sig = np.empty(len(starts), dtype=np.int64)
-    offset = 0
-    for length in np.unique(counts).tolist():  # exact row-wise dedup among signatures of equal length
-        sel = np.flatnonzero(counts == length)
-        _, inv = np.unique(s[starts[sel][:, None] + np.arange(length)], axis=0, return_inverse=True)
-        inv = inv.reshape(-1)
-        sig[sel] = inv + offset
-        offset += int(inv.max()) + 1
-    _, first = np.unique(sig, return_index=True)  # roots ascend, so this is each class's smallest root
-    first = first[np.lexsort((root_ids[first], s[starts[first]]))]
-    by_sig = np.argsort(sig, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(sig))]
-    out = []
-    for i in first.tolist():
-        c = int(sig[i])
-        key = tuple(s[starts[i]:starts[i] + counts[i]].tolist())
-        out.append((key, root_ids[by_sig[bounds[c]:bounds[c + 1]]]))
-    return out
+    min_root = np.flatnonzero(seen)[first]
+    order = np.lexsort((min_root, [class_sites[c][0] for c in ids.tolist()]))
+    members = np.flatnonzero(seen)[np.argsort(cls[seen], kind="stable")]
+    bounds = np.r_[0, np.cumsum(np.bincount(np.searchsorted(ids, cls[seen]), minlength=len(ids)))]
+    return [(class_sites[ids[k]], members[bounds[k]:bounds[k + 1]]) for k in order.tolist()]
 
 
 def _make_group(gid, key, rs, sites, roots, frozen, group_of, unit_of) -> Group:

@@ -189,10 +189,44 @@ def tp_partition(model: nn.Module, x: torch.Tensor) -> Partition:
 class OracleResult:
     name: str
     ok: bool = False                       # TP built its graph
-    agree: bool = False
+    category: str = ""                     # see classify()
     only_ours: list = field(default_factory=list)   # groups in our partition and not TP's
     only_tp: list = field(default_factory=list)
     failure: str = ""
+
+    @property
+    def agree(self) -> bool:
+        return self.category == "agree"
+
+
+def merged(p: Partition) -> Partition:
+    """Connected components of groups that share a module (a partition of the modules)."""
+    out: list[set[str]] = []
+    for g in p:
+        hit = [c for c in out if c & g]
+        for c in hit:
+            out.remove(c)
+        out.append(set(g).union(*hit))
+    return {frozenset(c) for c in out}
+
+
+def _overlaps(p: Partition) -> bool:
+    return sum(len(g) for g in p) != len(set().union(*p)) if p else False
+
+
+def classify(ours: Partition, theirs: Partition) -> str:
+    """``agree``; ``tp-overlap`` (TP's groups are not a partition); ``ours-finer`` (each of our groups lies
+    inside one TP group: we split a TP group into slices); ``ours-coarser`` (each TP group lies inside one of
+    ours: we couple more); else ``differ``."""
+    if ours == theirs:
+        return "agree"
+    if _overlaps(theirs):
+        return "tp-overlap"
+    if all(any(g <= t for t in theirs) for g in ours):
+        return "ours-finer"
+    if all(any(t <= g for g in ours) for t in theirs):
+        return "ours-coarser"
+    return "differ"
 
 
 def compare(name: str, ours: Partition, theirs: Partition) -> OracleResult:
@@ -200,7 +234,7 @@ def compare(name: str, ours: Partition, theirs: Partition) -> OracleResult:
     common = set().union(*ours) & set().union(*theirs) if ours and theirs else set()
     a = {frozenset(g & common) for g in ours if g & common}
     b = {frozenset(g & common) for g in theirs if g & common}
-    return OracleResult(name, True, a == b, sorted(map(sorted, a - b)), sorted(map(sorted, b - a)))
+    return OracleResult(name, True, classify(a, b), sorted(map(sorted, a - b)), sorted(map(sorted, b - a)))
 
 
 def oracle(name: str, model: nn.Module, x: torch.Tensor, analysis) -> OracleResult:

@@ -1,0 +1,65 @@
+"""Small hand-built models shared by the back-end tests (fast on CPU, one rule family each)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def cbr(cin: int, cout: int, k: int = 3, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class ResNetTiny(nn.Module):
+    """stem -> 2 identity residual blocks -> projection block -> head (BN stats randomised)."""
+
+    def __init__(self, c: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = cbr(3, c)
+        self.b1 = nn.Sequential(cbr(c, c), nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.b2 = nn.Sequential(cbr(c, c), nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.proj = nn.Conv2d(c, 2 * c, 1)
+        self.b3 = nn.Sequential(cbr(c, 2 * c), nn.Conv2d(2 * c, 2 * c, 3, padding=1))
+        self.head = nn.Linear(2 * c, classes)
+        randomize_bn(self)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.b1(x))
+        x = torch.relu(x + self.b2(x))
+        x = torch.relu(self.proj(x) + self.b3(x))
+        return self.head(x.mean((2, 3)))
+
+
+class CatSplit(nn.Module):
+    """Two branches concatenated, a chunk split, depthwise conv and a flatten -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = cbr(3, 6), cbr(3, 10)
+        self.dw = cbr(16, 16, groups=16)
+        self.mix = cbr(16, 12, k=1)
+        self.left, self.right = cbr(6, 4, k=1), cbr(6, 4, k=1)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+        randomize_bn(self)
+
+    def forward(self, x):
+        y = self.mix(self.dw(torch.cat([self.a(x), self.b(x)], 1)))
+        l, r = torch.chunk(y, 2, dim=1)
+        z = torch.cat([self.left(l), self.right(r)], 1)
+        z = nn.functional.adaptive_avg_pool2d(z, 4)
+        return self.fc(z.view(z.size(0), -1))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics/affine so folding and slicing are really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)

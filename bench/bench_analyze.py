@@ -8,9 +8,9 @@ For each zoo model (pytorchcv, 1x3x224x224) three things are timed in the same p
 
 Two ways to run it:
 
-- as a script, printing a comparison table (median of ``--repeats`` runs after one warm-up)::
+- as a script, printing a comparison table (medians after one warm-up)::
 
-      python bench/bench_analyze.py [--repeats 3] [--models resnet50,densenet121]
+      python bench/bench_analyze.py [--repeats 7] [--capture-repeats 3] [--models resnet50,densenet121]
 
 - as pytest-benchmark tests (grouped per model; pyproject disables benchmarks by default)::
 
@@ -70,32 +70,39 @@ def tp_build(model: torch.nn.Module, x: torch.Tensor):
     return tp.DependencyGraph().build_dependency(model, example_inputs=x)
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time (seconds, ``time.perf_counter``) of ``fn()`` over ``repeats`` runs after warm-up.
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (seconds, ``time.perf_counter``) of each function over ``repeats`` runs.
 
-    >>> median_time(lambda: sum(range(10)), repeats=3) < 1.0
-    True
+    Every function is warmed up ``warmup`` times first; the timed runs are interleaved (one round runs each
+    function once), so background load on the machine hits every contender alike.
+
+    >>> t = median_times({"a": lambda: sum(range(10)), "b": lambda: None}, repeats=3)
+    >>> sorted(t), t["a"] < 1.0
+    (['a', 'b'], True)
     """
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure(name: str, repeats: int = 3) -> dict[str, float]:
-    """Median capture / analysis / TP-build seconds for zoo model ``name``."""
+def measure(name: str, repeats: int = 7, capture_repeats: int = 3) -> dict[str, float]:
+    """Median capture / analysis / TP-build seconds for zoo model ``name`` (timed in the same process).
+
+    Analysis and TP's build are interleaved, so they see the same machine load.
+    """
     model, x = load(name)
-    with torch.no_grad():
-        model(x)  # warm the eager kernels once before anything is timed
-    capture_s = median_time(lambda: fxadapt.capture(model, (x,)), repeats)
     gm = captured(name)
-    analyze_s = median_time(lambda: fxadapt.analyze(gm), repeats)
-    tp_s = median_time(lambda: tp_build(model, x), repeats)
-    return {"capture": capture_s, "analyze": analyze_s, "tp_build": tp_s}
+    out = median_times({"capture": lambda: fxadapt.capture(model, (x,))}, capture_repeats)
+    out.update(median_times({"analyze": lambda: fxadapt.analyze(gm),
+                             "tp_build": lambda: tp_build(model, x)}, repeats))
+    return out
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -120,7 +127,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Measure the selected models and print the comparison table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; default 3)")
+    p.add_argument("--repeats", type=int, default=7, help="timed analysis / TP runs (median; default 7)")
+    p.add_argument("--capture-repeats", type=int, default=3, help="timed capture runs (median; default 3)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     args = p.parse_args(argv)
@@ -132,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown model(s): {', '.join(unknown)}")
     results = {}
     for name in names:
-        results[name] = measure(name, args.repeats)
+        results[name] = measure(name, args.repeats, args.capture_repeats)
         r = results[name]
         print(f"{name}: capture {r['capture']:.3f} s, analyze {r['analyze']:.3f} s, "
               f"TP build {r['tp_build']:.3f} s", file=sys.stderr, flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {INPUT_SHAPE}, "
-          f"median of {args.repeats} after 1 warm-up\n")
+          f"median of {args.repeats} runs ({args.capture_repeats} for capture) after 1 warm-up\n")
     print(format_table(results))
     return 0
 

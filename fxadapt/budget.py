@@ -132,22 +132,25 @@ def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int
 
 
 def _repair(a, n: dict, bounds: dict, target: float, grow: bool, cfg: SolveConfig) -> dict[int, int]:
-    """Greedy single-unit steps toward the target, never crossing it (cheapest step first)."""
+    """Greedy unit moves toward the target, never crossing it: single steps (cheapest first), then swaps
+    (one unit up in a group, one down in another) when no single step fits the window."""
     step = -1 if grow else 1
     for _ in range(10_000):
         m = a.cost.macs(n)
         if (grow and m <= target * (1 + cfg.tol)) or (not grow and m >= target * (1 - cfg.tol)):
             return n
         order = sorted(bounds, key=lambda g: abs(a.cost.macs_grad(g, n)))
-        for g in order:
-            lo, hi = bounds[g]
-            if not lo <= n[g] + step <= hi:
+        moves = [{g: step} for g in order] + [{g: step, h: -step} for g in order for h in order if g != h]
+        best = None
+        for mv in moves:
+            trial = {**n, **{g: n[g] + d for g, d in mv.items()}}
+            if not all(bounds[g][0] <= trial[g] <= bounds[g][1] for g in mv):
                 continue
-            trial = dict(n, **{g: n[g] + step})
             mt = a.cost.macs(trial)
-            if (grow and mt >= target) or (not grow and mt <= target):
-                n = trial
+            if ((grow and target <= mt < m) or (not grow and m < mt <= target)):
+                best = trial
                 break
-        else:
+        if best is None:
             return n
+        n = best
     return n

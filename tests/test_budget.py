@@ -1,0 +1,53 @@
+"""Budgets: accepted forms, clear errors, and the solver landing within 1% on the right side."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from models import ResNetTiny
+
+import fxadapt
+from fxadapt.budget import Budget, SolveConfig, parse_budget, reachable, solve_widths
+from fxadapt.errors import BudgetError
+
+
+@pytest.mark.parametrize("budget,expected", [
+    (0.5, 500.0), (2, 2000.0), ("50%", 500.0), ("150%", 1500.0), ("300", 300.0), ("0.25", 250.0),
+    ("3K", 3000.0), ("1.5M", 1.5e6), ("2G", 2e9), ("2GMACs", 2e9), (Budget(macs=0.5), 500.0),
+    (Budget(macs=400), 400.0),
+])
+def test_parse_forms(budget, expected):
+    assert parse_budget(budget, 1000.0, 10.0).macs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, True, "fast", [0.5], None, "-5%", Budget()])
+def test_parse_rejects(bad):
+    with pytest.raises(BudgetError):
+        parse_budget(bad, 1000.0, 10.0)
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    return fxadapt.analyze(ResNetTiny().eval(), (torch.randn(1, 3, 16, 16),))
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.35, 0.5, 0.8, 1.0, 1.3, 2.0, 3.0])
+def test_solver_window(analysis, ratio):
+    base = analysis.macs()
+    units = solve_widths(analysis, ratio * base)
+    got = analysis.cost.macs(units)
+    if ratio <= 1:
+        assert 0.99 * ratio * base <= got <= ratio * base
+    else:
+        assert ratio * base <= got <= 1.01 * ratio * base
+    assert all(u >= 1 for u in units.values())
+
+
+def test_out_of_range_names_the_range(analysis):
+    lo, hi = reachable(analysis, SolveConfig(max_expand=2.0))
+    with pytest.raises(BudgetError, match=r"reachable range \[.*\].*x"):
+        solve_widths(analysis, hi * 1.5, SolveConfig(max_expand=2.0))
+    with pytest.raises(BudgetError, match="reachable range"):
+        solve_widths(analysis, lo * 0.5)

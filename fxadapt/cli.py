@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from fxadapt.cli_common import CliError, one_line
 from fxadapt.errors import FxAdaptError
 
-SUBCOMMANDS: list[str] = ["fxadapt.cli_inspect"]
+SUBCOMMANDS: list[str] = ["fxadapt.cli_inspect", "fxadapt.cli_adapt"]
 
 EXIT_USAGE = 2
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per module in ``SUBCOMMANDS``.
 
     >>> sorted(build_parser()._subparsers._group_actions[0].choices)
-    ['inspect']
+    ['adapt', 'inspect']
     """
     from fxadapt import __version__
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["inspect", "--example", "--input-shape", "1,3,x"])  # stderr: fxadapt inspect: error: bad input shape ...
     2
     """
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecation chatter
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:

@@ -41,10 +41,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
     >>> parse_shape("1, 3, 32,32")
     (1, 3, 32, 32)
-    >>> parse_shape("1,3,a")
-    Traceback (most recent call last):
-    ...
-    fxadapt.cli_common.CliError: bad input shape '1,3,a': expected positive integers separated by commas, e.g. 1,3,224,224
+    >>> try:
+    ...     parse_shape("1,3,a")
+    ... except CliError as e:
+    ...     print(e)
+    bad input shape '1,3,a': expected positive integers separated by commas, e.g. 1,3,224,224
     """
     parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
     if not text.strip() or not all(p.isdigit() and int(p) > 0 for p in parts):

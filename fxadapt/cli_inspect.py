@@ -86,7 +86,7 @@ def totals_line(a: fxadapt.Analysis) -> str:
     >>> import torch
     >>> from fxadapt.examples import example_model
     >>> print(totals_line(fxadapt.analyze(example_model(), (torch.randn(1, 3, 32, 32),))))
-    totals: MACs 18,268,672 (18.269M)  params 43,778 (43.778K)  groups 8: 7 prunable, 1 frozen (output: reaches the model output: 1)  blocks 4: 3 removable, 3 repeatable
+    totals: MACs 18,268,992 (18.269M)  params 43,778 (43.778K)  groups 8: 7 prunable, 1 frozen (output: reaches the model output: 1)  blocks 4: 3 removable, 3 repeatable
     """
     macs, params = a.macs(), a.params()
     reasons = Counter(g.reason for g in a.groups if not g.prunable)

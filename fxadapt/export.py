@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ class ExportResult:
 
 
 def _export(model: nn.Module, inputs: tuple, path: str) -> None:
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ class TransformConfig:
     solve: SolveConfig = field(default_factory=SolveConfig)
     atol: float = 1e-5
     rtol: float = 1e-4
+    progress: Callable[[str], None] | None = None   # called with each pipeline step's name
 
 
 def count_macs(model: nn.Module, inputs: tuple) -> float:
@@ -77,7 +79,9 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
     start = time.perf_counter()
+    step = cfg.progress or (lambda name: None)
     inputs = normalize_inputs(example_inputs)
+    step("capture + analyze")
     a = analyze(model, inputs)
     before_macs, before_params = a.macs(), a.params()
     target = parse_budget(budget, before_macs, before_params)
@@ -86,22 +90,28 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, 
     if not a.prunable:
         raise BudgetError(f"{type(model).__name__} has no prunable channel group: "
                           + "; ".join(sorted({g.reason for g in a.groups if g.reason})[:3]))
+    step("solve widths")
     units = solve_widths(a, target.macs, cfg.solve)
+    step("materialize")
     plan = make_plan(a, units)
     out = materialize(a.gm, plan).graph_module
+    step("verify")
     shape_check(out, inputs)
     reference = _outputs(model, inputs)
     _check_shapes(reference, _outputs(out, inputs))
     if all(units.get(g.id, g.units) >= g.units for g in a.groups):
         _close(reference, _outputs(out, inputs), cfg, "function-preserving growth / identity")
     if cfg.fold_bn:
+        step("fold BatchNorm")
         folded = fold_bn_pass(out).graph_module
         _close(_outputs(out, inputs), _outputs(folded, inputs), cfg, "BatchNorm folding")
         out = folded
+    step("count MACs")
     macs = count_macs(out, inputs)
     _check_budget(macs, target.macs, before_macs)
     out.train(model.training)
-    report = Report.build(a, plan, out, target, macs, strategy, time.perf_counter() - start)
+    resolved = "datafree" if strategy == "auto" else strategy
+    report = Report.build(a, plan, out, target, macs, resolved, time.perf_counter() - start)
     return attach(out, report)
 
 

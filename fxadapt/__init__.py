@@ -8,8 +8,8 @@
 """
 
 from fxadapt.analysis import Analysis, analyze
-from fxadapt.capture import capture
 from fxadapt.budget import Budget
+from fxadapt.capture import capture
 from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
 from fxadapt.export import ExportError, export_onnx
 from fxadapt.report import Report, report

@@ -120,23 +120,31 @@ def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int
             f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x)")
     grow = target > base
     bounds = _bounds(a, grow, cfg)
-    units = {g: a.groups[g].units for g in bounds}
-    lo_s, hi_s = (1.0, cfg.max_expand) if grow else (0.0, 1.0)
+    return fit(a, target, bounds, {g: a.groups[g].units for g in bounds}, grow, cfg)
+
+
+def fit(a, target: float, bounds: dict, base: dict, grow: bool, cfg: SolveConfig = SolveConfig(),
+        present: dict | None = None) -> dict[int, int]:
+    """Scale ``base`` widths by one factor (bisection) within ``bounds``, then repair to the window:
+    [T, 1.01 T] when ``grow``, else [0.99 T, T]. ``present`` fixes block presences (after a depth search)."""
+    s_max = max(hi / max(base[g], 1) for g, (_, hi) in bounds.items()) if bounds else 1.0
+    lo_s, hi_s = 0.0, max(s_max, 1.0)
     for _ in range(50):
         mid = (lo_s + hi_s) / 2
-        ok = a.cost.macs(_scaled(bounds, units, mid)) >= target if grow else \
-            a.cost.macs(_scaled(bounds, units, mid)) <= target
+        m = a.cost.macs(_scaled(bounds, base, mid), present)
+        ok = m >= target if grow else m <= target
         lo_s, hi_s = (lo_s, mid) if ok == grow else (mid, hi_s)
-    n = _scaled(bounds, units, hi_s if grow else lo_s)
-    return _repair(a, n, bounds, target, grow, cfg)
+    n = _scaled(bounds, base, hi_s if grow else lo_s)
+    return _repair(a, n, bounds, target, grow, cfg, present)
 
 
-def _repair(a, n: dict, bounds: dict, target: float, grow: bool, cfg: SolveConfig) -> dict[int, int]:
+def _repair(a, n: dict, bounds: dict, target: float, grow: bool, cfg: SolveConfig,
+            present: dict | None = None) -> dict[int, int]:
     """Greedy unit moves toward the target, never crossing it: single steps (cheapest first), then swaps
     (one unit up in a group, one down in another) when no single step fits the window."""
     step = -1 if grow else 1
     for _ in range(10_000):
-        m = a.cost.macs(n)
+        m = a.cost.macs(n, present)
         if (grow and m <= target * (1 + cfg.tol)) or (not grow and m >= target * (1 - cfg.tol)):
             return n
         order = sorted(bounds, key=lambda g: abs(a.cost.macs_grad(g, n)))
@@ -146,7 +154,7 @@ def _repair(a, n: dict, bounds: dict, target: float, grow: bool, cfg: SolveConfi
             trial = {**n, **{g: n[g] + d for g, d in mv.items()}}
             if not all(bounds[g][0] <= trial[g] <= bounds[g][1] for g in mv):
                 continue
-            mt = a.cost.macs(trial)
+            mt = a.cost.macs(trial, present)
             if ((grow and target <= mt < m) or (not grow and m < mt <= target)):
                 best = trial
                 break

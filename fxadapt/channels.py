@@ -104,8 +104,11 @@ class Site:
     """A place that must change when channels are kept or added.
 
     kind: ``"param"`` (slice ``ref`` along ``axis``), ``"shape_arg"`` (entry ``index`` of the shape list at
-    argument ``arg`` of ``node_name``), ``"groups"`` (the ``groups`` of a depthwise conv follows its input).
-    ``labels`` gives, for every position along the axis, its channel label. ``role`` tells the cost model
+    argument ``arg`` of ``node_name``), ``"groups"`` (the ``groups`` of a depthwise conv follows its input),
+    ``"split"``/``"slice"`` (sizes / bounds of a split or slice on the channel axis). Informational kinds
+    change nothing but separate groups: ``"piece"`` (one output of a split, the kept run of a slice: a
+    group never spans two pieces, so a kept unit leaves no piece empty) and ``"mix"`` (channels mixed by a
+    reduction, norm or contraction). ``labels`` gives, for every position along the axis, its channel label. ``role`` tells the cost model
     and reports what the site is (``"out"``, ``"in"``, ``"norm"``, ``"bias"``, ``"const"``, ``"shape"``).
     """
 

@@ -65,10 +65,16 @@ def _mac_term(node, call, ctx, sites, form) -> tuple[float, list[LinearForm]] | 
     op, out = call.op, ctx.shapes.get(node.name)
     if op in CONV or op in CONV_T or op is aten.linear.default:
         w = call.arg(1, "weight")
-        if not isinstance(w, ParamRef):
-            return None
         src = ctx.shapes[call.args[0].name] if op in CONV_T else out
         ch = src[1] if op is not aten.linear.default else src[-1]
+        if op is aten.linear.default and isinstance(w, ParamRef):  # channels may sit on a leading axis
+            t, coef, rows = ctx.tracks.get(node.name), 1.0, []  # (a linear over the width of NCHW)
+            for ax, size in enumerate(out[:-1]):
+                lab = _axis(t, ax)
+                coef, rows = (coef * size, rows) if lab is None else (coef, rows + [form(lab, size)])
+            return coef, rows + _weight_factors(w, ctx, sites, form)
+        if not isinstance(w, ParamRef):  # weight computed at run time (a slice): the rule froze it, fixed size
+            return math.prod(src) / ch, [LinearForm(float(s)) for s in ctx.shape(w)]
         return math.prod(src) / ch, _weight_factors(w, ctx, sites, form)
     if op in MATMUL or op in ADDMM:
         a = call.args[1] if op in ADDMM else call.args[0]

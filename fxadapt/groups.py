@@ -56,6 +56,12 @@ class Group:
     macs_share: float = 0.0
     params_share: float = 0.0
 
+    @property
+    def producer(self) -> str | None:
+        """The group's identity across graphs: its first producer's parameter name."""
+        m = next((m for m in self.members if m.site.role in PRODUCER_ROLES and m.site.ref is not None), None)
+        return m.site.ref.target if m else None
+
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"frozen: {self.reason}"
         return f"Group({self.id} {self.name!r}, width={self.width}, granularity={self.granularity}, {state})"
@@ -73,9 +79,19 @@ def form_groups(ledger: Ledger) -> tuple[list[Group], np.ndarray, np.ndarray]:
             frozen.setdefault(r, reason)
     group_of = np.full(len(roots), -1, dtype=np.int64)
     unit_of = np.full(len(roots), -1, dtype=np.int64)
-    groups = []
-    for key, rs in _signature_classes(ledger.sites, roots):
-        groups.append(_make_group(len(groups), key, rs, ledger.sites, roots, frozen, group_of, unit_of))
+    sites = ledger.sites
+    classes = _signature_classes(sites, roots)
+    # two phases: unit order of every group first, then members (a site's group/unit map is computed once;
+    # groups own disjoint roots, so reading the final group_of / unit_of is the same as reading them early)
+    orders = [_order_units(gid, key, rs, sites, roots, group_of, unit_of) for gid, (key, rs) in enumerate(classes)]
+    mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for key, _ in classes:
+        for i in key:
+            if i not in mapped:
+                r = roots[sites[i].labels]
+                mapped[i] = (group_of[r], unit_of[r])
+    groups = [_make_group(gid, key, *order, sites, mapped, frozen)
+              for gid, ((key, _), order) in enumerate(zip(classes, orders, strict=True))]
     return groups, group_of, unit_of
 
 
@@ -112,7 +128,9 @@ def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple
     return [(class_sites[ids[k]], members[bounds[k]:bounds[k + 1]]) for k in order.tolist()]
 
 
-def _make_group(gid, key, rs, sites, roots, frozen, group_of, unit_of) -> Group:
+def _order_units(gid, key, rs, sites, roots, group_of, unit_of) -> tuple[Site, np.ndarray, int]:
+    """Canonical site, unit order (the canonical member's channel order, then the rest) and width of a group;
+    writes the group's entries of ``group_of`` / ``unit_of``."""
     members_sites = [sites[i] for i in key]
     canon = next((s for s in members_sites if s.role in PRODUCER_ROLES), members_sites[0])
     in_group = np.isin(roots[canon.labels], rs)
@@ -123,15 +141,18 @@ def _make_group(gid, key, rs, sites, roots, frozen, group_of, unit_of) -> Group:
     ordered = np.concatenate([ordered, missing])
     group_of[ordered] = gid
     unit_of[ordered] = np.arange(len(ordered))
+    return canon, ordered, int(in_group.sum())
+
+
+def _make_group(gid, key, canon, ordered, width, sites, mapped, frozen) -> Group:
     members = []
-    for s in members_sites:
-        r = roots[s.labels]
-        members.append(Member(s, np.where(group_of[r] == gid, unit_of[r], -1)))
-    width = int(in_group.sum())
+    for i in key:
+        g, u = mapped[i]
+        members.append(Member(sites[i], np.where(g == gid, u, -1)))
     units = len(ordered)
-    reason = next((frozen[r] for r in ordered.tolist() if r in frozen), None)
+    reason = next((frozen[r] for r in ordered.tolist() if r in frozen), None) if frozen else None
     if reason is None and units == 1:
         reason = "a single unit: nothing to choose"
-    name = canon.ref.module_path if canon.ref is not None else canon.node_name
+    name = (canon.ref.module_path or canon.ref.target) if canon.ref is not None else canon.node_name  # top-level param
     return Group(gid, width, units, max(1, width // max(units, 1)), tuple(members), reason is None, reason,
                  ordered, name)

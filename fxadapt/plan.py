@@ -97,8 +97,11 @@ def select_units(a, group, n: int, score: np.ndarray | None = None) -> np.ndarra
     return np.concatenate([np.arange(group.units), extra])
 
 
-def make_plan(a, units: dict[int, int], remove=(), repeat=None) -> Plan:
-    """Resolve a plan from kept-unit counts per group (groups left out keep all their units)."""
+def make_plan(a, units: dict[int, int], remove=(), repeat=None, scores: dict | None = None) -> Plan:
+    """Resolve a plan from kept-unit counts per group (groups left out keep all their units).
+
+    ``scores`` (group id -> per-unit score, higher is kept first) overrides the L1 importance, e.g. with
+    the order a searched gate used."""
     select = {}
     for g in a.groups:
         n = units.get(g.id, g.units)
@@ -108,7 +111,7 @@ def make_plan(a, units: dict[int, int], remove=(), repeat=None) -> Plan:
             raise ValueError(f"group {g.id} ({g.name}) is frozen: {g.reason}")
         if n > g.units and (why := growth_blocker(a, g)):
             raise ValueError(f"group {g.id} ({g.name}) cannot grow: {why}")
-        select[g.id] = select_units(a, g, n)
+        select[g.id] = select_units(a, g, n, None if scores is None else scores.get(g.id))
     edits = tuple(_site_edit(a, s, select) for s in _sites(a) if _touched(a, s, select))
     return Plan(edits, {g.id: units.get(g.id, g.units) for g in a.groups}, frozenset(remove),
                 dict(repeat or {}), tuple(a.blocks))

@@ -80,15 +80,19 @@ class Report:
     history: tuple = ()
 
     @staticmethod
-    def build(a, plan, out, target, macs: float, strategy: str, seconds: float, history=()) -> Report:
-        groups = tuple(GroupChange(g.id, g.name, g.width, plan.units.get(g.id, g.units) * g.granularity)
-                       for g in a.groups)
-        blocks = {b.id: b for b in a.blocks}
+    def build(a, outcome, out, target, macs: float, strategy: str, seconds: float) -> Report:
+        """``a``: the original model's analysis; ``outcome``: what the strategy produced."""
+        before = {g.producer: g.width for g in a.groups}
+        pa, plan = outcome.analysis, outcome.plan
+        groups = tuple(GroupChange(g.id, g.name, before.get(g.producer, 0),
+                                   plan.units.get(g.id, g.units) * g.granularity) for g in pa.groups)
+        blocks = {b.id: b for b in pa.blocks}
+        removed = tuple(blocks[b].exit for b in sorted(plan.remove) if b not in outcome.slots)
+        added = tuple(blocks[b].exit for b in sorted(outcome.slots) if b not in plan.remove)
+        added += tuple(f"{blocks[b].exit} x{k}" for b, k in sorted(plan.repeat.items()))
         return Report(strategy, a.macs(), macs, target.macs, a.params(),
                       float(sum(p.numel() for p in out.parameters())), target.params, groups,
-                      tuple(blocks[b].exit for b in sorted(plan.remove)),
-                      tuple(f"{blocks[b].exit} x{k}" for b, k in sorted(plan.repeat.items())),
-                      seconds, tuple(history))
+                      removed, added, seconds, tuple(outcome.history))
 
     def table(self) -> str:
         head = table(["", "before", "after", "target", "ratio"], [
@@ -97,7 +101,7 @@ class Report:
             ["params", human(self.params_before), human(self.params_after),
              human(self.params_target) if self.params_target else "-",
              f"{self.params_after / self.params_before:.3f}"]])
-        changed = [[c.id, c.name[:48], c.before, c.after, f"{c.after / c.before:.2f}"]
+        changed = [[c.id, c.name[:48], c.before, c.after, f"{c.after / c.before:.2f}" if c.before else "new"]
                    for c in self.groups if c.before != c.after]
         lines = [f"fxadapt.transform ({self.strategy}, {self.seconds:.1f} s)", head, "",
                  f"{len(changed)} of {len(self.groups)} groups changed width"]

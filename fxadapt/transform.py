@@ -26,9 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,26 +41,46 @@ from fxadapt.analysis import analyze
 from fxadapt.budget import TOL, SolveConfig, parse_budget, solve_widths
 from fxadapt.capture import normalize_inputs
 from fxadapt.errors import BudgetError, FxAdaptError
+from fxadapt.fur import FurConfig, fur
 from fxadapt.passes.fold_bn import fold_bn as fold_bn_pass
 from fxadapt.passes.materialize import materialize
 from fxadapt.passes.shape_check import shape_check
 from fxadapt.plan import make_plan
 from fxadapt.report import Report, attach
+from fxadapt.search import SearchConfig, dna
 
-STRATEGIES = ("auto", "datafree")
+STRATEGIES = ("auto", "datafree", "dna", "fur")
 
 
 class VerificationError(FxAdaptError):
     """An adapted model failed a check (runs, shapes, budget, numerics); the message says which."""
 
 
+class SearchInterrupted(FxAdaptError):
+    """A search stopped early on purpose (``SearchConfig.stop_after``); its checkpoint resumes it."""
+
+
 @dataclass(frozen=True)
 class TransformConfig:
     fold_bn: bool = True
     solve: SolveConfig = field(default_factory=SolveConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    fur: FurConfig = field(default_factory=FurConfig)
     atol: float = 1e-5
     rtol: float = 1e-4
     progress: Callable[[str], None] | None = None   # called with each pipeline step's name
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A strategy's result: the model, its plan, the analysis the plan refers to, history, slot blocks."""
+
+    model: nn.Module
+    plan: object
+    analysis: object
+    history: tuple = ()
+    slots: frozenset = frozenset()
+    preserving: bool = False
 
 
 def count_macs(model: nn.Module, inputs: tuple) -> float:
@@ -72,47 +93,76 @@ def count_macs(model: nn.Module, inputs: tuple) -> float:
     return counter.get_total_flops() / 2
 
 
-def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, strategy: str = "auto",
-              fold_bn: bool = True, config: TransformConfig | None = None) -> nn.Module:
-    """Return a copy of ``model`` adapted to ``budget`` (see module docstring)."""
+def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, val_data=None,
+              strategy: str = "auto", steps: int | None = None, device: str = "cpu", fold_bn: bool = True,
+              config: TransformConfig | None = None) -> nn.Module:
+    """Return a copy of ``model`` adapted to ``budget`` (see module docstring).
+
+    ``strategy``: ``"datafree"`` (no data), ``"dna"`` (differentiable width+depth search, needs ``data``),
+    ``"fur"`` (Network Adjustment, needs ``data``); ``"auto"`` is ``"dna"`` with data, else ``"datafree"``.
+    ``steps`` and ``device`` override the search configuration."""
     cfg = config or TransformConfig(fold_bn=fold_bn)
+    strategy = ("dna" if data is not None else "datafree") if strategy == "auto" else strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
+    if strategy in ("dna", "fur") and data is None:
+        raise ValueError(f"strategy {strategy!r} searches on data: pass data=(inputs, targets) or a DataLoader")
     start = time.perf_counter()
     step = cfg.progress or (lambda name: None)
     inputs = normalize_inputs(example_inputs)
     step("capture + analyze")
     a = analyze(model, inputs)
-    before_macs, before_params = a.macs(), a.params()
-    target = parse_budget(budget, before_macs, before_params)
+    target = parse_budget(budget, a.macs(), a.params())
     if target.macs is None:
         raise BudgetError("only MAC budgets are solved so far; give macs= (params are reported)")
     if not a.prunable:
         raise BudgetError(f"{type(model).__name__} has no prunable channel group: "
                           + "; ".join(sorted({g.reason for g in a.groups if g.reason})[:3]))
-    step("solve widths")
-    units = solve_widths(a, target.macs, cfg.solve)
-    step("materialize")
-    plan = make_plan(a, units)
-    out = materialize(a.gm, plan).graph_module
+    step("solve widths" if strategy == "datafree" else f"{strategy} search")
+    outcome = _run_strategy(strategy, model, a, target.macs, inputs, (data, val_data), cfg, steps, device)
+    out = _verify(model, outcome, inputs, cfg, step)
+    step("count MACs")
+    macs = count_macs(out, inputs)
+    _check_budget(macs, target.macs, a.macs())
+    out.train(model.training)
+    return attach(out, Report.build(a, outcome, out, target, macs, strategy, time.perf_counter() - start))
+
+
+def _run_strategy(strategy, model, a, target, inputs, data, cfg, steps, device) -> Outcome:
+    if strategy == "datafree":
+        units = solve_widths(a, target, cfg.solve)
+        plan = make_plan(a, units)
+        preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
+        return Outcome(materialize(a.gm, plan).graph_module, plan, a, (), frozenset(), preserving)
+    over = {"device": device} | ({"steps": steps} if steps is not None else {})
+    if strategy == "dna":
+        scfg = dataclasses.replace(cfg.search, **over)
+        out, plan, sn, state = dna(model, inputs, target, data[0], data[1], scfg)
+        if out is None:
+            raise SearchInterrupted(f"search stopped at step {state.step} of {scfg.steps}; "
+                                    f"checkpoint {scfg.checkpoint} resumes it")
+        history = tuple(state.history)
+    else:
+        fcfg = dataclasses.replace(cfg.fur, device=device)
+        out, plan, sn, history = fur(model, inputs, target, data[0], data[1], fcfg)
+    slots = frozenset(b for b, on in sn.spec.depths.items() if not on)
+    return Outcome(out, plan, sn.analysis, tuple(history), slots)
+
+
+def _verify(model, outcome: Outcome, inputs, cfg: TransformConfig, step) -> nn.Module:
     step("verify")
+    out = outcome.model
     shape_check(out, inputs)
     reference = _outputs(model, inputs)
     _check_shapes(reference, _outputs(out, inputs))
-    if all(units.get(g.id, g.units) >= g.units for g in a.groups):
+    if outcome.preserving:
         _close(reference, _outputs(out, inputs), cfg, "function-preserving growth / identity")
     if cfg.fold_bn:
         step("fold BatchNorm")
         folded = fold_bn_pass(out).graph_module
         _close(_outputs(out, inputs), _outputs(folded, inputs), cfg, "BatchNorm folding")
         out = folded
-    step("count MACs")
-    macs = count_macs(out, inputs)
-    _check_budget(macs, target.macs, before_macs)
-    out.train(model.training)
-    resolved = "datafree" if strategy == "auto" else strategy
-    report = Report.build(a, plan, out, target, macs, resolved, time.perf_counter() - start)
-    return attach(out, report)
+    return out
 
 
 def _outputs(model: nn.Module, inputs: tuple) -> Any:

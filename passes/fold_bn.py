@@ -27,13 +27,13 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from fxadapt.passes.lift_modules import AtenCall
 from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
 from fxadapt.channels import ParamRef
-from fxadapt.passes.lift_modules import AtenCall
 
 FOLDABLE = (nn.modules.conv._ConvNd, nn.Linear)
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fxadapt.passes.lift_modules import getattr_path, set_path
+from fxadapt.passes.rewire_blocks import rewire_blocks
 from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxadapt.passes.lift_modules import getattr_path, set_path
-from fxadapt.passes.rewire_blocks import rewire_blocks
 from fxadapt.plan import Plan, SiteEdit
 
 aten = torch.ops.aten

@@ -15,10 +15,12 @@ from __future__ import annotations
 import copy
 
 import torch
+from fxadapt.passes.lift_modules import AtenCall
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxadapt import meta
+from fxadapt.channels import ParamRef
 
 aten = torch.ops.aten
 ZERO_TO_ZERO = {
@@ -94,6 +96,8 @@ def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
             gm.add_submodule(target, copy.deepcopy(gm.get_submodule(old.target)))
             new.target = target
         new.meta = {key: v for key, v in old.meta.items() if key != meta.BLOCK}
+        if old.op == "call_module" and meta.ATEN in old.meta:
+            new.meta[meta.ATEN] = _retarget(old.meta[meta.ATEN], old.target, new.target)
         env[old] = new
         anchor = new
         created.append(new)
@@ -111,6 +115,13 @@ def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
         mod.weight.zero_()
         if getattr(mod, "bias", None) is not None:
             mod.bias.zero_()
+
+
+def _retarget(call: AtenCall, old: str, new: str) -> AtenCall:
+    """The copied module's ATen template must name the copy's parameters, not the original's."""
+    args = tuple(ParamRef(new + a.target[len(old):]) if isinstance(a, ParamRef) and a.target.startswith(old + ".")
+                 else a for a in call.args)
+    return AtenCall(call.op, args)
 
 
 def _last_copy_exit(exit_: Node) -> Node:

@@ -46,8 +46,8 @@ class CatSplit(nn.Module):
 
     def forward(self, x):
         y = self.mix(self.dw(torch.cat([self.a(x), self.b(x)], 1)))
-        l, r = torch.chunk(y, 2, dim=1)
-        z = torch.cat([self.left(l), self.right(r)], 1)
+        lo, hi = torch.chunk(y, 2, dim=1)
+        z = torch.cat([self.left(lo), self.right(hi)], 1)
         z = nn.functional.adaptive_avg_pool2d(z, 4)
         return self.fc(z.view(z.size(0), -1))
 

@@ -62,10 +62,6 @@ def test_inspect_example_json(example_run):
     assert set(data["timing_s"]) == {"capture", "analysis"}
 
 
-def test_inspect_json_stdout_is_pure_json():
-    rc, out, _ = _run(["inspect", "--example", "--json", "-"])
-    assert rc == 0
-    assert len(json.loads(out)["groups"]) == 8
 
 
 def test_inspect_pytorchcv_resnet20():
@@ -101,6 +97,13 @@ def test_inspect_file_factory(factory_file):
     assert rc == 0, err
     assert f"model {factory_file}:build  input 1x3x16x16" in out
     assert "groups 2: 1 prunable, 1 frozen" in out
+
+
+def test_inspect_json_stdout_is_pure_json(factory_file):
+    rc, out, _ = _run(["inspect", f"{factory_file}:build", "--input-shape", "1,3,16,16", "--json", "-"])
+    assert rc == 0
+    data = json.loads(out)
+    assert [(g["name"], g["width"], g["prunable"]) for g in data["groups"]] == [("0", 8, True), ("3", 4, False)]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -6,10 +6,10 @@ import doctest
 import importlib
 import pkgutil
 
+import fxadapt.passes
 import pytest
 
 import fxadapt
-import fxadapt.passes
 
 MODULES = sorted(
     [f"fxadapt.{m.name}" for m in pkgutil.iter_modules(fxadapt.__path__)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fxadapt.passes.fold_bn import fold_bn
 from models import randomize_bn
 from torch import nn
 
 from fxadapt import capture
-from fxadapt.passes.fold_bn import fold_bn
 
 X = torch.randn(2, 4, 8, 8)
 

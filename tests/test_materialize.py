@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from models import CatSplit, ResNetTiny
-
-import fxadapt
 from fxadapt.passes.materialize import materialize
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
+from models import CatSplit, ResNetTiny
+
+import fxadapt
 from fxadapt.plan import growth_blocker, make_plan
 from fxadapt.transform import count_macs
 

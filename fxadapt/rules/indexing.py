@@ -86,6 +86,8 @@ def split(call, ctx):
         return Blocked("split of a multi-axis channel layout")
     bounds = np.cumsum([0] + [s[dim] for s in shapes])
     ctx.site("split", t.labels, "split", arg=dim)
+    for i in range(len(shapes)):  # units of different pieces form different groups: no piece can empty
+        ctx.site("piece", t.labels[bounds[i]:bounds[i + 1]], "piece", arg=dim, index=i)
     return tuple(Track((dim,), t.labels[bounds[i]:bounds[i + 1]]) for i in range(len(shapes)))
 
 
@@ -124,6 +126,7 @@ def slice_(call, ctx):
     lo, hi, _ = slice(start, end).indices(n)
     if (lo, hi) != (0, n):
         ctx.site("slice", t.labels, "slice", arg=lo, index=hi)
+        ctx.site("piece", t.labels[lo:hi], "piece", arg=dim)  # the kept run is a group of its own
     return Track((dim,), t.labels[lo:hi])
 
 

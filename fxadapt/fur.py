@@ -1,0 +1,142 @@
+"""Network Adjustment: FLOPs-utilisation-ratio (FUR) guided width search, inside the elastic supernet.
+
+For each group ``g`` at widths ``n`` (hard, bin-aligned masks in the supernet):
+
+    F_g   = n_g * dMACs/dn_g                 (the group's share of MACs; MACs are a polynomial in n)
+    p_g   = min(p_max, p_base * mean(F) / F_g)   (FLOPs-normalised drop rate: each draw removes ~equal MACs)
+    dL_g  = mean over R draws of L_val(drop a Bernoulli(p_g) subset of g's units, survivors * 1/(1-p_g)) - L_val
+    FUR_g = dL_g / (p_g * F_g)               (loss increase per MAC removed: how well the group uses its MACs)
+
+Each iteration trains the weights briefly at the current widths, measures FUR, grows the groups with the
+highest FUR and shrinks the lowest by an adjusting rate (``rate`` x the original width, decaying linearly
+with rank), then rescales all widths by one global factor (bisection) so the expected MACs meet the
+budget. Growth uses the supernet's headroom (``expand``); depth is kept as in the original model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxadapt.budget import SolveConfig, fit
+from fxadapt.data import Batches
+from fxadapt.supernet import Supernet, SupernetConfig, build_supernet
+
+
+@dataclass(frozen=True)
+class FurConfig:
+    iterations: int = 4
+    train_steps: int = 50
+    batch_size: int = 64
+    lr: float = 0.02
+    p_base: float = 0.1
+    p_max: float = 0.5
+    draws: int = 5
+    rate: float = 0.1
+    val_samples: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(depth_slots=0))
+    loss_fn: object = nn.functional.cross_entropy
+
+
+def set_hard_widths(sn: Supernet, units: dict[int, int]) -> dict[int, int]:
+    """Open exactly the bins that fit in ``units`` (rounded down to bins); returns the realised widths."""
+    out = {}
+    with torch.no_grad():
+        for gid, gate in sn.width_gates().items():
+            sizes = gate.bin_size.tolist()
+            room, on = units[gid] - gate.n_min, []
+            for s in sizes:
+                keep = room >= s
+                on.append(1.0 if keep else 0.0)
+                room = room - s if keep else -1  # Markov chain: after the first closed bin all close
+            gate.alpha.copy_(torch.tensor(on))
+            out[gid] = gate.hard_units()
+    return out
+
+
+@torch.no_grad()
+def _val_loss(sn: Supernet, val: tuple, cfg: FurConfig) -> float:
+    x, y = (t.to(cfg.device) for t in val[:2])
+    return float(cfg.loss_fn(sn.gm(x), y))
+
+
+def _dropped_loss(sn: Supernet, gid: int, p: float, val: tuple, cfg: FurConfig, gen) -> float:
+    gate = sn.width_gates()[gid]
+    keep = torch.bernoulli(torch.full((len(gate.bin_of),), 1 - p), generator=gen) / (1 - p)
+    handle = gate.register_forward_hook(lambda _m, _i, out: out * keep.to(out.device))
+    try:
+        return _val_loss(sn, val, cfg)
+    finally:
+        handle.remove()
+
+
+def measure_fur(sn: Supernet, units: dict[int, int], val: tuple, cfg: FurConfig, gen) -> dict[int, float]:
+    a = sn.analysis
+    share = {g: units[g] * max(a.cost.macs_grad(g, units), 1e-12) for g in units}
+    mean_f = float(np.mean(list(share.values())))
+    sn.gm.eval()
+    base = _val_loss(sn, val, cfg)
+    fur = {}
+    for g in units:
+        p = min(cfg.p_max, cfg.p_base * mean_f / share[g])
+        dl = np.mean([_dropped_loss(sn, g, p, val, cfg, gen) for _ in range(cfg.draws)]) - base
+        fur[g] = float(dl) / (p * share[g])
+    sn.gm.train()
+    return fur
+
+
+def adjust(units: dict[int, int], fur: dict[int, float], ref: dict[int, int], rate: float) -> dict[int, int]:
+    """Grow the highest-FUR half, shrink the lowest, by ``rate * ref`` decaying linearly with rank."""
+    order = sorted(fur, key=lambda g: -fur[g])
+    half = max(1, len(order) // 2)
+    out = dict(units)
+    for i, g in enumerate(order):
+        step = max(1, round(rate * ref[g] * (1 - (i if i < half else len(order) - 1 - i) / half)))
+        out[g] = units[g] + step if i < half else units[g] - step
+    return out
+
+
+def _train(sn: Supernet, train: Batches, start: int, cfg: FurConfig) -> None:
+    opt = torch.optim.SGD(sn.weight_parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    sn.gm.train()
+    for s in range(start, start + cfg.train_steps):
+        x, y = (t.to(cfg.device) for t in train.batch(s)[:2])
+        opt.zero_grad(set_to_none=True)
+        cfg.loss_fn(sn.gm(x), y).backward()
+        opt.step()
+
+
+def fur(model: nn.Module, inputs: tuple, target: float, data, val_data, cfg: FurConfig = FurConfig()):
+    """Full FUR strategy; returns (model, plan, supernet, history)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sn = build_supernet(model, inputs, cfg.supernet)
+    sn.gm.to(cfg.device)
+    a, grow = sn.analysis, target > sn.original.macs()
+    train = Batches(data, cfg.batch_size, cfg.seed)
+    val = Batches(val_data if val_data is not None else data, cfg.val_samples, cfg.seed + 7919).batch(0)
+    bounds = {g: (spec[1], len(spec[0])) for g, spec in sn.spec.widths.items()}
+    ref = {g: spec[3] for g, spec in sn.spec.widths.items()}
+    present = {b: 1.0 if on else 0.0 for b, on in sn.spec.depths.items()}
+    units = fit(a, target, bounds, dict(ref), grow, SolveConfig(), present)
+    history = []
+    for it in range(cfg.iterations):
+        realised = set_hard_widths(sn, units)
+        _train(sn, train, it * cfg.train_steps, cfg)
+        scores = measure_fur(sn, realised, val, cfg, gen)
+        history.append({"iteration": it, "macs_ratio": a.cost.macs(realised, present) / target,
+                        "fur": {int(g): round(v, 6) for g, v in scores.items()}})
+        moved = adjust(realised, scores, ref, cfg.rate * (1 - it / max(cfg.iterations, 1)))
+        moved = {g: min(max(n, bounds[g][0]), bounds[g][1]) for g, n in moved.items()}
+        units = fit(a, target, bounds, moved, grow, SolveConfig(), present)
+    sn.gm.to("cpu")
+    out, plan = sn.finalize(units, present)
+    history.append({"seconds": time.perf_counter() - t0})
+    return out, plan, sn, history

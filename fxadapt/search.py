@@ -1,0 +1,171 @@
+"""DNA-style differentiable search of widths and depths in the elastic supernet.
+
+Alternating optimisation after a weight-only warm-up:
+- weight step on a training batch: ``L_task(w)``, SGD with momentum;
+- architecture step on a validation batch: ``L_task + lambda * L_budget(E[MACs])``, Adam on the gate
+  parameters, which are then projected back to [0, 1].
+
+Budget loss (DMCP/TAS form) with a dead zone: ``r = E[MACs] / T``; zero when ``r`` lies in
+``[1 - band, 1]`` (shrink targets) or ``[1, 1 + band]`` (growth targets), ``|log r|`` outside.
+
+Afterwards the gates are discretised (a bin is kept when its marginal exceeds 0.5, a block when its gate
+does), repaired to the exact budget by one global rescale of the searched widths (bisection, as Network
+Adjustment does, then single-unit repair into the 1% window) and materialised from the supernet with
+its trained weights. ``SearchConfig.checkpoint`` saves everything every ``checkpoint_every`` steps;
+calling again with the same path resumes and gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fxadapt.budget import SolveConfig, fit
+from fxadapt.data import Batches
+from fxadapt.supernet import Supernet, SupernetConfig, build_supernet
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    steps: int = 300
+    warmup: int = 50
+    batch_size: int = 64
+    w_lr: float = 0.02
+    w_momentum: float = 0.9
+    weight_decay: float = 5e-4
+    a_lr: float = 0.05
+    budget_weight: float = 10.0
+    band: float = 0.03
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    checkpoint: str | None = None
+    checkpoint_every: int = 50
+    stop_after: int | None = None           # stop (checkpointed) after this many steps: for resume tests
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    loss_fn: Callable = nn.functional.cross_entropy
+
+
+def budget_loss(expected: torch.Tensor, target: float, grow: bool, band: float) -> torch.Tensor:
+    """Zero inside the dead zone, ``|log(E/T)|`` outside (see module docstring)."""
+    r = expected / target
+    lo, hi = (1.0, 1.0 + band) if grow else (1.0 - band, 1.0)
+    if lo <= float(r) <= hi:
+        return expected.new_zeros(())
+    return torch.log(r).abs()
+
+
+@dataclass
+class SearchState:
+    step: int = 0
+    history: list = field(default_factory=list)
+
+
+def _save(path: str, sn: Supernet, opts, state: SearchState) -> None:
+    tmp = path + ".tmp"
+    torch.save({"model": sn.gm.state_dict(), "opts": [o.state_dict() for o in opts], "step": state.step,
+                "history": state.history, "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: str, sn: Supernet, opts, state: SearchState) -> None:
+    ck = torch.load(path, weights_only=False)
+    sn.gm.load_state_dict(ck["model"])
+    for o, s in zip(opts, ck["opts"]):
+        o.load_state_dict(s)
+    state.step, state.history = ck["step"], ck["history"]
+    torch.set_rng_state(ck["rng"])
+
+
+def _step(sn, batch, opt, cfg, extra=None) -> float:
+    x, y = (t.to(cfg.device) for t in batch[:2])
+    opt.zero_grad(set_to_none=True)
+    loss = cfg.loss_fn(sn.gm(x), y)
+    total = loss + extra() if extra is not None else loss
+    total.backward()
+    opt.step()
+    return float(loss)
+
+
+def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: bool,
+               cfg: SearchConfig) -> SearchState:
+    """The alternating loop (resumable); leaves trained weights and gates in ``sn``."""
+    sn.gm.to(cfg.device).train()
+    w_opt = torch.optim.SGD(sn.weight_parameters(), lr=cfg.w_lr, momentum=cfg.w_momentum,
+                            weight_decay=cfg.weight_decay)
+    a_opt = torch.optim.Adam(sn.arch_parameters(), lr=cfg.a_lr) if sn.arch_parameters() else None
+    state = SearchState()
+    opts = [w_opt] + ([a_opt] if a_opt else [])
+    if cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        _load(cfg.checkpoint, sn, opts, state)
+    else:
+        torch.manual_seed(cfg.seed)
+    bar = _bar(cfg, state.step)
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, state.step + cfg.stop_after)
+    while state.step < end:
+        s = state.step
+        lr = cfg.w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+        for g in w_opt.param_groups:
+            g["lr"] = lr
+        loss = _step(sn, train.batch(s), w_opt, cfg)
+        arch = float("nan")
+        if a_opt is not None and s >= cfg.warmup:
+            arch = _step(sn, val.batch(s), a_opt, cfg,
+                         lambda: cfg.budget_weight * budget_loss(sn.expected_macs(), target, grow, cfg.band))
+            with torch.no_grad():
+                for p in sn.arch_parameters():
+                    p.clamp_(0, 1)
+        ratio = float(sn.expected_macs()) / target
+        state.history.append({"step": s, "loss": loss, "val_loss": arch, "macs_ratio": ratio,
+                              "entropy": sn.entropy()})
+        state.step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", macs=f"{ratio:.3f}xT", H=f"{sn.entropy():.3f}")
+        if cfg.checkpoint and (state.step % cfg.checkpoint_every == 0 or state.step == end):
+            _save(cfg.checkpoint, sn, opts, state)
+    if bar is not None:
+        bar.close()
+    return state
+
+
+def _bar(cfg: SearchConfig, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="dna search", unit="step")
+
+
+def discretize(sn: Supernet, target: float, grow: bool, solve: SolveConfig = SolveConfig()):
+    """Hard widths/blocks from the gates, rescaled to the budget window (see module docstring)."""
+    units, present = sn.hard()
+    bounds = {gid: (spec[1], len(spec[0])) for gid, spec in sn.spec.widths.items()}
+    base = {gid: max(units[gid], 1) for gid in bounds}
+    units = fit(sn.analysis, target, bounds, base, grow, solve, present)
+    return units, present
+
+
+def dna(model: nn.Module, inputs: tuple, target: float, data, val_data, cfg: SearchConfig):
+    """Full DNA strategy: supernet, search, discretise, materialise. Returns (model, plan, sn, state)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    sn = build_supernet(model, inputs, cfg.supernet)
+    base_macs = sn.original.macs()
+    grow = target > base_macs
+    train = Batches(data, cfg.batch_size, cfg.seed)
+    val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919)
+    state = run_search(sn, train, val, target, grow, cfg)
+    if state.step < cfg.steps:
+        return None, None, sn, state
+    units, present = discretize(sn, target, grow)
+    sn.gm.to("cpu")
+    out, plan = sn.finalize(units, present)
+    state.history.append({"seconds": time.perf_counter() - t0})
+    return out, plan, sn, state

@@ -1,0 +1,135 @@
+"""The elastic supernet: the model grown to ``expand`` x its widths plus inactive block slots, with gates.
+
+Construction (every step function-preserving, so the supernet at its initial gates *is* the model):
+
+1. analyse the model; grow every growable group to ``ceil(expand * N_g)`` units and insert
+   ``depth_slots`` zero-initialised copies after every repeatable block (``passes.materialize``);
+2. analyse the grown graph; for each prunable group, order units (original ones first, by L1
+   importance, then grown ones) and cut them into FLOPs-sensitive bins (CafeNet): a bin holds
+   ``round(c / m_g)`` units where ``m_g = dMACs/dn_g`` is the MACs of one unit of the group and ``c`` the
+   median group MACs over ``bins``, so one bin costs about the same MACs in every group;
+3. insert width gates (on for the original units) and depth gates (on for original blocks, off for the
+   slots) with ``passes.insert_gates``.
+
+Expected MACs are the grown graph's cost polynomial evaluated at the gates' expected units and depth
+values; at hard 0/1 gates they equal the cost model exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxadapt.analysis import Analysis, analyze
+from fxadapt.passes.insert_gates import DepthGate, GateSpec, WidthGate, insert_gates, strip_gates
+from fxadapt.passes.materialize import materialize
+from fxadapt.passes.rewire_blocks import repeat_blocker
+from fxadapt.passes.shape_check import shape_check
+from fxadapt.plan import growth_blocker, importance, make_plan
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    expand: float = 1.5
+    depth_slots: int = 1
+    bins: int = 16
+    min_ratio: float = 0.1
+
+
+class Supernet:
+    """A gated, grown copy of a model (see module docstring). ``gm`` trains like any module."""
+
+    def __init__(self, gm, analysis: Analysis, original: Analysis, spec: GateSpec, inputs: tuple):
+        self.gm, self.analysis, self.original, self.spec, self.inputs = gm, analysis, original, spec, inputs
+
+    def width_gates(self) -> dict[int, WidthGate]:
+        return {gid: self.gm.get_submodule(f"fxadapt_gates.w{gid}") for gid in self.spec.widths}
+
+    def depth_gates(self) -> dict[int, DepthGate]:
+        return {bid: self.gm.get_submodule(f"fxadapt_gates.d{bid}") for bid in self.spec.depths}
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.gm.named_parameters() if n.startswith("fxadapt_gates.")]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.gm.named_parameters() if not n.startswith("fxadapt_gates.")]
+
+    def expected_macs(self) -> torch.Tensor:
+        n = {gid: g.expected_units() for gid, g in self.width_gates().items()}
+        d = {bid: g() for bid, g in self.depth_gates().items()}
+        return self.analysis.cost.macs(n, d)
+
+    def hard(self) -> tuple[dict[int, int], dict[int, float]]:
+        units = {gid: g.hard_units() for gid, g in self.width_gates().items()}
+        present = {bid: float(g().item() > 0.5) for bid, g in self.depth_gates().items()}
+        return units, present
+
+    def entropy(self) -> float:
+        ps = [g.alpha.clamp(1e-4, 1 - 1e-4) for g in self.width_gates().values()]
+        ps += [g.beta.clamp(1e-4, 1 - 1e-4).view(1) for g in self.depth_gates().values()]
+        if not ps:
+            return 0.0
+        p = torch.cat(ps).detach()
+        return float((-(p * p.log() + (1 - p) * (1 - p).log())).mean())
+
+    def scores(self) -> dict[int, np.ndarray]:
+        """Per-unit scores reproducing each gate's order (earlier in the order = kept first)."""
+        out = {}
+        for gid, (order, *_rest) in self.spec.widths.items():
+            s = np.zeros(len(order))
+            s[np.asarray(order)] = -np.arange(len(order))
+            out[gid] = s
+        return out
+
+    def finalize(self, units: dict[int, int], present: dict[int, float]):
+        """Gate-free model with the given widths and blocks, inheriting the supernet's current weights."""
+        plain = strip_gates(copy.deepcopy(self.gm)).graph_module
+        remove = {bid for bid, d in present.items() if d < 0.5}
+        plan = make_plan(self.analysis, units, remove=remove, scores=self.scores())
+        out = materialize(plain, plan).graph_module
+        shape_check(out, self.inputs)
+        return out, plan
+
+
+def build_supernet(model: nn.Module, inputs: tuple, cfg: SupernetConfig = SupernetConfig()) -> Supernet:
+    a0 = analyze(model, inputs)
+    grow = {g.id: math.ceil(cfg.expand * g.units) for g in a0.prunable
+            if cfg.expand > 1 and growth_blocker(a0, g) is None}
+    repeat = {b.id: cfg.depth_slots for b in a0.blocks
+              if cfg.depth_slots and b.repeatable and repeat_blocker(a0.gm, b) is None}
+    grown = materialize(a0.gm, make_plan(a0, grow, repeat=repeat)).graph_module
+    shape_check(grown, inputs)
+    a1 = analyze(grown)
+    spec = _gate_spec(a0, a1, cfg)
+    gm = a1.gm
+    insert_gates(gm, a1, spec)
+    shape_check(gm, inputs)
+    return Supernet(gm, a1, a0, spec, inputs)
+
+
+def _gate_spec(a0: Analysis, a1: Analysis, cfg: SupernetConfig) -> GateSpec:
+    orig = {g.producer: g.units for g in a0.groups}
+    per_unit = {g.id: max(a1.cost.macs_grad(g.id), 1e-9) for g in a1.prunable}
+    c = float(np.median([per_unit[g.id] * g.units for g in a1.prunable])) / cfg.bins if a1.prunable else 1.0
+    widths = {}
+    for g in a1.prunable:
+        n_on = min(orig.get(g.producer, g.units), g.units)
+        n_min = min(n_on, max(1, math.ceil(cfg.min_ratio * n_on)))
+        size = int(min(max(1, round(c / per_unit[g.id])), max(1, g.units // 2)))
+        bins = _chunks(n_on - n_min, size) + _chunks(g.units - n_on, size)
+        score = importance(a1, g)
+        order = np.concatenate([np.argsort(-score[:n_on], kind="stable"),
+                                n_on + np.argsort(-score[n_on:], kind="stable")])
+        widths[g.id] = (torch.as_tensor(order), n_min, bins, n_on)
+    nodes = {n.name: n for n in a1.gm.graph.nodes}
+    depths = {b.id: "fxadapt.repeat_of" not in nodes[b.exit].meta for b in a1.blocks if b.removable}
+    return GateSpec(widths, depths)
+
+
+def _chunks(n: int, size: int) -> list[int]:
+    return [min(size, n - k) for k in range(0, n, size)] if n > 0 else []

@@ -1,0 +1,174 @@
+"""Pass: insert elastic width and depth gates into a (grown) captured graph.
+
+Width gate of a group (DMCP-style ordered Markov gate, on FLOPs-sensitive bins): the group's units are
+ordered (original units first, by importance, then grown units); the first ``n_min`` are always on; the
+rest are split into bins ``B_1..B_K`` (bins never straddle the original width). Bin ``k`` is kept with
+probability ``p_k = clamp(a_k, 0, 1)`` given bin ``k-1`` is kept, so its marginal is
+``P_k = prod_{i<=k} p_i`` and the unit mask is ``m_u = P_{bin(u)}``. Expected units:
+``E[n] = n_min + sum_k |B_k| P_k`` — linear in the marginals, so expected MACs stay a polynomial.
+``a_k`` starts at exactly 1 for bins inside the original width and 0 beyond, so at initialisation the
+masks are exactly 1/0 and the gated supernet computes the original function (the clamp passes gradient
+at its bounds, so the gates can still move either way).
+
+The mask multiplies every producer of the group *after* its BatchNorm (a zero mask before BN would leak
+``beta - gamma * mu / sigma``); element-wise partners and consumers then see zeros for dropped units.
+
+Depth gate of a removable block: ``y = x + d * f(x)``, ``d = clamp(b, 0, 1)``, ``b`` = 1 for original
+blocks and 0 for inserted (repeated) slots.
+
+``strip_gates`` removes every gate node again (``x * m -> x``), leaving the plain graph with whatever
+weights training gave it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxadapt import meta
+
+GATE_ROOT = "fxadapt_gates"
+
+
+class WidthGate(nn.Module):
+    """Ordered Markov gate over ``units`` (see module docstring); ``forward()`` returns the unit mask."""
+
+    def __init__(self, order: torch.Tensor, n_min: int, bins: list[int], n_on: int):
+        super().__init__()
+        units = len(order)
+        bin_of = torch.full((units,), -1, dtype=torch.long)
+        start = n_min
+        for k, size in enumerate(bins):
+            bin_of[order[start:start + size]] = k
+            start += size
+        self.register_buffer("bin_of", bin_of)
+        self.register_buffer("bin_size", torch.tensor(bins, dtype=torch.float32))
+        self.n_min = n_min
+        on = torch.tensor([float(sum(bins[: k + 1]) + n_min <= n_on) for k in range(len(bins))])
+        self.alpha = nn.Parameter(on)
+
+    def marginals(self) -> torch.Tensor:
+        return torch.cumprod(self.alpha.clamp(0, 1), 0)
+
+    def expected_units(self) -> torch.Tensor:
+        return self.n_min + (self.bin_size * self.marginals()).sum()
+
+    def hard_units(self) -> int:
+        keep = (self.marginals() > 0.5).float()
+        return int(self.n_min + (self.bin_size * keep).sum().item())
+
+    def forward(self) -> torch.Tensor:
+        p = torch.cat([self.marginals(), self.alpha.new_ones(1)])
+        return p[self.bin_of]
+
+
+class SiteMask(nn.Module):
+    """``x * mask[index]`` broadcast on ``axis``; index -1 (another group's position) multiplies by 1."""
+
+    def __init__(self, index: torch.Tensor, axis: int, ndim: int):
+        super().__init__()
+        self.register_buffer("index", index.long())
+        self.axis, self.ndim = axis, ndim
+
+    def forward(self, x: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
+        full = torch.cat([unit_mask, unit_mask.new_ones(1)])[self.index]
+        shape = [1] * x.dim()
+        shape[self.axis - self.ndim + x.dim()] = -1
+        return x * full.view(shape)
+
+
+class DepthGate(nn.Module):
+    def __init__(self, on: bool):
+        super().__init__()
+        self.beta = nn.Parameter(torch.tensor(1.0 if on else 0.0))
+
+    def forward(self) -> torch.Tensor:
+        return self.beta.clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What to gate: per group (order, n_min, bins, n_on); per block whether it starts on."""
+
+    widths: dict   # group id -> (order tensor, n_min, bins list, n_on)
+    depths: dict   # block id -> on (bool)
+
+
+def _after_norm(node: Node, gm: GraphModule) -> Node:
+    """Follow a producer through its single-user BatchNorm (the mask goes after the affine)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(gm.get_submodule(user.target),
+                                                   nn.modules.batchnorm._BatchNorm):
+            node = user
+            continue
+        break
+    return node
+
+
+def insert_gates(gm: GraphModule, analysis, spec: GateSpec) -> PassResult:
+    """Insert width/depth gates into ``gm`` in place (``gm`` is the analysed graph of ``analysis``)."""
+    gm.add_submodule(GATE_ROOT, nn.Module())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for gid, (order, n_min, bins, n_on) in spec.widths.items():
+        gname = f"{GATE_ROOT}.w{gid}"
+        gm.add_submodule(gname, WidthGate(order, n_min, bins, n_on))
+        for k, m in enumerate(analysis.groups[gid].members):
+            if m.site.kind != "param" or m.site.role not in ("out", "dw") or m.site.node_name not in nodes:
+                continue
+            _mask_site(gm, nodes, m, gname, f"{GATE_ROOT}.w{gid}_s{k}")
+    for bid, on in spec.depths.items():
+        b = analysis.blocks[bid]
+        dname = f"{GATE_ROOT}.d{bid}"
+        gm.add_submodule(dname, DepthGate(on))
+        exit_ = nodes[b.exit]
+        f = next(a for a in exit_.args[:2] if isinstance(a, Node) and a.name != b.entry)
+        with gm.graph.inserting_before(exit_):
+            d = gm.graph.call_module(dname, ())
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (f, d))
+        scaled.meta["fxadapt.gate"] = True
+        exit_.replace_input_with(f, scaled)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, bool(spec.widths or spec.depths))
+
+
+def _mask_site(gm: GraphModule, nodes: dict, member, gate: str, name: str) -> None:
+    producer = nodes[member.site.node_name]
+    src = _after_norm(producer, gm)
+    val = src.meta.get("val")
+    ndim = val.dim() if isinstance(val, torch.Tensor) else 4
+    track = producer.meta.get(meta.TRACK)
+    axis = track.axes[-1] if track is not None and hasattr(track, "axes") else 1
+    gm.add_submodule(name, SiteMask(torch.as_tensor(member.index), axis, ndim))
+    users = list(src.users)
+    with gm.graph.inserting_after(src):
+        mask = gm.graph.call_module(gate, ())
+    with gm.graph.inserting_after(mask):
+        out = gm.graph.call_module(name, (src, mask))
+    out.meta["fxadapt.gate"] = True
+    out.meta["val"] = val
+    for u in users:
+        u.replace_input_with(src, out)
+
+
+def strip_gates(gm: GraphModule) -> PassResult:
+    """Remove every gate node (``mask(x) -> x``, ``x * d -> x``) and the gate modules, in place."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.meta.get("fxadapt.gate"):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith(GATE_ROOT) and not node.users:
+            gm.graph.erase_node(node)
+    if hasattr(gm, GATE_ROOT):
+        delattr(gm, GATE_ROOT)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, removed > 0)

@@ -153,6 +153,6 @@ def _make_group(gid, key, canon, ordered, width, sites, mapped, frozen) -> Group
     reason = next((frozen[r] for r in ordered.tolist() if r in frozen), None) if frozen else None
     if reason is None and units == 1:
         reason = "a single unit: nothing to choose"
-    name = (canon.ref.module_path or canon.ref.target) if canon.ref is not None else canon.node_name  # top-level param
+    name = (canon.ref.module_path or canon.ref.target) if canon.ref is not None else canon.node_name
     return Group(gid, width, units, max(1, width // max(units, 1)), tuple(members), reason is None, reason,
                  ordered, name)

@@ -31,9 +31,10 @@ def _oracle_cell(o) -> tuple[str, str]:
         return "", ""
     if not o.ok:
         return "tp-fail", o.failure
+    left_out = f" [{o.unmatched[0]} modules only ours, {o.unmatched[1]} only TP]" if any(o.unmatched) else ""
     if o.agree:
-        return "agree", ""
-    return o.category, f"ours-only {_short(o.only_ours)} / tp-only {_short(o.only_tp)}"
+        return "agree", left_out.strip()
+    return o.category, f"{left_out.strip()} ours-only {_short(o.only_ours)} / tp-only {_short(o.only_tp)}"
 
 
 def _short(groups: list) -> str:
@@ -43,7 +44,7 @@ def _short(groups: list) -> str:
 
 def _reason_kind(reason: str) -> str:
     """A frozen reason without the node name it starts with and the tensor names it mentions."""
-    return re.sub(r"tensor \S+", "tensor <name>", re.sub(r"^\w+: ", "", reason))
+    return re.sub(r"fixed-size tensor \S+", "fixed-size tensor <name>", re.sub(r"^\w+: ", "", reason))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ Example:
     >>> import torch
     >>> m = torch.nn.Linear(4, 3)
     >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
-    >>> _ = finetune(m, (x, y), epochs=2, batch_size=16)
+    >>> _ = finetune(m, (x, y), epochs=2, cfg=FinetuneConfig(batch_size=16))
     >>> m.training
     False
 """

@@ -96,7 +96,8 @@ def form_groups(ledger: Ledger) -> tuple[list[Group], np.ndarray, np.ndarray]:
 
 
 def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
-    """Roots grouped by the exact (ascending) tuple of site indices they touch, vectorised.
+    """Roots grouped by the exact (ascending) tuple of site indices they touch, and by how many positions
+    they hold in each (units of a group are interchangeable in every site), vectorised.
 
     Classes come in order of (first site, smallest root), i.e. the order in which a scan of the sites
     first meets them; the roots of a class are ascending.
@@ -111,12 +112,19 @@ def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple
     for si, site in enumerate(sites):
         r = roots[site.labels.reshape(-1)]
         c = cls[r]  # split every class the site meets into (in site, not in site); sort-based (np.unique is slow)
+        # ... and by positions per root in the site: a cost must depend on the number of kept units only
+        span = len(r) + 1
+        by_root = np.argsort(r, kind="stable")
+        starts = np.flatnonzero(np.r_[True, r[by_root][1:] != r[by_root][:-1]])
+        mult = np.empty(len(r), dtype=np.int64)
+        mult[by_root] = np.repeat(np.diff(np.r_[starts, len(r)]), np.diff(np.r_[starts, len(r)]))
+        c = c * span + mult
         order = np.argsort(c, kind="stable")
         step = np.r_[True, c[order][1:] != c[order][:-1]]
         inv = np.empty(len(c), dtype=np.int64)
         inv[order] = np.cumsum(step) - 1
         cls[r] = len(class_sites) + inv  # a root repeated in the site gets the same new class each time
-        class_sites.extend(class_sites[k] + (si,) for k in c[order][step].tolist())
+        class_sites.extend(class_sites[k // span] + (si,) for k in c[order][step].tolist())
     seen = cls > 0
     ids, first = np.unique(cls[seen], return_index=True)  # cls[seen] is in root order: first = min root
     if not ids.size:

@@ -112,7 +112,18 @@ def propagate(gm: GraphModule) -> Ctx:
             node.meta[meta.RULE] = RuleRecord(name, kind)
         ctx.tracks[node.name] = out
         node.meta[meta.TRACK] = out
+    _tie_shared_params(ctx)
     return ctx
+
+
+def _tie_shared_params(ctx: Ctx) -> None:
+    """A parameter used by several ops (tied weights) is sliced once: its sites on one axis are coupled."""
+    first: dict[tuple[str, int], np.ndarray] = {}
+    for s in ctx.ledger.sites:
+        if s.kind == "param":
+            labels = first.setdefault((s.ref.target, s.axis), s.labels)
+            if labels is not s.labels and labels.shape == s.labels.shape:
+                ctx.couple(labels, s.labels)
 
 
 def labels_of(out) -> list[np.ndarray]:

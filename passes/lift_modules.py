@@ -207,6 +207,9 @@ def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
             except _Skip:
                 continue
             name = _module_name(node, gm, args, par_idx, taken)
+            if any(isinstance(a, Node) and f"{name}.{_attr(built, a.target, gm)}" != a.target
+                   for a in (args[i] for i in par_idx)):
+                continue  # lifting would rename a parameter (top-level, not called "weight", or tied): keep ATen
             template = AtenCall(node.target, tuple(
                 Input(act_idx.index(i)) if i in act_idx else
                 (ParamRef(f"{name}.{_attr(built, a.target, gm)}") if isinstance(a, Node) else a)

@@ -74,6 +74,40 @@ def test_parametric_calls_are_lifted_to_modules_with_original_fqns():
     assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
 
 
+class OddNames(nn.Module):
+    """Parameters a module lift would rename: a top-level weight, a conv kernel not called ``weight``, and an
+    embedding table reused as the output projection (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 3, 1, 1))
+        self.proj = nn.Parameter(torch.randn(6, 4))
+        self.emb = nn.Embedding(7, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x, ids):
+        h = F.linear(F.conv2d(x, self.kernel).mean((2, 3)), self.proj)
+        return F.linear(self.bn(h + self.emb(ids).mean(1)), self.emb.weight)
+
+
+def test_odd_and_tied_parameter_names_survive_capture():
+    torch.manual_seed(0)
+    net = OddNames().eval()
+    ids = torch.tensor([[1, 2, 3]])
+    gm = fxadapt.capture(net, (X1, ids))
+    assert set(gm.state_dict()) == set(net.state_dict())
+    assert set(dict(gm.named_parameters())) == {"kernel", "proj", "emb.weight", "bn.weight", "bn.bias"}
+    x4, ids4 = X4, torch.tensor([[0, 1, 2], [3, 4, 5], [6, 0, 1], [2, 2, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x4, ids4), net(x4, ids4), rtol=0, atol=1e-6)
+    gm.train()
+    gm(x4, ids4).sum().backward()
+    assert gm.get_parameter("emb.weight").grad is not None  # one tied tensor, trained through both uses
+    assert int(gm.get_submodule("bn").num_batches_tracked) == 1
+    gm2 = copy.deepcopy(gm)
+    gm2.load_state_dict(net.state_dict())  # state dicts interchange with the original
+
+
 def test_train_mode_updates_batchnorm_statistics_like_the_original():
     net = _net()
     gm = fxadapt.capture(net, (X1,))

@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxadapt
 
 MAX_C = 16
-OPS = ("conv", "dw", "gconv", "res", "add", "cat", "chunk", "split", "se", "shuffle", "slice", "bn", "relu")
+OPS = ("conv", "dw", "gconv", "res", "add", "cat", "chunk", "split", "se", "shuffle", "slice", "bn", "relu",
+       "affine", "nhwc", "pixel")
 
 
 def _divisors(n: int) -> list[int]:
@@ -38,7 +39,7 @@ def programs(draw):
         recent = list(range(max(0, len(chans) - 4), len(chans)))
         src = draw(st.sampled_from(recent))
         c = chans[src]
-        if op in ("dw", "gconv", "res", "se", "shuffle", "bn", "relu", "chunk", "split", "slice") and src == 0:
+        if op not in ("conv", "add", "cat") and src == 0:
             op = "conv"  # the input has fixed channels: start from a producer
         if op == "conv":
             cout = draw(st.sampled_from([2, 4, 6, 8, 12, 16]))
@@ -84,11 +85,31 @@ def programs(draw):
             hi = draw(st.integers(lo + 1, c))
             prog.append(("slice", src, lo, hi))
             chans.append(hi - lo)
-        elif op in ("bn", "relu"):
+        elif op in ("bn", "relu", "affine"):
             prog.append((op, src))
             chans.append(c)
+        elif op == "nhwc":  # permute to channels-last, linear over channels, permute back
+            cout = draw(st.sampled_from([2, 4, 8]))
+            prog.append(("nhwc", src, cout))
+            chans.append(cout)
+        elif op == "pixel" and c % 4 == 0:  # pixel_shuffle, a conv at 2x resolution, pixel_unshuffle
+            cmid = draw(st.sampled_from([1, 2, 3]))
+            prog.append(("pixel", src, cmid))
+            chans.append(4 * cmid)
     head = draw(st.sampled_from(["pool", "flatten"]))
     return prog, head
+
+
+class Affine(nn.Module):
+    """Per-channel scale (a parameter) and shift (a buffer): ``const`` sites sliced with the channels."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(1, c, 1, 1) + 0.5)
+        self.register_buffer("shift", torch.randn(c, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale + self.shift
 
 
 class Net(nn.Module):
@@ -132,6 +153,15 @@ class Net(nn.Module):
             elif op == "bn":
                 self.mods[key] = nn.BatchNorm2d(c)
                 chans.append(c)
+            elif op == "affine":
+                self.mods[key] = Affine(c)
+                chans.append(c)
+            elif op == "nhwc":
+                self.mods[key] = nn.Linear(c, step[2])
+                chans.append(step[2])
+            elif op == "pixel":
+                self.mods[key] = nn.Conv2d(c // 4, step[2], 3, padding=1)
+                chans.append(4 * step[2])
             elif op in ("add", "cat"):
                 used.add(step[2])
                 chans.append(c if op == "add" else c + chans[step[2]])
@@ -150,8 +180,12 @@ class Net(nn.Module):
         vals = [x]
         for i, step in enumerate(self.prog):
             op, v = step[0], vals[step[1]]
-            if op in ("conv", "dw", "gconv", "bn"):
+            if op in ("conv", "dw", "gconv", "bn", "affine"):
                 vals.append(self.mods[f"s{i}"](v))
+            elif op == "nhwc":
+                vals.append(self.mods[f"s{i}"](v.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+            elif op == "pixel":
+                vals.append(F.pixel_unshuffle(self.mods[f"s{i}"](F.pixel_shuffle(v, 2)), 2))
             elif op == "res":
                 vals.append(v + self.mods[f"s{i}"](v))
             elif op == "se":

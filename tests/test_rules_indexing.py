@@ -179,6 +179,33 @@ def test_slice_of_channels():
     check_slicing(a, (x4(2, 3, 4, 4),), trials=6)
 
 
+class SliceOfInterleaved(nn.Module):
+    """A grouped conv ties channel k to k+3; a slice [0:4) then holds unit 0 twice, units 1 and 2 once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.g = nn.Conv2d(6, 2, 1, groups=2)
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.g(y) + self.c(y[:, :4])
+
+
+def test_units_with_different_multiplicity_in_a_site_are_different_groups():
+    m, x = seeded(SliceOfInterleaved), x4(1, 3, 4, 4)
+    a = analyze(m, x)
+    g0, g12 = groups_with(a, "a.weight", 0)
+    np.testing.assert_array_equal(member(g0, "a.weight", 0).index, [0, -1, -1, 0, -1, -1])
+    np.testing.assert_array_equal(member(g12, "a.weight", 0).index, [-1, 0, 1, -1, 0, 1])
+    np.testing.assert_array_equal(member(g12, "c.weight", 1).index, [-1, 0, 1, -1])
+    assert (g12.units, g12.granularity, g12.prunable) == (2, 2, True)
+    assert (g0.units, g0.prunable) == (1, False)
+    assert a.macs() == half_flops(m, x)
+    check_slicing(a, (x4(2, 3, 4, 4),))  # MACs of every keep-set are a function of the kept count
+
+
 def test_strided_slice_of_channels_freezes():
     a = analyze(seeded(Slice, 2), x4(1, 3, 4, 4))
     g = group_with(a, "a.weight", 0)

@@ -264,3 +264,30 @@ def test_embedding_and_linear_on_sequences():
 def test_member_kinds_of_a_plain_group():
     a = analyze(seeded(Chain), x4(1, 3, 9, 9))
     assert kinds(group_with(a, "c2.weight", 0)) == {"param": 2}
+
+
+class Tied(nn.Module):
+    """One weight read by two linears: both inputs must keep the same features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        return F.linear(self.a(x).mean((2, 3)), self.w) + F.linear(self.b(x).amax((2, 3)), self.w)
+
+
+def test_tied_weight_couples_its_readers():
+    m, x = seeded(Tied), x4(1, 3, 4, 4)
+    a = analyze(m, x)
+    g = group_with(a, "a.weight", 0)
+    assert groups_with(a, "b.weight", 0) == [g]
+    assert param_members(g) == {("a.weight", 0, "out"), ("a.bias", 0, "bias"), ("b.weight", 0, "out"),
+                                ("b.bias", 0, "bias"), ("w", 1, "in")}
+    assert g.prunable and g.units == 8
+    assert set(dict(a.gm.named_parameters())) == set(dict(m.named_parameters()))
+    assert a.fired["linear"] == 2
+    assert a.macs() == half_flops(m, x)
+    check_slicing(a, (x4(2, 3, 4, 4),))

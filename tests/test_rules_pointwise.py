@@ -199,6 +199,28 @@ def test_adding_a_fixed_size_input_freezes():
     assert not g.prunable and "combined with fixed-size tensor extra" in g.reason
 
 
+class Where(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.out(torch.where(y > 0.1, y, self.b(x)))
+
+
+def test_where_with_a_comparison_mask_couples_its_operands():
+    m, x = seeded(Where), x4(1, 3, 4, 4)
+    a = analyze(m, x)
+    g = group_with(a, "a.weight", 0)
+    assert groups_with(a, "b.weight", 0) == [g] and g.prunable
+    assert ("out.weight", 1, "in") in param_members(g)
+    assert a.fired["unary"] == 1 and a.fired["broadcast"] == 1 and a.fired["blocked"] == 0
+    check_slicing(a, (x4(2, 3, 4, 4),))
+
+
 class ChannelStats(nn.Module):
     """Reductions: over channels (consumes them) and over space (passes them)."""
 
@@ -269,6 +291,27 @@ def test_op_without_rule_freezes_with_its_name(name):
     assert a.prunable == []
     assert a.macs() == half_flops(m, x)
     check_slicing(a, (x4(2, 3, 4, 4),))  # nothing prunable: the slicer keeps everything, exactly
+
+
+class Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.flip(1) * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.flip(1) * 2
+
+
+def test_custom_autograd_function_is_traced_through_and_its_channel_flip_freezes():
+    m, x = seeded(Unknown, Reverse.apply), x4(1, 3, 4, 4)
+    a = analyze(m, x)
+    g = group_with(a, "conv.weight", 0)
+    assert not g.prunable and "flip re-indexes the channel axis" in g.reason
+    assert a.fired["gather_like"] == 1 and a.fired["broadcast"] == 1  # flip, then * 2
+    assert not groups_with(a, "out.weight", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(a.gm(x), m(x), rtol=0, atol=1e-12)
 
 
 def test_blocked_rule_is_recorded_on_the_node():

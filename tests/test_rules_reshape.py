@@ -145,6 +145,28 @@ def test_view_and_reshape_flatten():
     check_slicing(a, (x4(2, 3, 2, 2),))
 
 
+class Unflatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(1)             # [N, C*H*W]
+        return self.out(y.unflatten(1, (8, 3, 3)))
+
+
+def test_unflatten_sizes_are_a_shape_site():
+    m, x = seeded(Unflatten), x4(1, 3, 3, 3)
+    a = analyze(m, x)
+    g = group_with(a, "conv.weight", 0)
+    [shape] = [mem for mem in g.members if mem.site.kind == "shape_arg"]
+    assert (shape.site.node_name, shape.site.arg, shape.site.index) == ("unflatten", 2, 0)
+    np.testing.assert_array_equal(shape.index, np.arange(8))
+    assert a.fired["view"] == 2
+    check_slicing(a, (x4(2, 3, 3, 3),))
+
+
 class Attention(nn.Module):
     def __init__(self, heads=2, dim=8):
         super().__init__()
@@ -183,6 +205,29 @@ def test_attention_heads_keep_head_count_and_prune_head_dim():
     assert a.macs() == half_flops(m, x)
     check_slicing(a, (x4(3, 5, 8),), exact=False)  # q.k^T mixes head_dim: shapes and costs only
     # with q/k kept whole, dropping v's head_dim only removes what o would multiply by zero: exact
+    check_slicing(a, (x4(3, 5, 8),), fixed=lambda a: {qk.id: set(range(qk.units))})
+
+
+class SDPAttention(Attention):
+    def forward(self, x):
+        b, n, c = x.shape
+        h = self.heads
+        q = self.q(x).view(b, n, h, c // h).transpose(1, 2)
+        k = self.k(x).view(b, n, h, c // h).transpose(1, 2)
+        v = self.v(x).view(b, n, h, c // h).transpose(1, 2)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_scaled_dot_product_attention_heads():
+    m, x = seeded(SDPAttention), x4(1, 5, 8)
+    a = analyze(m, x)
+    qk, v = group_with(a, "q.weight", 0), group_with(a, "v.weight", 0)
+    assert group_with(a, "k.weight", 0) is qk and qk is not v
+    assert (qk.units, qk.granularity, v.units, v.granularity) == (4, 2, 4, 2)
+    assert param_members(v) == {("v.weight", 0, "out"), ("v.bias", 0, "bias"), ("o.weight", 1, "in")}
+    assert a.fired["sdpa"] == 1
+    assert a.macs() == half_flops(m, x) == 4 * 5 * 8 * 8 + 2 * 5 * 5 * (4 + 4)
+    check_slicing(a, (x4(3, 5, 8),), exact=False)
     check_slicing(a, (x4(3, 5, 8),), fixed=lambda a: {qk.id: set(range(qk.units))})
 
 

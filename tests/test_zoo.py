@@ -41,7 +41,14 @@ NOTHING_PRUNABLE = {
 }
 
 
-@functools.cache
+# Models Torch-Pruning cannot build its dependency graph for (also failing in the zoo list's TP column).
+TP_FAILS = {
+    "shufflenetv2_w1": "ZeroDivisionError",
+    "shufflenetv2b_w1": "ZeroDivisionError",
+}
+
+
+@functools.lru_cache(maxsize=4)
 def _zoo_result(factory: str) -> tuple:
     pytest.importorskip("pytorchcv")
     model, x = zh.build(ENTRIES[factory])
@@ -61,9 +68,11 @@ def _assert_oracle(factory: str) -> None:
     model, x, r = _zoo_result(factory)
     assert r.analyzed, r.failure
     o = zh.oracle(factory, model, x, r.analysis)
-    if not o.ok:
-        pytest.skip(o.failure)
-    assert o.category == KNOWN_DIFFERENCES.get(factory, "agree"), (o.only_ours[:3], o.only_tp[:3])
+    if factory in TP_FAILS:
+        assert not o.ok and TP_FAILS[factory] in o.failure, "Torch-Pruning builds now: compare it"
+        return
+    assert o.ok, o.failure
+    assert o.category == KNOWN_DIFFERENCES.get(factory, "agree"), (o.only_ours[:3], o.only_tp[:3], o.unmatched)
 
 
 @needs_zoo
@@ -80,20 +89,15 @@ def test_oracle_quick(factory):
 
 @needs_zoo
 @pytest.mark.slow
-@pytest.mark.parametrize("factory", [f for f in ENTRIES if f not in QUICK])
-def test_zoo_sweep(factory):
+@pytest.mark.parametrize("factory", list(ENTRIES))
+def test_zoo_model(factory):
+    """The whole zoo (``-m slow``): every sweep check, then the oracle comparison, model by model."""
     _assert_sweep(_zoo_result(factory)[2])
-
-
-@needs_zoo
-@pytest.mark.slow
-@pytest.mark.parametrize("factory", [f for f in ENTRIES if f not in QUICK_ORACLE])
-def test_oracle_sweep(factory):
     _assert_oracle(factory)
 
 
 def test_known_differences_are_zoo_models():
-    assert set(KNOWN_DIFFERENCES) | set(NOTHING_PRUNABLE) <= set(ENTRIES) or not ENTRIES
+    assert set(KNOWN_DIFFERENCES) | set(NOTHING_PRUNABLE) | set(TP_FAILS) <= set(ENTRIES) or not ENTRIES
 
 
 # ------------------------------------------------------------------------------------------------

@@ -192,6 +192,8 @@ class OracleResult:
     category: str = ""                     # see classify()
     only_ours: list = field(default_factory=list)   # groups in our partition and not TP's
     only_tp: list = field(default_factory=list)
+    compared: int = 0                      # conv/linear modules both sides group
+    unmatched: tuple[int, int] = (0, 0)    # modules only we / only TP group (left out of the comparison)
     failure: str = ""
 
     @property
@@ -234,7 +236,12 @@ def compare(name: str, ours: Partition, theirs: Partition) -> OracleResult:
     common = set().union(*ours) & set().union(*theirs) if ours and theirs else set()
     a = {frozenset(g & common) for g in ours if g & common}
     b = {frozenset(g & common) for g in theirs if g & common}
-    return OracleResult(name, True, classify(a, b), sorted(map(sorted, a - b)), sorted(map(sorted, b - a)))
+    unmatched = (len(set().union(*ours) - common), len(set().union(*theirs) - common))
+    category = classify(a, b)
+    if category == "agree" and unmatched != (0, 0):
+        category = "agree-on-common"   # the modules both group agree; some are grouped by one side only
+    return OracleResult(name, True, category, sorted(map(sorted, a - b)), sorted(map(sorted, b - a)),
+                        len(common), unmatched)
 
 
 def oracle(name: str, model: nn.Module, x: torch.Tensor, analysis) -> OracleResult:

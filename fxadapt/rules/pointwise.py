@@ -35,6 +35,7 @@ UNARY = aten_ops(
     "empty_like.default", "full_like.default", "rand_like.default", "randn_like.default", "bernoulli.p",
     "softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default", "cumsum.default",
     "fill.Scalar", "floor.default", "ceil.default", "round.default", "isnan.default",
+    "gt.Scalar", "lt.Scalar", "ge.Scalar", "le.Scalar", "eq.Scalar", "ne.Scalar",
 )
 
 

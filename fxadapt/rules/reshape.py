@@ -98,6 +98,12 @@ def view(call, ctx):
         return out
     if call.op.__name__.split(".")[0] in ("view", "reshape", "_unsafe_view", "view_copy"):
         _shape_sites(ctx, out, call.arg(1, "size"))
+    elif call.op.__name__.startswith("unflatten") and out is not None:  # sizes (arg 2) start at ``dim``
+        dim, sizes = norm_dim(call.arg(1, "dim"), len(ctx.shape(x))), call.arg(2, "sizes")
+        a = out.axes[-1] - dim
+        if 0 <= a < len(sizes) and isinstance(sizes[a], int) and sizes[a] != -1:
+            lab = np.moveaxis(out.labels, -1, 0).reshape(out.labels.shape[-1], -1)[:, 0]
+            ctx.site("shape_arg", lab, "shape", arg=2, index=a)
     return out
 
 

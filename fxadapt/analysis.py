@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,17 +95,11 @@ def analyze(model: Any, example_inputs: Any = None) -> Analysis:
             for name in b.body:
                 node_blocks[name] = node_blocks.get(name, ()) + (b.id,)
     cost = build_cost(gm, ctx, groups, roots, group_of, node_blocks)
-    groups = [_with_shares(g, cost) for g in groups]
+    macs_sh, params_sh = cost.shares("macs"), cost.shares("params")
+    groups = [dataclasses.replace(g, macs_share=macs_sh.get(g.id, 0.0), params_share=params_sh.get(g.id, 0.0))
+              if g.prunable else g for g in groups]
     _annotate(gm, roots, group_of, node_blocks)
     return Analysis(gm, groups, blocks, cost, graph, ctx.fired, group_of, unit_of, roots)
-
-
-def _with_shares(g: Group, cost: CostModel) -> Group:
-    if not g.prunable:
-        return g
-    import dataclasses
-
-    return dataclasses.replace(g, macs_share=cost.share(g.id, "macs"), params_share=cost.share(g.id, "params"))
 
 
 def _annotate(gm: GraphModule, roots, group_of, node_blocks) -> None:

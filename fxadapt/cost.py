@@ -101,6 +101,17 @@ class CostModel:
         full = self._n(n)
         return sum(t.grad(g, full) for t in self.macs_terms if any(g == k for f in t.factors for k, _ in f.coefs))
 
+    def shares(self, kind: str = "macs") -> dict[int, float]:
+        """``share(g)`` for every group in one pass over the terms."""
+        terms = self.macs_terms if kind == "macs" else self.params_terms
+        full = self._n(None)
+        total = sum(t.value(full) for t in terms) or 1.0
+        out: dict[int, float] = {}
+        for t in terms:
+            for g in {k for f in t.factors for k, _ in f.coefs}:
+                out[g] = out.get(g, 0.0) + t.grad(g, full)
+        return {g: full.get(g, 0) * v / total for g, v in out.items()}
+
     def share(self, g: int, kind: str = "macs") -> float:
         """Fraction of the total attributable to group ``g``: ``n_g * dC/dn_g / C``."""
         terms = self.macs_terms if kind == "macs" else self.params_terms

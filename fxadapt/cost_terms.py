@@ -30,10 +30,14 @@ class FormMaker:
         if labels is None:
             return LinearForm(float(size))
         g = self.group_of[self.roots[labels.reshape(-1)]]
-        var = np.isin(g, list(self.units))
-        ids, counts = np.unique(g[var], return_counts=True)
-        coefs = tuple((int(i), float(c) / self.units[int(i)]) for i, c in zip(ids.tolist(), counts.tolist()))
-        return LinearForm(float((~var).sum()), coefs)
+        counts = np.bincount(g + 1)  # index 0 counts positions of no group
+        coefs, const = [], float(counts[0]) if len(counts) else 0.0
+        for i in np.flatnonzero(counts[1:]).tolist():
+            if i in self.units:
+                coefs.append((i, float(counts[i + 1]) / self.units[i]))
+            else:
+                const += float(counts[i + 1])
+        return LinearForm(const, tuple(coefs))
 
 
 def _axis(t, axis: int):

@@ -9,6 +9,8 @@ model's contract).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch.fx import GraphModule, Node
@@ -29,7 +31,11 @@ def concrete_shape(val, batch: int):
 
 def _at_batch(d, batch: int) -> int:
     """A symbolic size evaluated with every free symbol set to the batch (only batch axes are dynamic)."""
-    expr = d.node.expr
+    return _eval_expr(d.node.expr, batch)
+
+
+@functools.lru_cache(maxsize=4096)
+def _eval_expr(expr, batch: int) -> int:
     return int(expr.subs({sym: batch for sym in expr.free_symbols}))
 
 

@@ -90,7 +90,24 @@ def _mac_term(node, call, ctx, sites, form) -> tuple[float, list[LinearForm]] | 
         qs, ks, vs = ctx.shape(q), ctx.shape(k), ctx.shape(v)
         e = form(_axis(ctx.track(q), len(qs) - 1), qs[-1]) + form(_axis(ctx.track(v), len(vs) - 1), vs[-1])
         return math.prod(qs[:-1]) * ks[-2], [e]
+    if op is aten.einsum.default:  # no channel rule (its channels are frozen): a constant term
+        return _einsum_macs(call.arg(0, "equation"), [ctx.shape(t) for t in call.arg(1, "tensors")])
     return None
+
+
+def _einsum_macs(eq: str, shapes: list) -> tuple[float, list] | None:
+    """MACs of a two-operand einsum as torch computes it (a bmm after summing letters only one side has)."""
+    ins, arrow, out = eq.replace(" ", "").partition("->")
+    ins = ins.split(",")
+    if len(ins) != 2 or "." in eq or any(s is None for s in shapes):
+        return None
+    if not arrow:  # implicit output: the letters used once
+        out = "".join(sorted(c for c in set(ins[0] + ins[1]) if (ins[0] + ins[1]).count(c) == 1))
+    size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape)}
+    if not [c for c in size if c in ins[0] and c in ins[1] and c not in out]:
+        return None  # nothing contracted: an element-wise product, no MACs
+    used = [c for c in size if c in out or (c in ins[0] and c in ins[1])]
+    return float(math.prod(size[c] for c in used)), []
 
 
 def build_cost(gm: GraphModule, ctx, groups: list, roots, group_of, node_blocks: dict) -> CostModel:

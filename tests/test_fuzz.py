@@ -234,7 +234,7 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

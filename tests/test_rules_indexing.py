@@ -279,3 +279,23 @@ def test_matmul_with_channels_on_two_axes_freezes_both():
     for name in ("a.weight", "b.weight"):
         g = group_with(a, name, 0)
         assert not g.prunable
+
+
+class Einsum(nn.Module):
+    def __init__(self, eq: str):
+        super().__init__()
+        self.eq = eq
+        self.a = nn.Conv2d(3, 8, 1)
+        self.w = nn.Parameter(torch.randn(8, 6))
+
+    def forward(self, x):
+        return torch.einsum(self.eq, self.a(x).flatten(2), self.w).sum(1)
+
+
+@pytest.mark.parametrize("eq", ["bcl,cd->bld", "bcl,cd->bd", "bcl,cd"])
+def test_einsum_has_no_rule_but_is_costed(eq):
+    m, x = seeded(Einsum, eq), x4(1, 3, 4, 4)
+    a = analyze(m, x)
+    g = group_with(a, "a.weight", 0)
+    assert not g.prunable and "no channel rule for aten.einsum.default" in g.reason
+    assert a.macs() == half_flops(m, x) == 3 * 8 * 16 + 8 * 16 * 6

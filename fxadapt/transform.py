@@ -119,7 +119,8 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, 
         raise BudgetError(f"{type(model).__name__} has no prunable channel group: "
                           + "; ".join(sorted({g.reason for g in a.groups if g.reason})[:3]))
     step("solve widths" if strategy == "datafree" else f"{strategy} search")
-    outcome = _run_strategy(strategy, model, a, target.macs, inputs, (data, val_data), cfg, steps, device)
+    job = Job(model, a, target.macs, inputs, data, val_data, steps, device)
+    outcome = _run_strategy(strategy, job, cfg)
     out = _verify(model, outcome, inputs, cfg, step)
     step("count MACs")
     macs = count_macs(out, inputs)
@@ -128,13 +129,29 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, 
     return attach(out, Report.build(a, outcome, out, target, macs, strategy, time.perf_counter() - start))
 
 
-def _run_strategy(strategy, model, a, target, inputs, data, cfg, steps, device) -> Outcome:
+@dataclass(frozen=True)
+class Job:
+    """What a strategy works on."""
+
+    model: nn.Module
+    analysis: object
+    target: float
+    inputs: tuple
+    data: Any = None
+    val_data: Any = None
+    steps: int | None = None
+    device: str = "cpu"
+
+
+def _run_strategy(strategy: str, job: Job, cfg: TransformConfig) -> Outcome:
+    a, target, steps = job.analysis, job.target, job.steps
+    model, inputs, data = job.model, job.inputs, (job.data, job.val_data)
     if strategy == "datafree":
         units = solve_widths(a, target, cfg.solve)
         plan = make_plan(a, units)
         preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
         return Outcome(materialize(a.gm, plan).graph_module, plan, a, (), frozenset(), preserving)
-    over = {"device": device} | ({"steps": steps} if steps is not None else {})
+    over = {"device": job.device} | ({"steps": steps} if steps is not None else {})
     if strategy == "dna":
         scfg = dataclasses.replace(cfg.search, **over)
         out, plan, sn, state = dna(model, inputs, target, data[0], data[1], scfg)
@@ -143,7 +160,7 @@ def _run_strategy(strategy, model, a, target, inputs, data, cfg, steps, device) 
                                     f"checkpoint {scfg.checkpoint} resumes it")
         history = tuple(state.history)
     else:
-        fcfg = dataclasses.replace(cfg.fur, device=device)
+        fcfg = dataclasses.replace(cfg.fur, device=job.device)
         out, plan, sn, history = fur(model, inputs, target, data[0], data[1], fcfg)
     slots = frozenset(b for b, on in sn.spec.depths.items() if not on)
     return Outcome(out, plan, sn.analysis, tuple(history), slots)

@@ -173,50 +173,59 @@ def _module_name(node: Node, gm: GraphModule, args: list, params: tuple, taken: 
     return name
 
 
+def _plan_dropout(node: Node, gm: GraphModule, taken: set):
+    args = _fill_args(node)
+    name = _module_name(node, gm, args, (), taken)
+    return name, DROPOUT[node.target](args[1]), AtenCall(node.target, (Input(0), *args[1:])), (args[0],)
+
+
+def _plan_param_op(node: Node, gm: GraphModule, taken: set):
+    """(module name, module, ATen template, new args) for a parametric call, or None to keep it ATen."""
+    args = _fill_args(node)
+    builder, act_idx, par_idx = LIFT[node.target]
+    if any(not isinstance(args[i], Node) or args[i].op != "get_attr" for i in par_idx if args[i] is not None):
+        return None
+    tensors = {a.target: getattr_path(gm, a.target) for i in par_idx if isinstance(a := args[i], Node)}
+    for a in (args[i] for i in par_idx):
+        if isinstance(a, Node) and a.target.endswith("running_mean"):
+            nbt = a.target.rpartition(".")[0] + ".num_batches_tracked"
+            if _has(gm, nbt):
+                tensors[("nbt", a.target)] = getattr_path(gm, nbt)
+    built_args = [len(a.meta["val"].shape) if i in act_idx and isinstance(a, Node) and "val" in a.meta
+                  else (a.target if isinstance(a, Node) and a.op == "get_attr" else a)
+                  for i, a in enumerate(args)]
+    try:
+        built = builder(built_args, tensors)
+    except _Skip:
+        return None
+    name = _module_name(node, gm, args, par_idx, taken)
+    if any(isinstance(a, Node) and f"{name}.{_attr(built, a.target, gm)}" != a.target
+           for a in (args[i] for i in par_idx)):
+        return None  # lifting would rename a parameter (top-level, not called "weight", or tied): keep ATen
+    template = AtenCall(node.target, tuple(
+        Input(act_idx.index(i)) if i in act_idx else
+        (ParamRef(f"{name}.{_attr(built, a.target, gm)}") if isinstance(a, Node) else a)
+        for i, a in enumerate(args)))
+    return name, built, template, tuple(args[i] for i in act_idx)
+
+
 def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
     """Replace lifted ATen calls by ``call_module`` nodes; returns a new, trainable ``GraphModule``."""
     graph = gm.graph
     modules: dict[str, nn.Module] = {}
     taken: set[str] = set()
-    n_lifted = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in DROPOUT and cfg.lift_dropout:
-            args = _fill_args(node)
-            name = _module_name(node, gm, args, (), taken)
-            built = DROPOUT[node.target](args[1])
-            template = AtenCall(node.target, (Input(0), *args[1:]))
-            new_args = (args[0],)
+            planned = _plan_dropout(node, gm, taken)
         elif node.target in LIFT:
-            args = _fill_args(node)
-            builder, act_idx, par_idx = LIFT[node.target]
-            if any(not isinstance(args[i], Node) or args[i].op != "get_attr" for i in par_idx if args[i] is not None):
-                continue
-            tensors = {a.target: getattr_path(gm, a.target) for i in par_idx if isinstance(a := args[i], Node)}
-            for a in (args[i] for i in par_idx):
-                if isinstance(a, Node) and a.target.endswith("running_mean"):
-                    nbt = a.target.rpartition(".")[0] + ".num_batches_tracked"
-                    if _has(gm, nbt):
-                        tensors[("nbt", a.target)] = getattr_path(gm, nbt)
-            built_args = [len(a.meta["val"].shape) if i in act_idx and isinstance(a, Node) and "val" in a.meta
-                          else (a.target if isinstance(a, Node) and a.op == "get_attr" else a)
-                          for i, a in enumerate(args)]
-            try:
-                built = builder(built_args, tensors)
-            except _Skip:
-                continue
-            name = _module_name(node, gm, args, par_idx, taken)
-            if any(isinstance(a, Node) and f"{name}.{_attr(built, a.target, gm)}" != a.target
-                   for a in (args[i] for i in par_idx)):
-                continue  # lifting would rename a parameter (top-level, not called "weight", or tied): keep ATen
-            template = AtenCall(node.target, tuple(
-                Input(act_idx.index(i)) if i in act_idx else
-                (ParamRef(f"{name}.{_attr(built, a.target, gm)}") if isinstance(a, Node) else a)
-                for i, a in enumerate(args)))
-            new_args = tuple(args[i] for i in act_idx)
+            planned = _plan_param_op(node, gm, taken)
         else:
             continue
+        if planned is None:
+            continue
+        name, built, template, new_args = planned
         taken.add(name)
         _copy_hparams(built, cfg.origin, name)
         modules[name] = built
@@ -226,13 +235,12 @@ def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
         new.meta[meta.ATEN] = template
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        n_lifted += 1
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     out = _rebuild(gm, modules)
-    out.meta["fxadapt.lifted"] = n_lifted
-    return PassResult(out, n_lifted > 0)
+    out.meta["fxadapt.lifted"] = len(modules)
+    return PassResult(out, bool(modules))
 
 
 def _copy_hparams(built: nn.Module, origin: nn.Module | None, name: str) -> None:

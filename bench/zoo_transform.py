@@ -43,6 +43,10 @@ BUDGETS = (0.25, 0.5, 0.75, 1.5, 2.0)
 # ------------------------------------------------------------------------------------------------
 def _worker(entry, budgets, onnx_budgets, threads, q) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     import torch
     import transform_harness as th
     import zoo_harness as zh
@@ -106,6 +110,7 @@ def run_model(entry, budgets, onnx_budgets, args) -> list[dict]:
     if p.is_alive():
         p.kill()
     p.join(5)
+    q.close()
     done = {r["budget"] for r in rows}
     for b in budgets:
         if b not in done:

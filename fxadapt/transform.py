@@ -44,6 +44,7 @@ from fxadapt.errors import BudgetError, FxAdaptError
 from fxadapt.fur import FurConfig, fur
 from fxadapt.passes.fold_bn import fold_bn as fold_bn_pass
 from fxadapt.passes.materialize import materialize
+from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
 from fxadapt.plan import make_plan
 from fxadapt.report import Report, attach
@@ -66,6 +67,7 @@ class TransformConfig:
     solve: SolveConfig = field(default_factory=SolveConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     fur: FurConfig = field(default_factory=FurConfig)
+    grow_depth: bool = False   # data-free growth: first add one zero-initialised copy of every repeatable block
     atol: float = 1e-5
     rtol: float = 1e-4
     progress: Callable[[str], None] | None = None   # called with each pipeline step's name
@@ -147,10 +149,11 @@ def _run_strategy(strategy: str, job: Job, cfg: TransformConfig) -> Outcome:
     a, target, steps = job.analysis, job.target, job.steps
     model, inputs, data = job.model, job.inputs, (job.data, job.val_data)
     if strategy == "datafree":
+        a, slots = _deepened(a, target, inputs) if cfg.grow_depth and target > a.macs() else (a, frozenset())
         units = solve_widths(a, target, cfg.solve)
         plan = make_plan(a, units)
         preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
-        return Outcome(materialize(a.gm, plan).graph_module, plan, a, (), frozenset(), preserving)
+        return Outcome(materialize(a.gm, plan).graph_module, plan, a, (), slots, preserving)
     over = {"device": job.device} | ({"steps": steps} if steps is not None else {})
     if strategy == "dna":
         scfg = dataclasses.replace(cfg.search, **over)
@@ -164,6 +167,21 @@ def _run_strategy(strategy: str, job: Job, cfg: TransformConfig) -> Outcome:
         out, plan, sn, history = fur(model, inputs, target, data[0], data[1], fcfg)
     slots = frozenset(b for b, on in sn.spec.depths.items() if not on)
     return Outcome(out, plan, sn.analysis, tuple(history), slots)
+
+
+def _deepened(a, target: float, inputs: tuple):
+    """The analysis of ``a``'s model with one zero-initialised copy after every repeatable block (if that
+    stays within the target), and the ids of the inserted blocks."""
+    repeat = {b.id: 1 for b in a.blocks if b.repeatable and repeat_blocker(a.gm, b) is None}
+    if not repeat:
+        return a, frozenset()
+    deep = materialize(a.gm, make_plan(a, {}, repeat=repeat)).graph_module
+    shape_check(deep, inputs)
+    a2 = analyze(deep)
+    if a2.macs() > target:
+        return a, frozenset()
+    nodes = {n.name: n for n in a2.gm.graph.nodes}
+    return a2, frozenset(b.id for b in a2.blocks if "fxadapt.repeat_of" in nodes[b.exit].meta)
 
 
 def _verify(model, outcome: Outcome, inputs, cfg: TransformConfig, step) -> nn.Module:

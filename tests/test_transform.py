@@ -119,3 +119,14 @@ def test_no_prunable_group():
 def test_unknown_strategy(model):
     with pytest.raises(ValueError, match="unknown strategy"):
         fxadapt.transform(model, 0.5, (X,), strategy="magic")
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.0])
+def test_width_and_depth_growth_preserves_function(model, budget):
+    cfg = TransformConfig(grow_depth=True)
+    out = fxadapt.transform(model, budget, (X,), config=cfg)
+    rep = fxadapt.report(out)
+    assert len(rep.blocks_added) == 2 and not rep.blocks_removed
+    assert budget <= rep.macs_after / rep.macs_before <= budget * 1.01
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-5)

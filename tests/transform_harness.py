@@ -34,6 +34,7 @@ class TransformResult:
     budget: float
     transformed: bool = False
     error: str = ""               # "ErrorType: first line" of transform's exception, or of a failed check
+    fxadapt_error: bool = False   # transform raised an FxAdaptError (a clear, deliberate refusal)
     shapes_ok: bool = False
     macs_before: float = 0.0      # FlopCounterMode, original
     macs_after: float = 0.0       # FlopCounterMode, adapted
@@ -91,7 +92,7 @@ def check_transform(model: nn.Module, x: torch.Tensor, budget: float, *, onnx: b
         out = fxadapt.transform(model, budget, (x,), config=cfg)
         r.transformed = True
     except Exception as e:  # noqa: BLE001 - recorded as the failure reason
-        r.error = first_line(e)
+        r.error, r.fxadapt_error = first_line(e), isinstance(e, fxadapt.FxAdaptError)
         out = None
     r.seconds = time.perf_counter() - t0
     r.untouched = zh._same(model, snap)

@@ -1,0 +1,195 @@
+"""Benchmark: onnxruntime CPU latency of the original model, fxadapt's adaptation and Torch-Pruning's
+magnitude pruning at the same MACs.
+
+For each model (pytorchcv, random init, eval, 1x3x224x224) three variants are built and exported the same
+way, with ``fxadapt.export_onnx`` (torch.onnx dynamo export + onnxsim + checker + onnxruntime comparison):
+
+- ``original``: the model as built;
+- ``fxadapt``:  ``fxadapt.transform(model, 0.5, (x,))`` (data-free; BN folded);
+- ``tp``:       Torch-Pruning 1.6.1 ``MagnitudePruner`` (L1, per-layer ratio, final classifier ignored) at the
+  pruning ratio (bisection, ``bench/digits_setup.tp_prune``) whose MACs are at most fxadapt's.
+
+Latency: onnxruntime ``CPUExecutionProvider``, one intra-op and one inter-op thread, sequential execution,
+batch 1; median of ``--runs`` runs after ``--warmup`` warm-up runs, the variants' runs interleaved so machine
+load hits all alike. The table prints, per variant, MACs (``FlopCounterMode``), latency, and
+``(latency / original latency) / (MACs / original MACs)``: 1.0 means latency fell exactly with MACs, above
+1.0 that the saved MACs bought less time.
+
+    python bench/bench_latency.py [--models resnet50,mobilenetv2_w1] [--runs 50] [--warmup 10]
+    pytest bench/bench_latency.py --benchmark-enable       # pytest-benchmark, one test per model x variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fxadapt
+from fxadapt.transform import count_macs
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+CACHE = ROOT / "bench" / ".cache" / "latency"
+MODELS: dict[str, str] = {
+    "resnet50": "pytorchcv.models.resnet",
+    "mobilenetv2_w1": "pytorchcv.models.mobilenetv2",
+    "efficientnet_b0": "pytorchcv.models.efficientnet",
+}
+VARIANTS = ("original", "fxadapt", "tp")
+INPUT_SHAPE = (1, 3, 224, 224)
+BUDGET = 0.5
+
+
+@functools.cache
+def load(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Zoo model ``name`` (random init, eval) and a fixed example input."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(importlib.import_module(MODELS[name]), name)(pretrained=False).eval()
+    return model, torch.randn(*INPUT_SHAPE)
+
+
+@functools.cache
+def variant(name: str, kind: str) -> torch.nn.Module:
+    """The ``kind`` variant of zoo model ``name`` (see module docstring)."""
+    model, x = load(name)
+    if kind == "original":
+        return model
+    ours = fxadapt.transform(model, BUDGET, (x,))
+    if kind == "fxadapt":
+        return ours
+    from digits_setup import tp_prune
+
+    return tp_prune(model, x, count_macs(ours, (x,)), global_pruning=False).eval()
+
+
+@functools.cache
+def onnx_path(name: str, kind: str) -> str:
+    """Export the variant with ``fxadapt.export_onnx`` (raises ``ExportError`` on any failed step)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = str(CACHE / f"{name}-{kind}.onnx")
+    fxadapt.export_onnx(variant(name, kind), (load(name)[1],), path)
+    return path
+
+
+def session(path: str):
+    """An onnxruntime CPU session with one intra-op and one inter-op thread."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def runner(name: str, kind: str):
+    """A no-argument callable running one batch-1 inference of the variant in onnxruntime."""
+    sess = session(onnx_path(name, kind))
+    feed = {sess.get_inputs()[0].name: load(name)[1].numpy().astype(np.float32)}
+    return lambda: sess.run(None, feed)
+
+
+def median_latency(fns: dict, runs: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function; warm-up first, then interleaved timed rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(name: str, runs: int, warmup: int) -> dict[str, dict[str, float]]:
+    """MACs and median latency of every variant of ``name``."""
+    x = load(name)[1]
+    macs = {k: count_macs(variant(name, k), (x,)) for k in VARIANTS}
+    lat = median_latency({k: runner(name, k) for k in VARIANTS}, runs, warmup)
+    return {k: {"macs": macs[k], "latency": lat[k]} for k in VARIANTS}
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The latency table.
+
+    >>> r = {"m": {"original": {"macs": 2e9, "latency": 0.02}, "tp": {"macs": 1e9, "latency": 0.015}}}
+    >>> print(format_table(r))
+    model  variant  GMACs  MACs ratio  latency ms  latency ratio  latency ratio / MACs ratio
+    -----  -------  -----  ----------  ----------  -------------  --------------------------
+    m      original 2.000       1.000      20.000          1.000                       1.000
+    m      tp       1.000       0.500      15.000          0.750                       1.500
+    """
+    from fxadapt.report import table
+
+    rows = []
+    for name, r in results.items():
+        base = r["original"]
+        for k, v in r.items():
+            mr, lr = v["macs"] / base["macs"], v["latency"] / base["latency"]
+            rows.append([name, k, f"{v['macs'] / 1e9:.3f}", f"{mr:.3f}", f"{1e3 * v['latency']:.3f}",
+                         f"{lr:.3f}", f"{lr / mr:.3f}"])
+    return table(["model", "variant", "GMACs", "MACs ratio", "latency ms", "latency ratio",
+                  "latency ratio / MACs ratio"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    p.add_argument("--runs", type=int, default=50, help="timed runs per variant (median; default 50)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads while building (default 1)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s): {', '.join(unknown)}")
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = measure(name, args.runs, args.warmup)
+        print(f"{name}: built, exported and timed in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    import onnxruntime as ort
+
+    print(f"onnxruntime {ort.__version__} CPU, 1 intra-op thread, batch 1, input {INPUT_SHAPE}, budget {BUDGET}, "
+          f"median of {args.runs} runs after {args.warmup} warm-up runs\n")
+    print(format_table(results))
+    return 0
+
+
+# ---- pytest-benchmark entry points (run: pytest bench/bench_latency.py --benchmark-enable) -------------
+
+try:
+    import pytest
+except ImportError:  # plain-script use without pytest installed
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.mark.parametrize("kind", VARIANTS)
+    @pytest.mark.parametrize("name", list(MODELS))
+    def test_latency(benchmark, name, kind):
+        pytest.importorskip("pytorchcv")
+        run = runner(name, kind)
+        benchmark.group = name
+        benchmark.extra_info["macs"] = count_macs(variant(name, kind), (load(name)[1],))
+        out = benchmark.pedantic(run, rounds=30, warmup_rounds=5)
+        assert out[0].shape == (1, 1000)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

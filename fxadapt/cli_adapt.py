@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG of per-group widths, original vs adapted")
     p.add_argument("--out-dir", help="directory for default output names (with --example: fxadapt-example)")
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (for fine-tuning)")
+    p.add_argument("--grow-depth", action="store_true",
+                   help="when growing, also add one zero-initialised copy of every repeatable block")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report on stdout")
     p.set_defaults(run=run)
     return p
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_postfix_str(name)
             bar.update(1)
-    cfg = TransformConfig(fold_bn=not args.no_fold_bn, progress=progress)
+    cfg = TransformConfig(fold_bn=not args.no_fold_bn, grow_depth=args.grow_depth, progress=progress)
     try:
         adapted = fxadapt.transform(model, _budget(args.budget), inputs, config=cfg)
     finally:

@@ -13,7 +13,9 @@ Latency: onnxruntime ``CPUExecutionProvider``, one intra-op and one inter-op thr
 batch 1; median of ``--runs`` runs after ``--warmup`` warm-up runs, the variants' runs interleaved so machine
 load hits all alike. The table prints, per variant, MACs (``FlopCounterMode``), latency, and
 ``(latency / original latency) / (MACs / original MACs)``: 1.0 means latency fell exactly with MACs, above
-1.0 that the saved MACs bought less time.
+1.0 that the saved MACs bought less time. ``convs %16`` is the share of conv output widths divisible by 16:
+onnxruntime's fast NCHWc convolutions (block 16 on AVX-512) need it, so odd widths can cost more than the
+MACs they save (on this machine a 3x3+1x1 conv pair at 63 channels is ~30% slower than at 64).
 
     python bench/bench_latency.py [--models resnet50,mobilenetv2_w1] [--runs 50] [--warmup 10]
     pytest bench/bench_latency.py --benchmark-enable       # pytest-benchmark, one test per model x variant
@@ -47,6 +49,7 @@ MODELS: dict[str, str] = {
 VARIANTS = ("original", "fxadapt", "tp")
 INPUT_SHAPE = (1, 3, 224, 224)
 BUDGET = 0.5
+ALIGN = 16    # AVX-512 NCHWc block of onnxruntime's MLAS convolutions (8 on AVX2)
 
 
 @functools.cache
@@ -115,23 +118,30 @@ def median_latency(fns: dict, runs: int, warmup: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def aligned(model: torch.nn.Module, block: int = ALIGN) -> float:
+    """Share of conv output widths divisible by ``block`` (onnxruntime's NCHWc convolutions need it)."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return sum(m.out_channels % block == 0 for m in convs) / max(len(convs), 1)
+
+
 def measure(name: str, runs: int, warmup: int) -> dict[str, dict[str, float]]:
-    """MACs and median latency of every variant of ``name``."""
+    """MACs, conv width alignment and median latency of every variant of ``name``."""
     x = load(name)[1]
     macs = {k: count_macs(variant(name, k), (x,)) for k in VARIANTS}
     lat = median_latency({k: runner(name, k) for k in VARIANTS}, runs, warmup)
-    return {k: {"macs": macs[k], "latency": lat[k]} for k in VARIANTS}
+    return {k: {"macs": macs[k], "latency": lat[k], "aligned": aligned(variant(name, k))} for k in VARIANTS}
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """The latency table.
 
-    >>> r = {"m": {"original": {"macs": 2e9, "latency": 0.02}, "tp": {"macs": 1e9, "latency": 0.015}}}
+    >>> r = {"m": {"original": {"macs": 2e9, "latency": 0.02, "aligned": 1.0},
+    ...            "tp": {"macs": 1e9, "latency": 0.015, "aligned": 0.25}}}
     >>> print(format_table(r))
-    model  variant  GMACs  MACs ratio  latency ms  latency ratio  latency ratio / MACs ratio
-    -----  -------  -----  ----------  ----------  -------------  --------------------------
-    m      original 2.000       1.000      20.000          1.000                       1.000
-    m      tp       1.000       0.500      15.000          0.750                       1.500
+    model  variant   GMACs  MACs ratio  latency ms  latency ratio  latency ratio / MACs ratio  convs %16
+    -----  --------  -----  ----------  ----------  -------------  --------------------------  ---------
+    m      original  2.000       1.000      20.000          1.000                       1.000       100%
+    m      tp        1.000       0.500      15.000          0.750                       1.500        25%
     """
     from fxadapt.report import table
 
@@ -141,9 +151,9 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         for k, v in r.items():
             mr, lr = v["macs"] / base["macs"], v["latency"] / base["latency"]
             rows.append([name, k, f"{v['macs'] / 1e9:.3f}", f"{mr:.3f}", f"{1e3 * v['latency']:.3f}",
-                         f"{lr:.3f}", f"{lr / mr:.3f}"])
+                         f"{lr:.3f}", f"{lr / mr:.3f}", f"{100 * v['aligned']:.0f}%"])
     return table(["model", "variant", "GMACs", "MACs ratio", "latency ms", "latency ratio",
-                  "latency ratio / MACs ratio"], rows)
+                  "latency ratio / MACs ratio", f"convs %{ALIGN}"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

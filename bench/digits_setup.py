@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-NOISE = 0.6
+NOISE = 1.0
 SPLIT = (500, 300)
 BASE_EPOCHS = 30
 

@@ -4,7 +4,7 @@ Torch-Pruning at equal MACs, with the same fine-tuning for every candidate.
 Run:  python bench/quality_digits.py            (full: budgets 0.25, 0.5, 2.0; seeds 0, 1, 2)
       python bench/quality_digits.py --quick    (one seed, fewer epochs: a smoke run)
 
-Protocol: see bench/digits_setup.py (500 train / 300 val / 997 test, noise sigma 0.6, ResNet-20). Every
+Protocol: see bench/digits_setup.py (500 train / 300 val / 997 test, noise sigma 1.0, ResNet-20). Every
 candidate is fine-tuned with ``fxadapt.finetune`` for ``--epochs`` epochs (SGD, cosine, distillation from
 the base model at T=4, weight 0.5) and scored on the test split. Prints a methods x budgets table of
 test accuracy (mean +- std over seeds), the measured MACs ratio, search time as a multiple of one

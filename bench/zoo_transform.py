@@ -8,7 +8,7 @@ the caller's model untouched; ONNX export + onnxsim + checker + onnxruntime matc
     python bench/zoo_transform.py --models resnet18,mobilenetv2_w1 --budgets 0.5,1.5
     python bench/zoo_transform.py --onnx-budgets all --threads 2   # ONNX at every budget
     python bench/zoo_transform.py --summary                        # re-print the summary of the last run
-    nohup python bench/zoo_transform.py --resume > bench/.cache/zoo_transform.log 2>&1 &
+    nohup python bench/zoo_transform.py --resume [--retry-failed] > bench/.cache/zoo_transform.log 2>&1 &
 
 Each model runs in its own spawned process (memory is returned after every model; a crash or hang is a
 recorded failure, not the end of the sweep). A model whose build + first capture+analysis takes longer
@@ -204,6 +204,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in the workers")
     p.add_argument("--out", default=str(CACHE / "zoo_transform"), help="output stem (.jsonl/.json/.tsv)")
     p.add_argument("--resume", action="store_true", help="skip models already in the .jsonl")
+    p.add_argument("--retry-failed", action="store_true", help="with --resume: rerun models with a failed row")
     p.add_argument("--summary", action="store_true", help="only summarize the existing .jsonl")
     return p.parse_args(argv)
 
@@ -226,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         entries = [e for e in zh.zoo_entries() if not wanted or e.factory in wanted]
         if not args.resume:
             jsonl.write_text("")
-        done = {r["model"] for r in _load(jsonl)}
+        old = _load(jsonl)
+        if args.retry_failed:
+            failed = {r["model"] for r in old if not r["ok"]}
+            old = [r for r in old if r["model"] not in failed]
+            jsonl.write_text("".join(json.dumps(r) + "\n" for r in old))
+        done = {r["model"] for r in old}
         for i, e in enumerate(entries):
             if e.factory in done:
                 continue

@@ -109,6 +109,24 @@ def export(model: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
             f"  at {_where(e, model)}") from e
 
 
+def _first_names(gm: GraphModule) -> None:
+    """A tensor shared under several names (a module reused in two places) is read under its first name, as
+    ``named_parameters()`` lists it: one name per tensor, so the analysis sees every use of a tied weight."""
+    first: dict[int, str] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        first.setdefault(id(t), name)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                t = gm.get_parameter(node.target)
+            except AttributeError:
+                try:
+                    t = gm.get_buffer(node.target)
+                except AttributeError:
+                    continue
+            node.target = first.get(id(t), node.target)
+
+
 def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
     """Lift ``model`` to a trainable ATen-level ``GraphModule`` (see module docstring)."""
     if not isinstance(model, nn.Module):
@@ -123,6 +141,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
+    _first_names(gm)
     for node in graph.nodes:
         trace = node.meta.get("stack_trace")
         if trace:

@@ -5,7 +5,9 @@
 ``nn`` module that computes exactly the same function (``nn.Conv2d`` with the same weight tensor,
 ``nn.BatchNorm2d`` with the same running stats, ``nn.Dropout``...) makes the graph module train, eval,
 fine-tune, slice and export like any model. Parameters keep their fully qualified names: the module is
-installed at the weight's owner path (``features.conv.weight`` -> module ``features.conv``).
+installed at the weight's owner path (``features.conv.weight`` -> module ``features.conv``). A call whose
+lift would rename a parameter (a top-level weight, a kernel not called ``weight``, the second use of a
+shared or tied tensor) stays an ATen call reading the parameter under its own name.
 
 The ATen call a module stands for is kept in ``node.meta[meta.ATEN]`` (an ``AtenCall`` with ``ParamRef``
 placeholders) so the op-rule table, keyed by ATen overloads, still applies.

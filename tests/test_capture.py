@@ -108,6 +108,34 @@ def test_odd_and_tied_parameter_names_survive_capture():
     gm2.load_state_dict(net.state_dict())  # state dicts interchange with the original
 
 
+class Shared(nn.Module):
+    """One conv module reused in two places (registered under two names)."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.first = nn.Sequential(shared, nn.ReLU())
+        self.second = nn.Sequential(shared)
+
+    def forward(self, x):
+        return self.second(self.first(self.stem(x)))
+
+
+def test_shared_module_keeps_one_tensor_under_its_first_name():
+    torch.manual_seed(0)
+    net = Shared().eval()
+    gm = fxadapt.capture(net, (X1,))
+    assert set(dict(gm.named_parameters())) == set(dict(net.named_parameters()))  # first.0.*, not second.0.*
+    reads = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert reads <= {"first.0.weight", "first.0.bias"}
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X4), net(X4), rtol=0, atol=1e-6)
+        gm.get_parameter("first.0.weight").mul_(2)  # both uses read the one tensor
+        net.first[0].weight.mul_(2)
+        torch.testing.assert_close(gm(X4), net(X4), rtol=0, atol=1e-6)
+
+
 def test_train_mode_updates_batchnorm_statistics_like_the_original():
     net = _net()
     gm = fxadapt.capture(net, (X1,))

@@ -291,3 +291,28 @@ def test_tied_weight_couples_its_readers():
     assert a.fired["linear"] == 2
     assert a.macs() == half_flops(m, x)
     check_slicing(a, (x4(2, 3, 4, 4),))
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.u1, self.u2 = nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared)
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.u2(self.u1(self.stem(x))))
+
+
+def test_module_reused_twice_is_one_tensor_and_one_group():
+    m, x = seeded(SharedConv), x4(1, 3, 4, 4)
+    a = analyze(m, x)
+    g = group_with(a, "stem.weight", 0)
+    # u1's input, u1's output (= u2's input) and u2's output are one tensor's axes: all coupled
+    assert param_members(g) == {("stem.weight", 0, "out"), ("stem.bias", 0, "bias"), ("u1.0.weight", 0, "out"),
+                                ("u1.0.weight", 1, "in"), ("u1.0.bias", 0, "bias"), ("out.weight", 1, "in")}
+    assert g.prunable and len(a.groups) == 2
+    assert a.macs() == half_flops(m, x)
+    assert a.params() == n_params(m)
+    check_slicing(a, (x4(2, 3, 4, 4),))

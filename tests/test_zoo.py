@@ -20,19 +20,37 @@ from torch import nn
 
 ENTRIES = {e.factory: e for e in zh.zoo_entries()} if zh.ZOO_TSV.exists() else {}
 QUICK = ("resnet20_cifar10", "mobilenetv2_w1", "shufflenetv2_w1", "densenet40_k12_cifar10")
-QUICK_ORACLE = ("resnet20_cifar10", "mobilenetv2_w1")
+QUICK_ORACLE = ("resnet20_cifar10", "mobilenetv2_w1", "diapreresnet20_cifar10")  # the last shares modules
 needs_zoo = pytest.mark.skipif(not ENTRIES, reason=f"zoo list not found at {zh.ZOO_TSV}")
 
 # Where fxadapt's partition of conv/linear output channels differs from Torch-Pruning's, and why.
-# Categories (see zoo_harness.classify):
-#   "ours-finer": a module's output channels are concatenated/split into several of our groups, each a
-#       slice we can prune on its own; merging our groups that share a module gives TP's partition.
-#   "tp-overlap": TP's groups are not a partition (a module's output channels are in several TP groups,
-#       TP double-prunes them; its pruning fails on these models in the zoo list).
+# Categories (see zoo_harness.classify / compare):
+#   "ours-finer": each of our groups lies inside one TP group. A module's output channels that are split
+#       or concatenated land in several of our groups, one per slice, each prunable on its own (sites
+#       record the split/cat sizes); TP prunes the whole concatenation as one group.
+#   "tp-overlap": TP's groups are not a partition: a module's output channels sit in several TP groups.
+#   "tp-empty": TP's graph holds no conv/linear group at all.
+#   "agree-on-common": the modules both sides group are grouped alike; some modules only one side groups.
 KNOWN_DIFFERENCES = {
-    "darts": "ours-finer",               # FactorizedReduce: cat(conv1(x), conv2(x')) -> two slices
-    "shufflenet_g3_w1": "tp-overlap",    # grouped 1x1 convs + channel shuffle
-    "dpn68": "ours-finer",               # dual path: split(conv3 out) into residual / dense parts
+    # FactorizedReduce: cat(conv1(x), conv2(x[..., 1:, 1:])) -> one slice group per conv.
+    "darts": "ours-finer",
+    # Dual path blocks split conv3's output into a residual part and a growing dense (cat) part.
+    "dpn68": "ours-finer",
+    # MixConv: chunks of the channels go through convs of different kernel sizes and are concatenated.
+    "mixnet_s": "ours-finer",
+    # CBAM's spatial gate conv has ONE output channel, broadcast over the C channels it scales: TP couples
+    # it into the trunk group (treats the broadcast multiply as element-wise); we keep it apart (frozen).
+    "cbam_resnet50": "ours-finer",
+    # Grouped 1x1 convs around a channel shuffle: TP's groups overlap (its pruning crashes: RuntimeError
+    # in the zoo list). Ours: the grouped conv keeps the same positions in every group, which composed
+    # with the shuffle's interleave chains all positions of each compress conv into one unit (frozen).
+    "shufflenet_g3_w1": "tp-overlap",
+    # Every conv is followed by ReLU(inplace=True): TP reads grad_fn after the in-place op and sees no
+    # conv at all (its macs ratio is 1.0 in the zoo list).
+    "nin_cifar10": "tp-empty",
+    # OctConv calls F.conv2d(x, self.weight[:oc, :ic]): we freeze the 11 convs whose weight is computed
+    # at run time (no group); TP groups them. The modules both group agree.
+    "octresnet10_ad2": "agree-on-common",
 }
 
 # Models where every group is frozen, and why (each group still carries its reason).
@@ -172,3 +190,48 @@ def test_transformer_encoder():
         attn = groups[f"enc.layers.{i}.self_attn"]   # in_proj: q, k, v x 4 heads share head_dim units
         assert (attn.width, attn.units) == (96, 8)
     assert not groups["head"].prunable
+
+
+# ------------------------------------------------------------------------------------------------
+# Regressions the sweep found, on small models
+# ------------------------------------------------------------------------------------------------
+class HeadSplit(nn.Module):
+    """``view(B * heads, ...)``: export sizes the axis ``4*s0``; at batch 1 it is 4, not 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(16, 32), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.proj(x)                                   # [B, T, 32]
+        h = h.view(x.shape[0] * 4, x.shape[1], 8)          # [4B, T, 8]: 4 heads of 8
+        return self.out(h).mean(0)
+
+
+def test_symbolic_sizes_are_evaluated_at_the_example_batch():
+    r = zh.check_model("headsplit", HeadSplit().eval(), torch.randn(1, 6, 16))
+    _assert_sweep(r)
+    a = r.analysis
+    assert r.macs == r.ref_macs == 6 * 16 * 32 + 4 * 6 * 8 * 3
+    assert a.fired["blocked"] == 0 and a.fired["sym_arith"] >= 1    # 4 * s0 is SymInt arithmetic
+    proj = _by_name(a)["proj"]
+    assert (proj.width, proj.units, proj.prunable) == (32, 8, True)   # head_dim units, shared by the heads
+
+
+class SlicedWeight(nn.Module):
+    """OctConv-style: the conv weight is a slice of a parameter, computed at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.weight = nn.Parameter(torch.randn(16, 8, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(self.stem(x), self.weight[:12])
+
+
+def test_cost_counts_convs_with_computed_weights():
+    r = zh.check_model("sliced", SlicedWeight().eval(), torch.randn(1, 3, 12, 12))
+    assert r.cost_ok and r.macs == r.ref_macs == 100 * 8 * 27 + 64 * 12 * 72
+    stem = _by_name(r.analysis)["stem"]
+    assert not stem.prunable and "computed at run time" in stem.reason

@@ -7,8 +7,8 @@ coupled conv/linear output-channel partition with Torch-Pruning's ``DependencyGr
 Partitions: a group is the set of conv/linear module paths whose *output* channels it slices. Ours: every
 fxadapt ``Group`` member with role ``out`` (a producer) or ``dw`` (a depthwise conv, which carries its
 input's labels). Torch-Pruning's: ``get_all_groups`` over conv/linear roots, each dependency whose handler
-prunes output channels. Only modules both sides see are compared (a module one side never traced, e.g.
-an unused layer, is listed apart).
+prunes output channels. The partitions are compared on the modules both sides group; ``classify`` names
+the kind of difference, and modules grouped by one side only are counted apart (``unmatched``).
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ class ZooEntry:
     module: str
     factory: str
     shape: tuple[int, ...]
-    tp: str
-
-    @property
-    def id(self) -> str:
-        return self.factory
+    tp: str           # what Torch-Pruning 1.6.1 did with it (the list's last column)
 
 
 def zoo_entries(path: Path = ZOO_TSV) -> list[ZooEntry]:
@@ -96,10 +92,6 @@ class ZooResult:
     failure: str = ""
     analysis: object = field(default=None, repr=False)
 
-    @property
-    def ok(self) -> bool:
-        return self.analyzed and self.cost_ok and self.groups_ok and self.untouched
-
 
 def _snapshot(model: nn.Module) -> tuple[dict, dict]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -149,13 +141,19 @@ def check_model(name: str, model: nn.Module, x: torch.Tensor) -> ZooResult:
 Partition = set[frozenset[str]]
 
 
-def our_partition(a) -> Partition:
-    """For every fxadapt group, the conv/linear modules whose output channels it slices."""
+def our_partition(a, model: nn.Module | None = None) -> Partition:
+    """For every fxadapt group, the conv/linear modules whose output channels it slices.
+
+    With ``model``, paths are renamed to the module's first name in ``model.named_modules()`` (as
+    Torch-Pruning names them): a module shared by several call sites is named after its last use by
+    ``torch.export``.
+    """
+    canon = {m: n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))} if model else {}
     out: Partition = set()
     for g in a.groups:
-        mods = frozenset(m.site.ref.module_path for m in g.members
-                         if m.site.role in ("out", "dw") and m.site.ref is not None
-                         and isinstance(_module(a.gm, m.site.ref.module_path), (nn.modules.conv._ConvNd, nn.Linear)))
+        paths = {m.site.ref.module_path for m in g.members if m.site.role in ("out", "dw") and m.site.ref}
+        mods = frozenset(canon.get(_module(model, p), p) if model else p for p in paths
+                         if isinstance(_module(a.gm, p), (nn.modules.conv._ConvNd, nn.Linear)))
         if mods:
             out.add(mods)
     return out
@@ -201,17 +199,6 @@ class OracleResult:
         return self.category == "agree"
 
 
-def merged(p: Partition) -> Partition:
-    """Connected components of groups that share a module (a partition of the modules)."""
-    out: list[set[str]] = []
-    for g in p:
-        hit = [c for c in out if c & g]
-        for c in hit:
-            out.remove(c)
-        out.append(set(g).union(*hit))
-    return {frozenset(c) for c in out}
-
-
 def _overlaps(p: Partition) -> bool:
     return sum(len(g) for g in p) != len(set().union(*p)) if p else False
 
@@ -237,7 +224,7 @@ def compare(name: str, ours: Partition, theirs: Partition) -> OracleResult:
     a = {frozenset(g & common) for g in ours if g & common}
     b = {frozenset(g & common) for g in theirs if g & common}
     unmatched = (len(set().union(*ours) - common), len(set().union(*theirs) - common))
-    category = classify(a, b)
+    category = classify(a, b) if theirs else "tp-empty"   # TP found no group at all
     if category == "agree" and unmatched != (0, 0):
         category = "agree-on-common"   # the modules both group agree; some are grouped by one side only
     return OracleResult(name, True, category, sorted(map(sorted, a - b)), sorted(map(sorted, b - a)),
@@ -249,4 +236,4 @@ def oracle(name: str, model: nn.Module, x: torch.Tensor, analysis) -> OracleResu
         theirs = tp_partition(model, x)
     except Exception as e:  # noqa: BLE001 - TP's own limits are reported, not ours
         return OracleResult(name, failure=f"torch_pruning: {type(e).__name__}: {str(e)[:120]}")
-    return compare(name, our_partition(analysis), theirs)
+    return compare(name, our_partition(analysis, model), theirs)

@@ -59,11 +59,11 @@ def candidate(method: str, base, data, budget: float, seed: int, search_steps: i
     if method.startswith("tp-"):
         return tp_prune(base, x, target, global_pruning=method == "tp-global")
     expand = 1.75 if budget > 1 else 1.25
-    sn = SupernetConfig(expand=expand, depth_slots=1)
+    sn = SupernetConfig(expand=expand, depth_slots=1 if budget > 1 else 0)
     cfg = TransformConfig(
         fold_bn=False,
         search=SearchConfig(steps=search_steps, warmup=search_steps // 4, seed=seed, progress=False, supernet=sn),
-        fur=FurConfig(iterations=3, train_steps=max(4, search_steps // 6), draws=3, val_samples=300, seed=seed,
+        fur=FurConfig(iterations=3, train_steps=max(4, search_steps // 6), draws=2, val_samples=200, seed=seed,
                       supernet=SupernetConfig(expand=expand, depth_slots=0)))
     strategy = "datafree" if method == "datafree" else method
     kw = {} if strategy == "datafree" else {"data": data["train"], "val_data": data["val"]}
@@ -124,23 +124,26 @@ def summarize(rows: list[dict], base_acc: float) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--search-steps", type=int, default=120)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--search-steps", type=int, default=60)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budgets", default="0.25,0.5,2.0")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="")
     p.add_argument("--out", default=os.path.join(CACHE, "quality_digits.json"))
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     epochs = 3 if args.quick else args.epochs
     data = digits_data()
     base = trained_base(data, 5 if args.quick else BASE_EPOCHS)
     base_acc = accuracy(base, data["test"])
     print(f"base test accuracy {base_acc:.4f}; gated/plain step memory {memory_ratio(base, data):.3f}", flush=True)
+    if args.budgets == "none":
+        return 0
     rows = []
-    for budget in [float(b) for b in args.budgets.split(",")]:
+    for budget in [float(b) for b in args.budgets.split(",") if b]:
         methods = GROW if budget > 1 else SHRINK
         for method in [m for m in methods if not args.methods or m in args.methods.split(",")]:
             for seed in seeds:

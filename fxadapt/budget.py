@@ -120,7 +120,22 @@ def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int
             f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x)")
     grow = target > base
     bounds = _bounds(a, grow, cfg)
-    return fit(a, target, bounds, {g: a.groups[g].units for g in bounds}, grow, cfg)
+    n = fit(a, target, bounds, {g: a.groups[g].units for g in bounds}, grow, cfg)
+    _check_window(a, n, target, grow, cfg)
+    return n
+
+
+def _check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig) -> None:
+    """Raise ``BudgetError`` when no width assignment found lies in the window: the groups are too coarse."""
+    m = a.cost.macs(n)
+    if (target <= m <= target * (1 + cfg.tol)) if grow else (target * (1 - cfg.tol) <= m <= target):
+        return
+    base = a.cost.macs()
+    coarse = sorted(a.prunable, key=lambda g: -g.macs_share)[:2]
+    raise BudgetError(
+        f"no widths within {cfg.tol:.0%} of the budget of {target:,.0f} MACs ({target / base:.3f}x): the closest "
+        f"{'at or above' if grow else 'at or below'} it is {m:,.0f} ({m / base:.3f}x); the prunable groups are "
+        f"too coarse: " + ", ".join(f"{g.name} has {g.units} units for {g.macs_share:.0%} of the MACs" for g in coarse))
 
 
 def fit(a, target: float, bounds: dict, base: dict, grow: bool, cfg: SolveConfig = SolveConfig(),

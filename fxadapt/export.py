@@ -3,8 +3,8 @@
 Steps: ``torch.onnx.export(..., dynamo=True)`` (the exporter current torch recommends; it needs onnxscript),
 with a dynamic batch axis where possible; ``onnxsim.simplify`` (its own check compares the simplified
 graph with the original on random inputs); ``onnx.checker.check_model``; then one onnxruntime CPU run
-compared to the torch model in eval mode with ``atol`` (1e-4 by default). Any failure raises
-``ExportError`` naming the step.
+compared to the torch model in eval mode with ``atol`` (1e-4 by default) times the largest output magnitude
+(at least 1). Any failure raises ``ExportError`` naming the step.
 
 Example:
     >>> import tempfile, os, torch, fxadapt
@@ -91,6 +91,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, simplify: bool
     if len(got) != len(ref):
         raise ExportError(f"onnxruntime returned {len(got)} outputs, torch {len(ref)}")
     diff = max(float(np.max(np.abs(g - r))) if r.size else 0.0 for g, r in zip(got, ref))
-    if diff > atol:
-        raise ExportError(f"onnxruntime output differs from torch by {diff:.3g} > atol {atol}")
+    # float32 rounding of reordered kernels scales with the outputs' magnitude (random-init resnet50: ~2e3)
+    scale = max([1.0] + [float(np.max(np.abs(r))) for r in ref if r.size and np.issubdtype(r.dtype, np.floating)])
+    if diff > atol * scale:
+        raise ExportError(f"onnxruntime output differs from torch by {diff:.3g} > atol {atol} x output "
+                          f"magnitude {scale:.3g}")
     return ExportResult(path, simplified, diff, len(proto.graph.node))

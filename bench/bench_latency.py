@@ -7,7 +7,9 @@ way, with ``fxadapt.export_onnx`` (torch.onnx dynamo export + onnxsim + checker 
 - ``original``: the model as built;
 - ``fxadapt``:  ``fxadapt.transform(model, 0.5, (x,))`` (data-free; BN folded);
 - ``tp``:       Torch-Pruning 1.6.1 ``MagnitudePruner`` (L1, per-layer ratio, final classifier ignored) at the
-  pruning ratio (bisection, ``bench/digits_setup.tp_prune``) whose MACs are at most fxadapt's.
+  pruning ratio (bisection on the ratio) whose MACs are at most fxadapt's;
+- ``tp-r16``:   the same with TP's ``round_to=16`` (every pruned width a multiple of 16), to show what width
+  alignment is worth (fxadapt has no such option yet).
 
 Latency: onnxruntime ``CPUExecutionProvider``, one intra-op and one inter-op thread, sequential execution,
 batch 1; median of ``--runs`` runs after ``--warmup`` warm-up runs, the variants' runs interleaved so machine
@@ -39,14 +41,13 @@ import fxadapt
 from fxadapt.transform import count_macs
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 CACHE = ROOT / "bench" / ".cache" / "latency"
 MODELS: dict[str, str] = {
     "resnet50": "pytorchcv.models.resnet",
     "mobilenetv2_w1": "pytorchcv.models.mobilenetv2",
     "efficientnet_b0": "pytorchcv.models.efficientnet",
 }
-VARIANTS = ("original", "fxadapt", "tp")
+VARIANTS = ("original", "fxadapt", "tp", "tp-r16")
 INPUT_SHAPE = (1, 3, 224, 224)
 BUDGET = 0.5
 ALIGN = 16    # AVX-512 NCHWc block of onnxruntime's MLAS convolutions (8 on AVX2)
@@ -71,9 +72,32 @@ def variant(name: str, kind: str) -> torch.nn.Module:
     ours = fxadapt.transform(model, BUDGET, (x,))
     if kind == "fxadapt":
         return ours
-    from digits_setup import tp_prune
+    return tp_prune(model, x, count_macs(ours, (x,)), ALIGN if kind == "tp-r16" else None).eval()
 
-    return tp_prune(model, x, count_macs(ours, (x,)), global_pruning=False).eval()
+
+def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, round_to: int | None) -> torch.nn.Module:
+    """Torch-Pruning magnitude pruning (per layer, classifier ignored) at the largest ratio <= ``target`` MACs
+    (as ``bench/digits_setup.tp_prune``, plus ``round_to``)."""
+    import copy
+
+    import torch_pruning as tp
+
+    def prune(ratio: float) -> torch.nn.Module:
+        m = copy.deepcopy(model).eval()
+        head = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
+        tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                                  ignored_layers=head, round_to=round_to).step()
+        return m
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        m = prune(mid)
+        if count_macs(m, (x,)) <= target:
+            best, hi = m, mid
+        else:
+            lo = mid
+    return best if best is not None else prune(hi)
 
 
 @functools.cache

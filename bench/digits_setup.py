@@ -72,10 +72,10 @@ def tp_prune(model: nn.Module, x: torch.Tensor, target_macs: float, global_pruni
 def uniform_scaled(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
     """Every group scaled by the same factor, keeping the *first* channels (no importance criterion)."""
     import numpy as np
+    from fxadapt.passes.materialize import materialize
 
     import fxadapt
     from fxadapt.budget import solve_widths
-    from fxadapt.passes.materialize import materialize
     from fxadapt.plan import make_plan
 
     a = fxadapt.analyze(model, (x,))

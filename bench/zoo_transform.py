@@ -25,11 +25,10 @@ import argparse
 import gc
 import json
 import multiprocessing as mp
-import queue
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ BUDGETS = (0.25, 0.5, 0.75, 1.5, 2.0)
 # ------------------------------------------------------------------------------------------------
 # Worker (one spawned process per model)
 # ------------------------------------------------------------------------------------------------
-def _worker(entry, budgets, onnx_budgets, threads, q) -> None:
+def _worker(entry, budgets, onnx_budgets, threads, conn) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import warnings
 
@@ -56,21 +55,21 @@ def _worker(entry, budgets, onnx_budgets, threads, q) -> None:
     macs = zh.reference_macs(model, x)
     with torch.no_grad():
         shapes = th._shapes(model(x))
-    q.put(("built", macs))
+    conn.send(("built", macs))
     first = [True]
 
     def progress(step: str) -> None:
         if first[0] and step != "capture + analyze":
             first[0] = False
-            q.put(("analyzed", None))
+            conn.send(("analyzed", None))
 
     for b in budgets:
         r = th.check_transform(model, x, b, onnx=b in onnx_budgets, name=entry.factory, macs_before=macs,
                                ref_shapes=shapes, progress=progress)
         first[0] = False
-        q.put(("row", r.row()))
+        conn.send(("row", r.row()))
         gc.collect()
-    q.put(("done", None))
+    conn.send(("done", None))
 
 
 def _timeout_row(name: str, budget: float, what: str) -> dict:
@@ -81,16 +80,20 @@ def _timeout_row(name: str, budget: float, what: str) -> dict:
 def run_model(entry, budgets, onnx_budgets, args) -> list[dict]:
     """Run one model's budgets in a spawned process; rows for budgets it never reached say why."""
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(entry, budgets, onnx_budgets, args.threads, q), daemon=True)
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_worker, args=(entry, budgets, onnx_budgets, args.threads, send), daemon=True)
     p.start()
+    send.close()
     rows: list[dict] = []
     phase, limit, t0 = "build", args.timeout_per_model, time.perf_counter()
     reason = ""
     while True:
         try:
-            kind, payload = q.get(timeout=2.0)
-        except queue.Empty:
+            ready = recv.poll(2.0)
+            kind, payload = recv.recv() if ready else (None, None)
+        except EOFError:
+            ready = False
+        if not ready:
             if not p.is_alive():
                 reason = f"WorkerCrash: process exited with code {p.exitcode} during {phase}"
                 break
@@ -110,7 +113,7 @@ def run_model(entry, budgets, onnx_budgets, args) -> list[dict]:
     if p.is_alive():
         p.kill()
     p.join(5)
-    q.close()
+    recv.close()
     done = {r["budget"] for r in rows}
     for b in budgets:
         if b not in done:
@@ -132,8 +135,9 @@ def _line(r: dict) -> str:
 def reason_class(error: str) -> str:
     """A failure reason with numbers and quoted/node names blurred, so identical causes group together."""
     s = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", error)
-    s = re.sub(r"\b[\w.]*\d[\w.]*\b", "N", s)
-    return s[:160]
+    s = re.sub(r"\d[\d,]*(\.\d+)?(e[+-]?\d+)?", "N", s)
+    s = re.sub(r"\b[\w.]*N[\w.]*\b", lambda m: "N" if re.search(r"\d|_N|N_", m.group()) else m.group(), s)
+    return s[:120]
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -224,13 +224,16 @@ def _close(ref: Any, got: Any, cfg: TransformConfig, what: str, pair: tuple = ()
     activations (random-init senet154 reaches 1e5 inside), is too much, the check is repeated in float64."""
     # atol is relative to the outputs' magnitude (at least 1): float32 rounding in a reordered or wider
     # reduction scales with the activations (random-init resnet50 logits reach ~2e3, rounding ~1e-3)
-    leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.numel()]
-    scale = max([1.0] + [float(t.detach().abs().max()) for t in leaves if t.is_floating_point()])
     try:
-        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol * scale)
+        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol * _scale(ref))
     except AssertionError as e:
         if not (pair and _close64(*pair, inputs, cfg)):
             raise VerificationError(f"{what} changed the model's outputs: {e}") from e
+
+
+def _scale(ref: Any) -> float:
+    leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.numel()]
+    return max([1.0] + [float(t.detach().abs().max()) for t in leaves if t.is_floating_point()])
 
 
 def _close64(a: nn.Module, b: nn.Module | Callable, inputs: tuple, cfg: TransformConfig) -> bool:
@@ -244,7 +247,7 @@ def _close64(a: nn.Module, b: nn.Module | Callable, inputs: tuple, cfg: Transfor
         ref = _outputs(copy.deepcopy(a).double(), ins)
         b64 = copy.deepcopy(b).double() if isinstance(b, nn.Module) else b(copy.deepcopy(a).double())
         got = _outputs(b64, ins)
-        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol)
+        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol * _scale(ref))
         return True
     except Exception:  # noqa: BLE001 - a model that will not run in float64 keeps the float32 verdict
         return False

@@ -26,8 +26,23 @@ ONNX_BUDGET = 0.5
 SMOKE = (zh.ZooEntry("resnet_cifar", "resnet20_cifar10", (1, 3, 32, 32), ""),
          zh.ZooEntry("mobilenetv2", "mobilenetv2_w1", (1, 3, 224, 224), ""))
 
-# (factory, budget or None for all budgets) -> why fxadapt refuses it; the error must be an FxAdaptError.
-KNOWN_FAILURES: dict[tuple[str, float | None], str] = {
+# (factory, budget or None for all budgets) -> (the FxAdaptError fxadapt must raise, why it refuses).
+_INTERLEAVED = "grouped convs / shuffles lay channels out interleaved, so those groups do not grow"
+KNOWN_FAILURES: dict[tuple[str, float | None], tuple[str, str]] = {
+    ("octresnet10_ad2", None): ("BudgetError", "no prunable group: OctConv slices its weights at run time"),
+    ("shufflenet_g3_w1", None): ("BudgetError", "grouped 1x1 convs + shuffles couple 97% of the MACs into one "
+                                                "group of 8 units: no widths within 1%; no growth either"),
+    ("ghostnet", 1.5): ("BudgetError", "growth reaches 1.35x: " + _INTERLEAVED),
+    ("ghostnet", 2.0): ("BudgetError", "growth reaches 1.35x: " + _INTERLEAVED),
+    ("igcv3_w1", 1.5): ("BudgetError", "growth reaches 1.21x: " + _INTERLEAVED),
+    ("igcv3_w1", 2.0): ("BudgetError", "growth reaches 1.21x: " + _INTERLEAVED),
+    ("condensenet74_c4_g4", 1.5): ("BudgetError", "no growth: " + _INTERLEAVED),
+    ("condensenet74_c4_g4", 2.0): ("BudgetError", "no growth: " + _INTERLEAVED),
+    # Random-init senet154 is numerically chaotic (its own float32 and float64 outputs differ by ~60%), so the
+    # growth check cannot confirm the function is preserved, even in float64; with BatchNorm statistics
+    # calibrated on a few random images every budget passes.
+    ("senet154", 1.5): ("VerificationError", "random-init senet154 is chaotic: growth unverifiable"),
+    ("senet154", 2.0): ("VerificationError", "random-init senet154 is chaotic: growth unverifiable"),
 }
 
 
@@ -39,7 +54,7 @@ def _built(entry: zh.ZooEntry):
     return model, x, zh.reference_macs(model, x)
 
 
-def _known(factory: str, budget: float) -> str | None:
+def _known(factory: str, budget: float) -> tuple[str, str] | None:
     return KNOWN_FAILURES.get((factory, budget)) or KNOWN_FAILURES.get((factory, None))
 
 
@@ -47,8 +62,10 @@ def _check(entry: zh.ZooEntry, budget: float) -> None:
     model, x, macs = _built(entry)
     r = th.check_transform(model, x, budget, onnx=budget == ONNX_BUDGET, name=entry.factory, macs_before=macs)
     assert r.untouched, f"{entry.factory}@{budget}: the caller's model was mutated"
-    if _known(entry.factory, budget) and not r.transformed:
-        assert r.fxadapt_error, f"{entry.factory}@{budget}: not a clear fxadapt error: {r.error}"
+    known = _known(entry.factory, budget)
+    if known and not r.transformed:
+        assert r.fxadapt_error and r.error.startswith(known[0] + ":"), \
+            f"{entry.factory}@{budget}: expected {known[0]} ({known[1]}), got: {r.error}"
         return
     assert r.transformed, f"{entry.factory}@{budget}: {r.error}"
     assert r.shapes_ok, f"{entry.factory}@{budget}: {r.error}"

@@ -83,3 +83,18 @@ def check_slicing(a, inputs: tuple, trials: int = 4, exact: bool = True, fixed=N
             w = refslicer.widths(a, keep)
             assert a.macs(w) == half_flops(sliced, *first)  # the cost model counts the analysed batch (1)
             assert a.params(w) == n_params(sliced)
+
+
+D = torch.float64
+
+
+def x4(*shape, seed=0):
+    """A float64 random input, seeded."""
+    return torch.randn(*shape, dtype=D, generator=torch.Generator().manual_seed(seed))
+
+
+def seeded(cls, *args):
+    """``cls(*args)`` built under seed 0, in float64 eval mode."""
+    torch.manual_seed(0)
+    return cls(*args).to(D).eval()
+

@@ -5,20 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ruletools import analyze, check_slicing, group_with, groups_with, half_flops, member, param_members
+from ruletools import (  # noqa: E402
+    analyze,
+    check_slicing,
+    group_with,
+    groups_with,
+    half_flops,
+    member,
+    param_members,
+    seeded,
+    x4,
+)
 from torch import nn
 from torch.nn import functional as F
-
-D = torch.float64
-
-
-def x4(*shape, seed=0):
-    return torch.randn(*shape, dtype=D, generator=torch.Generator().manual_seed(seed))
-
-
-def seeded(cls, *args):
-    torch.manual_seed(0)
-    return cls(*args).to(D).eval()
 
 
 class Cat(nn.Module):

@@ -113,7 +113,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     -----  ---------  ---------  ----------  ------------  ----------------------
     m          2.000      0.100       0.200          0.50                   10.50
     """
-    from fxadapt.report import table
+    from fxadapt.export.report import table
 
     rows = []
     for name, r in results.items():

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import fxadapt
-from fxadapt.transform import count_macs
+from fxadapt.pipeline.transform import count_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache" / "latency"
@@ -72,19 +72,23 @@ def variant(name: str, kind: str) -> torch.nn.Module:
     ours = fxadapt.transform(model, BUDGET, (x,))
     if kind == "fxadapt":
         return ours
-    return tp_prune(model, x, count_macs(ours, (x,)), ALIGN if kind == "tp-r16" else None).eval()
+    pruned = tp_prune(model, x, count_macs(ours, (x,)), ALIGN if kind == "tp-r16" else None).eval()
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape, f"{name} {kind}: pruning changed the output shape"
+    return pruned
 
 
 def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, round_to: int | None) -> torch.nn.Module:
     """Torch-Pruning magnitude pruning (per layer, classifier ignored) at the largest ratio <= ``target`` MACs
-    (as ``bench/digits_setup.tp_prune``, plus ``round_to``)."""
+    (as ``bench/digits_setup.tp_prune``, plus ``round_to``; the classifier is the last conv or linear module:
+    pytorchcv's mobilenetv2 ends in a 1x1 conv)."""
     import copy
 
     import torch_pruning as tp
 
     def prune(ratio: float) -> torch.nn.Module:
         m = copy.deepcopy(model).eval()
-        head = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
+        head = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))][-1:]
         tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
                                   ignored_layers=head, round_to=round_to).step()
         return m
@@ -167,7 +171,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     m      original  2.000       1.000      20.000          1.000                       1.000       100%
     m      tp        1.000       0.500      15.000          0.750                       1.500        25%
     """
-    from fxadapt.report import table
+    from fxadapt.export.report import table
 
     rows = []
     for name, r in results.items():

@@ -47,7 +47,7 @@ def tp_prune(model: nn.Module, x: torch.Tensor, target_macs: float, global_pruni
 
     import torch_pruning as tp
 
-    from fxadapt.transform import count_macs
+    from fxadapt.pipeline.transform import count_macs
 
     def prune(ratio: float) -> nn.Module:
         m = copy.deepcopy(model).eval()
@@ -75,8 +75,8 @@ def uniform_scaled(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module
     from fxadapt.passes.materialize import materialize
 
     import fxadapt
-    from fxadapt.budget import solve_widths
-    from fxadapt.plan import make_plan
+    from fxadapt.planning.budget import solve_widths
+    from fxadapt.planning.plan import make_plan
 
     a = fxadapt.analyze(model, (x,))
     units = solve_widths(a, ratio * a.macs())

@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from digits_setup import BASE_EPOCHS, base_model, digits_data, tp_prune, uniform_scaled  # noqa: E402
 
 import fxadapt  # noqa: E402
-from fxadapt.finetune import FinetuneConfig, accuracy, finetune  # noqa: E402
-from fxadapt.fur import FurConfig  # noqa: E402
-from fxadapt.search import SearchConfig  # noqa: E402
-from fxadapt.supernet import SupernetConfig, build_supernet  # noqa: E402
-from fxadapt.transform import TransformConfig, count_macs  # noqa: E402
+from fxadapt.train.finetune import FinetuneConfig, accuracy, finetune  # noqa: E402
+from fxadapt.search.fur import FurConfig  # noqa: E402
+from fxadapt.search.dna import SearchConfig  # noqa: E402
+from fxadapt.search.supernet import SupernetConfig, build_supernet  # noqa: E402
+from fxadapt.pipeline.transform import TransformConfig, count_macs  # noqa: E402
 
 CACHE = os.path.join(os.path.dirname(__file__), ".cache")
 SHRINK = ["uniform", "tp-uniform", "tp-global", "datafree", "fur", "dna"]

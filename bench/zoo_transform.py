@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             jsonl.write_text("")
         old = _load(jsonl)
         if args.retry_failed:
-            failed = {r["model"] for r in old if not r["ok"]}
+            failed = {r["model"] for r in old if not r["ok"] and (not wanted or r["model"] in wanted)}
             old = [r for r in old if r["model"] not in failed]
             jsonl.write_text("".join(json.dumps(r) + "\n" for r in old))
         done = {r["model"] for r in old}

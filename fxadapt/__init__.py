@@ -1,5 +1,10 @@
 """fxadapt: adapt a PyTorch model's widths and depths to a compute budget, compiler-pass style.
 
+The package folders follow the pipeline: ``ir`` (capture), ``ops`` (the one op registry), ``analysis``
+(groups, blocks, cost model), ``planning`` (budgets, solver, plans), ``search`` (supernet, DNA, FUR),
+``train`` (batches, fine-tuning), ``pipeline`` (pass runner, ``transform``), ``export`` (ONNX, save/load,
+reports) and ``cli``; the graph passes ship as ``fxadapt.passes``.
+
 >>> import torch, fxadapt
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
 >>> a = fxadapt.analyze(model, (torch.randn(1, 3, 16, 16),))
@@ -8,12 +13,15 @@
 """
 
 from fxadapt.analysis import Analysis, analyze
-from fxadapt.budget import Budget
-from fxadapt.capture import capture
 from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
-from fxadapt.export import ExportError, export_onnx
-from fxadapt.report import Report, report
-from fxadapt.transform import VerificationError, transform
+from fxadapt.export.onnx import ExportError, export_onnx
+from fxadapt.export.report import Report, report
+from fxadapt.ir.capture import capture
+from fxadapt.pipeline.transform import TransformConfig, VerificationError, transform
+from fxadapt.planning.budget import Budget
+from fxadapt.train.finetune import FinetuneConfig, finetune
 
-__all__ = ["export_onnx", "ExportError", "transform", "report", "Report", "Budget", "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError", "FxAdaptError"]
-__version__ = "0.1.0"
+__all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
+           "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",
+           "FxAdaptError", "finetune", "FinetuneConfig"]
+__version__ = "0.2.0"

@@ -33,7 +33,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
-from fxadapt.channels import ParamRef
+from fxadapt.ir.channels import ParamRef
 
 FOLDABLE = (nn.modules.conv._ConvNd, nn.Linear)
 

@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
-from fxadapt.channels import ParamRef
+from fxadapt.ir.channels import ParamRef
 
 aten = torch.ops.aten
 

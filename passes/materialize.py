@@ -29,7 +29,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxadapt.plan import Plan, SiteEdit
+from fxadapt.planning.plan import Plan, SiteEdit
 
 aten = torch.ops.aten
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxadapt import meta
-from fxadapt.channels import ParamRef
+from fxadapt.ir.channels import ParamRef
 
 aten = torch.ops.aten
 ZERO_TO_ZERO = {

@@ -9,7 +9,7 @@ import torch
 from models import ResNetTiny
 
 import fxadapt
-from fxadapt.budget import Budget, SolveConfig, parse_budget, reachable, solve_widths
+from fxadapt.planning.budget import Budget, SolveConfig, parse_budget, reachable, solve_widths
 from fxadapt.errors import BudgetError
 
 

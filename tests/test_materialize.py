@@ -12,8 +12,8 @@ from fxadapt.passes.shape_check import shape_check
 from models import CatSplit, ResNetTiny
 
 import fxadapt
-from fxadapt.plan import growth_blocker, make_plan
-from fxadapt.transform import count_macs
+from fxadapt.planning.plan import growth_blocker, make_plan
+from fxadapt.pipeline.transform import count_macs
 
 torch.manual_seed(0)
 X = torch.randn(2, 3, 8, 8)

@@ -10,10 +10,10 @@ import torch
 from models import ResNetTiny
 
 import fxadapt
-from fxadapt.fur import FurConfig, adjust
-from fxadapt.search import SearchConfig, budget_loss
-from fxadapt.supernet import SupernetConfig, build_supernet
-from fxadapt.transform import SearchInterrupted, TransformConfig, count_macs
+from fxadapt.search.fur import FurConfig, adjust
+from fxadapt.search.dna import SearchConfig, budget_loss
+from fxadapt.search.supernet import SupernetConfig, build_supernet
+from fxadapt.pipeline.transform import SearchInterrupted, TransformConfig, count_macs
 
 X1 = torch.randn(1, 3, 8, 8)
 gen = torch.Generator().manual_seed(0)

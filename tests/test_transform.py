@@ -14,8 +14,8 @@ from models import ResNetTiny
 from torch import nn
 
 import fxadapt
-from fxadapt.budget import SolveConfig
-from fxadapt.transform import TransformConfig, count_macs
+from fxadapt.planning.budget import SolveConfig
+from fxadapt.pipeline.transform import TransformConfig, count_macs
 
 X = torch.randn(1, 3, 16, 16)
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import fxadapt
-from fxadapt.transform import TransformConfig
+from fxadapt.pipeline.transform import TransformConfig
 
 TOL = 0.01
 

@@ -27,9 +27,9 @@ import os
 import torch
 
 import fxadapt
-from fxadapt.cli_common import CliError, add_model_arguments, load_model
-from fxadapt.plot import plot_widths
-from fxadapt.transform import TransformConfig
+from fxadapt.cli.common import CliError, add_model_arguments, load_model
+from fxadapt.export.plot import plot_widths
+from fxadapt.pipeline.transform import TransformConfig
 
 STEPS = ("capture + analyze", "solve widths", "materialize", "verify", "fold BatchNorm", "count MACs")
 

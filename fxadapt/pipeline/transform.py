@@ -39,17 +39,17 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxadapt.analysis import analyze
-from fxadapt.budget import TOL, SolveConfig, parse_budget, solve_widths
-from fxadapt.capture import normalize_inputs
+from fxadapt.planning.budget import TOL, SolveConfig, parse_budget, solve_widths
+from fxadapt.ir.capture import normalize_inputs
 from fxadapt.errors import BudgetError, FxAdaptError
-from fxadapt.fur import FurConfig, fur
+from fxadapt.search.fur import FurConfig, fur
 from fxadapt.passes.fold_bn import fold_bn as fold_bn_pass
 from fxadapt.passes.materialize import materialize
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
-from fxadapt.plan import make_plan
-from fxadapt.report import Report, attach
-from fxadapt.search import SearchConfig, dna
+from fxadapt.planning.plan import make_plan
+from fxadapt.export.report import Report, attach
+from fxadapt.search.dna import SearchConfig, dna
 
 STRATEGIES = ("auto", "datafree", "dna", "fur")
 

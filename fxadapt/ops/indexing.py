@@ -19,9 +19,9 @@ import operator
 import numpy as np
 from torch.fx import Node
 
-from fxadapt.channels import ParamRef, Track
-from fxadapt.rules.core import Blocked, aten_ops, axis_labels, norm_dim, only_axis, rule
-from fxadapt.rules.pointwise import _expand, _reduced
+from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, only_axis, rule
+from fxadapt.ops.pointwise import _expand, _reduced
 
 
 def _align_all(ctx, tracks: list[Track | None], what: str) -> Track | None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from fxadapt.channels import ParamRef, Track
-from fxadapt.rules.core import Blocked, aten_ops, axis_labels, norm_dim, rule
+from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, rule
 
 UNARY = aten_ops(
     "relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default", "hardtanh_.default",

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxadapt.channels import ParamRef, Track
-from fxadapt.rules.core import Blocked, aten_ops, norm_dim, only_axis, rule
+from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, rule
 
 
 def _grouped(ctx, labels: np.ndarray, groups: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fxadapt.channels import Ledger, Site
+from fxadapt.ir.channels import Ledger, Site
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,7 +102,7 @@ def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple
     Classes come in order of (first site, smallest root), i.e. the order in which a scan of the sites
     first meets them; the roots of a class are ascending.
 
-    >>> from fxadapt.channels import Site
+    >>> from fxadapt.ir.channels import Site
     >>> sites = [Site("param", np.array([0, 1, 2]), "out", "a"), Site("param", np.array([1, 2]), "in", "b")]
     >>> [(key, rs.tolist()) for key, rs in _signature_classes(sites, np.arange(3))]
     [((0,), [0]), ((0, 1), [1, 2])]

@@ -16,8 +16,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxadapt import meta
-from fxadapt.channels import ParamRef, Track
-from fxadapt.rules import RULES, Blocked, Call, Ctx, RuleRecord
+from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops import RULES, Blocked, Call, Ctx, RuleRecord
 
 
 def concrete_shape(val, batch: int):

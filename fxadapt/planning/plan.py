@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fxadapt.channels import Site
+from fxadapt.ir.channels import Site
 
 
 @dataclass(frozen=True, eq=False)

@@ -34,12 +34,12 @@ import numpy as np
 from torch.fx import GraphModule
 
 from fxadapt import meta
-from fxadapt.blocks import Block, dataflow_graph, find_blocks
-from fxadapt.capture import capture
-from fxadapt.cost import CostModel
-from fxadapt.cost_terms import build_cost
-from fxadapt.groups import Group, form_groups
-from fxadapt.propagate import labels_of, propagate
+from fxadapt.analysis.blocks import Block, dataflow_graph, find_blocks
+from fxadapt.ir.capture import capture
+from fxadapt.analysis.cost import CostModel
+from fxadapt.analysis.cost_build import build_cost
+from fxadapt.analysis.groups import Group, form_groups
+from fxadapt.analysis.propagate import labels_of, propagate
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Analysis:
         return self.cost.params(self.units_for(widths), present)
 
     def summary(self) -> str:
-        from fxadapt.report import analysis_table
+        from fxadapt.export.report import analysis_table
 
         return analysis_table(self)
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fxadapt.budget import SolveConfig, fit
-from fxadapt.data import Batches
-from fxadapt.supernet import Supernet, SupernetConfig, build_supernet
+from fxadapt.planning.budget import SolveConfig, fit
+from fxadapt.train.data import Batches
+from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
 
 
 @dataclass(frozen=True)

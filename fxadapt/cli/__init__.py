@@ -4,7 +4,7 @@ Each subcommand lives in its own module listed in ``SUBCOMMANDS``; such a module
 
 - ``add_parser(sub)``: add its parser to the ``argparse`` subparsers object ``sub`` and
   ``set_defaults(run=run)`` on it;
-- ``run(args) -> int``: do the work, raising ``cli_common.CliError`` (or an ``fxadapt.FxAdaptError``) for
+- ``run(args) -> int``: do the work, raising ``cli.common.CliError`` (or an ``fxadapt.FxAdaptError``) for
   anything the user got wrong.
 
 ``main`` turns those errors into one line on stderr and exit status 2; other exceptions are bugs and keep
@@ -24,10 +24,10 @@ import importlib
 import sys
 import warnings
 
-from fxadapt.cli_common import CliError, one_line
+from fxadapt.cli.common import CliError, one_line
 from fxadapt.errors import FxAdaptError
 
-SUBCOMMANDS: list[str] = ["fxadapt.cli_inspect", "fxadapt.cli_adapt"]
+SUBCOMMANDS: list[str] = ["fxadapt.cli.inspect", "fxadapt.cli.adapt"]
 
 EXIT_USAGE = 2
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxadapt.budget import SolveConfig, fit
-from fxadapt.data import Batches
-from fxadapt.supernet import Supernet, SupernetConfig, build_supernet
+from fxadapt.planning.budget import SolveConfig, fit
+from fxadapt.train.data import Batches
+from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxadapt.channels import Track
-from fxadapt.rules.core import Blocked, aten_ops, norm_dim, rule
+from fxadapt.ir.channels import Track
+from fxadapt.ops.core import Blocked, aten_ops, norm_dim, rule
 
 
 def _runs(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:

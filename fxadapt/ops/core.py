@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from fxadapt.channels import Ledger, ParamRef, Site, Track
+from fxadapt.ir.channels import Ledger, ParamRef, Site, Track
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fxadapt.data import Batches
+from fxadapt.train.data import Batches
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from fxadapt.errors import BudgetError
-from fxadapt.plan import growth_blocker
+from fxadapt.planning.plan import growth_blocker
 
 FRACTION_MAX = 16.0
 TOL = 0.01

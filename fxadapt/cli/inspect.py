@@ -31,8 +31,8 @@ from collections import Counter
 from typing import Any
 
 import fxadapt
-from fxadapt.cli_common import CliError, add_model_arguments, load_model
-from fxadapt.report import human
+from fxadapt.cli.common import CliError, add_model_arguments, load_model
+from fxadapt.export.report import human
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -130,7 +130,7 @@ def _member(m) -> dict[str, Any]:
     return out
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m fxadapt.cli_inspect ...
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m fxadapt.cli.inspect ...
     from fxadapt.cli import main
 
     sys.exit(main(["inspect", *sys.argv[1:]]))

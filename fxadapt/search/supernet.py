@@ -30,7 +30,7 @@ from fxadapt.passes.insert_gates import DepthGate, GateSpec, WidthGate, insert_g
 from fxadapt.passes.materialize import materialize
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
-from fxadapt.plan import growth_blocker, importance, make_plan
+from fxadapt.planning.plan import growth_blocker, importance, make_plan
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxadapt.capture import normalize_inputs
+from fxadapt.ir.capture import normalize_inputs
 from fxadapt.errors import FxAdaptError
 
 
@@ -90,10 +90,33 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, simplify: bool
         ref = [t.detach().numpy() for t in pytree.tree_leaves(work(*inputs)) if isinstance(t, torch.Tensor)]
     if len(got) != len(ref):
         raise ExportError(f"onnxruntime returned {len(got)} outputs, torch {len(ref)}")
-    diff = max(float(np.max(np.abs(g - r))) if r.size else 0.0 for g, r in zip(got, ref))
-    # float32 rounding of reordered kernels scales with the outputs' magnitude (random-init resnet50: ~2e3)
-    scale = max([1.0] + [float(np.max(np.abs(r))) for r in ref if r.size and np.issubdtype(r.dtype, np.floating)])
-    if diff > atol * scale:
-        raise ExportError(f"onnxruntime output differs from torch by {diff:.3g} > atol {atol} x output "
-                          f"magnitude {scale:.3g}")
+    diff = _compare(work, inputs, got, ref, atol)
     return ExportResult(path, simplified, diff, len(proto.graph.node))
+
+
+def _maxdiff(a: list, b: list) -> float:
+    return max((float(np.max(np.abs(x - y))) for x, y in zip(a, b) if y.size), default=0.0)
+
+
+def _compare(work: nn.Module, inputs: tuple, got: list, ref: list, atol: float) -> float:
+    """Largest |onnxruntime - torch|; raises unless it is within ``atol`` x the outputs' magnitude (float32
+    rounding of reordered kernels scales with it: random-init resnet50 logits reach ~2e3) plus twice torch's
+    own float32 error against a float64 run (ill-conditioned models amplify rounding: random-init igcv3_w1's
+    float32 outputs are 7e-4 off exact arithmetic, onnxruntime's as far)."""
+    diff = _maxdiff(got, ref)
+    scale = max([1.0] + [float(np.max(np.abs(r))) for r in ref if r.size and np.issubdtype(r.dtype, np.floating)])
+    if diff <= atol * scale:
+        return diff
+    noise = float("nan")
+    try:
+        to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        with torch.no_grad():
+            out64 = copy.deepcopy(work).double()(*pytree.tree_map(to64, inputs))
+        ref64 = [t.numpy() for t in pytree.tree_leaves(out64) if isinstance(t, torch.Tensor)]
+        noise = _maxdiff([r.astype(np.float64) for r in ref], ref64)
+    except Exception:  # noqa: BLE001 - a model that will not run in float64 keeps the plain tolerance
+        pass
+    if not diff <= atol * scale + 2 * noise:
+        raise ExportError(f"onnxruntime output differs from torch by {diff:.3g} > atol {atol} x output magnitude "
+                          f"{scale:.3g} + 2 x torch's own float32 error {noise:.3g}")
+    return diff

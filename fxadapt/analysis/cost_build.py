@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch.fx import GraphModule
 
-from fxadapt.channels import ParamRef, Track
-from fxadapt.cost import CostModel, LinearForm, Term
-from fxadapt.propagate import normalize
+from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.analysis.cost import CostModel, LinearForm, Term
+from fxadapt.analysis.propagate import normalize
 
 aten = torch.ops.aten
 CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}

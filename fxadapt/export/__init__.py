@@ -1,0 +1,1 @@
+"""Export and reports: ONNX export, save/load, report tables, plots."""

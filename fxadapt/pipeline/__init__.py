@@ -1,0 +1,1 @@
+"""The pipeline: the pass runner and ``transform`` (capture -> analyze -> plan -> materialize -> verify)."""

@@ -1,0 +1,1 @@
+"""Planning: budgets, the data-free width solver and width/depth plans."""

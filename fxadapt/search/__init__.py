@@ -1,0 +1,1 @@
+"""Search: the elastic supernet, DNA (differentiable) and Network Adjustment (FUR) strategies."""

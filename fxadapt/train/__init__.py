@@ -1,0 +1,1 @@
+"""Training helpers: deterministic batches and the shared fine-tuning recipe."""

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import fxadapt
-from fxadapt.pipeline.transform import count_macs
+from fxadapt.analysis.count import count_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache" / "latency"

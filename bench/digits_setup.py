@@ -47,7 +47,7 @@ def tp_prune(model: nn.Module, x: torch.Tensor, target_macs: float, global_pruni
 
     import torch_pruning as tp
 
-    from fxadapt.pipeline.transform import count_macs
+    from fxadapt.analysis.count import count_macs
 
     def prune(ratio: float) -> nn.Module:
         m = copy.deepcopy(model).eval()

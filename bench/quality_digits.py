@@ -32,7 +32,8 @@ from fxadapt.train.finetune import FinetuneConfig, accuracy, finetune  # noqa: E
 from fxadapt.search.fur import FurConfig  # noqa: E402
 from fxadapt.search.dna import SearchConfig  # noqa: E402
 from fxadapt.search.supernet import SupernetConfig, build_supernet  # noqa: E402
-from fxadapt.pipeline.transform import TransformConfig, count_macs  # noqa: E402
+from fxadapt.analysis.count import count_macs  # noqa: E402
+from fxadapt.pipeline.transform import TransformConfig  # noqa: E402
 
 CACHE = os.path.join(os.path.dirname(__file__), ".cache")
 SHRINK = ["uniform", "tp-uniform", "tp-global", "datafree", "fur", "dna"]

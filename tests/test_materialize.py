@@ -13,7 +13,7 @@ from models import CatSplit, ResNetTiny
 
 import fxadapt
 from fxadapt.planning.plan import growth_blocker, make_plan
-from fxadapt.pipeline.transform import count_macs
+from fxadapt.analysis.count import count_macs
 
 torch.manual_seed(0)
 X = torch.randn(2, 3, 8, 8)

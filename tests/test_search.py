@@ -13,7 +13,8 @@ import fxadapt
 from fxadapt.search.fur import FurConfig, adjust
 from fxadapt.search.dna import SearchConfig, budget_loss
 from fxadapt.search.supernet import SupernetConfig, build_supernet
-from fxadapt.pipeline.transform import SearchInterrupted, TransformConfig, count_macs
+from fxadapt.analysis.count import count_macs
+from fxadapt.pipeline.transform import SearchInterrupted, TransformConfig
 
 X1 = torch.randn(1, 3, 8, 8)
 gen = torch.Generator().manual_seed(0)

@@ -15,7 +15,8 @@ from torch import nn
 
 import fxadapt
 from fxadapt.planning.budget import SolveConfig
-from fxadapt.pipeline.transform import TransformConfig, count_macs
+from fxadapt.analysis.count import count_macs
+from fxadapt.pipeline.transform import TransformConfig
 
 X = torch.randn(1, 3, 16, 16)
 

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxadapt.analysis import analyze
+from fxadapt.analysis.count import count_macs
 from fxadapt.planning.budget import TOL, SolveConfig, parse_budget, solve_widths
 from fxadapt.ir.capture import normalize_inputs
 from fxadapt.errors import BudgetError, FxAdaptError
@@ -84,16 +84,6 @@ class Outcome:
     history: tuple = ()
     slots: frozenset = frozenset()
     preserving: bool = False
-
-
-def count_macs(model: nn.Module, inputs: tuple) -> float:
-    """MACs of one forward pass, counted by ``FlopCounterMode`` (FLOPs / 2)."""
-    was = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*inputs)
-    model.train(was)
-    return counter.get_total_flops() / 2
 
 
 def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, val_data=None,

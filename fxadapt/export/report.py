@@ -1,7 +1,15 @@
-"""Readable tables: the analysis summary (groups and blocks)."""
+"""Readable tables: the analysis summary (groups and blocks) and the ``Report`` of a transform.
+
+The analysis table's "MACs elasticity" column is ``e_g = n_g * dMACs/dn_g / MACs`` for a group of width
+``n_g``: widening the group by 1% raises the model's MACs by ``e_g`` %. It is not a share of a whole: a
+group that scales two factors of one cost term (a depthwise conv's input and output channels, both
+operands of a matmul) counts in both, so ``e_g`` can exceed 1 (quadratic in ``n_g``) and the column does
+not sum to 1. A footnote under the table says so.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -40,13 +48,32 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
+ELASTICITY_NOTE = ("MACs elasticity: % change of the model's MACs per 1% change of the group's width "
+                   "(n * dMACs/dn / MACs); a group on both sides of an op (depthwise conv in+out, both matmul "
+                   "operands) counts twice, so values can exceed 1 and do not sum to 1.")
+
+
 def analysis_table(a) -> str:
-    rows = [[g.id, g.name[:48], g.width, g.granularity, len(g.members), f"{100 * g.macs_share:.1f}%",
+    """Groups (width, granularity, members, MACs elasticity, state) and blocks of an ``Analysis``.
+
+    >>> import torch, fxadapt
+    >>> dw = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8),
+    ...                          torch.nn.Conv2d(8, 4, 1))
+    >>> print(analysis_table(fxadapt.analyze(dw, (torch.randn(1, 3, 8, 8),))))  # doctest: +ELLIPSIS
+    MACs ...
+    id  group  width  gran  members  MACs elasticity  state
+    --  -----  -----  ----  -------  ---------------  ...
+     0  0          8     1  ...
+    <BLANKLINE>
+    MACs elasticity: % change of the model's MACs per 1% change ...
+    """
+    rows = [[g.id, g.name[:48], g.width, g.granularity, len(g.members), f"{g.macs_share:.3f}",
              "prunable" if g.prunable else f"frozen: {g.reason}"] for g in a.groups]
     out = [f"MACs {human(a.macs())}  params {human(a.params())}  groups {len(a.groups)} "
            f"({len(a.prunable)} prunable)  blocks {len(a.blocks)} "
            f"({sum(b.removable for b in a.blocks)} removable)", "",
-           table(["id", "group", "width", "gran", "members", "MACs share", "state"], rows)]
+           table(["id", "group", "width", "gran", "members", "MACs elasticity", "state"], rows), "",
+           ELASTICITY_NOTE]
     if a.blocks:
         brows = [[b.id, b.entry, b.exit, len(b.body), "yes" if b.removable else "no",
                   "yes" if b.repeatable else "no", b.reason or ""] for b in a.blocks]
@@ -113,6 +140,45 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+    def to_dict(self) -> dict:
+        """Plain data (numbers, strings, lists, dicts) for ``fxadapt.export.save``; history entries that are
+        not plain data are dropped.
+
+        >>> r = Report("datafree", 4.0, 2.0, 2.0, 10.0, 5.0, None, (GroupChange(0, "conv", 8, 4),))
+        >>> Report.from_dict(r.to_dict()) == r
+        True
+        """
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["groups"] = [dataclasses.astuple(g) for g in self.groups]
+        out["blocks_removed"], out["blocks_added"] = list(self.blocks_removed), list(self.blocks_added)
+        out["history"] = [p for p in map(_plain, self.history) if p is not _SKIP]
+        return out
+
+    @staticmethod
+    def from_dict(d: dict) -> Report:
+        """The ``Report`` that ``to_dict`` described."""
+        return Report(**{**d, "groups": tuple(GroupChange(*g) for g in d["groups"]),
+                         "blocks_removed": tuple(d["blocks_removed"]), "blocks_added": tuple(d["blocks_added"]),
+                         "history": tuple(d["history"])})
+
+
+_SKIP = object()
+
+
+def _plain(v):
+    """``v`` as builtin types (numpy/torch scalars become ``float``/``int``), or ``_SKIP``."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, (int, float)) or (hasattr(v, "item") and getattr(v, "ndim", 1) == 0):
+        return v.item() if hasattr(v, "item") else (int(v) if isinstance(v, int) else float(v))
+    if isinstance(v, (list, tuple)):
+        seq = [_plain(x) for x in v]
+        return _SKIP if any(x is _SKIP for x in seq) else (seq if isinstance(v, list) else tuple(seq))
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        d = {k: _plain(x) for k, x in v.items()}
+        return _SKIP if any(x is _SKIP for x in d.values()) else d
+    return _SKIP
 
 
 def attach(model, report: Report):

@@ -2,7 +2,8 @@
 
 Shapes are stored as ``meta``-device tensors (no data), so analyses of a rewritten graph see its real
 shapes. A graph that no longer runs fails here, naming the node: this is the shape check run after every
-pipeline step.
+pipeline step. Example inputs take every form ``fxadapt.ir.inputs.as_inputs`` accepts (an ``Inputs``,
+keyword inputs included); they are flattened in the order of the graph's input spec.
 
 Example:
     >>> import torch
@@ -10,6 +11,9 @@ Example:
     >>> gm = capture(torch.nn.Linear(4, 2), (torch.randn(1, 4),))
     >>> shape_check(gm, (torch.randn(3, 4),)).modified
     False
+    >>> gm = capture(torch.nn.Linear(4, 2), {"input": torch.randn(1, 4)})
+    >>> shape_check(gm, {"input": torch.randn(5, 4)}).graph_module.meta["fxadapt.batch"]
+    5
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from fxadapt.errors import FxAdaptError
+from fxadapt.ir.inputs import Inputs, as_inputs
 
 
 class ShapeCheckError(FxAdaptError):
@@ -47,23 +52,35 @@ class _Recorder(Interpreter):
         return out
 
 
-def flat_inputs(gm: GraphModule, example_inputs: tuple) -> list:
-    spec = getattr(gm, "_in_spec", None)
+def _in_spec(gm: GraphModule) -> Any:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    return info.in_spec if info is not None and info.in_spec is not None else getattr(gm, "_in_spec", None)
+
+
+def flat_inputs(gm: GraphModule, example_inputs: Any) -> list:
+    """The graph's placeholder values: ``(args, kwargs)`` flattened by its input spec (keywords in the
+    spec's order); positional inputs as they are for a graph without one (keywords bound by name)."""
+    inputs = as_inputs(example_inputs)
+    spec = _in_spec(gm)
     if spec is None:
-        return list(example_inputs)
-    leaves, _ = pytree.tree_flatten((tuple(example_inputs), {}))
-    return leaves
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        return [*inputs.args, *(inputs.kwargs[k] for k in names[len(inputs.args):] if k in inputs.kwargs)]
+    kwargs = inputs.kwargs
+    children = spec.children_specs if spec.type is tuple else []
+    if len(children) == 2 and children[1].type is dict and set(children[1].context) == set(kwargs):
+        kwargs = {k: kwargs[k] for k in children[1].context}
+    return pytree.tree_leaves((tuple(inputs.args), kwargs))
 
 
-def shape_check(gm: GraphModule, example_inputs: tuple) -> PassResult:
+def shape_check(gm: GraphModule, example_inputs: Inputs | tuple | Any) -> PassResult:
     """Run ``gm`` once (no grad, eval mode restored afterwards) and refresh ``meta['val']``."""
+    inputs = as_inputs(example_inputs)
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            _Recorder(gm).run(*flat_inputs(gm, example_inputs))
+            _Recorder(gm).run(*flat_inputs(gm, inputs), enable_io_processing=False)
     finally:
         gm.train(was_training)
-    batch = next((v.shape[0] for v in pytree.tree_leaves(example_inputs) if isinstance(v, torch.Tensor) and v.dim()), 1)
-    gm.meta["fxadapt.batch"] = int(batch)
+    gm.meta["fxadapt.batch"] = inputs.batch
     return PassResult(gm, False)

@@ -3,26 +3,66 @@
 This is the *independent* check that ``transform`` verifies budgets with; it shares no code with the cost
 model (``fxadapt.analysis.cost``), which is derived from the op registry.
 
+Attention is counted: ``FlopCounterMode`` has no formula for CPU's fused attention kernels
+(``_scaled_dot_product_flash_attention_for_cpu``) nor for the ``nn.MultiheadAttention`` /
+``nn.TransformerEncoderLayer`` fast path (``_native_multi_head_attention``,
+``_transformer_encoder_layer_fwd``), so the run uses the math SDPA backend
+(``sdpa_kernel(SDPBackend.MATH)``) with the MHA fast path disabled (restored afterwards). The math backend
+computes ``softmax(q k^T * scale + mask) v`` with two batched matmuls, so an SDPA call over ``b`` x ``h``
+heads, ``L`` queries, ``S`` keys, head dims ``E`` (q, k) and ``Ev`` (v) counts
+``b*h*L*S*E + b*h*L*S*Ev`` MACs (grouped-query attention counts every query head).
+
 Example:
     >>> import torch
     >>> count_macs(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
     24.0
+    >>> q = torch.randn(2, 4, 8, 16)
+    >>> class Attention(torch.nn.Module):
+    ...     def forward(self, q):
+    ...         return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    >>> count_macs(Attention(), q) == 2 * 4 * 8 * 8 * (16 + 16)
+    True
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Iterator
+
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxadapt.ir.inputs import as_inputs
 
-def count_macs(model: nn.Module, inputs: tuple) -> float:
-    """MACs of one forward pass in eval mode, counted by ``FlopCounterMode`` (FLOPs / 2)."""
+
+@contextlib.contextmanager
+def countable_attention() -> Iterator[None]:
+    """Math SDPA backend and no MHA fast path inside the block (the previous settings are restored).
+
+    >>> with countable_attention():
+    ...     torch.backends.mha.get_fastpath_enabled()
+    False
+    """
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def count_macs(model: nn.Module, inputs: Any) -> float:
+    """MACs of one forward pass in eval mode, counted by ``FlopCounterMode`` (FLOPs / 2), attention
+    included; ``inputs`` takes every form ``fxadapt.ir.inputs.as_inputs`` accepts (kwargs too)."""
+    inputs = as_inputs(inputs)
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+        with torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
+            inputs.call(model)
     finally:
         model.train(was)
     return counter.get_total_flops() / 2

@@ -1,10 +1,23 @@
 """Capture: lift any ``nn.Module`` to a trainable ATen-level ``torch.fx.GraphModule``.
 
-Steps: validate the model and example inputs (and run the model once on them, so a wrong input is
-reported as such and not as a tracing failure); deep-copy the model in eval mode (the caller's model is
-never touched); ``torch.export.export(strict=False)`` with a dynamic batch axis where the model allows it
-(static shapes otherwise); drop export's guard module; lift parametric ATen calls back into ``nn``
-modules (``passes/lift_modules``) so ``.train()``/``.eval()`` work; lint.
+Steps: normalise the example inputs (``fxadapt.ir.inputs``: a tensor, a positional tuple, a dict of
+keyword inputs or an ``(args, kwargs)`` pair); deep-copy the model in eval mode (the caller's model is
+never touched); ``torch.export.export(strict=False)`` with a dynamic batch axis on every tensor input,
+positional or keyword (a size-1 batch is traced at size 2, which export would otherwise specialise;
+static shapes if that fails); drop export's guard module; lift parametric ATen calls back into ``nn``
+modules (``passes/lift_modules``) so ``.train()``/``.eval()`` work; lint. The model runs eagerly only when
+export fails, to tell wrong inputs (``InputError``) from untraceable code (``CaptureError``, naming the
+user's source line) and to register dataclass outputs as pytree nodes.
+
+KV caches: when ``forward`` takes ``use_cache`` and the example inputs do not set it, the copy is called
+with ``use_cache=False`` (a ``UserWarning`` says so): a cache object (``DynamicCache``) is no tensor
+pytree and its key/value tensors would pin every attention width as a model output. Set ``use_cache``
+in the example inputs to override. ``as_called(model, inputs)`` gives the inputs the original model must
+be called with to compare against the capture. Model outputs keep their type: a Hugging Face
+``ModelOutput`` (or any registered dataclass) comes back as itself, so ``captured(**inputs).logits`` works.
+
+The result records ``meta[INPUTS_KEY]`` (the ``Inputs``), ``meta[BATCH_KEY]`` (their batch size) and
+``meta[FIXED_KEY]`` (the keyword arguments capture fixed, e.g. ``{"use_cache": False}``).
 
 Example:
     >>> import torch
@@ -13,14 +26,19 @@ Example:
     >>> gm = capture(model, (torch.randn(1, 3, 16, 16),))
     >>> gm(torch.randn(4, 3, 16, 16)).shape   # batch size is free
     torch.Size([4, 8, 14, 14])
+    >>> gm.meta[INPUTS_KEY].batch
+    1
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import re
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -30,51 +48,90 @@ from torch.utils import _pytree as pytree
 
 from fxadapt import meta
 from fxadapt.errors import CaptureError, InputError
+from fxadapt.ir.inputs import Inputs, as_inputs
 from fxadapt.passes.lift_modules import LiftConfig, lift_modules
+
+INPUTS_KEY = "fxadapt.inputs"        # Inputs: the example inputs the graph was captured with
+BATCH_KEY = "fxadapt.batch"          # int: their batch size (the concrete size of symbolic batch dims)
+FIXED_KEY = "fxadapt.fixed_kwargs"   # dict: keyword arguments capture fixed on the model (use_cache=False)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple:
-    """Example inputs as a tuple of positional inputs (a bare tensor is accepted and wrapped)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if not isinstance(example_inputs, tuple):
-        raise InputError(
-            f"example_inputs must be a tuple of positional inputs (tensors or pytrees), as for torch.export; "
-            f"got {type(example_inputs).__name__}. Wrap a single tensor as (x,).")
-    leaves = pytree.tree_leaves(example_inputs)
-    if not any(isinstance(v, torch.Tensor) for v in leaves):
-        raise InputError("example_inputs holds no tensor")
-    return example_inputs
+    """Positional example inputs as a tuple (for callers that take positional inputs only).
+
+    >>> normalize_inputs(torch.ones(2))
+    (tensor([1., 1.]),)
+    """
+    inputs = as_inputs(example_inputs)
+    if inputs.kwargs:
+        raise InputError(f"this step takes positional example inputs only (a tensor or a tuple); got keyword "
+                         f"inputs {sorted(inputs.kwargs)}")
+    return inputs.args
 
 
-def check_runs(model: nn.Module, inputs: tuple) -> Any:
+def fixed_kwargs(model: nn.Module, inputs: Inputs) -> dict:
+    """Keyword arguments capture adds: ``use_cache=False`` where ``forward`` takes it and it is unset.
+
+    >>> fixed_kwargs(torch.nn.Linear(2, 2), as_inputs(torch.ones(1, 2)))
+    {}
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params and "use_cache" not in inputs.kwargs else {}
+
+
+def as_called(model: nn.Module, example_inputs: Any) -> Inputs:
+    """The inputs to call the original ``model`` with so that it computes what its capture computes.
+
+    >>> as_called(torch.nn.Linear(2, 2), torch.ones(1, 2)).kwargs
+    {}
+    """
+    inputs = as_inputs(example_inputs)
+    return inputs.with_kwargs(**fixed_kwargs(model, inputs))
+
+
+def check_runs(model: nn.Module, inputs: Any) -> Any:
     """Run the model once; a failure here is the inputs' (or the model's) fault, not the tracer's."""
+    inputs = as_inputs(inputs)
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return inputs.call(model)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        shapes = [tuple(v.shape) for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor)]
+        shapes = [tuple(v.shape) for v in inputs.tensors()]
         raise InputError(
-            f"{type(model).__name__} fails on the example inputs (tensor shapes {shapes}): "
+            f"{type(model).__name__} fails on the example inputs (tensor shapes {shapes}"
+            f"{', keywords ' + str(sorted(inputs.kwargs)) if inputs.kwargs else ''}): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def _register_dataclasses(out: Any) -> None:
-    """Let torch.export flatten dataclass outputs the user did not register as pytree nodes."""
-    for v in [out] + (list(out) if isinstance(out, (tuple, list)) else []):
-        cls = type(v)
-        if dataclasses.is_dataclass(v) and cls not in pytree.SUPPORTED_NODES:
+def _register_dataclasses(out: Any) -> bool:
+    """Let torch.export flatten dataclass outputs (at any depth) the user did not register as pytree
+    nodes; True if any was registered."""
+    found = False
+    for _ in range(8):
+        new = {type(v) for v in pytree.tree_leaves(out)
+               if dataclasses.is_dataclass(v) and not isinstance(v, type) and type(v) not in pytree.SUPPORTED_NODES}
+        if not new:
+            return found
+        for cls in new:
             torch.export.register_dataclass(cls)
+        found = True
+    return found
 
 
-def _batch2(inputs: tuple) -> tuple:
-    return pytree.tree_map(
-        lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 else v, inputs)
+def _batch2(inputs: Inputs) -> Inputs:
+    """Size-1 leading axes doubled, so export does not specialise the batch to 1."""
+    return inputs.map(lambda v: torch.cat([v, v]) if v.dim() and v.shape[0] == 1 else v)
 
 
-def _dynamic_spec(inputs: tuple) -> Any:
-    return pytree.tree_map(
-        lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None, inputs)
+def _dynamic_spec(inputs: Inputs) -> torch.export.ShapesCollection:
+    spec = torch.export.ShapesCollection()
+    for v in inputs.tensors():
+        if v.dim():
+            spec[v] = {0: torch.export.Dim.AUTO}
+    return spec
 
 
 def _where(e: BaseException, model: nn.Module) -> str:
@@ -94,19 +151,29 @@ def _where(e: BaseException, model: nn.Module) -> str:
     return op.group(1) if op else type(model).__name__
 
 
-def export(model: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch axis, falling back to static shapes."""
+def _hint(text: str) -> str:
+    cache = re.search(r"Found <class '[\w.]*?(\w*Cache)'> in output", text)
+    if cache:
+        return (f"the output holds a {cache.group(1)} (a KV cache, no tensor pytree): "
+                f"leave use_cache unset (capture then passes use_cache=False) or set use_cache=False")
+    return ""
+
+
+def export(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch axis, falling back to static shapes (see module docstring)."""
+    inputs = as_inputs(example_inputs)
+    dyn = _batch2(inputs)
     try:
-        return torch.export.export(model, _batch2(inputs), dynamic_shapes=_dynamic_spec(inputs), strict=False)
+        return torch.export.export(model, dyn.args, dyn.kwargs, dynamic_shapes=_dynamic_spec(dyn), strict=False)
     except Exception:  # noqa: BLE001 - retried statically; that error is the one reported
         pass
     try:
-        return torch.export.export(model, inputs, strict=False)
+        return torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(
-            f"cannot capture {type(model).__name__} to an ATen graph: {type(e).__name__}: {first}\n"
-            f"  at {_where(e, model)}") from e
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph: {type(e).__name__}: "
+                           f"{first}\n  {_hint(text) or 'at ' + _where(e, model)}") from e
 
 
 def _first_names(gm: GraphModule) -> None:
@@ -127,29 +194,57 @@ def _first_names(gm: GraphModule) -> None:
             node.target = first.get(id(t), node.target)
 
 
-def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
-    """Lift ``model`` to a trainable ATen-level ``GraphModule`` (see module docstring)."""
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = normalize_inputs(example_inputs)
+def _working_copy(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, dict]:
+    """An eval-mode deep copy of ``model`` whose ``forward`` has capture's fixed keyword arguments bound."""
     work = copy.deepcopy(model).eval()
-    out = check_runs(work, inputs)
-    _register_dataclasses(out)
-    ep = export(work, inputs)
-    gm = ep.module()
-    graph = gm.graph
-    for node in list(graph.nodes):
+    fixed = fixed_kwargs(work, inputs)
+    if fixed:
+        warnings.warn(f"fxadapt.capture: calling {type(model).__name__} with use_cache=False: the KV cache is "
+                      f"not captured (set use_cache in example_inputs to choose)", stacklevel=3)
+        work.forward = functools.partial(work.forward, **fixed)
+    return work, fixed
+
+
+def _export_or_explain(work: nn.Module, inputs: Inputs) -> torch.export.ExportedProgram:
+    """``export``; on failure run eagerly: wrong inputs are an ``InputError``, unregistered dataclass
+    outputs are registered and export retried, anything else is the ``CaptureError``."""
+    try:
+        return export(work, inputs)
+    except CaptureError as e:
+        out = check_runs(work, inputs)
+        if not _register_dataclasses(out):
+            raise e
+    return export(work, inputs)
+
+
+def _tidy(gm: GraphModule) -> None:
+    """Drop export's guard module, read shared tensors under one name, record source lines."""
+    for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
+            gm.graph.erase_node(node)
     _first_names(gm)
-    for node in graph.nodes:
+    for node in gm.graph.nodes:
         trace = node.meta.get("stack_trace")
         if trace:
             node.meta[meta.SOURCE] = trace.strip().splitlines()[-1].strip()
+
+
+def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
+    """Lift ``model`` to a trainable ATen-level ``GraphModule`` (see module docstring).
+
+    >>> gm = capture(torch.nn.Linear(4, 2), {"input": torch.randn(1, 4)})
+    >>> gm(input=torch.randn(3, 4)).shape
+    torch.Size([3, 2])
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_inputs(example_inputs)
+    work, fixed = _working_copy(model, inputs)
+    gm = _export_or_explain(work, inputs).module()
+    _tidy(gm)
     result = lift_modules(gm, LiftConfig(origin=work)).graph_module
     result.graph.lint()
     result.recompile()
     result.train(model.training)
-    batch = next((v.shape[0] for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim()), 1)
-    result.meta["fxadapt.batch"] = int(batch)
+    result.meta.update({INPUTS_KEY: inputs, BATCH_KEY: inputs.batch, FIXED_KEY: fixed})
     return result

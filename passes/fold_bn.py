@@ -27,15 +27,14 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from fxadapt.passes.lift_modules import AtenCall
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
 from fxadapt.ir.channels import ParamRef
-
-FOLDABLE = (nn.modules.conv._ConvNd, nn.Linear)
+from fxadapt.ops.registry import spec_of
+from fxadapt.passes.lift_modules import getattr_path, relift
 
 
 @dataclass(frozen=True)
@@ -48,19 +47,13 @@ def fold_bn(gm: GraphModule, cfg: FoldConfig = FoldConfig()) -> PassResult:
     gm = copy.deepcopy(gm) if cfg.copy else gm
     folded = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        bn = gm.get_submodule(node.target)
         src = node.args[0] if node.args else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        if not (_is(node, "affine") and isinstance(src, Node) and _is(src, "absorbs") and len(src.users) == 1):
             continue
-        if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
+        bn = _norm_tensors(gm, node)
+        if bn is None:
             continue
-        layer = gm.get_submodule(src.target)
-        if not isinstance(layer, FOLDABLE):
-            continue
-        _fold(layer, bn)
-        _note_bias(src)
+        _fold(gm, src, bn)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
@@ -72,27 +65,42 @@ def fold_bn(gm: GraphModule, cfg: FoldConfig = FoldConfig()) -> PassResult:
     return PassResult(gm, folded > 0)
 
 
+def _is(node: Node, fold: str) -> bool:
+    """A lifted module whose registry entry folds as ``fold`` ("affine": BN; "absorbs": conv/linear)."""
+    spec = spec_of(node)
+    return node.op == "call_module" and spec is not None and spec.fold == fold
+
+
+def _norm_tensors(gm: GraphModule, node: Node):
+    """``(gamma, beta, mean, var, eps)`` of a lifted batch norm with running statistics (else None)."""
+    a = node.meta[meta.ATEN].args  # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ..)
+    if not isinstance(a[3], ParamRef) or not isinstance(a[4], ParamRef):
+        return None
+    get = lambda r: getattr_path(gm, r.target) if isinstance(r, ParamRef) else None  # noqa: E731
+    mean, var = get(a[3]), get(a[4])
+    gamma = get(a[1]) if a[1] is not None else torch.ones_like(var)
+    beta = get(a[2]) if a[2] is not None else torch.zeros_like(mean)
+    return gamma, beta, mean, var, a[7]
+
+
 @torch.no_grad()
-def _fold(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    w = layer.weight
-    s = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-    if isinstance(layer, nn.modules.conv._ConvNd) and layer.transposed:
-        g = layer.groups
+def _fold(gm: GraphModule, src: Node, bn) -> None:
+    gamma, beta, mean, var, eps = bn
+    spec, tpl = spec_of(src), src.meta[meta.ATEN]
+    w_ref, b_ref = tpl.args[1], tpl.args[2]
+    w = getattr_path(gm, w_ref.target)
+    s = gamma / torch.sqrt(var + eps)
+    if spec.out_axis == 1:  # transposed conv weight [I, O/g, k..]: output channel o is (group, o % (O/g))
+        g = tpl.args[6]
         view = w.view(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
-        scale = s.view(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
-        new_w = (view * scale).view_as(w)
+        new_w = (view * s.view(g, 1, w.shape[1], *([1] * (w.dim() - 2)))).view_as(w)
     else:
         new_w = w * s.view(-1, *([1] * (w.dim() - 1)))
-    b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    layer.weight = nn.Parameter(new_w.detach().clone(), requires_grad=w.requires_grad)
-    layer.bias = nn.Parameter(((b - bn.running_mean) * s + shift).detach().clone())
-
-
-def _note_bias(node) -> None:
-    """The lifted call now has a bias: keep its ATen template in sync for later analyses."""
-    tpl = node.meta.get(meta.ATEN)
-    if isinstance(tpl, AtenCall) and len(tpl.args) > 2 and tpl.args[2] is None:
-        args = list(tpl.args)
-        args[2] = ParamRef(f"{node.target}.bias")
-        node.meta[meta.ATEN] = AtenCall(tpl.op, tuple(args))
+    b = getattr_path(gm, b_ref.target) if isinstance(b_ref, ParamRef) else torch.zeros_like(mean)
+    path = src.target
+    module = gm.get_submodule(path)
+    module.weight = nn.Parameter(new_w.detach().clone(), requires_grad=w.requires_grad)
+    module.bias = nn.Parameter(((b - mean) * s + beta).detach().clone())
+    if not isinstance(b_ref, ParamRef):  # the call now has a bias: keep its ATen template in sync
+        src.meta[meta.ATEN] = tpl.replace(2, ParamRef(f"{path}.bias"))
+    relift(gm, src)

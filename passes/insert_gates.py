@@ -30,6 +30,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
+from fxadapt.ops.registry import spec_of
 
 GATE_ROOT = "fxadapt_gates"
 
@@ -102,8 +103,8 @@ def _after_norm(node: Node, gm: GraphModule) -> Node:
     """Follow a producer through its single-user BatchNorm (the mask goes after the affine)."""
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if user.op == "call_module" and isinstance(gm.get_submodule(user.target),
-                                                   nn.modules.batchnorm._BatchNorm):
+        spec = spec_of(user)
+        if spec is not None and spec.fold == "affine":
             node = user
             continue
         break

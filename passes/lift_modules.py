@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,126 +30,21 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
+from fxadapt.ir.atencall import AtenCall, Input
 from fxadapt.ir.channels import ParamRef
+from fxadapt.ops import OPS
+from fxadapt.ops.lifts import Skip
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class Input:
-    """Placeholder in an ``AtenCall`` template: the call's ``i``-th activation argument."""
-
-    i: int
-
-
-@dataclass(frozen=True)
-class AtenCall:
-    """The ATen call a lifted module computes, with parameters as ``ParamRef`` and activations as ``Input``."""
-
-    op: object
-    args: tuple
-
-    def bind(self, node: Node) -> tuple:
-        return tuple(node.args[a.i] if isinstance(a, Input) else a for a in self.args)
-
-
-@dataclass(frozen=True)
 class LiftConfig:
-    lift_dropout: bool = True
+    lift_dropout: bool = True   # parameter-free lifts (dropout) too
     origin: nn.Module | None = None   # the user's model: BN momentum is read from it (export bakes 0.0/None)
 
 
-def _conv(transposed: bool, nd_from_weight: bool = True) -> Callable:
-    def build(a: list, t: dict) -> nn.Module:
-        w, b = t[a[1]], t.get(a[2]) if a[2] is not None else None
-        nd = w.dim() - 2
-        if transposed:
-            cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 1]
-            stride, padding, out_pad, groups, dilation = a[3], a[4], a[5], a[6], a[7]
-            m = cls(w.shape[0], w.shape[1] * groups, w.shape[2:], stride, padding, out_pad, groups,
-                    b is not None, dilation, device="meta")
-        else:
-            cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
-            stride, padding, dilation, groups = a[3], a[4], a[5], a[6]
-            m = cls(w.shape[1] * groups, w.shape[0], w.shape[2:], stride, padding, dilation, groups,
-                    b is not None, device="meta")
-        m.weight, m.bias = w, b
-        return m
-
-    return build
-
-
-def _bn(a: list, t: dict) -> nn.Module:
-    x_rank = a[0]
-    w, b, rm, rv = (t.get(r) if r is not None else None for r in a[1:5])
-    n = next(v.shape[0] for v in (w, b, rm, rv) if v is not None)
-    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x_rank]
-    m = cls(n, eps=a[7], momentum=a[6], affine=w is not None, track_running_stats=rm is not None, device="meta")
-    if w is not None:
-        m.weight, m.bias = w, b
-    if rm is not None:
-        m.running_mean, m.running_var = rm, rv
-        m.num_batches_tracked = t.get(("nbt", a[3]), torch.tensor(0, dtype=torch.long))
-    return m
-
-
-def _linear(a: list, t: dict) -> nn.Module:
-    w, b = t[a[1]], t.get(a[2]) if a[2] is not None else None
-    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-    m.weight, m.bias = w, b
-    return m
-
-
-def _layer_norm(a: list, t: dict) -> nn.Module:
-    w, b = (t.get(r) if r is not None else None for r in a[2:4])
-    m = nn.LayerNorm(a[1], eps=a[4], elementwise_affine=w is not None, bias=b is not None, device="meta")
-    if w is not None:
-        m.weight = w
-    if b is not None:
-        m.bias = b
-    return m
-
-
-def _group_norm(a: list, t: dict) -> nn.Module:
-    w, b = (t.get(r) if r is not None else None for r in a[2:4])
-    n = w.shape[0] if w is not None else None
-    if n is None:
-        raise _Skip()
-    m = nn.GroupNorm(a[1], n, eps=a[4], affine=True, device="meta")
-    m.weight, m.bias = w, b
-    return m
-
-
-def _embedding(a: list, t: dict) -> nn.Module:
-    w = t[a[0]]
-    m = nn.Embedding(w.shape[0], w.shape[1], padding_idx=a[2] if a[2] != -1 else None, device="meta")
-    m.weight = w
-    return m
-
-
-class _Skip(Exception):
-    """Leave the call as a plain ATen call (an argument pattern we do not lift)."""
-
-
-# op -> (builder, indices of activation args, indices of parameter args)
-LIFT: dict = {
-    aten.conv1d.default: (_conv(False), (0,), (1, 2)),
-    aten.conv2d.default: (_conv(False), (0,), (1, 2)),
-    aten.conv3d.default: (_conv(False), (0,), (1, 2)),
-    aten.conv_transpose1d.default: (_conv(True), (0,), (1, 2)),
-    aten.conv_transpose2d.input: (_conv(True), (0,), (1, 2)),
-    aten.conv_transpose3d.input: (_conv(True), (0,), (1, 2)),
-    aten.linear.default: (_linear, (0,), (1, 2)),
-    aten.batch_norm.default: (_bn, (0,), (1, 2, 3, 4)),
-    aten.layer_norm.default: (_layer_norm, (0,), (2, 3)),
-    aten.group_norm.default: (_group_norm, (0,), (2, 3)),
-    aten.embedding.default: (_embedding, (1,), (0,)),
-}
-DROPOUT = {aten.dropout.default: nn.Dropout, aten.feature_dropout.default: nn.Dropout2d,
-           aten.alpha_dropout.default: nn.AlphaDropout}
-
-
-def _fill_args(node: Node) -> list:
+def fill_args(node: Node) -> list:
     """Schema-complete positional args (defaults filled in)."""
     schema = node.target._schema
     args = list(node.args)
@@ -175,16 +69,11 @@ def _module_name(node: Node, gm: GraphModule, args: list, params: tuple, taken: 
     return name
 
 
-def _plan_dropout(node: Node, gm: GraphModule, taken: set):
-    args = _fill_args(node)
-    name = _module_name(node, gm, args, (), taken)
-    return name, DROPOUT[node.target](args[1]), AtenCall(node.target, (Input(0), *args[1:])), (args[0],)
-
-
 def _plan_param_op(node: Node, gm: GraphModule, taken: set):
     """(module name, module, ATen template, new args) for a parametric call, or None to keep it ATen."""
-    args = _fill_args(node)
-    builder, act_idx, par_idx = LIFT[node.target]
+    args = fill_args(node)
+    lift = OPS[node.target].lift
+    builder, act_idx, par_idx = lift.build, lift.acts, lift.params
     if any(not isinstance(args[i], Node) or args[i].op != "get_attr" for i in par_idx if args[i] is not None):
         return None
     tensors = {a.target: getattr_path(gm, a.target) for i in par_idx if isinstance(a := args[i], Node)}
@@ -198,7 +87,7 @@ def _plan_param_op(node: Node, gm: GraphModule, taken: set):
                   for i, a in enumerate(args)]
     try:
         built = builder(built_args, tensors)
-    except _Skip:
+    except Skip:
         return None
     name = _module_name(node, gm, args, par_idx, taken)
     if any(isinstance(a, Node) and f"{name}.{_attr(built, a.target, gm)}" != a.target
@@ -217,14 +106,10 @@ def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
     modules: dict[str, nn.Module] = {}
     taken: set[str] = set()
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        spec = OPS.get(node.target) if node.op == "call_function" else None
+        if spec is None or spec.lift is None or (not spec.lift.params and not cfg.lift_dropout):
             continue
-        if node.target in DROPOUT and cfg.lift_dropout:
-            planned = _plan_dropout(node, gm, taken)
-        elif node.target in LIFT:
-            planned = _plan_param_op(node, gm, taken)
-        else:
-            continue
+        planned = _plan_param_op(node, gm, taken)
         if planned is None:
             continue
         name, built, template, new_args = planned
@@ -243,6 +128,27 @@ def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
     out = _rebuild(gm, modules)
     out.meta["fxadapt.lifted"] = len(modules)
     return PassResult(out, bool(modules))
+
+
+def relift(gm: GraphModule, node: Node) -> nn.Module:
+    """Rebuild the module of a lifted node from its ATen template and its current (e.g. sliced) tensors,
+    keeping the non-tensor state (training flag, BatchNorm momentum); installs and returns it."""
+    tpl: AtenCall = node.meta[meta.ATEN]
+    old = getattr_path(gm, node.target)
+    tensors = {}
+    for a in tpl.params():
+        tensors[a.target] = getattr_path(gm, a.target)
+        if a.target.endswith("running_mean") and _has(gm, (nbt := a.target.rpartition(".")[0] + ".num_batches_tracked")):
+            tensors[("nbt", a.target)] = getattr_path(gm, nbt)
+    val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], Node) else None
+    args = [(val.dim() if val is not None else 4) if isinstance(a, Input) else
+            (a.target if isinstance(a, ParamRef) else a) for a in tpl.args]
+    new = OPS[tpl.op].lift.build(args, tensors)
+    for key in ("momentum", "training"):
+        if hasattr(old, key):
+            setattr(new, key, getattr(old, key))
+    set_path(gm, node.target, new)
+    return new
 
 
 def _copy_hparams(built: nn.Module, origin: nn.Module | None, name: str) -> None:

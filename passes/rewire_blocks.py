@@ -15,25 +15,16 @@ from __future__ import annotations
 import copy
 
 import torch
-from fxadapt.passes.lift_modules import AtenCall
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxadapt import meta
+from fxadapt.ir.atencall import AtenCall
 from fxadapt.ir.channels import ParamRef
+from fxadapt.ops.registry import spec_of
+from fxadapt.passes.lift_modules import getattr_path
 
 aten = torch.ops.aten
-ZERO_TO_ZERO = {
-    aten.relu.default, aten.relu_.default, aten.relu6.default, aten.relu6_.default, aten.hardtanh.default,
-    aten.hardtanh_.default, aten.silu.default, aten.silu_.default, aten.gelu.default, aten.hardswish.default,
-    aten.hardswish_.default, aten.leaky_relu.default, aten.leaky_relu_.default, aten.tanh.default,
-    aten.mish.default, aten.elu.default, aten.max_pool2d.default, aten.avg_pool2d.default,
-    aten.adaptive_avg_pool2d.default, aten.view.default, aten.reshape.default, aten.permute.default,
-    aten.transpose.int, aten.contiguous.default, aten.clone.default, aten.dropout.default,
-    aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.flatten.using_ints,
-    aten.upsample_nearest2d.vec, aten.alias.default, aten.feature_dropout.default,
-}
-ZEROABLE = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear, nn.LayerNorm, nn.GroupNorm)
 
 
 def _body_output(nodes: dict, block) -> Node:
@@ -41,24 +32,28 @@ def _body_output(nodes: dict, block) -> Node:
     return next(a for a in exit_.args[:2] if isinstance(a, Node) and a.name != block.entry)
 
 
+def _zero_params(gm: GraphModule, node: Node) -> list[nn.Parameter]:
+    """The parameters a lifted node reads (zeroing them all makes a ``zero == "params"`` op output zero)."""
+    refs = node.meta[meta.ATEN].params() if node.op == "call_module" and meta.ATEN in node.meta else ()
+    return [t for t in (getattr_path(gm, r.target) for r in refs) if isinstance(t, nn.Parameter)]
+
+
 def _zero_source(gm: GraphModule, node: Node, body: set[str]) -> Node | str:
-    """The parametric node whose zeroing makes the body output ``node`` zero, or why there is none."""
+    """The parametric node whose zeroing makes the body output ``node`` zero, or why there is none: walk
+    back through ops whose registry entry says ``zero == "preserves"`` to one that says ``"params"``."""
     while True:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, ZEROABLE) and getattr(mod, "weight", None) is not None:
-                return node
-            if isinstance(mod, nn.modules.dropout._DropoutNd):
-                node = node.args[0]
-                continue
-            return f"{node.name} ({type(mod).__name__}) does not map zero to zero"
-        if node.op == "call_function" and node.target in ZERO_TO_ZERO:
-            ins = [a for a in node.args if isinstance(a, Node) and a.name in body]
+        spec = spec_of(node)
+        zero = spec.zero if spec is not None else None
+        if zero == "params" and _zero_params(gm, node):
+            return node
+        if zero == "preserves":
+            ins = [a for a in node.all_input_nodes if a.name in body]
             if not ins:
                 return f"{node.name} has no input inside the block"
             node = ins[0]
             continue
-        return f"{node.name} ({node.target}) does not map zero to zero"
+        what = node.meta[meta.ATEN].op if node.op == "call_module" and meta.ATEN in node.meta else node.target
+        return f"{node.name} ({what}) does not map zero to zero"
 
 
 def repeat_blocker(gm: GraphModule, block) -> str | None:
@@ -110,11 +105,9 @@ def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
     src = _zero_source(gm, env[_body_output(nodes, block)], {n.name for n in created})
     if isinstance(src, str):
         raise ValueError(f"block {block.id} ({block.exit}) cannot be repeated: {src}")
-    mod = gm.get_submodule(src.target)
     with torch.no_grad():
-        mod.weight.zero_()
-        if getattr(mod, "bias", None) is not None:
-            mod.bias.zero_()
+        for p in _zero_params(gm, src):
+            p.zero_()
 
 
 def _retarget(call: AtenCall, old: str, new: str) -> AtenCall:

@@ -11,7 +11,8 @@ import pytest
 
 import fxadapt
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(fxadapt.__path__, "fxadapt."))
+MODULES = sorted({m.name for m in pkgutil.walk_packages(fxadapt.__path__, "fxadapt.")}
+                 | {m.name for m in pkgutil.walk_packages(fxadapt.passes.__path__, "fxadapt.passes.")})
 
 
 def test_every_subpackage_is_walked():

@@ -22,7 +22,8 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-ADD = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+from fxadapt.ops.registry import spec_of
+
 SOURCE = "__source__"
 
 
@@ -78,7 +79,8 @@ def find_blocks(gm: GraphModule, g: nx.DiGraph) -> list[Block]:
     idom = nx.immediate_dominators(g, SOURCE)
     blocks: list[Block] = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in ADD or node.name not in idom:
+        spec = spec_of(node)
+        if node.op != "call_function" or spec is None or not spec.sums or node.name not in idom:
             continue
         ops = [a for a in node.args[:2] if isinstance(a, Node)]
         if len(ops) != 2 or node.kwargs.get("alpha", 1) != 1:

@@ -1,22 +1,15 @@
-"""Build the cost model's terms from an analysed graph (see ``fxadapt.cost`` for the formulas)."""
+"""Build the cost model's terms from an analysed graph: one MAC term per node whose registry entry has a
+cost formula (``fxadapt.ops.costs``), one parameter term per parameter (see ``fxadapt.analysis.cost``)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.analysis.cost import CostModel, LinearForm, Term
 from fxadapt.analysis.propagate import normalize
-
-aten = torch.ops.aten
-CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
-CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
-MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default}
-ADDMM = {aten.addmm.default, aten.baddbmm.default}
+from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops.registry import spec_of
 
 
 class FormMaker:
@@ -40,7 +33,8 @@ class FormMaker:
         return LinearForm(const, tuple(coefs))
 
 
-def _axis(t, axis: int):
+def axis_labels(t, axis: int):
+    """1-D labels of ``t`` along ``axis`` (None when the axis carries no channels)."""
     if not isinstance(t, Track) or axis not in t.axes:
         return None
     k = t.axes.index(axis)
@@ -48,66 +42,48 @@ def _axis(t, axis: int):
     return lab.reshape(-1, lab.shape[-1])[0]
 
 
-def _weight_factors(ref: ParamRef, ctx, sites: dict, form: FormMaker) -> list[LinearForm]:
-    shape = ctx.shape(ref)
-    return [form(sites.get((ref.target, ax)), shape[ax]) for ax in range(len(shape))]
+class CostCtx:
+    """What a cost formula sees: shapes, tracks, and axis sizes as linear forms in the group widths."""
 
+    def __init__(self, ctx, sites: dict, form: FormMaker):
+        self.ctx, self.sites, self.form = ctx, sites, form
+        self.node: Node | None = None
 
-def _activation_factors(t, shape: tuple, form: FormMaker) -> tuple[float, list[LinearForm]]:
-    """Constant part and variable factors of ``numel`` of a tensor with track ``t``."""
-    coef, factors = 1.0, []
-    free = t.axes[-1] if isinstance(t, Track) else None
-    for ax, size in enumerate(shape):
-        if ax == free:
-            factors.append(form(_axis(t, ax), size))
-        else:
-            coef *= size
-    return coef, factors
+    @property
+    def out_shape(self):
+        return self.ctx.shapes.get(self.node.name)
 
+    def shape(self, x):
+        return self.ctx.shape(x)
 
-def _mac_term(node, call, ctx, sites, form) -> tuple[float, list[LinearForm]] | None:
-    op, out = call.op, ctx.shapes.get(node.name)
-    if op in CONV or op in CONV_T or op is aten.linear.default:
-        w = call.arg(1, "weight")
-        src = ctx.shapes[call.args[0].name] if op in CONV_T else out
-        ch = src[1] if op is not aten.linear.default else src[-1]
-        if op is aten.linear.default and isinstance(w, ParamRef):  # channels may sit on a leading axis
-            t, coef, rows = ctx.tracks.get(node.name), 1.0, []  # (a linear over the width of NCHW)
-            for ax, size in enumerate(out[:-1]):
-                lab = _axis(t, ax)
-                coef, rows = (coef * size, rows) if lab is None else (coef, rows + [form(lab, size)])
-            return coef, rows + _weight_factors(w, ctx, sites, form)
-        if not isinstance(w, ParamRef):  # weight computed at run time (a slice): the rule froze it, fixed size
-            return math.prod(src) / ch, [LinearForm(float(s)) for s in ctx.shape(w)]
-        return math.prod(src) / ch, _weight_factors(w, ctx, sites, form)
-    if op in MATMUL or op in ADDMM:
-        a = call.args[1] if op in ADDMM else call.args[0]
-        k = ctx.shape(a)[-1]
-        coef, factors = _activation_factors(ctx.tracks.get(node.name), out, form)
-        return coef, factors + [form(_axis(ctx.track(a), len(ctx.shape(a)) - 1), k)]
-    if op is aten.scaled_dot_product_attention.default:
-        q, k, v = call.args[:3]
-        qs, ks, vs = ctx.shape(q), ctx.shape(k), ctx.shape(v)
-        e = form(_axis(ctx.track(q), len(qs) - 1), qs[-1]) + form(_axis(ctx.track(v), len(vs) - 1), vs[-1])
-        return math.prod(qs[:-1]) * ks[-2], [e]
-    if op is aten.einsum.default:  # no channel rule (its channels are frozen): a constant term
-        return _einsum_macs(call.arg(0, "equation"), [ctx.shape(t) for t in call.arg(1, "tensors")])
-    return None
+    def track(self, x):
+        return self.ctx.tracks.get(x.name) if isinstance(x, Node) else None
 
+    @staticmethod
+    def const(size) -> LinearForm:
+        return LinearForm(float(size))
 
-def _einsum_macs(eq: str, shapes: list) -> tuple[float, list] | None:
-    """MACs of a two-operand einsum as torch computes it (a bmm after summing letters only one side has)."""
-    ins, arrow, out = eq.replace(" ", "").partition("->")
-    ins = ins.split(",")
-    if len(ins) != 2 or "." in eq or any(s is None for s in shapes):
-        return None
-    if not arrow:  # implicit output: the letters used once
-        out = "".join(sorted(c for c in set(ins[0] + ins[1]) if (ins[0] + ins[1]).count(c) == 1))
-    size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape)}
-    if not [c for c in size if c in ins[0] and c in ins[1] and c not in out]:
-        return None  # nothing contracted: an element-wise product, no MACs
-    used = [c for c in size if c in out or (c in ins[0] and c in ins[1])]
-    return float(math.prod(size[c] for c in used)), []
+    def axis_form(self, t, axis: int, size: int, default: bool = False) -> LinearForm | None:
+        """The size of ``axis`` of a tensor with track ``t``; None (or constant with ``default``) if untracked."""
+        lab = axis_labels(t, axis)
+        if lab is None:
+            return LinearForm(float(size)) if default else None
+        return self.form(lab, size)
+
+    def weight_factors(self, ref: ParamRef) -> list[LinearForm]:
+        shape = self.ctx.shape(ref)
+        return [self.form(self.sites.get((ref.target, ax)), shape[ax]) for ax in range(len(shape))]
+
+    def activation_factors(self, t, shape: tuple) -> tuple[float, list[LinearForm]]:
+        """Constant part and variable factors of ``numel`` of a tensor with track ``t``."""
+        coef, factors = 1.0, []
+        free = t.axes[-1] if isinstance(t, Track) else None
+        for ax, size in enumerate(shape):
+            if ax == free:
+                factors.append(self.form(axis_labels(t, ax), size))
+            else:
+                coef *= size
+        return coef, factors
 
 
 def build_cost(gm: GraphModule, ctx, groups: list, roots, group_of, node_blocks: dict) -> CostModel:
@@ -116,6 +92,7 @@ def build_cost(gm: GraphModule, ctx, groups: list, roots, group_of, node_blocks:
     for s in ctx.ledger.sites:
         if s.kind == "param":
             sites.setdefault((s.ref.target, s.axis), s.labels)
+    cx = CostCtx(ctx, sites, form)
     macs, owner = [], {}
     for node in gm.graph.nodes:
         call = normalize(node)
@@ -124,14 +101,17 @@ def build_cost(gm: GraphModule, ctx, groups: list, roots, group_of, node_blocks:
         for a in call.args:
             if isinstance(a, ParamRef):
                 owner.setdefault(a.target, node.name)
-        term = _mac_term(node, call, ctx, sites, form)
+        spec = spec_of(node)
+        if spec is None or spec.cost is None:
+            continue
+        cx.node = node
+        term = spec.cost(call, cx)
         if term is not None:
             macs.append(Term(term[0], tuple(term[1]), node_blocks.get(node.name, ()), node.name))
     params = []
     for name, p in gm.named_parameters():
         user = owner.get(name, "")
-        ref = ParamRef(name)
-        params.append(Term(1.0, tuple(_weight_factors(ref, ctx, sites, form)) if p.dim() else (),
-                           node_blocks.get(user, ()), user))
+        factors = tuple(cx.weight_factors(ParamRef(name))) if p.dim() else ()
+        params.append(Term(1.0, factors, node_blocks.get(user, ()), user))
     units = {g.id: g.units for g in groups if g.prunable}
     return CostModel(tuple(macs), tuple(params), units)

@@ -1,7 +1,7 @@
 """Run the op-rule table over a captured graph: channel labels forward, unions and freezes into a ledger.
 
 Each node is normalized to an ATen call (a lifted ``call_module`` through ``node.meta[meta.ATEN]``,
-``get_attr`` arguments as ``ParamRef``), looked up in ``RULES`` and handled. A node with no rule, a rule
+``get_attr`` arguments as ``ParamRef``), looked up in the op registry ``OPS`` and its channel rule run. A node with no rule, a rule
 that raises, or a rule whose answer does not fit the node's shape blocks: every channel flowing into it
 is frozen with the reason. Channels reaching the graph output are frozen (the output shape is the
 model's contract).
@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 
 from fxadapt import meta
 from fxadapt.ir.channels import ParamRef, Track
-from fxadapt.ops import RULES, Blocked, Call, Ctx, RuleRecord
+from fxadapt.ops import OPS, Blocked, Call, Ctx, RuleRecord, missing_reason
 
 
 def concrete_shape(val, batch: int):
@@ -79,11 +79,11 @@ def _fits(out, shape) -> bool:
 
 
 def _run_rule(call: Call, ctx: Ctx):
-    spec = RULES.get(call.op)
+    spec = OPS.get(call.op)
     if spec is None:
-        return "blocked", "blocks", Blocked(f"no channel rule for {call.op}")
+        return "blocked", "blocks", Blocked(missing_reason(call.op))
     try:
-        out = spec.fn(call, ctx)
+        out = spec.channels(call, ctx)
     except Exception as e:  # noqa: BLE001 - a failing rule must freeze, never crash or guess
         return spec.name, "blocks", Blocked(f"rule {spec.name} failed: {type(e).__name__}: {e}")
     if not _fits(out, ctx.out_shape()):

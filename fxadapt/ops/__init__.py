@@ -1,12 +1,16 @@
-"""The one op-rule table (``RULES``), filled by the rule families imported below.
+"""The op registry (``OPS``), filled by the op families imported below: layers (conv, linear, norms,
+embedding), pointwise (activations, broadcasting arithmetic, reductions, pooling), reshape (views,
+permutes, shuffles) and indexing (cat, split, slice, matmul, attention).
 
 >>> import torch
->>> from fxadapt.ops import RULES
->>> RULES[torch.ops.aten.conv2d.default].kind
+>>> from fxadapt.ops import OPS
+>>> OPS[torch.ops.aten.conv2d.default].kind
 'produces'
 """
 
 from fxadapt.ops import indexing, layers, pointwise, reshape  # noqa: F401  (registration)
-from fxadapt.ops.core import RULES, Blocked, Call, Ctx, RuleRecord, RuleSpec, rule
+from fxadapt.ops.core import Blocked, Call, Ctx, RuleRecord
+from fxadapt.ops.registry import OPS, Lift, OpSpec, missing_reason, op_of, register, rule, spec_of
 
-__all__ = ["RULES", "Blocked", "Call", "Ctx", "RuleRecord", "RuleSpec", "rule"]
+__all__ = ["OPS", "OpSpec", "Lift", "Blocked", "Call", "Ctx", "RuleRecord", "register", "rule", "spec_of",
+           "op_of", "missing_reason"]

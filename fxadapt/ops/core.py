@@ -1,15 +1,10 @@
-"""The op-rule table: how every ATen op treats the channel axis.
+"""What a channel rule sees and records (the ``channels`` field of a registry entry, ``fxadapt.ops.registry``).
 
-One dict, ``RULES``, keyed by the call target (an ATen ``OpOverload`` such as
-``torch.ops.aten.conv2d.default``, or ``operator.getitem``). A rule is a function ``(call, ctx) -> out``
-registered with ``@rule(op, ..., kind=...)``; ``kind`` is one of ``produces``, ``consumes``, ``passes``,
-``couples``, ``reindexes``, ``blocks`` and is what ``fxadapt inspect`` prints.
-
-A rule returns the output ``Track`` (or a tuple of them for multi-output ops, or ``None`` when the output
-carries no channels) and records on ``ctx`` what it learned: label unions (``ctx.couple``), frozen labels
-(``ctx.freeze``) and sites to rewrite (``ctx.site``). It may return ``Blocked(reason)`` instead: every
-channel flowing into the op is frozen with that reason. Ops without a rule are blocked the same way —
-nothing ever defaults to element-wise.
+A rule is a function ``(call, ctx) -> out``: it returns the output ``Track`` (or a tuple of them for
+multi-output ops, or ``None`` when the output carries no channels) and records on ``ctx`` what it learned:
+label unions (``ctx.couple``), frozen labels (``ctx.freeze``) and sites to rewrite (``ctx.site``). It may
+return ``Blocked(reason)`` instead: every channel flowing into the op is frozen with that reason. Ops
+without an entry are blocked the same way — nothing ever defaults to element-wise.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ import torch
 from torch.fx import Node
 
 from fxadapt.ir.channels import Ledger, ParamRef, Site, Track
+from fxadapt.ops.registry import aten_ops, register, rule  # noqa: F401  (re-exported for rule families)
 
 
 @dataclass(frozen=True)
@@ -34,48 +30,12 @@ class Blocked:
 
 
 @dataclass(frozen=True)
-class RuleSpec:
-    fn: Callable
-    kind: str
-    name: str
-
-
-@dataclass(frozen=True)
 class RuleRecord:
     """What happened at one node (stored in ``node.meta[meta.RULE]``)."""
 
     rule: str
     kind: str
     blocked: str | None = None
-
-
-RULES: dict[Any, RuleSpec] = {}
-KINDS = ("produces", "consumes", "passes", "couples", "reindexes", "blocks", "ignores")
-
-
-def rule(*targets: Any, kind: str) -> Callable:
-    """Register ``fn`` as the channel rule of every target (ATen overloads or ``operator.getitem``)."""
-    assert kind in KINDS, kind
-
-    def deco(fn: Callable) -> Callable:
-        for t in targets:
-            assert t not in RULES, f"two rules for {t}"
-            RULES[t] = RuleSpec(fn, kind, fn.__name__)
-        return fn
-
-    return deco
-
-
-def aten_ops(*names: str) -> list:
-    """Resolve ``"relu.default"`` style names to overloads, skipping ones this torch build lacks."""
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(torch.ops.aten, packet, None)
-        op = getattr(op, overload or "default", None) if op is not None else None
-        if op is not None:
-            out.append(op)
-    return out
 
 
 @dataclass(frozen=True)

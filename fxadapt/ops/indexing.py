@@ -20,6 +20,7 @@ import numpy as np
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops import costs, edits
 from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, only_axis, rule
 from fxadapt.ops.pointwise import _expand, _reduced
 
@@ -40,7 +41,7 @@ def _align_all(ctx, tracks: list[Track | None], what: str) -> Track | None:
     return ref
 
 
-@rule(*aten_ops("cat.default", "concat.default", "concatenate.default"), kind="reindexes")
+@rule(*aten_ops("cat.default", "concat.default", "concatenate.default"), kind="reindexes", zero="preserves")
 def cat(call, ctx):
     xs = [x for x in call.arg(0, "tensors") if ctx.shape(x) and len(ctx.shape(x)) == len(ctx.out_shape())]
     dim = norm_dim(call.arg(1, "dim", 0), len(ctx.out_shape()))
@@ -59,7 +60,7 @@ def cat(call, ctx):
     return Track((dim,), np.concatenate(parts))
 
 
-@rule(*aten_ops("stack.default"), kind="reindexes")
+@rule(*aten_ops("stack.default"), kind="reindexes", zero="preserves")
 def stack(call, ctx):
     xs = list(call.arg(0, "tensors"))
     dim = norm_dim(call.arg(1, "dim", 0), len(ctx.out_shape()))
@@ -74,7 +75,8 @@ def _out_shapes(ctx) -> list[tuple]:
 
 
 @rule(*aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default", "tensor_split.sections",
-                "split_with_sizes_copy.default", "unsafe_split.Tensor", "unsafe_chunk.default"), kind="reindexes")
+                "split_with_sizes_copy.default", "unsafe_split.Tensor", "unsafe_chunk.default"), kind="reindexes",
+      zero="preserves", edit=edits.resplit)
 def split(call, ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -91,7 +93,7 @@ def split(call, ctx):
     return tuple(Track((dim,), t.labels[bounds[i]:bounds[i + 1]]) for i in range(len(shapes)))
 
 
-@rule(*aten_ops("unbind.int"), kind="reindexes")
+@rule(*aten_ops("unbind.int"), kind="reindexes", zero="preserves")
 def unbind(call, ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -104,8 +106,8 @@ def unbind(call, ctx):
     return tuple(out for _ in range(n))
 
 
-@rule(*aten_ops("slice.Tensor", "narrow.default", "slice_copy.Tensor"), kind="reindexes")
-def slice_(call, ctx):
+def _sliced(call, ctx, bounds):
+    """``bounds() -> (start, end, step)`` of a slice along ``dim`` (argument 1)."""
     x = call.arg(0, "self")
     t = ctx.track(x)
     nd = len(ctx.shape(x))
@@ -114,23 +116,31 @@ def slice_(call, ctx):
         return t
     if t.axes != (dim,):
         return Blocked("slice of a multi-axis channel layout")
-    n = ctx.shape(x)[dim]
-    if call.op.__name__.startswith("narrow"):
-        start, end, step = call.arg(2, "start"), call.arg(2, "start") + call.arg(3, "length"), 1
-    else:
-        start, end, step = call.arg(2, "start"), call.arg(3, "end"), call.arg(4, "step", 1)
+    start, end, step = bounds()
     if not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
         return Blocked("slice bounds computed at run time on the channel axis")
     if step not in (1, None):
         return Blocked(f"strided slice (step {step}) of the channel axis")
-    lo, hi, _ = slice(start, end).indices(n)
-    if (lo, hi) != (0, n):
+    lo, hi, _ = slice(start, end).indices(ctx.shape(x)[dim])
+    if (lo, hi) != (0, ctx.shape(x)[dim]):
         ctx.site("slice", t.labels, "slice", arg=lo, index=hi)
         ctx.site("piece", t.labels[lo:hi], "piece", arg=dim)  # the kept run is a group of its own
     return Track((dim,), t.labels[lo:hi])
 
 
-@rule(*aten_ops("select.int", "select_copy.int"), kind="reindexes")
+@rule(*aten_ops("slice.Tensor", "slice_copy.Tensor"), kind="reindexes", zero="preserves", edit=edits.reslice)
+def slice_(call, ctx):
+    return _sliced(call, ctx, lambda: (call.arg(2, "start"), call.arg(3, "end"), call.arg(4, "step", 1)))
+
+
+@rule(*aten_ops("narrow.default"), kind="reindexes", zero="preserves", name="slice_", edit=edits.renarrow)
+def narrow(call, ctx):
+    start, length = call.arg(2, "start"), call.arg(3, "length")
+    end = start + length if isinstance(start, int) and isinstance(length, int) else length
+    return _sliced(call, ctx, lambda: (start, end, 1))
+
+
+@rule(*aten_ops("select.int", "select_copy.int"), kind="reindexes", zero="preserves")
 def select(call, ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -143,7 +153,7 @@ def select(call, ctx):
     return t.moved({a: a - (a > dim) for a in t.axes})
 
 
-@rule(operator.getitem, kind="reindexes")
+@rule(operator.getitem, kind="reindexes", zero="preserves")
 def getitem(call, ctx):
     src, idx = call.args[0], call.args[1]
     tracks = ctx.tracks.get(src.name) if isinstance(src, Node) else None
@@ -187,12 +197,13 @@ def _matmul(ctx, a, b, out_nd: int):
     return _align_all(ctx, outs, "matrix product") if len(outs) > 1 else (outs[0] if outs else None)
 
 
-@rule(*aten_ops("matmul.default", "mm.default", "bmm.default"), kind="couples")
+@rule(*aten_ops("matmul.default", "mm.default", "bmm.default"), kind="couples", cost=costs.matmul_macs,
+      zero="preserves")
 def matmul(call, ctx):
     return _matmul(ctx, call.arg(0, "self"), call.arg(1, "other"), len(ctx.out_shape()))
 
 
-@rule(*aten_ops("addmm.default", "baddbmm.default"), kind="couples")
+@rule(*aten_ops("addmm.default", "baddbmm.default"), kind="couples", cost=costs.addmm_macs)
 def addmm(call, ctx):
     out = _matmul(ctx, call.arg(1, "mat1"), call.arg(2, "mat2"), len(ctx.out_shape()))
     bias_t = ctx.track(call.arg(0, "self"))
@@ -203,7 +214,7 @@ def addmm(call, ctx):
     return out
 
 
-@rule(*aten_ops("scaled_dot_product_attention.default"), kind="couples")
+@rule(*aten_ops("scaled_dot_product_attention.default"), kind="couples", cost=costs.sdpa_macs)
 def sdpa(call, ctx):
     """softmax(q k^T) v: q/k head_dim coupled, batch/head axes coupled, output carries v's channels."""
     q, k, v = call.arg(0, "query"), call.arg(1, "key"), call.arg(2, "value")
@@ -219,3 +230,9 @@ def sdpa(call, ctx):
         ctx.freeze(tv, "value heads not aligned with query heads")
         return None
     return tv
+
+
+@rule(*aten_ops("einsum.default"), kind="blocks", cost=costs.einsum_macs)
+def einsum(call, ctx):
+    """Costed (a contraction of fixed size) but not analysed: the channels it touches are frozen."""
+    return Blocked("no channel rule for aten.einsum.default: costed as a fixed-size contraction, channels kept")

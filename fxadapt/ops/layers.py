@@ -16,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops import costs, edits, lifts
 from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, rule
+from fxadapt.ops.registry import Lift
 
 
 def _grouped(ctx, labels: np.ndarray, groups: int) -> np.ndarray:
@@ -26,8 +28,9 @@ def _grouped(ctx, labels: np.ndarray, groups: int) -> np.ndarray:
     return blocks[0]
 
 
-def _conv(call, ctx, w_axes: tuple[int, int], groups: int):
-    """Shared conv logic; ``w_axes`` = (weight axis of output channels, weight axis of input channels)."""
+def _conv(call, ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
+    """Shared conv logic; ``w_axes`` = (weight axis of output channels, weight axis of input channels);
+    ``groups_arg``: the argument position of ``groups`` (rewritten when a depthwise conv is sliced)."""
     x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
     if not isinstance(w, ParamRef):
         return Blocked("convolution weight is computed at run time")
@@ -40,7 +43,7 @@ def _conv(call, ctx, w_axes: tuple[int, int], groups: int):
         out = np.repeat(tin, cout // cin)
         ctx.param_site(w, 0, out if out_ax == 0 else tin, "dw")
         ctx.param_site(b, 0, out, "bias")
-        ctx.site("groups", tin, "groups")
+        ctx.site("groups", tin, "groups", arg=groups_arg)
         return Track((1,), out)
     if tin is not None:
         in_lab = _grouped(ctx, tin, groups) if groups > 1 else tin
@@ -52,23 +55,29 @@ def _conv(call, ctx, w_axes: tuple[int, int], groups: int):
     return Track((1,), out)
 
 
-@rule(*aten_ops("conv1d.default", "conv2d.default", "conv3d.default"), kind="produces")
+@rule(*aten_ops("conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding", "conv2d.padding",
+                "conv3d.padding"), kind="produces", cost=costs.conv_macs, zero="params", fold="absorbs",
+      lift=Lift(lifts.build_conv, (0,), (1, 2)), edit=edits.set_count)
 def conv(call, ctx):
     return _conv(call, ctx, (0, 1), call.arg(6, "groups", 1))
 
 
-@rule(*aten_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"), kind="produces")
+@rule(*aten_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"), kind="produces",
+      cost=costs.conv_transpose_macs, zero="params", fold="absorbs", out_axis=1,
+      lift=Lift(lifts.build_conv_transpose, (0,), (1, 2)), edit=edits.set_count)
 def conv_transpose(call, ctx):
     return _conv(call, ctx, (1, 0), call.arg(6, "groups", 1))
 
 
-@rule(*aten_ops("convolution.default"), kind="produces")
+@rule(*aten_ops("convolution.default"), kind="produces", cost=costs.convolution_macs, zero="params",
+      edit=edits.set_count)
 def convolution(call, ctx):
     axes = (1, 0) if call.arg(6, "transposed", False) else (0, 1)
-    return _conv(call, ctx, axes, call.arg(8, "groups", 1))
+    return _conv(call, ctx, axes, call.arg(8, "groups", 1), groups_arg=8)
 
 
-@rule(*aten_ops("linear.default"), kind="produces")
+@rule(*aten_ops("linear.default"), kind="produces", cost=costs.linear_macs, zero="params", fold="absorbs",
+      lift=Lift(lifts.build_linear, (0,), (1, 2)))
 def linear(call, ctx):
     """``y = x W^T + b`` over the last axis; other tracked axes of ``x`` pass through."""
     x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
@@ -87,7 +96,7 @@ def linear(call, ctx):
     return Track((last,), new)
 
 
-@rule(*aten_ops("embedding.default"), kind="produces")
+@rule(*aten_ops("embedding.default"), kind="produces", lift=Lift(lifts.build_embedding, (1,), (0,)))
 def embedding(call, ctx):
     w = call.arg(0, "weight")
     if not isinstance(w, ParamRef):
@@ -102,7 +111,8 @@ def _norm_sites(ctx, call, lab, names: tuple[tuple[int, str], ...]):
         ctx.param_site(call.arg(idx, name), 0, lab, "norm")
 
 
-@rule(*aten_ops("batch_norm.default", "instance_norm.default"), kind="passes")
+@rule(*aten_ops("batch_norm.default"), kind="passes", zero="params", fold="affine",
+      lift=Lift(lifts.build_batch_norm, (0,), (1, 2, 3, 4)))
 def batch_norm(call, ctx):
     """Per-channel affine + statistics over axis 1: every parameter/buffer is sliced with the channel."""
     lab = only_axis(ctx, ctx.track(call.arg(0, "input")), 1, "a batch norm")
@@ -112,7 +122,10 @@ def batch_norm(call, ctx):
     return Track((1,), lab)
 
 
-@rule(*aten_ops("group_norm.default"), kind="passes")
+rule(*aten_ops("instance_norm.default"), kind="passes", name="batch_norm", zero="params")(batch_norm)
+
+
+@rule(*aten_ops("group_norm.default"), kind="passes", zero="params", lift=Lift(lifts.build_group_norm, (0,), (2, 3)))
 def group_norm(call, ctx):
     """Statistics over ``[groups, C/groups]`` blocks: intra-group positions are unioned across groups."""
     lab = only_axis(ctx, ctx.track(call.arg(0, "input")), 1, "a group norm")
@@ -126,7 +139,8 @@ def group_norm(call, ctx):
     return Track((1,), lab)
 
 
-@rule(*aten_ops("layer_norm.default"), kind="passes")
+@rule(*aten_ops("layer_norm.default"), kind="passes", zero="params", edit=edits.set_shape_entry,
+      lift=Lift(lifts.build_layer_norm, (0,), (2, 3)))
 def layer_norm(call, ctx):
     """Normalises over the trailing ``len(normalized_shape)`` axes; a tracked one among them is sliced."""
     x = call.arg(0, "input")
@@ -148,7 +162,7 @@ def layer_norm(call, ctx):
     return t
 
 
-@rule(*aten_ops("rms_norm.default"), kind="passes")
+@rule(*aten_ops("rms_norm.default"), kind="passes", edit=edits.set_shape_entry)
 def rms_norm(call, ctx):
     x = call.arg(0, "input")
     t = ctx.track(x)

@@ -9,57 +9,76 @@ of full size is sliced with the channels (a ``const`` site); any other fixed-siz
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 import torch
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops import lifts
 from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, rule
+from fxadapt.ops.registry import SYM_ARITH, Lift, register
 
-UNARY = aten_ops(
+ZERO_UNARY = aten_ops(  # f(0) == 0
     "relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default", "hardtanh_.default",
-    "sigmoid.default", "sigmoid_.default", "tanh.default", "tanh_.default", "gelu.default", "gelu_.default",
-    "silu.default", "silu_.default", "hardswish.default", "hardswish_.default", "hardsigmoid.default",
-    "hardsigmoid_.default", "leaky_relu.default", "leaky_relu_.default", "elu.default", "elu_.default",
-    "selu.default", "selu_.default", "celu.default", "softplus.default", "mish.default", "mish_.default",
-    "prelu.default", "clamp.default", "clamp_.default", "clamp_min.default", "clamp_max.default",
-    "neg.default", "exp.default", "log.default", "sqrt.default", "rsqrt.default", "abs.default",
-    "reciprocal.default", "erf.default", "sin.default", "cos.default", "square.default", "sign.default",
-    "pow.Tensor_Scalar", "add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar", "rsub.Scalar",
-    "logical_not.default", "dropout.default", "dropout_.default", "alpha_dropout.default",
-    "feature_dropout.default", "feature_alpha_dropout.default", "contiguous.default", "clone.default",
+    "tanh.default", "tanh_.default", "gelu.default", "gelu_.default", "silu.default", "silu_.default",
+    "hardswish.default", "hardswish_.default", "leaky_relu.default", "leaky_relu_.default", "elu.default",
+    "elu_.default", "selu.default", "selu_.default", "celu.default", "mish.default", "mish_.default",
+    "neg.default", "sqrt.default", "abs.default", "erf.default", "sin.default", "square.default",
+    "sign.default", "mul.Scalar", "div.Scalar", "contiguous.default", "clone.default",
     "detach.default", "detach_.default", "alias.default", "lift_fresh_copy.default", "_to_copy.default",
-    "to.dtype", "to.device", "to.dtype_layout", "type_as.default", "zeros_like.default", "ones_like.default",
-    "empty_like.default", "full_like.default", "rand_like.default", "randn_like.default", "bernoulli.p",
-    "softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default", "cumsum.default",
-    "fill.Scalar", "floor.default", "ceil.default", "round.default", "isnan.default",
-    "gt.Scalar", "lt.Scalar", "ge.Scalar", "le.Scalar", "eq.Scalar", "ne.Scalar",
+    "to.dtype", "to.device", "to.dtype_layout", "type_as.default", "floor.default", "ceil.default",
+    "round.default", "dropout_.default", "feature_alpha_dropout.default",
 )
+OTHER_UNARY = aten_ops(
+    "sigmoid.default", "sigmoid_.default", "hardsigmoid.default", "hardsigmoid_.default", "softplus.default",
+    "clamp.default", "clamp_.default", "clamp_min.default", "clamp_max.default", "exp.default", "log.default",
+    "rsqrt.default", "reciprocal.default", "cos.default", "pow.Tensor_Scalar", "add.Scalar", "sub.Scalar",
+    "rsub.Scalar", "logical_not.default", "zeros_like.default", "ones_like.default", "empty_like.default",
+    "full_like.default", "rand_like.default", "randn_like.default", "bernoulli.p", "fill.Scalar",
+    "isnan.default", "gt.Scalar", "lt.Scalar", "ge.Scalar", "le.Scalar", "eq.Scalar", "ne.Scalar",
+)
+MIXING = aten_ops("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default", "cumsum.default")
 
 
-MIXING = ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum")
-
-
-@rule(*UNARY, kind="passes")
 def unary(call, ctx):
     """Shape-preserving op of one tensor (extra arguments are scalars or dims): labels pass through."""
+    return ctx.track(call.arg(0, "self"))
+
+
+register(*ZERO_UNARY, name="unary", kind="passes", channels=unary, zero="preserves")
+register(*OTHER_UNARY, name="unary", kind="passes", channels=unary)
+for _names, _build in ((("dropout.default",), lifts.build_dropout),
+                       (("feature_dropout.default",), lifts.build_feature_dropout),
+                       (("alpha_dropout.default",), lifts.build_alpha_dropout)):
+    register(*aten_ops(*_names), name="unary", kind="passes", channels=unary, zero="preserves",
+             lift=Lift(_build, (0,)))
+
+
+@rule(*MIXING, kind="passes", name="unary")
+def mixing(call, ctx):
+    """softmax/cumsum along a channel axis mixes the channels (no function-preserving growth there);
+    labels pass through."""
     x = call.arg(0, "self")
     t = ctx.track(x)
-    if t is not None and call.op.__name__.split(".")[0] in MIXING and isinstance(call.arg(1, "dim"), int):
-        if norm_dim(call.arg(1, "dim"), len(ctx.shape(x))) in t.axes:
-            ctx.site("mix", t.labels, "mix")
-    if call.op.__name__.startswith("prelu"):
-        w = call.arg(1, "weight")
-        t = ctx.track(x)
-        if t is not None and 1 in t.axes and ctx.shape(w) and ctx.shape(w)[0] > 1:
-            ctx.param_site(w, 0, axis_labels(ctx, t, 1), "norm")
-    return ctx.track(x)
+    if t is not None and isinstance(call.arg(1, "dim"), int) and norm_dim(call.arg(1, "dim"), len(ctx.shape(x))) in t.axes:
+        ctx.site("mix", t.labels, "mix")
+    return t
 
 
+@rule(*aten_ops("prelu.default"), kind="passes", name="unary", zero="preserves")
+def prelu(call, ctx):
+    """A per-channel slope (more than one) is sliced with the channels."""
+    x, w = call.arg(0, "self"), call.arg(1, "weight")
+    t = ctx.track(x)
+    if t is not None and 1 in t.axes and ctx.shape(w) and ctx.shape(w)[0] > 1:
+        ctx.param_site(w, 0, axis_labels(ctx, t, 1), "norm")
+    return t
+
+
+SUMS = aten_ops("add.Tensor", "add_.Tensor")
+PRODUCTS = aten_ops("mul.Tensor", "mul_.Tensor")
 BINARY = aten_ops(
-    "add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor",
+    "sub.Tensor", "sub_.Tensor", "div.Tensor",
     "div_.Tensor", "div.Tensor_mode", "maximum.default", "minimum.default", "pow.Tensor_Tensor",
     "eq.Tensor", "ne.Tensor", "gt.Tensor", "lt.Tensor", "ge.Tensor", "le.Tensor", "atan2.default",
     "where.self", "masked_fill.Scalar", "masked_fill.Tensor", "rsub.Tensor", "clamp.Tensor",
@@ -78,7 +97,6 @@ def _aligned(ctx, x, nd: int) -> tuple[tuple, Track | None]:
     return (1,) * off + tuple(shape), t
 
 
-@rule(*BINARY, kind="couples")
 def broadcast(call, ctx):
     out_shape = ctx.out_shape()
     if out_shape is None:
@@ -125,11 +143,17 @@ def _expand(small: Track, big: Track) -> np.ndarray:
     return np.broadcast_to(small.labels.reshape(shape), big.labels.shape)
 
 
+register(*SUMS, name="broadcast", kind="couples", channels=broadcast, sums=True)
+register(*PRODUCTS, name="broadcast", kind="couples", channels=broadcast, zero="preserves")
+register(*BINARY, name="broadcast", kind="couples", channels=broadcast)
+
+
 REDUCE = aten_ops(
     "mean.dim", "sum.dim_IntList", "amax.default", "amin.default", "var.correction", "std.correction",
-    "var.dim", "std.dim", "logsumexp.default", "prod.dim_int", "norm.ScalarOpt_dim", "max.dim", "min.dim",
-    "argmax.default", "argmin.default", "all.dim", "any.dim",
+    "var.dim", "std.dim", "logsumexp.default", "prod.dim_int", "norm.ScalarOpt_dim", "argmax.default",
+    "argmin.default", "all.dim", "any.dim",
 )
+REDUCE_PAIR = aten_ops("max.dim", "min.dim")  # (values, indices)
 
 
 @rule(*REDUCE, kind="consumes")
@@ -144,8 +168,14 @@ def reduce(call, ctx):
     dims = sorted({norm_dim(d, nd) for d in dims})
     if t is not None and set(dims) & set(t.axes):
         ctx.site("mix", t.labels, "mix")  # the reduction mixes channels: growing them is not function-preserving
-    out = _reduced(ctx, t, dims, keep)
-    return (out, out) if call.op.__name__ in ("max.dim", "min.dim") else out
+    return _reduced(ctx, t, dims, keep)
+
+
+@rule(*REDUCE_PAIR, kind="consumes", name="reduce")
+def reduce_pair(call, ctx):
+    """``max.dim``/``min.dim``: values and indices both carry the reduced layout."""
+    out = reduce(call, ctx)
+    return (out, out)
 
 
 def _reduced(ctx, t: Track | None, dims: list[int], keep: bool) -> Track | None:
@@ -189,7 +219,7 @@ def _spatial(ctx, x, tail: int):
     return t
 
 
-@rule(*POOL, kind="passes")
+@rule(*POOL, kind="passes", zero="preserves")
 def pool(call, ctx):
     """Spatial op on the trailing (1-3) axes: labels on the leading axes pass through."""
     x = call.arg(0, "input")
@@ -197,14 +227,14 @@ def pool(call, ctx):
     return _spatial(ctx, x, max(1, nd - 2))
 
 
-@rule(*POOL_TUPLE, kind="passes")
+@rule(*POOL_TUPLE, kind="passes", zero="preserves")
 def pool_tuple(call, ctx):
     x = call.arg(0, "input")
     out = _spatial(ctx, x, max(1, len(ctx.shape(x)) - 2))
     return out if isinstance(out, Blocked) else (out, out)
 
 
-@rule(*aten_ops("pad.default", "constant_pad_nd.default"), kind="passes")
+@rule(*aten_ops("pad.default", "constant_pad_nd.default"), kind="passes", zero="preserves")
 def pad(call, ctx):
     """Padding of untracked axes passes; padding the channel axis adds fixed channels, so it blocks."""
     x = call.arg(0, "self")
@@ -224,28 +254,28 @@ FACTORY = aten_ops(
     "tensor.default", "linspace.default", "eye.default",
 )
 NO_TENSOR = aten_ops(
-    "sym_size.int", "sym_numel.default", "sym_stride.int", "sym_storage_offset.default",
+    "sym_numel.default", "sym_stride.int", "sym_storage_offset.default",
     "_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range.default",
     "sym_constrain_range_for_size.default", "_assert_async.msg", "_local_scalar_dense.default",
-    "item.default", "dim.default", "size.int", "numel.default", "_check_is_size.default",
+    "item.default", "dim.default", "numel.default", "_check_is_size.default",
 )
+SIZE_QUERY = aten_ops("sym_size.int", "size.int")
 
 
 @rule(*FACTORY, *NO_TENSOR, kind="ignores")
 def no_channels(call, ctx):
-    """Factories and shape queries: no channels flow in or out (a size query of a batch dim)."""
-    for a in call.args:
-        t = ctx.track(a)
-        if t is not None and call.op.__name__.startswith("sym_size"):
-            d = norm_dim(call.arg(1, "dim"), len(ctx.shape(a)))
-            if d in t.axes:
-                ctx.freeze(t, "channel count read as a number at run time")
+    """Factories and shape queries: no channels flow in or out."""
     return None
 
 
-SYM_ARITH = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-             operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
-             operator.ge, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not)
+@rule(*SIZE_QUERY, kind="ignores", name="no_channels")
+def size_query(call, ctx):
+    """``x.size(d)``: reading the size of a channel axis as a number freezes it (a batch dim is fine)."""
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is not None and norm_dim(call.arg(1, "dim"), len(ctx.shape(x))) in t.axes:
+        ctx.freeze(t, "channel count read as a number at run time")
+    return None
 
 
 @rule(*SYM_ARITH, kind="ignores")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from fxadapt.ir.channels import Track
+from fxadapt.ops import edits
 from fxadapt.ops.core import Blocked, aten_ops, norm_dim, rule
 
 
@@ -86,19 +87,33 @@ def _shape_sites(ctx, t: Track, sizes) -> None:
             ctx.site("shape_arg", t.labels[tuple(idx)], "shape", arg=1, index=a)
 
 
-@rule(*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
-                "unflatten.int", "view_copy.default"), kind="reindexes")
-def view(call, ctx):
+def _relaid(call, ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
-    if t is None:
-        return None
-    out = relayout(ctx, t, ctx.shape(x), ctx.out_shape())
-    if isinstance(out, Blocked):
-        return out
-    if call.op.__name__.split(".")[0] in ("view", "reshape", "_unsafe_view", "view_copy"):
+    return None if t is None else relayout(ctx, t, ctx.shape(x), ctx.out_shape())
+
+
+@rule(*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "view_copy.default"),
+      kind="reindexes", zero="preserves", edit=edits.set_shape_entry)
+def view(call, ctx):
+    """A view to an explicit shape list: its entry at the channel axis is a site (it follows the width)."""
+    out = _relaid(call, ctx)
+    if isinstance(out, Track):
         _shape_sites(ctx, out, call.arg(1, "size"))
-    elif call.op.__name__.startswith("unflatten") and out is not None:  # sizes (arg 2) start at ``dim``
+    return out
+
+
+@rule(*aten_ops("flatten.using_ints"), kind="reindexes", zero="preserves", name="view")
+def flatten(call, ctx):
+    return _relaid(call, ctx)
+
+
+@rule(*aten_ops("unflatten.int"), kind="reindexes", zero="preserves", name="view", edit=edits.set_shape_entry)
+def unflatten(call, ctx):
+    """``unflatten(x, dim, sizes)``: ``sizes`` (argument 2) start at ``dim``."""
+    x = call.arg(0, "self")
+    out = _relaid(call, ctx)
+    if isinstance(out, Track):
         dim, sizes = norm_dim(call.arg(1, "dim"), len(ctx.shape(x))), call.arg(2, "sizes")
         a = out.axes[-1] - dim
         if 0 <= a < len(sizes) and isinstance(sizes[a], int) and sizes[a] != -1:
@@ -108,39 +123,55 @@ def view(call, ctx):
 
 
 @rule(*aten_ops("squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default", "squeeze_.dim",
-                "unsqueeze_.default"), kind="reindexes")
+                "unsqueeze_.default"), kind="reindexes", zero="preserves")
 def squeeze(call, ctx):
-    x = call.arg(0, "self")
-    t = ctx.track(x)
-    return None if t is None else relayout(ctx, t, ctx.shape(x), ctx.out_shape())
+    return _relaid(call, ctx)
 
 
-@rule(*aten_ops("permute.default", "transpose.int", "t.default", "swapaxes.default", "movedim.int",
-                "numpy_T.default", "permute_copy.default", "transpose_copy.int"), kind="reindexes")
-def permute(call, ctx):
+def _permuted(call, ctx, perm_of) -> Track | None:
+    """Labels follow the axes: ``perm_of(nd)`` lists, for every output axis, the input axis it reads."""
     x = call.arg(0, "self")
     t = ctx.track(x)
     if t is None:
         return None
-    nd = len(ctx.shape(x))
-    name = call.op.__name__.split(".")[0]
-    if name in ("permute", "permute_copy"):
-        perm = [norm_dim(d, nd) for d in call.arg(1, "dims")]
-    else:
-        perm = list(range(nd))
-        if name in ("transpose", "swapaxes", "transpose_copy"):
-            i, j = norm_dim(call.arg(1, "dim0"), nd), norm_dim(call.arg(2, "dim1"), nd)
-            perm[i], perm[j] = perm[j], perm[i]
-        elif name == "movedim":
-            s, d = norm_dim(call.arg(1, "source"), nd), norm_dim(call.arg(2, "destination"), nd)
-            perm.remove(s)
-            perm.insert(d, s)
-        else:
-            perm = perm[::-1]
+    perm = perm_of(len(ctx.shape(x)))
     return t.moved({old: new for new, old in enumerate(perm)})
 
 
-@rule(*aten_ops("expand.default", "expand_as.default", "expand_copy.default"), kind="reindexes")
+@rule(*aten_ops("permute.default", "permute_copy.default"), kind="reindexes", zero="preserves")
+def permute(call, ctx):
+    return _permuted(call, ctx, lambda nd: [norm_dim(d, nd) for d in call.arg(1, "dims")])
+
+
+@rule(*aten_ops("transpose.int", "swapaxes.default", "transpose_copy.int"), kind="reindexes", zero="preserves",
+      name="permute")
+def transpose(call, ctx):
+    def perm(nd):
+        p, i, j = list(range(nd)), norm_dim(call.arg(1, "dim0"), nd), norm_dim(call.arg(2, "dim1"), nd)
+        p[i], p[j] = p[j], p[i]
+        return p
+
+    return _permuted(call, ctx, perm)
+
+
+@rule(*aten_ops("movedim.int"), kind="reindexes", zero="preserves", name="permute")
+def movedim(call, ctx):
+    def perm(nd):
+        p, s, d = list(range(nd)), norm_dim(call.arg(1, "source"), nd), norm_dim(call.arg(2, "destination"), nd)
+        p.remove(s)
+        p.insert(d, s)
+        return p
+
+    return _permuted(call, ctx, perm)
+
+
+@rule(*aten_ops("t.default", "numpy_T.default"), kind="reindexes", zero="preserves", name="permute")
+def reverse_axes(call, ctx):
+    return _permuted(call, ctx, lambda nd: list(range(nd))[::-1])
+
+
+@rule(*aten_ops("expand.default", "expand_as.default", "expand_copy.default"), kind="reindexes", zero="preserves",
+      edit=edits.set_shape_entry)
 def expand(call, ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -154,7 +185,7 @@ def expand(call, ctx):
     return out
 
 
-@rule(*aten_ops("pixel_shuffle.default"), kind="reindexes")
+@rule(*aten_ops("pixel_shuffle.default"), kind="reindexes", zero="preserves")
 def pixel_shuffle(call, ctx):
     """``[C*r^2, H, W] -> [C, H*r, W*r]``: the r^2 sub-channels of a channel are unioned (granularity r^2)."""
     x = call.arg(0, "self")
@@ -170,7 +201,7 @@ def pixel_shuffle(call, ctx):
     return Track(t.axes, blocks[:, 0].copy())
 
 
-@rule(*aten_ops("pixel_unshuffle.default"), kind="reindexes")
+@rule(*aten_ops("pixel_unshuffle.default"), kind="reindexes", zero="preserves")
 def pixel_unshuffle(call, ctx):
     """``[C, H, W] -> [C*r^2, H/r, W/r]``: every channel becomes r^2 consecutive channels (same label)."""
     x = call.arg(0, "self")
@@ -182,7 +213,8 @@ def pixel_unshuffle(call, ctx):
     return Track(t.axes, np.repeat(t.labels, call.arg(1, "downscale_factor") ** 2))
 
 
-@rule(*aten_ops("channel_shuffle.default", "native_channel_shuffle.default"), kind="reindexes")
+@rule(*aten_ops("channel_shuffle.default", "native_channel_shuffle.default"), kind="reindexes",
+      zero="preserves")
 def channel_shuffle(call, ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -196,24 +228,49 @@ def channel_shuffle(call, ctx):
     return Track((1,), blocks.T.reshape(-1).copy())
 
 
-@rule(*aten_ops("repeat.default", "tile.default", "flip.default", "roll.default", "index_select.default",
-                "gather.default", "take_along_dim.default", "index.Tensor", "repeat_interleave.self_int"),
-      kind="reindexes")
-def gather_like(call, ctx):
-    """Ops that re-index an axis by data or repeat it: fine on untracked axes, blocking on channels."""
+def _reindexed(call, ctx, dims_of) -> Track | Blocked | None:
+    """An op that re-indexes or repeats the axes ``dims_of(nd)``: fine on untracked axes, blocking on channels."""
     x = call.arg(0, "self")
     t = ctx.track(x)
     if t is None:
         return None
-    nd = len(ctx.shape(x))
-    name = call.op.__name__.split(".")[0]
-    if name in ("index_select", "gather", "take_along_dim") and isinstance(call.arg(1, "dim"), int):
-        if norm_dim(call.arg(1, "dim"), nd) not in t.axes:
-            return t
-    if name in ("flip", "roll") and not {norm_dim(d, nd) for d in call.arg(1 if name == "flip" else 2, "dims") or []} & set(t.axes):
+    dims = dims_of(len(ctx.shape(x)))
+    if dims is not None and not set(dims) & set(t.axes):
         return t
-    if name in ("repeat", "tile") and len(ctx.out_shape()) == nd:
-        reps = call.arg(1, "repeats")
-        if all(reps[a - (nd - len(reps))] == 1 for a in t.axes if a >= nd - len(reps)):
-            return t
-    return Blocked(f"{name} re-indexes the channel axis")
+    return Blocked(f"{getattr(call.op, '_opname', call.op)} re-indexes the channel axis")
+
+
+@rule(*aten_ops("index_select.default", "gather.default", "take_along_dim.default"), kind="reindexes",
+      name="gather_like")
+def gather(call, ctx):
+    dim = call.arg(1, "dim")
+    return _reindexed(call, ctx, lambda nd: [norm_dim(dim, nd)] if isinstance(dim, int) else None)
+
+
+@rule(*aten_ops("flip.default"), kind="reindexes", name="gather_like", zero="preserves")
+def flip(call, ctx):
+    return _reindexed(call, ctx, lambda nd: [norm_dim(d, nd) for d in call.arg(1, "dims") or []])
+
+
+@rule(*aten_ops("roll.default"), kind="reindexes", name="gather_like", zero="preserves")
+def roll(call, ctx):
+    dims = call.arg(2, "dims")
+    return _reindexed(call, ctx, lambda nd: [norm_dim(d, nd) for d in dims] if dims else None)
+
+
+@rule(*aten_ops("repeat.default", "tile.default"), kind="reindexes", name="gather_like", zero="preserves")
+def repeat(call, ctx):
+    """Repeating along axes with a factor other than 1 (the output keeps the input's rank)."""
+    reps = list(call.arg(1, "repeats"))
+
+    def dims(nd):
+        if len(ctx.out_shape()) != nd:
+            return None
+        return [a for a in range(nd) if a >= nd - len(reps) and reps[a - (nd - len(reps))] != 1]
+
+    return _reindexed(call, ctx, dims)
+
+
+@rule(*aten_ops("index.Tensor", "repeat_interleave.self_int"), kind="reindexes", name="gather_like")
+def index_by_data(call, ctx):
+    return _reindexed(call, ctx, lambda nd: None)

@@ -1,0 +1,95 @@
+"""MAC formulas of the registry entries (``OpSpec.cost``), as products of axis sizes.
+
+A formula returns ``(coef, factors)``: ``MACs = coef * prod(f(n) for f in factors)`` where each factor is a
+``LinearForm`` giving one tensor axis' size as a function of the kept units per group (``cx.form``). This
+counts what ``torch.utils.flop_counter`` counts, divided by 2:
+
+- convolution: every weight element is used once per output position:
+  ``numel(out) / C_out * prod(weight axes)`` (transposed: ``numel(in) / C_in * prod(weight axes)``);
+- linear ``y = x W^T``: ``prod(leading axes of out) * prod(weight axes)``;
+- matmul family ``a[..., n, k] @ b[..., k, m]``: ``numel(out) * k``;
+- scaled-dot-product attention: ``b*h*L*S*(E + Ev)`` (``q k^T`` and ``attn v``);
+- einsum (two operands): the product of the sizes of every letter used (kept or contracted).
+
+``cx`` (``fxadapt.analysis.cost_build.CostCtx``) gives shapes, tracks and the forms of axes and weights.
+
+>>> from fxadapt.ops import OPS
+>>> import torch
+>>> OPS[torch.ops.aten.linear.default].cost.__name__
+'linear_macs'
+"""
+
+from __future__ import annotations
+
+import math
+
+from fxadapt.ir.channels import ParamRef
+
+
+def conv_macs(call, cx):
+    w, out = call.arg(1, "weight"), cx.out_shape
+    if not isinstance(w, ParamRef):  # weight computed at run time (a slice): the rule froze it, fixed size
+        return math.prod(out) / out[1], [cx.const(s) for s in cx.shape(w)]
+    return math.prod(out) / out[1], cx.weight_factors(w)
+
+
+def conv_transpose_macs(call, cx):
+    x, w = call.arg(0, "input"), call.arg(1, "weight")
+    src = cx.shape(x)
+    if not isinstance(w, ParamRef):
+        return math.prod(src) / src[1], [cx.const(s) for s in cx.shape(w)]
+    return math.prod(src) / src[1], cx.weight_factors(w)
+
+
+def convolution_macs(call, cx):
+    return (conv_transpose_macs if call.arg(6, "transposed", False) else conv_macs)(call, cx)
+
+
+def linear_macs(call, cx):
+    """Channels may sit on a leading axis of the output (a linear over the width of an NCHW tensor)."""
+    w, out = call.arg(1, "weight"), cx.out_shape
+    if not isinstance(w, ParamRef):
+        return math.prod(out[:-1]), [cx.const(s) for s in cx.shape(w)]
+    t, coef, rows = cx.track(cx.node), 1.0, []
+    for ax, size in enumerate(out[:-1]):
+        form = cx.axis_form(t, ax, size)
+        coef, rows = (coef * size, rows) if form is None else (coef, rows + [form])
+    return coef, rows + cx.weight_factors(w)
+
+
+def _matmul_term(cx, a):
+    k = cx.shape(a)[-1]
+    coef, factors = cx.activation_factors(cx.track(cx.node), cx.out_shape)
+    return coef, factors + [cx.axis_form(cx.track(a), len(cx.shape(a)) - 1, k, default=True)]
+
+
+def matmul_macs(call, cx):
+    return _matmul_term(cx, call.args[0])
+
+
+def addmm_macs(call, cx):
+    return _matmul_term(cx, call.args[1])
+
+
+def sdpa_macs(call, cx):
+    q, k, v = call.args[:3]
+    qs, ks, vs = cx.shape(q), cx.shape(k), cx.shape(v)
+    e = cx.axis_form(cx.track(q), len(qs) - 1, qs[-1], default=True)
+    ev = cx.axis_form(cx.track(v), len(vs) - 1, vs[-1], default=True)
+    return math.prod(qs[:-1]) * ks[-2], [e + ev]
+
+
+def einsum_macs(call, cx):
+    """Einsum has no channel rule (its channels are frozen): a constant term."""
+    eq, shapes = call.arg(0, "equation"), [cx.shape(t) for t in call.arg(1, "tensors")]
+    ins, arrow, out = eq.replace(" ", "").partition("->")
+    ins = ins.split(",")
+    if len(ins) != 2 or "." in eq or any(s is None for s in shapes):
+        return None
+    if not arrow:  # implicit output: the letters used once
+        out = "".join(sorted(c for c in set(ins[0] + ins[1]) if (ins[0] + ins[1]).count(c) == 1))
+    size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape)}
+    if not [c for c in size if c in ins[0] and c in ins[1] and c not in out]:
+        return None  # nothing contracted: an element-wise product, no MACs
+    used = [c for c in size if c in out or (c in ins[0] and c in ins[1])]
+    return float(math.prod(size[c] for c in used)), []

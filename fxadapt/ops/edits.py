@@ -1,0 +1,67 @@
+"""How a node's own arguments change when the channels it indexes are sliced or grown (``OpSpec.edit``).
+
+An edit gets the op, its schema-ordered arguments, the ``Site`` the channel rule recorded and the new
+positions ``index`` of that site (source positions, in new order), plus the node's original output value,
+and returns the (possibly different) op and new arguments:
+
+- ``shape_arg``: entry ``site.index`` of the shape list at argument ``site.arg`` becomes ``len(index)``
+  (view/reshape/expand sizes, unflatten sizes, a layer norm's ``normalized_shape``);
+- ``groups``: argument ``site.arg`` (a depthwise conv's ``groups``) becomes ``len(index)``;
+- split/chunk: becomes ``split_with_sizes`` with the number of kept positions of every piece;
+- slice ``x[lo:hi]`` / ``narrow(x, dim, lo, hi - lo)``: the kept run's new start and end.
+
+>>> import numpy as np, torch
+>>> from fxadapt.ir.channels import Site
+>>> site = Site("shape_arg", np.arange(8), "shape", "view", arg=1, index=1)
+>>> set_shape_entry(torch.ops.aten.view.default, ["x", [1, 8, 4]], site, np.arange(5), None)[1]
+['x', [1, 5, 4]]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+aten = torch.ops.aten
+
+
+def set_shape_entry(op, args: list, site, index: np.ndarray, val):
+    args = list(args)
+    shape = list(args[site.arg])
+    shape[site.index] = int(len(index))
+    args[site.arg] = shape
+    return op, args
+
+
+def set_count(op, args: list, site, index: np.ndarray, val):
+    args = list(args)
+    args[site.arg] = int(len(index))
+    return op, args
+
+
+def resplit(op, args: list, site, index: np.ndarray, val):
+    dim = site.arg
+    bounds = np.cumsum([0] + [v.shape[dim] for v in val])
+    counts = [int(((index >= lo) & (index < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return aten.split_with_sizes.default, [args[0], counts, dim]
+
+
+def _kept_run(site, index: np.ndarray, name: str) -> tuple[int, int]:
+    lo, hi = site.arg, site.index
+    inside = np.flatnonzero((index >= lo) & (index < hi))
+    if inside.size and np.any(np.diff(inside) != 1):
+        raise ValueError(f"{name}: the sliced channels are not contiguous after the edit")
+    return (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
+
+
+def reslice(op, args: list, site, index: np.ndarray, val):
+    start, end = _kept_run(site, index, site.node_name)
+    args = list(args) + [None] * (4 - len(args))
+    return op, [args[0], args[1] if args[1] is not None else 0, start, end] + list(args[4:])
+
+
+def renarrow(op, args: list, site, index: np.ndarray, val):
+    start, end = _kept_run(site, index, site.node_name)
+    args = list(args)
+    args[2], args[3] = start, end - start
+    return op, args

@@ -34,7 +34,7 @@ def test_inspect_example_table(example_run):
     rc, out, err, _ = example_run
     assert rc == 0, err
     assert out.startswith("model example  input 1x3x32x32")
-    for text in ("MACs share", "stem.0", "stage2.1.se.fc1", "frozen: output: reaches the model output",
+    for text in ("MACs elasticity", "% change of the model's MACs per 1% change", "stem.0", "stage2.1.se.fc1", "frozen: output: reaches the model output",
                  "skip path is not the identity (projection shortcut)", "totals: MACs 18,268,992",
                  "groups 8: 7 prunable, 1 frozen", "blocks 4: 3 removable", "time: capture"):
         assert text in out, text
@@ -50,7 +50,7 @@ def test_inspect_example_json(example_run):
     assert sum(g["prunable"] for g in groups) == 7
     stem = groups[0]
     assert (stem["name"], stem["width"], stem["granularity"], stem["reason"]) == ("stem.0", 16, 1, None)
-    assert 0.5 < stem["macs_share"] < 0.7
+    assert 0.5 < stem["macs_elasticity"] == stem["macs_share"] < 0.7
     producer = stem["members"][0]
     assert producer == {"kind": "param", "role": "out", "node": "stem_0", "target": "stem.0.weight",
                         "axis": 0, "positions": 16}

@@ -75,8 +75,10 @@ def test_mixed_modules_train_eval_and_structures(tmp_path):
     assert set(b) == {"logits", "pooled"}
     torch.testing.assert_close(b, a, rtol=0, atol=0)
     gm.train(), again.train()
-    torch.manual_seed(1); a = gm(ids)
-    torch.manual_seed(1); b = again(ids)
+    torch.manual_seed(1)
+    a = gm(ids)
+    torch.manual_seed(1)
+    b = again(ids)
     torch.testing.assert_close(b, a, rtol=0, atol=0)           # dropout and BN batch statistics alike
     torch.testing.assert_close(again.get_submodule(_bn(again)).running_mean,
                                gm.get_submodule(_bn(gm)).running_mean, rtol=0, atol=0)

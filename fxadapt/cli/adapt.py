@@ -3,11 +3,25 @@
 Usage::
 
     fxadapt adapt --example                       # bundled model, budget 0.5, outputs in fxadapt-example/
-    fxadapt adapt pkg.module:factory --budget 0.5 --input-shape 1,3,224,224 -o adapted.pt \\
-        [--onnx adapted.onnx] [--plot widths.png] [--no-fold-bn]
+    fxadapt adapt pkg.module:factory --budget 0.5 --input-shape 1,3,224,224 [-o adapted.pt] \\
+        [--onnx adapted.onnx] [--plot widths.png] [--out-dir DIR] [--fold-bn]
+    fxadapt adapt my_bert.py:build --input-shape 1,128:int64:0-30522    # token ids (see fxadapt.cli.common)
 
-The saved ``.pt`` holds the whole module (``torch.load(path, weights_only=False)``); the ONNX file is
-simplified and checked against onnxruntime. A progress bar shows the pipeline steps.
+Outputs: ``-o`` names the saved model; without it the model goes to ``DIR/adapted.pt`` with ``--out-dir``
+(``fxadapt-example/`` with ``--example``, together with ``adapted.onnx`` and ``widths.png``), else to
+``<factory>-adapted.pt`` in the current directory. Every file written is printed. Folders are created only
+when a file is written into them, so a failed run leaves none behind.
+
+The model file holds plain data (``fxadapt.export.save``): read it back with
+``fxadapt.export.save.load(path)``; ``torch.load(path)`` with its defaults returns that data. The ONNX file
+is simplified and checked against onnxruntime.
+
+BatchNorm: the adapted model keeps its BatchNorm layers (ready for fine-tuning) unless ``--fold-bn`` folds
+them into the preceding convolutions (a deployable model); ONNX export folds them either way.
+``--no-fold-bn`` is accepted for compatibility and does nothing (keeping BN is the default).
+
+The budget is checked before the model is loaded or captured. A progress bar counts the pipeline's
+passes (as ``TransformConfig.progress`` reports them) and then the save, export and plot steps.
 
 Example:
     >>> import tempfile, os
@@ -23,28 +37,33 @@ from __future__ import annotations
 
 import argparse
 import os
-
-import torch
+from collections.abc import Callable
 
 import fxadapt
-from fxadapt.cli.common import CliError, add_model_arguments, load_model
+from fxadapt.cli.common import CliError, add_model_arguments, load_model, split_spec
 from fxadapt.export.plot import plot_widths
+from fxadapt.export.save import save
 from fxadapt.pipeline.transform import TransformConfig
-
-STEPS = ("capture + analyze", "solve widths", "materialize", "verify", "fold BatchNorm", "count MACs")
+from fxadapt.planning.budget import parse_budget
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``adapt`` on the subparsers object of the top-level parser."""
     p = sub.add_parser("adapt", help="adapt a model to a MAC budget (shrink or grow), export ONNX",
                        description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--budget", default="0.5", help="fraction of the original MACs (0.5, 1.5), '50%%', or MACs "
                                                    "like '300M' (default 0.5)")
-    p.add_argument("-o", "--output", help="where to save the adapted module (.pt)")
+    p.add_argument("-o", "--output", help="where to save the adapted model (default: DIR/adapted.pt with "
+                                          "--out-dir or --example, else <factory>-adapted.pt)")
     p.add_argument("--onnx", help="also export ONNX here (simplified, checked with onnxruntime)")
     p.add_argument("--plot", help="write a PNG of per-group widths, original vs adapted")
-    p.add_argument("--out-dir", help="directory for default output names (with --example: fxadapt-example)")
-    p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (for fine-tuning)")
+    p.add_argument("--out-dir", help="directory for adapted.pt, adapted.onnx and widths.png "
+                                     "(with --example: fxadapt-example)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold BatchNorm into the preceding convolutions (deployable; default: keep BN)")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep BatchNorm (the default; accepted for compatibility, does nothing)")
     p.add_argument("--grow-depth", action="store_true",
                    help="when growing, also add one zero-initialised copy of every repeatable block")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report on stdout")
@@ -52,59 +71,146 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _budget(text: str):
+def check_budget(text: str) -> float | str:
+    """The budget as ``transform`` takes it, validated without the model.
+
+    >>> check_budget("0.5"), check_budget("300M")
+    (0.5, '300M')
+    >>> check_budget("abc")
+    Traceback (most recent call last):
+    ...
+    fxadapt.errors.BudgetError: cannot read budget 'abc': use a fraction (0.5), a percentage ('50%') or MACs with a suffix ('300M', '1.2G')
+    """
     try:
-        return float(text)
+        budget: float | str = float(text)
     except ValueError:
-        return text
+        budget = text
+    parse_budget(budget, 1.0, 1.0)
+    return budget
 
 
-def _paths(args) -> tuple[str | None, str | None, str | None]:
+def output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``[(kind, path)]`` for the files to write: kind ``pt``, ``onnx`` or ``png`` (see the module doc).
+
+    >>> ns = argparse.Namespace(example=False, model="pkg.zoo:resnet8", out_dir=None, output=None, onnx=None,
+    ...                         plot="w.png")
+    >>> output_paths(ns)
+    [('pt', 'resnet8-adapted.pt'), ('png', 'w.png')]
+    """
     out_dir = args.out_dir or ("fxadapt-example" if args.example else None)
-    def pick(value, name):
-        return value or (os.path.join(out_dir, name) if out_dir else None)
-    paths = pick(args.output, "adapted.pt"), pick(args.onnx, "adapted.onnx"), pick(args.plot, "widths.png")
-    for p in paths:
-        if p and os.path.dirname(p):
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-    return paths
+    defaults = {"pt": "adapted.pt", "onnx": "adapted.onnx", "png": "widths.png"}
+    given = {"pt": args.output, "onnx": args.onnx, "png": args.plot}
+    if out_dir:
+        return [(k, given[k] or os.path.join(out_dir, name)) for k, name in defaults.items()]
+    if not given["pt"]:
+        factory = split_spec(args.model)[1].rpartition(".")[2]
+        given["pt"] = f"{factory}-adapted.pt"
+    return [(k, v) for k, v in given.items() if v]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Validate, adapt, report, write; returns the exit status (errors raise ``CliError``/``FxAdaptError``)."""
+    budget = check_budget(args.budget)
     model, inputs, label = load_model(args)
-    out_pt, out_onnx, out_png = _paths(args)
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(STEPS) - args.no_fold_bn, desc=f"adapt {label}", unit="step", leave=True)
-    def progress(name: str) -> None:
-        if bar is not None:
-            bar.set_postfix_str(name)
-            bar.update(1)
-    cfg = TransformConfig(fold_bn=not args.no_fold_bn, grow_depth=args.grow_depth, progress=progress)
+    outputs = output_paths(args)
+    bar = Progress(f"adapt {label}", extra_steps=len(outputs), enabled=not args.quiet)
+    cfg = TransformConfig(fold_bn=args.fold_bn, grow_depth=args.grow_depth, progress=bar)
+    created: list[str] = []
     try:
-        adapted = fxadapt.transform(model, _budget(args.budget), inputs, config=cfg)
+        adapted = fxadapt.transform(model, budget, inputs, config=cfg)
+        bar.pipeline_done()
+        rep = fxadapt.report(adapted)
+        bar.write(f"{rep.table()}\nMACs ratio {rep.macs_after / rep.macs_before:.4f} "
+                  f"(target {rep.macs_target / rep.macs_before:.4f})")
+        writers: dict[str, Callable[[str], str]] = {
+            "pt": lambda p: (save(adapted, p), f"saved {p} (load with fxadapt.export.save.load)")[1],
+            "onnx": lambda p: _onnx_line(fxadapt.export_onnx(adapted, inputs, p)),
+            "png": lambda p: (plot_widths(rep, p), f"plot {p}")[1],
+        }
+        for kind, path in outputs:
+            _make_parent(path, created)
+            bar.write(writers[kind](path))
+            bar.step(STEP_NAMES[kind])
+    except BaseException:
+        _remove_empty(created)
+        raise
     finally:
-        if bar is not None:
-            bar.close()
-    rep = fxadapt.report(adapted)
-    if not args.quiet:
-        print(rep.table())
-    if out_pt:
-        torch.save(adapted, out_pt)
-        _say(args, f"saved {out_pt}")
-    if out_onnx:
-        res = fxadapt.export_onnx(adapted, inputs, out_onnx)
-        _say(args, f"ONNX {res.path}: {res.nodes} nodes, simplified, onnxruntime max |diff| {res.max_abs_diff:.2e}")
-    if out_png:
-        plot_widths(rep, out_png)
-        _say(args, f"plot {out_png}")
-    if not (out_pt or out_onnx or out_png) and args.quiet:
-        raise CliError("nothing to write: give -o, --onnx, --plot or --out-dir (or drop --quiet)")
+        bar.close()
     return 0
 
 
-def _say(args, text: str) -> None:
-    if not args.quiet:
-        print(text)
+STEP_NAMES = {"pt": "save", "onnx": "ONNX export", "png": "plot"}
+
+
+class Progress:
+    """The tqdm bar: ``TransformConfig.progress`` calls it once per pipeline pass, as ``(name, done, total)``
+    (or, from older pipelines, ``(name)``); the CLI then adds its own steps (save, ONNX export, plot).
+
+    >>> p = Progress("demo", extra_steps=1, enabled=False)
+    >>> p("capture", 1, 2); p("verify", 2, 2); p.pipeline_done(); p.step("save")
+    >>> p.done, p.total
+    (3, 3)
+    """
+
+    def __init__(self, desc: str, extra_steps: int, enabled: bool = True):
+        self.extra, self.done, self.total = extra_steps, 0, None
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=None, desc=desc, unit="step", leave=True)
+
+    def __call__(self, name: str, *counts: int) -> None:
+        if len(counts) == 2:
+            done, total = counts
+            self._set(done, total + self.extra, name)
+        else:
+            self._set(self.done + 1, None, name)
+
+    def pipeline_done(self) -> None:
+        """The pipeline returned: from now on only the CLI's own steps remain."""
+        self._set(self.done, self.done + self.extra, "")
+
+    def step(self, name: str) -> None:
+        self._set(self.done + 1, self.total, name)
+
+    def _set(self, done: int, total: int | None, name: str) -> None:
+        self.done, self.total = done, total if total is not None else self.total
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update(done - self.bar.n)
+
+    def write(self, text: str) -> None:
+        """Print ``text`` above the bar (nothing when the bar is disabled, i.e. ``--quiet``)."""
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _onnx_line(res) -> str:
+    return f"ONNX {res.path}: {res.nodes} nodes, simplified, onnxruntime max |diff| {res.max_abs_diff:.2e}"
+
+
+def _make_parent(path: str, created: list[str]) -> None:
+    """Create the folders above ``path`` that are missing, remembering them (deepest last)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    missing = []
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except OSError as e:
+            raise CliError(f"cannot create folder {d!r} for {path!r}: {e.strerror or e}") from e
+        created.append(d)
+
+
+def _remove_empty(created: list[str]) -> None:
+    for d in reversed(created):
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)

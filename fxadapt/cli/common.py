@@ -6,7 +6,12 @@ A subcommand that works on a model calls ``add_model_arguments(parser)`` when it
 - ``MODEL``: ``pkg.module:factory`` or ``path/to/file.py:factory``; the factory is called with no arguments
   and must return an ``nn.Module``;
 - ``--example``: the bundled example model (``fxadapt.examples``) instead of a factory;
-- ``--input-shape 1,3,224,224`` (repeat it for a model with several inputs).
+- ``--input-shape SHAPE[:DTYPE[:LOW-HIGH]]`` (repeat it for a model with several inputs): a random
+  example input. ``1,3,224,224`` is float32 from ``torch.randn``; ``1,128:int64:0-30522`` is int64 token
+  ids drawn uniformly from ``[0, 30522)`` (``torch.randint``, high exclusive: a vocabulary size fits);
+  ``1,3,32,32:float16:0-1`` is uniform in ``[0, 1)``; ``1,16:bool`` is random True/False. DTYPE is any
+  ``torch`` dtype name (``float32``, ``float16``, ``bfloat16``, ``float64``, ``int64``, ``int32``,
+  ``int16``, ``int8``, ``uint8``, ``bool``); integer dtypes need a range. ``--seed`` fixes the values.
 
 Example:
     >>> import argparse
@@ -25,6 +30,7 @@ import importlib.util
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,65 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One random example input: shape, dtype and (optionally) the value range ``[low, high)``."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    low: float | None = None
+    high: float | None = None
+
+    def make(self, gen: torch.Generator) -> torch.Tensor:
+        """A random tensor of this spec (``randn`` for floats without a range, else uniform / ``randint``)."""
+        if self.dtype == torch.bool:
+            return torch.randint(0, 2, self.shape, generator=gen).bool()
+        if self.dtype.is_floating_point:
+            x = torch.randn(*self.shape, generator=gen) if self.low is None else \
+                torch.rand(*self.shape, generator=gen) * (self.high - self.low) + self.low
+            return x.to(self.dtype)
+        return torch.randint(int(self.low), int(self.high), self.shape, generator=gen, dtype=self.dtype)
+
+    def __str__(self) -> str:
+        text = "x".join(str(d) for d in self.shape)
+        if self.dtype != torch.float32 or self.low is not None:
+            text += f":{str(self.dtype).removeprefix('torch.')}"
+        return text + (f":{self.low:g}-{self.high:g}" if self.low is not None else "")
+
+
+_NUMBER = r"-?[0-9]+(?:\.[0-9]*)?"
+
+
+def parse_input(text: str) -> InputSpec:
+    """``"SHAPE[:DTYPE[:LOW-HIGH]]"`` -> ``InputSpec`` (see the module docstring).
+
+    >>> str(parse_input("1,128:int64:0-30522")), str(parse_input("1x3x8x8")), str(parse_input("2,4:float16:-1-1"))
+    ('1x128:int64:0-30522', '1x3x8x8', '2x4:float16:-1-1')
+    >>> try:
+    ...     parse_input("1,128:int64")
+    ... except CliError as e:
+    ...     print(e)
+    bad input '1,128:int64': an integer input needs a value range, e.g. 1,128:int64:0-30522 (token ids below 30522)
+    """
+    shape_text, _, rest = text.partition(":")
+    dtype_text, _, range_text = rest.partition(":")
+    shape = parse_shape(shape_text)
+    dtype = getattr(torch, dtype_text.strip() or "float32", None)
+    if not isinstance(dtype, torch.dtype) or dtype.is_complex:
+        raise CliError(f"bad input {text!r}: unknown dtype {dtype_text!r}; use float32, float16, bfloat16, "
+                       f"float64, int64, int32, int16, int8, uint8 or bool, e.g. 1,128:int64:0-30522")
+    low = high = None
+    if range_text.strip():
+        m = re.fullmatch(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*", range_text)
+        if not m or float(m.group(1)) >= float(m.group(2)):
+            raise CliError(f"bad input {text!r}: the range must be LOW-HIGH with LOW < HIGH, e.g. 0-30522")
+        low, high = float(m.group(1)), float(m.group(2))
+    elif not dtype.is_floating_point and dtype != torch.bool:
+        raise CliError(f"bad input {text!r}: an integer input needs a value range, e.g. "
+                       f"{shape_text}:{dtype_text}:0-30522 (token ids below 30522)")
+    return InputSpec(shape, dtype, low, high)
+
+
 def _import_module(where: str) -> Any:
     """Import ``pkg.module`` (the current directory is importable) or load ``path/to/file.py``."""
     is_file = where.endswith(".py") or os.sep in where or "/" in where
@@ -78,16 +143,26 @@ def _import_module(where: str) -> Any:
         raise CliError(f"cannot import {where!r}: {type(e).__name__}: {_first_line(e)}") from e
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"pkg.module:factory"`` -> ``("pkg.module", "factory")``, or a ``CliError`` saying what is expected.
+
+    >>> split_spec("models/net.py:build")
+    ('models/net.py', 'build')
+    """
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name or not all(p.isidentifier() for p in name.split(".")):
+        raise CliError(f"bad model spec {spec!r}: expected MODULE:FACTORY or FILE.py:FACTORY, "
+                       f"e.g. pytorchcv.models.resnet:resnet50")
+    return where, name
+
+
 def load_factory(spec: str) -> nn.Module:
     """Call the factory named by ``spec`` (``pkg.module:factory`` or ``file.py:factory``) and check the result.
 
     >>> type(load_factory("fxadapt.examples:example_model")).__name__
     'ExampleResNet'
     """
-    where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name or not all(p.isidentifier() for p in name.split(".")):
-        raise CliError(f"bad model spec {spec!r}: expected MODULE:FACTORY or FILE.py:FACTORY, "
-                       f"e.g. pytorchcv.models.resnet:resnet50")
+    where, name = split_spec(spec)
     obj = _import_module(where)
     for attr in name.split("."):
         if not hasattr(obj, attr):
@@ -111,9 +186,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "arguments, returns an nn.Module)")
     parser.add_argument("--example", action="store_true",
                         help="use the bundled example model (a small CIFAR-style ResNet) instead of MODEL")
-    parser.add_argument("--input-shape", action="append", metavar="SHAPE", default=None,
-                        help="shape of a random example input, e.g. 1,3,224,224 (repeat for several inputs; "
-                             "default with --example: 1,3,32,32)")
+    parser.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE[:LOW-HIGH]]", default=None,
+                        help="a random example input: 1,3,224,224 (float32, randn) or 1,128:int64:0-30522 "
+                             "(int64 token ids in [0, 30522)); repeat for several inputs; default with "
+                             "--example: 1,3,32,32")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default 0)")
 
 
@@ -123,20 +199,44 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor,
         raise CliError("give either MODEL or --example, not both")
     if not args.example and not args.model:
         raise CliError("no model: give MODEL (pkg.module:factory or file.py:factory) or --example")
+    if args.model:
+        split_spec(args.model)
+    specs = input_specs(args)  # malformed specs and inputs fail before the factory runs
     if args.example:
-        from fxadapt.examples import EXAMPLE_INPUT_SHAPE, example_model
+        from fxadapt.examples import example_model
 
-        model, label, default = example_model(), "example", [EXAMPLE_INPUT_SHAPE]
+        model, label = example_model(), "example"
     else:
-        model, label, default = load_factory(args.model), args.model, None
-    if args.input_shape:
-        shapes = [parse_shape(s) for s in args.input_shape]
-    elif default is not None:
-        shapes = default
-    else:
-        raise CliError("--input-shape is required with MODEL, e.g. --input-shape 1,3,224,224")
+        model, label = load_factory(args.model), args.model
     gen = torch.Generator().manual_seed(args.seed)
-    return model, tuple(torch.randn(*s, generator=gen) for s in shapes), label
+    return model, tuple(s.make(gen) for s in specs), label
+
+
+def input_specs(args: argparse.Namespace) -> list[InputSpec]:
+    """The parsed ``--input-shape`` options (the example's shape by default with ``--example``).
+
+    >>> input_specs(argparse.Namespace(example=False, input_shape=["1,8:int32:0-5"]))
+    [InputSpec(shape=(1, 8), dtype=torch.int32, low=0.0, high=5.0)]
+    """
+    if args.input_shape:
+        return [parse_input(s) for s in args.input_shape]
+    if args.example:
+        from fxadapt.examples import EXAMPLE_INPUT_SHAPE
+
+        return [InputSpec(tuple(EXAMPLE_INPUT_SHAPE))]
+    raise CliError("--input-shape is required with MODEL, e.g. --input-shape 1,3,224,224 "
+                   "(or 1,128:int64:0-30522 for token ids)")
+
+
+def describe_inputs(inputs: tuple[torch.Tensor, ...]) -> str:
+    """``"1x3x32x32"``, with the dtype when it is not float32 (``"1x128:int64"``).
+
+    >>> describe_inputs((torch.zeros(1, 3, 8, 8), torch.zeros(2, 5, dtype=torch.long)))
+    '1x3x8x8, 2x5:int64'
+    """
+    return ", ".join("x".join(str(d) for d in x.shape)
+                     + ("" if x.dtype == torch.float32 else f":{str(x.dtype).removeprefix('torch.')}")
+                     for x in inputs)
 
 
 def _first_line(e: BaseException) -> str:

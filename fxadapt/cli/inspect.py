@@ -6,9 +6,17 @@ Usage::
     fxadapt inspect path/to/file.py:factory --input-shape 1,3,32,32
     fxadapt inspect --example
 
-Prints ``Analysis.summary()`` (groups: width, MACs share, prunable or frozen with the reason; blocks),
-then the totals and timings. ``--json FILE`` also writes the groups and blocks as JSON (``-``: stdout,
-and then the table is not printed).
+Prints ``Analysis.summary()`` (groups: width, MACs elasticity, prunable or frozen with the reason;
+blocks), then the totals and timings. ``--json FILE`` also writes the groups and blocks as JSON (``-``:
+stdout, and then the table is not printed).
+
+A group's MACs elasticity is ``n * dMACs/dn / MACs``: the % change of the model's MACs per 1% change of
+the group's width. A group on both sides of an op (a depthwise conv's input and output, both operands of
+a matmul) counts twice, so values can exceed 1 and do not sum to 1. The JSON carries it as
+``macs_elasticity`` (and, for older readers, under its former name ``macs_share``).
+
+Inputs are random: ``--input-shape 1,3,224,224`` is a float tensor; ``--input-shape 1,128:int64:0-30522``
+is an int64 tensor of token ids drawn from ``[0, 30522)`` (see ``fxadapt.cli.common``).
 
 Example:
     >>> import argparse
@@ -31,7 +39,7 @@ from collections import Counter
 from typing import Any
 
 import fxadapt
-from fxadapt.cli.common import CliError, add_model_arguments, load_model
+from fxadapt.cli.common import CliError, add_model_arguments, describe_inputs, load_model
 from fxadapt.export.report import human
 
 
@@ -55,14 +63,14 @@ def run(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     timing = {"capture": round(t1 - t0, 4), "analysis": round(t2 - t1, 4)}
     if args.json != "-":
-        shapes = ", ".join("x".join(str(d) for d in x.shape) for x in inputs)
-        print(f"model {label}  input {shapes}\n")
+        print(f"model {label}  input {describe_inputs(inputs)}\n")
         print(a.summary())
         print()
         print(totals_line(a))
         print(f"time: capture {timing['capture']:.3f} s, analysis {timing['analysis']:.3f} s")
     if args.json:
         data = analysis_to_dict(a, label, [tuple(x.shape) for x in inputs], timing)
+        data["input_dtypes"] = [str(x.dtype).removeprefix("torch.") for x in inputs]
         text = json.dumps(data, indent=2)
         if args.json == "-":
             print(text)
@@ -106,11 +114,12 @@ def analysis_to_dict(a: fxadapt.Analysis, label: str = "", input_shapes: list | 
     >>> from fxadapt.examples import example_model
     >>> d = analysis_to_dict(fxadapt.analyze(example_model(), (torch.randn(1, 3, 32, 32),)))
     >>> sorted(d), sorted(d["groups"][0])
-    (['blocks', 'groups', 'input_shapes', 'macs', 'model', 'params', 'timing_s'], ['granularity', 'id', 'macs_share', 'members', 'name', 'params_share', 'prunable', 'reason', 'units', 'width'])
+    (['blocks', 'groups', 'input_shapes', 'macs', 'model', 'params', 'timing_s'], ['granularity', 'id', 'macs_elasticity', 'macs_share', 'members', 'name', 'params_share', 'prunable', 'reason', 'units', 'width'])
     """
     groups = [{
         "id": g.id, "name": g.name, "width": g.width, "units": g.units, "granularity": g.granularity,
-        "prunable": g.prunable, "reason": g.reason, "macs_share": float(g.macs_share),
+        "prunable": g.prunable, "reason": g.reason, "macs_elasticity": float(g.macs_share),
+        "macs_share": float(g.macs_share),
         "params_share": float(g.params_share), "members": [_member(m) for m in g.members],
     } for g in a.groups]
     blocks = [{

@@ -9,8 +9,8 @@ import torch
 from models import ResNetTiny
 
 import fxadapt
-from fxadapt.planning.budget import Budget, SolveConfig, parse_budget, reachable, solve_widths
 from fxadapt.errors import BudgetError
+from fxadapt.planning.budget import Budget, SolveConfig, parse_budget, reachable, solve_widths
 
 
 @pytest.mark.parametrize("budget,expected", [

@@ -1,0 +1,121 @@
+"""Width alignment: which kept-unit counts a group may take so its width is a multiple of an alignment.
+
+A group ``g`` of ``N_g`` units, each ``q_g`` channels wide (its granularity), has width ``w = n * q_g`` at
+``n`` kept units. With alignment ``A`` the width must be a multiple of ``L_g = lcm(A, q_g)``, so ``n`` must
+be a multiple of the unit step ``k_g = L_g / q_g``. Within bounds ``[lo, hi]`` the group's *ladder* is
+
+    ladder_g = {j * k_g : lo <= j * k_g <= hi}  ∪  {N_g}        (N_g only when lo <= N_g <= hi)
+
+(the original width stays allowed: an untouched group is not an adapted one). A group narrower than the
+alignment (``N_g * q_g < A``), or whose lattice part is empty, keeps only ``N_g``. ``A = 1`` gives every
+integer in ``[lo, hi]``: no alignment.
+
+Why the numbers of ``auto_align``: onnxruntime's CPU provider rewrites convolutions to the NCHWc layout,
+whose channel block is MLAS's ``NchwcBlockSize`` (``onnxruntime/core/mlas/lib/platform.cpp``): the
+vector register width in floats of the kernels it selects, 16 when the CPU has AVX-512F (zmm), 8 on
+every other x86-64 CPU (AVX/AVX2-FMA3 use one ymm; the SSE kernels process two xmm per block). A channel
+count that is not a multiple of the block leaves a ragged last block or falls back to the plain NCHW
+path. ARM NEON registers hold 4 floats (MLAS builds with NEON NCHWc kernels use a block of 16; both are
+multiples of 4), so other CPUs get 4. On CUDA, half-precision tensor cores want channel counts that are
+multiples of 8 (16 bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from fxadapt.errors import BudgetError
+
+CUDA_ALIGN = 8
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _torch_capability() -> str:
+    try:
+        import torch
+
+        return str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # noqa: BLE001 - an old torch without the query: fall back to the architecture
+        return ""
+
+
+@functools.cache
+def _cpu_block() -> int:
+    flags, machine = _cpu_flags(), platform.machine().lower()
+    if "avx512f" in flags or "AVX512" in _torch_capability():
+        return 16
+    if machine in ("x86_64", "amd64", "i386", "i686") or flags & {"avx2", "avx", "sse2"}:
+        return 8
+    return 4
+
+
+def auto_align(device: str = "cpu") -> int:
+    """The channel alignment that suits ``device``: onnxruntime's NCHWc block on this CPU (16 with
+    AVX-512F, 8 on other x86-64, 4 elsewhere; see the module docstring), 8 for ``"cuda"``.
+
+    >>> auto_align("cpu") in (4, 8, 16), auto_align("cuda")
+    (True, 8)
+    """
+    kind = str(device).split(":")[0].lower()
+    if kind == "cuda":
+        return CUDA_ALIGN
+    if kind != "cpu":
+        raise BudgetError(f"auto_align: unknown device {device!r}; use 'cpu' or 'cuda'")
+    return _cpu_block()
+
+
+def resolve_align(align: int | str, device: str = "cpu") -> int:
+    """An alignment as a positive int: ``"auto"`` becomes ``auto_align(device)``.
+
+    >>> resolve_align(8), resolve_align("auto", "cuda")
+    (8, 8)
+    """
+    if align == "auto":
+        return auto_align(device)
+    if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or align < 1:
+        raise BudgetError(f"align must be a positive int or 'auto', got {align!r}")
+    return int(align)
+
+
+def unit_step(align: int, granularity: int) -> int:
+    """Kept units per aligned step: ``lcm(align, granularity) / granularity``.
+
+    >>> unit_step(8, 1), unit_step(8, 4), unit_step(8, 3), unit_step(1, 5)
+    (8, 2, 8, 1)
+    """
+    return math.lcm(align, granularity) // granularity
+
+
+def ladder(units: int, granularity: int, lo: int, hi: int, align: int = 1) -> np.ndarray:
+    """Sorted unit counts a group may take within ``[lo, hi]`` (see the module docstring).
+
+    >>> ladder(20, 1, 2, 20, 8).tolist(), ladder(6, 1, 1, 6, 8).tolist(), ladder(10, 4, 1, 20, 8).tolist()
+    ([8, 16, 20], [6], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20])
+    """
+    keep = min(max(units, lo), hi)
+    if units * granularity < align:
+        return np.array([keep], dtype=np.int64)
+    k = unit_step(align, granularity)
+    lattice = np.arange(-(-lo // k) * k, hi + 1, k, dtype=np.int64)
+    if lattice.size == 0:
+        return np.array([keep], dtype=np.int64)
+    at = int(np.searchsorted(lattice, units))
+    if lo <= units <= hi and (at == lattice.size or lattice[at] != units):
+        lattice = np.insert(lattice, at, units)
+    return lattice

@@ -1,0 +1,417 @@
+"""The data-free width solver: one global scale, then rung moves into the budget window.
+
+Notation: group ``g`` has ``N_g`` units and bounds ``[lo_g, hi_g]`` (shrinking: ``lo_g = max(1, ceil(
+min_ratio N_g))``, ``hi_g = N_g``; growing: ``lo_g = N_g``, ``hi_g = max_expand N_g``, only for groups that
+can grow). Its *ladder* ``R_g`` is the sorted set of unit counts in the bounds that the alignment allows
+(``fxadapt.planning.align``: multiples of ``lcm(align, granularity) / granularity``, plus ``N_g``).
+``M(n)`` is the cost model's MAC polynomial (``fxadapt.analysis.cost``), ``T`` the target.
+
+1. **Scale.** ``n_g(s)`` = the rung of ``R_g`` nearest to ``s * b_g`` (``b`` = the original widths for the
+   data-free solver, the searched widths for DNA/FUR). ``M(n(s))`` is non-decreasing in ``s``, so bisection
+   finds the largest ``s`` with ``M <= T`` (shrink) or the smallest with ``M >= T`` (grow).
+2. **Repair.** While ``M`` is outside the window ``W = [(1 - tol) T, T]`` (shrink) or ``[T, (1 + tol) T]``
+   (grow), take the one-rung move (up when shrinking, down when growing) landing closest to ``T`` without
+   crossing it; when none fits, the best swap (one group a rung toward ``T``, another a rung back). All the
+   candidates of a round are evaluated at once: with factor values ``V = c + F n`` (one row per linear form)
+   a move of group ``g`` by ``dn`` adds ``dn * F[:, g]``, and ``M = sum_t coef_t * prod_{j in t} V_j``.
+3. **Verdict.** In ``W``: done. Otherwise the groups are too coarse (or too coarsely aligned) for ``W``:
+   ``strict`` raises ``BudgetError`` with the nearest totals found on both sides of ``T``; else the closest on
+   the right side (never above when shrinking, never below when growing) is returned with a
+   ``BudgetWarning`` saying how far it is.
+
+A target outside ``[M(lowest rungs), M(highest rungs)]`` is a ``BudgetError`` stating that range.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from fxadapt.errors import BudgetError
+from fxadapt.planning.align import ladder, resolve_align
+from fxadapt.planning.plan import growth_blocker
+
+TOL = 0.01
+_CHUNK = 2048
+_EXHAUSTIVE = 200_000  # at most this many assignments: try them all when the greedy repair misses
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """Solver options: ``min_ratio`` (narrowest kept fraction of a group), ``max_expand`` (widest growth),
+    ``tol`` (relative width of the budget window), ``strict`` (raise instead of warning when no widths lie in
+    the window), ``align`` (every adapted width a multiple of ``lcm(align, granularity)``; ``"auto"`` =
+    ``auto_align("cpu")``).
+
+    >>> SolveConfig(align=8).alignment(), SolveConfig(align="auto").alignment() in (4, 8, 16)
+    (8, True)
+    """
+
+    min_ratio: float = 0.1
+    max_expand: float = 4.0
+    tol: float = TOL
+    strict: bool = False
+    align: int | str = 1
+
+    def __post_init__(self):
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 <= self.tol < 1:
+            raise BudgetError(f"SolveConfig.tol must be a fraction in [0, 1), got {self.tol!r}")
+        resolve_align(self.align)
+
+    def alignment(self) -> int:
+        return resolve_align(self.align)
+
+
+def in_window(macs: float, target: float, grow: bool, tol: float = TOL) -> bool:
+    """``[T, (1 + tol) T]`` when growing, ``[(1 - tol) T, T]`` when shrinking.
+
+    >>> in_window(995, 1000, False), in_window(1001, 1000, False), in_window(1009, 1000, True, tol=0.01)
+    (True, False, True)
+    """
+    return target <= macs <= target * (1 + tol) if grow else target * (1 - tol) <= macs <= target
+
+
+class MacsPoly:
+    """``M(n)`` vectorised over candidate assignments (columns: every group of the cost model).
+
+    >>> import torch, fxadapt
+    >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)),
+    ...                     (torch.randn(1, 3, 10, 10),))
+    >>> p = MacsPoly(a.cost)
+    >>> x = p.row({})
+    >>> bool(p(x[None])[0] == a.cost.macs()), bool(p.singles(x, np.array([0]), np.array([4.0]))[0] == a.cost.macs({0: 4}))
+    (True, True)
+    """
+
+    def __init__(self, cost, present: dict | None = None):
+        self.cost, self.present = cost, present
+        self.cols = sorted(cost.units)
+        self.col = {g: i for i, g in enumerate(self.cols)}
+        self.base = np.array([cost.units[g] for g in self.cols], dtype=float)
+        try:
+            self._compile(cost.macs_terms, present)
+        except (AttributeError, TypeError, KeyError):  # an unfamiliar cost model: evaluate it term by term
+            self.F = None
+
+    def _compile(self, terms, present) -> None:
+        forms, rows = [], []
+        for t in terms:
+            rows.append(list(range(len(forms), len(forms) + len(t.factors))))
+            forms.extend(t.factors)
+        pad, width = len(forms), max((len(r) for r in rows), default=0)
+        self.F = np.zeros((pad + 1, len(self.cols)))
+        self.c = np.zeros(pad + 1)
+        self.c[pad] = 1.0
+        for i, f in enumerate(forms):
+            self.c[i] = f.const
+            for g, v in f.coefs:
+                self.F[i, self.col[g]] += v
+        self.idx = np.array([r + [pad] * (width - len(r)) for r in rows], dtype=np.int64).reshape(len(rows), width)
+        scale = [math.prod(present.get(b, 1.0) for b in t.blocks) if present else 1.0 for t in terms]
+        self.coef = np.array([t.coef * s for t, s in zip(terms, scale)], dtype=float)
+
+    def row(self, n: dict) -> np.ndarray:
+        x = self.base.copy()
+        for g, v in n.items():
+            x[self.col[g]] = v
+        return x
+
+    def _total(self, V: np.ndarray) -> np.ndarray:
+        out = np.empty(len(V))
+        for s in range(0, len(V), _CHUNK):
+            out[s:s + _CHUNK] = np.prod(V[s:s + _CHUNK][:, self.idx], axis=2) @ self.coef
+        return out
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        if self.F is None:
+            return np.array([self.cost.macs(dict(zip(self.cols, r.tolist())), self.present) for r in X])
+        return self._total(X @ self.F.T + self.c)
+
+    def singles(self, x: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """``M`` with column ``cols[i]`` of ``x`` set to ``vals[i]``, for every ``i``."""
+        if self.F is None:
+            X = np.repeat(x[None], len(cols), 0)
+            X[np.arange(len(cols)), cols] = vals
+            return self(X)
+        V = (x @ self.F.T + self.c) + (vals - x[cols])[:, None] * self.F[:, cols].T
+        return self._total(V)
+
+    def pairs(self, x: np.ndarray, ca, va, cb, vb) -> np.ndarray:
+        """``M[i, j]`` with ``x[ca[i]] = va[i]`` and ``x[cb[j]] = vb[j]`` (``ca[i] != cb[j]``)."""
+        if self.F is None:
+            X = np.repeat(x[None], len(ca) * len(cb), 0).reshape(len(ca), len(cb), -1)
+            X[np.arange(len(ca)), :, ca] = va[:, None]
+            X[:, np.arange(len(cb)), cb] = vb[None, :]
+            return self(X.reshape(-1, len(x))).reshape(len(ca), len(cb))
+        v0 = x @ self.F.T + self.c
+        A = (va - x[ca])[:, None] * self.F[:, ca].T
+        B = (vb - x[cb])[:, None] * self.F[:, cb].T
+        return self._total((v0 + A[:, None, :] + B[None, :, :]).reshape(-1, len(v0))).reshape(len(ca), len(cb))
+
+
+@dataclass
+class _Problem:
+    """Ladders of the free groups, their scaling reference and the polynomial, for one target."""
+
+    poly: MacsPoly
+    gids: list
+    rungs: list
+    ref: np.ndarray
+    target: float
+
+    def __post_init__(self):
+        self.cols = np.array([self.poly.col[g] for g in self.gids], dtype=np.int64)
+        self.size = np.array([len(r) for r in self.rungs], dtype=np.int64)
+        self.off = np.concatenate([[0], np.cumsum(self.size)[:-1]]).astype(np.int64)
+        self.flat = np.concatenate(self.rungs).astype(float) if self.rungs else np.zeros(0)
+        self.top = max([1.0] + [r[-1] / b for r, b in zip(self.rungs, self.ref)])  # scale where all are widest
+        # one sorted key array for all ladders: group k's rungs shifted by k * stride (> any rung or s * ref)
+        self.stride = 2.0 * max([1.0] + [r[-1] for r in self.rungs] + [self.top * b for b in self.ref]) + 2.0
+        self.shift = np.arange(len(self.rungs)) * self.stride
+        self.keys = self.flat + np.repeat(self.shift, self.size)
+
+    def values(self, idx: np.ndarray) -> np.ndarray:
+        return self.flat[self.off + idx]
+
+    def x(self, idx: np.ndarray) -> np.ndarray:
+        x = self.poly.base.copy()
+        x[self.cols] = self.values(idx)
+        return x
+
+    def at_scale(self, s: float) -> np.ndarray:
+        """Per group, the index of the rung nearest to ``s * ref`` (ties to the lower rung)."""
+        want = s * self.ref
+        j = np.searchsorted(self.keys, want + self.shift) - self.off
+        j = np.clip(j, 1, np.maximum(self.size - 1, 1))
+        lower, upper = self.flat[self.off + j - 1], self.flat[np.minimum(self.off + j, self.off + self.size - 1)]
+        return np.where((self.size == 1) | (want - lower <= upper - want), j - 1, j)
+
+    def units(self, idx: np.ndarray) -> dict[int, int]:
+        return {g: int(v) for g, v in zip(self.gids, self.values(idx))}
+
+
+def _problem(a, target: float, bounds: dict, base: dict, cfg: SolveConfig, present=None) -> _Problem:
+    align, gids = cfg.alignment(), sorted(bounds)
+    rungs = [ladder(a.groups[g].units, a.groups[g].granularity, *bounds[g], align) for g in gids]
+    ref = np.array([max(base[g], 1) for g in gids], dtype=float)
+    return _Problem(MacsPoly(a.cost, present), gids, rungs, ref, target)
+
+
+def _scale(p: _Problem, above: bool) -> np.ndarray:
+    """Bisection on the global scale: the last rungs at or below ``T`` (or the first at or above)."""
+    lo, hi = 0.0, p.top
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        m = p.poly(p.x(p.at_scale(mid))[None])[0]
+        ok = m >= p.target if above else m <= p.target
+        lo, hi = (lo, mid) if ok == above else (mid, hi)
+    return p.at_scale(hi if above else lo)
+
+
+def _best(m_new: np.ndarray, m: float, target: float, above: bool, smallest: bool):
+    """Flat index of the candidate that moves toward ``T`` without crossing it, the smallest such step when
+    ``smallest`` (else the one landing closest to ``T``), or None."""
+    ok = (m_new >= target) & (m_new < m) if above else (m_new <= target) & (m_new > m)
+    if not ok.any():
+        return None
+    return int(np.argmin(np.where(ok, np.abs(m_new - (m if smallest else target)), np.inf)))
+
+
+def _approach(p: _Problem, idx: np.ndarray, above: bool, tol: float | None) -> np.ndarray:
+    """Greedy rung moves toward ``T`` from one side (see module docstring); ``tol=None`` = as close as it
+    gets."""
+    d = -1 if above else 1
+    idx = idx.copy()
+    for _ in range(1_000_000):
+        x = p.x(idx)
+        m = p.poly(x[None])[0]
+        if tol is not None and in_window(m, p.target, above, tol):
+            break
+        fwd = np.flatnonzero((idx + d >= 0) & (idx + d < p.size))
+        vf = p.flat[p.off[fwd] + idx[fwd] + d]
+        k = _best(p.poly.singles(x, p.cols[fwd], vf), m, p.target, above, True) if fwd.size else None
+        if k is not None:
+            idx[fwd[k]] += d
+            continue
+        back = np.flatnonzero((idx - d >= 0) & (idx - d < p.size))
+        if not fwd.size or not back.size:
+            break
+        vb = p.flat[p.off[back] + idx[back] - d]
+        mm = p.poly.pairs(x, p.cols[fwd], vf, p.cols[back], vb)
+        mm[fwd[:, None] == back[None, :]] = np.nan  # a group cannot swap with itself
+        k = _best(mm.ravel(), m, p.target, above, False)
+        if k is None:
+            break
+        i, j = divmod(k, back.size)
+        idx[fwd[i]] += d
+        idx[back[j]] -= d
+    return idx
+
+
+def _exhaustive(p: _Problem, near: np.ndarray, above: bool, tol: float | None):
+    """Every assignment of a small problem: in the window, the one nearest ``near`` in log-width; else the
+    closest to ``T`` on the right side. None when too many or none on the right side."""
+    if not p.size.size or np.prod(p.size.astype(float)) > _EXHAUSTIVE:
+        return None
+    grid = np.stack(np.meshgrid(*[np.arange(k) for k in p.size], indexing="ij"), -1).reshape(-1, p.size.size)
+    vals = np.stack([r[grid[:, k]] for k, r in enumerate(p.rungs)], 1).astype(float)
+    X = np.repeat(p.poly.base[None], len(grid), 0)
+    X[:, p.cols] = vals
+    m, t = p.poly(X), p.target
+    side = m >= t if above else m <= t
+    if not side.any():
+        return None
+    ok = side & (m <= t * (1 + tol) if above else m >= t * (1 - tol)) if tol is not None else side & False
+    if ok.any():
+        dist = np.abs(np.log(vals / p.x(near)[p.cols])).sum(1)
+        return grid[int(np.argmin(np.where(ok, dist, np.inf)))]
+    return grid[int(np.argmin(np.where(side, np.abs(m - t), np.inf)))]
+
+
+def _solve(p: _Problem, above: bool, tol: float | None) -> np.ndarray:
+    """Scale, repair, and when the repair misses the window a full search of small problems."""
+    idx = _approach(p, _scale(p, above), above, tol)
+    m = p.poly(p.x(idx)[None])[0]
+    if tol is not None and in_window(m, p.target, above, tol):
+        return idx
+    alt = _exhaustive(p, idx, above, tol)
+    if alt is None:
+        return idx
+    m_alt = p.poly(p.x(alt)[None])[0]
+    return alt if abs(m_alt - p.target) < abs(m - p.target) or (m >= p.target) != above else idx
+
+
+def _bounds(a, grow: bool, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
+    out = {}
+    for g in a.prunable:
+        lo = max(1, math.ceil(cfg.min_ratio * g.units))
+        if grow:
+            if growth_blocker(a, g) is None:
+                out[g.id] = (g.units, max(g.units, int(cfg.max_expand * g.units)))
+        else:
+            out[g.id] = (min(lo, g.units), g.units)
+    return out
+
+
+def reachable(a, cfg: SolveConfig = SolveConfig()) -> tuple[float, float]:
+    """MACs at the narrowest and widest (aligned) widths the solver may use.
+
+    >>> import torch, fxadapt
+    >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 20, 1), torch.nn.Conv2d(20, 4, 1)),
+    ...                     (torch.randn(1, 3, 1, 1),))
+    >>> reachable(a, SolveConfig(max_expand=2.0)), reachable(a, SolveConfig(align=8, max_expand=2.0))
+    ((14.0, 280.0), (56.0, 280.0))
+    """
+    return _reach(a, cfg, _bounds(a, False, cfg), _bounds(a, True, cfg))
+
+
+def _reach(a, cfg: SolveConfig, shrink: dict, grow: dict) -> tuple[float, float]:
+    align = cfg.alignment()
+    lo = {g: int(ladder(a.groups[g].units, a.groups[g].granularity, *b, align)[0]) for g, b in shrink.items()}
+    hi = {g: int(ladder(a.groups[g].units, a.groups[g].granularity, *b, align)[-1]) for g, b in grow.items()}
+    return a.cost.macs(lo), a.cost.macs(hi)
+
+
+def fit(a, target: float, bounds: dict, base: dict, grow: bool, cfg: SolveConfig = SolveConfig(),
+        present: dict | None = None) -> dict[int, int]:
+    """Scale ``base`` widths by one factor within ``bounds`` (on ``cfg``'s aligned ladders), then repair
+    toward the window ``[T, (1 + tol) T]`` (``grow``) or ``[(1 - tol) T, T]``; ``present`` fixes block
+    presences (after a depth search). The result may miss the window; ``check_window`` gives the verdict.
+
+    >>> import torch, fxadapt
+    >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 20, 1), torch.nn.Conv2d(20, 4, 1)),
+    ...                     (torch.randn(1, 3, 1, 1),))
+    >>> fit(a, 70.0, {0: (1, 20)}, {0: 20}, grow=False)          # 7 MACs per unit of group 0
+    {0: 10}
+    """
+    p = _problem(a, target, bounds, base, cfg, present)
+    return p.units(_solve(p, grow, cfg.tol))
+
+
+def _side(m: float, target: float, base: float) -> str:
+    where = "above" if m > target else "below"
+    return f"{m:,.0f} ({m / base:.3f}x, {abs(m - target) / target:.1%} {where})"
+
+
+def _coarse(a, align: int) -> str:
+    top = sorted(a.prunable, key=lambda g: -g.macs_share)[:2]
+    aligned = f" for widths aligned to {align}" if align > 1 else ""
+    return f"the groups are too coarse{aligned}: " + ", ".join(
+        f"{g.name} has {g.units} units for {g.macs_share:.0%} of the MACs" for g in top)
+
+
+def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = SolveConfig(),
+                 present: dict | None = None) -> float:
+    """MACs of ``n``; when they miss the window: a ``BudgetWarning`` saying how far, or with ``cfg.strict`` a
+    ``BudgetError`` naming the nearest totals found on both sides of ``target`` (module docstring, step 3).
+
+    >>> import torch, fxadapt
+    >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 20, 1), torch.nn.Conv2d(20, 4, 1)),
+    ...                     (torch.randn(1, 3, 1, 1),))
+    >>> check_window(a, {0: 10}, 70.0, grow=False)
+    70.0
+    """
+    m, t, base = a.cost.macs(n, present), target, a.cost.macs()
+    if in_window(m, t, grow, cfg.tol):
+        return m
+    note = _coarse(a, cfg.alignment())
+    if cfg.strict:
+        bounds = _bounds(a, grow, cfg)
+        bounds = {g: bounds.get(g, (v, v)) for g, v in n.items()}
+        p = _problem(a, t, bounds, {g: a.groups[g].units for g in bounds}, cfg, present)
+        found = (m, a.cost.macs(p.units(_solve(p, not grow, None)), present))
+        below, above = [v for v in found if v <= t], [v for v in found if v >= t]
+        near = (f"{_side(max(below), t, base) if below else 'none'} at or below it and "
+                f"{_side(min(above), t, base) if above else 'none'} at or above it")
+        raise BudgetError(f"no widths within {cfg.tol:.0%} of the budget of {t:,.0f} MACs ({t / base:.3f}x): the "
+                          f"nearest feasible totals are {near}; {note}; SolveConfig(strict=False) takes the "
+                          f"closest {'at or above' if grow else 'at or below'} the budget")
+    from fxadapt.planning.budget import BudgetWarning
+
+    warnings.warn(BudgetWarning(
+        f"landed at {m / base:.3f}x for a budget of {t / base:.3f}x: {abs(m - t) / t:.1%} "
+        f"{'above' if grow else 'below'}, outside the {cfg.tol:.0%} window; {note}; SolveConfig(strict=True) "
+        f"refuses instead"), stacklevel=3)
+    return m
+
+
+def _checked_bounds(a, target: float, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
+    """Bounds for ``target``'s direction, after checking that ``target`` is in the reachable range (growth
+    bounds, whose blockers are slow to find, only when they matter)."""
+    base = a.cost.macs()
+    shrink = _bounds(a, False, cfg)
+    growth = _bounds(a, True, cfg) if target > base else None
+    lo_r = _reach(a, cfg, shrink, {})[0]
+    hi_r = _reach(a, cfg, {}, growth)[1] if growth is not None else base
+    if lo_r * (1 - 1e-9) <= target <= hi_r * (1 + 1e-9):
+        return shrink if growth is None else growth
+    lo_r, hi_r = _reach(a, cfg, shrink, _bounds(a, True, cfg) if growth is None else growth)
+    align = cfg.alignment()
+    aligned = f", widths aligned to {align}" if align > 1 else ""
+    raise BudgetError(
+        f"budget of {target:,.0f} MACs ({target / base:.3f}x) is outside the reachable range "
+        f"[{lo_r:,.0f}, {hi_r:,.0f}] MACs = [{lo_r / base:.3f}x, {hi_r / base:.3f}x] of the original "
+        f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x{aligned})")
+
+
+def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int, int]:
+    """Kept units per prunable group so that MACs land within ``cfg.tol`` of ``target`` on its right side
+    (never above when shrinking, never below when growing), every adapted width aligned to ``cfg.align``.
+    When the groups are too coarse for the window: the closest on the right side with a ``BudgetWarning``,
+    or a ``BudgetError`` naming the nearest totals when ``cfg.strict``.
+
+    >>> import torch, fxadapt
+    >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), torch.nn.Conv2d(32, 4, 1)),
+    ...                     (torch.randn(1, 3, 1, 1),))
+    >>> solve_widths(a, 0.5 * a.macs()), solve_widths(a, 0.5 * a.macs(), SolveConfig(align=8))
+    ({0: 16}, {0: 16})
+    """
+    bounds = _checked_bounds(a, target, cfg)
+    grow = target > a.cost.macs()
+    p = _problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
+    n = p.units(_solve(p, grow, cfg.tol))
+    check_window(a, n, target, grow, cfg)
+    return n

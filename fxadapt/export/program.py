@@ -132,9 +132,9 @@ def _check(got_model: nn.Module, ref_model: nn.Module, inputs: tuple, what: str)
         raise ExportError(f"{what} returns a different output structure than the model: {got_spec} vs {ref_spec}")
     tensors = [t for t in ref_leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     scale = max([1.0] + [float(t.abs().max()) for t in tensors])
-    atol = ATOL.get(float_dtype(ref_model, inputs), 1e-4) * scale
+    tol = ATOL.get(float_dtype(ref_model, inputs), 1e-4)
     try:
-        torch.testing.assert_close(got, ref, rtol=atol, atol=atol)
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale)
     except AssertionError as e:
         lines = [s.strip() for s in str(e).splitlines() if "difference" in s.lower()]
         raise ExportError(f"{what} does not match the model ({'; '.join(lines) or 'values differ'}); "

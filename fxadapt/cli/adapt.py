@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         }
         for kind, path in outputs:
             _make_parent(path, created)
+            bar.label(STEP_NAMES[kind])
             bar.write(writers[kind](path))
             bar.step(STEP_NAMES[kind])
     except BaseException:
@@ -180,6 +181,11 @@ class Progress:
             self.bar.total = self.total
             self.bar.set_postfix_str(name, refresh=False)
             self.bar.update(done - self.bar.n)
+
+    def label(self, name: str) -> None:
+        """Show ``name`` as the step running now."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
 
     def write(self, text: str) -> None:
         """Print ``text`` above the bar (nothing when the bar is disabled, i.e. ``--quiet``)."""

@@ -170,3 +170,58 @@ def masked(analysis, keep: dict[int, set[int]]) -> GraphModule:
 def widths(analysis, keep: dict[int, set[int]]) -> dict[int, int]:
     """Group widths (channels) for keep-sets, as ``Analysis.macs`` takes them."""
     return {gid: len(units) * analysis.groups[gid].granularity for gid, units in keep.items()}
+
+
+# --- comparing fxadapt's materializer with the reference --------------------------------------------------
+#
+# A *selection* of a group is a multiset of its units: the kept units once each, plus one more for every
+# grown copy of a unit. A site position of unit ``u`` then appears ``count(u)`` times in the materialized
+# tensor, so every parameter axis has ``sum_p count(unit(p))`` entries (frozen and untouched groups count 1).
+
+
+def selections(units: dict[int, int], scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """The documented selection rule, written out: keep the top-``n`` scores, or all units plus copies of
+    the highest-scored units in order (cycling) when ``n`` exceeds the group's units."""
+    out = {}
+    for gid, n in units.items():
+        order = sorted(range(len(scores[gid])), key=lambda u: -scores[gid][u])
+        extra = [order[k % len(order)] for k in range(max(0, n - len(order)))]
+        out[gid] = np.array(sorted(order[:n]) + extra, dtype=np.int64)
+    return out
+
+
+def param_shapes(analysis, select: dict[int, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every parameter/buffer with a sliced site, for group selections."""
+    shapes: dict[str, list[int]] = {}
+    for s, gof, uof in owners(analysis).values():
+        if s.kind != "param":
+            continue
+        count = np.ones(len(gof), dtype=np.int64)
+        for gid, sel in select.items():
+            here = gof == gid
+            count[here] = np.bincount(sel, minlength=analysis.groups[gid].units)[uof[here]]
+        shape = shapes.setdefault(s.ref.target, list(_get(analysis.gm, s.ref.target).shape))
+        shape[s.axis] = int(count.sum())
+    return {k: tuple(v) for k, v in shapes.items()}
+
+
+def kept_from_plan(analysis, plan) -> dict[int, set[int]]:
+    """Kept (not grown) units per group, read back from a plan's site edits; every site must agree."""
+    own = owners(analysis)
+    seen: dict[int, list[set[int]]] = {}
+    for e in plan.edits:
+        if id(e.site) not in own:
+            continue
+        _, gof, uof = own[id(e.site)]
+        src = e.index[~e.new]
+        for gid in np.unique(gof).tolist():
+            seen.setdefault(gid, []).append(set(uof[src][gof[src] == gid].tolist()))
+    for gid, sets in seen.items():
+        assert all(k == sets[0] for k in sets), f"group {gid}: its sites keep different units {sets}"
+    return {gid: sets[0] for gid, sets in seen.items()}
+
+
+def assert_same_function(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Equal at float64 precision relative to the output's scale."""
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * scale, msg=lambda m: f"{what}: {m}")

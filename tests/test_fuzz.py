@@ -2,7 +2,10 @@
 reference slicer (``tests/refslicer.py``, not fxadapt's materializer) that prunes every prunable group to a
 random keep-set yields a module that runs, keeps the output shape, computes exactly what the original
 computes with the dropped channels' reader weights zeroed, and costs exactly what ``Analysis.macs`` /
-``Analysis.params`` predict for those widths.
+``Analysis.params`` predict for those widths. Then fxadapt's own materializer (``make_plan`` +
+``passes.materialize``) shrinks, keeps or grows every prunable group at random and must equal the reference
+slicer in float64, cost what the cost model says, and survive ``fold_bn`` unchanged
+(``tests/test_ref_materialize.py::check_materialize``). 200 examples per run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import refslicer
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_ref_materialize import check_materialize, random_units
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -234,7 +238,7 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -278,6 +282,11 @@ def test_random_dag_analysis_and_reference_slicing(spec, seed):
     w = refslicer.widths(a, keep)
     assert a.macs(w) == half_flops(sliced, xb[:1])
     assert a.params(w) == n_params(sliced)
+
+    # property 3: fxadapt's materializer (shrink, grow, fold_bn) equals the reference slicer
+    units = random_units(a, rng)
+    scores = {g.id: rng.permutation(g.units).astype(float) for g in a.prunable}
+    check_materialize(a, xb, units, scores if rng.random() < 0.5 else None)
 
 
 @pytest.mark.parametrize("prog, head", [

@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     """Validate, adapt, report, write; returns the exit status (errors raise ``CliError``/``FxAdaptError``)."""
     budget = check_budget(args.budget)
     model, inputs, label = load_model(args)
+    if args.fold_bn:
+        model.eval()  # folding uses the running statistics: the deployable model is an inference model
     outputs = output_paths(args)
     bar = Progress(f"adapt {label}", extra_steps=len(outputs), enabled=not args.quiet)
     cfg = TransformConfig(fold_bn=args.fold_bn, grow_depth=args.grow_depth, progress=bar)

@@ -105,6 +105,7 @@ class Report:
     blocks_added: tuple[str, ...] = ()
     seconds: float = 0.0
     history: tuple = ()
+    timings: tuple = ()          # (pipeline step, seconds) in the order the steps ran
 
     @staticmethod
     def build(a, outcome, out, target, macs: float, strategy: str, seconds: float) -> Report:
@@ -149,7 +150,8 @@ class Report:
         >>> Report.from_dict(r.to_dict()) == r
         True
         """
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out = {k: v for k, v in out.items() if v is not _SKIP}    # a field that is not plain data: default
         out["groups"] = [dataclasses.astuple(g) for g in self.groups]
         out["blocks_removed"], out["blocks_added"] = list(self.blocks_removed), list(self.blocks_added)
         out["history"] = [p for p in map(_plain, self.history) if p is not _SKIP]
@@ -158,7 +160,8 @@ class Report:
     @staticmethod
     def from_dict(d: dict) -> Report:
         """The ``Report`` that ``to_dict`` described."""
-        return Report(**{**d, "groups": tuple(GroupChange(*g) for g in d["groups"]),
+        known = {f.name: d[f.name] for f in dataclasses.fields(Report) if f.name in d}
+        return Report(**{**known, "groups": tuple(GroupChange(*g) for g in d["groups"]),
                          "blocks_removed": tuple(d["blocks_removed"]), "blocks_added": tuple(d["blocks_added"]),
                          "history": tuple(d["history"])})
 

@@ -103,7 +103,7 @@ def saved_bytes(model, x, y) -> int:
 
 def memory_ratio(base, data) -> float:
     x, y = data["train"][0][:64], data["train"][1][:64]
-    sn = build_supernet(base, (x[:1],), SupernetConfig(expand=1.0, depth_slots=0))
+    sn = build_supernet(fxadapt.analyze(base, (x[:1],)), None, SupernetConfig(expand=1.0, depth_slots=0))
     plain = fxadapt.capture(base, (x[:1],))
     return saved_bytes(sn.gm, x, y) / saved_bytes(plain, x, y)
 

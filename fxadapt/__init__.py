@@ -15,6 +15,8 @@ reports) and ``cli``; the graph passes ship as ``fxadapt.passes``.
 from fxadapt.analysis import Analysis, analyze
 from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
 from fxadapt.export.onnx import ExportError, export_onnx
+from fxadapt.export.program import captured_from_program, to_exported_program
+from fxadapt.export.save import load, save
 from fxadapt.export.report import Report, report
 from fxadapt.ir.capture import capture
 from fxadapt.pipeline.transform import TransformConfig, VerificationError, transform
@@ -23,5 +25,6 @@ from fxadapt.train.finetune import FinetuneConfig, finetune
 
 __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
            "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",
-           "FxAdaptError", "finetune", "FinetuneConfig"]
+           "FxAdaptError", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
+           "captured_from_program"]
 __version__ = "0.2.0"

@@ -61,7 +61,7 @@ def fold_bn(gm: GraphModule, cfg: FoldConfig = FoldConfig()) -> PassResult:
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
-    gm.meta["fxadapt.folded_bn"] = folded
+    gm.meta[meta.FOLDED_BN] = folded
     return PassResult(gm, folded > 0)
 
 

@@ -22,6 +22,7 @@ weights training gave it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -91,12 +92,32 @@ class DepthGate(nn.Module):
         return self.beta.clamp(0, 1)
 
 
+@dataclass(frozen=True, eq=False)
+class WidthSpec:
+    """How one group is gated: unit ``order`` (kept first = first), ``n_min`` always-on units, ``bins``
+    (sizes of the gated bins after them) and ``n_on`` (units on at initialisation: the original width)."""
+
+    order: torch.Tensor
+    n_min: int
+    bins: tuple[int, ...]
+    n_on: int
+
+    @property
+    def units(self) -> int:
+        return len(self.order)
+
+
 @dataclass(frozen=True)
 class GateSpec:
-    """What to gate: per group (order, n_min, bins, n_on); per block whether it starts on."""
+    """What to gate: per group a ``WidthSpec``; per removable block whether it starts on."""
 
-    widths: dict   # group id -> (order tensor, n_min, bins list, n_on)
+    widths: dict   # group id -> WidthSpec
     depths: dict   # block id -> on (bool)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    copy: bool = True   # work on a deep copy (the default) or in place (the caller's own copy)
 
 
 def _after_norm(node: Node, gm: GraphModule) -> Node:
@@ -111,13 +132,14 @@ def _after_norm(node: Node, gm: GraphModule) -> Node:
     return node
 
 
-def insert_gates(gm: GraphModule, analysis, spec: GateSpec) -> PassResult:
-    """Insert width/depth gates into ``gm`` in place (``gm`` is the analysed graph of ``analysis``)."""
+def insert_gates(gm: GraphModule, analysis, spec: GateSpec, cfg: GateConfig = GateConfig()) -> PassResult:
+    """Insert width/depth gates (``gm`` is the analysed graph of ``analysis``; node names are shared)."""
+    gm = copy.deepcopy(gm) if cfg.copy else gm
     gm.add_submodule(GATE_ROOT, nn.Module())
     nodes = {n.name: n for n in gm.graph.nodes}
-    for gid, (order, n_min, bins, n_on) in spec.widths.items():
+    for gid, w in spec.widths.items():
         gname = f"{GATE_ROOT}.w{gid}"
-        gm.add_submodule(gname, WidthGate(order, n_min, bins, n_on))
+        gm.add_submodule(gname, WidthGate(w.order, w.n_min, list(w.bins), w.n_on))
         for k, m in enumerate(analysis.groups[gid].members):
             if m.site.kind != "param" or m.site.role not in ("out", "dw") or m.site.node_name not in nodes:
                 continue
@@ -131,7 +153,7 @@ def insert_gates(gm: GraphModule, analysis, spec: GateSpec) -> PassResult:
         with gm.graph.inserting_before(exit_):
             d = gm.graph.call_module(dname, ())
             scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (f, d))
-        scaled.meta["fxadapt.gate"] = True
+        scaled.meta[meta.GATE] = True
         exit_.replace_input_with(f, scaled)
     gm.graph.lint()
     gm.recompile()
@@ -151,17 +173,18 @@ def _mask_site(gm: GraphModule, nodes: dict, member, gate: str, name: str) -> No
         mask = gm.graph.call_module(gate, ())
     with gm.graph.inserting_after(mask):
         out = gm.graph.call_module(name, (src, mask))
-    out.meta["fxadapt.gate"] = True
+    out.meta[meta.GATE] = True
     out.meta["val"] = val
     for u in users:
         u.replace_input_with(src, out)
 
 
-def strip_gates(gm: GraphModule) -> PassResult:
-    """Remove every gate node (``mask(x) -> x``, ``x * d -> x``) and the gate modules, in place."""
+def strip_gates(gm: GraphModule, cfg: GateConfig = GateConfig()) -> PassResult:
+    """Remove every gate node (``mask(x) -> x``, ``x * d -> x``) and the gate modules."""
+    gm = copy.deepcopy(gm) if cfg.copy else gm
     removed = 0
     for node in list(gm.graph.nodes):
-        if node.meta.get("fxadapt.gate"):
+        if node.meta.get(meta.GATE):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             removed += 1

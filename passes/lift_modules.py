@@ -126,7 +126,7 @@ def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     out = _rebuild(gm, modules)
-    out.meta["fxadapt.lifted"] = len(modules)
+    out.meta[meta.LIFTED] = len(modules)
     return PassResult(out, bool(modules))
 
 

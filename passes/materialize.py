@@ -1,4 +1,5 @@
-"""Pass: materialize a plan — slice or widen every site, then remove or repeat residual blocks.
+"""Pass: materialize a plan's widths — slice or widen every site (blocks: ``passes.rewire_blocks``;
+``apply_plan`` runs both).
 
 For a site edit with source positions ``idx`` and grown-copy mask ``new`` (see ``fxadapt.planning.plan``):
 
@@ -31,7 +32,7 @@ from fxadapt import meta
 from fxadapt.ir.atencall import AtenCall
 from fxadapt.ops.registry import op_of, spec_of
 from fxadapt.passes.lift_modules import fill_args, getattr_path, relift, set_path
-from fxadapt.passes.rewire_blocks import rewire_blocks
+from fxadapt.passes.rewire_blocks import RewireConfig, rewire_blocks
 from fxadapt.planning.plan import Plan, SiteEdit
 
 NODE_SITES = ("shape_arg", "groups", "split", "slice")
@@ -72,17 +73,17 @@ def materialize(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = Materializ
         tpl = node.meta.get(meta.ATEN) if node.op == "call_module" else None
         if tpl is not None and (node.name in changed or any(p.target in changed for p in tpl.params())):
             relift(out, node)
-    rewire_blocks(out, plan)
-    out.graph.eliminate_dead_code(is_impure_node=_impure)
     out.delete_all_unused_submodules()
     out.graph.lint()
     out.recompile()
-    return PassResult(out, bool(plan.edits or plan.remove or plan.repeat))
+    return PassResult(out, bool(plan.edits))
 
 
-def _impure(node) -> bool:
-    """In-place activations on dead intermediates (``relu_``) are dead too; keep I/O and assertions."""
-    return node.op in ("placeholder", "output") or (node.op == "call_function" and "assert" in str(node.target))
+def apply_plan(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = MaterializeConfig()) -> PassResult:
+    """``materialize`` (widths), then ``rewire_blocks`` (remove/repeat blocks) on its copy."""
+    wide = materialize(gm, plan, cfg)
+    deep = rewire_blocks(wide.graph_module, plan, RewireConfig(copy=False))
+    return PassResult(deep.graph_module, wide.modified or deep.modified)
 
 
 def _edit_param(gm: GraphModule, edit: SiteEdit, cfg: MaterializeConfig, gen: torch.Generator) -> None:

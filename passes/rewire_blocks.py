@@ -13,10 +13,12 @@ the reason is given (``repeat_blocker``).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
 from fxadapt.ir.atencall import AtenCall
@@ -64,8 +66,28 @@ def repeat_blocker(gm: GraphModule, block) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def rewire_blocks(gm: GraphModule, plan) -> None:
-    """Apply ``plan.remove`` and ``plan.repeat`` to ``gm`` in place (``gm`` is the materializer's copy)."""
+@dataclass(frozen=True)
+class RewireConfig:
+    copy: bool = True   # work on a deep copy (the default) or in place (the caller's own copy)
+
+
+def rewire_blocks(gm: GraphModule, plan, cfg: RewireConfig = RewireConfig()) -> PassResult:
+    """Apply ``plan.remove`` and ``plan.repeat`` (block ids of ``plan.blocks``).
+
+    >>> import torch, fxadapt
+    >>> from fxadapt.planning.plan import make_plan
+    >>> class Res(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.c = torch.nn.Conv2d(4, 4, 3, padding=1)
+    ...     def forward(self, x):
+    ...         return x + self.c(x)
+    >>> a = fxadapt.analyze(Res(), (torch.randn(1, 4, 6, 6),))
+    >>> res = rewire_blocks(a.gm, make_plan(a, {}, repeat={0: 1}))
+    >>> res.modified, sorted(n for n, _ in res.graph_module.named_children())
+    (True, ['c', 'c__rep0_0'])
+    """
+    gm = copy.deepcopy(gm) if cfg.copy else gm
     blocks = {b.id: b for b in plan.blocks}
     nodes = {n.name: n for n in gm.graph.nodes}
     for bid, count in sorted(plan.repeat.items()):
@@ -74,6 +96,18 @@ def rewire_blocks(gm: GraphModule, plan) -> None:
     for bid in sorted(plan.remove):
         b = blocks[bid]
         nodes[b.exit].replace_all_uses_with(nodes[b.entry])
+    modified = bool(plan.repeat or plan.remove)
+    if modified:
+        gm.graph.eliminate_dead_code(is_impure_node=_impure)
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
+
+
+def _impure(node) -> bool:
+    """In-place activations on dead intermediates (``relu_``) are dead too; keep I/O and assertions."""
+    return node.op in ("placeholder", "output") or (node.op == "call_function" and "assert" in str(node.target))
 
 
 def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
@@ -99,7 +133,7 @@ def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
     with graph.inserting_after(anchor):
         add = graph.call_function(aten.add.Tensor, (cur, env[_body_output(nodes, block)]))
     add.meta["val"] = exit_.meta.get("val")
-    add.meta["fxadapt.repeat_of"] = block.exit
+    add.meta[meta.REPEAT_OF] = block.exit
     created_set = set(created) | {add}
     cur.replace_all_uses_with(add, delete_user_cb=lambda u: u not in created_set)
     src = _zero_source(gm, env[_body_output(nodes, block)], {n.name for n in created})
@@ -121,7 +155,7 @@ def _last_copy_exit(exit_: Node) -> Node:
     """The newest node standing for the block's output (after earlier copies were chained on)."""
     cur = exit_
     while True:
-        nxt = [u for u in cur.users if u.meta.get("fxadapt.repeat_of") == exit_.name]
+        nxt = [u for u in cur.users if u.meta.get(meta.REPEAT_OF) == exit_.name]
         if not nxt:
             return cur
         cur = nxt[0]

@@ -12,6 +12,7 @@ from models import ResNetTiny
 import fxadapt
 from fxadapt.search.fur import FurConfig, adjust
 from fxadapt.search.dna import SearchConfig, budget_loss
+from fxadapt.passes.materialize import apply_plan
 from fxadapt.search.supernet import SupernetConfig, build_supernet
 from fxadapt.analysis.count import count_macs
 from fxadapt.pipeline.transform import SearchInterrupted, TransformConfig
@@ -29,7 +30,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def supernet(model):
-    return build_supernet(model, (X1,), SupernetConfig(expand=1.5, depth_slots=1))
+    return build_supernet(fxadapt.analyze(model, (X1,)), None, SupernetConfig(expand=1.5, depth_slots=1))
 
 
 def test_gates_at_init_reproduce_original(model, supernet):
@@ -42,7 +43,7 @@ def test_gates_at_init_reproduce_original(model, supernet):
 
 
 def test_expected_cost_equals_hard_cost_at_01_gates(supernet):
-    sn = build_supernet(ResNetTiny().eval(), (X1,))
+    sn = build_supernet(fxadapt.analyze(ResNetTiny().eval(), (X1,)))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for gate in sn.width_gates().values():
@@ -53,12 +54,12 @@ def test_expected_cost_equals_hard_cost_at_01_gates(supernet):
     units, present = sn.hard()
     expected = float(sn.expected_macs())
     assert expected == sn.analysis.cost.macs(units, present)
-    out, _ = sn.finalize(units, present)
+    out = apply_plan(*sn.finalize(units, present)).graph_module
     assert count_macs(out, (X1,)) == expected
 
 
 def test_budget_loss_pushes_toward_target(supernet):
-    sn = build_supernet(ResNetTiny().eval(), (X1,))
+    sn = build_supernet(fxadapt.analyze(ResNetTiny().eval(), (X1,)))
     base = float(sn.expected_macs())
     opt = torch.optim.Adam(sn.arch_parameters(), lr=0.1)
     for _ in range(8):

@@ -83,12 +83,42 @@ def test_returned_module_contract(model):
     assert "MACs" in str(fxadapt.report(again))
 
 
-def test_bn_folded_by_default(model):
-    out = fxadapt.transform(model, 0.5, (X,))
+def test_bn_kept_by_default_folded_on_request(model):
+    kept = fxadapt.transform(model, 0.5, (X,))
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in kept.modules()) == sum(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    out = fxadapt.transform(model, 0.5, (X,), fold_bn=True)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules())
-    kept = fxadapt.transform(model, 0.5, (X,), fold_bn=False)
-    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in kept.modules())
-    torch.testing.assert_close(out(X), kept(X), rtol=1e-4, atol=1e-5)
+    assert [n for n, _ in fxadapt.report(out).timings].count("fold_bn") == 1
+    torch.testing.assert_close(out(X), kept.eval()(X), rtol=1e-4, atol=1e-5)
+    cfg = TransformConfig(fold_bn=False)  # an explicit keyword overrides the config (it used to be ignored)
+    folded = fxadapt.transform(model, 0.5, (X,), config=cfg, fold_bn=True)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+
+
+def test_model_in_train_mode_with_fold_bn_warns_and_returns_eval(model):
+    model.train()
+    try:
+        with pytest.warns(UserWarning, match="train mode"):
+            out = fxadapt.transform(model, 0.5, (X,), fold_bn=True)
+        assert not out.training
+        assert fxadapt.transform(model, 0.5, (X,)).training  # BN kept: the caller's mode is kept
+    finally:
+        model.eval()
+
+
+def test_unknown_strategy_and_missing_data_are_fxadapt_errors(model):
+    with pytest.raises(fxadapt.FxAdaptError, match="unknown strategy 'magic'"):
+        fxadapt.transform(model, 0.5, (X,), strategy="magic")
+    with pytest.raises(fxadapt.FxAdaptError, match="searches on data"):
+        fxadapt.transform(model, 0.5, (X,), strategy="dna")
+    with pytest.raises(fxadapt.FxAdaptError, match="unknown transform option"):
+        fxadapt.transform(model, 0.5, (X,), fold_bm=True)
+
+
+def test_model_without_layers_says_why():
+    with pytest.raises(fxadapt.BudgetError, match=r"no prunable channel group: .+"):
+        fxadapt.transform(nn.Sequential(nn.ReLU()), 0.5, (torch.randn(1, 3),))
 
 
 @pytest.mark.parametrize("budget", [0, -0.5, math.nan, math.inf, "lots", None])

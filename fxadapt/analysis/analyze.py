@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from fxadapt.analysis.blocks import Block, dataflow_graph, find_blocks
 from fxadapt.ir.capture import capture
 from fxadapt.analysis.cost import CostModel
 from fxadapt.analysis.cost_build import build_cost
+from fxadapt.analysis.crosscheck import Uncosted, crosscheck
 from fxadapt.analysis.groups import Group, form_groups
 from fxadapt.analysis.propagate import labels_of, propagate
 
@@ -55,6 +57,7 @@ class Analysis:
     group_of: np.ndarray = field(default=None, repr=False)
     unit_of: np.ndarray = field(default=None, repr=False)
     roots: np.ndarray = field(default=None, repr=False)
+    uncosted: tuple[Uncosted, ...] = ()
 
     @property
     def prunable(self) -> list[Group]:
@@ -80,7 +83,7 @@ class Analysis:
 
 def analyze(model: Any, example_inputs: Any = None) -> Analysis:
     """Analyse ``model`` (an ``nn.Module`` plus example inputs, or a ``GraphModule`` from ``capture``)."""
-    if isinstance(model, GraphModule) and "fxadapt.batch" in model.meta:
+    if isinstance(model, GraphModule) and meta.BATCH in model.meta:
         gm = model
     else:
         gm = capture(model, example_inputs)
@@ -99,7 +102,15 @@ def analyze(model: Any, example_inputs: Any = None) -> Analysis:
     groups = [dataclasses.replace(g, macs_share=macs_sh.get(g.id, 0.0), params_share=params_sh.get(g.id, 0.0))
               if g.prunable else g for g in groups]
     _annotate(gm, roots, group_of, node_blocks)
-    return Analysis(gm, groups, blocks, cost, graph, ctx.fired, group_of, unit_of, roots)
+    uncosted = crosscheck(gm, ctx.shapes, cost)
+    if uncosted:
+        warnings.warn(f"fxadapt.analyze: the cost model misses {len(uncosted)} op(s) torch counts: "
+                      + "; ".join(str(u) for u in uncosted[:5]), UncostedWarning, stacklevel=2)
+    return Analysis(gm, groups, blocks, cost, graph, ctx.fired, group_of, unit_of, roots, uncosted)
+
+
+class UncostedWarning(UserWarning):
+    """``analyze`` found ops whose MACs the cost model does not count as torch does (budgets would be off)."""
 
 
 def _annotate(gm: GraphModule, roots, group_of, node_blocks) -> None:

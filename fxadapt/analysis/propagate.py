@@ -93,7 +93,7 @@ def _run_rule(call: Call, ctx: Ctx):
 
 def propagate(gm: GraphModule) -> Ctx:
     """Apply the rule table to every node; results land in ``ctx`` and ``node.meta``."""
-    batch = gm.meta.get("fxadapt.batch", 1)
+    batch = gm.meta.get(meta.BATCH, 1)
     shapes = {n.name: concrete_shape(n.meta.get("val"), batch) for n in gm.graph.nodes}
     ctx = Ctx(shapes, _Params(gm))
     for node in gm.graph.nodes:

@@ -1,18 +1,19 @@
-"""``fxadapt.transform``: adapt a model to a MAC budget, end to end, and check the result.
+"""``fxadapt.transform``: adapt a model to a budget, end to end, as a flat list of named passes.
 
-Pipeline (each step leaves a runnable, shape-checked graph):
+The pipeline, as ``PIPELINE`` reads (``fxadapt.pipeline.runner`` lints and shape-checks after each step):
 
-    analysis = analyze(model, example_inputs)          # capture + groups + blocks + cost model
-    target   = parse_budget(budget, macs, params)
-    units    = solve_widths(analysis, target.macs)     # strategy "datafree" (also what "auto" means)
-    plan     = make_plan(analysis, units)               # importance-ranked channels per group
-    adapted  = materialize(analysis.gm, plan)           # slice / widen, remove / repeat blocks
-    adapted  = fold_bn(adapted)                         # optional, checked numerically
+    capture        model (or ExportedProgram) -> trainable ATen-level GraphModule     fxadapt.ir.capture
+    analyze        channel groups, blocks, cost model (cross-checked); budget parsed   fxadapt.analysis
+    plan           strategy: datafree solve, or dna / fur search -> Plan               fxadapt.pipeline.strategies
+    materialize    slice / widen every site                                            passes.materialize
+    rewire_blocks  remove / repeat residual blocks                                     passes.rewire_blocks
+    recalibrate_bn re-estimate BatchNorm statistics (only with data, when shrinking)   fxadapt.train.recalibrate
+    fold_bn        fold BatchNorm into conv/linear (only with fold_bn=True)            passes.fold_bn
+    verify         runs, shapes, MACs by an independent count, function preservation   fxadapt.pipeline.verify
+    export         hand back a torch.export.ExportedProgram (only with output="exported_program")
 
-Checks on every result: it runs on the example inputs with the original output structure and shapes;
-its MACs, counted independently with ``FlopCounterMode``, are within 1% of the target on the right side;
-when the change is meant to preserve the function (identity budget, pure growth, BN folding) the outputs
-match the original with ``torch.testing.assert_close`` at tight tolerance. A failed check raises.
+The returned model keeps BatchNorm by default (it fine-tunes well); ``export_onnx`` folds it for
+deployment, or pass ``fold_bn=True``.
 
 Example:
     >>> import torch, fxadapt
@@ -20,232 +21,214 @@ Example:
     >>> x = torch.randn(EXAMPLE_INPUT_SHAPE)
     >>> small = fxadapt.transform(example_model(), 0.5, (x,))
     >>> r = fxadapt.report(small)
-    >>> 0.49 <= r.macs_after / r.macs_before <= 0.5
-    True
+    >>> 0.49 <= r.macs_after / r.macs_before <= 0.5, [name for name, _ in r.timings][:3]
+    (True, ['capture', 'analyze', 'plan'])
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
+from torch.fx import GraphModule
 
+from fxadapt import meta
 from fxadapt.analysis import analyze
 from fxadapt.analysis.count import count_macs
-from fxadapt.planning.budget import TOL, SolveConfig, parse_budget, solve_widths
-from fxadapt.ir.capture import normalize_inputs
-from fxadapt.errors import BudgetError, FxAdaptError
-from fxadapt.search.fur import FurConfig, fur
+from fxadapt.errors import BudgetError, InputError
+from fxadapt.export.report import Report, attach
+from fxadapt.ir.capture import as_called, capture
+from fxadapt.ir.inputs import as_inputs
 from fxadapt.passes.fold_bn import fold_bn as fold_bn_pass
 from fxadapt.passes.materialize import materialize
-from fxadapt.passes.rewire_blocks import repeat_blocker
-from fxadapt.passes.shape_check import shape_check
-from fxadapt.planning.plan import make_plan
-from fxadapt.export.report import Report, attach
-from fxadapt.search.dna import SearchConfig, dna
-
-STRATEGIES = ("auto", "datafree", "dna", "fur")
-
-
-class VerificationError(FxAdaptError):
-    """An adapted model failed a check (runs, shapes, budget, numerics); the message says which."""
-
-
-class SearchInterrupted(FxAdaptError):
-    """A search stopped early on purpose (``SearchConfig.stop_after``); its checkpoint resumes it."""
+from fxadapt.passes.rewire_blocks import rewire_blocks
+from fxadapt.pipeline import verify
+from fxadapt.pipeline.runner import Step, run_steps
+from fxadapt.pipeline.strategies import STRATEGIES, Outcome, SearchInterrupted  # noqa: F401  (re-export)
+from fxadapt.pipeline.verify import VerificationError  # noqa: F401  (re-export)
+from fxadapt.planning.budget import Budget, parse_budget
+from fxadapt.planning.solver import SolveConfig
+from fxadapt.search.dna import SearchConfig
+from fxadapt.search.fur import FurConfig
+from fxadapt.train.recalibrate import recalibrate_bn
 
 
 @dataclass(frozen=True)
 class TransformConfig:
-    fold_bn: bool = True
+    """Every option of ``transform``; any field can also be given to ``transform`` as a keyword."""
+
+    strategy: str = "auto"          # "datafree", "dna", "fur"; "auto": dna with data, else datafree
+    fold_bn: bool = False           # fold BatchNorm into conv/linear (a deployable, not a trainable, model)
     solve: SolveConfig = field(default_factory=SolveConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     fur: FurConfig = field(default_factory=FurConfig)
-    grow_depth: bool = False   # data-free growth: first add one zero-initialised copy of every repeatable block
+    grow_depth: bool = False        # data-free growth: first add a zero-initialised copy of every repeatable block
+    steps: int | None = None        # overrides search.steps
+    device: str = "cpu"             # where a search runs
+    recalibrate_bn: int = 20        # batches of `data` to re-estimate BN statistics with after shrinking
+    output: str = "module"          # or "exported_program" (torch.export.ExportedProgram of the result)
     atol: float = 1e-5
     rtol: float = 1e-4
-    progress: Callable[[str], None] | None = None   # called with each pipeline step's name
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A strategy's result: the model, its plan, the analysis the plan refers to, history, slot blocks."""
-
-    model: nn.Module
-    plan: object
-    analysis: object
-    history: tuple = ()
-    slots: frozenset = frozenset()
-    preserving: bool = False
-
-
-def transform(model: nn.Module, budget: Any, example_inputs: Any, *, data=None, val_data=None,
-              strategy: str = "auto", steps: int | None = None, device: str = "cpu", fold_bn: bool = True,
-              config: TransformConfig | None = None) -> nn.Module:
-    """Return a copy of ``model`` adapted to ``budget`` (see module docstring).
-
-    ``strategy``: ``"datafree"`` (no data), ``"dna"`` (differentiable width+depth search, needs ``data``),
-    ``"fur"`` (Network Adjustment, needs ``data``); ``"auto"`` is ``"dna"`` with data, else ``"datafree"``.
-    ``steps`` and ``device`` override the search configuration."""
-    cfg = config or TransformConfig(fold_bn=fold_bn)
-    strategy = ("dna" if data is not None else "datafree") if strategy == "auto" else strategy
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
-    if strategy in ("dna", "fur") and data is None:
-        raise ValueError(f"strategy {strategy!r} searches on data: pass data=(inputs, targets) or a DataLoader")
-    start = time.perf_counter()
-    step = cfg.progress or (lambda name: None)
-    inputs = normalize_inputs(example_inputs)
-    step("capture + analyze")
-    a = analyze(model, inputs)
-    target = parse_budget(budget, a.macs(), a.params())
-    if target.macs is None:
-        raise BudgetError("only MAC budgets are solved so far; give macs= (params are reported)")
-    if not a.prunable:
-        raise BudgetError(f"{type(model).__name__} has no prunable channel group: "
-                          + "; ".join(sorted({g.reason for g in a.groups if g.reason})[:3]))
-    step("solve widths" if strategy == "datafree" else f"{strategy} search")
-    job = Job(model, a, target.macs, inputs, data, val_data, steps, device)
-    outcome = _run_strategy(strategy, job, cfg)
-    out = _verify(model, outcome, inputs, cfg, step)
-    step("count MACs")
-    macs = count_macs(out, inputs)
-    _check_budget(macs, target.macs, a.macs())
-    out.train(model.training)
-    return attach(out, Report.build(a, outcome, out, target, macs, strategy, time.perf_counter() - start))
+    progress: Callable | None = None   # progress(step_name, done, total) after every pipeline step
 
 
 @dataclass(frozen=True)
 class Job:
-    """What a strategy works on."""
+    """What the pipeline steps read and produce (each step returns a new ``Job``)."""
 
-    model: nn.Module
-    analysis: object
-    target: float
-    inputs: tuple
+    model: Any
+    inputs: Any
+    budget: Any
+    cfg: TransformConfig
     data: Any = None
     val_data: Any = None
-    steps: int | None = None
-    device: str = "cpu"
+    gm: GraphModule | None = None
+    analysis: Any = None
+    target: Budget | None = None
+    outcome: Outcome | None = None
+    macs: float = 0.0
+    result: Any = None
+    timings: tuple = ()
 
 
-def _run_strategy(strategy: str, job: Job, cfg: TransformConfig) -> Outcome:
-    a, target, steps = job.analysis, job.target, job.steps
-    model, inputs, data = job.model, job.inputs, (job.data, job.val_data)
-    if strategy == "datafree":
-        a, slots = _deepened(a, target, inputs) if cfg.grow_depth and target > a.macs() else (a, frozenset())
-        units = solve_widths(a, target, cfg.solve)
-        plan = make_plan(a, units)
-        preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
-        return Outcome(materialize(a.gm, plan).graph_module, plan, a, (), slots, preserving)
-    over = {"device": job.device} | ({"steps": steps} if steps is not None else {})
-    if strategy == "dna":
-        scfg = dataclasses.replace(cfg.search, **over)
-        out, plan, sn, state = dna(model, inputs, target, data[0], data[1], scfg)
-        if out is None:
-            raise SearchInterrupted(f"search stopped at step {state.step} of {scfg.steps}; "
-                                    f"checkpoint {scfg.checkpoint} resumes it")
-        history = tuple(state.history)
+def _capture(job: Job) -> Job:
+    if isinstance(job.model, torch.export.ExportedProgram):
+        from fxadapt.export.program import captured_from_program
+
+        gm = captured_from_program(job.model, job.inputs)
+        gm.meta.setdefault(meta.INPUTS, as_inputs(job.inputs))
     else:
-        fcfg = dataclasses.replace(cfg.fur, device=job.device)
-        out, plan, sn, history = fur(model, inputs, target, data[0], data[1], fcfg)
-    slots = frozenset(b for b, on in sn.spec.depths.items() if not on)
-    return Outcome(out, plan, sn.analysis, tuple(history), slots)
+        gm = capture(job.model, job.inputs)
+    return dataclasses.replace(job, gm=gm, inputs=gm.meta[meta.INPUTS])
 
 
-def _deepened(a, target: float, inputs: tuple):
-    """The analysis of ``a``'s model with one zero-initialised copy after every repeatable block (if that
-    stays within the target), and the ids of the inserted blocks."""
-    repeat = {b.id: 1 for b in a.blocks if b.repeatable and repeat_blocker(a.gm, b) is None}
-    if not repeat:
-        return a, frozenset()
-    deep = materialize(a.gm, make_plan(a, {}, repeat=repeat)).graph_module
-    shape_check(deep, inputs)
-    a2 = analyze(deep)
-    if a2.macs() > target:
-        return a, frozenset()
-    nodes = {n.name: n for n in a2.gm.graph.nodes}
-    return a2, frozenset(b.id for b in a2.blocks if "fxadapt.repeat_of" in nodes[b.exit].meta)
+def _analyze(job: Job) -> Job:
+    a = analyze(job.gm)
+    target = parse_budget(job.budget, a.macs(), a.params())
+    if target.macs is None:
+        raise BudgetError("only MAC budgets are solved so far; give macs= (params are reported)")
+    if not a.prunable:
+        reasons = sorted({g.reason for g in a.groups if g.reason})
+        raise BudgetError(f"{type(job.model).__name__} has no prunable channel group: "
+                          + ("; ".join(reasons[:3]) if reasons else "it has no conv, linear or embedding layer"))
+    return dataclasses.replace(job, analysis=a, target=target)
 
 
-def _verify(model, outcome: Outcome, inputs, cfg: TransformConfig, step) -> nn.Module:
-    step("verify")
-    out = outcome.model
-    shape_check(out, inputs)
-    reference = _outputs(model, inputs)
-    _check_shapes(reference, _outputs(out, inputs))
-    if outcome.preserving:
-        _close(reference, _outputs(out, inputs), cfg, "function-preserving growth / identity", (model, out), inputs)
-    if cfg.fold_bn:
-        step("fold BatchNorm")
-        folded = fold_bn_pass(out).graph_module
-        _close(_outputs(out, inputs), _outputs(folded, inputs), cfg, "BatchNorm folding",
-               (out, lambda m: fold_bn_pass(m).graph_module), inputs)
-        out = folded
-    return out
+def _plan(job: Job) -> Job:
+    outcome = STRATEGIES[job.cfg.strategy](job)
+    return dataclasses.replace(job, outcome=outcome, gm=outcome.base)
 
 
-def _outputs(model: nn.Module, inputs: tuple) -> Any:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(*inputs)
-    model.train(was)
-    return out
+def _materialize(job: Job) -> Job:
+    return dataclasses.replace(job, gm=materialize(job.gm, job.outcome.plan).graph_module)
 
 
-def _check_shapes(ref: Any, got: Any) -> None:
-    ra, rs = pytree.tree_flatten(ref)
-    ga, gs = pytree.tree_flatten(got)
-    if rs != gs or [tuple(t.shape) for t in ra] != [tuple(t.shape) for t in ga]:
-        raise VerificationError(f"adapted model's outputs {[tuple(t.shape) for t in ga]} differ in structure "
-                                f"or shape from the original's {[tuple(t.shape) for t in ra]}")
+def _rewire(job: Job) -> Job:
+    return dataclasses.replace(job, gm=rewire_blocks(job.gm, job.outcome.plan).graph_module)
 
 
-def _close(ref: Any, got: Any, cfg: TransformConfig, what: str, pair: tuple = (), inputs: tuple = ()) -> None:
-    """``got`` matches ``ref`` (the outputs of ``pair``'s models); when float32 rounding, amplified by large
-    activations (random-init senet154 reaches 1e5 inside), is too much, the check is repeated in float64."""
-    # atol is relative to the outputs' magnitude (at least 1): float32 rounding in a reordered or wider
-    # reduction scales with the activations (random-init resnet50 logits reach ~2e3, rounding ~1e-3)
-    try:
-        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol * _scale(ref))
-    except AssertionError as e:
-        if not (pair and _close64(*pair, inputs, cfg)):
-            raise VerificationError(f"{what} changed the model's outputs: {e}") from e
+def _with_data(job: Job) -> bool:
+    return job.data is not None and job.cfg.recalibrate_bn > 0
 
 
-def _scale(ref: Any) -> float:
-    leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.numel()]
-    return max([1.0] + [float(t.detach().abs().max()) for t in leaves if t.is_floating_point()])
+def _recalibrate(job: Job) -> Job:
+    if job.target.macs >= job.analysis.macs():  # growth keeps every original statistic exact
+        return job
+    gm = _copy(job.gm)
+    recalibrate_bn(gm, job.data, job.cfg.recalibrate_bn, job.cfg.search.batch_size)
+    return dataclasses.replace(job, gm=gm)
 
 
-def _close64(a: nn.Module, b: nn.Module | Callable, inputs: tuple, cfg: TransformConfig) -> bool:
-    """Whether float64 copies of ``a`` and ``b`` agree to ``cfg``'s tolerances (False if they cannot run);
-    a callable ``b`` (a pass) is applied to a float64 copy of ``a``, so it is checked without float32 rounding."""
-    def to64(t):
-        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-    try:
-        ins = pytree.tree_map(to64, inputs)
-        ref = _outputs(copy.deepcopy(a).double(), ins)
-        b64 = copy.deepcopy(b).double() if isinstance(b, nn.Module) else b(copy.deepcopy(a).double())
-        got = _outputs(b64, ins)
-        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol * _scale(ref))
-        return True
-    except Exception:  # noqa: BLE001 - a model that will not run in float64 keeps the float32 verdict
-        return False
+def _fold(job: Job) -> Job:
+    if job.model.training if isinstance(job.model, nn.Module) else False:
+        warnings.warn("fold_bn=True folds BatchNorm's running statistics (inference behaviour) of a model "
+                      "given in train mode; the result is returned in eval mode", stacklevel=4)
+    folded = fold_bn_pass(job.gm).graph_module
+    verify.check_close(verify.outputs(job.gm, job.inputs), verify.outputs(folded, job.inputs), job.cfg,
+                       "BatchNorm folding", (job.gm, lambda m: fold_bn_pass(m).graph_module), job.inputs)
+    return dataclasses.replace(job, gm=folded.eval())
 
 
-def _check_budget(macs: float, target: float, base: float) -> None:
-    grow = target > base
-    ok = target <= macs <= target * (1 + TOL) if grow else target * (1 - TOL) <= macs <= target
-    if not ok:
-        raise VerificationError(f"adapted model has {macs:,.0f} MACs, outside the 1% window of the target "
-                                f"{target:,.0f} ({'at or above' if grow else 'at or below'} it)")
+def _verify(job: Job) -> Job:
+    ref_model = job.model.module() if isinstance(job.model, torch.export.ExportedProgram) else job.model
+    reference = verify.outputs(ref_model, as_called(ref_model, job.inputs))
+    verify.check_shapes(reference, verify.outputs(job.gm, job.inputs))
+    if job.outcome.preserving:
+        verify.check_close(reference, verify.outputs(job.gm, job.inputs), job.cfg,
+                           "function-preserving growth / identity", (ref_model, job.gm), job.inputs)
+    macs = count_macs(job.gm, job.inputs)
+    o = job.outcome
+    present = {b: 0.0 for b in o.plan.remove}
+    predicted = o.analysis.cost.macs(o.plan.units, present)
+    verify.check_budget(macs, predicted, job.target.macs, job.analysis.macs(), job.cfg.solve)
+    return dataclasses.replace(job, macs=macs)
+
+
+def _export(job: Job) -> Job:
+    from fxadapt.export.program import to_exported_program
+
+    return dataclasses.replace(job, result=to_exported_program(job.gm, job.inputs))
+
+
+PIPELINE = (
+    Step("capture", _capture),
+    Step("analyze", _analyze),
+    Step("plan", _plan),
+    Step("materialize", _materialize),
+    Step("rewire_blocks", _rewire),
+    Step("recalibrate_bn", _recalibrate, _with_data),
+    Step("fold_bn", _fold, lambda job: job.cfg.fold_bn),
+    Step("verify", _verify),
+    Step("export", _export, lambda job: job.cfg.output == "exported_program"),
+)
+
+
+def transform(model: nn.Module, budget: Any, example_inputs: Any, data: Any = None, val_data: Any = None,
+              config: TransformConfig | None = None, **options: Any):
+    """Return a copy of ``model`` (an ``nn.Module`` or a ``torch.export.ExportedProgram``) adapted to ``budget``.
+
+    ``options`` are ``TransformConfig`` fields (``strategy``, ``steps``, ``device``, ``fold_bn``, ``solve``,
+    ...) and override ``config``. ``data``/``val_data`` (tensors ``(x, y)``, a Dataset or a DataLoader) enable
+    the searches and BatchNorm re-estimation. See the module docstring for the pipeline."""
+    cfg = _config(config, options, data)
+    start = time.perf_counter()
+    job = Job(model, example_inputs, budget, cfg, data, val_data)
+    job = run_steps(PIPELINE, job, cfg.progress)
+    out = job.gm
+    if not cfg.fold_bn and isinstance(model, nn.Module):
+        out.train(model.training)
+    rep = Report.build(job.analysis, job.outcome, out, job.target, job.macs, cfg.strategy,
+                       time.perf_counter() - start)
+    rep = dataclasses.replace(rep, timings=job.timings)
+    attach(out, rep)
+    return attach(job.result, rep) if job.result is not None else out
+
+
+def _config(config: TransformConfig | None, options: dict, data: Any) -> TransformConfig:
+    cfg = config or TransformConfig()
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TransformConfig)})
+    if unknown:
+        raise InputError(f"unknown transform option(s) {', '.join(unknown)}; valid: "
+                         + ", ".join(f.name for f in dataclasses.fields(TransformConfig)))
+    cfg = dataclasses.replace(cfg, **options)
+    strategy = ("dna" if data is not None else "datafree") if cfg.strategy == "auto" else cfg.strategy
+    if strategy not in STRATEGIES:
+        raise InputError(f"unknown strategy {cfg.strategy!r}; available: auto, {', '.join(sorted(STRATEGIES))}")
+    if strategy in ("dna", "fur") and data is None:
+        raise InputError(f"strategy {strategy!r} searches on data: pass data=(inputs, targets), a Dataset or a "
+                         f"DataLoader (or strategy='datafree')")
+    if cfg.output not in ("module", "exported_program"):
+        raise InputError(f"unknown output {cfg.output!r}; use 'module' or 'exported_program'")
+    return dataclasses.replace(cfg, strategy=strategy)
+
+
+def _copy(gm: GraphModule) -> GraphModule:
+    import copy
+
+    return copy.deepcopy(gm)

@@ -146,17 +146,19 @@ def _bar(cfg: SearchConfig, start: int):
 def discretize(sn: Supernet, target: float, grow: bool, solve: SolveConfig = SolveConfig()):
     """Hard widths/blocks from the gates, rescaled to the budget window (see module docstring)."""
     units, present = sn.hard()
-    bounds = {gid: (spec[1], len(spec[0])) for gid, spec in sn.spec.widths.items()}
+    bounds = sn.bounds()
     base = {gid: max(units[gid], 1) for gid in bounds}
     units = fit(sn.analysis, target, bounds, base, grow, solve, present)
     return units, present
 
 
-def dna(model: nn.Module, inputs: tuple, target: float, data, val_data, cfg: SearchConfig):
-    """Full DNA strategy: supernet, search, discretise, materialise. Returns (model, plan, sn, state)."""
+def dna(a0, target: float, data, val_data, cfg: SearchConfig):
+    """DNA on an analysed model (``a0``): supernet, search, discretise. Returns ``(supernet graph without
+    gates, plan, supernet, state)``; ``fxadapt.passes.materialize.apply_plan`` turns the first two into the
+    adapted model (``None`` graph and plan when the run stopped early, see ``SearchConfig.stop_after``)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    sn = build_supernet(model, inputs, cfg.supernet)
+    sn = build_supernet(a0, None, cfg.supernet)
     base_macs = sn.original.macs()
     grow = target > base_macs
     train = Batches(data, cfg.batch_size, cfg.seed)
@@ -166,6 +168,6 @@ def dna(model: nn.Module, inputs: tuple, target: float, data, val_data, cfg: Sea
         return None, None, sn, state
     units, present = discretize(sn, target, grow)
     sn.gm.to("cpu")
-    out, plan = sn.finalize(units, present)
+    plain, plan = sn.finalize(units, present)
     state.history.append({"seconds": time.perf_counter() - t0})
-    return out, plan, sn, state
+    return plain, plan, sn, state

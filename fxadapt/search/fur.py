@@ -112,18 +112,18 @@ def _train(sn: Supernet, train: Batches, start: int, cfg: FurConfig) -> None:
         opt.step()
 
 
-def fur(model: nn.Module, inputs: tuple, target: float, data, val_data, cfg: FurConfig = FurConfig()):
-    """Full FUR strategy; returns (model, plan, supernet, history)."""
+def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
+    """FUR on an analysed model (``a0``); returns ``(supernet graph without gates, plan, supernet, history)``."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    sn = build_supernet(model, inputs, cfg.supernet)
+    sn = build_supernet(a0, None, cfg.supernet)
     sn.gm.to(cfg.device)
     a, grow = sn.analysis, target > sn.original.macs()
     train = Batches(data, cfg.batch_size, cfg.seed)
     val = Batches(val_data if val_data is not None else data, cfg.val_samples, cfg.seed + 7919).batch(0)
-    bounds = {g: (spec[1], len(spec[0])) for g, spec in sn.spec.widths.items()}
-    ref = {g: spec[3] for g, spec in sn.spec.widths.items()}
+    bounds = sn.bounds()
+    ref = {g: w.n_on for g, w in sn.spec.widths.items()}
     present = {b: 1.0 if on else 0.0 for b, on in sn.spec.depths.items()}
     units = fit(a, target, bounds, dict(ref), grow, SolveConfig(), present)
     history = []
@@ -137,6 +137,6 @@ def fur(model: nn.Module, inputs: tuple, target: float, data, val_data, cfg: Fur
         moved = {g: min(max(n, bounds[g][0]), bounds[g][1]) for g, n in moved.items()}
         units = fit(a, target, bounds, moved, grow, SolveConfig(), present)
     sn.gm.to("cpu")
-    out, plan = sn.finalize(units, present)
+    plain, plan = sn.finalize(units, present)
     history.append({"seconds": time.perf_counter() - t0})
-    return out, plan, sn, history
+    return plain, plan, sn, history

@@ -17,7 +17,6 @@ values; at hard 0/1 gates they equal the cost model exactly.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -25,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxadapt import meta
 from fxadapt.analysis import Analysis, analyze
-from fxadapt.passes.insert_gates import DepthGate, GateSpec, WidthGate, insert_gates, strip_gates
-from fxadapt.passes.materialize import materialize
+from fxadapt.passes.insert_gates import DepthGate, GateSpec, WidthGate, WidthSpec, insert_gates, strip_gates
+from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
 from fxadapt.planning.plan import growth_blocker, importance, make_plan
@@ -80,34 +80,44 @@ class Supernet:
     def scores(self) -> dict[int, np.ndarray]:
         """Per-unit scores reproducing each gate's order (earlier in the order = kept first)."""
         out = {}
-        for gid, (order, *_rest) in self.spec.widths.items():
-            s = np.zeros(len(order))
-            s[np.asarray(order)] = -np.arange(len(order))
+        for gid, w in self.spec.widths.items():
+            s = np.zeros(w.units)
+            s[np.asarray(w.order)] = -np.arange(w.units)
             out[gid] = s
         return out
 
+    def bounds(self) -> dict[int, tuple[int, int]]:
+        """Units each gated group may take: from its always-on minimum to everything the supernet holds."""
+        return {gid: (w.n_min, w.units) for gid, w in self.spec.widths.items()}
+
     def finalize(self, units: dict[int, int], present: dict[int, float]):
-        """Gate-free model with the given widths and blocks, inheriting the supernet's current weights."""
-        plain = strip_gates(copy.deepcopy(self.gm)).graph_module
+        """The gate-free supernet graph (with the weights training gave it) and the plan selecting the given
+        widths and blocks from it: ``fxadapt.passes.materialize.apply_plan`` turns the pair into the model."""
+        plain = strip_gates(self.gm).graph_module
         remove = {bid for bid, d in present.items() if d < 0.5}
-        plan = make_plan(self.analysis, units, remove=remove, scores=self.scores())
-        out = materialize(plain, plan).graph_module
-        shape_check(out, self.inputs)
-        return out, plan
+        return plain, make_plan(self.analysis, units, remove=remove, scores=self.scores())
 
 
-def build_supernet(model: nn.Module, inputs: tuple, cfg: SupernetConfig = SupernetConfig()) -> Supernet:
-    a0 = analyze(model, inputs)
+def build_supernet(a0: Analysis, inputs=None, cfg: SupernetConfig = SupernetConfig()) -> Supernet:
+    """The gated supernet of an analysed model (``a0 = fxadapt.analyze(model, inputs)``; no second capture).
+
+    >>> import torch, fxadapt
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> sn = build_supernet(fxadapt.analyze(m, (x,)))
+    >>> torch.allclose(sn.gm(x), m(x), atol=1e-6), sn.spec.widths[0].units
+    (True, 12)
+    """
     grow = {g.id: math.ceil(cfg.expand * g.units) for g in a0.prunable
             if cfg.expand > 1 and growth_blocker(a0, g) is None}
     repeat = {b.id: cfg.depth_slots for b in a0.blocks
               if cfg.depth_slots and b.repeatable and repeat_blocker(a0.gm, b) is None}
-    grown = materialize(a0.gm, make_plan(a0, grow, repeat=repeat)).graph_module
+    inputs = a0.gm.meta.get(meta.INPUTS, inputs)
+    grown = apply_plan(a0.gm, make_plan(a0, grow, repeat=repeat)).graph_module
     shape_check(grown, inputs)
     a1 = analyze(grown)
     spec = _gate_spec(a0, a1, cfg)
-    gm = a1.gm
-    insert_gates(gm, a1, spec)
+    gm = insert_gates(a1.gm, a1, spec).graph_module
     shape_check(gm, inputs)
     return Supernet(gm, a1, a0, spec, inputs)
 
@@ -125,9 +135,9 @@ def _gate_spec(a0: Analysis, a1: Analysis, cfg: SupernetConfig) -> GateSpec:
         score = importance(a1, g)
         order = np.concatenate([np.argsort(-score[:n_on], kind="stable"),
                                 n_on + np.argsort(-score[n_on:], kind="stable")])
-        widths[g.id] = (torch.as_tensor(order), n_min, bins, n_on)
+        widths[g.id] = WidthSpec(torch.as_tensor(order), n_min, tuple(bins), n_on)
     nodes = {n.name: n for n in a1.gm.graph.nodes}
-    depths = {b.id: "fxadapt.repeat_of" not in nodes[b.exit].meta for b in a1.blocks if b.removable}
+    depths = {b.id: meta.REPEAT_OF not in nodes[b.exit].meta for b in a1.blocks if b.removable}
     return GateSpec(widths, depths)
 
 

@@ -1,0 +1,103 @@
+"""Checks every adapted model passes (a failure raises ``VerificationError`` saying which):
+
+- it runs on the example inputs and returns the original output structure and shapes;
+- its MACs, counted independently (``fxadapt.analysis.count``: FlopCounterMode, attention counted), equal
+  what the cost model predicted for the plan (within 0.1%: the cost model is not silently wrong) and lie on
+  the right side of the target — within ``tol`` of it when the solver was asked to be strict;
+- a change meant to preserve the function (identity, pure growth, BatchNorm folding) matches the reference
+  outputs: ``assert_close`` at ``rtol`` and ``atol`` times the outputs' magnitude (at least 1), loosened
+  to the dtype's resolution for half precisions; when float32 rounding is the issue the check is repeated
+  on float64 copies.
+
+>>> _tolerances(1e-4, 1e-5, __import__("torch").bfloat16)
+(0.0625, 0.0625)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from fxadapt.errors import FxAdaptError
+from fxadapt.planning.solver import in_window
+
+
+class VerificationError(FxAdaptError):
+    """An adapted model failed a check (runs, shapes, budget, numerics); the message says which."""
+
+
+def outputs(model: nn.Module, inputs) -> Any:
+    """The model's outputs in eval mode, without grad (its mode is restored)."""
+    was = model.training
+    try:
+        model.eval()
+    except NotImplementedError:  # ExportedProgram.module() is already in its exported (eval) mode
+        with torch.no_grad():
+            return inputs.call(model)
+    try:
+        with torch.no_grad():
+            return inputs.call(model)
+    finally:
+        model.train(was)
+
+
+def check_shapes(ref: Any, got: Any) -> None:
+    ra, rs = pytree.tree_flatten(ref)
+    ga, gs = pytree.tree_flatten(got)
+    shape = lambda ts: [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in ts]  # noqa: E731
+    if rs != gs or shape(ra) != shape(ga):
+        raise VerificationError(f"adapted model's outputs {shape(ga)} differ in structure or shape from the "
+                                f"original's {shape(ra)}")
+
+
+def check_budget(macs: float, predicted: float, target: float, base: float, solve) -> None:
+    """Independent count vs the cost model's prediction, then the side (and window, when strict)."""
+    if abs(macs - predicted) > 1e-3 * max(macs, predicted):
+        raise VerificationError(f"the cost model predicted {predicted:,.0f} MACs but the adapted model runs "
+                                f"{macs:,.0f}: an op is miscosted (see fxadapt.analyze(...).uncosted)")
+    grow = target > base
+    side = macs >= target if grow else macs <= target * (1 + 1e-9)
+    if not side or (solve.strict and not in_window(macs, target, grow, solve.tol)):
+        want = f"within {solve.tol:.1%} " if solve.strict else ""
+        raise VerificationError(f"adapted model has {macs:,.0f} MACs, not {want}{'at or above' if grow else 'at or below'}"
+                                f" the target {target:,.0f}")
+
+
+def _tolerances(rtol: float, atol: float, dtype: torch.dtype) -> tuple[float, float]:
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(rtol, 8 * eps), max(atol, 8 * eps)
+
+
+def _scale(ref: Any) -> float:
+    leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.numel()]
+    return max([1.0] + [float(t.detach().abs().max()) for t in leaves if t.is_floating_point()])
+
+
+def check_close(ref: Any, got: Any, cfg, what: str, pair: tuple = (), inputs=None) -> None:
+    """``got`` matches ``ref`` (the outputs of ``pair``'s models; see module docstring)."""
+    leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    rtol, atol = _tolerances(cfg.rtol, cfg.atol, leaves[0].dtype if leaves else torch.float32)
+    try:
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol * _scale(ref), check_dtype=False)
+    except AssertionError as e:
+        if not (pair and _close64(*pair, inputs, cfg)):
+            raise VerificationError(f"{what} changed the model's outputs: {str(e).splitlines()[0]}") from e
+
+
+def _close64(a: nn.Module, b: nn.Module | Callable, inputs, cfg) -> bool:
+    """Whether float64 copies of ``a`` and ``b`` agree (False if they cannot run); a callable ``b`` (a pass)
+    is applied to a float64 copy of ``a``."""
+    try:
+        ins = inputs.map(lambda t: t.double() if t.is_floating_point() else t)
+        ref = outputs(copy.deepcopy(a).double(), ins)
+        b64 = copy.deepcopy(b).double() if isinstance(b, nn.Module) else b(copy.deepcopy(a).double())
+        got = outputs(b64, ins)
+        torch.testing.assert_close(got, ref, rtol=cfg.rtol, atol=cfg.atol * _scale(ref))
+        return True
+    except Exception:  # noqa: BLE001 - a model that will not run in float64 keeps the float32 verdict
+        return False

@@ -1,0 +1,98 @@
+"""The pass pipeline: named steps in order, lint + shape check after each, ExportedProgram in and out,
+the registry-driven cost cross-check, and HF EfficientNet's ``conv2d.padding`` convolutions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import fxadapt
+from fxadapt import meta
+from fxadapt.examples import EXAMPLE_INPUT_SHAPE, example_model
+from fxadapt.passes.shape_check import ShapeCheckError
+from fxadapt.pipeline import transform as tr
+from fxadapt.pipeline.runner import Step, run_steps
+
+X = torch.randn(EXAMPLE_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def test_pipeline_reads_as_documented():
+    assert [s.name for s in tr.PIPELINE] == ["capture", "analyze", "plan", "materialize", "rewire_blocks",
+                                              "recalibrate_bn", "fold_bn", "verify", "export"]
+    rep = fxadapt.report(fxadapt.transform(example_model(), 0.5, (X,)))
+    assert [n for n, _ in rep.timings] == ["capture", "analyze", "plan", "materialize", "rewire_blocks", "verify"]
+
+
+def test_progress_reaches_its_total():
+    seen = []
+    fxadapt.transform(example_model(), 0.5, (X,), progress=lambda *a: seen.append(a))
+    assert [d for _, d, _ in seen] == list(range(1, 7)) and {t for *_, t in seen} == {6}
+
+
+def test_runner_shape_checks_the_graph_a_step_broke():
+    gm = fxadapt.capture(example_model(), (X,))
+
+    @dataclasses.dataclass(frozen=True)
+    class J:
+        gm: object
+        inputs: object
+        timings: tuple = ()
+
+    def breaks(job):
+        bad = torch.fx.GraphModule(job.gm, job.gm.graph)
+        bad.get_submodule("stem.0").weight = nn.Parameter(torch.zeros(16, 4, 3, 3))
+        return dataclasses.replace(job, gm=bad)
+
+    with pytest.raises(ShapeCheckError, match="stem"):
+        run_steps((Step("breaks", breaks),), J(gm, gm.meta[meta.INPUTS]))
+
+
+def test_exported_program_in_without_a_second_capture(monkeypatch):
+    ep = torch.export.export(example_model(), (X,))
+    import fxadapt.ir.capture as cap
+
+    monkeypatch.setattr(cap, "export", lambda *a, **k: pytest.fail("captured a second time"))
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("captured a second time"))
+    out = fxadapt.transform(ep, 0.5, (X,))
+    r = fxadapt.report(out)
+    assert 0.49 <= r.macs_after / r.macs_before <= 0.5
+    assert out(X).shape == (1, 10)
+
+
+def test_exported_program_out():
+    ep = fxadapt.transform(example_model(), 0.5, (X,), output="exported_program")
+    assert isinstance(ep, torch.export.ExportedProgram)
+    small = fxadapt.transform(example_model(), 0.5, (X,))
+    torch.testing.assert_close(ep.module()(X), small.eval()(X), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_overload_is_named_and_uncosted_op_reported(monkeypatch):
+    from fxadapt.ops.registry import OPS
+
+    monkeypatch.delitem(OPS, torch.ops.aten.conv2d.padding)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same"), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with pytest.warns(UserWarning, match="cost model misses 1 op"):
+        a = fxadapt.analyze(m, (torch.randn(1, 3, 8, 8),))
+    assert [u.op for u in a.uncosted] == ["aten.conv2d.padding"]
+    assert a.uncosted[0].torch_macs == 3 * 8 * 9 * 64 and a.uncosted[0].model_macs == 0
+    blocked = [n.meta[meta.RULE].blocked for n in a.gm.graph.nodes if meta.RULE in n.meta and n.meta[meta.RULE].blocked]
+    assert blocked == ["no channel rule for aten.conv2d.padding: this overload has no registry entry "
+                       "(registered: default)"]
+
+
+def test_hf_efficientnet_padding_same_convs_transform():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=0.25, image_size=64,
+                                          hidden_dim=320, num_labels=10)
+    torch.manual_seed(0)
+    m = transformers.EfficientNetForImageClassification(cfg).eval()
+    x = torch.randn(1, 3, 64, 64)
+    a = fxadapt.analyze(m, (x,))
+    assert a.uncosted == () and a.fired["conv"] > 10 and a.fired["blocked"] == 0
+    assert a.macs() == fxadapt.analysis.count.count_macs(m, (x,))
+    for budget in (0.5, 1.5):
+        r = fxadapt.report(fxadapt.transform(m, budget, (x,)))
+        assert abs(r.macs_after / r.macs_before - budget) <= 0.01 * budget

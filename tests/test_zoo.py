@@ -18,10 +18,12 @@ import torch.nn.functional as F
 import zoo_harness as zh
 from torch import nn
 
-ENTRIES = {e.factory: e for e in zh.zoo_entries()} if zh.ZOO_TSV.exists() else {}
+# A missing or empty zoo list is an error, not a skip: ``test_zoo_list_is_present`` fails and every zoo test
+# fails with the same message (the slow sweep would otherwise be an empty, silently skipped parametrization).
+ENTRIES = {e.factory: e for e in zh.zoo_entries()} if zh.ZOO_TSV.is_file() else {}
 QUICK = ("resnet20_cifar10", "mobilenetv2_w1", "shufflenetv2_w1", "densenet40_k12_cifar10")
 QUICK_ORACLE = ("resnet20_cifar10", "mobilenetv2_w1", "diapreresnet20_cifar10")  # the last shares modules
-needs_zoo = pytest.mark.skipif(not ENTRIES, reason=f"zoo list not found at {zh.ZOO_TSV}")
+MISSING = f"zoo list missing or empty: {zh.ZOO_TSV} (the checkout's ../shared/zoo/pytorchcv.tsv)"
 
 # Where fxadapt's partition of conv/linear output channels differs from Torch-Pruning's, and why.
 # Categories (see zoo_harness.classify / compare):
@@ -68,7 +70,8 @@ TP_FAILS = {
 
 @functools.lru_cache(maxsize=4)
 def _zoo_result(factory: str) -> tuple:
-    pytest.importorskip("pytorchcv")
+    assert ENTRIES, MISSING
+    assert factory in ENTRIES, f"{factory} is not in {zh.ZOO_TSV}"
     model, x = zh.build(ENTRIES[factory])
     return model, x, zh.check_model(factory, model, x)
 
@@ -82,7 +85,6 @@ def _assert_sweep(r: zh.ZooResult) -> None:
 
 
 def _assert_oracle(factory: str) -> None:
-    pytest.importorskip("torch_pruning")
     model, x, r = _zoo_result(factory)
     assert r.analyzed, r.failure
     o = zh.oracle(factory, model, x, r.analysis)
@@ -93,29 +95,44 @@ def _assert_oracle(factory: str) -> None:
     assert o.category == KNOWN_DIFFERENCES.get(factory, "agree"), (o.only_ours[:3], o.only_tp[:3], o.unmatched)
 
 
-@needs_zoo
 @pytest.mark.parametrize("factory", QUICK)
 def test_zoo_quick(factory):
     _assert_sweep(_zoo_result(factory)[2])
 
 
-@needs_zoo
 @pytest.mark.parametrize("factory", QUICK_ORACLE)
 def test_oracle_quick(factory):
     _assert_oracle(factory)
 
 
-@needs_zoo
 @pytest.mark.slow
-@pytest.mark.parametrize("factory", list(ENTRIES))
+@pytest.mark.parametrize("factory", list(ENTRIES) or ["<zoo list missing>"])
 def test_zoo_model(factory):
     """The whole zoo (``-m slow``): every sweep check, then the oracle comparison, model by model."""
     _assert_sweep(_zoo_result(factory)[2])
     _assert_oracle(factory)
 
 
+def test_zoo_list_is_present():
+    assert ENTRIES, MISSING
+    assert len(ENTRIES) >= 50, f"only {len(ENTRIES)} models in {zh.ZOO_TSV}"
+    assert set(QUICK) | set(QUICK_ORACLE) <= set(ENTRIES)
+
+
 def test_known_differences_are_zoo_models():
-    assert set(KNOWN_DIFFERENCES) | set(NOTHING_PRUNABLE) | set(TP_FAILS) <= set(ENTRIES) or not ENTRIES
+    assert ENTRIES, MISSING
+    named = set(KNOWN_DIFFERENCES) | set(NOTHING_PRUNABLE) | set(TP_FAILS)
+    assert named <= set(ENTRIES), sorted(named - set(ENTRIES))
+
+
+def test_zoo_packages_import():
+    """pytorchcv (the zoo) and torch_pruning (the oracle) are test requirements: a missing one fails here."""
+    from importlib.metadata import version
+
+    import pytorchcv.models.resnet  # noqa: F401  (``pip install --no-deps pytorchcv``, see README)
+    import torch_pruning  # noqa: F401
+
+    assert version("torch-pruning") == "1.6.1"  # the oracle's differences below were recorded with 1.6.1
 
 
 # ------------------------------------------------------------------------------------------------

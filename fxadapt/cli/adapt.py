@@ -12,8 +12,8 @@ Outputs: ``-o`` names the saved model; without it the model goes to ``DIR/adapte
 ``<factory>-adapted.pt`` in the current directory. Every file written is printed. Folders are created only
 when a file is written into them, so a failed run leaves none behind.
 
-The model file holds plain data (``fxadapt.export.save``): read it back with
-``fxadapt.export.save.load(path)``; ``torch.load(path)`` with its defaults returns that data. The ONNX file
+The model file holds plain data (``fxadapt.save``): read it back with ``fxadapt.load(path)``
+(``fxadapt.export.save.load``); ``torch.load(path)`` with its defaults returns that data. The ONNX file
 is simplified and checked against onnxruntime.
 
 BatchNorm: the adapted model keeps its BatchNorm layers (ready for fine-tuning) unless ``--fold-bn`` folds
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         bar.write(f"{rep.table()}\nMACs ratio {rep.macs_after / rep.macs_before:.4f} "
                   f"(target {rep.macs_target / rep.macs_before:.4f})")
         writers: dict[str, Callable[[str], str]] = {
-            "pt": lambda p: (save(adapted, p), f"saved {p} (load with fxadapt.export.save.load)")[1],
+            "pt": lambda p: (save(adapted, p), f"saved {p} (load with fxadapt.load)")[1],
             "onnx": lambda p: _onnx_line(fxadapt.export_onnx(adapted, inputs, p)),
             "png": lambda p: (plot_widths(rep, p), f"plot {p}")[1],
         }

@@ -16,6 +16,7 @@ assert that the same check then fails: the comparison can fail.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import numpy as np
@@ -24,12 +25,12 @@ import refslicer
 import torch
 from fxadapt.passes import fold_bn as fold_bn_mod
 from fxadapt.passes import materialize as materialize_mod
-from fxadapt.passes.fold_bn import fold_bn
 from fxadapt.passes.materialize import materialize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxadapt
+from fxadapt import meta
 from fxadapt.planning.plan import SiteEdit, growth_blocker, make_plan
 
 
@@ -90,10 +91,10 @@ def check_materialize(a, xb: torch.Tensor, units: dict[int, int], scores: dict |
         widths = {gid: n * a.groups[gid].granularity for gid, n in units.items()}
         assert a.macs(widths) == half_flops(gm, xb[:1]), "cost model vs FlopCounterMode"
         assert a.params(widths) == n_params(gm)
-        res = fold_bn(gm)
+        res = fold_bn_mod.fold_bn(gm)
         bns = [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
         left = [m for m in res.graph_module.modules() if isinstance(m, nn.BatchNorm2d)]
-        assert len(bns) - len(left) == res.graph_module.meta["fxadapt.folded_bn"]
+        assert len(bns) - len(left) == res.graph_module.meta[meta.FOLDED_BN] and res.modified == (len(left) < len(bns))
         refslicer.assert_same_function(res.graph_module(xb), y, "fold_bn(materialized) vs materialized")
 
 
@@ -165,17 +166,18 @@ def test_mutation_nonzero_grown_consumers_is_caught(monkeypatch):
 
 
 def test_mutation_bn_fold_without_mean_is_caught(monkeypatch):
+    """A fold that forgets the running mean (folds a copy whose means are zero) is caught."""
     _, xb, a = _fixed()
-    real = fold_bn_mod._fold
+    real = fold_bn_mod.fold_bn
 
-    def fold_ignoring_mean(layer, bn):
-        with torch.no_grad():
-            saved = bn.running_mean.clone()
-            bn.running_mean.zero_()
-            real(layer, bn)
-            bn.running_mean.copy_(saved)
+    def fold_ignoring_mean(gm, *args):
+        gm = copy.deepcopy(gm)
+        for m in gm.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_()
+        return real(gm, *args)
 
-    monkeypatch.setattr(fold_bn_mod, "_fold", fold_ignoring_mean)
+    monkeypatch.setattr(fold_bn_mod, "fold_bn", fold_ignoring_mean)
     with pytest.raises(AssertionError, match="fold_bn"):
         check_materialize(a, xb, {g.id: max(1, g.units // 2) for g in a.prunable}, _scores(a))
 

@@ -8,10 +8,15 @@ adapted model's outputs have the original's structure and shapes; its MACs measu
 the right side and within 1% (<= target when shrinking, >= when growing); whether the caller's model is
 untouched (state_dict values and every module's training flag); and optionally whether
 ``fxadapt.export_onnx`` (export + onnxsim + checker + onnxruntime comparison) succeeds.
+
+``hand_macs(model, x)`` is a third, hand-written MAC count for CNNs of lifted modules (no FlopCounterMode, no
+cost model): every output element of a conv costs ``(C_in / groups) * prod(kernel)`` MACs, of a linear
+``in_features``; read from the weight shapes seen by forward hooks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -20,12 +25,43 @@ from dataclasses import asdict, dataclass
 import torch
 import zoo_harness as zh
 from torch import nn
+from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 import fxadapt
 from fxadapt.pipeline.transform import TransformConfig
 
 TOL = 0.01
+_UNSEEN = ("conv", "linear", "mm", "matmul", "einsum", "scaled_dot_product")  # ops hooks would not see
+
+
+def hand_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs of ``model(x)`` from conv/linear weight shapes (see module docstring); refuses what it cannot see.
+
+    Example:
+        >>> hand_macs(nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 5, 5)) == 2 * 8 * 25 * 3 * 9
+        True
+    """
+    for m in model.modules():
+        assert isinstance(m, (nn.Conv2d, nn.Linear)) or not isinstance(
+            m, (nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Bilinear)), f"hand_macs cannot count {m}"
+        for n in m.graph.nodes if isinstance(m, GraphModule) else ():
+            assert n.op != "call_function" or not any(k in str(n.target) for k in _UNSEEN), n.format_node()
+    total = 0
+
+    def hook(m, _, out):
+        nonlocal total
+        w = m.weight
+        total += out.numel() * (w.shape[1] * math.prod(w.shape[2:]) if isinstance(m, nn.Conv2d) else w.shape[1])
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torch.fx import GraphModule, Interpreter
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
+from fxadapt import meta
 from fxadapt.errors import FxAdaptError
 from fxadapt.ir.inputs import Inputs, as_inputs
 
@@ -82,5 +83,5 @@ def shape_check(gm: GraphModule, example_inputs: Inputs | tuple | Any) -> PassRe
             _Recorder(gm).run(*flat_inputs(gm, inputs), enable_io_processing=False)
     finally:
         gm.train(was_training)
-    gm.meta["fxadapt.batch"] = inputs.batch
+    gm.meta[meta.BATCH] = inputs.batch
     return PassResult(gm, False)

@@ -51,8 +51,8 @@ from fxadapt.errors import CaptureError, InputError
 from fxadapt.ir.inputs import Inputs, as_inputs
 from fxadapt.passes.lift_modules import LiftConfig, lift_modules
 
-INPUTS_KEY = "fxadapt.inputs"        # Inputs: the example inputs the graph was captured with
-BATCH_KEY = "fxadapt.batch"          # int: their batch size (the concrete size of symbolic batch dims)
+INPUTS_KEY = meta.INPUTS             # "fxadapt.inputs": the Inputs the graph was captured with
+BATCH_KEY = meta.BATCH               # "fxadapt.batch": their batch size (the size of symbolic batch dims)
 FIXED_KEY = "fxadapt.fixed_kwargs"   # dict: keyword arguments capture fixed on the model (use_cache=False)
 
 

@@ -1,4 +1,5 @@
-"""Budgets: accepted forms, clear errors, and the solver landing within 1% on the right side."""
+"""Budgets: accepted forms, clear errors, solver options, and the solver landing within 1% on the right side
+(aligned widths, coarse models and strictness: test_solver.py)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,38 @@ def test_out_of_range_names_the_range(analysis):
         solve_widths(analysis, hi * 1.5, SolveConfig(max_expand=2.0))
     with pytest.raises(BudgetError, match="reachable range"):
         solve_widths(analysis, lo * 0.5)
+
+
+def test_solver_names_stay_importable_from_budget():
+    from fxadapt.planning import budget, solver
+
+    for name in ("TOL", "SolveConfig", "solve_widths", "fit", "reachable", "in_window", "check_window"):
+        assert getattr(budget, name) is getattr(solver, name)
+    assert issubclass(budget.BudgetWarning, UserWarning) and budget.TOL == 0.01
+
+
+@pytest.mark.parametrize("kwargs", [{"tol": -0.1}, {"tol": 1.0}, {"tol": "1%"}, {"align": 0}, {"align": "fast"},
+                                    {"align": 2.5}, {"align": True}])
+def test_solve_config_rejects(kwargs):
+    with pytest.raises(BudgetError):
+        SolveConfig(**kwargs)
+
+
+def test_in_window_edges():
+    from fxadapt.planning.budget import in_window
+
+    assert in_window(990, 1000, False) and in_window(1000, 1000, False) and not in_window(989, 1000, False)
+    assert not in_window(1000.5, 1000, False) and not in_window(999, 1000, True)
+    assert in_window(1010, 1000, True) and not in_window(1011, 1000, True)
+    assert in_window(950, 1000, False, tol=0.05) and not in_window(949, 1000, False, tol=0.05)
+
+
+def test_non_strict_is_silent_when_the_window_holds(analysis):
+    import warnings
+
+    from fxadapt.planning.budget import BudgetWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetWarning)
+        solve_widths(analysis, 0.5 * analysis.macs())
+        solve_widths(analysis, 0.5 * analysis.macs(), SolveConfig(strict=True))

@@ -59,6 +59,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from fxadapt import meta
 from fxadapt.errors import FxAdaptError
 from fxadapt.ir.capture import normalize_inputs
 
@@ -151,7 +152,7 @@ def _fold(gm: GraphModule, inputs: tuple) -> tuple[GraphModule, int]:
     from fxadapt.passes.fold_bn import fold_bn as fold_pass
 
     folded = fold_pass(gm).graph_module
-    count = folded.meta.get("fxadapt.folded_bn", _bn_count(gm) - _bn_count(folded))
+    count = folded.meta.get(meta.FOLDED_BN, 0)
     if not count:
         return gm, 0
     ref, got = _outputs(gm, inputs), _outputs(folded, inputs)
@@ -164,10 +165,6 @@ def _fold(gm: GraphModule, inputs: tuple) -> tuple[GraphModule, int]:
             raise ExportError(f"folding {count} BatchNorm(s) changed the outputs by {diff:.3g} (> {bound:.3g}); "
                               f"export with fold_bn=False")
     return folded, int(count)
-
-
-def _bn_count(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _excess(got: Any, ref: Any, atol: float) -> tuple[float, float]:

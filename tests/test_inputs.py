@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+from fxadapt.passes.shape_check import shape_check
 from torch import nn
 
 import fxadapt
 from fxadapt import InputError
 from fxadapt.ir.capture import BATCH_KEY, INPUTS_KEY, normalize_inputs
 from fxadapt.ir.inputs import Inputs, as_inputs
-from fxadapt.passes.shape_check import shape_check
 
 X = torch.randn(2, 4)
 M = torch.ones(2, 3, dtype=torch.long)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fxadapt.hw import keys
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import costs, edits, lifts
 from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, rule
@@ -57,27 +58,27 @@ def _conv(call, ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
 
 @rule(*aten_ops("conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding", "conv2d.padding",
                 "conv3d.padding"), kind="produces", cost=costs.conv_macs, zero="params", fold="absorbs",
-      lift=Lift(lifts.build_conv, (0,), (1, 2)), edit=edits.set_count)
+      lift=Lift(lifts.build_conv, (0,), (1, 2)), edit=edits.set_count, latency_key=keys.conv_key)
 def conv(call, ctx):
     return _conv(call, ctx, (0, 1), call.arg(6, "groups", 1))
 
 
 @rule(*aten_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"), kind="produces",
       cost=costs.conv_transpose_macs, zero="params", fold="absorbs", out_axis=1,
-      lift=Lift(lifts.build_conv_transpose, (0,), (1, 2)), edit=edits.set_count)
+      lift=Lift(lifts.build_conv_transpose, (0,), (1, 2)), edit=edits.set_count, latency_key=keys.conv_transpose_key)
 def conv_transpose(call, ctx):
     return _conv(call, ctx, (1, 0), call.arg(6, "groups", 1))
 
 
 @rule(*aten_ops("convolution.default"), kind="produces", cost=costs.convolution_macs, zero="params",
-      edit=edits.set_count)
+      edit=edits.set_count, latency_key=keys.convolution_key)
 def convolution(call, ctx):
     axes = (1, 0) if call.arg(6, "transposed", False) else (0, 1)
     return _conv(call, ctx, axes, call.arg(8, "groups", 1), groups_arg=8)
 
 
 @rule(*aten_ops("linear.default"), kind="produces", cost=costs.linear_macs, zero="params", fold="absorbs",
-      lift=Lift(lifts.build_linear, (0,), (1, 2)))
+      lift=Lift(lifts.build_linear, (0,), (1, 2)), latency_key=keys.linear_key)
 def linear(call, ctx):
     """``y = x W^T + b`` over the last axis; other tracked axes of ``x`` pass through."""
     x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")

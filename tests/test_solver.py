@@ -176,7 +176,8 @@ def test_strict_refusal_names_the_nearest_totals(espcn):
     msg = str(info.value)
     below, above = espcn_best(target, ALIGNED, True), espcn_best(target, ALIGNED, False)
     assert f"{below:,}" in msg and f"{above:,}" in msg, msg
-    assert re.search(r"at or below it and .* at or above it", msg) and "aligned to 8" in msg
+    assert re.search(r"nearest feasible totals are [\d,]+ \(0\.\d{3}x, \d+\.\d% below\) and [\d,]+ "
+                     r"\(0\.\d{3}x, \d+\.\d% above\)", msg) and "aligned to 8" in msg, msg
 
 
 def test_strict_growth_refusal(espcn):

@@ -8,7 +8,8 @@ be a multiple of the unit step ``k_g = L_g / q_g``. Within bounds ``[lo, hi]`` t
 
 (the original width stays allowed: an untouched group is not an adapted one). A group narrower than the
 alignment (``N_g * q_g < A``), or whose lattice part is empty, keeps only ``N_g``. ``A = 1`` gives every
-integer in ``[lo, hi]``: no alignment.
+integer in ``[lo, hi]``: no alignment. ``Ladders`` packs the ladders of several groups into one sorted array
+so the rung nearest to ``s * ref_g`` is found for every group at once (one ``searchsorted``).
 
 Why the numbers of ``auto_align``: onnxruntime's CPU provider rewrites convolutions to the NCHWc layout,
 whose channel block is MLAS's ``NchwcBlockSize`` (``onnxruntime/core/mlas/lib/platform.cpp``): the
@@ -119,3 +120,38 @@ def ladder(units: int, granularity: int, lo: int, hi: int, align: int = 1) -> np
     if lo <= units <= hi and (at == lattice.size or lattice[at] != units):
         lattice = np.insert(lattice, at, units)
     return lattice
+
+
+class Ladders:
+    """The ladders of several groups in one flat array, with the rung nearest to a global scale.
+
+    ``at_scale(s)`` gives, per group ``k``, the index of the rung nearest to ``s * ref[k]`` (ties go to the
+    lower rung), so the widths ``values(at_scale(s))`` never decrease as ``s`` grows.
+
+    >>> lad = Ladders([3, 5], [ladder(32, 1, 4, 32, 8), ladder(12, 1, 2, 12, 8)], np.array([32.0, 12.0]))
+    >>> lad.units(lad.at_scale(0.5)), lad.units(lad.at_scale(1.0))
+    ({3: 16, 5: 8}, {3: 32, 5: 12})
+    """
+
+    def __init__(self, gids: list, rungs: list, ref: np.ndarray):
+        self.gids, self.rungs, self.ref = gids, rungs, ref
+        self.size = np.array([len(r) for r in rungs], dtype=np.int64)
+        self.off = np.concatenate([[0], np.cumsum(self.size)[:-1]]).astype(np.int64)
+        self.flat = np.concatenate(rungs).astype(float) if rungs else np.zeros(0)
+        self.top = max([1.0] + [r[-1] / b for r, b in zip(rungs, ref)])  # the scale where all are widest
+        # one sorted key array: group k's rungs shifted by k * stride (> any rung and any s * ref, s <= top)
+        stride = 2.0 * max([1.0] + [r[-1] for r in rungs] + [self.top * b for b in ref]) + 2.0
+        self.shift = np.arange(len(rungs)) * stride
+        self.keys = self.flat + np.repeat(self.shift, self.size)
+
+    def values(self, idx: np.ndarray) -> np.ndarray:
+        return self.flat[self.off + idx]
+
+    def at_scale(self, s: float) -> np.ndarray:
+        want = s * self.ref
+        j = np.clip(np.searchsorted(self.keys, want + self.shift) - self.off, 1, np.maximum(self.size - 1, 1))
+        lower, upper = self.flat[self.off + j - 1], self.flat[np.minimum(self.off + j, self.off + self.size - 1)]
+        return np.where((self.size == 1) | (want - lower <= upper - want), j - 1, j)
+
+    def units(self, idx: np.ndarray) -> dict[int, int]:
+        return {g: int(v) for g, v in zip(self.gids, self.values(idx))}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fxadapt.errors import BudgetError
-from fxadapt.planning.align import ladder, resolve_align
+from fxadapt.planning.align import Ladders, ladder, resolve_align
 from fxadapt.planning.plan import growth_blocker
 
 TOL = 0.01
@@ -152,63 +152,36 @@ class MacsPoly:
         return self._total((v0 + A[:, None, :] + B[None, :, :]).reshape(-1, len(v0))).reshape(len(ca), len(cb))
 
 
-@dataclass
 class _Problem:
-    """Ladders of the free groups, their scaling reference and the polynomial, for one target."""
+    """The free groups' ladders, the polynomial and the target: ``x(idx)`` is the full assignment row."""
 
-    poly: MacsPoly
-    gids: list
-    rungs: list
-    ref: np.ndarray
-    target: float
-
-    def __post_init__(self):
-        self.cols = np.array([self.poly.col[g] for g in self.gids], dtype=np.int64)
-        self.size = np.array([len(r) for r in self.rungs], dtype=np.int64)
-        self.off = np.concatenate([[0], np.cumsum(self.size)[:-1]]).astype(np.int64)
-        self.flat = np.concatenate(self.rungs).astype(float) if self.rungs else np.zeros(0)
-        self.top = max([1.0] + [r[-1] / b for r, b in zip(self.rungs, self.ref)])  # scale where all are widest
-        # one sorted key array for all ladders: group k's rungs shifted by k * stride (> any rung or s * ref)
-        self.stride = 2.0 * max([1.0] + [r[-1] for r in self.rungs] + [self.top * b for b in self.ref]) + 2.0
-        self.shift = np.arange(len(self.rungs)) * self.stride
-        self.keys = self.flat + np.repeat(self.shift, self.size)
-
-    def values(self, idx: np.ndarray) -> np.ndarray:
-        return self.flat[self.off + idx]
+    def __init__(self, poly: MacsPoly, lad: Ladders, target: float):
+        self.poly, self.lad, self.target = poly, lad, target
+        self.cols = np.array([poly.col[g] for g in lad.gids], dtype=np.int64)
+        self.size, self.off, self.flat = lad.size, lad.off, lad.flat
 
     def x(self, idx: np.ndarray) -> np.ndarray:
         x = self.poly.base.copy()
-        x[self.cols] = self.values(idx)
+        x[self.cols] = self.lad.values(idx)
         return x
-
-    def at_scale(self, s: float) -> np.ndarray:
-        """Per group, the index of the rung nearest to ``s * ref`` (ties to the lower rung)."""
-        want = s * self.ref
-        j = np.searchsorted(self.keys, want + self.shift) - self.off
-        j = np.clip(j, 1, np.maximum(self.size - 1, 1))
-        lower, upper = self.flat[self.off + j - 1], self.flat[np.minimum(self.off + j, self.off + self.size - 1)]
-        return np.where((self.size == 1) | (want - lower <= upper - want), j - 1, j)
-
-    def units(self, idx: np.ndarray) -> dict[int, int]:
-        return {g: int(v) for g, v in zip(self.gids, self.values(idx))}
 
 
 def _problem(a, target: float, bounds: dict, base: dict, cfg: SolveConfig, present=None) -> _Problem:
     align, gids = cfg.alignment(), sorted(bounds)
     rungs = [ladder(a.groups[g].units, a.groups[g].granularity, *bounds[g], align) for g in gids]
-    ref = np.array([max(base[g], 1) for g in gids], dtype=float)
-    return _Problem(MacsPoly(a.cost, present), gids, rungs, ref, target)
+    lad = Ladders(gids, rungs, np.array([max(base[g], 1) for g in gids], dtype=float))
+    return _Problem(MacsPoly(a.cost, present), lad, target)
 
 
 def _scale(p: _Problem, above: bool) -> np.ndarray:
     """Bisection on the global scale: the last rungs at or below ``T`` (or the first at or above)."""
-    lo, hi = 0.0, p.top
+    lo, hi = 0.0, p.lad.top
     for _ in range(50):
         mid = (lo + hi) / 2
-        m = p.poly(p.x(p.at_scale(mid))[None])[0]
+        m = p.poly(p.x(p.lad.at_scale(mid))[None])[0]
         ok = m >= p.target if above else m <= p.target
         lo, hi = (lo, mid) if ok == above else (mid, hi)
-    return p.at_scale(hi if above else lo)
+    return p.lad.at_scale(hi if above else lo)
 
 
 def _best(m_new: np.ndarray, m: float, target: float, above: bool, smallest: bool):
@@ -257,7 +230,7 @@ def _exhaustive(p: _Problem, near: np.ndarray, above: bool, tol: float | None):
     if not p.size.size or np.prod(p.size.astype(float)) > _EXHAUSTIVE:
         return None
     grid = np.stack(np.meshgrid(*[np.arange(k) for k in p.size], indexing="ij"), -1).reshape(-1, p.size.size)
-    vals = np.stack([r[grid[:, k]] for k, r in enumerate(p.rungs)], 1).astype(float)
+    vals = np.stack([r[grid[:, k]] for k, r in enumerate(p.lad.rungs)], 1).astype(float)
     X = np.repeat(p.poly.base[None], len(grid), 0)
     X[:, p.cols] = vals
     m, t = p.poly(X), p.target
@@ -328,7 +301,7 @@ def fit(a, target: float, bounds: dict, base: dict, grow: bool, cfg: SolveConfig
     {0: 10}
     """
     p = _problem(a, target, bounds, base, cfg, present)
-    return p.units(_solve(p, grow, cfg.tol))
+    return p.lad.units(_solve(p, grow, cfg.tol))
 
 
 def _side(m: float, target: float, base: float) -> str:
@@ -337,10 +310,10 @@ def _side(m: float, target: float, base: float) -> str:
 
 
 def _coarse(a, align: int) -> str:
-    top = sorted(a.prunable, key=lambda g: -g.macs_share)[:2]
+    top = sorted(a.prunable, key=lambda g: -getattr(g, "macs_share", 0.0))[:2]
     aligned = f" for widths aligned to {align}" if align > 1 else ""
     return f"the groups are too coarse{aligned}: " + ", ".join(
-        f"{g.name} has {g.units} units for {g.macs_share:.0%} of the MACs" for g in top)
+        f"{g.name} has {g.units} units (MACs elasticity {getattr(g, 'macs_share', 0.0):.2f})" for g in top)
 
 
 def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = SolveConfig(),
@@ -362,10 +335,10 @@ def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = Solve
         bounds = _bounds(a, grow, cfg)
         bounds = {g: bounds.get(g, (v, v)) for g, v in n.items()}
         p = _problem(a, t, bounds, {g: a.groups[g].units for g in bounds}, cfg, present)
-        found = (m, a.cost.macs(p.units(_solve(p, not grow, None)), present))
+        found = (m, a.cost.macs(p.lad.units(_solve(p, not grow, None)), present))
         below, above = [v for v in found if v <= t], [v for v in found if v >= t]
-        near = (f"{_side(max(below), t, base) if below else 'none'} at or below it and "
-                f"{_side(min(above), t, base) if above else 'none'} at or above it")
+        near = (f"{_side(max(below), t, base) if below else 'none below'} and "
+                f"{_side(min(above), t, base) if above else 'none above'}")
         raise BudgetError(f"no widths within {cfg.tol:.0%} of the budget of {t:,.0f} MACs ({t / base:.3f}x): the "
                           f"nearest feasible totals are {near}; {note}; SolveConfig(strict=False) takes the "
                           f"closest {'at or above' if grow else 'at or below'} the budget")
@@ -412,6 +385,6 @@ def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int
     bounds = _checked_bounds(a, target, cfg)
     grow = target > a.cost.macs()
     p = _problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
-    n = p.units(_solve(p, grow, cfg.tol))
+    n = p.lad.units(_solve(p, grow, cfg.tol))
     check_window(a, n, target, grow, cfg)
     return n

@@ -32,6 +32,13 @@ class ResNetTiny(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+def resnet_tiny_macs(c: int = 8, hw: int = 16, classes: int = 5) -> int:
+    """ResNetTiny's MACs written out layer by layer: stem, 2 x (2 convs), proj, b3 (2 convs), head."""
+    px = hw * hw
+    return (px * c * 3 * 9 + 2 * 2 * px * c * c * 9 + px * 2 * c * c + px * 2 * c * c * 9
+            + px * 2 * c * 2 * c * 9 + 2 * c * classes)
+
+
 class CatSplit(nn.Module):
     """Two branches concatenated, a chunk split, depthwise conv and a flatten -> linear head."""
 

@@ -1,5 +1,7 @@
 """Elastic search: gated supernet identity, expected vs hard cost, budget-loss direction, DNA and FUR
-landing on budget, and checkpoint/resume equal to an uninterrupted run."""
+landing on budget (measured by a hand-written MAC count, ``transform_harness.hand_macs``) with widths or
+depths the data-free solver would not choose (the search moved something), and checkpoint/resume equal to
+an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -7,15 +9,16 @@ import dataclasses
 
 import pytest
 import torch
-from models import ResNetTiny
+from fxadapt.passes.materialize import apply_plan
+from models import ResNetTiny, resnet_tiny_macs
+from transform_harness import hand_macs
 
 import fxadapt
-from fxadapt.search.fur import FurConfig, adjust
-from fxadapt.search.dna import SearchConfig, budget_loss
-from fxadapt.passes.materialize import apply_plan
-from fxadapt.search.supernet import SupernetConfig, build_supernet
 from fxadapt.analysis.count import count_macs
 from fxadapt.pipeline.transform import SearchInterrupted, TransformConfig
+from fxadapt.search.dna import SearchConfig, budget_loss
+from fxadapt.search.fur import FurConfig, adjust
+from fxadapt.search.supernet import SupernetConfig, build_supernet
 
 X1 = torch.randn(1, 3, 8, 8)
 gen = torch.Generator().manual_seed(0)
@@ -55,7 +58,7 @@ def test_expected_cost_equals_hard_cost_at_01_gates(supernet):
     expected = float(sn.expected_macs())
     assert expected == sn.analysis.cost.macs(units, present)
     out = apply_plan(*sn.finalize(units, present)).graph_module
-    assert count_macs(out, (X1,)) == expected
+    assert count_macs(out, (X1,)) == expected == hand_macs(out, X1)
 
 
 def test_budget_loss_pushes_toward_target(supernet):
@@ -74,23 +77,42 @@ def test_budget_loss_pushes_toward_target(supernet):
     assert float(budget_loss(torch.tensor(0.51), 0.5, True, 0.03)) == 0.0
 
 
+def _in_window(out, budget: float) -> bool:
+    ratio = hand_macs(out, X1) / resnet_tiny_macs(hw=8)
+    return (budget * 0.99 <= ratio <= budget) if budget < 1 else (budget <= ratio <= budget * 1.01)
+
+
+def _widths(out) -> dict[str, int]:
+    return {c.name: c.after for c in fxadapt.report(out).groups}
+
+
+@pytest.fixture(scope="module")
+def datafree(model):
+    """Data-free widths per budget: what a search that changed nothing would give."""
+    return {b: _widths(fxadapt.transform(model, b, (X1,))) for b in (0.5, 1.6)}
+
+
 @pytest.mark.parametrize("budget", [0.5, 1.6])
-def test_dna_lands_on_budget(model, budget):
+def test_dna_lands_on_budget(model, budget, datafree):
     cfg = TransformConfig(search=FAST)
     out = fxadapt.transform(model, budget, (X1,), data=DATA, strategy="dna", config=cfg)
+    assert _in_window(out, budget)
     rep = fxadapt.report(out)
-    ratio = rep.macs_after / rep.macs_before
-    assert (budget * 0.99 <= ratio <= budget) if budget < 1 else (budget <= ratio <= budget * 1.01)
     assert rep.strategy == "dna" and len(rep.history) == FAST.steps + 1
     assert {"loss", "macs_ratio", "entropy"} <= set(rep.history[0])
+    steps = rep.history[:-1]   # the gates moved: expected MACs and gate entropy change during the search
+    assert steps[-1]["macs_ratio"] != steps[0]["macs_ratio"] and steps[-1]["entropy"] > 10 * steps[0]["entropy"]
+    assert _widths(out) != datafree[budget], "DNA chose exactly the data-free widths and depths"
 
 
-def test_fur_lands_on_budget(model):
+def test_fur_lands_on_budget(model, datafree):
     cfg = TransformConfig(fur=FurConfig(iterations=2, train_steps=4, batch_size=16, draws=2, val_samples=32))
     out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="fur", config=cfg)
+    assert _in_window(out, 0.5)
     rep = fxadapt.report(out)
-    assert 0.495 <= rep.macs_after / rep.macs_before <= 0.5
     assert [h["iteration"] for h in rep.history[:-1]] == [0, 1]
+    assert rep.history[0]["macs_ratio"] != rep.history[1]["macs_ratio"]   # the widths were adjusted
+    assert _widths(out) != datafree[0.5], "FUR chose exactly the data-free widths"
 
 
 def test_adjust_grows_high_fur_and_shrinks_low():

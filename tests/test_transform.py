@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from models import ResNetTiny
+from models import ResNetTiny, resnet_tiny_macs
 from torch import nn
 from transform_harness import hand_macs
 
@@ -24,13 +24,6 @@ X = torch.randn(1, 3, 16, 16)
 @pytest.fixture(scope="module")
 def model():
     return ResNetTiny().eval()
-
-
-def resnet_tiny_macs(c: int = 8, hw: int = 16, classes: int = 5) -> int:
-    """ResNetTiny's MACs written out layer by layer: stem, 2 x (2 convs), proj, b3 (2 convs), head."""
-    px = hw * hw
-    return (px * c * 3 * 9 + 2 * 2 * px * c * c * 9 + px * 2 * c * c + px * 2 * c * c * 9
-            + px * 2 * c * 2 * c * 9 + 2 * c * classes)
 
 
 def test_hand_count_is_right(model):

@@ -55,7 +55,7 @@ def materialize(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = Materializ
     >>> small.get_submodule("0").out_channels, small.get_submodule("1").in_channels
     (5, 5)
     """
-    out = copy.deepcopy(gm)
+    out = _copy_but(gm, {e.site.ref.target for e in plan.edits if e.site.kind == "param"})
     gen = torch.Generator().manual_seed(cfg.seed)
     nodes = {n.name: n for n in out.graph.nodes}
     done: set = set()
@@ -86,11 +86,21 @@ def apply_plan(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = Materialize
     return PassResult(deep.graph_module, wide.modified or deep.modified)
 
 
+def _copy_but(gm: GraphModule, replaced: set[str]) -> GraphModule:
+    """A deep copy of ``gm`` that does not copy the tensors about to be replaced (they are only read: the
+    copy gets new tensors in their place, so the caller's graph module is never touched)."""
+    memo = {}
+    for name in replaced:
+        t = getattr_path(gm, name)
+        memo[id(t)] = t
+    return copy.deepcopy(gm, memo)
+
+
 def _edit_param(gm: GraphModule, edit: SiteEdit, cfg: MaterializeConfig, gen: torch.Generator) -> None:
     s = edit.site
     old = getattr_path(gm, s.ref.target)
     idx = torch.as_tensor(edit.index, device=old.device)
-    new = old.detach().index_select(s.axis, idx).clone()
+    new = old.detach().index_select(s.axis, idx)  # a new tensor: the original is only read
     if edit.new.any():
         grown = torch.as_tensor(np.flatnonzero(edit.new), device=old.device)
         view = new.transpose(0, s.axis)

@@ -87,6 +87,8 @@ def rewire_blocks(gm: GraphModule, plan, cfg: RewireConfig = RewireConfig()) -> 
     >>> res.modified, sorted(n for n, _ in res.graph_module.named_children())
     (True, ['c', 'c__rep0_0'])
     """
+    if not (plan.repeat or plan.remove):
+        return PassResult(gm, False)
     gm = copy.deepcopy(gm) if cfg.copy else gm
     blocks = {b.id: b for b in plan.blocks}
     nodes = {n.name: n for n in gm.graph.nodes}

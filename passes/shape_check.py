@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -73,15 +74,27 @@ def flat_inputs(gm: GraphModule, example_inputs: Any) -> list:
     return pytree.tree_leaves((tuple(inputs.args), kwargs))
 
 
-def shape_check(gm: GraphModule, example_inputs: Inputs | tuple | Any) -> PassResult:
-    """Run ``gm`` once (no grad, eval mode restored afterwards) and refresh ``meta['val']``."""
+def shape_check(gm: GraphModule, example_inputs: Inputs | tuple | Any, fake: bool = False) -> PassResult:
+    """Run ``gm`` once (no grad, eval mode restored afterwards) and refresh ``meta['val']``.
+
+    ``fake=True`` runs it under ``FakeTensorMode``: shapes and dtypes propagate exactly, nothing is
+    computed (what the pass runner uses after every step)."""
     inputs = as_inputs(example_inputs)
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
-            _Recorder(gm).run(*flat_inputs(gm, inputs), enable_io_processing=False)
+        with torch.no_grad(), _fake_mode() if fake else contextlib.nullcontext() as mode:
+            flat = flat_inputs(gm, inputs)
+            if mode is not None:
+                flat = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
+            _Recorder(gm).run(*flat, enable_io_processing=False)
     finally:
         gm.train(was_training)
     gm.meta[meta.BATCH] = inputs.batch
     return PassResult(gm, False)
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)

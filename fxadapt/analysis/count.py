@@ -58,12 +58,17 @@ def countable_attention() -> Iterator[None]:
 def count_macs(model: nn.Module, inputs: Any) -> float:
     """MACs of one forward pass in eval mode, counted by ``FlopCounterMode`` (FLOPs / 2), attention
     included; ``inputs`` takes every form ``fxadapt.ir.inputs.as_inputs`` accepts (kwargs too)."""
+    return run_counted(model, inputs)[0]
+
+
+def run_counted(model: nn.Module, inputs: Any) -> tuple[float, Any]:
+    """``(MACs, outputs)`` of one forward pass in eval mode (the MACs as ``count_macs`` counts them)."""
     inputs = as_inputs(inputs)
     was = model.training
     model.eval()
     try:
         with torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
-            inputs.call(model)
+            out = inputs.call(model)
     finally:
         model.train(was)
-    return counter.get_total_flops() / 2
+    return counter.get_total_flops() / 2, out

@@ -2,7 +2,8 @@
 
 Each step is a function ``Job -> Job`` (it returns a new job via ``dataclasses.replace``; the graph passes it
 calls are ``GraphModule -> PassResult`` on their own copies). After every step that produced a new graph
-the runner lints it (``Graph.lint``) and shape-checks it on the example inputs (``passes.shape_check``),
+the runner lints it (``Graph.lint``) and shape-checks it on the example inputs (``passes.shape_check``
+under ``FakeTensorMode``: exact shapes, no compute),
 so a broken rewrite is reported at the step that broke it. A step's ``when`` decides from the job whether it
 runs at all (``fold_bn`` only when asked, ``export`` only for an ExportedProgram result); the runner reports
 progress as ``progress(name, done, total)`` and records each step's wall time.
@@ -47,7 +48,7 @@ def run_steps(steps: tuple[Step, ...], job, progress: Callable | None = None):
         job = step.run(job)
         if job.gm is not None and job.gm is not before:
             job.gm.graph.lint()
-            shape_check(job.gm, job.inputs)
+            shape_check(job.gm, job.inputs, fake=True)
         job = dataclasses.replace(job, timings=job.timings + ((step.name, time.perf_counter() - t0),))
         if progress is not None:
             progress(step.name, i, len(active))

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from fxadapt import meta
+from fxadapt.analysis.propagate import concrete_shape
 from fxadapt.errors import FxAdaptError
 from fxadapt.planning.solver import in_window
 
@@ -44,6 +46,19 @@ def outputs(model: nn.Module, inputs) -> Any:
             return inputs.call(model)
     finally:
         model.train(was)
+
+
+def recorded_outputs(gm) -> Any:
+    """The captured graph's outputs as export recorded them (tensors of the right shape and dtype, no
+    data), in the model's output structure."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in pytree.tree_leaves(out.args[0])]
+    batch = gm.meta.get(meta.BATCH, 1)
+    leaves = [torch.empty(concrete_shape(v, batch), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor)
+              else v for v in vals]
+    spec = getattr(gm, "_out_spec", None) or (gm.graph._codegen.pytree_info.out_spec
+                                              if getattr(gm.graph._codegen, "pytree_info", None) else None)
+    return pytree.tree_unflatten(leaves, spec) if spec is not None else tuple(leaves)
 
 
 def check_shapes(ref: Any, got: Any) -> None:

@@ -13,6 +13,19 @@ does), repaired to the exact budget by one global rescale of the searched widths
 Adjustment does, then single-unit repair into the 1% window) and materialised from the supernet with
 its trained weights. ``SearchConfig.checkpoint`` saves everything every ``checkpoint_every`` steps;
 calling again with the same path resumes and gives the same result as an uninterrupted run.
+
+Under ``torchrun`` (see ``fxadapt.dist``) each rank takes its slice of every global batch, gradients of
+weights and gates and BN statistics are averaged after each backward, so all ranks hold bit-identical
+supernets and return the same architecture; only rank 0 writes checkpoints and shows the bar.
+
+With ``sandwich=True`` every weight step trains three hard sub-networks instead of the current soft one
+(slimmable networks / DMCP sandwich rule): the largest (all bins and blocks on; cross-entropy), the
+smallest (``n_min`` units, no removable block) and one sampled from the gates' Markov chains, the last
+two distilled in place from the original model (KL at ``kd_temperature``), see ``fxadapt.search.sandwich``.
+
+No silent no-ops: ``steps < 1`` raises ``SearchConfigError``; ``warmup >= steps`` shrinks the warm-up to
+``steps // 4`` and says so (``note`` in the last history entry, which also lists how far every gate moved:
+initial vs final expected units per group and presence per block).
 """
 
 from __future__ import annotations
@@ -26,16 +39,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fxadapt import dist
+from fxadapt.errors import FxAdaptError
 from fxadapt.planning.budget import SolveConfig, fit
-from fxadapt.train.data import Batches
+from fxadapt.search.sandwich import sandwich_step
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
+from fxadapt.train.data import Batches
+
+
+class SearchConfigError(FxAdaptError, ValueError):
+    """A search configuration that would do nothing (or cannot run)."""
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     steps: int = 300
     warmup: int = 50
-    batch_size: int = 64
+    batch_size: int = 64                    # the global batch (split over the ranks under torchrun)
     w_lr: float = 0.02
     w_momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -43,11 +63,14 @@ class SearchConfig:
     budget_weight: float = 10.0
     band: float = 0.03
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"                     # "cuda" uses cuda:LOCAL_RANK under torchrun
+    precision: str = "auto"                 # "bf16" autocast, "fp32"; "auto": bf16 on CUDA, fp32 on CPU
     progress: bool = True
     checkpoint: str | None = None
     checkpoint_every: int = 50
     stop_after: int | None = None           # stop (checkpointed) after this many steps: for resume tests
+    sandwich: bool = False                  # sandwich rule + in-place distillation in weight steps
+    kd_temperature: float = 1.0
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     loss_fn: Callable = nn.functional.cross_entropy
 
@@ -67,6 +90,16 @@ class SearchState:
     history: list = field(default_factory=list)
 
 
+def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
+    """The warm-up actually used, and the note saying it was shrunk (see module docstring)."""
+    if cfg.steps < 1:
+        raise SearchConfigError(f"SearchConfig.steps must be at least 1, got {cfg.steps}")
+    if cfg.warmup < cfg.steps:
+        return cfg.warmup, None
+    w = cfg.steps // 4
+    return w, f"warmup {cfg.warmup} >= steps {cfg.steps}: warm-up shrunk to {w} so the gates are searched"
+
+
 def _save(path: str, sn: Supernet, opts, state: SearchState) -> None:
     tmp = path + ".tmp"
     torch.save({"model": sn.gm.state_dict(), "opts": [o.state_dict() for o in opts], "step": state.step,
@@ -75,7 +108,7 @@ def _save(path: str, sn: Supernet, opts, state: SearchState) -> None:
 
 
 def _load(path: str, sn: Supernet, opts, state: SearchState) -> None:
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=False, map_location="cpu")
     sn.gm.load_state_dict(ck["model"])
     for o, s in zip(opts, ck["opts"]):
         o.load_state_dict(s)
@@ -83,20 +116,37 @@ def _load(path: str, sn: Supernet, opts, state: SearchState) -> None:
     torch.set_rng_state(ck["rng"])
 
 
-def _step(sn, batch, opt, cfg, extra=None) -> float:
-    x, y = (t.to(cfg.device) for t in batch[:2])
+def _trainable(params, on: bool) -> None:
+    for p in params:
+        p.requires_grad_(on)
+
+
+def _step(sn, batch, opt, cfg, ctx, frozen, extra=None) -> float:
+    """One optimiser step on ``opt``'s parameters; ``frozen`` get no gradient (less compute and memory)."""
+    stepped = [p for g in opt.param_groups for p in g["params"]]
+    x, y = (t.to(ctx.device) for t in batch[:2])
     opt.zero_grad(set_to_none=True)
-    loss = cfg.loss_fn(sn.gm(x), y)
-    total = loss + extra() if extra is not None else loss
-    total.backward()
+    _trainable(frozen, False)
+    try:
+        with dist.autocast(ctx.device, cfg.precision):
+            out = sn.gm(x)
+        loss = cfg.loss_fn(out.float(), y)
+        total = loss + extra() if extra is not None else loss
+        total.backward()
+    finally:
+        _trainable(frozen, True)
+    dist.sync_step(stepped, sn.gm, ctx)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: bool,
-               cfg: SearchConfig) -> SearchState:
+               cfg: SearchConfig, ctx: dist.DistContext | None = None, teacher: nn.Module | None = None
+               ) -> SearchState:
     """The alternating loop (resumable); leaves trained weights and gates in ``sn``."""
-    sn.gm.to(cfg.device).train()
+    ctx = ctx or dist.DistContext(device=cfg.device)
+    warmup, _ = effective_warmup(cfg)
+    sn.gm.to(ctx.device).train()
     w_opt = torch.optim.SGD(sn.weight_parameters(), lr=cfg.w_lr, momentum=cfg.w_momentum,
                             weight_decay=cfg.weight_decay)
     a_opt = torch.optim.Adam(sn.arch_parameters(), lr=cfg.a_lr) if sn.arch_parameters() else None
@@ -106,41 +156,48 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
         _load(cfg.checkpoint, sn, opts, state)
     else:
         torch.manual_seed(cfg.seed)
-    bar = _bar(cfg, state.step)
+        dist.broadcast_state(sn.gm, ctx)
+    bar = _bar(cfg, state.step, "dna search")
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, state.step + cfg.stop_after)
     while state.step < end:
         s = state.step
         lr = cfg.w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
         for g in w_opt.param_groups:
             g["lr"] = lr
-        loss = _step(sn, train.batch(s), w_opt, cfg)
+        if cfg.sandwich and teacher is not None:
+            loss = sandwich_step(sn, train.batch(s), w_opt, cfg, ctx, teacher, s)
+        else:
+            loss = _step(sn, train.batch(s), w_opt, cfg, ctx, sn.arch_parameters())
         arch = float("nan")
-        if a_opt is not None and s >= cfg.warmup:
-            arch = _step(sn, val.batch(s), a_opt, cfg,
+        if a_opt is not None and s >= warmup:
+            arch = _step(sn, val.batch(s), a_opt, cfg, ctx, sn.weight_parameters(),
                          lambda: cfg.budget_weight * budget_loss(sn.expected_macs(), target, grow, cfg.band))
             with torch.no_grad():
                 for p in sn.arch_parameters():
                     p.clamp_(0, 1)
-        ratio = float(sn.expected_macs()) / target
-        state.history.append({"step": s, "loss": loss, "val_loss": arch, "macs_ratio": ratio,
-                              "entropy": sn.entropy()})
+        with torch.no_grad():
+            ratio = float(sn.expected_macs()) / target
+        entropy = sn.entropy()
+        state.history.append({"step": s, "loss": loss, "val_loss": arch, "macs_ratio": ratio, "entropy": entropy})
         state.step += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", macs=f"{ratio:.3f}xT", H=f"{sn.entropy():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", macs=f"{ratio:.3f}xT", H=f"{entropy:.3f}")
         if cfg.checkpoint and (state.step % cfg.checkpoint_every == 0 or state.step == end):
-            _save(cfg.checkpoint, sn, opts, state)
+            if dist.is_main():
+                _save(cfg.checkpoint, sn, opts, state)
+            dist.barrier(ctx)
     if bar is not None:
         bar.close()
     return state
 
 
-def _bar(cfg: SearchConfig, start: int):
-    if not cfg.progress:
+def _bar(cfg, start: int, desc: str):
+    if not cfg.progress or not dist.is_main():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc="dna search", unit="step")
+    return tqdm(total=cfg.steps, initial=start, desc=desc, unit="step")
 
 
 def discretize(sn: Supernet, target: float, grow: bool, solve: SolveConfig = SolveConfig()):
@@ -152,22 +209,44 @@ def discretize(sn: Supernet, target: float, grow: bool, solve: SolveConfig = Sol
     return units, present
 
 
+@torch.no_grad()
+def gate_moves(sn: Supernet, units: dict[int, int], present: dict[int, float]) -> dict:
+    """How far every gate moved: initial vs final expected units (and the width chosen) per group,
+    initial vs final presence per removable block."""
+    widths = [{"group": int(g), "initial": int(sn.spec.widths[g].n_on),
+               "final": round(float(gate.expected_units()), 3), "chosen": int(units[g])}
+              for g, gate in sn.width_gates().items()]
+    depths = [{"block": int(b), "initial": float(sn.spec.depths[b]), "final": round(float(gate()), 3),
+               "chosen": float(present[b])} for b, gate in sn.depth_gates().items()]
+    return {"gates": widths, "depth_gates": depths}
+
+
 def dna(a0, target: float, data, val_data, cfg: SearchConfig):
     """DNA on an analysed model (``a0``): supernet, search, discretise. Returns ``(supernet graph without
     gates, plan, supernet, state)``; ``fxadapt.passes.materialize.apply_plan`` turns the first two into the
     adapted model (``None`` graph and plan when the run stopped early, see ``SearchConfig.stop_after``)."""
     t0 = time.perf_counter()
+    _, note = effective_warmup(cfg)
+    ctx = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     sn = build_supernet(a0, None, cfg.supernet)
     base_macs = sn.original.macs()
     grow = target > base_macs
-    train = Batches(data, cfg.batch_size, cfg.seed)
-    val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919)
-    state = run_search(sn, train, val, target, grow, cfg)
+    train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
+    teacher = _teacher(a0, ctx) if cfg.sandwich else None
+    state = run_search(sn, train, val, target, grow, cfg, ctx, teacher)
     if state.step < cfg.steps:
         return None, None, sn, state
     units, present = discretize(sn, target, grow)
     sn.gm.to("cpu")
     plain, plan = sn.finalize(units, present)
-    state.history.append({"seconds": time.perf_counter() - t0})
+    last = {"seconds": time.perf_counter() - t0, **gate_moves(sn, units, present)}
+    state.history.append(last | ({"note": note} if note else {}))
     return plain, plan, sn, state
+
+
+def _teacher(a0, ctx: dist.DistContext) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(a0.gm).to(ctx.device).eval()

@@ -11,6 +11,11 @@ Each iteration trains the weights briefly at the current widths, measures FUR, g
 highest FUR and shrinks the lowest by an adjusting rate (``rate`` x the original width, decaying linearly
 with rank), then rescales all widths by one global factor (bisection) so the expected MACs meet the
 budget. Growth uses the supernet's headroom (``expand``); depth is kept as in the original model.
+
+Under ``torchrun`` (``fxadapt.dist``) training batches are sharded with gradients and BN statistics
+averaged after each backward, and every validation loss is the all-reduced mean over the ranks' slices of
+the validation batch, so FUR scores (and therefore widths) are identical on every rank. A tqdm bar (rank 0)
+counts iterations; the last history entry lists every group's initial and final width.
 """
 
 from __future__ import annotations
@@ -22,16 +27,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxadapt import dist
 from fxadapt.planning.budget import SolveConfig, fit
-from fxadapt.train.data import Batches
+from fxadapt.search.dna import SearchConfigError
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
+from fxadapt.train.data import Batches
 
 
 @dataclass(frozen=True)
 class FurConfig:
     iterations: int = 4
     train_steps: int = 50
-    batch_size: int = 64
+    batch_size: int = 64                    # the global batch (split over the ranks under torchrun)
     lr: float = 0.02
     p_base: float = 0.1
     p_max: float = 0.5
@@ -40,6 +47,8 @@ class FurConfig:
     val_samples: int = 512
     seed: int = 0
     device: str = "cpu"
+    precision: str = "auto"                 # "bf16" autocast, "fp32"; "auto": bf16 on CUDA, fp32 on CPU
+    progress: bool = True
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(depth_slots=0))
     loss_fn: object = nn.functional.cross_entropy
 
@@ -61,31 +70,35 @@ def set_hard_widths(sn: Supernet, units: dict[int, int]) -> dict[int, int]:
 
 
 @torch.no_grad()
-def _val_loss(sn: Supernet, val: tuple, cfg: FurConfig) -> float:
-    x, y = (t.to(cfg.device) for t in val[:2])
-    return float(cfg.loss_fn(sn.gm(x), y))
+def _val_loss(sn: Supernet, val: tuple, cfg: FurConfig, ctx: dist.DistContext | None = None) -> float:
+    ctx = ctx or dist.DistContext(device=cfg.device)
+    x, y = (t.to(ctx.device) for t in val[:2])
+    with dist.autocast(ctx.device, cfg.precision):
+        out = sn.gm(x)
+    return dist.mean(float(cfg.loss_fn(out.float(), y)), len(y), ctx)
 
 
-def _dropped_loss(sn: Supernet, gid: int, p: float, val: tuple, cfg: FurConfig, gen) -> float:
+def _dropped_loss(sn: Supernet, gid: int, p: float, val: tuple, cfg: FurConfig, gen, ctx=None) -> float:
     gate = sn.width_gates()[gid]
     keep = torch.bernoulli(torch.full((len(gate.bin_of),), 1 - p), generator=gen) / (1 - p)
     handle = gate.register_forward_hook(lambda _m, _i, out: out * keep.to(out.device))
     try:
-        return _val_loss(sn, val, cfg)
+        return _val_loss(sn, val, cfg, ctx)
     finally:
         handle.remove()
 
 
-def measure_fur(sn: Supernet, units: dict[int, int], val: tuple, cfg: FurConfig, gen) -> dict[int, float]:
+def measure_fur(sn: Supernet, units: dict[int, int], val: tuple, cfg: FurConfig, gen,
+                ctx: dist.DistContext | None = None) -> dict[int, float]:
     a = sn.analysis
     share = {g: units[g] * max(a.cost.macs_grad(g, units), 1e-12) for g in units}
     mean_f = float(np.mean(list(share.values())))
     sn.gm.eval()
-    base = _val_loss(sn, val, cfg)
+    base = _val_loss(sn, val, cfg, ctx)
     fur = {}
     for g in units:
         p = min(cfg.p_max, cfg.p_base * mean_f / share[g])
-        dl = np.mean([_dropped_loss(sn, g, p, val, cfg, gen) for _ in range(cfg.draws)]) - base
+        dl = np.mean([_dropped_loss(sn, g, p, val, cfg, gen, ctx) for _ in range(cfg.draws)]) - base
         fur[g] = float(dl) / (p * share[g])
     sn.gm.train()
     return fur
@@ -102,41 +115,72 @@ def adjust(units: dict[int, int], fur: dict[int, float], ref: dict[int, int], ra
     return out
 
 
-def _train(sn: Supernet, train: Batches, start: int, cfg: FurConfig) -> None:
-    opt = torch.optim.SGD(sn.weight_parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+def _train(sn: Supernet, train: Batches, start: int, cfg: FurConfig, ctx: dist.DistContext) -> None:
+    weights = sn.weight_parameters()
+    opt = torch.optim.SGD(weights, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     sn.gm.train()
-    for s in range(start, start + cfg.train_steps):
-        x, y = (t.to(cfg.device) for t in train.batch(s)[:2])
-        opt.zero_grad(set_to_none=True)
-        cfg.loss_fn(sn.gm(x), y).backward()
-        opt.step()
+    for p in sn.arch_parameters():
+        p.requires_grad_(False)
+    try:
+        for s in range(start, start + cfg.train_steps):
+            x, y = (t.to(ctx.device) for t in train.batch(s)[:2])
+            opt.zero_grad(set_to_none=True)
+            with dist.autocast(ctx.device, cfg.precision):
+                out = sn.gm(x)
+            cfg.loss_fn(out.float(), y).backward()
+            dist.sync_step(weights, sn.gm, ctx)
+            opt.step()
+    finally:
+        for p in sn.arch_parameters():
+            p.requires_grad_(True)
 
 
 def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
     """FUR on an analysed model (``a0``); returns ``(supernet graph without gates, plan, supernet, history)``."""
     t0 = time.perf_counter()
+    if cfg.iterations < 1 or cfg.train_steps < 0:
+        raise SearchConfigError(f"FurConfig needs iterations >= 1 and train_steps >= 0, got {cfg.iterations} "
+                                f"and {cfg.train_steps}")
+    ctx = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     sn = build_supernet(a0, None, cfg.supernet)
-    sn.gm.to(cfg.device)
+    sn.gm.to(ctx.device)
+    dist.broadcast_state(sn.gm, ctx)
     a, grow = sn.analysis, target > sn.original.macs()
-    train = Batches(data, cfg.batch_size, cfg.seed)
-    val = Batches(val_data if val_data is not None else data, cfg.val_samples, cfg.seed + 7919).batch(0)
+    train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    val = Batches(val_data if val_data is not None else data, cfg.val_samples, cfg.seed + 7919,
+                  ctx.rank, ctx.world).batch(0)
     bounds = sn.bounds()
     ref = {g: w.n_on for g, w in sn.spec.widths.items()}
     present = {b: 1.0 if on else 0.0 for b, on in sn.spec.depths.items()}
     units = fit(a, target, bounds, dict(ref), grow, SolveConfig(), present)
-    history = []
+    history, start = [], dict(units)
+    bar = _bar(cfg)
     for it in range(cfg.iterations):
         realised = set_hard_widths(sn, units)
-        _train(sn, train, it * cfg.train_steps, cfg)
-        scores = measure_fur(sn, realised, val, cfg, gen)
+        _train(sn, train, it * cfg.train_steps, cfg, ctx)
+        scores = measure_fur(sn, realised, val, cfg, gen, ctx)
         history.append({"iteration": it, "macs_ratio": a.cost.macs(realised, present) / target,
                         "fur": {int(g): round(v, 6) for g, v in scores.items()}})
         moved = adjust(realised, scores, ref, cfg.rate * (1 - it / max(cfg.iterations, 1)))
         moved = {g: min(max(n, bounds[g][0]), bounds[g][1]) for g, n in moved.items()}
         units = fit(a, target, bounds, moved, grow, SolveConfig(), present)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(macs=f"{history[-1]['macs_ratio']:.3f}xT")
+    if bar is not None:
+        bar.close()
     sn.gm.to("cpu")
     plain, plan = sn.finalize(units, present)
-    history.append({"seconds": time.perf_counter() - t0})
+    moves = [{"group": int(g), "initial": int(ref[g]), "start": int(start[g]), "final": int(units[g])} for g in units]
+    history.append({"seconds": time.perf_counter() - t0, "widths": moves})
     return plain, plan, sn, history
+
+
+def _bar(cfg: FurConfig):
+    if not cfg.progress or not dist.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.iterations, desc="fur search", unit="iter")

@@ -5,6 +5,11 @@ with a ``teacher`` (e.g. the original model) the loss is ``(1 - kd) * CE + kd * 
 p_T(student))`` at temperature ``T`` (Hinton distillation). Batches come from ``fxadapt.data.Batches``
 (deterministic per seed). The model is trained in place and returned in eval mode.
 
+Under ``torchrun`` (``fxadapt.dist``): ``batch_size`` is the global batch, each rank trains on its slice,
+gradients and BN statistics are averaged after every backward (one all_reduce), and the model is
+broadcast from rank 0 first, so every rank ends with bit-identical weights. ``device="cuda"`` uses
+``cuda:LOCAL_RANK``; ``precision="auto"`` autocasts to bf16 on CUDA only.
+
 Example:
     >>> import torch
     >>> m = torch.nn.Linear(4, 3)
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fxadapt import dist
 from fxadapt.train.data import Batches
 
 
@@ -36,32 +42,38 @@ class FinetuneConfig:
     temperature: float = 4.0
     seed: int = 0
     device: str = "cpu"
+    precision: str = "auto"     # "bf16" autocast, "fp32"; "auto": bf16 on CUDA, fp32 on CPU
 
 
 def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = None,
              cfg: FinetuneConfig = FinetuneConfig()) -> nn.Module:
     """Train ``model`` for ``epochs`` passes over ``data`` (see module docstring)."""
-    batches = Batches(data, cfg.batch_size, cfg.seed)
+    ctx = dist.setup(cfg.device)
+    batches = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     steps = max(1, epochs * max(1, len(batches) // min(cfg.batch_size, len(batches))))
-    model.to(cfg.device).train()
+    model.to(ctx.device).train()
+    dist.broadcast_state(model, ctx)
     if teacher is not None:
-        teacher.to(cfg.device).eval()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        teacher.to(ctx.device).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     torch.manual_seed(cfg.seed)
     for step in range(steps):
-        x, y = (t.to(cfg.device) for t in batches.batch(step)[:2])
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if teacher is not None and cfg.kd > 0:
+        x, y = (t.to(ctx.device) for t in batches.batch(step)[:2])
+        with dist.autocast(ctx.device, cfg.precision):
+            logits = model(x).float()
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = teacher(x).float() if teacher is not None and cfg.kd > 0 else None
+        loss = F.cross_entropy(logits, y)
+        if t_logits is not None:
             t = cfg.temperature
             kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(t_logits / t, -1), log_target=True,
                           reduction="batchmean")
             loss = (1 - cfg.kd) * loss + cfg.kd * t * t * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.sync_step(params, model, ctx)
         opt.step()
         sched.step()
     return model.eval()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxadapt import dist
 from fxadapt.train.data import Batches
 
 
@@ -45,4 +46,5 @@ def recalibrate_bn(model: nn.Module, data, batches: int = 20, batch_size: int = 
         for m, mom in saved:
             m.momentum = mom
         model.train(was)
+    dist.broadcast_state(model, dist.setup(device))  # under torchrun: every rank keeps rank 0's statistics
     return n

@@ -1,0 +1,142 @@
+"""Data-parallel search and fine-tuning under ``torchrun`` (torch.distributed), without a scheduler.
+
+When the environment names a world (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` as ``torchrun`` sets them,
+``WORLD_SIZE > 1``) and the caller has not initialised a process group, ``setup`` initialises one (NCCL
+when the run uses CUDA, Gloo on CPU) and picks ``cuda:LOCAL_RANK`` for ``device="cuda"``.
+
+The scheme, identical for DNA, FUR and ``fxadapt.finetune``:
+
+- **global batch kept**: ``batch_size`` is the global batch. Every rank draws the same permutation (same
+  seed) and takes its contiguous slice of each global batch (``fxadapt.train.data.Batches`` with
+  ``rank``/``world``) — the deterministic equivalent of ``DistributedSampler``, so hyper-parameters mean
+  the same at any world size; a run on N processes sees the data a 1-process run sees;
+- after every backward, one ``all_reduce`` averages the gradients of the parameters being stepped
+  (weights, or gate parameters in an architecture step) together with the BatchNorm running statistics
+  (``sync_step``): every rank then applies the identical update to an identical state, so the supernet,
+  its gates and its BN buffers stay **bit-identical** on all ranks at every step (the state is broadcast
+  from rank 0 once at the start); architectures and returned weights are therefore the same everywhere;
+- only rank 0 writes checkpoints and shows progress bars (``is_main``); every rank reads the checkpoint
+  to resume, so its path must be on a file system all ranks see.
+
+Example (one process: nothing to do, every helper is a no-op):
+    >>> ctx = setup("cpu")
+    >>> ctx.world, ctx.rank, is_main()
+    (1, 0, True)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fxadapt.errors import InputError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def env_world() -> int:
+    """``WORLD_SIZE`` of a torchrun launch (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: str = "cpu") -> DistContext:
+    """The process group of this run (initialised here when torchrun launched us and nobody did yet) and
+    the device this rank computes on."""
+    if not dist.is_available():
+        return DistContext(0, 1, device)
+    if not dist.is_initialized() and env_world() > 1:
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return DistContext(0, 1, device)
+    if str(device) == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
+    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that writes files and shows progress."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var) if b is not None]
+
+
+def broadcast_state(model: nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    if not ctx.active:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def sync_step(params: list[torch.Tensor], model: nn.Module, ctx: DistContext) -> None:
+    """Average (in one all_reduce) the gradients of ``params`` and the BN running statistics of ``model``
+    over the ranks; call between ``backward()`` and ``optimizer.step()``."""
+    if not ctx.active:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    bufs = _bn_buffers(model)
+    tensors = grads + bufs
+    if not tensors:
+        return
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= ctx.world
+    pos = 0
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[pos:pos + n].view_as(g).to(g.dtype)
+            pos += n
+        for b in bufs:
+            n = b.numel()
+            b.copy_(flat[pos:pos + n].view_as(b))
+            pos += n
+
+
+def sync_bn(model: nn.Module, ctx: DistContext) -> None:
+    """Average the BN running statistics over the ranks (after forward passes without a ``sync_step``)."""
+    sync_step([], model, ctx)
+
+
+def mean(value: float, weight: float, ctx: DistContext) -> float:
+    """The weighted mean of ``value`` over the ranks (identical on every rank)."""
+    if not ctx.active:
+        return value
+    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast when ``precision`` is "bf16" (or "auto" on CUDA); a no-op context otherwise."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise InputError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    on = precision == "bf16" or (precision == "auto" and kind == "cuda")
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=on)

@@ -1,0 +1,92 @@
+"""Search options and guarantees: no silent no-op (steps <= warmup shrinks the warm-up and says so; no
+steps is an error), the history says how far each gate moved, the sandwich rule runs and lands on budget,
+and sharded batches reassemble the global batch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from models import ResNetTiny
+
+import fxadapt
+from fxadapt.errors import FxAdaptError
+from fxadapt.pipeline.transform import TransformConfig
+from fxadapt.search.dna import SearchConfig, SearchConfigError, effective_warmup
+from fxadapt.train.data import Batches
+
+X1 = torch.randn(1, 3, 8, 8)
+gen = torch.Generator().manual_seed(0)
+DATA = (torch.randn(64, 3, 8, 8, generator=gen), torch.randint(0, 5, (64,), generator=gen))
+FAST = SearchConfig(steps=8, warmup=3, batch_size=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ResNetTiny().eval()
+
+
+def _ratio(out) -> float:
+    rep = fxadapt.report(out)
+    return rep.macs_after / rep.macs_before
+
+
+def test_steps_at_or_below_warmup_shrink_the_warmup_with_a_note(model):
+    cfg = TransformConfig(search=dataclasses.replace(FAST, steps=8, warmup=50))
+    out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=cfg)
+    hist = fxadapt.report(out).history
+    assert "warm-up shrunk to 2" in hist[-1]["note"]
+    assert sum(h["val_loss"] == h["val_loss"] for h in hist[:-1]) == 6      # 6 gate steps ran (not NaN)
+    assert effective_warmup(FAST) == (3, None)
+
+
+def test_no_steps_is_an_error():
+    with pytest.raises(SearchConfigError, match="steps must be at least 1") as e:
+        effective_warmup(dataclasses.replace(FAST, steps=0))
+    assert isinstance(e.value, FxAdaptError) and "\n" not in str(e.value)
+
+
+def test_history_says_how_far_each_gate_moved(model):
+    out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=TransformConfig(search=FAST))
+    rep = fxadapt.report(out)
+    gates = rep.history[-1]["gates"]
+    assert {g["group"] for g in gates} and all({"initial", "final", "chosen"} <= set(g) for g in gates)
+    assert any(g["final"] != g["initial"] for g in gates)           # the budget loss moved some gate
+    assert rep.history[-1]["depth_gates"] and "gates" in rep.to_dict()["history"][-1]
+
+
+def test_fur_history_lists_width_moves(model):
+    from fxadapt.search.fur import FurConfig
+
+    fur = FurConfig(iterations=2, train_steps=2, batch_size=16, draws=1, val_samples=32, progress=False)
+    out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="fur", config=TransformConfig(fur=fur))
+    moves = fxadapt.report(out).history[-1]["widths"]
+    assert all({"initial", "final"} <= set(m) for m in moves)
+
+
+def test_sandwich_rule_lands_on_budget_and_trains_weights(model):
+    cfg = TransformConfig(search=dataclasses.replace(FAST, sandwich=True))
+    out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=cfg)
+    assert 0.495 <= _ratio(out) <= 0.5
+    plain = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=TransformConfig(search=FAST))
+    assert fxadapt.report(out).history[0]["loss"] == fxadapt.report(plain).history[0]["loss"]  # max net = init net
+    assert fxadapt.report(out).history[-2]["loss"] != fxadapt.report(plain).history[-2]["loss"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_reassemble_the_global_batch(world):
+    full = Batches(DATA, 16, 5)
+    ds = torch.utils.data.TensorDataset(*DATA)
+
+    class Plain(torch.utils.data.Dataset):                  # a map-style dataset read item by item
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i][0], int(ds[i][1])
+
+    for step in (0, 3, 7):
+        for src in (DATA, Plain(), torch.utils.data.DataLoader(ds, batch_size=16)):
+            parts = [Batches(src, 16, 5, r, world).batch(step) for r in range(world)]
+            torch.testing.assert_close(torch.cat([p[1] for p in parts]), full.batch(step)[1], rtol=0, atol=0)

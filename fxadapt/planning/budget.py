@@ -1,9 +1,12 @@
 """Budgets: what the caller asks for, and the warning when the model cannot hit it exactly.
 
-A budget is a MAC (and optionally parameter) target. ``parse_budget`` accepts a float (fraction of the
+A budget is a MAC, parameter and/or latency target. ``parse_budget`` accepts a float (fraction of the
 original MACs: 0.5 halves, 1.5 grows), a string (``"50%"``, ``"300M"``, ``"1.2G"`` MACs) or
-``Budget(macs=..., params=...)`` whose numbers are fractions when at most ``FRACTION_MAX`` and absolute
-counts otherwise.
+``Budget(macs=..., params=..., latency=..., target=...)``: MAC and parameter numbers are fractions when at
+most ``FRACTION_MAX`` and absolute counts otherwise; ``latency`` is a fraction of the original's latency
+measured on ``target`` (a number, e.g. ``0.5``) or a duration string (``"3.2ms"``, ``"800us"``, ``"0.01s"``),
+``target`` a ``fxadapt.hw.Target`` (default: onnxruntime CPU, one thread). Every constraint given must hold;
+latency budgets are solved by ``fxadapt.hw.latency.solve_latency``.
 
 The width solver lives in ``fxadapt.planning.solver`` (re-exported here: ``SolveConfig``, ``solve_widths``,
 ``fit``, ``reachable``, ``in_window``, ``check_window``, ``TOL``): MACs land in ``[(1 - tol) T, T]`` when
@@ -22,7 +25,7 @@ from fxadapt.errors import BudgetError
 from fxadapt.planning.solver import TOL, SolveConfig, check_window, fit, in_window, reachable, solve_widths
 
 __all__ = ["FRACTION_MAX", "TOL", "Budget", "BudgetWarning", "SolveConfig", "check_window", "fit", "in_window",
-           "parse_budget", "reachable", "solve_widths"]
+           "latency_seconds", "parse_budget", "reachable", "solve_widths"]
 
 FRACTION_MAX = 16.0
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -40,17 +43,52 @@ class BudgetWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Budget:
-    """A compute target: ``macs`` (and/or ``params``), fractions if <= 16, absolute counts otherwise.
+    """A compute target: ``macs`` and/or ``params`` (fractions if <= 16, absolute counts otherwise) and/or
+    ``latency`` on ``target`` (a fraction of the original's latency, or ``"3.2ms"``); all given must hold.
 
     >>> Budget(macs=0.5).resolve(1e9, 1e6)
-    Budget(macs=500000000.0, params=None)
+    Budget(macs=500000000.0, params=None, latency=None, target=None)
+    >>> Budget(latency="3.2ms").resolve(1e9, 1e6).latency
+    '3.2ms'
     """
 
     macs: float | None = None
     params: float | None = None
+    latency: float | str | None = None
+    target: object = None
+
+    def __post_init__(self):
+        if self.latency is not None:
+            latency_seconds(self.latency, 1.0)  # validates the form
+        if self.target is not None and not hasattr(self.target, "align"):
+            raise BudgetError(f"Budget target must be a fxadapt.hw.Target, got {type(self.target).__name__}")
 
     def resolve(self, base_macs: float, base_params: float) -> Budget:
-        return Budget(_absolute(self.macs, base_macs, "macs"), _absolute(self.params, base_params, "params"))
+        return Budget(_absolute(self.macs, base_macs, "macs"), _absolute(self.params, base_params, "params"),
+                      self.latency, self.target)
+
+
+_TIME = {"S": 1.0, "MS": 1e-3, "US": 1e-6, "µS": 1e-6, "NS": 1e-9}
+
+
+def latency_seconds(value, base: float) -> float:
+    """Seconds of a latency budget: a number is a fraction of ``base`` (the original's latency), a string a
+    duration with unit ``s``, ``ms``, ``us`` or ``ns``.
+
+    >>> latency_seconds(0.5, 0.02), latency_seconds("3.2ms", 0.02), latency_seconds(" 250 us", 0.02)
+    (0.01, 0.0032, 0.00025)
+    """
+    if isinstance(value, str):
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)(S|MS|US|µS|NS)", value.strip().upper().replace(" ", ""))
+        if not m:
+            raise BudgetError(f"cannot read latency budget {value!r}: use a fraction of the original's latency "
+                              f"(0.5) or a duration ('3.2ms', '800us', '0.01s')")
+        return _number(float(m.group(1)), "latency") * _TIME[m.group(2)]
+    v = _number(value, "latency")
+    if v > FRACTION_MAX:
+        raise BudgetError(f"latency budget {value!r} is not a fraction of the original's latency; give a "
+                          f"duration string such as '3.2ms'")
+    return v * base
 
 
 def _number(v, what: str) -> float:
@@ -75,8 +113,8 @@ def parse_budget(budget, base_macs: float, base_params: float) -> Budget:
     (1000000000.0, 300000000.0, 3000000000.0)
     """
     if isinstance(budget, Budget):
-        if budget.macs is None and budget.params is None:
-            raise BudgetError("Budget needs macs= or params=")
+        if budget.macs is None and budget.params is None and budget.latency is None:
+            raise BudgetError("Budget needs macs=, params= or latency=")
         return budget.resolve(base_macs, base_params)
     if isinstance(budget, str):
         text = budget.strip().upper().replace(" ", "")

@@ -27,7 +27,7 @@ import warnings
 from fxadapt.cli.common import CliError, one_line
 from fxadapt.errors import FxAdaptError
 
-SUBCOMMANDS: list[str] = ["fxadapt.cli.inspect", "fxadapt.cli.adapt"]
+SUBCOMMANDS: list[str] = ["fxadapt.cli.inspect", "fxadapt.cli.adapt", "fxadapt.cli.bench"]
 
 EXIT_USAGE = 2
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per module in ``SUBCOMMANDS``.
 
     >>> sorted(build_parser()._subparsers._group_actions[0].choices)
-    ['adapt', 'inspect']
+    ['adapt', 'bench', 'inspect']
     """
     from fxadapt import __version__
 

@@ -356,3 +356,16 @@ class FakeMeasure:
     def __call__(self, units: dict) -> float:
         self.calls += 1
         return self.gain * self.lm.lut_sum(units) + self.overhead
+
+
+def adapt_latency(model, budget, example_inputs, cfg: SolveConfig = SolveConfig(), **kw):
+    """Capture, analyse, ``solve_latency`` and materialise: the adapted ``GraphModule`` (BatchNorm kept)
+    and the ``LatencySolution``. ``kw`` go to ``solve_latency`` (``target``, ``lut``, ``measure``, ...).
+    ``fxadapt.transform`` does the same once its data-free strategy is wired to ``solve_latency``."""
+    from fxadapt.analysis import analyze
+    from fxadapt.passes.materialize import apply_plan
+    from fxadapt.planning.plan import make_plan
+
+    a = analyze(model, example_inputs)
+    sol = solve_latency(a, budget, cfg=cfg, **kw)
+    return apply_plan(a.gm, make_plan(a, sol.units)).graph_module, sol

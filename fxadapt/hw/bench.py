@@ -1,0 +1,151 @@
+"""``benchmark``: adapt a model to several budgets and measure every result on several targets.
+
+For each budget the model is adapted (``fxadapt.transform`` for MAC/params budgets, with the first target's
+alignment; ``fxadapt.hw.latency.adapt_latency`` for latency budgets), then the original and every adapted
+model are compiled for every target (onnxruntime CPU, torch CPU, and CUDA when present by default) and
+timed there in interleaved rounds (``fxadapt.hw.target.interleaved``, the target's clock). Each row holds
+the budget, MACs (``FlopCounterMode``), parameters, the latency per target and its ratio to the original,
+and the top-1 accuracy when ``eval_data=(inputs, labels)`` (tensors, or an iterable of such batches) is
+given. ``BenchResult.table()`` prints them, ``.to_json(path)`` writes them, ``.plot(path)`` draws latency
+against MACs per target with the original, every adapted point and their Pareto front.
+
+>>> import torch
+>>> from fxadapt.examples import example_model, EXAMPLE_INPUT_SHAPE
+>>> res = benchmark(example_model().eval(), (torch.randn(EXAMPLE_INPUT_SHAPE),), [0.75],
+...                 targets=[Target(runtime="torch")], runs=3, progress=False)
+>>> [r["budget"] for r in res.rows], res.rows[1]["macs"] < res.rows[0]["macs"]
+(['original', '0.75'], True)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxadapt.hw.target import Target, interleaved
+from fxadapt.planning.budget import Budget
+
+
+@dataclass
+class BenchResult:
+    rows: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+
+    def table(self) -> str:
+        from fxadapt.export.report import table
+
+        heads = ["budget", "GMACs", "MACs ratio", "params"]
+        for t in self.targets:
+            heads += [f"{t} ms", f"{t} ratio"]
+        if any("accuracy" in r for r in self.rows):
+            heads.append("top-1")
+        rows = []
+        for r in self.rows:
+            row = [r["budget"], f"{r['macs'] / 1e9:.3f}", f"{r['macs_ratio']:.3f}", f"{r['params']:,}"]
+            for t in self.targets:
+                row += [f"{r['latency'][t] * 1e3:.3f}", f"{r['latency_ratio'][t]:.3f}"]
+            if "accuracy" in r:
+                row.append(f"{100 * r['accuracy']:.2f}%")
+            rows.append(row)
+        return table(heads, rows)
+
+    def to_json(self, path: str) -> str:
+        Path(path).write_text(json.dumps({"targets": self.targets, "rows": self.rows}, indent=2))
+        return path
+
+    def plot(self, path: str) -> str:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(self.targets), figsize=(5 * len(self.targets), 4), squeeze=False)
+        for ax, t in zip(axes[0], self.targets):
+            pts = sorted((r["macs"] / 1e9, r["latency"][t] * 1e3, r["budget"]) for r in self.rows)
+            front, best = [], float("inf")
+            for x, y, _ in pts:
+                if y < best:
+                    front.append((x, y))
+                    best = y
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="0.7", label="Pareto front")
+            for x, y, lab in pts:
+                ax.plot(x, y, "*" if lab == "original" else "o", ms=10 if lab == "original" else 6)
+                ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set(xlabel="GMACs", ylabel="latency (ms)", title=t)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def default_targets() -> list[Target]:
+    """onnxruntime CPU and torch CPU (one thread each), plus torch CUDA when a GPU is present."""
+    out = [Target(), Target(runtime="torch")]
+    if torch.cuda.is_available():
+        out.append(Target(runtime="torch", device="cuda"))
+    return out
+
+
+def _label(b) -> str:
+    if isinstance(b, Budget):
+        parts = [f"{k}={v}" for k, v in (("macs", b.macs), ("params", b.params), ("latency", b.latency)) if v]
+        return ",".join(parts)
+    return str(b)
+
+
+def _adapt(model, budget, inputs, target: Target, progress: bool):
+    import fxadapt
+    from fxadapt.planning.solver import SolveConfig
+
+    cfg = SolveConfig(align=target.align())
+    if isinstance(budget, Budget) and budget.latency is not None:
+        from fxadapt.hw.latency import adapt_latency
+
+        return adapt_latency(model, budget, inputs, cfg, target=budget.target or target, progress=progress)[0]
+    return fxadapt.transform(model, budget, inputs, solve=cfg)
+
+
+def accuracy(model, eval_data) -> float:
+    """Top-1 accuracy on ``(inputs, labels)`` or an iterable of such batches."""
+    batches = [eval_data] if isinstance(eval_data, (tuple, list)) and torch.is_tensor(eval_data[0]) else eval_data
+    right = total = 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in batches:
+            right += int((model(x).argmax(-1) == y).sum())
+            total += int(y.numel())
+    return right / max(total, 1)
+
+
+def benchmark(model, example_inputs: Any, budgets: list, targets: list[Target] | None = None,
+              eval_data: Any = None, runs: int = 20, progress: bool = True) -> BenchResult:
+    """Adapt ``model`` to every budget and measure all results on every target (module docstring)."""
+    from tqdm.auto import tqdm
+
+    from fxadapt.analysis.count import count_macs
+
+    targets = targets or default_targets()
+    models = {"original": model.eval()}
+    for b in tqdm(budgets, desc="adapting", disable=not progress):
+        models[_label(b)] = _adapt(model, b, example_inputs, targets[0], progress).eval()
+    rows = []
+    base_macs = count_macs(model, example_inputs)
+    for name, m in models.items():
+        macs = count_macs(m, example_inputs)
+        row = {"budget": name, "macs": macs, "macs_ratio": macs / base_macs,
+               "params": sum(p.numel() for p in m.parameters()), "latency": {}, "latency_ratio": {}}
+        if eval_data is not None:
+            row["accuracy"] = accuracy(m, eval_data)
+        rows.append(row)
+    for t in tqdm(targets, desc="timing", disable=not progress):
+        fns = {name: t.compile(m, example_inputs) for name, m in models.items()}
+        med = interleaved(fns, runs, 3, clock=t.clock)
+        for row in rows:
+            row["latency"][t.name()] = med[row["budget"]]
+            row["latency_ratio"][t.name()] = med[row["budget"]] / med["original"]
+    return BenchResult(rows, [t.name() for t in targets])

@@ -70,8 +70,9 @@ def random_units(a, rng, grow: bool = True) -> dict[int, int]:
     return units
 
 
-def check_materialize(a, xb: torch.Tensor, units: dict[int, int], scores: dict | None) -> None:
-    """Materialize ``make_plan(a, units, scores=scores)`` and compare it with the reference (see above)."""
+def check_materialize(a, xb: torch.Tensor, units: dict[int, int], scores: dict | None) -> int:
+    """Materialize ``make_plan(a, units, scores=scores)``, compare it with the reference (see above); returns
+    how many BatchNorms ``fold_bn`` folded."""
     plan = make_plan(a, units, scores=scores)
     gm = materialize(a.gm, plan).graph_module.eval()
     if scores is not None:
@@ -96,6 +97,7 @@ def check_materialize(a, xb: torch.Tensor, units: dict[int, int], scores: dict |
         left = [m for m in res.graph_module.modules() if isinstance(m, nn.BatchNorm2d)]
         assert len(bns) - len(left) == res.graph_module.meta[meta.FOLDED_BN] and res.modified == (len(left) < len(bns))
         refslicer.assert_same_function(res.graph_module(xb), y, "fold_bn(materialized) vs materialized")
+    return len(bns) - len(left)
 
 
 def _fixed():
@@ -122,8 +124,8 @@ def test_fixed_program_shrink_grow_fold_match_reference():
     assert growable
     double = {g.id: 2 * g.units for g in growable}
     for units in (half, double, {**half, growable[0].id: 2 * growable[0].units}):
-        check_materialize(a, xb, units, _scores(a))
-        check_materialize(a, xb, units, None)
+        assert check_materialize(a, xb, units, _scores(a)) == 4
+        assert check_materialize(a, xb, units, None) == 4
     gm = materialize(a.gm, make_plan(a, double)).graph_module
     with torch.no_grad():  # growth alone is the original function
         refslicer.assert_same_function(gm(xb), net(xb), "grown vs original")

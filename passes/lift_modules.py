@@ -7,7 +7,12 @@
 fine-tune, slice and export like any model. Parameters keep their fully qualified names: the module is
 installed at the weight's owner path (``features.conv.weight`` -> module ``features.conv``). A call whose
 lift would rename a parameter (a top-level weight, a kernel not called ``weight``, the second use of a
-shared or tied tensor) stays an ATen call reading the parameter under its own name.
+shared or tied tensor) stays an ATen call reading the parameter under its own name — except a tied tensor
+used by a module registered under another of its names (GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``): that use is lifted at its own module path (``lm_head``), holding the very
+same ``Parameter``, while its ATen template reads the tensor's first name, so the analysis sees one tensor
+(one group), the result keeps both names in its ``state_dict``, and rebuilding after slicing (``relift``)
+re-ties them.
 
 The ATen call a module stands for is kept in ``node.meta[meta.ATEN]`` (an ``AtenCall`` with ``ParamRef``
 placeholders) so the op-rule table, keyed by ATen overloads, still applies.
@@ -53,9 +58,42 @@ def fill_args(node: Node) -> list:
     return args
 
 
-def _module_name(node: Node, gm: GraphModule, args: list, params: tuple, taken: set) -> str:
-    path = ""
+def _aliases(gm: GraphModule) -> dict[int, set[str]]:
+    """Every name of every tensor that has several (tied or shared parameters)."""
+    names: dict[int, set[str]] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), set()).add(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _tied_path(node: Node, gm: GraphModule, args: list, params: tuple, aliases: dict, origin) -> str:
+    """The calling module's path when it owns one of the other names of a tied parameter argument and is
+    another module than the tensor's first owner (a module reused twice stays one ATen call)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0].replace("L['self'].", "") if stack else ""
+    if not path or origin is None:
+        return ""
     for i in params:
+        a = args[i]
+        if isinstance(a, Node) and a.op == "get_attr":
+            names = aliases.get(id(getattr_path(gm, a.target)), ())
+            if any(n.rpartition(".")[0] == path and n != a.target for n in names) and \
+                    _module_or_none(origin, path) is not _module_or_none(origin, a.target.rpartition(".")[0]):
+                return path
+    return ""
+
+
+def _module_or_none(root: nn.Module, path: str):
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _module_name(node: Node, gm: GraphModule, args: list, params: tuple, taken: set, aliases: dict,
+                 origin=None) -> str:
+    path = _tied_path(node, gm, args, params, aliases, origin)
+    for i in () if path else params:
         if isinstance(args[i], Node) and args[i].op == "get_attr":
             path = args[i].target.rpartition(".")[0]
             break
@@ -69,7 +107,7 @@ def _module_name(node: Node, gm: GraphModule, args: list, params: tuple, taken: 
     return name
 
 
-def _plan_param_op(node: Node, gm: GraphModule, taken: set):
+def _plan_param_op(node: Node, gm: GraphModule, taken: set, aliases: dict, origin=None):
     """(module name, module, ATen template, new args) for a parametric call, or None to keep it ATen."""
     args = fill_args(node)
     lift = OPS[node.target].lift
@@ -89,13 +127,16 @@ def _plan_param_op(node: Node, gm: GraphModule, taken: set):
         built = builder(built_args, tensors)
     except Skip:
         return None
-    name = _module_name(node, gm, args, par_idx, taken)
-    if any(isinstance(a, Node) and f"{name}.{_attr(built, a.target, gm)}" != a.target
-           for a in (args[i] for i in par_idx)):
+    name = _module_name(node, gm, args, par_idx, taken, aliases, origin)
+
+    def known(a: Node) -> bool:  # the module would hold the tensor under its own name, or a tied alias
+        own = f"{name}.{_attr(built, a.target, gm)}"
+        return own == a.target or own in aliases.get(id(getattr_path(gm, a.target)), ())
+
+    if any(isinstance(a, Node) and not known(a) for a in (args[i] for i in par_idx)):
         return None  # lifting would rename a parameter (top-level, not called "weight", or tied): keep ATen
     template = AtenCall(node.target, tuple(
-        Input(act_idx.index(i)) if i in act_idx else
-        (ParamRef(f"{name}.{_attr(built, a.target, gm)}") if isinstance(a, Node) else a)
+        Input(act_idx.index(i)) if i in act_idx else (ParamRef(a.target) if isinstance(a, Node) else a)
         for i, a in enumerate(args)))
     return name, built, template, tuple(args[i] for i in act_idx)
 
@@ -105,11 +146,12 @@ def lift_modules(gm: GraphModule, cfg: LiftConfig = LiftConfig()) -> PassResult:
     graph = gm.graph
     modules: dict[str, nn.Module] = {}
     taken: set[str] = set()
+    aliases = _aliases(gm)
     for node in list(graph.nodes):
         spec = OPS.get(node.target) if node.op == "call_function" else None
         if spec is None or spec.lift is None or (not spec.lift.params and not cfg.lift_dropout):
             continue
-        planned = _plan_param_op(node, gm, taken)
+        planned = _plan_param_op(node, gm, taken, aliases, cfg.origin)
         if planned is None:
             continue
         name, built, template, new_args = planned

@@ -81,13 +81,16 @@ class Analysis:
         return analysis_table(self)
 
 
-def analyze(model: Any, example_inputs: Any = None) -> Analysis:
-    """Analyse ``model`` (an ``nn.Module`` plus example inputs, or a ``GraphModule`` from ``capture``)."""
+def analyze(model: Any, example_inputs: Any = None, attention: str = "auto") -> Analysis:
+    """Analyse ``model`` (an ``nn.Module`` plus example inputs, or a ``GraphModule`` from ``capture``).
+
+    ``attention``: how attention is adapted: ``"heads"`` (whole heads; ``"auto"``, the default, is heads) or
+    ``"head_dim"`` (head count kept, ``head_dim`` pruned); see ``fxadapt.ops.reshape``."""
     if isinstance(model, GraphModule) and meta.BATCH in model.meta:
         gm = model
     else:
         gm = capture(model, example_inputs)
-    ctx = propagate(gm)
+    ctx = propagate(gm, attention)
     groups, group_of, unit_of = form_groups(ctx.ledger)
     roots = ctx.ledger.uf.roots()
     graph = dataflow_graph(gm)

@@ -12,6 +12,15 @@ single-exit region when no body node reads a tensor from outside ``body | {d}`` 
 
 Adds whose two operands both leave ``d`` through computation (projection shortcuts) are reported as
 blocks that are not removable, with the reason.
+
+Side inputs: a transformer layer's attention reads tensors computed from the model inputs beside the
+residual stream (the attention mask, rotary ``cos``/``sin``, position ids), so the add's dominator is the
+graph source. When one operand ``u`` of the add is an ancestor of the other (``a = u + f(u)``), ``u`` is
+tried as the entry: the body is ``descendants(u) & ancestors(a)``; a body node may then read *side
+inputs*, tensors from outside the body that do not depend on ``u`` (they are defined before the body, so a
+removed block drops its reads and a repeated copy reads the same tensors); nothing in the body may be read
+outside it. A region without any parametric op (``x + 0.044715 * x**3`` inside a tanh-GELU) is no layer:
+it is reported, not removable.
 """
 
 from __future__ import annotations
@@ -85,29 +94,47 @@ def find_blocks(gm: GraphModule, g: nx.DiGraph) -> list[Block]:
         ops = [a for a in node.args[:2] if isinstance(a, Node)]
         if len(ops) != 2 or node.kwargs.get("alpha", 1) != 1:
             continue
-        entry = idom[node.name]
-        if entry == SOURCE:
+        found = _region(g, idom, node.name, ops)
+        if found is None:
             continue
-        body = (nx.descendants(g, entry) & nx.ancestors(g, node.name)) - {node.name}
-        if not _single_entry_exit(g, body, entry, node.name):
-            continue
+        entry, body = found
         identity = entry in (ops[0].name, ops[1].name) and ops[0].name != ops[1].name
         same = _shape(nodes[entry]) == _shape(node) and _shape(node) is not None
-        reason = None if identity and same else (
+        layer = any(getattr(spec_of(nodes[n]), "zero", None) == "params" for n in body)
+        reason = None if identity and same and layer else (
             "skip path is not the identity (projection shortcut)" if not identity
-            else "residual add broadcasts: input and output shapes differ")
+            else "residual add broadcasts: input and output shapes differ" if not same
+            else "no parametric layer in the residual branch")
+        ok = reason is None
         order = [n.name for n in gm.graph.nodes if n.name in body]
-        blocks.append(Block(len(blocks), entry, node.name, tuple(order), identity and same,
-                            identity and same, reason))
+        blocks.append(Block(len(blocks), entry, node.name, tuple(order), ok, ok, reason))
     return blocks
 
 
-def _single_entry_exit(g: nx.DiGraph, body: set, entry: str, exit_: str) -> bool:
+def _region(g: nx.DiGraph, idom: dict, exit_: str, ops: list) -> tuple[str, set] | None:
+    """(entry, body) of the residual region closed by ``exit_``: by dominance, else with side inputs."""
+    entry = idom[exit_]
+    if entry != SOURCE:
+        body = (nx.descendants(g, entry) & nx.ancestors(g, exit_)) - {exit_}
+        if _single_entry_exit(g, body, entry, exit_):
+            return entry, body
+    a, b = ops[0].name, ops[1].name
+    for u, v in ((a, b), (b, a)):
+        if u != v and u in g and v in g and u in nx.ancestors(g, v):
+            body = (nx.descendants(g, u) & nx.ancestors(g, exit_)) - {exit_}
+            if _single_entry_exit(g, body, u, exit_, side_inputs=True):
+                return u, body
+    return None
+
+
+def _single_entry_exit(g: nx.DiGraph, body: set, entry: str, exit_: str, side_inputs: bool = False) -> bool:
+    """No body node is read outside ``body | {exit_}``; without ``side_inputs`` none reads from outside
+    ``body | {entry}`` either (with them, outside reads are by construction independent of ``entry``)."""
     if not body:
         return False
     inside = body | {entry}
     for n in body:
-        if any(p not in inside for p in g.predecessors(n)):
+        if not side_inputs and any(p not in inside for p in g.predecessors(n)):
             return False
         if any(s not in body and s != exit_ for s in g.successors(n)):
             return False

@@ -58,9 +58,12 @@ class Group:
 
     @property
     def producer(self) -> str | None:
-        """The group's identity across graphs: its first producer's parameter name."""
+        """The group's identity across graphs: its first producer's parameter name (with ``@axis`` when that
+        is not axis 0: a tied embedding/LM-head tensor produces two groups, hidden on axis 1, vocab on 0)."""
         m = next((m for m in self.members if m.site.role in PRODUCER_ROLES and m.site.ref is not None), None)
-        return m.site.ref.target if m else None
+        if m is None:
+            return None
+        return m.site.ref.target if m.axis == 0 else f"{m.site.ref.target}@{m.axis}"
 
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"frozen: {self.reason}"

@@ -8,7 +8,8 @@ counts what ``torch.utils.flop_counter`` counts, divided by 2:
   ``numel(out) / C_out * prod(weight axes)`` (transposed: ``numel(in) / C_in * prod(weight axes)``);
 - linear ``y = x W^T``: ``prod(leading axes of out) * prod(weight axes)``;
 - matmul family ``a[..., n, k] @ b[..., k, m]``: ``numel(out) * k``;
-- scaled-dot-product attention: ``b*h*L*S*(E + Ev)`` (``q k^T`` and ``attn v``);
+- scaled-dot-product attention: ``b*h*L*S*(E + Ev)`` (``q k^T`` and ``attn v``; ``h`` the query heads,
+  a factor in ``heads`` mode);
 - einsum (two operands): the product of the sizes of every letter used (kept or contracted).
 
 ``cx`` (``fxadapt.analysis.cost_build.CostCtx``) gives shapes, tracks and the forms of axes and weights.
@@ -76,7 +77,8 @@ def sdpa_macs(call, cx):
     qs, ks, vs = cx.shape(q), cx.shape(k), cx.shape(v)
     e = cx.axis_form(cx.track(q), len(qs) - 1, qs[-1], default=True)
     ev = cx.axis_form(cx.track(v), len(vs) - 1, vs[-1], default=True)
-    return math.prod(qs[:-1]) * ks[-2], [e + ev]
+    coef, heads = cx.activation_factors(cx.track(q), qs[:-1])
+    return coef * ks[-2], heads + [e + ev]
 
 
 def einsum_macs(call, cx):

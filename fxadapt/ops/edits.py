@@ -30,7 +30,24 @@ def set_shape_entry(op, args: list, site, index: np.ndarray, val):
     shape = list(args[site.arg])
     shape[site.index] = int(len(index))
     args[site.arg] = shape
-    return op, args
+    return op, positional(op, args)
+
+
+def positional(op, args: list) -> list:
+    """The positional part of schema-complete ``args`` (keyword-only ones, such as ``expand``'s
+    ``implicit``, cannot be passed by position; they are dropped when they hold their default).
+
+    >>> positional(aten.expand.default, ["x", [2, 3], False])
+    ['x', [2, 3]]
+    """
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        return args
+    n = sum(1 for a in schema.arguments if not a.kwarg_only)
+    for a, v in zip(schema.arguments[n:], args[n:]):
+        if not (a.has_default_value() and v == a.default_value):
+            raise ValueError(f"{op}: keyword-only argument {a.name}={v!r} cannot be kept by position")
+    return args[:n]
 
 
 def set_count(op, args: list, site, index: np.ndarray, val):

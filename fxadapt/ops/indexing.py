@@ -216,10 +216,15 @@ def addmm(call, ctx):
 
 @rule(*aten_ops("scaled_dot_product_attention.default"), kind="couples", cost=costs.sdpa_macs)
 def sdpa(call, ctx):
-    """softmax(q k^T) v: q/k head_dim coupled, batch/head axes coupled, output carries v's channels."""
+    """softmax(q k^T) v over ``[.., H, L, E]``. Channels on the last axis (``head_dim`` mode): q/k coupled
+    (a contraction: ``mix``), the output carries v's. Channels on the head axis (``heads`` mode): the heads of
+    q, k and v are coupled (with grouped-query attention, kv head ``j`` with query heads
+    ``j*r .. j*r + r - 1``, ``r = H_q / H_kv``) and the output carries q's heads."""
     q, k, v = call.arg(0, "query"), call.arg(1, "key"), call.arg(2, "value")
     nd = len(ctx.out_shape())
     tq, tk, tv = ctx.track(q), ctx.track(k), ctx.track(v)
+    if any(t is not None and nd - 3 in t.axes for t in (tq, tk, tv)):
+        return _sdpa_heads(ctx, (tq, tk, tv), nd - 3)
     if tq is not None and tk is not None and tq.axes == tk.axes:
         ctx.couple(tq.labels, tk.labels)
         ctx.site("mix", tq.labels, "mix")
@@ -230,6 +235,28 @@ def sdpa(call, ctx):
         ctx.freeze(tv, "value heads not aligned with query heads")
         return None
     return tv
+
+
+def _sdpa_heads(ctx, tracks, axis: int):
+    if any(t is None or t.axes != (axis,) for t in tracks):
+        for t in tracks:
+            ctx.freeze(t, "attention heads tracked on some of query/key/value only")
+        return None
+    tq, tk, tv = tracks
+    for t in (tk, tv):
+        if not couple_heads(ctx, tq.labels, t.labels):
+            ctx.freeze(tq, f"{len(tq.labels)} query heads do not group over {len(t.labels)} key/value heads")
+            ctx.freeze(t, "key/value heads do not divide the query heads")
+            return None
+    return tq
+
+
+def couple_heads(ctx, q: np.ndarray, kv: np.ndarray) -> bool:
+    """Union query heads with their key/value head (grouped-query attention when there are fewer kv heads)."""
+    if len(q) % len(kv):
+        return False
+    ctx.couple(q.reshape(len(kv), -1), kv[:, None])
+    return True
 
 
 @rule(*aten_ops("einsum.default"), kind="blocks", cost=costs.einsum_macs)

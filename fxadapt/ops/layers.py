@@ -170,6 +170,7 @@ def rms_norm(call, ctx):
     nd = len(ctx.shape(x))
     if t is None or t.axes != (nd - 1,) or len(call.arg(1, "normalized_shape")) != 1:
         return t if t is None or nd - 1 not in t.axes else Blocked("rms norm over several axes")
+    ctx.site("mix", t.labels, "mix")  # the mean of squares over channels: growth changes it
     ctx.param_site(call.arg(2, "weight"), 0, t.labels, "norm")
     ctx.site("shape_arg", t.labels, "shape", arg=1, index=0)
     return t

@@ -10,6 +10,9 @@ by the source unit of every new (grown) unit. For each site the plan resolves th
   tensors gives). This needs the group's positions to form one contiguous, unit-ordered run in every
   site; interleaved layouts (grouped convs, channel shuffles) and channel-mixing ops (reductions and
   norms over channels, activation-activation contractions) make a group not growable, with the reason.
+  One exception: a group that is split into pieces (a fused ``qkv`` projection whose q, k and v heads
+  are one group of whole heads) lies in several runs, one per piece, each holding every unit in order;
+  the copies are appended after every run (``[q, q', k, k', v, v']``), so every piece grows alike.
 
 Importance (data-free): the L1 norm of each unit's producer weights, ``sum_p |W_p[unit]| / numel``, each
 producer site normalised by its mean so convs of different fan-in weigh alike.
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from fxadapt.ir.channels import Site
+from fxadapt.ops.registry import spec_of
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,13 +59,45 @@ def growth_blocker(a, group) -> str | None:
     """Why a group cannot grow function-preservingly, or None."""
     if not group.prunable:
         return group.reason
+    pieces = any(m.site.kind == "split" for m in group.members)
     for m in group.members:
         if m.site.role == "mix":
-            return f"channels are mixed at {m.site.node_name} (reduction/norm/contraction over channels)"
-        pos = np.flatnonzero(m.index >= 0)
-        if pos.size and (np.any(np.diff(pos) != 1) or np.any(np.diff(m.index[pos]) < 0)):
+            return _mix_reason(a, m.site.node_name)
+        runs = unit_runs(m.index)
+        if runs is None or (len(runs) > 1 and not pieces):
             return f"channels are interleaved at {m.site.node_name} (grouped conv or shuffle layout)"
     return None
+
+
+def _mix_reason(a, node_name: str) -> str:
+    node = next((n for n in a.gm.graph.nodes if n.name == node_name), None)
+    what = getattr(spec_of(node), "name", "") if node is not None else ""
+    if "norm" in what:
+        return (f"{node_name} ({what}) normalises over these channels: new channels, even zero ones, change "
+                f"its mean/variance statistics, so growth is not function-preserving")
+    return f"channels are mixed at {node_name} (reduction/norm/contraction over channels)"
+
+
+def unit_runs(index: np.ndarray) -> list[np.ndarray] | None:
+    """The group's positions of a site split into runs (contiguous, unit order non-decreasing); None when
+    the layout is interleaved: a run is not contiguous, or several runs do not each hold every unit.
+
+    >>> [r.tolist() for r in unit_runs(np.array([-1, 0, 1, 0, 1]))]
+    [[1, 2], [3, 4]]
+    >>> unit_runs(np.array([0, 1, -1, 1])) is None
+    True
+    """
+    pos = np.flatnonzero(index >= 0)
+    if not pos.size:
+        return []
+    units = index[pos]
+    cuts = np.flatnonzero((np.diff(pos) != 1) | (np.diff(units) < 0)) + 1
+    runs = np.split(pos, cuts)
+    if len(runs) == 1:
+        return runs
+    every = np.unique(units)
+    ok = all(np.array_equal(np.unique(index[r]), every) for r in runs) and not np.any(np.diff(pos) != 1)
+    return runs if ok else None
 
 
 def importance(a, group) -> np.ndarray:
@@ -135,7 +171,11 @@ def _touched(a, site: Site, select: dict) -> bool:
 def _site_edit(a, site: Site, select: dict) -> SiteEdit:
     g, u = positions(a, site)
     index, new = [], []
-    last_of = {gid: int(np.flatnonzero(g == gid)[-1]) for gid in np.unique(g) if gid in select}
+    run_end = {}  # last position of a run -> (group, positions of the run)
+    for gid in np.unique(g).tolist():
+        if gid in select and len(select[gid]) > a.groups[gid].units:
+            for r in unit_runs(np.where(g == gid, u, -1)) or [np.flatnonzero(g == gid)]:
+                run_end[int(r[-1])] = r
     for p in range(len(g)):
         gid = int(g[p])
         sel = select.get(gid)
@@ -147,9 +187,10 @@ def _site_edit(a, site: Site, select: dict) -> SiteEdit:
         if u[p] in sel[: min(len(sel), units)] if len(sel) <= units else True:
             index.append(p)
             new.append(False)
-        if p == last_of[gid] and len(sel) > units:
+        if p in run_end:
+            run = run_end[p]
             for src in sel[units:]:
-                for q in np.flatnonzero((g == gid) & (u == src)):
+                for q in run[u[run] == src]:
                     index.append(int(q))
                     new.append(True)
     return SiteEdit(site, np.asarray(index, dtype=np.int64), np.asarray(new, dtype=bool))

@@ -5,15 +5,21 @@ For each model (pytorchcv, random init, eval, 1x3x224x224) three variants are bu
 way, with ``fxadapt.export_onnx`` (torch.onnx dynamo export + onnxsim + checker + onnxruntime comparison):
 
 - ``original``: the model as built;
-- ``fxadapt``:  ``fxadapt.transform(model, 0.5, (x,))`` (data-free; BN folded);
+- ``fxadapt``:  ``fxadapt.transform(model, 0.5, (x,), solve=SolveConfig(align="auto"))`` (data-free; the
+  default alignment of ``fxadapt.hw.Target()``: onnxruntime's NCHWc block on this CPU; BN folded at export);
 - ``tp``:       Torch-Pruning 1.6.1 ``MagnitudePruner`` (L1, per-layer ratio, final classifier ignored) at the
   pruning ratio (bisection on the ratio) whose MACs are at most fxadapt's;
-- ``tp-r16``:   the same with TP's ``round_to=16`` (every pruned width a multiple of 16), to show what width
-  alignment is worth (fxadapt has no such option yet).
+- ``tp-r16``:   the same with TP's ``round_to=16`` (every pruned width a multiple of 16);
+- ``tp-r16+``:   TP ``round_to=16`` pruned 0.1 deeper, so that TP's MACs *at fxadapt's measured latency* can be
+  read off by linear interpolation between the measured TP-r16 points (original, tp-r16, tp-r16+): the
+  column "TP-r16 MACs at equal latency" (MACs given up = 1 - that ratio; fxadapt gives up 1 - its MACs
+  ratio).
 
 Latency: onnxruntime ``CPUExecutionProvider``, one intra-op and one inter-op thread, sequential execution,
-batch 1; median of ``--runs`` runs after ``--warmup`` warm-up runs, the variants' runs interleaved so machine
-load hits all alike. The table prints, per variant, MACs (``FlopCounterMode``), latency, and
+batch 1 (``fxadapt.hw.Target()``); median of ``--runs`` runs after ``--warmup`` warm-up runs, the variants'
+runs interleaved so machine load hits all alike, each run timed by the calling thread's CPU time
+(``Target.clock``: onnxruntime computes on that thread with one thread, and preemption by other processes
+on a shared machine is not counted). The table prints, per variant, MACs (``FlopCounterMode``), latency, and
 ``(latency / original latency) / (MACs / original MACs)``: 1.0 means latency fell exactly with MACs, above
 1.0 that the saved MACs bought less time. ``convs %16`` is the share of conv output widths divisible by 16:
 onnxruntime's fast NCHWc convolutions (block 16 on AVX-512) need it, so odd widths can cost more than the
@@ -28,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import statistics
 import sys
 import time
 import warnings
@@ -46,11 +51,13 @@ MODELS: dict[str, str] = {
     "resnet50": "pytorchcv.models.resnet",
     "mobilenetv2_w1": "pytorchcv.models.mobilenetv2",
     "efficientnet_b0": "pytorchcv.models.efficientnet",
+    "mobilenetv3_large_w1": "pytorchcv.models.mobilenetv3",
+    "densenet121": "pytorchcv.models.densenet",
 }
-VARIANTS = ("original", "fxadapt", "tp", "tp-r16")
+VARIANTS = ("original", "fxadapt", "tp-r16", "tp-r16+")   # "tp" (no rounding): variant(name, "tp")
 INPUT_SHAPE = (1, 3, 224, 224)
 BUDGET = 0.5
-ALIGN = 16    # AVX-512 NCHWc block of onnxruntime's MLAS convolutions (8 on AVX2)
+ALIGN = 16    # Torch-Pruning's round_to for the tp-r16 variants
 
 
 @functools.cache
@@ -69,16 +76,42 @@ def variant(name: str, kind: str) -> torch.nn.Module:
     model, x = load(name)
     if kind == "original":
         return model
-    ours = fxadapt.transform(model, BUDGET, (x,))
+    from fxadapt.planning.solver import SolveConfig
+
+    ours = fxadapt.transform(model, BUDGET, (x,), solve=SolveConfig(align="auto"))
     if kind == "fxadapt":
         return ours
-    pruned = tp_prune(model, x, count_macs(ours, (x,)), ALIGN if kind == "tp-r16" else None).eval()
+    if kind == "tp-r16+":
+        pruned = tp_prune_at(model, x, tp_ratio(name) + 0.1, ALIGN)
+    else:
+        pruned = tp_prune(model, x, count_macs(ours, (x,)), ALIGN if kind == "tp-r16" else None, name).eval()
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape, f"{name} {kind}: pruning changed the output shape"
     return pruned
 
 
-def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, round_to: int | None) -> torch.nn.Module:
+_RATIO: dict = {}
+
+
+def tp_ratio(name: str) -> float:
+    variant(name, "tp-r16")
+    return _RATIO[name]
+
+
+def tp_prune_at(model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: int | None) -> torch.nn.Module:
+    import copy
+
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model).eval()
+    head = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))][-1:]
+    tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=min(ratio, 0.95),
+                              ignored_layers=head, round_to=round_to).step()
+    return m.eval()
+
+
+def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, round_to: int | None,
+             name: str = "") -> torch.nn.Module:
     """Torch-Pruning magnitude pruning (per layer, classifier ignored) at the largest ratio <= ``target`` MACs
     (as ``bench/digits_setup.tp_prune``, plus ``round_to``; the classifier is the last conv or linear module:
     pytorchcv's mobilenetv2 ends in a 1x1 conv)."""
@@ -94,13 +127,15 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, round_to: i
         return m
 
     lo, hi, best = 0.0, 0.95, None
-    for _ in range(14):
+    for _ in range(10):
         mid = (lo + hi) / 2
         m = prune(mid)
         if count_macs(m, (x,)) <= target:
             best, hi = m, mid
         else:
             lo = mid
+    if round_to:
+        _RATIO[name] = hi
     return best if best is not None else prune(hi)
 
 
@@ -126,24 +161,33 @@ def session(path: str):
 
 
 def runner(name: str, kind: str):
-    """A no-argument callable running one batch-1 inference of the variant in onnxruntime."""
-    sess = session(onnx_path(name, kind))
-    feed = {sess.get_inputs()[0].name: load(name)[1].numpy().astype(np.float32)}
-    return lambda: sess.run(None, feed)
+    """A no-argument callable running one batch-1 inference of the variant in onnxruntime
+    (``fxadapt.hw.Target().compile``: BN folded, TorchScript ONNX exporter; ``onnx_path`` is the checked
+    ``export_onnx`` route)."""
+    from fxadapt.hw.target import Target
+
+    return Target().compile(variant(name, kind), (load(name)[1],))
 
 
 def median_latency(fns: dict, runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function; warm-up first, then interleaved timed rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds per call of each function; warm-up first, then interleaved timed rounds (thread CPU
+    time, ``fxadapt.hw.Target().clock``)."""
+    from fxadapt.hw.target import Target, interleaved
+
+    return interleaved(fns, runs, warmup, clock=Target().clock)
+
+
+def tp_macs_at(lat: float, pts: list[tuple[float, float]]) -> float:
+    """MACs of TP at latency ``lat`` by linear interpolation (extrapolation at the ends) between measured
+    ``(latency, macs)`` points.
+
+    >>> tp_macs_at(1.5, [(1.0, 10.0), (2.0, 20.0), (3.0, 40.0)])
+    15.0
+    """
+    pts = sorted(pts)
+    i = min(max(int(np.searchsorted([p[0] for p in pts], lat)), 1), len(pts) - 1)
+    (l0, m0), (l1, m1) = pts[i - 1], pts[i]
+    return m0 + (m1 - m0) * (lat - l0) / (l1 - l0) if l1 != l0 else m0
 
 
 def aligned(model: torch.nn.Module, block: int = ALIGN) -> float:
@@ -157,7 +201,10 @@ def measure(name: str, runs: int, warmup: int) -> dict[str, dict[str, float]]:
     x = load(name)[1]
     macs = {k: count_macs(variant(name, k), (x,)) for k in VARIANTS}
     lat = median_latency({k: runner(name, k) for k in VARIANTS}, runs, warmup)
-    return {k: {"macs": macs[k], "latency": lat[k], "aligned": aligned(variant(name, k))} for k in VARIANTS}
+    out = {k: {"macs": macs[k], "latency": lat[k], "aligned": aligned(variant(name, k))} for k in VARIANTS}
+    pts = [(lat[k], macs[k]) for k in ("original", "tp-r16", "tp-r16+")]
+    out["fxadapt"]["tp_macs_at_latency"] = tp_macs_at(lat["fxadapt"], pts)
+    return out
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -165,9 +212,9 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
     >>> r = {"m": {"original": {"macs": 2e9, "latency": 0.02, "aligned": 1.0},
     ...            "tp": {"macs": 1e9, "latency": 0.015, "aligned": 0.25}}}
-    >>> print(format_table(r))
-    model  variant   GMACs  MACs ratio  latency ms  latency ratio  latency ratio / MACs ratio  convs %16
-    -----  --------  -----  ----------  ----------  -------------  --------------------------  ---------
+    >>> print(format_table(r))  # doctest: +NORMALIZE_WHITESPACE
+    model  variant   GMACs  MACs ratio  latency ms  latency ratio  latency ratio / MACs ratio  convs %16  TP-r16 MACs ratio at equal latency
+    -----  --------  -----  ----------  ----------  -------------  --------------------------  ---------  ----------------------------------
     m      original  2.000       1.000      20.000          1.000                       1.000       100%
     m      tp        1.000       0.500      15.000          0.750                       1.500        25%
     """
@@ -178,10 +225,12 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         base = r["original"]
         for k, v in r.items():
             mr, lr = v["macs"] / base["macs"], v["latency"] / base["latency"]
+            eq = v.get("tp_macs_at_latency")
             rows.append([name, k, f"{v['macs'] / 1e9:.3f}", f"{mr:.3f}", f"{1e3 * v['latency']:.3f}",
-                         f"{lr:.3f}", f"{lr / mr:.3f}", f"{100 * v['aligned']:.0f}%"])
+                         f"{lr:.3f}", f"{lr / mr:.3f}", f"{100 * v['aligned']:.0f}%",
+                         f"{eq / base['macs']:.3f}" if eq else ""])
     return table(["model", "variant", "GMACs", "MACs ratio", "latency ms", "latency ratio",
-                  "latency ratio / MACs ratio", f"convs %{ALIGN}"], rows)
+                  "latency ratio / MACs ratio", f"convs %{ALIGN}", "TP-r16 MACs ratio at equal latency"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ original (``L0`` measured end to end, ``n0`` the original widths) and scaled wit
 
     L(n) = c * (LUT(n) + r0 * V(n) / V(n0)),     c = L0 / (LUT(n0) + r0)
 
-so the prediction is exact on the original; every end-to-end measurement ``m`` at ``n`` recalibrates by
-one global rescale ``c <- c * m / L(n)``.
+so the prediction is exact on the original; an end-to-end measurement ``m`` at ``n`` recalibrates it
+to the affine map ``L = c' * raw(n) + d'`` through the original and that measurement (a secant; where the
+two are too close, one global rescale ``c <- c * m / L(n)``).
 
 **Solving** (``solve_latency``). Widths follow the MAC solver's aligned ladders (``fxadapt.planning.solver``;
 the alignment is the target's, ``Target.align()``, unless ``SolveConfig.align`` names another): ``n(s)``
@@ -19,7 +20,7 @@ the prediction is below ``(1 - tol / 2) T``, the one-rung move up landing closes
 it is taken (as the MAC solver's repair). **Repair**:
 the widths are materialised and measured end to end on the target (interleaved with the original, so load
 drift cancels); while the measurement lies outside ``[(1 - tol) T, T]`` (``tol = 0.05``) the model is
-recalibrated on it and the bisection redone, at most ``max_repairs`` times; the best measured assignment at
+recalibrated on it (``LatencyModel.calibrate``) and the bisection redone, at most ``max_repairs`` times; the best measured assignment at
 or below ``T`` is kept. When a MAC/params budget binds before the latency does, the MAC solver's exact
 widths are used and the latency only has to stay at or below ``T``.
 
@@ -136,14 +137,27 @@ class LatencyModel:
         full = self.full(n)
         return sum(e.vol_coef * _val(e.vol_form, full) for e in self.entries)
 
+    def raw(self, n: dict, present: dict | None = None) -> float:
+        """``LUT(n) + r0 * V(n) / V(n0)`` (uncalibrated seconds)."""
+        return self.lut_sum(n, present) + self.rem0 * self.volume(n) / self.vol0
+
     def predict(self, n: dict, present: dict | None = None) -> float:
         """Predicted seconds at kept units ``n`` (groups left out keep their width)."""
-        return self.scale * (self.lut_sum(n, present) + self.rem0 * self.volume(n) / self.vol0)
+        return self.scale * self.raw(n, present) + self.offset
 
-    def rescale(self, n: dict, measured: float) -> None:
-        """One global rescale so that the prediction at ``n`` equals ``measured``."""
-        self.scale *= measured / max(self.predict(n), 1e-12)
+    offset = 0.0
 
+    def calibrate(self, n: dict, measured: float) -> None:
+        """Recalibrate on an end-to-end measurement at ``n``: the affine map ``L = c * raw + d`` through the
+        original ``(raw(n0), L0)`` and ``(raw(n), measured)`` (a secant; one global rescale
+        ``c <- c * measured / L(n)`` when the two raws are within 1%)."""
+        r, r0 = self.raw(n), self.lut0 + self.rem0
+        slope = (measured - self.base) / (r - r0) if abs(r - r0) > 0.01 * r0 else 0.0
+        if slope > 0:
+            self.scale, self.offset = slope, self.base - slope * r0
+        else:
+            self.scale *= measured / max(self.predict(n), 1e-12)
+            self.offset = 0.0
 
 class Measurer:
     """End-to-end seconds of the original's widths changed to ``units`` on ``target``: materialised,
@@ -291,7 +305,7 @@ def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = So
             best = (n, m, binding)
         if m <= T and (binding == "macs" or m >= (1 - tol) * T):
             break
-        lm.rescale(n, m)
+        lm.calibrate(n, m)
     sol.lut_measured, sol.lut_s = lut.measured, lut.measure_s
     if best is None:
         h = min(sol.history, key=lambda h: h["measured"])

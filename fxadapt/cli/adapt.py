@@ -5,6 +5,8 @@ Usage::
     fxadapt adapt --example                       # bundled model, budget 0.5, outputs in fxadapt-example/
     fxadapt adapt pkg.module:factory --budget 0.5 --input-shape 1,3,224,224 [-o adapted.pt] \\
         [--onnx adapted.onnx] [--plot widths.png] [--out-dir DIR] [--fold-bn]
+    fxadapt adapt --example --data fxadapt.cli.data:demo_data --steps 20     # DNA search on data
+    torchrun --nproc_per_node=2 -m fxadapt adapt ... --data my_data.py:load  # distributed (fxadapt.cli.data)
     fxadapt adapt my_bert.py:build --input-shape 1,128:int64:0-30522    # token ids (see fxadapt.cli.common)
 
 Outputs: ``-o`` names the saved model; without it the model goes to ``DIR/adapted.pt`` with ``--out-dir``
@@ -41,6 +43,8 @@ from collections.abc import Callable
 
 import fxadapt
 from fxadapt.cli.common import CliError, add_model_arguments, load_model, split_spec
+from fxadapt.cli.data import add_data_arguments, load_data
+from fxadapt.dist import is_main
 from fxadapt.export.plot import plot_widths
 from fxadapt.export.save import save
 from fxadapt.pipeline.transform import TransformConfig
@@ -67,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--grow-depth", action="store_true",
                    help="when growing, also add one zero-initialised copy of every repeatable block")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report on stdout")
+    add_data_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -112,14 +117,17 @@ def run(args: argparse.Namespace) -> int:
     """Validate, adapt, report, write; returns the exit status (errors raise ``CliError``/``FxAdaptError``)."""
     budget = check_budget(args.budget)
     model, inputs, label = load_model(args)
+    train, val, search = load_data(args)
     if args.fold_bn:
         model.eval()  # folding uses the running statistics: the deployable model is an inference model
     outputs = output_paths(args)
-    bar = Progress(f"adapt {label}", extra_steps=len(outputs), enabled=not args.quiet)
-    cfg = TransformConfig(fold_bn=args.fold_bn, grow_depth=args.grow_depth, progress=bar)
+    bar = Progress(f"adapt {label}", extra_steps=len(outputs), enabled=not args.quiet and is_main())
+    cfg = TransformConfig(fold_bn=args.fold_bn, grow_depth=args.grow_depth, progress=bar, **search)
     created: list[str] = []
     try:
-        adapted = fxadapt.transform(model, budget, inputs, config=cfg)
+        adapted = fxadapt.transform(model, budget, inputs, data=train, val_data=val, config=cfg)
+        if not is_main():  # under torchrun every rank holds the same model; rank 0 reports and writes
+            return 0
         bar.pipeline_done()
         rep = fxadapt.report(adapted)
         bar.write(f"{rep.table()}\nMACs ratio {rep.macs_after / rep.macs_before:.4f} "

@@ -109,7 +109,8 @@ def _edit_param(gm: GraphModule, edit: SiteEdit, cfg: MaterializeConfig, gen: to
         elif s.role == "out" and cfg.noise and new.is_floating_point():
             src = view[grown]
             noise = torch.randn(src.shape, generator=gen).to(src.device, torch.float32)
-            view[grown] = (src.float() + cfg.noise * src.float().std().clamp_min(1e-8) * noise).to(src.dtype)
+            scale = src.float().std(correction=0).nan_to_num(0.0).clamp_min(1e-8)  # one element: std 0, not NaN
+            view[grown] = (src.float() + cfg.noise * scale * noise).to(src.dtype)
     value = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
     set_path(gm, s.ref.target, value)
 

@@ -45,7 +45,7 @@ def n_params(model) -> int:
 
 
 def _one_weight_per_channel(a, g) -> bool:
-    """A producer weight with one element per output channel (fan-in 1, 1x1): see the NaN-noise xfail."""
+    """A producer weight with one element per output channel (fan-in 1, 1x1): see the NaN-noise regression."""
     for m in g.members:
         if m.site.kind == "param" and m.site.role == "out":
             w = refslicer._get(a.gm, m.site.ref.target)
@@ -193,10 +193,8 @@ def test_mutation_of_the_plan_selection_is_caught(monkeypatch):
         check_materialize(a, xb, {g.id: max(1, g.units // 2) for g in a.prunable}, _scores(a, 1))
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: passes/materialize.py noises a grown producer copy with "
-                   "src.std() over that copy's weights; one copy of a channel with one weight is std() of one "
-                   "element = NaN, and NaN * zero consumer weight keeps the output NaN")
 def test_growing_one_weight_per_channel_by_one_unit():
+    """Regression: the growth noise used std() of one element (NaN), and NaN * a zero consumer weight is NaN."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).double().eval()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)

@@ -84,13 +84,23 @@ def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
             for b in (m.running_mean, m.running_var) if b is not None]
 
 
+def _comm(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the backend can reach it (NCCL only moves CUDA tensors)."""
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":
+        return t.cuda()
+    return t
+
+
 def broadcast_state(model: nn.Module, ctx: DistContext) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     if not ctx.active:
         return
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, 0)
+            buf = _comm(t.data)
+            dist.broadcast(buf, 0)
+            if buf is not t.data:
+                t.data.copy_(buf)
 
 
 def sync_step(params: list[torch.Tensor], model: nn.Module, ctx: DistContext) -> None:
@@ -104,14 +114,14 @@ def sync_step(params: list[torch.Tensor], model: nn.Module, ctx: DistContext) ->
     if not tensors:
         return
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    flat = _comm(torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors]))
     dist.all_reduce(flat)
     flat /= ctx.world
     pos = 0
     with torch.no_grad():
         for p, g in zip(params, grads):
             n = g.numel()
-            p.grad = flat[pos:pos + n].view_as(g).to(g.dtype)
+            p.grad = flat[pos:pos + n].view_as(g).to(g.device, g.dtype)
             pos += n
         for b in bufs:
             n = b.numel()
@@ -128,7 +138,7 @@ def mean(value: float, weight: float, ctx: DistContext) -> float:
     """The weighted mean of ``value`` over the ranks (identical on every rank)."""
     if not ctx.active:
         return value
-    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    t = _comm(torch.tensor([value * weight, weight], dtype=torch.float64))
     dist.all_reduce(t)
     return float(t[0] / t[1])
 

@@ -42,6 +42,7 @@ from torch import nn
 from fxadapt import dist
 from fxadapt.errors import FxAdaptError
 from fxadapt.planning.budget import SolveConfig, fit
+from fxadapt.planning.solver import check_window
 from fxadapt.search.sandwich import sandwich_step
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
 from fxadapt.train.data import Batches
@@ -206,6 +207,7 @@ def discretize(sn: Supernet, target: float, grow: bool, solve: SolveConfig = Sol
     bounds = sn.bounds()
     base = {gid: max(units[gid], 1) for gid in bounds}
     units = fit(sn.analysis, target, bounds, base, grow, solve, present)
+    check_window(sn.analysis, units, target, grow, solve, present)  # a BudgetWarning when the window is missed
     return units, present
 
 

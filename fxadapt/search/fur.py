@@ -29,6 +29,7 @@ from torch import nn
 
 from fxadapt import dist
 from fxadapt.planning.budget import SolveConfig, fit
+from fxadapt.planning.solver import check_window
 from fxadapt.search.dna import SearchConfigError
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
 from fxadapt.train.data import Batches
@@ -171,6 +172,7 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
             bar.set_postfix(macs=f"{history[-1]['macs_ratio']:.3f}xT")
     if bar is not None:
         bar.close()
+    check_window(a, units, target, grow, SolveConfig(), present)   # a BudgetWarning when the 1% window is missed
     sn.gm.to("cpu")
     plain, plan = sn.finalize(units, present)
     moves = [{"group": int(g), "initial": int(ref[g]), "start": int(start[g]), "final": int(units[g])} for g in units]

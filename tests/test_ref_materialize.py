@@ -44,29 +44,15 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _one_weight_per_channel(a, g) -> bool:
-    """A producer weight with one element per output channel (fan-in 1, 1x1): see the NaN-noise regression."""
-    for m in g.members:
-        if m.site.kind == "param" and m.site.role == "out":
-            w = refslicer._get(a.gm, m.site.ref.target)
-            if w.numel() == w.shape[m.site.axis]:
-                return True
-    return False
-
-
 def random_units(a, rng, grow: bool = True) -> dict[int, int]:
-    """Per prunable group: shrink to 1..units-1, keep, or (when it may grow) grow to units+1..2*units.
-
-    A group whose producer has one weight per channel grows by two or more units until the library bug of
-    ``test_growing_one_weight_per_channel_by_one_unit`` is fixed (one copy gets NaN noise)."""
+    """Per prunable group: shrink to 1..units-1, keep, or (when it may grow) grow to units+1..2*units."""
     units = {}
     for g in a.prunable:
         mode = rng.integers(3) if grow and growth_blocker(a, g) is None else rng.integers(2)
         if mode == 0 and g.units > 1:
             units[g.id] = int(rng.integers(1, g.units))
         elif mode == 2:
-            low = g.units + (2 if _one_weight_per_channel(a, g) else 1)
-            units[g.id] = int(rng.integers(low, 2 * g.units + 1))
+            units[g.id] = int(rng.integers(g.units + 1, 2 * g.units + 1))
     return units
 
 

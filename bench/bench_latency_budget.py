@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         t0 = time.perf_counter()
         res[name] = run_model(name, args.samples, args.runs)
-        print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s {res[name]}", file=sys.stderr, flush=True)
     from fxadapt.export.report import table
 
     rows = []

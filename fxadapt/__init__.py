@@ -18,13 +18,17 @@ from fxadapt.export.onnx import ExportError, export_onnx
 from fxadapt.export.program import captured_from_program, to_exported_program
 from fxadapt.export.save import load, save
 from fxadapt.export.report import Report, report
+from fxadapt.hw.bench import benchmark
+from fxadapt.hw.target import Target, TargetError
 from fxadapt.ir.capture import capture
 from fxadapt.pipeline.transform import TransformConfig, VerificationError, transform
 from fxadapt.planning.budget import Budget
 from fxadapt.train.finetune import FinetuneConfig, finetune
 
+from fxadapt import dist  # noqa: E402  (fxadapt.dist.is_main() etc.)
+
 __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
            "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",
            "FxAdaptError", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
-           "captured_from_program"]
+           "captured_from_program", "Target", "TargetError", "benchmark", "dist"]
 __version__ = "0.2.0"

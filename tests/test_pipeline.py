@@ -96,3 +96,33 @@ def test_hf_efficientnet_padding_same_convs_transform():
     for budget in (0.5, 1.5):
         r = fxadapt.report(fxadapt.transform(m, budget, (x,)))
         assert abs(r.macs_after / r.macs_before - budget) <= 0.01 * budget
+
+
+def test_default_alignment_falls_back_to_reach_the_budget():
+    """``align="auto"`` (the default): the CPU's NCHWc block, or the largest power-of-two fraction of it
+    with which the 1% window is reachable; every adapted width is a multiple of what was used."""
+    from fxadapt.planning.align import auto_align
+
+    out = fxadapt.transform(example_model(), 0.5, (X,))
+    r = fxadapt.report(out)
+    align = r.history[0]["align"]
+    assert align in {auto_align() // 2 ** k for k in range(5)} and 0.495 <= r.macs_after / r.macs_before <= 0.5
+    assert all(c.after % align == 0 for c in r.groups if c.after != c.before)
+
+
+def test_latency_budget_through_transform(monkeypatch):
+    """A latency budget is solved on its target (an injected deterministic timing: latency = MACs) and
+    verified like any result."""
+    import fxadapt.hw.latency as lat
+    from fxadapt.analysis.count import count_macs
+
+    def fake(a, budget, target=None, cfg=None, **kw):
+        from fxadapt.planning.solver import solve_widths
+
+        units = solve_widths(a, 0.6 * a.macs(), cfg)
+        return lat.LatencySolution(units, a.cost.macs(units), 0.6 * a.macs(), a.macs())
+
+    monkeypatch.setattr(lat, "solve_latency", fake)
+    out = fxadapt.transform(example_model(), fxadapt.Budget(latency=0.6), (X,))
+    r = fxadapt.report(out)
+    assert count_macs(out, (X,)) / r.macs_before <= 0.6 and "latency (measured on the target)" in r.table()

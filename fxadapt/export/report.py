@@ -124,7 +124,8 @@ class Report:
 
     def table(self) -> str:
         head = table(["", "before", "after", "target", "ratio"], [
-            ["MACs", human(self.macs_before), human(self.macs_after), human(self.macs_target),
+            ["MACs", human(self.macs_before), human(self.macs_after),
+             human(self.macs_target) if self.macs_target else "-",
              f"{self.macs_after / self.macs_before:.3f}"],
             ["params", human(self.params_before), human(self.params_after),
              human(self.params_target) if self.params_target else "-",
@@ -135,6 +136,17 @@ class Report:
                  f"{len(changed)} of {len(self.groups)} groups changed width"]
         if changed:
             lines.append(table(["id", "group", "before", "after", "x"], changed))
+        first = self.history[0] if self.history else {}
+        if isinstance(first, dict) and "latency_s" in first:
+            lines.append(f"latency (measured on the target): before {1e3 * first['latency_base_s']:.3f} ms, after "
+                         f"{1e3 * first['latency_s']:.3f} ms, budget {1e3 * first['latency_budget_s']:.3f} ms "
+                         f"({first['latency_s'] / first['latency_base_s']:.3f}x; {first['binding']} binding)")
+        last = self.history[-1] if self.history else {}
+        if isinstance(last, dict) and last.get("gates"):
+            lines.append("gates moved (expected units initial -> final, chosen): " + ", ".join(
+                f"{m['group']}: {m['initial']}->{m['final']:.1f} ({m['chosen']})" for m in last["gates"]))
+        if isinstance(last, dict) and last.get("note"):
+            lines.append(f"note: {last['note']}")
         if self.blocks_removed or self.blocks_added:
             lines.append(f"blocks removed: {list(self.blocks_removed)}  added: {list(self.blocks_added)}")
         return "\n".join(lines)

@@ -267,7 +267,7 @@ def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = So
     docstring. ``measure(units) -> seconds`` replaces the end-to-end measurement (``measure({})`` is the
     original), ``lut`` the lookup table (tests inject deterministic ones)."""
     target = target or getattr(budget, "target", None) or Target()
-    align = target.align() if cfg.align in (1, "auto") else cfg.alignment()
+    align = target.align() if cfg.align == "auto" else cfg.alignment()
     cfg = dataclasses.replace(cfg, align=align)
     lut = lut or LUT(target, progress=progress)
     measure = measure or Measurer(a, target)

@@ -8,7 +8,7 @@ permutes, shuffles) and indexing (cat, split, slice, matmul, attention).
 'produces'
 """
 
-from fxadapt.ops import indexing, layers, pointwise, reshape  # noqa: F401  (registration)
+from fxadapt.ops import indexing, layers, pointwise, recurrent, reshape  # noqa: F401  (registration)
 from fxadapt.ops.core import Blocked, Call, Ctx, RuleRecord
 from fxadapt.ops.registry import OPS, Lift, OpSpec, missing_reason, op_of, register, rule, spec_of
 

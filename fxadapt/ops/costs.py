@@ -95,3 +95,20 @@ def einsum_macs(call, cx):
         return None  # nothing contracted: an element-wise product, no MACs
     used = [c for c in size if c in out or (c in ins[0] and c in ins[1])]
     return float(math.prod(size[c] for c in used)), []
+
+
+def recurrent_macs(gates: int):
+    """LSTM (4 gates) / GRU (3): ``T*B*D*G*H*(I_0 + H + (L-1)*(D*H + H))`` (see ``fxadapt.ops.recurrent``)."""
+    def macs(call, cx):
+        x, params = call.args[0], list(call.args[2])
+        layers, dirs = call.args[4], 2 if call.args[7] else 1
+        xs = cx.shape(x)
+        steps = math.prod(xs[:-1])  # T * B
+        h = cx.weight_factors(params[1])[1]
+        i0 = cx.axis_form(cx.track(x), len(xs) - 1, xs[-1], default=True)
+        k = 1 + (layers - 1) * (dirs + 1)
+        rest = type(h)(h.const * k, tuple((g, c * k) for g, c in h.coefs))
+        return float(steps * dirs * gates), [h, i0 + rest]
+
+    macs.__name__ = f"recurrent_macs_{gates}"
+    return macs

@@ -44,10 +44,26 @@ def positional(op, args: list) -> list:
     if schema is None:
         return args
     n = sum(1 for a in schema.arguments if not a.kwarg_only)
-    for a, v in zip(schema.arguments[n:], args[n:]):
-        if not (a.has_default_value() and v == a.default_value):
-            raise ValueError(f"{op}: keyword-only argument {a.name}={v!r} cannot be kept by position")
+    if not droppable(op, args):
+        raise ValueError(f"{op}: keyword-only arguments {args[n:]} cannot be kept by position")
     return args[:n]
+
+
+_EFFECTIVE = {"dtype": lambda v: v == torch.get_default_dtype(), "layout": lambda v: v == torch.strided,
+              "device": lambda v: torch.device(v).type == "cpu", "pin_memory": lambda v: v is False}
+
+
+def droppable(op, args: list) -> bool:
+    """Whether the keyword-only part of schema-complete ``args`` equals what the op does without it (its
+    defaults; a factory's default dtype, strided layout, CPU device, no pinned memory).
+
+    >>> droppable(aten.zeros.default, [[2, 3], torch.get_default_dtype(), None, "cpu", False])
+    True
+    """
+    schema = op._schema
+    n = sum(1 for a in schema.arguments if not a.kwarg_only)
+    return all(v is None or (a.has_default_value() and v == a.default_value) or
+               _EFFECTIVE.get(a.name, lambda _: False)(v) for a, v in zip(schema.arguments[n:], args[n:]))
 
 
 def set_count(op, args: list, site, index: np.ndarray, val):

@@ -23,6 +23,7 @@ from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import costs, edits
 from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, only_axis, rule
 from fxadapt.ops.pointwise import _expand, _reduced
+from fxadapt.ops.registry import op_of
 
 
 def _align_all(ctx, tracks: list[Track | None], what: str) -> Track | None:
@@ -47,7 +48,7 @@ def cat(call, ctx):
     dim = norm_dim(call.arg(1, "dim", 0), len(ctx.out_shape()))
     tracks = [ctx.track(x) for x in xs]
     if not any(t is not None and dim in t.axes for t in tracks):
-        return _align_all(ctx, tracks, "concatenation")
+        return _align_all(ctx, _param_tokens(ctx, xs, tracks), "concatenation")
     parts = []
     for x, t in zip(xs, tracks):
         if t is not None and t.axes == (dim,):
@@ -58,6 +59,28 @@ def cat(call, ctx):
         ctx.freeze(lab, f"channels concatenated from fixed-size tensor {getattr(x, 'name', x)}")
         parts.append(lab)
     return Track((dim,), np.concatenate(parts))
+
+
+_BROADCASTS = aten_ops("expand.default", "clone.default", "_to_copy.default", "to.dtype")
+
+
+def _param_tokens(ctx, xs, tracks):
+    """A parameter broadcast to the batch and concatenated along the sequence (ViT's CLS token,
+    ``cls.expand(B, -1, -1)``) carries the channels of its last axis: it is sliced with them (``const``)."""
+    ref = next((t for t in tracks if t is not None), None)
+    if ref is None or len(ref.axes) != 1 or ref.axes[0] != len(ctx.out_shape()) - 1:
+        return tracks
+    out = list(tracks)
+    for i, (x, t) in enumerate(zip(xs, tracks)):
+        src = x
+        while t is None and isinstance(src, Node) and src.op != "get_attr" and op_of(src) in _BROADCASTS:
+            src = src.args[0]
+        if t is None and isinstance(src, Node) and src.op == "get_attr" and ctx.shape(ParamRef(src.target)) and \
+                ctx.shape(ParamRef(src.target))[-1] == ref.labels.shape[0]:
+            lab = ctx.new(ref.labels.shape[0])
+            ctx.param_site(ParamRef(src.target), len(ctx.shape(ParamRef(src.target))) - 1, lab, "const")
+            out[i] = Track(ref.axes, lab)
+    return out
 
 
 @rule(*aten_ops("stack.default"), kind="reindexes", zero="preserves")
@@ -224,7 +247,9 @@ def sdpa(call, ctx):
     nd = len(ctx.out_shape())
     tq, tk, tv = ctx.track(q), ctx.track(k), ctx.track(v)
     if any(t is not None and nd - 3 in t.axes for t in (tq, tk, tv)):
-        return _sdpa_heads(ctx, (tq, tk, tv), nd - 3)
+        out = _sdpa_heads(ctx, (tq, tk, tv), nd - 3)
+        return _head_mask(ctx, call.arg(3, "attn_mask"), out, nd)
+
     if tq is not None and tk is not None and tq.axes == tk.axes:
         ctx.couple(tq.labels, tk.labels)
         ctx.site("mix", tq.labels, "mix")
@@ -249,6 +274,21 @@ def _sdpa_heads(ctx, tracks, axis: int):
             ctx.freeze(t, "key/value heads do not divide the query heads")
             return None
     return tq
+
+
+def _head_mask(ctx, mask, out, nd: int):
+    """An additive mask / bias with one slice per head (Swin's relative position bias) must follow the heads:
+    a tracked one is coupled, a fixed-size one freezes them."""
+    shape = ctx.shape(mask) if mask is not None else None
+    if out is None or not shape or len(shape) < 3 or shape[len(shape) - 3] == 1:
+        return out
+    tm = ctx.track(mask)
+    tm = tm.moved({a: a + nd - len(shape) for a in tm.axes}) if tm is not None else None
+    if tm is not None and tm.axes == out.axes and tm.labels.shape == out.labels.shape:
+        ctx.couple(out.labels, tm.labels)
+        return out
+    ctx.freeze(out, f"attention mask/bias {getattr(mask, 'name', mask)} has a fixed number of heads")
+    return None
 
 
 def couple_heads(ctx, q: np.ndarray, kv: np.ndarray) -> bool:

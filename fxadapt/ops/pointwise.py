@@ -14,7 +14,7 @@ import torch
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
-from fxadapt.ops import lifts
+from fxadapt.ops import edits, lifts
 from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, rule
 from fxadapt.ops.registry import SYM_ARITH, Lift, register
 
@@ -262,7 +262,7 @@ NO_TENSOR = aten_ops(
 SIZE_QUERY = aten_ops("sym_size.int", "size.int")
 
 
-@rule(*FACTORY, *NO_TENSOR, kind="ignores")
+@rule(*FACTORY, *NO_TENSOR, kind="ignores", edit=edits.set_shape_entry)  # edit: an LSTM's zero state
 def no_channels(call, ctx):
     """Factories and shape queries: no channels flow in or out."""
     return None

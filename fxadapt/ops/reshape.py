@@ -114,8 +114,8 @@ _CATS = aten_ops("cat.default")
 def attention_split(node, depth: int = 12) -> tuple[bool, bool]:
     """(reaches attention, rotary): whether ``node``'s value reaches an attention (sdpa, or a product of two
     activations) through layout and element-wise ops only, and whether on the way its last axis
-    (``head_dim``) is sliced or concatenated, as rotary embeddings' ``rotate_half`` does."""
-    frontier, seen, rotary = list(node.users), set(), False
+    (``head_dim``) is both sliced and concatenated, as rotary embeddings' ``rotate_half`` does."""
+    frontier, seen, touched = list(node.users), set(), set()
     for _ in range(depth):
         nxt = []
         for u in frontier:
@@ -123,16 +123,16 @@ def attention_split(node, depth: int = 12) -> tuple[bool, bool]:
                 continue
             seen.add(u)
             op = op_of(u)
-            if op in _ATTENTION_OPS:
-                return True, rotary
-            if op in _PRODUCTS and all(getattr(a, "op", "") not in ("get_attr", "") for a in u.args[:2]):
-                return True, rotary
-            rotary = rotary or _touches_last_axis(u, op)
+            if op in _ATTENTION_OPS or (op in _PRODUCTS and all(
+                    getattr(a, "op", "") not in ("get_attr", "") for a in u.args[:2])):
+                return True, touched == {"slice", "cat"}
+            if _touches_last_axis(u, op):
+                touched.add("cat" if op in _CATS else "slice")
             spec = OPS.get(op)
             if spec is not None and spec.kind in ("reindexes", "passes", "couples") and spec.cost is None:
                 nxt.extend(u.users)
         frontier = nxt
-    return False, rotary
+    return False, touched == {"slice", "cat"}
 
 
 def _touches_last_axis(node, op) -> bool:

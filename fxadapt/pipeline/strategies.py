@@ -1,7 +1,8 @@
 """Planning strategies: from an analysed model and a MAC target to a ``Plan`` (and the graph it applies to).
 
-- ``datafree``: widths by one global scale (``fxadapt.planning.solver``), L1-ranked channels; with
-  ``grow_depth`` a growth target first adds one zero-initialised copy of every repeatable block;
+- ``datafree``: widths by one global scale (``fxadapt.planning.solver``), aligned (``aligned_solve``),
+  L1-ranked channels; with ``grow_depth`` a growth target first adds one zero-initialised copy of every
+  repeatable block; a latency budget is solved on the target (``fxadapt.hw.latency.solve_latency``);
 - ``dna``: differentiable width+depth search in the elastic supernet (``fxadapt.search.dna``);
 - ``fur``: Network Adjustment (``fxadapt.search.fur``).
 
@@ -16,18 +17,20 @@ were inserted as depth slots, and whether the change preserves the function (pur
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 from torch.fx import GraphModule
 
 from fxadapt import meta
 from fxadapt.analysis import analyze
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import BudgetError, FxAdaptError
 from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
 from fxadapt.planning.plan import make_plan
-from fxadapt.planning.solver import solve_widths
+from fxadapt.planning.budget import BudgetWarning
+from fxadapt.planning.solver import SolveConfig, solve_widths
 from fxadapt.search.dna import dna
 from fxadapt.search.fur import fur
 
@@ -48,11 +51,51 @@ class Outcome:
 
 def datafree(job) -> Outcome:
     a, target, cfg = job.analysis, job.target.macs, job.cfg
+    if job.target.latency is not None:
+        return _latency(job)
     a, slots = _deepened(a, target) if cfg.grow_depth and target > a.macs() else (a, frozenset())
-    units = solve_widths(a, target, cfg.solve)
+    units, align = aligned_solve(a, target, cfg.solve)
     plan = make_plan(a, units)
     preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
-    return Outcome(a.gm, plan, a, (), slots, preserving)
+    return Outcome(a.gm, plan, a, ({"align": align},), slots, preserving)
+
+
+def _latency(job) -> Outcome:
+    """A latency budget on its target; with ``"auto"`` alignment, the target's block or, where that cannot
+    reach the budget, the largest power-of-two fraction of it that can."""
+    from fxadapt.hw.latency import solve_latency
+    from fxadapt.hw.target import Target
+
+    a, solve = job.analysis, job.cfg.solve
+    align = (job.target.target or Target()).align() if solve.align == "auto" else solve.alignment()
+    while True:
+        try:
+            sol = solve_latency(a, job.target, cfg=dataclasses.replace(solve, align=align))
+            head = {"align": align, "latency_s": sol.latency, "latency_budget_s": sol.budget,
+                    "latency_base_s": sol.base, "binding": sol.binding}
+            return Outcome(a.gm, make_plan(a, sol.units), a, (head, *sol.history))
+        except BudgetError:
+            if solve.align != "auto" or align == 1:
+                raise
+            align //= 2
+
+
+def aligned_solve(a, target: float, solve: SolveConfig) -> tuple[dict[int, int], int]:
+    """``solve_widths`` at ``solve.align``; with ``"auto"``, the target's alignment (the NCHWc block of this
+    CPU) or, where that makes the ``tol`` window unreachable, the largest power-of-two fraction of it that
+    does not (1 at worst): aligned widths when the model allows them, the budget first. Returns the
+    widths and the alignment used."""
+    if solve.align != "auto":
+        return solve_widths(a, target, solve), solve.alignment()
+    align = solve.alignment()
+    while align > 1:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", BudgetWarning)
+                return solve_widths(a, target, dataclasses.replace(solve, align=align, strict=True)), align
+        except (BudgetError, BudgetWarning):
+            align //= 2
+    return solve_widths(a, target, dataclasses.replace(solve, align=1)), 1
 
 
 def _deepened(a, target: float):
@@ -80,13 +123,23 @@ def _searched(job, run, scfg) -> Outcome:
     return Outcome(base, plan, sn.analysis, history, slots)
 
 
+def _search_solve(solve: SolveConfig) -> SolveConfig:
+    """The searches rescale inside their supernet's bins: "auto" alignment becomes the CPU's block only
+    when asked explicitly (the supernet's bins are not aligned), so "auto" means 1 there."""
+    return dataclasses.replace(solve, align=1) if solve.align == "auto" else solve
+
+
 def search_dna(job) -> Outcome:
-    over = {"device": job.cfg.device} | ({"steps": job.cfg.steps} if job.cfg.steps is not None else {})
-    return _searched(job, dna, dataclasses.replace(job.cfg.search, **over))
+    c = job.cfg
+    over = {"device": c.device, "precision": c.precision, "solve": _search_solve(c.solve)}
+    over |= {"steps": c.steps} if c.steps is not None else {}
+    return _searched(job, dna, dataclasses.replace(c.search, **over))
 
 
 def search_fur(job) -> Outcome:
-    return _searched(job, fur, dataclasses.replace(job.cfg.fur, device=job.cfg.device))
+    c = job.cfg
+    return _searched(job, fur, dataclasses.replace(c.fur, device=c.device, precision=c.precision,
+                                                   solve=_search_solve(c.solve)))
 
 
 STRATEGIES = {"datafree": datafree, "dna": search_dna, "fur": search_fur}

@@ -65,12 +65,13 @@ class TransformConfig:
 
     strategy: str = "auto"          # "datafree", "dna", "fur"; "auto": dna with data, else datafree
     fold_bn: bool = False           # fold BatchNorm into conv/linear (a deployable, not a trainable, model)
-    solve: SolveConfig = field(default_factory=SolveConfig)
+    solve: SolveConfig = field(default_factory=lambda: SolveConfig(align="auto"))  # aligned where the budget allows
     search: SearchConfig = field(default_factory=SearchConfig)
     fur: FurConfig = field(default_factory=FurConfig)
     grow_depth: bool = False        # data-free growth: first add a zero-initialised copy of every repeatable block
     steps: int | None = None        # overrides search.steps
-    device: str = "cpu"             # where a search runs
+    device: str = "cpu"             # where a search runs ("cuda": cuda:LOCAL_RANK under torchrun)
+    precision: str = "auto"         # search autocast: bf16 on CUDA, fp32 on CPU ("bf16"/"fp32" force it)
     recalibrate_bn: int = 20        # batches of `data` to re-estimate BN statistics with after shrinking
     output: str = "module"          # or "exported_program" (torch.export.ExportedProgram of the result)
     atol: float = 1e-5
@@ -112,8 +113,8 @@ def _capture(job: Job) -> Job:
 def _analyze(job: Job) -> Job:
     a = analyze(job.gm)
     target = parse_budget(job.budget, a.macs(), a.params())
-    if target.macs is None:
-        raise BudgetError("only MAC budgets are solved so far; give macs= (params are reported)")
+    if target.macs is None and target.latency is None:
+        raise BudgetError("give macs= or latency= (a params budget alone is not solved; it is checked)")
     if not a.prunable:
         reasons = sorted({g.reason for g in a.groups if g.reason})
         raise BudgetError(f"{type(job.model).__name__} has no prunable channel group: "
@@ -139,7 +140,7 @@ def _with_data(job: Job) -> bool:
 
 
 def _recalibrate(job: Job) -> Job:
-    if job.target.macs >= job.analysis.macs():  # growth keeps every original statistic exact
+    if job.target.macs is not None and job.target.macs >= job.analysis.macs():  # growth keeps every statistic
         return job
     gm = _copy(job.gm)
     recalibrate_bn(gm, job.data, job.cfg.recalibrate_bn, job.cfg.search.batch_size)
@@ -169,7 +170,11 @@ def _verify(job: Job) -> Job:
                            (ref_model, job.gm), job.inputs)
     o = job.outcome
     predicted = o.analysis.cost.macs(o.plan.units, {b: 0.0 for b in o.plan.remove})
-    verify.check_budget(macs, predicted, job.target.macs, job.analysis.macs(), job.cfg.solve)
+    verify.check_predicted(macs, predicted)
+    if job.target.macs is not None:
+        verify.check_budget(macs, job.target.macs, job.analysis.macs(), job.cfg.solve)
+    if job.target.params is not None:
+        verify.check_params(job.gm, job.target.params)
     return dataclasses.replace(job, macs=macs)
 
 

@@ -70,11 +70,22 @@ def check_shapes(ref: Any, got: Any) -> None:
                                 f"original's {shape(ra)}")
 
 
-def check_budget(macs: float, predicted: float, target: float, base: float, solve) -> None:
-    """Independent count vs the cost model's prediction, then the side (and window, when strict)."""
+def check_predicted(macs: float, predicted: float) -> None:
+    """The independent count equals the cost model's prediction for the plan (the cost model is right)."""
     if abs(macs - predicted) > 1e-3 * max(macs, predicted):
         raise VerificationError(f"the cost model predicted {predicted:,.0f} MACs but the adapted model runs "
                                 f"{macs:,.0f}: an op is miscosted (see fxadapt.analyze(...).uncosted)")
+
+
+def check_params(model: nn.Module, limit: float) -> None:
+    """A params budget holds: the parameter count (shared tensors once) is at most ``limit``."""
+    n = sum(p.numel() for p in model.parameters())
+    if n > limit:
+        raise VerificationError(f"adapted model has {n:,} parameters, above the params budget {limit:,.0f}")
+
+
+def check_budget(macs: float, target: float, base: float, solve) -> None:
+    """The counted MACs lie on the right side of the target (and within ``tol`` of it when strict)."""
     grow = target > base
     side = macs >= target if grow else macs <= target * (1 + 1e-9)
     if not side or (solve.strict and not in_window(macs, target, grow, solve.tol)):

@@ -12,7 +12,8 @@ by the source unit of every new (grown) unit. For each site the plan resolves th
   norms over channels, activation-activation contractions) make a group not growable, with the reason.
   One exception: a group that is split into pieces (a fused ``qkv`` projection whose q, k and v heads
   are one group of whole heads) lies in several runs, one per piece, each holding every unit in order;
-  the copies are appended after every run (``[q, q', k, k', v, v']``), so every piece grows alike.
+  the copies are appended after every run (``[q, q', k, k', v, v']``), so every piece grows alike; the
+  gate blocks of a recurrent layer (``gates`` sites) likewise.
 
 Importance (data-free): the L1 norm of each unit's producer weights, ``sum_p |W_p[unit]| / numel``, each
 producer site normalised by its mean so convs of different fan-in weigh alike.
@@ -59,7 +60,7 @@ def growth_blocker(a, group) -> str | None:
     """Why a group cannot grow function-preservingly, or None."""
     if not group.prunable:
         return group.reason
-    pieces = any(m.site.kind == "split" for m in group.members)
+    pieces = any(m.site.kind in ("split", "gates") for m in group.members)
     for m in group.members:
         if m.site.role == "mix":
             return _mix_reason(a, m.site.node_name)
@@ -148,7 +149,10 @@ def make_plan(a, units: dict[int, int], remove=(), repeat=None, scores: dict | N
         if n > g.units and (why := growth_blocker(a, g)):
             raise ValueError(f"group {g.id} ({g.name}) cannot grow: {why}")
         select[g.id] = select_units(a, g, n, None if scores is None else scores.get(g.id))
-    edits = tuple(_site_edit(a, s, select) for s in _sites(a) if _touched(a, s, select))
+    # a tensor axis is edited once, as its first site says: a tied tensor read as a consumer ("in": the LM
+    # head) and a producer (the embedding) must zero its grown positions, so "in" sites come first
+    sites = sorted(_sites(a), key=lambda s: s.role != "in")
+    edits = tuple(_site_edit(a, s, select) for s in sites if _touched(a, s, select))
     return Plan(edits, {g.id: units.get(g.id, g.units) for g in a.groups}, frozenset(remove),
                 dict(repeat or {}), tuple(a.blocks))
 

@@ -73,6 +73,7 @@ class SearchConfig:
     sandwich: bool = False                  # sandwich rule + in-place distillation in weight steps
     kd_temperature: float = 1.0
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    solve: SolveConfig = field(default_factory=SolveConfig)   # the final rescale: tol, strict, align
     loss_fn: Callable = nn.functional.cross_entropy
 
 
@@ -240,7 +241,7 @@ def dna(a0, target: float, data, val_data, cfg: SearchConfig):
     state = run_search(sn, train, val, target, grow, cfg, ctx, teacher)
     if state.step < cfg.steps:
         return None, None, sn, state
-    units, present = discretize(sn, target, grow)
+    units, present = discretize(sn, target, grow, cfg.solve)
     sn.gm.to("cpu")
     plain, plan = sn.finalize(units, present)
     last = {"seconds": time.perf_counter() - t0, **gate_moves(sn, units, present)}

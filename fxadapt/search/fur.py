@@ -51,6 +51,7 @@ class FurConfig:
     precision: str = "auto"                 # "bf16" autocast, "fp32"; "auto": bf16 on CUDA, fp32 on CPU
     progress: bool = True
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(depth_slots=0))
+    solve: SolveConfig = field(default_factory=SolveConfig)   # every global rescale: tol, strict, align
     loss_fn: object = nn.functional.cross_entropy
 
 
@@ -155,7 +156,7 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
     bounds = sn.bounds()
     ref = {g: w.n_on for g, w in sn.spec.widths.items()}
     present = {b: 1.0 if on else 0.0 for b, on in sn.spec.depths.items()}
-    units = fit(a, target, bounds, dict(ref), grow, SolveConfig(), present)
+    units = fit(a, target, bounds, dict(ref), grow, cfg.solve, present)
     history, start = [], dict(units)
     bar = _bar(cfg)
     for it in range(cfg.iterations):
@@ -166,13 +167,13 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
                         "fur": {int(g): round(v, 6) for g, v in scores.items()}})
         moved = adjust(realised, scores, ref, cfg.rate * (1 - it / max(cfg.iterations, 1)))
         moved = {g: min(max(n, bounds[g][0]), bounds[g][1]) for g, n in moved.items()}
-        units = fit(a, target, bounds, moved, grow, SolveConfig(), present)
+        units = fit(a, target, bounds, moved, grow, cfg.solve, present)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(macs=f"{history[-1]['macs_ratio']:.3f}xT")
     if bar is not None:
         bar.close()
-    check_window(a, units, target, grow, SolveConfig(), present)   # a BudgetWarning when the 1% window is missed
+    check_window(a, units, target, grow, cfg.solve, present)   # a BudgetWarning when the 1% window is missed
     sn.gm.to("cpu")
     plain, plan = sn.finalize(units, present)
     moves = [{"group": int(g), "initial": int(ref[g]), "start": int(start[g]), "final": int(units[g])} for g in units]

@@ -20,7 +20,7 @@ from fxadapt.search.dna import SearchConfig, budget_loss
 from fxadapt.search.fur import FurConfig, adjust
 from fxadapt.search.supernet import SupernetConfig, build_supernet
 
-X1 = torch.randn(1, 3, 8, 8)
+X1 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))   # independent of test order
 gen = torch.Generator().manual_seed(0)
 DATA = (torch.randn(64, 3, 8, 8, generator=gen), torch.randint(0, 5, (64,), generator=gen))
 FAST = SearchConfig(steps=12, warmup=3, batch_size=16, progress=False)
@@ -28,6 +28,7 @@ FAST = SearchConfig(steps=12, warmup=3, batch_size=16, progress=False)
 
 @pytest.fixture(scope="module")
 def model():
+    torch.manual_seed(0)   # the same weights whichever tests ran before
     return ResNetTiny().eval()
 
 
@@ -140,3 +141,18 @@ def test_checkpoint_resume_equals_uninterrupted(model, tmp_path):
 def test_search_strategies_need_data(model):
     with pytest.raises(ValueError, match="needs|searches on data"):
         fxadapt.transform(model, 0.5, (X1,), strategy="dna")
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: FUR's final rescale lands 1.0% below the 0.5 window on this "
+                   "model (0.4948x) with a BudgetWarning worded in supernet ratios ('landed at 0.223x for a "
+                   "budget of 0.225x ... stem.0 has 12 units'), though the data-free solver finds widths "
+                   "inside the window for the same model")
+def test_fur_lands_in_window_where_datafree_does():
+    torch.manual_seed(142)
+    x = torch.randn(1, 3, 8, 8)
+    model = ResNetTiny().eval()
+    base = hand_macs(model, x)
+    assert 0.495 <= hand_macs(fxadapt.transform(model, 0.5, (x,)), x) / base <= 0.5
+    cfg = TransformConfig(fur=FurConfig(iterations=2, train_steps=4, batch_size=16, draws=2, val_samples=32))
+    out = fxadapt.transform(model, 0.5, (x,), data=DATA, strategy="fur", config=cfg)
+    assert 0.495 <= hand_macs(out, x) / base <= 0.5

@@ -81,15 +81,19 @@ class Analysis:
         return analysis_table(self)
 
 
-def analyze(model: Any, example_inputs: Any = None, attention: str = "auto") -> Analysis:
+def analyze(model: Any, example_inputs: Any = None, attention: str | None = None) -> Analysis:
     """Analyse ``model`` (an ``nn.Module`` plus example inputs, or a ``GraphModule`` from ``capture``).
 
-    ``attention``: how attention is adapted: ``"heads"`` (whole heads; ``"auto"``, the default, is heads) or
-    ``"head_dim"`` (head count kept, ``head_dim`` pruned); see ``fxadapt.ops.reshape``."""
+    ``attention``: how attention is adapted: ``"heads"`` (whole heads), ``"head_dim"`` (head count kept,
+    ``head_dim`` pruned) or ``"auto"`` (heads where the model applies rotary embeddings, else head_dim); see
+    ``fxadapt.ops.reshape``. Default: the mode the graph was analysed with before (rewritten graphs keep
+    it), else ``"auto"``."""
     if isinstance(model, GraphModule) and meta.BATCH in model.meta:
         gm = model
     else:
         gm = capture(model, example_inputs)
+    attention = attention or gm.meta.get(meta.ATTENTION, "auto")
+    gm.meta[meta.ATTENTION] = attention
     ctx = propagate(gm, attention)
     groups, group_of, unit_of = form_groups(ctx.ledger)
     roots = ctx.ledger.uf.roots()

@@ -38,6 +38,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxadapt.ir.inputs import as_inputs
 
 
+def _rnn_layer_flops(input, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    """``aten.mkldnn_rnn_layer`` (one LSTM layer and direction; the CPU kernel torch's counter misses): every
+    element of ``weight_ih`` and ``weight_hh`` is used once per time step and batch row."""
+    return 2 * input[0] * input[1] * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
+
+
+EXTRA_FLOPS = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops}   # packet -> formula on shapes
+
+
 @contextlib.contextmanager
 def countable_attention() -> Iterator[None]:
     """Math SDPA backend and no MHA fast path inside the block (the previous settings are restored).
@@ -67,7 +76,8 @@ def run_counted(model: nn.Module, inputs: Any) -> tuple[float, Any]:
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), countable_attention(), FlopCounterMode(display=False,
+                                                                      custom_mapping=EXTRA_FLOPS) as counter:
             out = inputs.call(model)
     finally:
         model.train(was)

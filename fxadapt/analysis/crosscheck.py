@@ -87,6 +87,7 @@ class _Flops(TorchDispatchMode):
         formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
+
         return out
 
 

@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Node
 from fxadapt import meta
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import OPS, Blocked, Call, Ctx, RuleRecord, missing_reason
+from fxadapt.errors import InputError
 from fxadapt.ops.reshape import ATTENTION_MODES
 
 
@@ -98,7 +99,7 @@ def propagate(gm: GraphModule, attention: str = "auto") -> Ctx:
     ``attention``: ``"heads"`` / ``"auto"`` (whole attention heads are units) or ``"head_dim"`` (the head
     count is kept and ``head_dim`` pruned); see ``fxadapt.ops.reshape``."""
     if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+        raise InputError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     batch = gm.meta.get(meta.BATCH, 1)
     shapes = {n.name: concrete_shape(n.meta.get("val"), batch) for n in gm.graph.nodes}
     ctx = Ctx(shapes, _Params(gm))

@@ -110,9 +110,14 @@ class Report:
     @staticmethod
     def build(a, outcome, out, target, macs: float, strategy: str, seconds: float) -> Report:
         """``a``: the original model's analysis; ``outcome``: what the strategy produced."""
-        before = {g.producer: g.width for g in a.groups}
         pa, plan = outcome.analysis, outcome.plan
-        groups = tuple(GroupChange(g.id, g.name, before.get(g.producer, 0),
+        if pa is a:  # the plan refers to the original groups themselves
+            before = {g.id: g.width for g in a.groups}
+            key = lambda g: g.id  # noqa: E731
+        else:  # a rewritten graph's groups (a supernet): matched by their producer parameter and axis
+            before = {g.producer: g.width for g in a.groups}
+            key = lambda g: g.producer  # noqa: E731
+        groups = tuple(GroupChange(g.id, g.name, before.get(key(g), 0),
                                    plan.units.get(g.id, g.units) * g.granularity) for g in pa.groups)
         blocks = {b.id: b for b in pa.blocks}
         removed = tuple(blocks[b].exit for b in sorted(plan.remove) if b not in outcome.slots)

@@ -163,17 +163,20 @@ def export(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgra
     """``torch.export`` with a dynamic batch axis, falling back to static shapes (see module docstring)."""
     inputs = as_inputs(example_inputs)
     dyn = _batch2(inputs)
-    try:
-        return torch.export.export(model, dyn.args, dyn.kwargs, dynamic_shapes=_dynamic_spec(dyn), strict=False)
-    except Exception:  # noqa: BLE001 - retried statically; that error is the one reported
-        pass
-    try:
-        return torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
-    except Exception as e:  # noqa: BLE001
-        text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
-        raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph: {type(e).__name__}: "
-                           f"{first}\n  {_hint(text) or 'at ' + _where(e, model)}") from e
+    with warnings.catch_warnings():  # RNN modules warn that export reassigns their _flat_weights: harmless
+        warnings.filterwarnings("ignore", message=".*_flat_weights.*")
+        try:
+            return torch.export.export(model, dyn.args, dyn.kwargs, dynamic_shapes=_dynamic_spec(dyn), strict=False)
+        except Exception:  # noqa: BLE001 - retried statically; that error is the one reported
+            pass
+        try:
+            return torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+        except Exception as e:  # noqa: BLE001
+            err = e
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph: {type(err).__name__}: "
+                       f"{first}\n  {_hint(text) or 'at ' + _where(err, model)}") from err
 
 
 def _first_names(gm: GraphModule) -> None:

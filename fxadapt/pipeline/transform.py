@@ -64,6 +64,7 @@ class TransformConfig:
     """Every option of ``transform``; any field can also be given to ``transform`` as a keyword."""
 
     strategy: str = "auto"          # "datafree", "dna", "fur"; "auto": dna with data, else datafree
+    attention: str = "auto"         # "heads" (whole heads), "head_dim"; "auto": heads with rotary embeddings
     fold_bn: bool = False           # fold BatchNorm into conv/linear (a deployable, not a trainable, model)
     solve: SolveConfig = field(default_factory=lambda: SolveConfig(align="auto"))  # aligned where the budget allows
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -111,7 +112,7 @@ def _capture(job: Job) -> Job:
 
 
 def _analyze(job: Job) -> Job:
-    a = analyze(job.gm)
+    a = analyze(job.gm, attention=job.cfg.attention)
     target = parse_budget(job.budget, a.macs(), a.params())
     if target.macs is None and target.latency is None:
         raise BudgetError("give macs= or latency= (a params budget alone is not solved; it is checked)")

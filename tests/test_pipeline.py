@@ -126,3 +126,45 @@ def test_latency_budget_through_transform(monkeypatch):
     out = fxadapt.transform(example_model(), fxadapt.Budget(latency=0.6), (X,))
     r = fxadapt.report(out)
     assert count_macs(out, (X,)) / r.macs_before <= 0.6 and "latency (measured on the target)" in r.table()
+
+
+class _LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_lstm_transforms_and_is_counted_independently():
+    """CPU LSTM runs a fused kernel FlopCounterMode misses; the independent count covers it, so the cost
+    model (4H(I+H) per step and row, every layer and direction) and the count agree and transform works."""
+    torch.manual_seed(0)
+    m, x = _LSTMNet().eval(), torch.randn(1, 5, 8)
+    weights = sum(p.numel() for n, p in m.lstm.named_parameters() if "weight" in n)
+    assert fxadapt.analysis.count.count_macs(m, (x,)) == 5 * weights + 32 * 4
+    for budget in (0.5, 1.5):
+        out = fxadapt.transform(m, budget, (x,), solve=fxadapt.planning.solver.SolveConfig(align=1))
+        r = fxadapt.report(out)
+        assert abs(r.macs_after / r.macs_before - budget) <= 0.02 * budget
+    torch.testing.assert_close(out(x), m(x), rtol=1e-4, atol=1e-5)  # growth preserved the function
+
+
+def test_attention_mode_option_reaches_the_analysis():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100)
+    torch.manual_seed(0)
+    m = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    heads = fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="heads", solve=fxadapt.planning.solver.SolveConfig(align=1))
+    dims = fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="head_dim", solve=fxadapt.planning.solver.SolveConfig(align=1))
+    q = "encoder.layer.0.attention.self.query"
+    gran = {mode: next(g.granularity for g in fxadapt.analyze(m, {"input_ids": ids}, attention=mode).groups
+                       if g.name == q) for mode in ("heads", "head_dim")}
+    assert gran == {"heads": 8, "head_dim": 4}                              # a unit: one head / one position x 4 heads
+    assert heads.get_submodule(q).out_features % 8 == 0 and dims.get_submodule(q).out_features % 4 == 0
+    with pytest.raises(fxadapt.FxAdaptError, match="attention must be one of"):
+        fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="rows")

@@ -170,8 +170,13 @@ def _constant_along(a: np.ndarray, k: int) -> bool:
 
 
 def _shape_sites(ctx, t: Track, sizes) -> None:
-    """Int entries of a shape list at tracked axes change with the channel count: record them."""
+    """Int entries of a shape list at tracked axes change with the channel count: record them. An entry
+    computed at run time (a symbolic size: the channel count multiplied into the batch, as patch unfolding
+    does) cannot be rewritten: those channels are frozen."""
     if t is None or isinstance(t, Blocked):
+        return
+    if any(a < len(sizes) and not isinstance(sizes[a], int) for a in t.axes):
+        ctx.freeze(t, "the channel count enters a size computed at run time (merged with another axis)")
         return
     for k, a in enumerate(t.axes):
         if a < len(sizes) and isinstance(sizes[a], int) and sizes[a] != -1 and k == len(t.axes) - 1:

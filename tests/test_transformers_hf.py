@@ -1,0 +1,69 @@
+"""Transformers as people build them (Hugging Face from small configs, a hand-written SDPA model with tied
+weights): transform at 0.5 and 1.5, MACs by the independent count, growth function-preserving (checked
+by transform against the original), GQA heads in whole groups, tied parameters kept tied and named."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxadapt
+from fxadapt.analysis.count import count_macs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+transformers = pytest.importorskip("transformers")
+import bench_transformers as bt  # noqa: E402
+
+FAST = ("tied-sdpa", "gpt2", "llama-gqa")
+SLOW = ("bert", "qwen2-gqa", "vit", "swin", "whisper", "wav2vec2")
+
+
+def _case(name):
+    build, inputs = bt._models()[name]
+    torch.manual_seed(0)
+    return build().eval(), inputs()
+
+
+def _check(name, budget):
+    model, inputs = _case(name)
+    out = fxadapt.transform(model, budget, inputs)
+    r = fxadapt.report(out)
+    macs = count_macs(out, inputs)
+    assert macs == r.macs_after and abs(macs / r.macs_before - budget) <= 0.011 * budget
+    return model, out, inputs
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.5])
+@pytest.mark.parametrize("name", FAST)
+def test_transformer_transforms(name, budget):
+    _check(name, budget)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0.5, 1.5])
+@pytest.mark.parametrize("name", SLOW)
+def test_transformer_transforms_slow(name, budget):
+    _check(name, budget)
+
+
+def test_gqa_heads_go_in_whole_groups():
+    model, out, _ = _check("llama-gqa", 0.5)
+    attn = "model.layers.0.self_attn"
+    q, k, v = (out.get_submodule(f"{attn}.{p}_proj").out_features for p in "qkv")
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    ratio = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert k == v and k % head_dim == 0 and q == ratio * k          # kv heads kept with their q heads
+
+
+def test_tied_weights_stay_tied_and_named():
+    model, out, inputs = _check("tied-sdpa", 1.5)
+    assert out.lm_head.weight is out.wte.weight
+    names = {n for n, _ in out.named_parameters(remove_duplicate=False)}
+    assert {"lm_head.weight", "wte.weight"} <= names
+    rows = {c.name: (c.before, c.after) for c in fxadapt.report(out).groups}
+    assert all(after == before for before, after in rows.values() if before == bt.VOCAB)  # no false vocab row
+    small = fxadapt.transform(model, 0.5, inputs)
+    assert small.lm_head.weight is small.wte.weight and small.wte.weight.shape[0] == bt.VOCAB

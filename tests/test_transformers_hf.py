@@ -17,12 +17,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 transformers = pytest.importorskip("transformers")
 import bench_transformers as bt  # noqa: E402
 
-FAST = ("tied-sdpa", "gpt2", "llama-gqa")
-SLOW = ("bert", "qwen2-gqa", "vit", "swin", "whisper", "wav2vec2")
+MODELS = ("tied-sdpa", "gpt2", "llama-gqa", "bert", "qwen2-gqa", "vit", "swin", "whisper", "wav2vec2", "mobilevit")
+
+
+def _models():
+    cases = dict(bt._models())
+    cfg = dict(image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160],
+               num_attention_heads=4)
+    cases["mobilevit"] = (lambda: transformers.MobileViTModel(transformers.MobileViTConfig(**cfg)),
+                          lambda: (torch.randn(1, 3, 64, 64),))
+    return cases
 
 
 def _case(name):
-    build, inputs = bt._models()[name]
+    build, inputs = _models()[name]
     torch.manual_seed(0)
     return build().eval(), inputs()
 
@@ -37,15 +45,8 @@ def _check(name, budget):
 
 
 @pytest.mark.parametrize("budget", [0.5, 1.5])
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", MODELS)
 def test_transformer_transforms(name, budget):
-    _check(name, budget)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("budget", [0.5, 1.5])
-@pytest.mark.parametrize("name", SLOW)
-def test_transformer_transforms_slow(name, budget):
     _check(name, budget)
 
 

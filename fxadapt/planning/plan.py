@@ -110,7 +110,9 @@ def importance(a, group) -> np.ndarray:
         if s.kind != "param" or s.role not in ("out", "dw"):
             continue
         w = _get(gm, s.ref.target).detach()
-        per_pos = w.abs().transpose(0, s.axis).reshape(w.shape[s.axis], -1).mean(1).double().numpy()
+        other = [d for d in range(w.dim()) if d != s.axis]
+        per_pos = (w.abs().float().sum(other) / max(1, w.numel() // w.shape[s.axis]) if other
+                   else w.abs().float()).double().numpy()
         pos = m.index >= 0
         sums = np.bincount(m.index[pos], weights=per_pos[pos], minlength=group.units)
         score += sums / max(sums.mean(), 1e-12)
@@ -173,28 +175,32 @@ def _touched(a, site: Site, select: dict) -> bool:
 
 
 def _site_edit(a, site: Site, select: dict) -> SiteEdit:
+    """Kept positions in order (vectorised per group), with every grown copy inserted right after the run of
+    its group it copies from."""
     g, u = positions(a, site)
-    index, new = [], []
-    run_end = {}  # last position of a run -> (group, positions of the run)
+    keep = np.ones(len(g), dtype=bool)
+    run_end = {}  # last position of a run -> (positions of the run, source units of the copies)
     for gid in np.unique(g).tolist():
-        if gid in select and len(select[gid]) > a.groups[gid].units:
-            for r in unit_runs(np.where(g == gid, u, -1)) or [np.flatnonzero(g == gid)]:
-                run_end[int(r[-1])] = r
-    for p in range(len(g)):
-        gid = int(g[p])
         sel = select.get(gid)
         if sel is None:
-            index.append(p)
-            new.append(False)
             continue
-        units = a.groups[gid].units
-        if u[p] in sel[: min(len(sel), units)] if len(sel) <= units else True:
-            index.append(p)
-            new.append(False)
-        if p in run_end:
-            run = run_end[p]
-            for src in sel[units:]:
-                for q in run[u[run] == src]:
-                    index.append(int(q))
-                    new.append(True)
-    return SiteEdit(site, np.asarray(index, dtype=np.int64), np.asarray(new, dtype=bool))
+        units, here = a.groups[gid].units, g == gid
+        if len(sel) <= units:
+            keep[here] = np.isin(u[here], sel)
+            continue
+        for r in unit_runs(np.where(here, u, -1)) or [np.flatnonzero(here)]:
+            run_end[int(r[-1])] = (r, sel[units:])
+    kept = np.flatnonzero(keep)
+    if not run_end:
+        return SiteEdit(site, kept.astype(np.int64), np.zeros(len(kept), dtype=bool))
+    index, new, start = [], [], 0
+    for end in sorted(run_end):
+        part = kept[(kept >= start) & (kept <= end)]
+        run, extra = run_end[end]
+        copies = np.concatenate([run[u[run] == src] for src in extra]) if len(extra) else np.zeros(0, np.int64)
+        index += [part, copies]
+        new += [np.zeros(len(part), dtype=bool), np.ones(len(copies), dtype=bool)]
+        start = end + 1
+    index.append(kept[kept >= start])
+    new.append(np.zeros(len(index[-1]), dtype=bool))
+    return SiteEdit(site, np.concatenate(index).astype(np.int64), np.concatenate(new))

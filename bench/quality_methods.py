@@ -10,7 +10,8 @@ distillation from the base).
   ratio in every layer; ``tp-global``: ``MagnitudePruner(global_pruning=True)`` with
   ``GroupMagnitudeImportance(p=2)`` (group L2 norm, mean-normalised, ranked across layers; at most 90%
   of a layer). Both prune at the largest ratio (14-step bisection) whose result meets the MACs target;
-  the classifier head is ignored.
+  the classifier head is ignored. Global pruning is not monotone near its maximum ratio (at 0.9 it left
+  whole layers unpruned here), so when the bisection finds nothing a grid of ratios is scanned.
 - ``datafree``, ``dna``, ``fur``: ``fxadapt.transform`` with that strategy (BN kept, BN statistics
   re-estimated on the training data); DNA and FUR with their defaults except ``seed`` (the protocol
   seed), ``progress=False`` and, when given, ``dna_steps`` / ``fur_iterations`` (quick mode).
@@ -67,7 +68,12 @@ def tp_prune(model: nn.Module, x: torch.Tensor, target: float, global_pruning: b
             best, hi = m, mid
         else:
             lo = mid
-    return best if best is not None else prune(hi)
+    if best is None:    # global pruning is not monotone in the ratio near its maximum: scan for the largest fit
+        fits = [m for r in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9) if count_macs(m := prune(r), x) <= target]
+        best = max(fits, key=lambda m: count_macs(m, x)) if fits else None
+    if best is None:
+        raise RuntimeError(f"Torch-Pruning reached no model within {target:.0f} MACs")
+    return best
 
 
 def reinitialise(model: nn.Module, seed: int) -> nn.Module:

@@ -12,20 +12,19 @@ reports) and ``cli``; the graph passes ship as ``fxadapt.passes``.
 [8]
 """
 
+from fxadapt import dist  # noqa: E402  (fxadapt.dist.is_main() etc.)
 from fxadapt.analysis import Analysis, analyze
 from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
 from fxadapt.export.onnx import ExportError, export_onnx
 from fxadapt.export.program import captured_from_program, to_exported_program
-from fxadapt.export.save import load, save
 from fxadapt.export.report import Report, report
+from fxadapt.export.save import load, save
 from fxadapt.hw.bench import benchmark
 from fxadapt.hw.target import Target, TargetError
 from fxadapt.ir.capture import capture
 from fxadapt.pipeline.transform import TransformConfig, VerificationError, transform
 from fxadapt.planning.budget import Budget
 from fxadapt.train.finetune import FinetuneConfig, finetune
-
-from fxadapt import dist  # noqa: E402  (fxadapt.dist.is_main() etc.)
 
 __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
            "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",

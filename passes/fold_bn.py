@@ -27,6 +27,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from fxadapt.passes.lift_modules import getattr_path, relift
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
@@ -34,7 +35,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxadapt import meta
 from fxadapt.ir.channels import ParamRef
 from fxadapt.ops.registry import spec_of
-from fxadapt.passes.lift_modules import getattr_path, relift
 
 
 @dataclass(frozen=True)

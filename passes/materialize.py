@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fxadapt.passes.lift_modules import fill_args, getattr_path, relift, set_path
+from fxadapt.passes.rewire_blocks import RewireConfig, rewire_blocks
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
@@ -31,8 +33,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxadapt import meta
 from fxadapt.ir.atencall import AtenCall
 from fxadapt.ops.registry import op_of, spec_of
-from fxadapt.passes.lift_modules import fill_args, getattr_path, relift, set_path
-from fxadapt.passes.rewire_blocks import RewireConfig, rewire_blocks
 from fxadapt.planning.plan import Plan, SiteEdit
 
 NODE_SITES = ("shape_arg", "groups", "split", "slice")

@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from fxadapt.passes.lift_modules import getattr_path
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
@@ -24,7 +25,6 @@ from fxadapt import meta
 from fxadapt.ir.atencall import AtenCall
 from fxadapt.ir.channels import ParamRef
 from fxadapt.ops.registry import spec_of
-from fxadapt.passes.lift_modules import getattr_path
 
 aten = torch.ops.aten
 

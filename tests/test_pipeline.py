@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 import torch
+from fxadapt.passes.shape_check import ShapeCheckError
 from torch import nn
 
 import fxadapt
 from fxadapt import meta
 from fxadapt.examples import EXAMPLE_INPUT_SHAPE, example_model
-from fxadapt.passes.shape_check import ShapeCheckError
 from fxadapt.pipeline import transform as tr
 from fxadapt.pipeline.runner import Step, run_steps
 

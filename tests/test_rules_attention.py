@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fxadapt.passes.materialize import apply_plan
 from ruletools import check_slicing, group_with, half_flops, member, seeded, x4
 from torch import nn
 
 import fxadapt
 from fxadapt.planning.plan import growth_blocker, make_plan
-from fxadapt.passes.materialize import apply_plan
 
 
 def rotate_half(x):

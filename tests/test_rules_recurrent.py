@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fxadapt.passes.materialize import apply_plan
 from ruletools import group_with, half_flops, member
 from torch import nn
 
 import fxadapt
-from fxadapt.passes.materialize import apply_plan
 from fxadapt.planning.plan import growth_blocker, make_plan
 
 
@@ -39,7 +39,7 @@ def x4(*shape):
 
 def hand_macs(gates, layers, dirs, t=7, b=1, i=8, h=12):
     """Linear layers + T*B*D*G*H*(I_l + H) per layer (I_l = D*H after the first)."""
-    rnn = sum(t * b * dirs * gates * h * ((i if l == 0 else dirs * h) + h) for l in range(layers))
+    rnn = sum(t * b * dirs * gates * h * ((i if k == 0 else dirs * h) + h) for k in range(layers))
     return t * b * (5 * 8 + h * dirs * 3) + rnn
 
 

@@ -36,12 +36,12 @@ from torch.fx import GraphModule
 
 from fxadapt import meta
 from fxadapt.analysis.blocks import Block, dataflow_graph, find_blocks
-from fxadapt.ir.capture import capture
 from fxadapt.analysis.cost import CostModel
 from fxadapt.analysis.cost_build import build_cost
 from fxadapt.analysis.crosscheck import Uncosted, crosscheck
 from fxadapt.analysis.groups import Group, form_groups
 from fxadapt.analysis.propagate import labels_of, propagate
+from fxadapt.ir.capture import capture
 
 
 @dataclass

@@ -16,9 +16,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxadapt import meta
+from fxadapt.errors import InputError
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import OPS, Blocked, Call, Ctx, RuleRecord, missing_reason
-from fxadapt.errors import InputError
 from fxadapt.ops.reshape import ATTENTION_MODES
 
 

@@ -10,7 +10,6 @@ without an entry are blocked the same way — nothing ever defaults to element-w
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

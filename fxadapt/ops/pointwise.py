@@ -10,7 +10,6 @@ of full size is sliced with the channels (a ``const`` site); any other fixed-siz
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track

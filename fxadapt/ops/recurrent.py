@@ -29,8 +29,7 @@ _FACTORY = aten_ops("zeros.default")
 
 def _recurrent(call, ctx, gates: int, states: int):
     x, hx, params = call.arg(0, "input"), call.arg(1, "hx"), list(call.arg(2, "params"))
-    has_b, layers, bidir, batch_first = call.arg(3, "has_biases"), call.arg(4, "num_layers"), \
-        call.arg(7, "bidirectional"), call.arg(8, "batch_first")
+    has_b, layers, bidir = call.arg(3, "has_biases"), call.arg(4, "num_layers"), call.arg(7, "bidirectional")
     dirs = 2 if bidir else 1
     per = 4 if has_b else 2
     if len(params) != layers * dirs * per or not all(isinstance(p, ParamRef) for p in params):

@@ -317,9 +317,11 @@ def _coarse(a, align: int) -> str:
 
 
 def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = SolveConfig(),
-                 present: dict | None = None) -> float:
+                 present: dict | None = None, base: float | None = None) -> float:
     """MACs of ``n``; when they miss the window: a ``BudgetWarning`` saying how far, or with ``cfg.strict`` a
     ``BudgetError`` naming the nearest totals found on both sides of ``target`` (module docstring, step 3).
+    Ratios in the message are of ``base`` (default: ``a``'s own MACs; a search passes the original model's,
+    since ``a`` is then its grown supernet).
 
     >>> import torch, fxadapt
     >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 20, 1), torch.nn.Conv2d(20, 4, 1)),
@@ -327,7 +329,7 @@ def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = Solve
     >>> check_window(a, {0: 10}, 70.0, grow=False)
     70.0
     """
-    m, t, base = a.cost.macs(n, present), target, a.cost.macs()
+    m, t, base = a.cost.macs(n, present), target, base or a.cost.macs()
     if in_window(m, t, grow, cfg.tol):
         return m
     note = _coarse(a, cfg.alignment())

@@ -208,7 +208,7 @@ def discretize(sn: Supernet, target: float, grow: bool, solve: SolveConfig = Sol
     bounds = sn.bounds()
     base = {gid: max(units[gid], 1) for gid in bounds}
     units = fit(sn.analysis, target, bounds, base, grow, solve, present)
-    check_window(sn.analysis, units, target, grow, solve, present)  # a BudgetWarning when the window is missed
+    check_window(sn.analysis, units, target, grow, solve, present, sn.original.macs())  # warns off the window
     return units, present
 
 

@@ -173,7 +173,7 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
             bar.set_postfix(macs=f"{history[-1]['macs_ratio']:.3f}xT")
     if bar is not None:
         bar.close()
-    check_window(a, units, target, grow, cfg.solve, present)   # a BudgetWarning when the 1% window is missed
+    check_window(a, units, target, grow, cfg.solve, present, sn.original.macs())   # warns off the window
     sn.gm.to("cpu")
     plain, plan = sn.finalize(units, present)
     moves = [{"group": int(g), "initial": int(ref[g]), "start": int(start[g]), "final": int(units[g])} for g in units]

@@ -68,3 +68,22 @@ def test_tied_weights_stay_tied_and_named():
     assert all(after == before for before, after in rows.values() if before == bt.VOCAB)  # no false vocab row
     small = fxadapt.transform(model, 0.5, inputs)
     assert small.lm_head.weight is small.wte.weight and small.wte.weight.shape[0] == bt.VOCAB
+
+
+def test_dna_searches_a_causal_lm_on_its_model_output():
+    """The search's loss reads ``.logits`` of a ``ModelOutput`` (no wrapper needed); a user loss for
+    next-token prediction is passed through ``SearchConfig(loss_fn=...)``."""
+    from torch.nn import functional as F
+
+    from fxadapt.search.dna import SearchConfig
+
+    model, _ = _case("gpt2")
+    ids = torch.randint(0, bt.VOCAB, (32, bt.SEQ), generator=torch.Generator().manual_seed(0))
+
+    def lm_loss(logits, y):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+
+    cfg = SearchConfig(loss_fn=lm_loss, batch_size=8, warmup=2, progress=False)
+    out = fxadapt.transform(model, 0.5, (ids[:1],), data=(ids, ids), strategy="dna", steps=6, search=cfg)
+    r = fxadapt.report(out)
+    assert r.strategy == "dna" and 0.45 <= count_macs(out, (ids[:1],)) / r.macs_before <= 0.5

@@ -45,7 +45,7 @@ from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
 from fxadapt.search.sandwich import sandwich_step
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
-from fxadapt.train.data import Batches
+from fxadapt.train.data import Batches, prediction
 
 
 class SearchConfigError(FxAdaptError, ValueError):
@@ -81,7 +81,7 @@ def budget_loss(expected: torch.Tensor, target: float, grow: bool, band: float) 
     """Zero inside the dead zone, ``|log(E/T)|`` outside (see module docstring)."""
     r = expected / target
     lo, hi = (1.0, 1.0 + band) if grow else (1.0 - band, 1.0)
-    if lo <= float(r) <= hi:
+    if lo <= float(r.detach()) <= hi:
         return expected * 0.0  # zero, still attached to the graph
     return torch.log(r).abs()
 
@@ -132,7 +132,7 @@ def _step(sn, batch, opt, cfg, ctx, frozen, extra=None) -> float:
     try:
         with dist.autocast(ctx.device, cfg.precision):
             out = sn.gm(x)
-        loss = cfg.loss_fn(out.float(), y)
+        loss = cfg.loss_fn(prediction(out).float(), y)
         total = loss + extra() if extra is not None else loss
         total.backward()
     finally:

@@ -32,7 +32,7 @@ from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
 from fxadapt.search.dna import SearchConfigError
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
-from fxadapt.train.data import Batches
+from fxadapt.train.data import Batches, prediction
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _val_loss(sn: Supernet, val: tuple, cfg: FurConfig, ctx: dist.DistContext | 
     x, y = (t.to(ctx.device) for t in val[:2])
     with dist.autocast(ctx.device, cfg.precision):
         out = sn.gm(x)
-    return dist.mean(float(cfg.loss_fn(out.float(), y)), len(y), ctx)
+    return dist.mean(float(cfg.loss_fn(prediction(out).float(), y)), len(y), ctx)
 
 
 def _dropped_loss(sn: Supernet, gid: int, p: float, val: tuple, cfg: FurConfig, gen, ctx=None) -> float:
@@ -129,7 +129,7 @@ def _train(sn: Supernet, train: Batches, start: int, cfg: FurConfig, ctx: dist.D
             opt.zero_grad(set_to_none=True)
             with dist.autocast(ctx.device, cfg.precision):
                 out = sn.gm(x)
-            cfg.loss_fn(out.float(), y).backward()
+            cfg.loss_fn(prediction(out).float(), y).backward()
             dist.sync_step(weights, sn.gm, ctx)
             opt.step()
     finally:

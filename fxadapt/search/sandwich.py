@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from fxadapt import dist
+from fxadapt.train.data import prediction
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def sandwich_step(sn, batch, opt, cfg, ctx, teacher, step: int) -> float:
     saved = [p.detach().clone() for p in arch]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     with torch.no_grad(), dist.autocast(ctx.device, cfg.precision):
-        soft = F.log_softmax(teacher(x).float() / cfg.kd_temperature, -1)
+        soft = F.log_softmax(prediction(teacher(x)).float() / cfg.kd_temperature, -1)
     opt.zero_grad(set_to_none=True)
     for p in arch:
         p.requires_grad_(False)
@@ -54,7 +55,7 @@ def sandwich_step(sn, batch, opt, cfg, ctx, teacher, step: int) -> float:
         for kind in ("max", "min", "rand"):
             _set(sn, kind, gen)
             with dist.autocast(ctx.device, cfg.precision):
-                out = sn.gm(x).float()
+                out = prediction(sn.gm(x)).float()
             if kind == "max":
                 loss = cfg.loss_fn(out, y)
                 task = float(loss.detach())

@@ -105,3 +105,24 @@ class Batches:
             return tuple(self.collate([self.dataset[i] for i in range(len(self.dataset))]))
         parts = list(zip(*[tuple(b) for b in self.loader]))
         return tuple(torch.cat(p) for p in parts)
+
+
+def prediction(out: Any) -> torch.Tensor:
+    """The tensor a loss reads from a model's output: the tensor itself, a ``ModelOutput``'s ``logits``, or
+    the first tensor of a tuple / list / dict.
+
+    >>> prediction((torch.ones(2), torch.zeros(1))).tolist()
+    [1.0, 1.0]
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"cannot find the prediction tensor in a model output of type {type(out).__name__}; "
+                    f"give a loss_fn that takes the model's output as it is")
+

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fxadapt import dist
-from fxadapt.train.data import Batches
+from fxadapt.train.data import Batches, prediction
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = No
     for step in range(steps):
         x, y = (t.to(ctx.device) for t in batches.batch(step)[:2])
         with dist.autocast(ctx.device, cfg.precision):
-            logits = model(x).float()
+            logits = prediction(model(x)).float()
             with torch.no_grad():
-                t_logits = teacher(x).float() if teacher is not None and cfg.kd > 0 else None
+                t_logits = prediction(teacher(x)).float() if teacher is not None and cfg.kd > 0 else None
         loss = F.cross_entropy(logits, y)
         if t_logits is not None:
             t = cfg.temperature

@@ -1,7 +1,7 @@
 """``benchmark``: adapt a model to several budgets and measure every result on several targets.
 
 For each budget the model is adapted (``fxadapt.transform`` for MAC/params budgets, with the first target's
-alignment; ``fxadapt.hw.latency.adapt_latency`` for latency budgets), then the original and every adapted
+alignment, falling back to finer ones where the budget needs them; latency budgets too), then the original and every adapted
 model are compiled for every target (onnxruntime CPU, torch CPU, and CUDA when present by default) and
 timed there in interleaved rounds (``fxadapt.hw.target.interleaved``, the target's clock). Each row holds
 the budget, MACs (``FlopCounterMode``), parameters, the latency per target and its ratio to the original,
@@ -99,15 +99,17 @@ def _label(b) -> str:
 
 
 def _adapt(model, budget, inputs, target: Target, progress: bool):
+    """``fxadapt.transform`` with the budget on ``target`` (its alignment, falling back to finer ones where
+    the budget needs them; latency measured there)."""
+    import dataclasses
+
     import fxadapt
-    from fxadapt.planning.solver import SolveConfig
 
-    cfg = SolveConfig(align=target.align())
-    if isinstance(budget, Budget) and budget.latency is not None:
-        from fxadapt.hw.latency import adapt_latency
-
-        return adapt_latency(model, budget, inputs, cfg, target=budget.target or target, progress=progress)[0]
-    return fxadapt.transform(model, budget, inputs, solve=cfg)
+    if isinstance(budget, Budget):
+        budget = dataclasses.replace(budget, target=budget.target or target)
+    elif isinstance(budget, (int, float)):
+        budget = Budget(macs=budget, target=target)
+    return fxadapt.transform(model, budget, inputs)
 
 
 def accuracy(model, eval_data) -> float:

@@ -54,7 +54,8 @@ def datafree(job) -> Outcome:
     if job.target.latency is not None:
         return _latency(job)
     a, slots = _deepened(a, target) if cfg.grow_depth and target > a.macs() else (a, frozenset())
-    units, align = aligned_solve(a, target, cfg.solve)
+    start = job.target.target.align() if job.target.target is not None and cfg.solve.align == "auto" else None
+    units, align = aligned_solve(a, target, cfg.solve, start)
     plan = make_plan(a, units)
     preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
     return Outcome(a.gm, plan, a, ({"align": align},), slots, preserving)
@@ -80,14 +81,14 @@ def _latency(job) -> Outcome:
             align //= 2
 
 
-def aligned_solve(a, target: float, solve: SolveConfig) -> tuple[dict[int, int], int]:
+def aligned_solve(a, target: float, solve: SolveConfig, start: int | None = None) -> tuple[dict[int, int], int]:
     """``solve_widths`` at ``solve.align``; with ``"auto"``, the target's alignment (the NCHWc block of this
     CPU) or, where that makes the ``tol`` window unreachable, the largest power-of-two fraction of it that
-    does not (1 at worst): aligned widths when the model allows them, the budget first. Returns the
-    widths and the alignment used."""
+    does not (1 at worst): aligned widths when the model allows them, the budget first. ``start``: the
+    budget's target's alignment (8 for CUDA) instead of this CPU's. Returns the widths and the alignment used."""
     if solve.align != "auto":
         return solve_widths(a, target, solve), solve.alignment()
-    align = solve.alignment()
+    align = start or solve.alignment()
     while align > 1:
         try:
             with warnings.catch_warnings():

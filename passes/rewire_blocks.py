@@ -95,9 +95,7 @@ def rewire_blocks(gm: GraphModule, plan, cfg: RewireConfig = RewireConfig()) -> 
     for bid, count in sorted(plan.repeat.items()):
         for k in range(count):
             _insert_copy(gm, nodes, blocks[bid], k)
-    for bid in sorted(plan.remove):
-        b = blocks[bid]
-        nodes[b.exit].replace_all_uses_with(nodes[b.entry])
+    _remove(nodes, [blocks[b] for b in plan.remove])
     modified = bool(plan.repeat or plan.remove)
     if modified:
         gm.graph.eliminate_dead_code(is_impure_node=_impure)
@@ -105,6 +103,20 @@ def rewire_blocks(gm: GraphModule, plan, cfg: RewireConfig = RewireConfig()) -> 
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
+
+
+def _remove(nodes: dict, removed: list) -> None:
+    """``exit -> entry`` for every removed block, in graph order, through the removals before it: when a
+    block's entry is the exit of a block removed earlier (a repeated copy right after a removed block), it
+    is routed to that block's own entry, so the earlier removal is not undone."""
+    order = {name: i for i, name in enumerate(nodes)}
+    alias: dict[str, Node] = {}
+    for b in sorted(removed, key=lambda b: order[b.exit]):
+        entry = nodes[b.entry]
+        while entry.name in alias:
+            entry = alias[entry.name]
+        nodes[b.exit].replace_all_uses_with(entry)
+        alias[b.exit] = entry
 
 
 def _impure(node) -> bool:

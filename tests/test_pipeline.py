@@ -168,3 +168,23 @@ def test_attention_mode_option_reaches_the_analysis():
     assert heads.get_submodule(q).out_features % 8 == 0 and dims.get_submodule(q).out_features % 4 == 0
     with pytest.raises(fxadapt.FxAdaptError, match="attention must be one of"):
         fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="rows")
+
+
+def test_removing_any_blocks_of_a_deepened_graph_costs_what_the_model_predicts():
+    """Regression: removing a block and the repeated copy right after it chained ``exit -> entry`` and
+    resurrected the first block. Every subset of removable blocks (real and inserted) now runs exactly the
+    MACs the cost model predicts, counted independently."""
+    import itertools
+
+    from fxadapt.passes.materialize import apply_plan
+    from fxadapt.planning.plan import make_plan
+
+    a = fxadapt.analyze(example_model(), (X,))
+    deep = apply_plan(a.gm, make_plan(a, {}, repeat={b.id: 1 for b in a.blocks if b.repeatable})).graph_module
+    a2 = fxadapt.analyze(deep)
+    removable = [b.id for b in a2.blocks if b.removable]
+    assert len(removable) == 6
+    for k in range(1, len(removable) + 1):
+        for remove in itertools.combinations(removable, k):
+            out = apply_plan(a2.gm, make_plan(a2, {}, remove=set(remove))).graph_module
+            assert fxadapt.analysis.count.count_macs(out, (X,)) == a2.cost.macs(None, {b: 0.0 for b in remove}), remove

@@ -90,3 +90,21 @@ def test_shards_reassemble_the_global_batch(world):
         for src in (DATA, Plain(), torch.utils.data.DataLoader(ds, batch_size=16)):
             parts = [Batches(src, 16, 5, r, world).batch(step) for r in range(world)]
             torch.testing.assert_close(torch.cat([p[1] for p in parts]), full.batch(step)[1], rtol=0, atol=0)
+
+
+def test_hardened_gates_end_decisive_and_entropy_penalty_lowers_entropy(model):
+    """``harden``: the last fraction of steps trains with 0/1 gates (entropy ~0 at the end); a ramped
+    entropy penalty ends with lower gate entropy than the defaults; both land on the budget."""
+    def run(**over):
+        cfg = TransformConfig(search=dataclasses.replace(FAST, steps=12, **over))
+        out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=cfg)
+        steps = [h for h in fxadapt.report(out).history if "step" in h]
+        return out, steps[-1]["entropy"]
+
+    hard, h_hard = run(harden=0.25)
+    _, h_default = run()
+    _, h_pen = run(entropy_weight=20.0)
+    assert h_hard < 0.01 < h_default and h_pen < h_default
+    assert 0.45 <= _ratio(hard) <= 0.5
+    with pytest.raises(SearchConfigError):
+        run(discretize_by="median")

@@ -35,9 +35,10 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from fxadapt import meta
 from fxadapt.errors import InputError
 from fxadapt.export.onnx import ATOL, ExportError, float_dtype
-from fxadapt.ir.capture import normalize_inputs
+from fxadapt.ir.capture import from_program, normalize_inputs
 
 TRAINING_OPS = {"aten.batch_norm.default": 5, "aten.dropout.default": 2}   # op -> index of its ``training`` arg
 
@@ -67,11 +68,11 @@ def captured_from_program(ep: torch.export.ExportedProgram, example_inputs: Any 
         raise InputError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
     _refuse_training(ep)
     inputs = _program_inputs(ep, example_inputs)
-    gm = _lift(ep.module(), model)
+    gm = from_program(ep, model)
     gm.eval()
     _check(gm, ep.module(), inputs, "the lifted graph")
     batch = next((v.shape[0] for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim()), 1)
-    gm.meta["fxadapt.batch"] = int(batch)
+    gm.meta[meta.BATCH] = int(batch)
     return gm
 
 
@@ -160,26 +161,3 @@ def _program_inputs(ep: torch.export.ExportedProgram, example_inputs: Any) -> tu
     if kwargs:
         raise InputError("the ExportedProgram was exported with keyword inputs; pass example_inputs as a tuple")
     return normalize_inputs(tuple(args))
-
-
-def _lift(gm: GraphModule, model: nn.Module | None) -> GraphModule:
-    """The post-export steps of ``fxadapt.capture`` (its helpers are imported late and may be missing)."""
-    from fxadapt import meta
-    from fxadapt.ir import capture as cap
-    from fxadapt.passes.lift_modules import LiftConfig, lift_modules
-
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
-    first_names = getattr(cap, "_first_names", None)
-    if first_names is not None:
-        first_names(gm)
-    for node in graph.nodes:
-        trace = node.meta.get("stack_trace")
-        if trace:
-            node.meta[getattr(meta, "SOURCE", "fxadapt.source")] = trace.strip().splitlines()[-1].strip()
-    result = lift_modules(gm, LiftConfig(origin=model)).graph_module
-    result.graph.lint()
-    result.recompile()
-    return result

@@ -243,11 +243,19 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
     work, fixed = _working_copy(model, inputs)
-    gm = _export_or_explain(work, inputs).module()
-    _tidy(gm)
-    result = lift_modules(gm, LiftConfig(origin=work)).graph_module
-    result.graph.lint()
-    result.recompile()
+    result = from_program(_export_or_explain(work, inputs), work)
     result.train(model.training)
     result.meta.update({INPUTS_KEY: inputs, BATCH_KEY: inputs.batch, FIXED_KEY: fixed})
+    return result
+
+
+def from_program(ep: torch.export.ExportedProgram, origin: nn.Module | None = None) -> GraphModule:
+    """The steps of ``capture`` after ``torch.export``: the program's module, tidied (guards dropped, shared
+    tensors under one name, source lines recorded) and lifted to ``nn`` modules (BatchNorm momentum read
+    from ``origin``, the exported module, when given)."""
+    gm = ep.module()
+    _tidy(gm)
+    result = lift_modules(gm, LiftConfig(origin=origin)).graph_module
+    result.graph.lint()
+    result.recompile()
     return result

@@ -12,8 +12,21 @@ the gap between the supernet that was trained and the network that was discretis
 Rows are cached in bench/.cache/ablation_dna.jsonl (delete to start over); the report goes to stdout and
 bench/.cache/ablation_dna.md.
 
-Result (digits, 120 steps, seeds 0-2, extended to 0-7 for a, c2, c4, d, f): no change beats the defaults
-after the fine-tune by more than the paired std, so the defaults stay. Hardening the gates for the last 25%
+Rows a-f and x1 use the DMCP Markov gates (the defaults until g6 won); g-g6 the sampled gates; every DNA
+row but x3 searches the grown supernet (1.5x widths, a block slot after every repeatable block; x3, the
+model itself, is the default for shrinking budgets now); n0/n1 are FUR rows (compare n1 with n0).
+
+Result, sampled gates (digits, 120 steps, seeds 0-2): Gumbel-top-2 gates started around the uniformly
+scaled widths (g6, now the default) lift accuracy before the fine-tune by +52.6 +- 8.0 (0.25x) and
++21.9 +- 6.9 (0.1x) points over the Markov gates and after it by +2.0 +- 3.2 and +3.1 +- 2.0; one-path
+Gumbel (g5) +0.7 / +3.0; uniform initial logits (g, g2) and a 4x gate learning rate (g3, g4) do worse.
+Searching the model itself instead of the grown supernet (x3) when shrinking: +0.9 / +1.7 points over g6
+and 2-3x faster (6 s / 4 s instead of 14 s), so the grown space is kept for growth budgets only.
+FUR's Gaussian DropChannel (n1) beats Bernoulli (n0) by +5.4 +- 4.5 (0.25x) and +6.0 +- 16.0 (0.1x)
+after the fine-tune and is FUR's default now.
+
+Result, Markov gates (seeds 0-2, extended to 0-7 for a, c2, c4, d, f): no change beats them after the
+fine-tune by more than the paired std. Hardening the gates for the last 25%
 of the steps (c2/c3) is the only change that clearly lifts the accuracy *before* the fine-tune (0.25x:
 +23.9 +- 5.1 points over 8 seeds; 0.1x: +6.8 +- 5.7), at no extra search time. The supernet at its soft
 gates is 95.6% (0.25x) but its discretised network about 20%: the Markov gates settle at one value
@@ -45,11 +58,15 @@ from quality_tasks import CACHE, converged_epochs, trained_base  # noqa: E402
 
 import fxadapt  # noqa: E402
 from fxadapt.pipeline import strategies  # noqa: E402
+from fxadapt.search.supernet import SupernetConfig  # noqa: E402
 from fxadapt.train.finetune import FinetuneConfig, accuracy, finetune  # noqa: E402
 
 STEPS = SETTINGS["quick"]["opts"]["dna_steps"]
+FUR_ITERATIONS = SETTINGS["quick"]["opts"]["fur_iterations"]
+# what every DNA row starts from: the defaults before this ablation (Markov gates, grown supernet)
+MARKOV = {"supernet": SupernetConfig(gates="markov"), "elastic_when_shrinking": True}
 VARIANTS = {
-    "a": ("defaults", {}),
+    "a": ("Markov gates (the defaults before g6)", {}),
     "b": ("sandwich", {"sandwich": True}),
     "c": ("alpha-entropy 0.5 ramp", {"entropy_weight": 0.5, "entropy_of": "alpha"}),
     "c2": ("alpha-entropy 0.5 + harden last 25%", {"entropy_weight": 0.5, "entropy_of": "alpha", "harden": 0.25}),
@@ -63,41 +80,70 @@ VARIANTS = {
     "f2": ("expected units + marginal-entropy 20", {"discretize_by": "expected", "entropy_weight": 20.0}),
     "e": ("a_lr 0.01", {"a_lr": 0.01}),
     "e2": ("budget weight 2", {"budget_weight": 2.0}),
+    "g": ("Gumbel gates (FBNetV2), uniform init", {"supernet": SupernetConfig(gates="gumbel"), "gate_init": "uniform"}),
+    "g2": ("Gumbel-top-2 gates (MSG-DAS), uniform init",
+           {"supernet": SupernetConfig(gates="topk"), "gate_init": "uniform"}),
+    "g3": ("Gumbel, uniform init, gate lr 0.2",
+           {"supernet": SupernetConfig(gates="gumbel"), "a_lr": 0.2, "gate_init": "uniform"}),
+    "g4": ("Gumbel-top-2, uniform init, gate lr 0.2",
+           {"supernet": SupernetConfig(gates="topk"), "a_lr": 0.2, "gate_init": "uniform"}),
+    "g5": ("Gumbel gates, init at the uniformly scaled widths", {"supernet": SupernetConfig(gates="gumbel")}),
+    "g6": ("Gumbel-top-2 gates, init at the uniformly scaled widths", {"supernet": SupernetConfig(gates="topk")}),
+    "n0": ("FUR (Network Adjustment), Bernoulli DropChannel", {"strategy": "fur", "noise": "bernoulli"}),
+    "n1": ("FUR, Gaussian DropChannel as published", {"strategy": "fur", "noise": "gaussian"}),
+    "x1": ("no growth in the supernet (expand 1.0)", {"supernet": SupernetConfig(expand=1.0)}),
+    "x2": ("Gumbel-top-2 (g6), no growth in the supernet (expand 1.0)",
+           {"supernet": SupernetConfig(gates="topk", expand=1.0)}),
+    "x3": ("Gumbel-top-2 (g6), no growth, no block slots (the model itself)",
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0)}),
 }
 PATH = os.path.join(CACHE, "ablation_dna.jsonl")
 
 
+def _config(variant: str, seed: int) -> tuple[str, fxadapt.TransformConfig]:
+    """The strategy and config of a row: DNA with Markov gates unless the row names other ones; FUR rows
+    (``"strategy": "fur"``) override FurConfig."""
+    over = dict(VARIANTS[variant][1])
+    if over.get("strategy", "dna") == "dna":
+        over = MARKOV | over
+    strategy = over.pop("strategy", "dna")
+    cfg = fxadapt.TransformConfig(fold_bn=False)
+    if strategy == "fur":
+        over = dict(iterations=FUR_ITERATIONS, seed=seed, progress=False) | over
+        return strategy, dataclasses.replace(cfg, fur=dataclasses.replace(cfg.fur, **over))
+    over = dict(steps=STEPS, seed=seed, progress=False) | over
+    return strategy, dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **over))
+
+
 def run_one(variant: str, base, data, budget: float, seed: int, ft_epochs: int) -> dict:
-    over = dict(steps=STEPS, seed=seed, progress=False) | VARIANTS[variant][1]
-    cfg = fxadapt.TransformConfig()
-    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **over), fold_bn=False)
+    strategy, cfg = _config(variant, seed)
     captured = {}
-    original = strategies.dna
+    original = getattr(strategies, strategy)
 
     def spy(*a, **k):
         out = original(*a, **k)
         captured["sn"], captured["state"] = out[2], out[3]
         return out
 
-    strategies.dna = spy
+    setattr(strategies, strategy, spy)
     x = data["train"][0][:1]
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     try:
-        model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy="dna", config=cfg,
+        model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=strategy, config=cfg,
                                   val_data=data["val"])
     finally:
-        strategies.dna = original
+        setattr(strategies, strategy, original)
     search_s = time.perf_counter() - t0
-    sn, hist = captured["sn"], captured["state"].history
-    steps = [h for h in hist if "step" in h]
+    sn, hist = captured["sn"], getattr(captured["state"], "history", captured["state"])
+    steps = [h for h in hist if "step" in h or "iteration" in h]
     supernet_acc = accuracy(sn.gm, data["test"])
     before = accuracy(model, data["test"])
     t0 = time.perf_counter()
     finetune(model, data["train"], ft_epochs, teacher=copy.deepcopy(base), cfg=FinetuneConfig(seed=seed))
     ft_s = time.perf_counter() - t0
     return {"variant": variant, "budget": budget, "seed": seed, "acc": accuracy(model, data["test"]),
-            "acc_before_ft": before, "supernet_acc": supernet_acc, "entropy": steps[-1]["entropy"],
+            "acc_before_ft": before, "supernet_acc": supernet_acc, "entropy": steps[-1].get("entropy", float("nan")),
             "marginal_entropy": steps[-1].get("marginal_entropy"),
             "macs_ratio_expected": steps[-1]["macs_ratio"],
             "macs_ratio": count_macs(model, x) / count_macs(base, x), "search_s": search_s, "finetune_s": ft_s}

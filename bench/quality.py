@@ -166,7 +166,7 @@ def time_table(rows) -> str:
     cols = _cols(rows)
     out = ["| search s / fine-tune s | " + " | ".join(f"{t} {b}x" for t, b in cols) + " |",
            "|---" * (len(cols) + 1) + "|"]
-    for m in ("tp-uniform", "tp-global", "datafree", "fur", "dna"):
+    for m in ("tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna"):
         cells = []
         for t, b in cols:
             rs = [r for r in rows if r["task"] == t and r["budget"] == b and r["method"] == m]

@@ -14,7 +14,10 @@ distillation from the base).
   whole layers unpruned here), so when the bisection finds nothing a grid of ratios is scanned.
 - ``datafree``, ``dna``, ``fur``: ``fxadapt.transform`` with that strategy (BN kept, BN statistics
   re-estimated on the training data); DNA and FUR with their defaults except ``seed`` (the protocol
-  seed), ``progress=False`` and, when given, ``dna_steps`` / ``fur_iterations`` (quick mode).
+  seed), ``progress=False`` and, when given, ``dna_steps`` / ``fur_iterations`` (quick mode);
+  ``fur-bernoulli``: FUR with Bernoulli instead of Gaussian DropChannel (the default before the ablation);
+  ``dna-markov``: DNA with the DMCP Markov gates (the default before the Gumbel-top-k gates won the
+  ablation in bench/ablation_dna.py).
 
 MACs are counted independently of fxadapt with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2).
 """
@@ -30,8 +33,8 @@ from torch import nn
 
 import fxadapt
 
-SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur", "dna")
-GROW = ("uniform", "datafree", "dna")
+SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna")
+GROW = ("uniform", "datafree", "dna-markov", "dna")
 BASELINES = ("uniform", "tp-uniform", "tp-global", "datafree")
 
 
@@ -110,6 +113,12 @@ def candidate(method: str, base: nn.Module, data: dict, budget: float, seed: int
         model = reinitialise(fxadapt.transform(base, budget, (x,), strategy="datafree"), seed)
     else:
         cfg = _config(seed, opts.get("dna_steps"), opts.get("fur_iterations"))
+        if method == "fur-bernoulli":
+            cfg = dataclasses.replace(cfg, fur=dataclasses.replace(cfg.fur, noise="bernoulli"))
+        if method == "dna-markov":
+            cfg = dataclasses.replace(cfg, search=dataclasses.replace(
+                cfg.search, supernet=dataclasses.replace(cfg.search.supernet, gates="markov")))
         kw = {"val_data": data["val"]} if method != "datafree" else {}
-        model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=method, config=cfg, **kw)
+        model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=method.split("-")[0],
+                                  config=cfg, **kw)
     return model, time.perf_counter() - t0

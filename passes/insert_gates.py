@@ -16,6 +16,20 @@ The mask multiplies every producer of the group *after* its BatchNorm (a zero ma
 Depth gate of a removable block: ``y = x + d * f(x)``, ``d = clamp(b, 0, 1)``, ``b`` = 1 for original
 blocks and 0 for inserted (repeated) slots.
 
+Sampled gates (``GateConfig(kind="gumbel" | "topk")``, FBNetV2 / MSG-DAS): the group chooses one of the
+``K + 1`` widths ``n_min + |B_1| + ... + |B_j|`` (``j = 0..K``) with probabilities ``pi = softmax(theta)``.
+Before every step the search draws Gumbel noise ``g`` (``resample``); the gate then computes
+``y = softmax((theta + g) / tau)`` and, for ``"gumbel"``, the straight-through one-hot of its argmax
+(``y_hard + tau * (y - y.detach())``: the forward is one discrete width, the gradient the relaxed one,
+times ``tau`` so its scale does not grow as ``tau`` anneals and swamp the budget loss, whose gradient is
+taken at ``tau = 1``); for ``"topk"`` the ``k`` largest perturbed choices with their relaxed weights
+renormalised (multi-path; gradient also times ``tau``). Bin
+``k``'s mask is ``P_k = sum_{j >= k} y_j``. Expected units use the noise-free ``pi`` — by the Gumbel-max
+trick exactly the mean of the sampled width: ``E[n] = n_min + sum_k |B_k| sum_{j >= k} pi_j``. In eval
+mode (no noise) the mask is the argmax choice; ``theta`` starts uniform with a 1e-3 tie-break toward the
+original width, so the gated supernet in eval mode still computes the original function. Sampled depth
+gates: ``d = 1[u < b] + b - b.detach()`` (straight-through Bernoulli) for noise ``u ~ U(0, 1)``.
+
 ``strip_gates`` removes every gate node again (``x * m -> x``), leaving the plain graph with whatever
 weights training gave it.
 """
@@ -36,18 +50,22 @@ from fxadapt.ops.registry import spec_of
 GATE_ROOT = "fxadapt_gates"
 
 
+def _bin_index(order: torch.Tensor, n_min: int, bins: list[int]) -> torch.Tensor:
+    """Per unit, the gated bin it belongs to (``-1``: one of the ``n_min`` always-on units)."""
+    bin_of = torch.full((len(order),), -1, dtype=torch.long)
+    start = n_min
+    for k, size in enumerate(bins):
+        bin_of[order[start:start + size]] = k
+        start += size
+    return bin_of
+
+
 class WidthGate(nn.Module):
     """Ordered Markov gate over ``units`` (see module docstring); ``forward()`` returns the unit mask."""
 
     def __init__(self, order: torch.Tensor, n_min: int, bins: list[int], n_on: int):
         super().__init__()
-        units = len(order)
-        bin_of = torch.full((units,), -1, dtype=torch.long)
-        start = n_min
-        for k, size in enumerate(bins):
-            bin_of[order[start:start + size]] = k
-            start += size
-        self.register_buffer("bin_of", bin_of)
+        self.register_buffer("bin_of", _bin_index(order, n_min, bins))
         self.register_buffer("bin_size", torch.tensor(bins, dtype=torch.float32))
         self.n_min = n_min
         on = torch.tensor([float(sum(bins[: k + 1]) + n_min <= n_on) for k in range(len(bins))])
@@ -63,8 +81,72 @@ class WidthGate(nn.Module):
         keep = (self.marginals() > 0.5).float()
         return int(self.n_min + (self.bin_size * keep).sum().item())
 
+    @torch.no_grad()
+    def harden(self) -> None:
+        self.alpha.copy_((self.marginals() > 0.5).float())
+
     def forward(self) -> torch.Tensor:
         p = torch.cat([self.marginals(), self.alpha.new_ones(1)])
+        return p[self.bin_of]
+
+
+class SampledWidthGate(nn.Module):
+    """Categorical width gate, Gumbel (one path) or Gumbel-top-k (``k`` paths); see module docstring."""
+
+    def __init__(self, order: torch.Tensor, n_min: int, bins: list[int], n_on: int, top_k: int = 1):
+        super().__init__()
+        self.register_buffer("bin_of", _bin_index(order, n_min, bins))
+        self.register_buffer("bin_size", torch.tensor(bins, dtype=torch.float32))
+        self.n_min, self.top_k, self.tau = n_min, top_k, 1.0
+        j0 = sum(1 for k in range(len(bins)) if sum(bins[: k + 1]) + n_min <= n_on)
+        theta = torch.zeros(len(bins) + 1)
+        theta[j0] = 1e-3
+        self.theta = nn.Parameter(theta)
+        self.register_buffer("noise", torch.zeros(0), persistent=False)
+
+    def resample(self, gen: torch.Generator | None) -> None:
+        """Draw the Gumbel noise the next forwards use (``None``: no noise, the argmax choice)."""
+        if gen is None:
+            self.noise = torch.zeros(0, device=self.theta.device)
+            return
+        u = torch.rand(self.theta.shape, generator=gen).clamp(1e-9, 1 - 1e-9)
+        self.noise = (-torch.log(-torch.log(u))).to(self.theta.device)
+
+    def choice(self) -> torch.Tensor:
+        """The relaxed one-hot (or top-k weights) over the ``K + 1`` widths the forward uses."""
+        if self.noise.numel() == 0 or not self.training:
+            return nn.functional.one_hot(self.theta.argmax(), len(self.theta)).to(self.theta.dtype)
+        z = (self.theta + self.noise) / self.tau
+        y = torch.softmax(z, 0)
+        top = z.topk(min(self.top_k, len(z))).indices
+        if self.top_k == 1:
+            return torch.zeros_like(y).index_fill(0, top, 1.0) + self.tau * (y - y.detach())
+        w = torch.zeros_like(y).index_fill(0, top, 1.0) * y
+        w = w / w.sum()
+        return w.detach() + self.tau * (w - w.detach())
+
+    def _tail(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.flip(torch.cumsum(torch.flip(y, (0,)), 0), (0,))[1:]
+
+    def marginals(self) -> torch.Tensor:
+        """Noise-free ``P_k = sum_{j >= k} pi_j``: the probability that bin ``k`` is kept."""
+        return self._tail(torch.softmax(self.theta, 0))
+
+    def expected_units(self) -> torch.Tensor:
+        return self.n_min + (self.bin_size * self.marginals()).sum()
+
+    def hard_units(self) -> int:
+        j = int(self.theta.argmax())
+        return int(self.n_min + self.bin_size[:j].sum().item())
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        j = int(self.theta.argmax())
+        self.theta.fill_(-1e4)
+        self.theta[j] = 1e4
+
+    def forward(self) -> torch.Tensor:
+        p = torch.cat([self._tail(self.choice()), self.theta.new_ones(1)])
         return p[self.bin_of]
 
 
@@ -87,9 +169,22 @@ class DepthGate(nn.Module):
     def __init__(self, on: bool):
         super().__init__()
         self.beta = nn.Parameter(torch.tensor(1.0 if on else 0.0))
+        self.register_buffer("noise", torch.zeros(0), persistent=False)
+
+    def resample(self, gen: torch.Generator | None) -> None:
+        """Sampled mode: draw ``u ~ U(0, 1)`` for the next forwards (``None``: deterministic again)."""
+        u = torch.rand((), generator=gen) if gen is not None else torch.zeros(0)
+        self.noise = u.to(self.beta.device)
 
     def forward(self) -> torch.Tensor:
-        return self.beta.clamp(0, 1)
+        b = self.beta.clamp(0, 1)
+        if self.noise.numel() == 0 or not self.training:
+            return b
+        return (self.noise < b).to(b.dtype) - b.detach() + b
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        self.beta.fill_(float(self.beta > 0.5))
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,7 +212,17 @@ class GateSpec:
 
 @dataclass(frozen=True)
 class GateConfig:
-    copy: bool = True   # work on a deep copy (the default) or in place (the caller's own copy)
+    copy: bool = True      # work on a deep copy (the default) or in place (the caller's own copy)
+    kind: str = "markov"   # "markov" (DMCP), "gumbel" (FBNetV2), "topk" (MSG-DAS Gumbel-top-k)
+    top_k: int = 2         # paths per group for kind="topk"
+
+
+def _width_gate(w, cfg: GateConfig) -> nn.Module:
+    if cfg.kind == "markov":
+        return WidthGate(w.order, w.n_min, list(w.bins), w.n_on)
+    if cfg.kind in ("gumbel", "topk"):
+        return SampledWidthGate(w.order, w.n_min, list(w.bins), w.n_on, 1 if cfg.kind == "gumbel" else cfg.top_k)
+    raise ValueError(f"gate kind must be 'markov', 'gumbel' or 'topk', got {cfg.kind!r}")
 
 
 def _after_norm(node: Node, gm: GraphModule) -> Node:
@@ -139,7 +244,7 @@ def insert_gates(gm: GraphModule, analysis, spec: GateSpec, cfg: GateConfig = Ga
     nodes = {n.name: n for n in gm.graph.nodes}
     for gid, w in spec.widths.items():
         gname = f"{GATE_ROOT}.w{gid}"
-        gm.add_submodule(gname, WidthGate(w.order, w.n_min, list(w.bins), w.n_on))
+        gm.add_submodule(gname, _width_gate(w, cfg))
         for k, m in enumerate(analysis.groups[gid].members):
             if m.site.kind != "param" or m.site.role not in ("out", "dw") or m.site.node_name not in nodes:
                 continue

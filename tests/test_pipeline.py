@@ -177,6 +177,7 @@ def test_removing_any_blocks_of_a_deepened_graph_costs_what_the_model_predicts()
     import itertools
 
     from fxadapt.passes.materialize import apply_plan
+
     from fxadapt.planning.plan import make_plan
 
     a = fxadapt.analyze(example_model(), (X,))

@@ -14,12 +14,16 @@ import fxadapt
 from fxadapt.errors import FxAdaptError
 from fxadapt.pipeline.transform import TransformConfig
 from fxadapt.search.dna import SearchConfig, SearchConfigError, effective_warmup
+from fxadapt.search.supernet import SupernetConfig
 from fxadapt.train.data import Batches
 
 X1 = torch.randn(1, 3, 8, 8)
 gen = torch.Generator().manual_seed(0)
 DATA = (torch.randn(64, 3, 8, 8, generator=gen), torch.randint(0, 5, (64,), generator=gen))
-FAST = SearchConfig(steps=8, warmup=3, batch_size=16, progress=False)
+# the Markov gates in the grown supernet: the sandwich rule, alpha entropies and the max-net = init-net
+# check are theirs
+FAST = SearchConfig(steps=8, warmup=3, batch_size=16, progress=False, supernet=SupernetConfig(gates="markov"),
+                    elastic_when_shrinking=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ Alternating optimisation after a weight-only warm-up:
 Budget loss (DMCP/TAS form) with a dead zone: ``r = E[MACs] / T``; zero when ``r`` lies in
 ``[1 - band, 1]`` (shrink targets) or ``[1, 1 + band]`` (growth targets), ``|log r|`` outside.
 
-Afterwards the gates are discretised (a bin is kept when its marginal exceeds 0.5, a block when its gate
-does), repaired to the exact budget by one global rescale of the searched widths (bisection, as Network
-Adjustment does, then single-unit repair into the 1% window) and materialised from the supernet with
-its trained weights. ``SearchConfig.checkpoint`` saves everything every ``checkpoint_every`` steps;
+Afterwards the gates are discretised (Markov: a bin is kept when its marginal exceeds 0.5; sampled: the
+most likely width; a block when its gate exceeds 0.5), repaired to the exact budget by one global rescale
+of the searched widths (bisection, as Network Adjustment does, then single-unit repair into the 1% window)
+and materialised from the supernet with its trained weights. ``SearchConfig.checkpoint`` saves everything every ``checkpoint_every`` steps;
 calling again with the same path resumes and gives the same result as an uninterrupted run.
 
 Under ``torchrun`` (see ``fxadapt.dist``) each rank takes its slice of every global batch, gradients of
@@ -32,6 +32,22 @@ discretised sub-network); ``discretize_by="expected"`` discretises every group t
 units instead of the bins whose marginal exceeds 0.5. None is a default: bench/ablation_dna.py measured
 them on the quality protocol's digits task and none improved the fine-tuned accuracy beyond seed noise.
 
+Search space: for growth budgets the supernet (``supernet.expand`` wider groups, ``depth_slots`` inactive
+block copies); for shrinking budgets the model itself (``elastic_when_shrinking=False``, the default:
+the grown space searched no better there and 2-3x slower, bench/ablation_dna.py row x3).
+
+Gate kinds, one option (``SearchConfig(supernet=SupernetConfig(gates=...))``, see ``passes.insert_gates``):
+``"markov"`` (DMCP ordered bins, deterministic soft masks), ``"gumbel"`` (FBNetV2: one width per group
+sampled every step, straight-through) and ``"topk"`` (MSG-DAS Gumbel-top-k: ``top_k`` widths mixed). With
+sampled gates every forward is a discrete sub-network, so the weights are trained for networks that can
+actually be cut; the noise of a step is drawn from ``(seed, step)`` (identical on every rank and after a
+resume), the temperature anneals exponentially over the gate steps (``temperature``) and, with
+``gate_init="budget"``, the logits start as a bump around the uniformly scaled widths that meet the budget
+(``Supernet.center``) instead of uniform. Expected MACs use the noise-free choice probabilities and equal
+the mean cost of the sampled architectures exactly (Gumbel-max trick; the cost polynomial is multilinear in
+independent gates, which is DenseNAS's chained expected cost: every block weighted by its presence and the
+expected widths around it).
+
 No silent no-ops: ``steps < 1`` raises ``SearchConfigError``; ``warmup >= steps`` shrinks the warm-up to
 ``steps // 4`` and says so (``note`` in the last history entry, which also lists how far every gate moved:
 initial vs final expected units per group and presence per block).
@@ -39,6 +55,7 @@ initial vs final expected units per group and presence per block).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -85,7 +102,13 @@ class SearchConfig:
     discretize_by: str = "threshold"        # "threshold": bins with P_k > 0.5; "expected": round(E[units])
     harden: float = 0.0                     # last fraction of steps: gates frozen hard, weights only
     kd_temperature: float = 1.0
-    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    temperature: tuple[float, float] = (1.0, 0.1)   # sampled gates: Gumbel tau, first -> last gate step
+    gate_init: str = "budget"   # sampled gates: "budget" (around uniform scaling to the target) or "uniform"
+    # grow the supernet (supernet.expand, depth slots) also for shrinking budgets (DNA's condense-and-expand
+    # space); off: the model itself is the supernet when shrinking, which measured as good and 2-3x faster
+    elastic_when_shrinking: bool = False
+    # Gumbel-top-2 (MSG-DAS) gates won bench/ablation_dna.py over DMCP Markov bins (gates="markov")
+    supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(gates="topk"))
     solve: SolveConfig = field(default_factory=SolveConfig)   # the final rescale: tol, strict, align
     loss_fn: Callable = nn.functional.cross_entropy
 
@@ -106,11 +129,10 @@ def gate_entropy(sn: Supernet, of: str = "marginals") -> torch.Tensor:
 
 @torch.no_grad()
 def harden_gates(sn: Supernet) -> None:
-    """Set every gate to its hard value (bins whose marginal exceeds 0.5, blocks whose gate does)."""
-    for g in sn.width_gates().values():
-        g.alpha.copy_((g.marginals() > 0.5).float())
-    for g in sn.depth_gates().values():
-        g.beta.fill_(float(g() > 0.5))
+    """Set every gate to its hard value (Markov: bins whose marginal exceeds 0.5; sampled: the most likely
+    width; blocks whose gate exceeds 0.5)."""
+    for g in list(sn.width_gates().values()) + list(sn.depth_gates().values()):
+        g.harden()
 
 
 def arch_penalty(sn: Supernet, target: float, grow: bool, cfg: SearchConfig, ramp: float) -> torch.Tensor:
@@ -142,6 +164,13 @@ def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
         raise SearchConfigError(f"SearchConfig.entropy_of must be 'marginals' or 'alpha' (got "
                                 f"{cfg.entropy_of!r}), discretize_by 'threshold' or 'expected' (got "
                                 f"{cfg.discretize_by!r})")
+    if cfg.supernet.gates != "markov" and (cfg.sandwich or cfg.entropy_of == "alpha"):
+        raise SearchConfigError(f"SearchConfig.sandwich and entropy_of='alpha' need Markov gates; "
+                                f"got supernet.gates={cfg.supernet.gates!r}")
+    if cfg.supernet.gates not in ("markov", "gumbel", "topk") or cfg.gate_init not in ("budget", "uniform"):
+        raise SearchConfigError(f"SearchConfig.supernet.gates must be 'markov', 'gumbel' or 'topk', "
+                                f"got {cfg.supernet.gates!r}; gate_init 'budget' or 'uniform', got "
+                                f"{cfg.gate_init!r}")
     if not 0.0 <= cfg.harden < 1.0:
         raise SearchConfigError(f"SearchConfig.harden must be in [0, 1), got {cfg.harden}")
     if cfg.warmup < cfg.steps:
@@ -218,6 +247,9 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
         lr = cfg.w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
         for g in w_opt.param_groups:
             g["lr"] = lr
+        tau = _tau(cfg, s, warmup, hard_from)
+        if sn.sampled:
+            sn.resample(_gen(cfg, s, 0), tau)
         if cfg.sandwich and teacher is not None:
             loss = sandwich_step(sn, train.batch(s), w_opt, cfg, ctx, teacher, s)
         else:
@@ -225,11 +257,11 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
         arch = float("nan")
         if a_opt is not None and warmup <= s < hard_from:
             ramp = (s - warmup + 1) / max(hard_from - warmup, 1)
+            if sn.sampled:
+                sn.resample(_gen(cfg, s, 1), tau)
             arch = _step(sn, val.batch(s), a_opt, cfg, ctx, sn.weight_parameters(),
                          lambda ramp=ramp: arch_penalty(sn, target, grow, cfg, ramp))
-            with torch.no_grad():
-                for p in sn.arch_parameters():
-                    p.clamp_(0, 1)
+            sn.project()
         with torch.no_grad():
             ratio = float(sn.expected_macs()) / target
         entropy = sn.entropy()
@@ -247,7 +279,20 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
             dist.barrier(ctx)
     if bar is not None:
         bar.close()
+    sn.resample(None)
     return state
+
+
+def _gen(cfg: SearchConfig, step: int, phase: int) -> torch.Generator:
+    """The noise of one step's weight (0) or gate (1) forward: the same on every rank and after a resume."""
+    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 2 + phase)
+
+
+def _tau(cfg: SearchConfig, step: int, warmup: int, end: int) -> float:
+    """Gumbel temperature, exponential from ``temperature[0]`` at the first gate step to ``[1]`` at the last."""
+    t0, t1 = cfg.temperature
+    frac = min(max((step - warmup) / max(end - warmup - 1, 1), 0.0), 1.0)
+    return float(t0 * (t1 / t0) ** frac)
 
 
 def _bar(cfg, start: int, desc: str):
@@ -298,11 +343,16 @@ def dna(a0, target: float, data, val_data, cfg: SearchConfig):
     _, note = effective_warmup(cfg)
     ctx = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed)
-    sn = build_supernet(a0, None, cfg.supernet)
+    grow = target > a0.macs()
+    sn_cfg = cfg.supernet
+    if not grow and not cfg.elastic_when_shrinking:
+        sn_cfg = dataclasses.replace(sn_cfg, expand=1.0, depth_slots=0)
+    sn = build_supernet(a0, None, sn_cfg)
     base_macs = sn.original.macs()
-    grow = target > base_macs
     train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
+    if sn.sampled and cfg.gate_init == "budget":
+        sn.center(math.sqrt(target / base_macs))
     teacher = _teacher(a0, ctx) if cfg.sandwich else None
     state = run_search(sn, train, val, target, grow, cfg, ctx, teacher)
     if state.step < cfg.steps:

@@ -20,6 +20,7 @@ counts iterations; the last history entry lists every group's initial and final 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +45,8 @@ class FurConfig:
     p_base: float = 0.1
     p_max: float = 0.5
     draws: int = 5
+    noise: str = "gaussian"                 # DropChannel: "gaussian" N(1, p/(1-p)) (as published; won the
+                                            # ablation) or "bernoulli" keep/(1-p)
     rate: float = 0.1
     val_samples: int = 512
     seed: int = 0
@@ -82,7 +85,11 @@ def _val_loss(sn: Supernet, val: tuple, cfg: FurConfig, ctx: dist.DistContext | 
 
 def _dropped_loss(sn: Supernet, gid: int, p: float, val: tuple, cfg: FurConfig, gen, ctx=None) -> float:
     gate = sn.width_gates()[gid]
-    keep = torch.bernoulli(torch.full((len(gate.bin_of),), 1 - p), generator=gen) / (1 - p)
+    n = len(gate.bin_of)
+    if cfg.noise == "gaussian":  # Network Adjustment's Gaussian DropChannel: same mean and variance
+        keep = 1 + math.sqrt(p / (1 - p)) * torch.randn(n, generator=gen)
+    else:
+        keep = torch.bernoulli(torch.full((n,), 1 - p), generator=gen) / (1 - p)
     handle = gate.register_forward_hook(lambda _m, _i, out: out * keep.to(out.device))
     try:
         return _val_loss(sn, val, cfg, ctx)
@@ -143,6 +150,9 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
     if cfg.iterations < 1 or cfg.train_steps < 0:
         raise SearchConfigError(f"FurConfig needs iterations >= 1 and train_steps >= 0, got {cfg.iterations} "
                                 f"and {cfg.train_steps}")
+    if cfg.supernet.gates != "markov" or cfg.noise not in ("bernoulli", "gaussian"):
+        raise SearchConfigError(f"FurConfig needs supernet.gates='markov' (FUR opens bins by hand) and noise "
+                                f"'bernoulli' or 'gaussian', got {cfg.supernet.gates!r} and {cfg.noise!r}")
     ctx = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

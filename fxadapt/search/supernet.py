@@ -26,7 +26,15 @@ from torch import nn
 
 from fxadapt import meta
 from fxadapt.analysis import Analysis, analyze
-from fxadapt.passes.insert_gates import DepthGate, GateSpec, WidthGate, WidthSpec, insert_gates, strip_gates
+from fxadapt.passes.insert_gates import (
+    DepthGate,
+    GateConfig,
+    GateSpec,
+    WidthGate,
+    WidthSpec,
+    insert_gates,
+    strip_gates,
+)
 from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
@@ -39,6 +47,8 @@ class SupernetConfig:
     depth_slots: int = 1
     bins: int = 16
     min_ratio: float = 0.1
+    gates: str = "markov"   # width gates: "markov" (DMCP bins), "gumbel" (FBNetV2), "topk" (MSG-DAS)
+    top_k: int = 2          # paths per group for gates="topk"
 
 
 class Supernet:
@@ -69,8 +79,42 @@ class Supernet:
         present = {bid: float(g().item() > 0.5) for bid, g in self.depth_gates().items()}
         return units, present
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the gates are sampled (Gumbel / top-k) rather than deterministic Markov bins."""
+        return any(hasattr(g, "theta") for g in self.width_gates().values())
+
+    def resample(self, gen: torch.Generator | None, tau: float = 1.0) -> None:
+        """Sampled gates: draw the noise (and set the temperature) the next forwards use; ``None``: none."""
+        for g in list(self.width_gates().values()) + list(self.depth_gates().values()):
+            if hasattr(g, "resample"):
+                g.resample(gen)
+            if hasattr(g, "tau"):
+                g.tau = tau
+
+    @torch.no_grad()
+    def center(self, scale: float, spread: float = 0.25) -> None:
+        """Sampled gates: logits ``theta_j = -((w_j - c) / (spread * n_on))^2 / 2`` around ``c = scale * n_on``
+        (``w_j`` the width of choice ``j``, ``n_on`` the original width), so the search starts at the
+        uniformly scaled widths (``scale = sqrt(target / MACs)`` meets the budget) instead of everywhere."""
+        for gid, g in self.width_gates().items():
+            if not hasattr(g, "theta"):
+                continue
+            n_on = self.spec.widths[gid].n_on
+            w = g.n_min + torch.cat([g.bin_size.new_zeros(1), torch.cumsum(g.bin_size, 0)])
+            g.theta.copy_(-0.5 * ((w - scale * n_on) / (spread * n_on)) ** 2)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Clamp the bounded gate parameters (Markov ``alpha``, depth ``beta``) back to [0, 1]."""
+        for n, p in self.gm.named_parameters():
+            if n.startswith("fxadapt_gates.") and not n.endswith("theta"):
+                p.clamp_(0, 1)
+
     def entropy(self) -> float:
-        ps = [g.alpha.clamp(1e-4, 1 - 1e-4) for g in self.width_gates().values()]
+        ps = [getattr(g, "alpha", None) for g in self.width_gates().values()]
+        ps = [(a if a is not None else g.marginals()).clamp(1e-4, 1 - 1e-4)
+              for a, g in zip(ps, self.width_gates().values())]
         ps += [g.beta.clamp(1e-4, 1 - 1e-4).view(1) for g in self.depth_gates().values()]
         if not ps:
             return 0.0
@@ -117,7 +161,7 @@ def build_supernet(a0: Analysis, inputs=None, cfg: SupernetConfig = SupernetConf
     shape_check(grown, inputs)
     a1 = analyze(grown)
     spec = _gate_spec(a0, a1, cfg)
-    gm = insert_gates(a1.gm, a1, spec).graph_module
+    gm = insert_gates(a1.gm, a1, spec, GateConfig(kind=cfg.gates, top_k=cfg.top_k)).graph_module
     shape_check(gm, inputs)
     return Supernet(gm, a1, a0, spec, inputs)
 

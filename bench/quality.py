@@ -39,7 +39,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality_methods import BASELINES, GROW, SHRINK, candidate, count_macs  # noqa: E402
+from quality_methods import BASELINES, GROW, SCRATCH, SHRINK, candidate, count_macs  # noqa: E402
 from quality_tasks import CACHE, TASKS, converged_epochs, trained_base  # noqa: E402
 
 from fxadapt.train.finetune import FinetuneConfig, accuracy, finetune  # noqa: E402
@@ -68,7 +68,7 @@ def run_row(task, method, base, data, budget, seed, st, base_epochs, opts) -> di
     x = data["train"][0][:1]
     ratio = count_macs(model, x) / count_macs(base, x)
     before = accuracy(model, data["test"])
-    epochs = st["ft"] + (base_epochs if method == "uniform" else 0)
+    epochs = st["ft"] + (base_epochs if method in SCRATCH else 0)
     t0 = time.perf_counter()
     finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=FinetuneConfig(seed=seed))
     ft_s = time.perf_counter() - t0

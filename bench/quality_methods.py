@@ -17,7 +17,9 @@ distillation from the base).
   seed), ``progress=False`` and, when given, ``dna_steps`` / ``fur_iterations`` (quick mode);
   ``fur-bernoulli``: FUR with Bernoulli instead of Gaussian DropChannel (the default before the ablation);
   ``dna-markov``: DNA with the DMCP Markov gates (the default before the Gumbel-top-k gates won the
-  ablation in bench/ablation_dna.py).
+  ablation in bench/ablation_dna.py); ``dna-scratch``: the widths DNA chose, weights re-initialised and
+  trained like ``uniform`` (a diagnostic: DNA's allocation against the uniform one with the weight
+  inheritance taken out).
 
 MACs are counted independently of fxadapt with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2).
 """
@@ -33,7 +35,9 @@ from torch import nn
 
 import fxadapt
 
-SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna")
+SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna",
+          "dna-scratch")
+SCRATCH = ("uniform", "dna-scratch")   # weights re-initialised: trained for base + fine-tune epochs
 GROW = ("uniform", "datafree", "dna-markov", "dna")
 BASELINES = ("uniform", "tp-uniform", "tp-global", "datafree")
 
@@ -112,6 +116,9 @@ def candidate(method: str, base: nn.Module, data: dict, budget: float, seed: int
     elif method == "uniform":
         model = reinitialise(fxadapt.transform(base, budget, (x,), strategy="datafree"), seed)
     else:
+        if method == "dna-scratch":
+            model, s = candidate("dna", base, data, budget, seed, opts)
+            return reinitialise(model, seed), s
         cfg = _config(seed, opts.get("dna_steps"), opts.get("fur_iterations"))
         if method == "fur-bernoulli":
             cfg = dataclasses.replace(cfg, fur=dataclasses.replace(cfg.fur, noise="bernoulli"))

@@ -150,6 +150,28 @@ class SampledWidthGate(nn.Module):
         return p[self.bin_of]
 
 
+class _MaskMul(torch.autograd.Function):
+    """``x * m`` (``m`` broadcast over ``x``) that keeps ``x`` in bfloat16 for the mask's gradient
+    ``dL/dm = sum(g * x)`` over the broadcast axes: the gate step's extra activation memory halves, the
+    forward and ``dL/dx = g * m`` stay exact (``bench/bench_search_step.py``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        keep = x.detach().to(torch.bfloat16) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(keep, m)
+        return x * m
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        keep, m = ctx.saved_tensors
+        gx = g * m if ctx.needs_input_grad[0] else None
+        gm = None
+        if keep is not None:
+            dims = [d for d in range(g.dim()) if m.shape[d] == 1 and g.shape[d] != 1]
+            gm = (g * keep.to(g.dtype)).sum(dims, keepdim=True).to(m.dtype) if dims else (g * keep.to(g.dtype))
+        return gx, gm
+
+
 class SiteMask(nn.Module):
     """``x * mask[index]`` broadcast on ``axis``; index -1 (another group's position) multiplies by 1."""
 
@@ -162,6 +184,8 @@ class SiteMask(nn.Module):
         full = torch.cat([unit_mask, unit_mask.new_ones(1)])[self.index]
         shape = [1] * x.dim()
         shape[self.axis - self.ndim + x.dim()] = -1
+        if full.requires_grad and torch.is_grad_enabled():
+            return _MaskMul.apply(x, full.view(shape))
         return x * full.view(shape)
 
 

@@ -112,3 +112,15 @@ def test_hardened_gates_end_decisive_and_entropy_penalty_lowers_entropy(model):
     assert 0.45 <= _ratio(hard) <= 0.5
     with pytest.raises(SearchConfigError):
         run(discretize_by="median")
+
+
+def test_arch_every_skips_gate_steps_and_refuses_zero(model):
+    import math
+
+    cfg = TransformConfig(search=dataclasses.replace(FAST, steps=12, arch_every=3))
+    out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=cfg)
+    gated = [h["step"] for h in fxadapt.report(out).history if "step" in h and not math.isnan(h["val_loss"])]
+    assert gated == [3, 6, 9] and 0.495 <= _ratio(out) <= 0.5
+    with pytest.raises(SearchConfigError, match="arch_every"):
+        fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna",
+                          config=TransformConfig(search=dataclasses.replace(FAST, arch_every=0)))

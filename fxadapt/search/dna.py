@@ -107,6 +107,7 @@ class SearchConfig:
     # grow the supernet (supernet.expand, depth slots) also for shrinking budgets (DNA's condense-and-expand
     # space); off: the model itself is the supernet when shrinking, which measured as good and 2-3x faster
     elastic_when_shrinking: bool = False
+    arch_every: int = 1                     # a gate step after every n-th weight step (after the warm-up)
     # Gumbel-top-2 (MSG-DAS) gates won bench/ablation_dna.py over DMCP Markov bins (gates="markov")
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(gates="topk"))
     solve: SolveConfig = field(default_factory=SolveConfig)   # the final rescale: tol, strict, align
@@ -171,6 +172,8 @@ def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
         raise SearchConfigError(f"SearchConfig.supernet.gates must be 'markov', 'gumbel' or 'topk', "
                                 f"got {cfg.supernet.gates!r}; gate_init 'budget' or 'uniform', got "
                                 f"{cfg.gate_init!r}")
+    if cfg.arch_every < 1:
+        raise SearchConfigError(f"SearchConfig.arch_every must be at least 1, got {cfg.arch_every}")
     if not 0.0 <= cfg.harden < 1.0:
         raise SearchConfigError(f"SearchConfig.harden must be in [0, 1), got {cfg.harden}")
     if cfg.warmup < cfg.steps:
@@ -255,7 +258,7 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
         else:
             loss = _step(sn, train.batch(s), w_opt, cfg, ctx, sn.arch_parameters())
         arch = float("nan")
-        if a_opt is not None and warmup <= s < hard_from:
+        if a_opt is not None and warmup <= s < hard_from and (s - warmup) % cfg.arch_every == 0:
             ramp = (s - warmup + 1) / max(hard_from - warmup, 1)
             if sn.sampled:
                 sn.resample(_gen(cfg, s, 1), tau)

@@ -124,3 +124,33 @@ def test_arch_every_skips_gate_steps_and_refuses_zero(model):
     with pytest.raises(SearchConfigError, match="arch_every"):
         fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna",
                           config=TransformConfig(search=dataclasses.replace(FAST, arch_every=0)))
+
+
+class _TinyAttention(torch.nn.Module):
+    """q/k/v projections, softmax attention, an MLP: what ``w_optimizer="auto"`` must recognise."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.fc = torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+        return self.fc(self.out(a @ v) + x).mean(1)
+
+
+@pytest.mark.parametrize("kind,expect", [("auto", "AdamW"), ("sgd", "SGD"), ("adamw", "AdamW")])
+def test_weight_optimizer_follows_the_graph(model, kind, expect):
+    from fxadapt.search.dna import weight_optimizer
+    from fxadapt.search.supernet import build_supernet
+
+    att = build_supernet(fxadapt.analyze(_TinyAttention().eval(), (torch.randn(1, 4, 8),)))
+    cnn = build_supernet(fxadapt.analyze(model, (X1,)))
+    cfg = dataclasses.replace(FAST, w_optimizer=kind)
+    opt, lr = weight_optimizer(att, cfg)
+    assert type(opt).__name__ == expect and lr == (cfg.adamw_lr if expect == "AdamW" else cfg.w_lr)
+    assert type(weight_optimizer(cnn, cfg)[0]).__name__ == ("AdamW" if kind == "adamw" else "SGD")
+    with pytest.raises(SearchConfigError, match="w_optimizer"):
+        fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna",
+                          config=TransformConfig(search=dataclasses.replace(FAST, w_optimizer="lion")))

@@ -1,7 +1,8 @@
 """DNA-style differentiable search of widths and depths in the elastic supernet.
 
 Alternating optimisation after a weight-only warm-up:
-- weight step on a training batch: ``L_task(w)``, SGD with momentum;
+- weight step on a training batch: ``L_task(w)``, SGD with momentum (AdamW for graphs with attention,
+  ``w_optimizer``);
 - architecture step on a validation batch: ``L_task + lambda * L_budget(E[MACs])``, Adam on the gate
   parameters, which are then projected back to [0, 1].
 
@@ -83,7 +84,11 @@ class SearchConfig:
     steps: int = 300
     warmup: int = 50
     batch_size: int = 64                    # the global batch (split over the ranks under torchrun)
-    w_lr: float = 0.02
+    w_lr: float = 0.02                      # SGD's learning rate
+    # weight steps: "sgd" (momentum), "adamw" (lr adamw_lr), "auto": AdamW when the graph has attention
+    # (softmax / SDPA: transformers are trained with it; SGD at 0.02 wrecked a GPT-2 in bench_lm_quality)
+    w_optimizer: str = "auto"
+    adamw_lr: float = 1e-3
     w_momentum: float = 0.9
     weight_decay: float = 5e-4
     a_lr: float = 0.05
@@ -172,6 +177,8 @@ def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
         raise SearchConfigError(f"SearchConfig.supernet.gates must be 'markov', 'gumbel' or 'topk', "
                                 f"got {cfg.supernet.gates!r}; gate_init 'budget' or 'uniform', got "
                                 f"{cfg.gate_init!r}")
+    if cfg.w_optimizer not in ("auto", "sgd", "adamw"):
+        raise SearchConfigError(f"SearchConfig.w_optimizer must be 'auto', 'sgd' or 'adamw', got {cfg.w_optimizer!r}")
     if cfg.arch_every < 1:
         raise SearchConfigError(f"SearchConfig.arch_every must be at least 1, got {cfg.arch_every}")
     if not 0.0 <= cfg.harden < 1.0:
@@ -180,6 +187,22 @@ def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
         return cfg.warmup, None
     w = cfg.steps // 4
     return w, f"warmup {cfg.warmup} >= steps {cfg.steps}: warm-up shrunk to {w} so the gates are searched"
+
+
+ATTENTION_OPS = (torch.ops.aten._softmax.default, torch.ops.aten.softmax.int,
+                 torch.ops.aten.scaled_dot_product_attention.default)
+
+
+def weight_optimizer(sn: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Optimizer, float]:
+    """The weight steps' optimizer and its peak learning rate (see ``SearchConfig.w_optimizer``)."""
+    kind = cfg.w_optimizer
+    if kind == "auto":
+        attention = any(n.target in ATTENTION_OPS for n in sn.analysis.gm.graph.nodes)
+        kind = "adamw" if attention else "sgd"
+    if kind == "adamw":
+        return torch.optim.AdamW(sn.weight_parameters(), lr=cfg.adamw_lr, weight_decay=cfg.weight_decay), cfg.adamw_lr
+    return torch.optim.SGD(sn.weight_parameters(), lr=cfg.w_lr, momentum=cfg.w_momentum,
+                           weight_decay=cfg.weight_decay), cfg.w_lr
 
 
 def _save(path: str, sn: Supernet, opts, state: SearchState) -> None:
@@ -229,8 +252,7 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
     ctx = ctx or dist.DistContext(device=cfg.device)
     warmup, _ = effective_warmup(cfg)
     sn.gm.to(ctx.device).train()
-    w_opt = torch.optim.SGD(sn.weight_parameters(), lr=cfg.w_lr, momentum=cfg.w_momentum,
-                            weight_decay=cfg.weight_decay)
+    w_opt, w_lr = weight_optimizer(sn, cfg)
     a_opt = torch.optim.Adam(sn.arch_parameters(), lr=cfg.a_lr) if sn.arch_parameters() else None
     state = SearchState()
     opts = [w_opt] + ([a_opt] if a_opt else [])
@@ -247,7 +269,7 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
         s = state.step
         if s == hard_from:
             harden_gates(sn)
-        lr = cfg.w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+        lr = w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
         for g in w_opt.param_groups:
             g["lr"] = lr
         tau = _tau(cfg, s, warmup, hard_from)

@@ -167,33 +167,31 @@ def paired_table(rows, baselines=BASELINES) -> str:
     return "\n".join(out)
 
 
-def time_table(rows) -> str:
+def _method_table(rows, title: str, methods, cell) -> str:
+    """One row per method, one column per (task, budget); ``cell(rows of that cell)`` formats a cell."""
     cols = _cols(rows)
-    out = ["| search s / fine-tune s | " + " | ".join(f"{t} {b}x" for t, b in cols) + " |",
-           "|---" * (len(cols) + 1) + "|"]
-    for m in ("tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna"):
+    out = [f"| {title} | " + " | ".join(f"{t} {b}x" for t, b in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in methods:
         cells = []
         for t, b in cols:
             rs = [r for r in rows if r["task"] == t and r["budget"] == b and r["method"] == m]
-            cells.append(f"{statistics.mean(r['search_s'] / r['finetune_s'] for r in rs):.2f} "
-                         f"({statistics.mean(r['search_s'] for r in rs):.0f} s / "
-                         f"{statistics.mean(r['finetune_s'] for r in rs):.0f} s)" if rs else "")
+            cells.append(cell(rs) if rs else "")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def time_table(rows) -> str:
+    return _method_table(rows, "search s / fine-tune s",
+                         ("tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna"),
+                         lambda rs: f"{statistics.mean(r['search_s'] / r['finetune_s'] for r in rs):.2f} "
+                                    f"({statistics.mean(r['search_s'] for r in rs):.0f} s / "
+                                    f"{statistics.mean(r['finetune_s'] for r in rs):.0f} s)")
 
 
 def macs_table(rows) -> str:
-    cols = _cols(rows)
-    out = ["| MACs / base (before FT acc %) | " + " | ".join(f"{t} {b}x" for t, b in cols) + " |",
-           "|---" * (len(cols) + 1) + "|"]
-    for m in tuple(dict.fromkeys(SHRINK + GROW)):
-        cells = []
-        for t, b in cols:
-            rs = [r for r in rows if r["task"] == t and r["budget"] == b and r["method"] == m]
-            cells.append(f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} "
-                         f"({100 * statistics.mean(r['acc_before_ft'] for r in rs):.1f})" if rs else "")
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return _method_table(rows, "MACs / base (before FT acc %)", tuple(dict.fromkeys(SHRINK + GROW)),
+                         lambda rs: f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} "
+                                    f"({100 * statistics.mean(r['acc_before_ft'] for r in rs):.1f})")
 
 
 def summary(rows) -> str:

@@ -23,8 +23,7 @@ Before every step the search draws Gumbel noise ``g`` (``resample``); the gate t
 (``y_hard + tau * (y - y.detach())``: the forward is one discrete width, the gradient the relaxed one,
 times ``tau`` so its scale does not grow as ``tau`` anneals and swamp the budget loss, whose gradient is
 taken at ``tau = 1``); for ``"topk"`` the ``k`` largest perturbed choices with their relaxed weights
-renormalised (multi-path; gradient also times ``tau``). Bin
-``k``'s mask is ``P_k = sum_{j >= k} y_j``. Expected units use the noise-free ``pi`` — by the Gumbel-max
+renormalised (multi-path; gradient also times ``tau``). Bin ``k``'s mask is ``P_k = sum_{j >= k} y_j``. Expected units use the noise-free ``pi`` — by the Gumbel-max
 trick exactly the mean of the sampled width: ``E[n] = n_min + sum_k |B_k| sum_{j >= k} pi_j``. In eval
 mode (no noise) the mask is the argmax choice; ``theta`` starts uniform with a 1e-3 tie-break toward the
 original width, so the gated supernet in eval mode still computes the original function. Sampled depth

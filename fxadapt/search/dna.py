@@ -171,12 +171,14 @@ def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
                                 f"{cfg.entropy_of!r}), discretize_by 'threshold' or 'expected' (got "
                                 f"{cfg.discretize_by!r})")
     if cfg.supernet.gates != "markov" and (cfg.sandwich or cfg.entropy_of == "alpha"):
-        raise SearchConfigError(f"SearchConfig.sandwich and entropy_of='alpha' need Markov gates; "
-                                f"got supernet.gates={cfg.supernet.gates!r}")
-    if cfg.supernet.gates not in ("markov", "gumbel", "topk") or cfg.gate_init not in ("budget", "uniform"):
+        raise SearchConfigError(f"SearchConfig.sandwich and entropy_of='alpha' need Markov gates; got "
+                                f"supernet.gates={cfg.supernet.gates!r}: pass "
+                                f"SearchConfig(supernet=SupernetConfig(gates='markov'), ...)")
+    if cfg.supernet.gates not in ("markov", "gumbel", "topk"):
         raise SearchConfigError(f"SearchConfig.supernet.gates must be 'markov', 'gumbel' or 'topk', "
-                                f"got {cfg.supernet.gates!r}; gate_init 'budget' or 'uniform', got "
-                                f"{cfg.gate_init!r}")
+                                f"got {cfg.supernet.gates!r}")
+    if cfg.gate_init not in ("budget", "uniform"):
+        raise SearchConfigError(f"SearchConfig.gate_init must be 'budget' or 'uniform', got {cfg.gate_init!r}")
     if cfg.w_optimizer not in ("auto", "sgd", "adamw"):
         raise SearchConfigError(f"SearchConfig.w_optimizer must be 'auto', 'sgd' or 'adamw', got {cfg.w_optimizer!r}")
     if cfg.arch_every < 1:
@@ -368,12 +370,12 @@ def dna(a0, target: float, data, val_data, cfg: SearchConfig):
     _, note = effective_warmup(cfg)
     ctx = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed)
-    grow = target > a0.macs()
+    base_macs = a0.macs()
+    grow = target > base_macs
     sn_cfg = cfg.supernet
     if not grow and not cfg.elastic_when_shrinking:
         sn_cfg = dataclasses.replace(sn_cfg, expand=1.0, depth_slots=0)
     sn = build_supernet(a0, None, sn_cfg)
-    base_macs = sn.original.macs()
     train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
     if sn.sampled and cfg.gate_init == "budget":

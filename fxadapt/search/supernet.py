@@ -112,9 +112,9 @@ class Supernet:
                 p.clamp_(0, 1)
 
     def entropy(self) -> float:
-        ps = [getattr(g, "alpha", None) for g in self.width_gates().values()]
-        ps = [(a if a is not None else g.marginals()).clamp(1e-4, 1 - 1e-4)
-              for a, g in zip(ps, self.width_gates().values())]
+        # Markov gates: of the conditional parameters; sampled gates: of the bins' keep probabilities
+        ps = [g.alpha if hasattr(g, "alpha") else g.marginals() for g in self.width_gates().values()]
+        ps = [p.clamp(1e-4, 1 - 1e-4) for p in ps]
         ps += [g.beta.clamp(1e-4, 1 - 1e-4).view(1) for g in self.depth_gates().values()]
         if not ps:
             return 0.0

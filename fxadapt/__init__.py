@@ -18,16 +18,20 @@ from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
 from fxadapt.export.onnx import ExportError, export_onnx
 from fxadapt.export.program import captured_from_program, to_exported_program
 from fxadapt.export.report import Report, report
+from fxadapt.export.modules import from_pretrained, recipe_of
 from fxadapt.export.save import load, save
 from fxadapt.hw.bench import benchmark
 from fxadapt.hw.target import Target, TargetError
 from fxadapt.ir.capture import capture
 from fxadapt.pipeline.transform import TransformConfig, VerificationError, transform
 from fxadapt.planning.budget import Budget
+from fxadapt.planning.solver import SolveConfig
 from fxadapt.train.finetune import FinetuneConfig, finetune
+from fxadapt.writeback import Recipe, WriteBackError, WriteBackWarning, apply
 
 __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
            "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",
            "FxAdaptError", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
-           "captured_from_program", "Target", "TargetError", "benchmark", "dist"]
+           "captured_from_program", "Target", "TargetError", "benchmark", "dist", "from_pretrained", "recipe_of",
+           "apply", "Recipe", "WriteBackWarning", "WriteBackError", "SolveConfig"]
 __version__ = "0.2.0"

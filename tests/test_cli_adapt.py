@@ -129,7 +129,14 @@ def test_adapt_and_inspect_integer_inputs(tmp_path, monkeypatch, capsys):
     assert "input 2x8:int64" in out and "fc1" in out
     assert main(["adapt", "tiny.py:build", "--input-shape", "2,8:int64:0-100", "--budget", "0.5",
                  "-o", "t.pt", "--quiet"]) == 0
-    model = load(tmp_path / "t.pt")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_again", tmp_path / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    with pytest.raises(fxadapt.FxAdaptError, match="pass model="):   # a class from a file: not importable
+        load(tmp_path / "t.pt")
+    model = load(tmp_path / "t.pt", model=tiny.build())
     ids = torch.randint(0, 100, (3, 8))
     assert model(ids).shape == (3, 4)
     rep = fxadapt.report(model)

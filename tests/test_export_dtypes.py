@@ -51,7 +51,8 @@ def leftovers(folder) -> list[str]:
 def test_supported_dtype_exports_and_matches(tmp_path, dtype):
     model, x = net(dtype)
     res = export_onnx(model, (x,), str(tmp_path / "m.onnx"))
-    assert res.dtype == str(dtype).removeprefix("torch.") and res.folded_bn == 0
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())   # folded in every model now
+    assert res.dtype == str(dtype).removeprefix("torch.") and res.folded_bn == bns
     proto = onnx.load(res.path)
     onnx.checker.check_model(proto)
     assert proto.graph.input[0].type.tensor_type.elem_type == {torch.float32: 1, torch.float16: 10}[dtype]
@@ -148,9 +149,10 @@ def test_export_folds_bn_in_float32_before_a_float16_cast(tmp_path, adapted):
     torch.testing.assert_close(got, gm.eval()(x).detach(), rtol=0, atol=ATOL[torch.float16] * 10)
 
 
-def test_plain_module_is_exported_unfolded(tmp_path):
+def test_plain_module_is_folded_through_its_capture(tmp_path):
     model, x = net(torch.float32)
-    assert export_onnx(model, (x,), str(tmp_path / "m.onnx")).folded_bn == 0
+    assert export_onnx(model, (x,), str(tmp_path / "m.onnx")).folded_bn == 1
+    assert export_onnx(model, (x,), str(tmp_path / "m.onnx"), fold_bn=False).folded_bn == 0
 
 
 def test_wrong_fold_is_refused(tmp_path, adapted, monkeypatch):

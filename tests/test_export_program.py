@@ -22,7 +22,7 @@ def x():
 
 @pytest.fixture(scope="module")
 def adapted(x):
-    return fxadapt.transform(example_model().eval(), 0.5, (x,), fold_bn=False)
+    return fxadapt.transform(example_model().eval(), 0.5, (x,), fold_bn=False, output="graph")
 
 
 def test_round_trip_transform_result(adapted, x):

@@ -21,15 +21,16 @@ X = torch.randn(EXAMPLE_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
 
 def test_pipeline_reads_as_documented():
     assert [s.name for s in tr.PIPELINE] == ["capture", "analyze", "plan", "materialize", "rewire_blocks",
-                                              "recalibrate_bn", "fold_bn", "verify", "export"]
+                                              "recalibrate_bn", "fold_bn", "verify", "write_back", "export"]
     rep = fxadapt.report(fxadapt.transform(example_model(), 0.5, (X,)))
-    assert [n for n, _ in rep.timings] == ["capture", "analyze", "plan", "materialize", "rewire_blocks", "verify"]
+    assert [n for n, _ in rep.timings] == ["capture", "analyze", "plan", "materialize", "rewire_blocks", "verify",
+                                           "write_back"]
 
 
 def test_progress_reaches_its_total():
     seen = []
     fxadapt.transform(example_model(), 0.5, (X,), progress=lambda *a: seen.append(a))
-    assert [d for _, d, _ in seen] == list(range(1, 7)) and {t for *_, t in seen} == {6}
+    assert [d for _, d, _ in seen] == list(range(1, 8)) and {t for *_, t in seen} == {7}
 
 
 def test_runner_shape_checks_the_graph_a_step_broke():

@@ -37,7 +37,7 @@ class Mixed(nn.Module):
 @pytest.fixture(scope="module")
 def adapted():
     x = torch.randn(EXAMPLE_INPUT_SHAPE)
-    return fxadapt.transform(example_model(), 0.5, (x,)), x
+    return fxadapt.transform(example_model(), 0.5, (x,), output="graph"), x   # the GraphModule format
 
 
 def test_transform_result_round_trips(adapted, tmp_path):

@@ -79,7 +79,8 @@ def test_transform_takes_at_most_six_parameters():
 
 def test_no_dispatch_on_module_types_outside_lifting():
     """Passes look ops up in the registry from the node; only lifting (and the lift builders) name nn classes."""
-    allowed = {"passes/lift_modules.py", "fxadapt/ops/lifts.py", "fxadapt/train/recalibrate.py", "fxadapt/dist.py"}
+    allowed = {"passes/lift_modules.py", "fxadapt/ops/lifts.py", "fxadapt/train/recalibrate.py", "fxadapt/dist.py",
+               "fxadapt/writeback/recipe.py", "fxadapt/writeback/depth.py"}   # containers of the user's tree
     pattern = re.compile(r"isinstance\([^)]*,\s*\(?\s*nn\.(?!Module\b|Parameter\b)")
     offenders = [str(p.relative_to(ROOT)) for p in [*ROOT.glob("fxadapt/**/*.py"), *ROOT.glob("passes/*.py")]
                  if str(p.relative_to(ROOT)) not in allowed and pattern.search(p.read_text())]

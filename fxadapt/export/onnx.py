@@ -3,12 +3,11 @@
 Steps, on a copy of the model in eval mode:
 
 1. ``dtype=`` given: cast the copy's floating parameters/buffers and the floating example inputs to it.
-2. ``fold_bn`` and the model is a ``torch.fx.GraphModule`` (what ``fxadapt.transform`` returns, which keeps
-   BatchNorm so it fine-tunes well): fold eval-mode BN into the conv/linear before it with
+2. ``fold_bn`` and the model has BatchNorm (``fxadapt.transform`` keeps it so the result fine-tunes well; a
+   model in its own class is captured first): fold eval-mode BN into the conv/linear before it with
    ``passes/fold_bn`` (``W'_o = s_o W_o``, ``b'_o = s_o (b_o - mu_o) + beta_o``, ``s_o = gamma_o /
-   sqrt(var_o + eps)``) and check the folded copy against the unfolded one (below). A plain ``nn.Module``
-   is exported as is: onnxsim and onnxruntime fold BN themselves. Folding runs in the more precise of the
-   model's dtype and ``dtype``.
+   sqrt(var_o + eps)``) and check the folded copy against the unfolded one (below). Folding runs in the
+   more precise of the model's dtype and ``dtype``.
 3. ``torch.onnx.export(..., dynamo=True)`` with the example inputs' shapes; ``onnxsim.simplify`` (which
    checks the simplified graph on random inputs); ``onnx.checker.check_model``; one onnxruntime CPU run
    compared with the torch copy.
@@ -117,6 +116,10 @@ def prepare(model: nn.Module, inputs: tuple, *, fold_bn: bool = True,
     if wider:
         work, inputs = _cast(work, inputs, dtype)
     folded = 0
+    if fold_bn and not isinstance(work, GraphModule) and any("BatchNorm" in type(m).__name__ for m in work.modules()):
+        from fxadapt.ir.capture import capture   # a model in its own class: fold on its captured graph
+
+        work = capture(work, inputs).eval()
     if fold_bn and isinstance(work, GraphModule):
         work, folded = _fold(work, inputs)
     if dtype is not None and not wider:

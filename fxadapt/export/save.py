@@ -24,7 +24,7 @@ Example:
     >>> import os, tempfile, torch, fxadapt
     >>> from fxadapt.examples import example_model, EXAMPLE_INPUT_SHAPE
     >>> x = torch.randn(EXAMPLE_INPUT_SHAPE)
-    >>> small = fxadapt.transform(example_model(), 0.5, (x,))
+    >>> small = fxadapt.transform(example_model(), 0.5, (x,), output="graph")
     >>> path = os.path.join(tempfile.mkdtemp(), "small.pt")
     >>> save(small, path)
     >>> again = load(path)
@@ -82,8 +82,9 @@ def save(model: fx.GraphModule, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
-def load(path: str | os.PathLike, map_location: Any = None) -> fx.GraphModule:
-    """Read a file written by ``save`` (with ``torch.load``'s default ``weights_only=True``).
+def load(path: str | os.PathLike, map_location: Any = None, model: nn.Module | None = None) -> fx.GraphModule:
+    """Read a file written by ``save`` (with ``torch.load``'s default ``weights_only=True``); a model saved in
+    its own class is rebuilt on ``model`` (a fresh instance; default: the class called with no arguments).
 
     >>> import tempfile, os, torch
     >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
@@ -100,21 +101,35 @@ def load(path: str | os.PathLike, map_location: Any = None) -> fx.GraphModule:
         raise SaveError(f"cannot load {os.fspath(path)!r}: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} "
                         f"(was it written by fxadapt.save?)") from e
-    return from_dict(data, os.fspath(path))
+    return from_dict(data, os.fspath(path), model)
 
 
 def to_dict(model: fx.GraphModule) -> dict[str, Any]:
-    """The plain-data form of ``model`` that ``save`` writes."""
+    """The plain-data form of ``model`` that ``save`` writes (a model ``transform`` returned in its own class:
+    ``fxadapt.export.modules``)."""
+    if not isinstance(model, fx.GraphModule) and hasattr(model, "fxadapt_recipe"):
+        from fxadapt.export import modules
+
+        return modules.to_dict(model, _report(model))
     if not isinstance(model, fx.GraphModule):
-        raise SaveError(f"fxadapt.save stores a torch.fx.GraphModule (what fxadapt.transform returns), "
-                        f"got {type(model).__name__}; save its state_dict() with torch.save instead")
+        raise SaveError(f"fxadapt.save stores a torch.fx.GraphModule or a model fxadapt.transform returned in its "
+                        f"own class, got {type(model).__name__}; save its state_dict() with torch.save instead")
     return {"format": FORMAT, "training": model.training, "modules": _modules(model),
             "tensors": _tensors(model), "graph": [_node(n) for n in model.graph.nodes],
             "codegen": _codegen(model.graph), "report": _report(model)}
 
 
-def from_dict(data: Any, where: str = "<dict>") -> fx.GraphModule:
-    """The ``GraphModule`` described by ``to_dict``'s output."""
+def from_dict(data: Any, where: str = "<dict>", model: nn.Module | None = None) -> fx.GraphModule:
+    """The model described by ``to_dict``'s output (``model``: a fresh instance for a module file)."""
+    from fxadapt.export import modules
+
+    if isinstance(data, dict) and data.get("format") == modules.FORMAT:
+        out = modules.from_dict(data, where, model)
+        if data.get("report") is not None:
+            from fxadapt.export.report import Report, attach
+
+            attach(out, Report.from_dict(data["report"]))
+        return out
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SaveError(f"{where!r} is not a model saved by fxadapt.save (format {FORMAT}); "
                         f"for a torch.save'd module use torch.load(path, weights_only=False) if you trust it")

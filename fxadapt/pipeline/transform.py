@@ -57,6 +57,7 @@ from fxadapt.planning.solver import SolveConfig
 from fxadapt.search.dna import SearchConfig
 from fxadapt.search.fur import FurConfig
 from fxadapt.train.recalibrate import recalibrate_bn
+from fxadapt.writeback.build import Reference
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ class TransformConfig:
     device: str = "cpu"             # where a search runs ("cuda": cuda:LOCAL_RANK under torchrun)
     precision: str = "auto"         # search autocast: bf16 on CUDA, fp32 on CPU ("bf16"/"fp32" force it)
     recalibrate_bn: int = 20        # batches of `data` to re-estimate BN statistics with after shrinking
-    output: str = "module"          # or "exported_program" (torch.export.ExportedProgram of the result)
+    output: str = "module"          # the user's own class ("module"), the verified "graph", or "exported_program"
+    write_back: str = "auto"        # "auto": fall back to the graph with a WriteBackWarning; "strict": raise
     atol: float = 1e-5
     rtol: float = 1e-4
     output_check: bool = False      # also run the original model to compare output structure (default: its recorded shapes)
@@ -92,6 +94,7 @@ class Job:
     data: Any = None
     val_data: Any = None
     gm: GraphModule | None = None
+    planned: GraphModule | None = None
     analysis: Any = None
     target: Budget | None = None
     outcome: Outcome | None = None
@@ -111,8 +114,15 @@ def _capture(job: Job) -> Job:
     return dataclasses.replace(job, gm=gm, inputs=gm.meta[meta.INPUTS])
 
 
+def _attention(job: Job) -> str:
+    """``"auto"`` is whole heads when the result goes back into the user's modules (an attention module has one
+    ``head_dim`` for q, k and v, which per-piece head sizes would break); the analysis' own ``"auto"`` (heads
+    with rotary embeddings, else head_dim) for graph outputs."""
+    return "heads" if job.cfg.attention == "auto" and _module_result(job) else job.cfg.attention
+
+
 def _analyze(job: Job) -> Job:
-    a = analyze(job.gm, attention=job.cfg.attention)
+    a = analyze(job.gm, attention=_attention(job))
     target = parse_budget(job.budget, a.macs(), a.params())
     if target.macs is None and target.latency is None:
         raise BudgetError("give macs= or latency= (a params budget alone is not solved; it is checked)")
@@ -129,7 +139,7 @@ def _plan(job: Job) -> Job:
 
 
 def _materialize(job: Job) -> Job:
-    return dataclasses.replace(job, gm=materialize(job.gm, job.outcome.plan).graph_module)
+    return dataclasses.replace(job, gm=materialize(job.gm, job.outcome.plan).graph_module, planned=job.gm)
 
 
 def _rewire(job: Job) -> Job:
@@ -179,6 +189,28 @@ def _verify(job: Job) -> Job:
     return dataclasses.replace(job, macs=macs)
 
 
+def _write_back(job: Job) -> Job:
+    """The plan in a deep copy of the user's own modules, checked against the verified graph."""
+    from fxadapt.writeback import WriteBackError, WriteBackWarning, write_back
+
+    cfg = job.cfg
+    ref = Reference(job.gm, job.planned, job.macs, job.outcome.preserving, cfg.rtol, cfg.atol)
+    wb = write_back(job.model, job.outcome.plan, job.inputs, ref)
+    if wb.module is None:
+        msg = (f"{type(job.model).__name__}: the adapted sizes could not be written back into its own modules "
+               f"({wb.reason}); returning the verified graph (a torch.fx.GraphModule) instead")
+        if cfg.write_back == "strict":
+            raise WriteBackError(msg)
+        warnings.warn(msg, WriteBackWarning, stacklevel=4)
+        return dataclasses.replace(job, result=job.gm)
+    object.__setattr__(wb.module, "fxadapt_recipe", wb.recipe)
+    return dataclasses.replace(job, result=wb.module)
+
+
+def _module_result(job: Job) -> bool:
+    return job.cfg.output == "module" and isinstance(job.model, nn.Module) and not job.cfg.fold_bn
+
+
 def _export(job: Job) -> Job:
     from fxadapt.export.program import to_exported_program
 
@@ -194,6 +226,7 @@ PIPELINE = (
     Step("recalibrate_bn", _recalibrate, _with_data),
     Step("fold_bn", _fold, lambda job: job.cfg.fold_bn),
     Step("verify", _verify),
+    Step("write_back", _write_back, _module_result),
     Step("export", _export, lambda job: job.cfg.output == "exported_program"),
 )
 
@@ -216,7 +249,11 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, data: Any = No
                        time.perf_counter() - start)
     rep = dataclasses.replace(rep, timings=job.timings)
     attach(out, rep)
-    return attach(job.result, rep) if job.result is not None else out
+    if job.result is not None and job.result is not out:
+        if isinstance(job.result, nn.Module) and not cfg.fold_bn:
+            job.result.train(model.training if isinstance(model, nn.Module) else False)
+        return attach(job.result, rep)
+    return out
 
 
 def _config(config: TransformConfig | None, options: dict, data: Any) -> TransformConfig:
@@ -232,8 +269,12 @@ def _config(config: TransformConfig | None, options: dict, data: Any) -> Transfo
     if strategy in ("dna", "fur") and data is None:
         raise InputError(f"strategy {strategy!r} searches on data: pass data=(inputs, targets), a Dataset or a "
                          f"DataLoader (or strategy='datafree')")
-    if cfg.output not in ("module", "exported_program"):
-        raise InputError(f"unknown output {cfg.output!r}; use 'module' or 'exported_program'")
+    if cfg.output not in ("module", "graph", "exported_program"):
+        raise InputError(f"unknown output {cfg.output!r}; use 'module' (the model's own class), 'graph' (a "
+                         f"torch.fx.GraphModule) or 'exported_program'")
+    if cfg.write_back not in ("auto", "strict"):
+        raise InputError(f"unknown write_back {cfg.write_back!r}; use 'auto' (fall back to the graph with a "
+                         f"WriteBackWarning) or 'strict' (raise)")
     return dataclasses.replace(cfg, strategy=strategy)
 
 

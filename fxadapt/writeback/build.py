@@ -1,0 +1,237 @@
+"""``write_back``: the verified graph's plan applied to a deep copy of the user's own module tree.
+
+    recipe  = width ops (widths.py) + depth ops (depth.py) [+ HF config ops (hf.py)]
+    model'  = apply(recipe[width], deepcopy(model)); tensors <- the graph's, by name;
+              apply(recipe[depth]); zero the repeated copies' branch outputs; config fields
+    verify  : model'(x) == graph(x) at the example inputs (rtol/atol of the verifier, scaled to the outputs'
+              magnitude) and MACs(model') == MACs(graph) by the independent count; at another batch size
+              model' == graph again; at another sequence length / image size (where the original runs)
+              model' runs and every output axis the input change moved moves as in the original, every
+              axis the adaptation changed keeps the graph's size (and, for function-preserving changes,
+              model' == original there too).
+
+Any step that cannot be expressed or any failed check gives a reason; ``transform`` then returns the
+graph with a ``WriteBackWarning`` (or raises ``WriteBackError`` with ``write_back="strict"``). The
+user's model is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from fxadapt.analysis.count import run_counted
+from fxadapt.errors import FxAdaptError
+from fxadapt.ir.capture import as_called
+from fxadapt.pipeline import verify
+from fxadapt.writeback import hf
+from fxadapt.writeback.depth import NotExpressible, depth_ops
+from fxadapt.writeback.recipe import Recipe, apply
+from fxadapt.writeback.widths import graph_tensor, tensors_of, width_ops
+
+
+class WriteBackWarning(UserWarning):
+    """The plan could not be written back into the user's modules; the verified graph is returned."""
+
+
+class WriteBackError(FxAdaptError):
+    """``write_back="strict"``: the plan could not be written back into the user's modules."""
+
+
+@dataclass(frozen=True)
+class WriteBack:
+    module: nn.Module | None
+    recipe: Recipe
+    reason: str | None = None
+    shapes: tuple = ()          # the input shapes the written-back module was checked at
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the written-back module is checked against."""
+
+    graph: GraphModule
+    planned: GraphModule        # the graph the plan was made on (its blocks, the old shapes)
+    macs: float
+    preserving: bool
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
+    """Apply ``plan`` (already applied to ``ref.graph``) to a deep copy of ``model`` and verify it."""
+    work = copy.deepcopy(model)
+    try:
+        ops, evidence = width_ops(work, ref.graph, ref.planned)
+        depth = depth_ops(work, ref.planned, plan, inputs)
+    except NotExpressible as e:
+        return WriteBack(None, Recipe(), str(e))
+    except KeyError as e:   # blocks of a graph deepened before planning (grow_depth, DNA depth slots)
+        return WriteBack(None, Recipe(), f"the plan's residual blocks include ones inserted into the graph "
+                                         f"before planning ({e.args[0]}), which the model's modules do not have")
+    recipe = Recipe(tuple(ops) + tuple(depth.ops))
+    apply(recipe, work, phases=("width",))
+    _fill(work, ref.graph)
+    apply(recipe, work, phases=("depth",))
+    with torch.no_grad():
+        for name in depth.zero:
+            work.get_parameter(name).zero_()
+    if hf.is_hf(work):
+        final = Recipe(tuple(hf.config_ops(work, model, depth.order, evidence)))
+        apply(final, work, phases=("final",))
+        recipe = recipe + final
+        if not hf.stock_rebuilds(work):
+            work.config.fxadapt_recipe = {"base": hf.base_values(model, list(final.ops)),
+                                          "ops": list(recipe.ops)}
+    else:
+        final = Recipe(tuple(o for o in _layer_ops(work, depth.order)))
+        apply(final, work, phases=("final",))
+        recipe = recipe + final
+    work.train(model.training)
+    try:
+        shapes = check(work, model, inputs, ref)
+    except _Mismatch as e:
+        return WriteBack(None, recipe, str(e))
+    return WriteBack(work, recipe, None, shapes)
+
+
+def _layer_ops(model: nn.Module, order: dict) -> list[dict]:
+    return [op for parent in order for op in hf._layer_idx(model, parent)]
+
+
+def _fill(work: nn.Module, gm: GraphModule) -> None:
+    """Copy every tensor the graph holds under a name of the user's model (tied ones once)."""
+    user, graph = tensors_of(work), tensors_of(gm)
+    done = set()
+    with torch.no_grad():
+        for name, t in user.items():
+            g = graph_tensor(graph, user, name)
+            if g is not None and id(t) not in done and tuple(g.shape) == tuple(t.shape):
+                t.copy_(g.to(t.dtype))
+                done.add(id(t))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def check(work: nn.Module, original: nn.Module, inputs, ref: Reference) -> tuple:
+    """Verify ``work`` against the graph (see the module docstring); the input shapes it was checked at."""
+    cfg = SimpleNamespace(rtol=ref.rtol, atol=ref.atol)
+    try:
+        macs, got = run_counted(work, as_called(work, inputs))
+    except Exception as e:  # noqa: BLE001 - the user's forward failed with the new sizes
+        raise _Mismatch(f"the written-back model fails on the example inputs: {type(e).__name__}: "
+                        f"{_first(e)}") from e
+    expected = verify.outputs(ref.graph, inputs)
+    _close(expected, got, cfg, "at the example inputs")
+    if abs(macs - ref.macs) > 1e-3 * max(macs, ref.macs, 1.0):
+        raise _Mismatch(f"the written-back model runs {macs:,.0f} MACs where the graph runs {ref.macs:,.0f}")
+    shapes = [_shapes(inputs)]
+    with kept_attributes(original), kept_attributes(work):
+        shapes += _other_shapes(work, original, inputs, got, ref, cfg)
+    return tuple(shapes)
+
+
+@contextlib.contextmanager
+def kept_attributes(model: nn.Module):
+    """Restore every module's plain attributes afterwards: some forwards change them for the input size they
+    see (HF Swin shrinks ``window_size`` to a small image), and neither the user's model nor the result may
+    keep that."""
+    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_") and not isinstance(v, nn.Module)})
+             for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for k, v in attrs.items():
+                object.__setattr__(m, k, v) if k in vars(m) else None
+
+
+def _other_shapes(work, original, inputs, got, ref: Reference, cfg) -> list:
+    shapes = []
+    for alt, batch_only in variants(inputs):
+        try:
+            orig_alt = verify.outputs(original, as_called(original, alt))
+        except Exception:  # noqa: BLE001 - the original does not run there either: nothing to compare
+            continue
+        try:
+            mine = verify.outputs(work, as_called(work, alt))
+        except Exception as e:  # noqa: BLE001
+            raise _Mismatch(f"the written-back model fails at input shapes {_shapes(alt)} where the original "
+                            f"runs: {type(e).__name__}: {_first(e)}") from e
+        _axes(orig_alt, mine, verify.outputs(original, as_called(original, inputs)), got, _shapes(alt))
+        if batch_only:
+            _close(verify.outputs(ref.graph, alt), mine, cfg, f"at input shapes {_shapes(alt)}")
+        if ref.preserving:
+            _close(orig_alt, mine, cfg, f"(function-preserving) at input shapes {_shapes(alt)}")
+        shapes.append(_shapes(alt))
+    return shapes
+
+
+def _first(e: BaseException) -> str:
+    """The error's first line and the user's source line it was raised at (a size in their ``forward``)."""
+    import traceback
+
+    text = str(e).strip()
+    line = text.splitlines()[0][:300] if text else type(e).__name__
+    user = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename
+            and "/fxadapt/" not in f.filename]
+    if user:
+        f = user[-1]
+        line += f" (at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()})"
+    return line
+
+
+def _close(ref: Any, got: Any, cfg, where: str) -> None:
+    try:
+        verify.check_shapes(ref, got)
+        verify.check_close(ref, got, cfg, "writing the plan back into the model's modules")
+    except verify.VerificationError as e:
+        raise _Mismatch(f"the written-back model differs from the verified graph {where}: {e}") from e
+
+
+def _axes(orig_alt, mine, orig, got, where) -> None:
+    """Output axes: moved by the input change as in the original, else kept at the adapted size."""
+    leaves = lambda o: [t for t in pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]  # noqa: E731
+    for a, m, o, g in zip(leaves(orig_alt), leaves(mine), leaves(orig), leaves(got)):
+        want = tuple(sa if sa != so else sg for sa, so, sg in zip(a.shape, o.shape, g.shape))
+        if a.dim() != m.dim() or tuple(m.shape) != want:
+            raise _Mismatch(f"at input shapes {where} the written-back model returns shape {tuple(m.shape)}, "
+                            f"expected {want}")
+
+
+def _shapes(inputs) -> list:
+    return [tuple(t.shape) for t in inputs.tensors()]
+
+
+def variants(inputs) -> list[tuple[Any, bool]]:
+    """Other inputs to check at: one more in the batch; a longer sequence (tokens, features, audio) or a
+    smaller image, applied to every input sharing that axis' size."""
+    out = []
+    batch = inputs.batch
+    if batch:
+        out.append((inputs.map(lambda t: torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == batch else t), True))
+    first = next((t for t in inputs.tensors() if t.dim() >= 2), None)
+    if first is None:
+        return out
+    if first.dim() == 4 and first.is_floating_point():
+        h, w = first.shape[-2:]
+        size = (max(8, (3 * h // 4) // 8 * 8), max(8, (3 * w // 4) // 8 * 8))
+        if size != (h, w):
+            out.append((inputs.map(lambda t: F.interpolate(t, size=size, mode="bilinear") if t.dim() == 4
+                                   and t.shape[-2:] == first.shape[-2:] and t.is_floating_point() else t), False))
+        return out
+    n = first.shape[1]
+    grow = lambda t: torch.cat([t, t[:, :3]], 1) if t.dim() >= 2 and t.shape[1] == n else t  # noqa: E731
+    out.append((inputs.map(grow), False))
+    return out

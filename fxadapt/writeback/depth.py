@@ -1,0 +1,216 @@
+"""Depth write-back: removed and repeated residual blocks as operations on the user's module tree.
+
+A block of the plan (``exit = entry + f(entry)``, found on the graph) belongs to a *unit*: the innermost
+module of its exit node's module stack that is an element of a ``ModuleList`` or ``nn.Sequential`` (an HF
+decoder layer, a ResNet unit). Per unit:
+
+- every weighted layer of the unit lies in a removed block's body -> ``delete`` the unit (an HF layer whose
+  attention and MLP halves are both gone leaves its ``ModuleList``);
+- a removed block otherwise: the module computing its branch output ``f`` (the deepest module below the
+  unit holding only body nodes) becomes a ``ZeroBranch`` (``y = x + 0``); weighted modules of the body
+  outside it make the block not expressible (the reason is returned);
+- repeated blocks: ``k`` copies of the unit are inserted after it (``k`` = the most any of its blocks is
+  repeated); in copy ``j`` each block repeated at least ``j`` times gets its zero-source parameters (the
+  ones ``rewire_blocks`` zeroes) zeroed, the others become ``ZeroBranch``. At insertion every copy adds
+  zero, as the graph's copies do; a unit that does not map its input shape to its output shape is refused.
+
+Units are edited from the last to the first in their container, so earlier indices stay valid; the
+final order of every container (original index per position, ``None``-free) is returned for
+``layer_idx``/``layer_types``.
+
+Example:
+    >>> import torch
+    >>> class Unit(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body = torch.nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return x + self.body(x)
+    >>> import fxadapt
+    >>> from fxadapt.planning.plan import make_plan
+    >>> m = torch.nn.Sequential(Unit(), Unit())
+    >>> a = fxadapt.analyze(m, (torch.randn(2, 4),))
+    >>> d = depth_ops(m, a.gm, make_plan(a, {}, remove=[0]), fxadapt.ir.inputs.as_inputs((torch.randn(2, 4),)))
+    >>> [(o["op"], o["module"]) for o in d.ops], d.order
+    ([('delete', '0')], {'': [1]})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxadapt.ops.registry import spec_of
+from fxadapt.passes.rewire_blocks import _body_output, _zero_params, _zero_source
+
+
+class NotExpressible(Exception):
+    """The change has no form in the user's module tree (the message says why)."""
+
+
+@dataclass
+class DepthPlan:
+    ops: list = field(default_factory=list)
+    zero: list = field(default_factory=list)     # parameter names to zero after the ops (copies' branches)
+    order: dict = field(default_factory=dict)    # container path -> original index of every final element
+
+
+def _stack(node: Node) -> list[str]:
+    return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _unit_of(model: nn.Module, node: Node) -> str:
+    for path in reversed(_stack(node)):
+        parent = path.rpartition(".")[0]
+        try:
+            owner = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            continue
+        if isinstance(owner, (nn.ModuleList, nn.Sequential)) and path:
+            return path
+    raise NotExpressible(f"the residual block ending at {node.name} is not inside an element of a ModuleList "
+                         f"or nn.Sequential, so it cannot be removed or repeated as a module")
+
+
+def _weighted(node: Node) -> bool:
+    return node.op == "call_module" and getattr(spec_of(node), "zero", None) == "params"
+
+
+def depth_ops(model: nn.Module, gm: GraphModule, plan, inputs) -> DepthPlan:
+    """Depth operations for ``plan.remove``/``plan.repeat`` (block ids of ``plan.blocks`` on ``gm``)."""
+    out = DepthPlan()
+    if not (plan.remove or plan.repeat):
+        return out
+    nodes = {n.name: n for n in gm.graph.nodes}
+    blocks = {b.id: b for b in plan.blocks}
+    units: dict[str, list] = {}
+    for b in plan.blocks:
+        try:
+            units.setdefault(_unit_of(model, nodes[b.exit]), []).append(b)
+        except NotExpressible:
+            if b.id in plan.remove or b.id in plan.repeat:
+                raise
+    changed = {u: bs for u, bs in units.items() if any(b.id in plan.remove or b.id in plan.repeat for b in bs)}
+    io = _record(model, inputs, changed, nodes, blocks)
+    containers: dict[str, list] = {}
+    for u in changed:
+        containers.setdefault(u.rpartition(".")[0], []).append(u)
+    for parent, members in containers.items():
+        keys = list((model.get_submodule(parent) if parent else model)._modules)
+        order = list(range(len(keys)))
+        for u in sorted(members, key=lambda u: keys.index(u.rpartition(".")[2]), reverse=True):
+            _unit(model, u, units[u], plan, nodes, io, out, order, keys)
+        out.order[parent] = order
+    return out
+
+
+def _unit(model, u, bs, plan, nodes, io, out: DepthPlan, order: list, keys: list) -> None:
+    parent, _, key = u.rpartition(".")
+    i = keys.index(key)
+    pos = order.index(i)
+    removed = [b for b in bs if b.id in plan.remove]
+    in_unit = [n for n in nodes.values() if u in _stack(n) and _weighted(n)]
+    if removed and all(any(n.name in b.body for b in removed) for n in in_unit):
+        out.ops.append({"op": "delete", "module": u})
+        order.pop(pos)
+        return
+    for b in removed:
+        out.ops.append(_zero_op(u, u, b, nodes, io))
+    k = max([plan.repeat.get(b.id, 0) for b in bs] + [0])
+    if k and io.get(u, {}).get("preserves") is False:
+        raise NotExpressible(f"{u} does not keep its input shape, so a copy cannot follow it")
+    for j in range(k, 0, -1):
+        new = _child(parent, pos + 1, f"{key}__rep{j}", model)
+        out.ops.append({"op": "insert", "module": new, "after": u})
+        order.insert(pos + 1, i)
+        for b in bs:
+            if plan.repeat.get(b.id, 0) >= j and b.id not in plan.remove:
+                out.zero += [new + n[len(u):] for n in _zeroed(b, nodes) if n.startswith(u + ".")]
+            else:
+                out.ops.append(_zero_op(u, new, b, nodes, io))
+
+
+def _zeroed(b, nodes: dict) -> list[str]:
+    """Names of the parameters ``rewire_blocks`` zeroes in a copy of block ``b``."""
+    gm = nodes[b.exit].graph.owning_module
+    src = _zero_source(gm, _body_output(nodes, b), set(b.body))
+    if isinstance(src, str):
+        raise NotExpressible(f"block {b.exit} cannot be repeated: {src}")
+    zeroed = _zero_params(gm, src)
+    return [n for n, p in gm.named_parameters(remove_duplicate=False) if any(p is z for z in zeroed)]
+
+
+def _child(parent: str, index: int, key: str, model: nn.Module) -> str:
+    owner = model.get_submodule(parent) if parent else model
+    name = str(index) if isinstance(owner, nn.ModuleList) else key
+    return f"{parent}.{name}" if parent else name
+
+
+def _branch(u: str, b, nodes: dict) -> str:
+    """The outermost module below unit ``u`` that computes the block's branch output from body nodes only;
+    weighted (matrix) layers of the body outside it make the block not expressible."""
+    out_node, body = _body_output(nodes, b), set(b.body)
+    stack = _stack(out_node)
+    below = stack[stack.index(u) + 1:] if u in stack else []
+    for path in below:
+        if all(n.name in body for n in nodes.values() if path in _stack(n)):
+            gm = out_node.graph.owning_module
+            stray = [n.name for n in nodes.values() if n.name in body and _weighted(n) and path not in _stack(n)
+                     and any(p.dim() >= 2 for p in _zero_params(gm, n))]
+            if stray:
+                raise NotExpressible(f"the branch of block {b.exit} spans weighted layers outside {path} "
+                                     f"({', '.join(stray[:3])})")
+            return path
+    raise NotExpressible(f"the branch output of block {b.exit} is computed in {u}'s own forward, not in a "
+                         f"submodule that could be replaced")
+
+
+def _zero_op(u: str, unit_path: str, b, nodes: dict, io: dict) -> dict:
+    branch = _branch(u, b, nodes)
+    rec = io.get(branch)
+    if rec is None or rec.get("like") is None:
+        raise NotExpressible(f"{branch}'s output is not shaped like one of its inputs, so it cannot be zeroed")
+    return {"op": "zero", "module": unit_path + branch[len(u):], "like": rec["like"], "structure": rec["structure"]}
+
+
+def _record(model: nn.Module, inputs, units: dict, nodes: dict, blocks: dict) -> dict:
+    """Run the model once with hooks on the units and branch modules: which tensor input each output is
+    shaped like, and the output structure (for ``ZeroBranch``)."""
+    paths = set(units)
+    for u, bs in units.items():
+        for b in bs:
+            try:
+                paths.add(_branch(u, b, nodes))
+            except NotExpressible:
+                pass
+    io, handles = {}, []
+    for p in paths:
+        handles.append(model.get_submodule(p).register_forward_hook(_hook(io, p), with_kwargs=True))
+    try:
+        from fxadapt.ir.capture import as_called
+
+        with torch.no_grad():
+            as_called(model, inputs).call(model.eval())
+    finally:
+        for h in handles:
+            h.remove()
+    return io
+
+
+def _hook(io: dict, path: str):
+    def hook(mod, args, kwargs, output):
+        ins = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple) else []
+        first = next((o for o in outs if isinstance(o, torch.Tensor)), None)
+        like = next((i for i, t in enumerate(ins) if first is not None and t.shape == first.shape), None)
+        ok = all(o is None or (isinstance(o, torch.Tensor) and first is not None and o.shape == first.shape
+                               and o is first) for o in outs)
+        structure = "tensor" if isinstance(output, torch.Tensor) else [
+            "tensor" if o is first else None for o in outs]
+        io.setdefault(path, {"like": like if ok else None, "structure": structure,
+                             "preserves": bool(ins) and first is not None and ins[0].shape == first.shape})
+    return hook
+

@@ -1,0 +1,200 @@
+"""Recipes: the architecture change ``transform`` made, as plain data that replays on a fresh instance.
+
+A recipe is an ordered list of operations on a module tree, each a JSON-able dict:
+
+- ``{"op": "resize", "name": fqn, "shape": [...]}``: the parameter or buffer ``fqn`` becomes an
+  uninitialised tensor of ``shape`` (same dtype, device and ``requires_grad``; every alias of a tied
+  tensor gets the same new tensor, so ties survive);
+- ``{"op": "set", "module": path, "attr": a, "value": v}``: a size attribute the module derives from its
+  shapes (``in_features``, ``num_heads``, ``head_dim``, ``layer_idx``...), tuples kept as tuples;
+- ``{"op": "delete", "module": path}``: a container element (a whole residual layer) is removed;
+- ``{"op": "insert", "module": path, "after": path}``: a copy of the element ``after`` (already re-widthed)
+  is inserted right after it under the new name ``path`` (its weights come from the checkpoint, or from
+  ``transform``: a copy whose branch output is zeroed);
+- ``{"op": "zero", "module": path, "like": k}``: the module is replaced by ``ZeroBranch``, which returns
+  zeros shaped like its ``k``-th tensor input (a removed residual branch: ``y = x + 0``);
+- ``{"op": "config", "field": f, "value": v}``: a Hugging Face config field (``hidden_size``...).
+
+Widths come first (``resize``/``set`` name the original tree), depth after (``delete``/``insert``/``zero``),
+then attributes that follow the new depth (``layer_idx``) and config fields, as ``transform`` applies them.
+
+Example:
+    >>> import torch
+    >>> r = Recipe((dict(op="resize", name="0.weight", shape=[5, 3]), dict(op="resize", name="0.bias", shape=[5]),
+    ...             dict(op="set", module="0", attr="out_features", value=5)))
+    >>> m = apply(r, torch.nn.Sequential(torch.nn.Linear(3, 8)))
+    >>> m[0].weight.shape, m[0].out_features, m(torch.ones(2, 3)).shape
+    (torch.Size([5, 3]), 5, torch.Size([2, 5]))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxadapt.errors import FxAdaptError
+
+DEPTH_OPS = ("delete", "insert", "zero")
+
+
+class RecipeError(FxAdaptError, ValueError):
+    """A recipe that does not fit the model it is applied to (names or structure differ)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered tuple of recipe operations (see module docstring)."""
+
+    ops: tuple = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "fxadapt-recipe/1", "ops": list(self.ops)})
+
+    @staticmethod
+    def from_json(text: str | dict) -> Recipe:
+        data = json.loads(text) if isinstance(text, str) else text
+        if not isinstance(data, dict) or data.get("format") != "fxadapt-recipe/1":
+            raise RecipeError("not an fxadapt recipe (expected a JSON object with format 'fxadapt-recipe/1')")
+        return Recipe(tuple(data["ops"]))
+
+    def __add__(self, other: Recipe) -> Recipe:
+        return Recipe(self.ops + tuple(other.ops))
+
+
+class ZeroBranch(nn.Module):
+    """A removed residual branch: returns zeros shaped like its ``like``-th tensor input, in the output
+    structure the branch had (``structure``: ``"tensor"``, or a tuple pattern of ``"tensor"``/``None``)."""
+
+    def __init__(self, like: int = 0, structure: Any = "tensor"):
+        super().__init__()
+        self.like, self.structure = like, structure
+
+    def forward(self, *args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        z = torch.zeros_like(tensors[self.like])
+        if self.structure == "tensor":
+            return z
+        return tuple(z if s == "tensor" else None for s in self.structure)
+
+
+def phase(op: dict) -> str:
+    """``width`` (names of the original tree), ``depth``, or ``final`` (after depth: ``layer_idx``, config)."""
+    if op["op"] in DEPTH_OPS:
+        return "depth"
+    return "final" if op["op"] == "config" or op.get("final") else "width"
+
+
+def apply(recipe: Recipe | str | dict, model: nn.Module, phases: tuple = ("width", "depth", "final")) -> nn.Module:
+    """Replay ``recipe`` on ``model`` (a fresh instance of the adapted model's class, changed in place and
+    returned), then load the adapted weights (``load_state_dict``). ``phases`` selects operations (see
+    ``phase``): ``transform`` fills in the weights between the width and the depth operations."""
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_json(recipe)
+    for op in recipe.ops:
+        if phase(op) in phases:
+            _APPLY[op["op"]](model, op)
+    return model
+
+
+def _resize(model: nn.Module, op: dict) -> None:
+    old = _tensor(model, op["name"])
+    if list(old.shape) == list(op["shape"]):
+        return
+    new = torch.empty(op["shape"], dtype=old.dtype, device=old.device)
+    value = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    for name in aliases(model, old):
+        _assign(model, name, value)
+
+
+def aliases(model: nn.Module, tensor: torch.Tensor) -> list[str]:
+    """Every name ``tensor`` is reachable under in ``model`` (tied weights have several)."""
+    pairs = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [n for n, t in pairs if t is tensor]
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value.detach() if isinstance(value, nn.Parameter) else value
+    else:
+        raise RecipeError(f"{type(model).__name__} has no parameter or buffer {name!r}")
+    if hasattr(mod, "_init_flat_weights"):   # nn.LSTM/GRU keep a list of their weights
+        mod._init_flat_weights()
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        try:
+            return model.get_buffer(name)
+        except AttributeError as e:
+            raise RecipeError(f"{type(model).__name__} has no parameter or buffer {name!r}: the recipe was made "
+                              f"for another architecture") from e
+
+
+def _set(model: nn.Module, op: dict) -> None:
+    mod = _module(model, op["module"])
+    value = op["value"]
+    setattr(mod, op["attr"], tuple(value) if op.get("tuple") else value)
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError as e:
+        raise RecipeError(f"{type(model).__name__} has no submodule {path!r}: the recipe was made for another "
+                          f"architecture") from e
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    owner, _, key = path.rpartition(".")
+    return _module(model, owner), key
+
+
+def _delete(model: nn.Module, op: dict) -> None:
+    parent, key = _parent(model, op["module"])
+    _module(model, op["module"])
+    _rebuild(parent, [(k, m) for k, m in parent._modules.items() if k != key])
+
+
+def _insert(model: nn.Module, op: dict) -> None:
+    parent, key = _parent(model, op["module"])
+    _, after = _parent(model, op["after"])
+    src = _module(model, op["after"])
+    items = []
+    for k, m in parent._modules.items():
+        items.append((k, m))
+        if k == after:
+            items.append((key, copy.deepcopy(src)))
+    _rebuild(parent, items)
+
+
+def _rebuild(parent: nn.Module, items: list) -> None:
+    """Re-key a container's children in order; a ``ModuleList`` is renumbered 0..n-1 (its indexing needs it)."""
+    parent._modules.clear()
+    for i, (k, m) in enumerate(items):
+        parent._modules[str(i) if isinstance(parent, nn.ModuleList) else k] = m
+
+
+def _zero(model: nn.Module, op: dict) -> None:
+    parent, key = _parent(model, op["module"])
+    structure = op.get("structure", "tensor")
+    setattr(parent, key, ZeroBranch(op.get("like", 0), tuple(structure) if isinstance(structure, list) else structure))
+
+
+def _set_config(model: nn.Module, field: str, value: Any) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        setattr(cfg, field, value)
+
+
+_APPLY = {"resize": _resize, "set": _set, "delete": _delete, "insert": _insert, "zero": _zero,
+          "config": lambda m, op: _set_config(m, op["field"], op["value"])}

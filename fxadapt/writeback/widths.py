@@ -1,0 +1,224 @@
+"""Width write-back: the ``resize`` and ``set`` operations that give the user's modules the graph's shapes.
+
+Tensors: every parameter and buffer of the user's model is looked up in the verified graph by its fully
+qualified name (capture keeps them; a tied tensor by any of its names); a differing shape is a ``resize``.
+
+Attributes a module derives from its shapes, from three kinds of evidence (the first that applies wins):
+
+1. *graph twin*: the graph holds a standard ``torch.nn`` module at the same path (lifted and rebuilt by the
+   registry after slicing), so its ``in_features``/``out_channels``/``groups``/``normalized_shape``/
+   ``hidden_size``... are right by construction: differing int attributes are copied;
+2. *changed axes*: a module whose own tensors changed (``transformers``' ``Conv1D.nf``) gets every int
+   attribute equal to an old axis size replaced by that axis' new size, when the new size is unique;
+3. *attention*: for every ``scaled_dot_product_attention`` the graph runs, the enclosing module's head
+   attributes, by name and old value: heads ``H_q``, key/value heads ``H_kv`` (the narrowest head axis on
+   the key path, before ``repeat_kv``), ``head_dim`` ``D``, groups ``H_q / H_kv``, all-head size
+   ``H_q * D`` (GPT-2's ``split_size``) and the hidden size the module reads. Edited ``view`` sizes inside
+   a module add (old, new) pairs for the same names (hand-written attention).
+
+``scaling`` is left alone: the graph keeps the original constant, and the verifier compares the two.
+
+Example:
+    >>> import torch, fxadapt
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> g = fxadapt.transform(m, 0.5, (torch.randn(2, 4),), output="graph", solve=fxadapt.SolveConfig(align=1))
+    >>> ops, _ = width_ops(m, g, g)
+    >>> sorted((o["module"], o["attr"], o["value"]) for o in ops if o["op"] == "set")
+    [('0', 'out_features', 4), ('2', 'in_features', 4)]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+NAMES = {
+    "heads": ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads", "attention_heads"),
+    "kv": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_key_value_heads_per_layer"),
+    "head_dim": ("head_dim", "attention_head_size", "head_size", "d_kv", "kv_channels", "dim_head"),
+    "groups": ("num_key_value_groups", "n_rep", "num_kv_groups", "num_queries_per_kv"),
+    "all": ("all_head_size", "inner_dim", "split_size", "inner_size"),
+    "hidden": ("hidden_size", "embed_dim", "d_model", "n_embd", "dim"),
+}
+
+
+def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under every name it has (tied tensors repeat)."""
+    return dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+
+
+def graph_tensor(graph_tensors: dict, user: dict, name: str) -> torch.Tensor | None:
+    """The graph's tensor for the user's ``name``, by that name or any name of the same (tied) tensor."""
+    if name in graph_tensors:
+        return graph_tensors[name]
+    t = user[name]
+    return next((graph_tensors[n] for n, u in user.items() if u is t and n in graph_tensors), None)
+
+
+def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule) -> tuple[list[dict], dict]:
+    """``resize`` and ``set`` operations taking ``model`` to the widths of ``gm`` (``base``: the graph before
+    materialize, for the old shapes the attention evidence compares with), and that evidence (module path
+    -> {kind: (old, new)})."""
+    user, graph = tensors_of(model), tensors_of(gm)
+    ops, seen, changed = [], set(), {}
+    for name, t in user.items():
+        g = graph_tensor(graph, user, name)
+        if g is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if tuple(g.shape) != tuple(t.shape):
+            ops.append({"op": "resize", "name": name, "shape": list(g.shape)})
+            changed[name] = (tuple(t.shape), tuple(g.shape))
+    attrs: dict[tuple[str, str], object] = {}
+    for owner in sorted({n.rpartition(".")[0] for n in changed}):
+        attrs.update(_leaf_attrs(model, gm, owner, changed))
+    evidence = _attention_evidence(gm, base)
+    for path, pairs in evidence.items():
+        attrs.update({k: v for k, v in _named(model, path, pairs).items() if k not in attrs})
+    for (path, attr), value in sorted(attrs.items()):
+        op = {"op": "set", "module": path, "attr": attr, "value": list(value) if isinstance(value, tuple) else value}
+        ops.append({**op, "tuple": True} if isinstance(value, tuple) else op)
+    return ops, evidence
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+def _int_attrs(mod: nn.Module) -> dict:
+    return {k: v for k, v in vars(mod).items() if not k.startswith("_") and k != "training"
+            and (type(v) is int or (isinstance(v, tuple) and v and all(type(x) is int for x in v)))}
+
+
+def _leaf_attrs(model: nn.Module, gm: GraphModule, owner: str, changed: dict) -> dict:
+    mod, twin = _submodule(model, owner), _submodule(gm, owner)
+    if mod is None:
+        return {}
+    if (twin is not None and type(twin) is not nn.Module and type(twin).__module__.startswith("torch.nn")
+            and isinstance(mod, type(twin))):
+        theirs = _int_attrs(twin)
+        return {(owner, k): theirs[k] for k, v in _int_attrs(mod).items() if k in theirs and theirs[k] != v}
+    sizes: dict[int, set] = {}
+    vectors: dict[int, set] = {}   # 1-D tensors (biases) name an axis unambiguously: Conv1D(nf).bias
+    for name, t in mod.named_parameters(recurse=False):
+        full = f"{owner}.{name}" if owner else name
+        old, new = changed.get(full, (tuple(t.shape), tuple(t.shape)))
+        for a, b in zip(old, new):
+            sizes.setdefault(a, set()).add(b)
+            if len(old) == 1:
+                vectors.setdefault(a, set()).add(b)
+    out = {}
+    for k, v in _int_attrs(mod).items():
+        if type(v) is not int:
+            continue
+        for table in (sizes, vectors):   # an old size with one new size (an unchanged axis counts as one)
+            if len(table.get(v, ())) == 1:
+                if v not in table[v]:
+                    out[(owner, k)] = next(iter(table[v]))
+                break
+    return out
+
+
+def _stack(node: Node) -> list[str]:
+    st = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in st.values()]
+
+
+def _shape(node) -> tuple | None:
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _narrowest_heads(node: Node, head_dim: int) -> int | None:
+    """The fewest heads seen walking back from an attention operand through shape-preserving reshapes
+    (``repeat_kv``'s expand/reshape widens k and v to the query heads; before it they have H_kv)."""
+    best, cur = None, node
+    for _ in range(12):
+        s = _shape(cur)
+        if s is None:
+            break
+        if len(s) == 4 and s[-1] == head_dim:
+            best = s[1] if best is None else min(best, s[1])
+        if len(s) == 5 and s[-1] == head_dim:
+            best = s[1] if best is None else min(best, s[1])
+        ins = [a for a in cur.all_input_nodes if a.op != "get_attr" and _shape(a) is not None]
+        if not ins:
+            break
+        cur = ins[0]
+    return best
+
+
+def _attention_shapes(node: Node) -> dict | None:
+    q, k = (_shape(a) for a in node.args[:2])
+    if q is None or k is None or len(q) != 4:
+        return None
+    d = q[-1]
+    return {"heads": q[1], "kv": _narrowest_heads(node.args[1], k[-1]) or k[1], "head_dim": d}
+
+
+def _attention_evidence(gm: GraphModule, base: GraphModule) -> dict[str, dict]:
+    """Per enclosing module path: {kind: (old, new)} from its attention calls and edited view sizes."""
+    old_nodes = {n.name: n for n in base.graph.nodes}
+    found: dict[str, dict] = {}
+    for node in gm.graph.nodes:
+        old = old_nodes.get(node.name)
+        stack = _stack(node)
+        if old is None or not stack:
+            continue
+        pairs = found.setdefault(stack[-1], {})
+        if node.target == aten.scaled_dot_product_attention.default:
+            new_s, old_s = _attention_shapes(node), _attention_shapes(old)
+            if new_s and old_s:
+                for kind in new_s:
+                    pairs[kind] = (old_s[kind], new_s[kind])
+                h, kv, d = (pairs[k] for k in ("heads", "kv", "head_dim"))
+                pairs["all"] = (h[0] * d[0], h[1] * d[1])
+                if kv[0] and kv[1] and h[0] % kv[0] == 0 and h[1] % kv[1] == 0:
+                    pairs["groups"] = (h[0] // kv[0], h[1] // kv[1])
+        elif node.target in (aten.view.default, aten.reshape.default) and len(node.args) > 1:
+            for a, b in zip(old.args[1], node.args[1]):
+                if type(a) is int and type(b) is int and a != b:
+                    pairs.setdefault(("view", a), (a, b))
+    for path, pairs in found.items():
+        hidden = _hidden(gm, old_nodes, path)
+        if hidden:
+            pairs["hidden"] = hidden
+    return {p: v for p, v in found.items() if v}
+
+
+def _hidden(gm: GraphModule, old_nodes: dict, path: str) -> tuple | None:
+    """(old, new) width of the first tensor the module at ``path`` reads (the hidden size it works in)."""
+    for node in gm.graph.nodes:
+        if path in _stack(node) and node.op in ("call_module", "call_function"):
+            ins = [a for a in node.all_input_nodes if a.op != "get_attr"]
+            old = old_nodes.get(ins[0].name) if ins else None
+            if old is not None and _shape(ins[0]) and _shape(old):
+                return _shape(old)[-1], _shape(ins[0])[-1]
+            return None
+    return None
+
+
+def _named(model: nn.Module, path: str, pairs: dict) -> dict:
+    """Attributes of the module at ``path`` named as in ``NAMES`` whose value is an old size of that kind."""
+    mod = _submodule(model, path)
+    if mod is None:
+        return {}
+    views = {a: b for key, (a, b) in pairs.items() if isinstance(key, tuple)}
+    out = {}
+    for attr, value in _int_attrs(mod).items():
+        if type(value) is not int:
+            continue
+        for kind, names in NAMES.items():
+            if attr not in names:
+                continue
+            if kind in pairs and pairs[kind][0] == value and pairs[kind][1] != value:
+                out[(path, attr)] = pairs[kind][1]
+            elif kind not in pairs and value in views:
+                out[(path, attr)] = views[value]
+    return out

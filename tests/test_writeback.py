@@ -1,0 +1,173 @@
+"""Write-back: ``transform`` returns the user's own class, checked here against independent references —
+the original model (function-preserving growth, greedy tokens), the graph output mode, FlopCounterMode,
+a stock ``from_pretrained`` — at the example inputs and at other batch sizes / sequence lengths."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxadapt
+from fxadapt.analysis.count import count_macs
+from fxadapt.examples import EXAMPLE_INPUT_SHAPE, example_model
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def _llama(kv=2):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=kv)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+IDS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _quiet_transform(model, budget, inputs, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fxadapt.transform(model, budget, inputs, **kw)
+
+
+def test_cnn_keeps_its_class_and_runs_at_other_shapes_like_the_graph():
+    model = example_model().eval()
+    x = torch.randn(EXAMPLE_INPUT_SHAPE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = fxadapt.transform(model, 0.5, (x,))
+    graph = fxadapt.transform(model, 0.5, (x,), output="graph")
+    assert type(small) is type(model) and not isinstance(small, torch.fx.GraphModule)
+    assert isinstance(graph, torch.fx.GraphModule)
+    for k, v in model.state_dict().items():            # the caller's model is untouched
+        assert torch.equal(v, before[k])
+    for xs in (x, torch.randn(3, *x.shape[1:])):
+        torch.testing.assert_close(small(xs), graph(xs), rtol=1e-5, atol=1e-5)
+    big = torch.randn(2, 3, 48, 48)                     # another image size: the graph is not needed there
+    assert small(big).shape == model(big).shape
+    assert count_macs(small, (x,)) == fxadapt.report(small).macs_after
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.shape[0] == c.out_channels and c.weight.shape[1] * c.groups == c.in_channels for c in convs)
+    assert sum(c.out_channels for c in convs) < sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.5])
+def test_llama_result_is_a_working_llama(budget):
+    model = _llama()
+    out = _quiet_transform(model, budget, {"input_ids": IDS})
+    assert type(out) is transformers.LlamaForCausalLM
+    macs = count_macs(out, {"input_ids": IDS, "use_cache": False})
+    assert abs(macs / count_macs(model, {"input_ids": IDS, "use_cache": False}) - budget) <= 0.011 * budget
+    for shape in ((1, 7), (3, 40)):                     # sequence lengths the capture never saw
+        ids = torch.randint(0, 96, shape)
+        assert out(ids).logits.shape == (*shape, 96)
+    ids = torch.randint(0, 96, (3, 12))
+    loss = out(ids, labels=ids).loss
+    loss.backward()                                      # trains with labels=
+    assert torch.isfinite(loss) and out.model.layers[0].mlp.down_proj.weight.grad is not None
+    gen = out.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
+    assert gen.shape == (1, 11)
+    if budget > 1:                                       # grown function-preservingly: the original's tokens
+        assert torch.equal(gen, model.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False))
+        torch.testing.assert_close(out(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_llama_kv_cache_decoding_matches_full_forward():
+    out = _quiet_transform(_llama(), 0.5, {"input_ids": IDS})
+    ids = IDS[:1, :9]
+    full = out(ids).logits[:, -1]
+    step = out(ids[:, :8], use_cache=True)
+    last = out(ids[:, 8:], past_key_values=step.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
+
+
+def test_uniform_widths_round_trip_through_stock_from_pretrained(tmp_path):
+    model = _llama(kv=4)
+    # one size the stock config can state: the residual stream only (MLP and heads kept)
+    small = _quiet_transform(model, 0.75, {"input_ids": IDS}, solve=fxadapt.SolveConfig(align=16))
+    sizes = {tuple(m.weight.shape) for n, m in small.named_modules() if n.endswith("mlp.up_proj")}
+    if len(sizes) != 1 or getattr(small.config, "fxadapt_recipe", None):
+        pytest.skip(f"solver chose heterogeneous widths here: {sizes}")
+    assert small.config.hidden_size == small.model.embed_tokens.embedding_dim < 64
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 96, (2, 11))
+    torch.testing.assert_close(again(ids).logits, small(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_heterogeneous_widths_round_trip_through_the_recipe(tmp_path):
+    small = _quiet_transform(_llama(), 0.5, {"input_ids": IDS})
+    small.save_pretrained(tmp_path)
+    again = fxadapt.from_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 11))
+    torch.testing.assert_close(again(ids).logits, small(ids).logits, rtol=0, atol=1e-6)
+    fresh = fxadapt.apply(fxadapt.recipe_of(small), _llama())     # the recipe on any fresh instance
+    fresh.load_state_dict(small.state_dict())
+    torch.testing.assert_close(fresh(ids).logits, small(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_config_states_the_new_sizes():
+    model = _llama()
+    small = _quiet_transform(model, 0.5, {"input_ids": IDS})
+    assert small.config.hidden_size == small.model.embed_tokens.weight.shape[1]
+    assert model.config.hidden_size == 64                    # the original's config is its own
+    for layer in small.model.layers:
+        attn = layer.self_attn
+        assert attn.q_proj.out_features == attn.o_proj.in_features
+        assert attn.q_proj.out_features // attn.head_dim == attn.k_proj.out_features // attn.head_dim * attn.num_key_value_groups
+
+
+def test_fxadapt_save_load_of_a_module_result(tmp_path):
+    model = example_model().eval()
+    x = torch.randn(EXAMPLE_INPUT_SHAPE)
+    small = fxadapt.transform(model, 0.5, (x,))
+    fxadapt.save(small, tmp_path / "s.pt")
+    again = fxadapt.load(tmp_path / "s.pt")              # the class rebuilt by its no-argument constructor
+    assert type(again) is type(model)
+    torch.testing.assert_close(again.eval()(x), small.eval()(x), rtol=0, atol=0)
+    assert torch.load(tmp_path / "s.pt")["format"] == "fxadapt.module/1"   # weights_only=True reads it
+
+
+class ConstantView(nn.Module):
+    """A size baked into forward: the write-back cannot change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).view(-1, 32))
+
+
+def test_constant_in_forward_falls_back_to_the_graph_with_a_warning():
+    x = torch.randn(2, 8)
+    with pytest.warns(fxadapt.WriteBackWarning, match=r"ConstantView.*view\(-1, 32\)"):
+        out = fxadapt.transform(ConstantView(), 0.5, (x,), solve=fxadapt.SolveConfig(align=1))
+    assert isinstance(out, torch.fx.GraphModule)
+    with pytest.raises(fxadapt.WriteBackError, match="ConstantView"):
+        fxadapt.transform(ConstantView(), 0.5, (x,), solve=fxadapt.SolveConfig(align=1), write_back="strict")
+
+
+def test_depth_removal_deletes_whole_layers_and_renumbers_layer_idx():
+    from fxadapt.planning.plan import make_plan
+    from fxadapt.writeback.build import Reference, write_back
+    from fxadapt.passes.materialize import apply_plan
+    from fxadapt.ir.inputs import as_inputs
+
+    model = _llama()
+    inputs = as_inputs({"input_ids": IDS})
+    a = fxadapt.analyze(model, inputs)
+    layer0 = [b.id for b in a.blocks if b.removable][:2]          # layer 0: its attention and MLP halves
+    plan = make_plan(a, {}, remove=layer0)
+    graph = apply_plan(a.gm, plan).graph_module
+    macs = count_macs(graph, inputs)
+    wb = write_back(model, plan, inputs, Reference(graph, a.gm, macs, False))
+    assert wb.module is not None, wb.reason
+    assert len(wb.module.model.layers) == 1 and wb.module.config.num_hidden_layers == 1
+    assert wb.module.model.layers[0].self_attn.layer_idx == 0
+    assert [o["op"] for o in wb.recipe.ops if o["op"] in ("delete", "insert", "zero")] == ["delete"]
+    gen = wb.module.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 7)

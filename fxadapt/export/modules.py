@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import os
 from typing import Any
 
@@ -110,36 +109,22 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     rec = getattr(config, "fxadapt_recipe", None)
     if not rec:
         return cls.from_pretrained(path, **kwargs)
-    base = copy.deepcopy(config)
-    for k, v in rec["base"].items():
-        setattr(base, k, v)
-    model = cls(base)
     recipe = Recipe(tuple(rec["ops"]))
-    apply(recipe, model)
-    state = _safetensors(os.fspath(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("weight") and _tied(model, k, state)}
-    if unexpected or set(missing) - tied:
-        raise LoadError(f"{os.fspath(path)}: weights do not fit the recipe (missing {sorted(set(missing) - tied)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
-    model.config = config
+    shapes = Recipe(tuple(op for op in recipe.ops if op["op"] != "config"))   # the config already says them
+
+    class Adapted(cls):   # the stock class, built at the base sizes and reshaped before the weights load
+        def __init__(self, cfg, *args, **kw):
+            base = copy.deepcopy(cfg)
+            for k, v in rec["base"].items():   # None: the base config did not have the field
+                setattr(base, k, v) if v is not None else base.__dict__.pop(k, None)
+            super().__init__(base, *args, **kw)
+            apply(shapes, self)
+            # every module holds ``base`` (with what HF set on it: the attention implementation); it now
+            # states the saved sizes and carries the recipe
+            base.__dict__.update({k: v for k, v in cfg.__dict__.items() if not k.startswith("_")})
+
+    Adapted.__name__ = Adapted.__qualname__ = cls.__name__
+    model = Adapted.from_pretrained(path, config=config, **kwargs)   # HF's loader: key conversions, sharding
+    model.__class__ = cls   # the subclass adds no state: the result is the stock class
     object.__setattr__(model, "fxadapt_recipe", recipe)
     return model.eval()
-
-
-def _tied(model: nn.Module, name: str, state: dict) -> bool:
-    t = model.get_parameter(name)
-    return any(p is t for n, p in model.named_parameters(remove_duplicate=False) if n in state)
-
-
-def _safetensors(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
-        out = {}
-        for f in files:
-            out.update(load_file(os.path.join(path, f)))
-        return out
-    return load_file(os.path.join(path, "model.safetensors"))

@@ -70,7 +70,20 @@ def config_ops(model: nn.Module, original: nn.Module, order: dict, attention: di
             if _raw(cfg, name) == old and old != value:
                 ops.append({"op": "config", "field": name, "value": value})
     ops += _intermediate(model, original, cfg)
+    ops += _explicit_head_dim(cfg, new)
     return ops
+
+
+def _explicit_head_dim(cfg, new: dict) -> list[dict]:
+    """A config that derives ``head_dim`` as ``hidden / heads`` (Qwen2) gets it explicitly once the hidden
+    size changed without the head size (its attention and rotary modules read ``config.head_dim`` first)."""
+    heads_old = getattr(cfg, "num_attention_heads", None)
+    if "hidden" not in new or _raw(cfg, "head_dim") is not None or type(heads_old) is not int or not heads_old:
+        return []
+    hidden_old, hidden_new = new["hidden"]
+    hd = new.get("head_dim", (None, hidden_old // heads_old))[1]
+    heads = new.get("heads", (None, heads_old))[1]
+    return [] if hidden_new == hd * heads else [{"op": "config", "field": "head_dim", "value": hd}]
 
 
 def _emb(model: nn.Module) -> int | None:

@@ -10,6 +10,8 @@ The pipeline, as ``PIPELINE`` reads (``fxadapt.pipeline.runner`` lints and shape
     recalibrate_bn re-estimate BatchNorm statistics (only with data, when shrinking)   fxadapt.train.recalibrate
     fold_bn        fold BatchNorm into conv/linear (only with fold_bn=True)            passes.fold_bn
     verify         runs, shapes, MACs by an independent count, function preservation   fxadapt.pipeline.verify
+    write_back     the plan in a deep copy of the user's own modules, checked against   fxadapt.writeback
+                   the graph (only with output="module", the default)
     export         hand back a torch.export.ExportedProgram (only with output="exported_program")
 
 The returned model keeps BatchNorm by default (it fine-tunes well); ``export_onnx`` folds it for

@@ -84,18 +84,34 @@ def test_llama_kv_cache_decoding_matches_full_forward():
     torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
 
 
-def test_uniform_widths_round_trip_through_stock_from_pretrained(tmp_path):
-    model = _llama(kv=4)
-    # one size the stock config can state: the residual stream only (MLP and heads kept)
-    small = _quiet_transform(model, 0.75, {"input_ids": IDS}, solve=fxadapt.SolveConfig(align=16))
-    sizes = {tuple(m.weight.shape) for n, m in small.named_modules() if n.endswith("mlp.up_proj")}
-    if len(sizes) != 1 or getattr(small.config, "fxadapt_recipe", None):
-        pytest.skip(f"solver chose heterogeneous widths here: {sizes}")
-    assert small.config.hidden_size == small.model.embed_tokens.embedding_dim < 64
+@pytest.mark.parametrize("budget", [0.5, 1.5])
+def test_uniform_layers_round_trip_through_stock_from_pretrained(tmp_path, budget):
+    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    small = _quiet_transform(model, budget, {"input_ids": IDS}, layers="uniform")
+    ups = {m.out_features for n, m in small.named_modules() if n.endswith("mlp.up_proj")}
+    qs = {m.out_features for n, m in small.named_modules() if n.endswith("self_attn.q_proj")}
+    assert len(ups) == 1 and len(qs) == 1                          # one width per repeated layer kind
+    assert getattr(small.config, "fxadapt_recipe", None) is None   # the stock config states it all
+    assert small.config.intermediate_size == ups.pop() != 128 or small.config.num_attention_heads != 4
+    r = fxadapt.report(small)
+    assert abs(r.macs_after / r.macs_before - budget) <= 0.011 * budget
     small.save_pretrained(tmp_path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()   # stock, no fxadapt
     ids = torch.randint(0, 96, (2, 11))
     torch.testing.assert_close(again(ids).logits, small(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_uniform_classes_tie_repeated_groups_only():
+    from fxadapt.planning.uniform import classes
+
+    a = fxadapt.analyze(_llama(), {"input_ids": IDS})
+    tied = [c for c in classes(a, [g.id for g in a.prunable]) if len(c) > 1]
+    assert len(tied) == 2 and all(len(c) == 2 for c in tied)        # heads and MLP of the 2 layers
+    names = [{m.site.ref.target for m in a.groups[g].members if m.site.kind == "param"} for g in tied[0]]
+    assert all(".0." in n for n in names[0]) and all(".1." in n for n in names[1])
 
 
 def test_heterogeneous_widths_round_trip_through_the_recipe(tmp_path):

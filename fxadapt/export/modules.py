@@ -123,7 +123,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
             # states the saved sizes and carries the recipe
             base.__dict__.update({k: v for k, v in cfg.__dict__.items() if not k.startswith("_")})
 
-    Adapted.__name__ = Adapted.__qualname__ = cls.__name__
+    Adapted.__name__, Adapted.__qualname__, Adapted.__module__ = cls.__name__, cls.__qualname__, cls.__module__
     model = Adapted.from_pretrained(path, config=config, **kwargs)   # HF's loader: key conversions, sharding
     model.__class__ = cls   # the subclass adds no state: the result is the stock class
     object.__setattr__(model, "fxadapt_recipe", recipe)

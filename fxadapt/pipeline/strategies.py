@@ -28,6 +28,7 @@ from fxadapt.errors import BudgetError, FxAdaptError
 from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
+from fxadapt.planning.uniform import uniform_widths
 from fxadapt.planning.budget import BudgetWarning
 from fxadapt.planning.plan import make_plan
 from fxadapt.planning.solver import SolveConfig, solve_widths
@@ -55,7 +56,10 @@ def datafree(job) -> Outcome:
         return _latency(job)
     a, slots = _deepened(a, target) if cfg.grow_depth and target > a.macs() else (a, frozenset())
     start = job.target.target.align() if job.target.target is not None and cfg.solve.align == "auto" else None
-    units, align = aligned_solve(a, target, cfg.solve, start)
+    if cfg.layers == "uniform":
+        units, align = _uniform_solve(a, target, cfg.solve, start)
+    else:
+        units, align = aligned_solve(a, target, cfg.solve, start)
     plan = make_plan(a, units)
     preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
     return Outcome(a.gm, plan, a, ({"align": align},), slots, preserving)
@@ -97,6 +101,27 @@ def aligned_solve(a, target: float, solve: SolveConfig, start: int | None = None
         except (BudgetError, BudgetWarning):
             align //= 2
     return solve_widths(a, target, dataclasses.replace(solve, align=1)), 1
+
+
+def _uniform_solve(a, target: float, solve: SolveConfig, start: int | None) -> tuple[dict[int, int], int]:
+    """Widths shared by repeated layers (``fxadapt.planning.uniform``); with ``"auto"`` alignment, halved
+    until the shared widths reach the window (tied classes move in coarser steps than single groups)."""
+    units, align = aligned_solve(a, target, solve, start)
+    if solve.align != "auto":
+        return uniform_widths(a, units, target, dataclasses.replace(solve, align=align)), align
+    while align >= 1:
+        step = dataclasses.replace(solve, align=align, strict=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", BudgetWarning)
+                return uniform_widths(a, solve_widths(a, target, dataclasses.replace(step, strict=False))
+                                      if align > 1 else units, target, step), align
+        except (BudgetError, BudgetWarning):
+            if align == 1:
+                break
+            align //= 2
+    return uniform_widths(a, solve_widths(a, target, dataclasses.replace(solve, align=1)), target,
+                          dataclasses.replace(solve, align=1)), 1
 
 
 def _deepened(a, target: float):

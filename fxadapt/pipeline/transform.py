@@ -79,6 +79,7 @@ class TransformConfig:
     recalibrate_bn: int = 20        # batches of `data` to re-estimate BN statistics with after shrinking
     output: str = "module"          # the user's own class ("module"), the verified "graph", or "exported_program"
     write_back: str = "auto"        # "auto": fall back to the graph with a WriteBackWarning; "strict": raise
+    layers: str = "any"             # "uniform": repeated layers share widths (a stock config can state them)
     atol: float = 1e-5
     rtol: float = 1e-4
     output_check: bool = False      # also run the original model to compare output structure (default: its recorded shapes)
@@ -274,6 +275,9 @@ def _config(config: TransformConfig | None, options: dict, data: Any) -> Transfo
     if cfg.output not in ("module", "graph", "exported_program"):
         raise InputError(f"unknown output {cfg.output!r}; use 'module' (the model's own class), 'graph' (a "
                          f"torch.fx.GraphModule) or 'exported_program'")
+    if cfg.layers not in ("any", "uniform"):
+        raise InputError(f"unknown layers {cfg.layers!r}; use 'any' (per-layer widths) or 'uniform' (widths shared "
+                         f"by repeated layers, so the model's config can state them)")
     if cfg.write_back not in ("auto", "strict"):
         raise InputError(f"unknown write_back {cfg.write_back!r}; use 'auto' (fall back to the graph with a "
                          f"WriteBackWarning) or 'strict' (raise)")

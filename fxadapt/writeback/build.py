@@ -89,6 +89,7 @@ def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
         final = Recipe(tuple(hf.config_ops(work, model, depth.order, evidence)))
         apply(final, work, phases=("final",))
         recipe = recipe + final
+        hf.keep_valid(work.config, model.config, list(final.ops))
         if not hf.stock_rebuilds(work):
             work.config.fxadapt_recipe = {"base": hf.base_values(model, list(final.ops)),
                                           "ops": list(recipe.ops)}

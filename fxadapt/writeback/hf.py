@@ -122,6 +122,29 @@ def _intermediate(model: nn.Module, original: nn.Module, cfg) -> list[dict]:
     return ops
 
 
+def keep_valid(cfg, original_cfg, ops: list[dict]) -> list[str]:
+    """Undo config fields, last first, until the config passes transformers' own validation (``save_pretrained``
+    refuses e.g. a hidden size that is not a multiple of the heads even with an explicit ``head_dim``); the
+    recipe keeps them. Returns the fields left at their old values."""
+    undone = []
+    for op in reversed([o for o in ops if o["op"] == "config"]):
+        if _valid(cfg):
+            break
+        setattr(cfg, op["field"], copy.deepcopy(getattr(original_cfg, op["field"], None)))
+        undone.append(op["field"])
+    return undone
+
+
+def _valid(cfg) -> bool:
+    check = getattr(cfg, "validate", None)
+    try:
+        if check is not None:
+            check()
+        return True
+    except Exception:  # noqa: BLE001 - any validator's complaint
+        return False
+
+
 def stock_rebuilds(model: nn.Module) -> bool:
     """Whether ``type(model)(model.config)`` has exactly ``model``'s state-dict names and shapes."""
     try:

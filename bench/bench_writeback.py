@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _models():
-    import transformers as T
-
     import bench_transformers as bt
+    import transformers as T
 
     T.logging.set_verbosity_error()
     cases = {k: v for k, v in bt._models().items() if k in ("bert", "gpt2", "llama-gqa", "qwen2-gqa", "vit")}

@@ -15,10 +15,10 @@ reports) and ``cli``; the graph passes ship as ``fxadapt.passes``.
 from fxadapt import dist  # noqa: E402  (fxadapt.dist.is_main() etc.)
 from fxadapt.analysis import Analysis, analyze
 from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
+from fxadapt.export.modules import from_pretrained, recipe_of
 from fxadapt.export.onnx import ExportError, export_onnx
 from fxadapt.export.program import captured_from_program, to_exported_program
 from fxadapt.export.report import Report, report
-from fxadapt.export.modules import from_pretrained, recipe_of
 from fxadapt.export.save import load, save
 from fxadapt.hw.bench import benchmark
 from fxadapt.hw.target import Target, TargetError

@@ -168,10 +168,11 @@ def test_constant_in_forward_falls_back_to_the_graph_with_a_warning():
 
 
 def test_depth_removal_deletes_whole_layers_and_renumbers_layer_idx():
+    from fxadapt.passes.materialize import apply_plan
+
+    from fxadapt.ir.inputs import as_inputs
     from fxadapt.planning.plan import make_plan
     from fxadapt.writeback.build import Reference, write_back
-    from fxadapt.passes.materialize import apply_plan
-    from fxadapt.ir.inputs import as_inputs
 
     model = _llama()
     inputs = as_inputs({"input_ids": IDS})
@@ -187,3 +188,46 @@ def test_depth_removal_deletes_whole_layers_and_renumbers_layer_idx():
     assert [o["op"] for o in wb.recipe.ops if o["op"] in ("delete", "insert", "zero")] == ["delete"]
     gen = wb.module.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 7)
+
+
+def test_cli_adapts_a_save_pretrained_directory(tmp_path, capsys):
+    from fxadapt.cli import main
+
+    src, out = tmp_path / "llama", tmp_path / "small"
+    _llama().save_pretrained(src)
+    assert main(["inspect", str(src)]) == 0
+    assert "input input_ids=2x16:int64" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(["adapt", str(src), "--budget", "0.5", "-o", str(out), "--quiet"]) == 0
+    again = fxadapt.from_pretrained(out)
+    assert type(again) is transformers.LlamaForCausalLM
+    full = count_macs(_llama(), {"input_ids": IDS, "use_cache": False})
+    assert abs(count_macs(again, {"input_ids": IDS, "use_cache": False}) / full - 0.5) <= 0.0055
+    assert again.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_graph_output_has_a_free_sequence_axis():
+    graph = _quiet_transform(_llama(), 0.5, {"input_ids": IDS}, output="graph")
+    assert isinstance(graph, torch.fx.GraphModule)
+    assert dict(fxadapt.report(graph).dynamic)["input_ids"] == (0, 1)
+    module = _quiet_transform(_llama(), 0.5, {"input_ids": IDS})
+    ids = torch.randint(0, 96, (3, 23))                 # neither the batch nor the length of the capture
+    torch.testing.assert_close(graph(input_ids=ids).logits, module(ids, use_cache=False).logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_export_leaves_batch_and_image_axes_free(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    model = example_model().eval()
+    x = torch.randn(EXAMPLE_INPUT_SHAPE)
+    small = fxadapt.transform(model, 0.5, (x,))
+    res = fxadapt.export_onnx(small, (x,), str(tmp_path / "s.onnx"))
+    assert res.dynamic == ((0, 2, 3),) and res.folded_bn > 0
+    sess = ort.InferenceSession(res.path, providers=["CPUExecutionProvider"])
+    for shape in ((3, 3, 32, 32), (2, 3, 40, 24)):      # shapes the export never saw
+        xs = torch.randn(shape)
+        got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
+        np.testing.assert_allclose(got, small.eval()(xs).detach().numpy(), rtol=1e-4, atol=1e-4)

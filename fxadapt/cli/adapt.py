@@ -102,6 +102,12 @@ def output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
     >>> output_paths(ns)
     [('pt', 'resnet8-adapted.pt'), ('png', 'w.png')]
     """
+    from fxadapt.cli.hf import is_checkpoint
+
+    if is_checkpoint(args.model):   # a save_pretrained directory in, one out
+        given = {"hf": args.output or args.out_dir or os.path.normpath(args.model) + "-adapted",
+                 "onnx": args.onnx, "png": args.plot}
+        return [(k, v) for k, v in given.items() if v]
     out_dir = args.out_dir or ("fxadapt-example" if args.example else None)
     defaults = {"pt": "adapted.pt", "onnx": "adapted.onnx", "png": "widths.png"}
     given = {"pt": args.output, "onnx": args.onnx, "png": args.plot}
@@ -134,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
                   f"(target {rep.macs_target / rep.macs_before:.4f})")
         writers: dict[str, Callable[[str], str]] = {
             "pt": lambda p: (save(adapted, p), f"saved {p} (load with fxadapt.load)")[1],
+            "hf": lambda p: _save_pretrained(adapted, p),
             "onnx": lambda p: _onnx_line(fxadapt.export_onnx(adapted, inputs, p)),
             "png": lambda p: (plot_widths(rep, p), f"plot {p}")[1],
         }
@@ -150,7 +157,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-STEP_NAMES = {"pt": "save", "onnx": "ONNX export", "png": "plot"}
+STEP_NAMES = {"pt": "save", "hf": "save_pretrained", "onnx": "ONNX export", "png": "plot"}
+
+
+def _save_pretrained(model, path: str) -> str:
+    if not hasattr(model, "save_pretrained"):   # the write-back fell back to the graph (a warning said why)
+        save(model, os.path.join(path, "adapted.pt"))
+        return f"saved {path}/adapted.pt (the graph: see the WriteBackWarning; load with fxadapt.load)"
+    model.save_pretrained(path)
+    how = ("fxadapt.from_pretrained" if getattr(model.config, "fxadapt_recipe", None)
+           else "transformers' from_pretrained or fxadapt.from_pretrained")
+    return f"saved {path} (save_pretrained; load with {how})"
 
 
 class Progress:

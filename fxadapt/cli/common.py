@@ -198,7 +198,15 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor,
     if args.example and args.model:
         raise CliError("give either MODEL or --example, not both")
     if not args.example and not args.model:
-        raise CliError("no model: give MODEL (pkg.module:factory or file.py:factory) or --example")
+        raise CliError("no model: give MODEL (pkg.module:factory, file.py:factory or a save_pretrained "
+                       "directory) or --example")
+    from fxadapt.cli import hf
+
+    if hf.is_checkpoint(args.model):   # a local Hugging Face checkpoint: inputs from its config
+        specs = [parse_input(s) for s in args.input_shape or ()]
+        gen = torch.Generator().manual_seed(args.seed)
+        model, inputs = hf.load_dir(args.model, [s.make(gen) for s in specs])
+        return model, inputs, os.path.basename(os.path.normpath(args.model))
     if args.model:
         split_spec(args.model)
     specs = input_specs(args)  # malformed specs and inputs fail before the factory runs
@@ -228,12 +236,14 @@ def input_specs(args: argparse.Namespace) -> list[InputSpec]:
                    "(or 1,128:int64:0-30522 for token ids)")
 
 
-def describe_inputs(inputs: tuple[torch.Tensor, ...]) -> str:
-    """``"1x3x32x32"``, with the dtype when it is not float32 (``"1x128:int64"``).
+def describe_inputs(inputs: tuple[torch.Tensor, ...] | dict) -> str:
+    """``"1x3x32x32"``, with the dtype when it is not float32 (``"1x128:int64"``); keyword inputs by name.
 
     >>> describe_inputs((torch.zeros(1, 3, 8, 8), torch.zeros(2, 5, dtype=torch.long)))
     '1x3x8x8, 2x5:int64'
     """
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}={describe_inputs((v,))}" for k, v in inputs.items())
     return ", ".join("x".join(str(d) for d in x.shape)
                      + ("" if x.dtype == torch.float32 else f":{str(x.dtype).removeprefix('torch.')}")
                      for x in inputs)

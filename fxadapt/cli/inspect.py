@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
         print(totals_line(a))
         print(f"time: capture {timing['capture']:.3f} s, analysis {timing['analysis']:.3f} s")
     if args.json:
-        data = analysis_to_dict(a, label, [tuple(x.shape) for x in inputs], timing)
-        data["input_dtypes"] = [str(x.dtype).removeprefix("torch.") for x in inputs]
+        tensors = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+        data = analysis_to_dict(a, label, [tuple(x.shape) for x in tensors], timing)
+        data["input_dtypes"] = [str(x.dtype).removeprefix("torch.") for x in tensors]
         text = json.dumps(data, indent=2)
         if args.json == "-":
             print(text)

@@ -29,7 +29,6 @@ import importlib
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from fxadapt.errors import FxAdaptError

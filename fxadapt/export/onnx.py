@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import re
@@ -77,6 +78,7 @@ class ExportResult:
     nodes: int
     folded_bn: int = 0          # BatchNorms folded into the conv/linear before them
     dtype: str = "float32"      # floating dtype of the exported model
+    dynamic: tuple = ()         # per input, the axes the file leaves free (batch, sequence, image size)
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, fold_bn: bool = True,
@@ -91,10 +93,58 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, fold_bn: bo
     dt = float_dtype(work, inputs)
     tol = ATOL.get(dt, 1e-4) if atol is None else atol
     with _staged(path) as tmp:
-        _export(work, inputs, tmp, dt)
-        proto, simplified = _simplify_and_check(tmp, simplify, dt)
-        diff = _run_and_compare(tmp, work, inputs, tol, dt)
-    return ExportResult(path, simplified, diff, len(proto.graph.node), folded, _name(dt))
+        try:   # free batch and sequence / image axes where the model allows, checked at two shapes
+            _export(work, _doubled(inputs), tmp, dt, dynamic=True)
+            proto, simplified = _simplify_and_check(tmp, simplify, dt)
+            free = _free_axes(proto)
+            diff = max(_run_and_compare(tmp, work, x, tol, dt) for x in _shapes_to_check(inputs, free))
+        except ExportError:   # a fixed-shape file, as the example inputs are
+            _export(work, inputs, tmp, dt)
+            proto, simplified = _simplify_and_check(tmp, simplify, dt)
+            free, diff = (), _run_and_compare(tmp, work, inputs, tol, dt)
+    return ExportResult(path, simplified, diff, len(proto.graph.node), folded, _name(dt), free)
+
+
+def _doubled(inputs: tuple) -> tuple:
+    """Size-1 batches doubled, so export does not fix the batch at 1."""
+    return pytree.tree_map(lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
+                           else v, inputs)
+
+
+def _dynamic_shapes(inputs: tuple) -> tuple:
+    """``Dim.AUTO`` on the batch axis of every tensor input, the sequence axis of token / feature inputs and the
+    spatial axes of images: export keeps them free where the model allows and fixes the others itself."""
+    from fxadapt.ir.capture import free_axes
+
+    auto = torch.export.Dim.AUTO
+    return tuple({d: auto for d in free_axes(v)} if isinstance(v, torch.Tensor) and v.dim() else None for v in inputs)
+
+
+def _free_axes(proto) -> tuple:
+    return tuple(tuple(k for k, d in enumerate(i.type.tensor_type.shape.dim) if d.dim_param)
+                 for i in proto.graph.input)
+
+
+def _shapes_to_check(inputs: tuple, free: tuple) -> list[tuple]:
+    """The example inputs, and (when the file has free axes) one more row in the batch and, for free
+    sequence axes, three more positions."""
+    out = [inputs]
+    if not any(free):
+        return out
+    def grow(v, axes):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if 0 in axes:
+            v = torch.cat([v, v[:1]])
+        if 1 in axes and v.dim() in (2, 3):
+            v = torch.cat([v, v[:, :3]], 1)
+        return v
+    tensors = [v for v in inputs if isinstance(v, torch.Tensor)]
+    if len(tensors) != len(free):
+        return out
+    it = iter(free)
+    out.append(tuple(grow(v, next(it)) if isinstance(v, torch.Tensor) else v for v in inputs))
+    return out
 
 
 def prepare(model: nn.Module, inputs: tuple, *, fold_bn: bool = True,
@@ -117,7 +167,7 @@ def prepare(model: nn.Module, inputs: tuple, *, fold_bn: bool = True,
         work, inputs = _cast(work, inputs, dtype)
     folded = 0
     if fold_bn and not isinstance(work, GraphModule) and any("BatchNorm" in type(m).__name__ for m in work.modules()):
-        from fxadapt.ir.capture import capture   # a model in its own class: fold on its captured graph
+        from fxadapt.ir.capture import capture  # a model in its own class: fold on its captured graph
 
         work = capture(work, inputs).eval()
     if fold_bn and isinstance(work, GraphModule):
@@ -208,15 +258,16 @@ def _staged(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def _export(model: nn.Module, inputs: tuple, path: str, dt: torch.dtype) -> None:
+def _export(model: nn.Module, inputs: tuple, path: str, dt: torch.dtype, dynamic: bool = False) -> None:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    extra = {"dynamic_shapes": _dynamic_shapes(inputs)} if dynamic else {}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
-                prog = torch.onnx.export(model, inputs, dynamo=True, external_data=False, verbose=False)
+                prog = torch.onnx.export(model, inputs, dynamo=True, external_data=False, verbose=False, **extra)
             except TypeError:
-                prog = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
+                prog = torch.onnx.export(model, inputs, dynamo=True, verbose=False, **extra)
             prog.save(path)
     except Exception as e:  # noqa: BLE001
         hint = "" if dt == torch.float32 else "; pass dtype=torch.float32 to export a float32 copy"

@@ -106,6 +106,9 @@ class Report:
     seconds: float = 0.0
     history: tuple = ()
     timings: tuple = ()          # (pipeline step, seconds) in the order the steps ran
+    returned: str = ""           # "module" (the user's class), "graph", "exported_program"
+    dynamic: tuple = ()          # graph outputs: per input, the axes left free ((name, (0, 1)), ...)
+    write_back: str = ""         # why the plan could not be written back into the user's modules, if not
 
     @staticmethod
     def build(a, outcome, out, target, macs: float, strategy: str, seconds: float) -> Report:

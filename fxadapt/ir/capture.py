@@ -126,12 +126,38 @@ def _batch2(inputs: Inputs) -> Inputs:
     return inputs.map(lambda v: torch.cat([v, v]) if v.dim() and v.shape[0] == 1 else v)
 
 
-def _dynamic_spec(inputs: Inputs) -> torch.export.ShapesCollection:
+def free_axes(v: torch.Tensor, dynamic: str = "auto") -> tuple[int, ...]:
+    """The axes of an input tensor capture (and ONNX export) leaves free: the batch; with ``"auto"`` also
+    the sequence axis of token / feature inputs (2-D and 3-D) and the spatial axes of float images (4-D).
+
+    >>> free_axes(torch.zeros(2, 16, dtype=torch.long)), free_axes(torch.zeros(2, 3, 8, 8)), free_axes(torch.zeros(2, 3, 8, 8), "batch")
+    ((0, 1), (0, 2, 3), (0,))
+    """
+    if not v.dim():
+        return ()
+    if dynamic != "auto":
+        return (0,)
+    extra = (2, 3) if v.dim() == 4 and v.is_floating_point() else (1,) if v.dim() in (2, 3) else ()
+    return (0, *extra)
+
+
+def _dynamic_spec(inputs: Inputs, dynamic: str = "batch") -> torch.export.ShapesCollection:
     spec = torch.export.ShapesCollection()
     for v in inputs.tensors():
         if v.dim():
-            spec[v] = {0: torch.export.Dim.AUTO}
+            spec[v] = {d: torch.export.Dim.AUTO for d in free_axes(v, dynamic)}
     return spec
+
+
+def dynamic_axes(gm: GraphModule) -> tuple:
+    """Per graph input, the axes whose size is symbolic (as export left them); read before shape checks
+    replace the symbolic values."""
+    out = []
+    for node in gm.graph.nodes:
+        v = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(v, torch.Tensor):
+            out.append((node.target, tuple(k for k, s in enumerate(v.shape) if not isinstance(s, int))))
+    return tuple(out)
 
 
 def _where(e: BaseException, model: nn.Module) -> str:
@@ -159,14 +185,16 @@ def _hint(text: str) -> str:
     return ""
 
 
-def export(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch axis, falling back to static shapes (see module docstring)."""
+def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch axis (``dynamic="auto"``: also the sequence / image axes, see
+    ``free_axes``), falling back to static shapes (see module docstring)."""
     inputs = as_inputs(example_inputs)
     dyn = _batch2(inputs)
     with warnings.catch_warnings():  # RNN modules warn that export reassigns their _flat_weights: harmless
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
-            return torch.export.export(model, dyn.args, dyn.kwargs, dynamic_shapes=_dynamic_spec(dyn), strict=False)
+            return torch.export.export(model, dyn.args, dyn.kwargs, dynamic_shapes=_dynamic_spec(dyn, dynamic),
+                                       strict=False)
         except Exception:  # noqa: BLE001 - retried statically; that error is the one reported
             pass
         try:
@@ -208,16 +236,16 @@ def _working_copy(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, dict]:
     return work, fixed
 
 
-def _export_or_explain(work: nn.Module, inputs: Inputs) -> torch.export.ExportedProgram:
+def _export_or_explain(work: nn.Module, inputs: Inputs, dynamic: str = "batch") -> torch.export.ExportedProgram:
     """``export``; on failure run eagerly: wrong inputs are an ``InputError``, unregistered dataclass
     outputs are registered and export retried, anything else is the ``CaptureError``."""
     try:
-        return export(work, inputs)
+        return export(work, inputs, dynamic)
     except CaptureError as e:
         out = check_runs(work, inputs)
         if not _register_dataclasses(out):
             raise e
-    return export(work, inputs)
+    return export(work, inputs, dynamic)
 
 
 def _tidy(gm: GraphModule) -> None:
@@ -232,8 +260,9 @@ def _tidy(gm: GraphModule) -> None:
             node.meta[meta.SOURCE] = trace.strip().splitlines()[-1].strip()
 
 
-def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
-    """Lift ``model`` to a trainable ATen-level ``GraphModule`` (see module docstring).
+def capture(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> GraphModule:
+    """Lift ``model`` to a trainable ATen-level ``GraphModule`` (see module docstring); ``dynamic="auto"``
+    also leaves sequence / image axes free where the model allows (``meta[DYNAMIC_KEY]`` says which).
 
     >>> gm = capture(torch.nn.Linear(4, 2), {"input": torch.randn(1, 4)})
     >>> gm(input=torch.randn(3, 4)).shape
@@ -243,9 +272,10 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
     work, fixed = _working_copy(model, inputs)
-    result = from_program(_export_or_explain(work, inputs), work)
+    result = from_program(_export_or_explain(work, inputs, dynamic), work)
     result.train(model.training)
-    result.meta.update({INPUTS_KEY: inputs, BATCH_KEY: inputs.batch, FIXED_KEY: fixed})
+    result.meta.update({INPUTS_KEY: inputs, BATCH_KEY: inputs.batch, FIXED_KEY: fixed,
+                        meta.DYNAMIC: dynamic_axes(result)})
     return result
 
 

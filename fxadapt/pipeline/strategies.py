@@ -28,10 +28,10 @@ from fxadapt.errors import BudgetError, FxAdaptError
 from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
-from fxadapt.planning.uniform import uniform_widths
 from fxadapt.planning.budget import BudgetWarning
 from fxadapt.planning.plan import make_plan
 from fxadapt.planning.solver import SolveConfig, solve_widths
+from fxadapt.planning.uniform import uniform_widths
 from fxadapt.search.dna import dna
 from fxadapt.search.fur import fur
 

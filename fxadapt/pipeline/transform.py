@@ -12,6 +12,8 @@ The pipeline, as ``PIPELINE`` reads (``fxadapt.pipeline.runner`` lints and shape
     verify         runs, shapes, MACs by an independent count, function preservation   fxadapt.pipeline.verify
     write_back     the plan in a deep copy of the user's own modules, checked against   fxadapt.writeback
                    the graph (only with output="module", the default)
+    dynamic_graph  graph outputs: that model re-captured with free sequence / image axes, kept if it
+                   matches the verified graph
     export         hand back a torch.export.ExportedProgram (only with output="exported_program")
 
 The returned model keeps BatchNorm by default (it fine-tunes well); ``export_onnx`` folds it for
@@ -43,7 +45,7 @@ from torch.fx import GraphModule
 from fxadapt import meta
 from fxadapt.analysis import analyze
 from fxadapt.analysis.count import run_counted
-from fxadapt.errors import BudgetError, InputError
+from fxadapt.errors import BudgetError, FxAdaptError, InputError
 from fxadapt.export.report import Report, attach
 from fxadapt.ir.capture import as_called, capture
 from fxadapt.ir.inputs import as_inputs
@@ -103,6 +105,7 @@ class Job:
     outcome: Outcome | None = None
     macs: float = 0.0
     result: Any = None
+    note: str = ""
     timings: tuple = ()
 
 
@@ -205,13 +208,43 @@ def _write_back(job: Job) -> Job:
         if cfg.write_back == "strict":
             raise WriteBackError(msg)
         warnings.warn(msg, WriteBackWarning, stacklevel=4)
-        return dataclasses.replace(job, result=job.gm)
+        return dataclasses.replace(job, result=job.gm, note=wb.reason)
     object.__setattr__(wb.module, "fxadapt_recipe", wb.recipe)
     return dataclasses.replace(job, result=wb.module)
 
 
 def _module_result(job: Job) -> bool:
     return job.cfg.output == "module" and isinstance(job.model, nn.Module) and not job.cfg.fold_bn
+
+
+def _graph_result(job: Job) -> bool:
+    return job.cfg.output != "module" and isinstance(job.model, nn.Module) and not job.cfg.fold_bn
+
+
+def _dynamic_graph(job: Job) -> Job:
+    """Graph outputs with free sequence / image axes: the plan written back into the user's modules and that
+    model captured with ``dynamic="auto"``, kept when it matches the verified graph (outputs and MACs);
+    otherwise the verified graph (dynamic batch only) is returned."""
+    from fxadapt.ir.capture import capture as capture_model
+    from fxadapt.writeback import write_back
+
+    cfg = job.cfg
+    ref = Reference(job.gm, job.planned, job.macs, job.outcome.preserving, cfg.rtol, cfg.atol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wb = write_back(job.model, job.outcome.plan, job.inputs, ref)
+        if wb.module is None:
+            return job
+        try:
+            gm = capture_model(wb.module, job.inputs, dynamic="auto")
+            macs, got = run_counted(gm, job.inputs)
+            verify.check_close(verify.outputs(job.gm, job.inputs), got, cfg, "re-capturing with free axes")
+        except FxAdaptError:
+            return job
+    if abs(macs - job.macs) > 1e-3 * max(macs, 1.0):
+        return job
+    gm.train(job.gm.training)
+    return dataclasses.replace(job, gm=gm)
 
 
 def _export(job: Job) -> Job:
@@ -230,6 +263,7 @@ PIPELINE = (
     Step("fold_bn", _fold, lambda job: job.cfg.fold_bn),
     Step("verify", _verify),
     Step("write_back", _write_back, _module_result),
+    Step("dynamic_graph", _dynamic_graph, _graph_result),
     Step("export", _export, lambda job: job.cfg.output == "exported_program"),
 )
 
@@ -250,7 +284,11 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, data: Any = No
         out.train(model.training)
     rep = Report.build(job.analysis, job.outcome, out, job.target, job.macs, cfg.strategy,
                        time.perf_counter() - start)
-    rep = dataclasses.replace(rep, timings=job.timings)
+    result = job.result if job.result is not None else out
+    kind = ("exported_program" if isinstance(result, torch.export.ExportedProgram)
+            else "graph" if isinstance(result, GraphModule) else "module")
+    rep = dataclasses.replace(rep, timings=job.timings, returned=kind, write_back=job.note,
+                              dynamic=tuple(job.gm.meta.get(meta.DYNAMIC, ())) if kind != "module" else ())
     attach(out, rep)
     if job.result is not None and job.result is not out:
         if isinstance(job.result, nn.Module) and not cfg.fold_bn:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from types import SimpleNamespace
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch

@@ -1,0 +1,78 @@
+"""Hugging Face checkpoints on the command line: ``fxadapt adapt path/to/hf_dir --budget 0.5 -o out_dir``.
+
+A ``MODEL`` that is a directory holding ``config.json`` is a local ``save_pretrained`` checkpoint (no hub
+access): the class is ``config.architectures[0]`` from ``transformers`` (``AutoModel`` when the config names
+none), loaded with ``from_pretrained`` (``fxadapt.from_pretrained`` when the checkpoint is itself an fxadapt
+result with per-layer sizes). Example inputs, unless ``--input-shape`` names them, come from the config:
+
+- vision (``image_size`` and ``num_channels``): ``pixel_values`` of shape ``(2, C, H, W)``;
+- text (``vocab_size``): ``input_ids`` of shape ``(2, 16)`` below ``min(vocab_size, 1000)``, plus
+  ``decoder_input_ids`` for encoder-decoders;
+- anything else: ``--input-shape`` is required (the error says so).
+
+``--input-shape`` values are passed positionally, as for factories. The result is written with the
+model's own ``save_pretrained`` into ``-o`` (default ``<dir>-adapted``).
+
+Example:
+    >>> import tempfile, transformers, torch
+    >>> d = tempfile.mkdtemp()
+    >>> transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(d)
+    >>> model, inputs = load_dir(d, [])
+    >>> type(model).__name__, {k: tuple(v.shape) for k, v in inputs.items()}
+    ('GPT2LMHeadModel', {'input_ids': (2, 16)})
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxadapt.cli.common import CliError
+
+
+def is_checkpoint(path: str | None) -> bool:
+    return bool(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_dir(path: str, tensors: list[torch.Tensor]) -> tuple[nn.Module, Any]:
+    """The checkpoint's model (eval mode) and its example inputs (see the module docstring)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise CliError(f"{path} is a Hugging Face checkpoint: pip install transformers to read it") from e
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else transformers.AutoModel
+    if cls is None:
+        raise CliError(f"{path}/config.json names architecture {arch!r}, which transformers does not have")
+    try:
+        if getattr(config, "fxadapt_recipe", None):
+            import fxadapt
+
+            model = fxadapt.from_pretrained(path)
+        else:
+            model = cls.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - a broken checkpoint
+        raise CliError(f"cannot load {path} with {getattr(cls, '__name__', cls)}.from_pretrained: "
+                       f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    return model.eval(), (tuple(tensors) if tensors else config_inputs(config, path))
+
+
+def config_inputs(config, path: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """Example inputs a config implies (see the module docstring)."""
+    gen = torch.Generator().manual_seed(0)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(size, int) and isinstance(channels, int):
+        return {"pixel_values": torch.randn(2, channels, size, size, generator=gen)}
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 1:
+        ids = torch.randint(0, min(vocab, 1000), (2, 16), generator=gen)
+        out = {"input_ids": ids}
+        if getattr(config, "is_encoder_decoder", False):
+            out["decoder_input_ids"] = ids[:, :8].clone()
+        return out
+    raise CliError(f"cannot tell {path}'s inputs from its config: give --input-shape (e.g. 1,16000 for audio)")

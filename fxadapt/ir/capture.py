@@ -193,8 +193,9 @@ def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> tor
     with warnings.catch_warnings():  # RNN modules warn that export reassigns their _flat_weights: harmless
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
-            return torch.export.export(model, dyn.args, dyn.kwargs, dynamic_shapes=_dynamic_spec(dyn, dynamic),
-                                       strict=False)
+            if dynamic != "static":
+                return torch.export.export(model, dyn.args, dyn.kwargs,
+                                           dynamic_shapes=_dynamic_spec(dyn, dynamic), strict=False)
         except Exception:  # noqa: BLE001 - retried statically; that error is the one reported
             pass
         try:

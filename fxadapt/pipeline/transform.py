@@ -104,6 +104,8 @@ class Job:
     target: Budget | None = None
     outcome: Outcome | None = None
     macs: float = 0.0
+    outputs: Any = None            # the adapted graph's outputs at the example inputs (verify ran it)
+    reference: Any = None          # what verify compared them with (the original's outputs or shapes)
     result: Any = None
     note: str = ""
     timings: tuple = ()
@@ -116,7 +118,7 @@ def _capture(job: Job) -> Job:
         gm = captured_from_program(job.model, job.inputs)
         gm.meta.setdefault(meta.INPUTS, as_inputs(job.inputs))
     else:
-        gm = capture(job.model, job.inputs)
+        gm = capture(job.model, job.inputs, dynamic=_capture_mode(job))
     return dataclasses.replace(job, gm=gm, inputs=gm.meta[meta.INPUTS])
 
 
@@ -192,7 +194,7 @@ def _verify(job: Job) -> Job:
         verify.check_budget(macs, job.target.macs, job.analysis.macs(), job.cfg.solve)
     if job.target.params is not None:
         verify.check_params(job.gm, job.target.params)
-    return dataclasses.replace(job, macs=macs)
+    return dataclasses.replace(job, macs=macs, outputs=got, reference=reference)
 
 
 def _write_back(job: Job) -> Job:
@@ -200,7 +202,8 @@ def _write_back(job: Job) -> Job:
     from fxadapt.writeback import WriteBackError, WriteBackWarning, write_back
 
     cfg = job.cfg
-    ref = Reference(job.gm, job.planned, job.macs, job.outcome.preserving, cfg.rtol, cfg.atol)
+    ref = Reference(job.gm, job.planned, job.macs, job.outcome.preserving, cfg.rtol, cfg.atol, job.outputs,
+                    job.reference)
     wb = write_back(job.model, job.outcome.plan, job.inputs, ref)
     if wb.module is None:
         msg = (f"{type(job.model).__name__}: the adapted sizes could not be written back into its own modules "
@@ -208,9 +211,32 @@ def _write_back(job: Job) -> Job:
         if cfg.write_back == "strict":
             raise WriteBackError(msg)
         warnings.warn(msg, WriteBackWarning, stacklevel=4)
-        return dataclasses.replace(job, result=job.gm, note=wb.reason)
+        return dataclasses.replace(job, result=_batch_free(job), note=wb.reason)
     object.__setattr__(wb.module, "fxadapt_recipe", wb.recipe)
     return dataclasses.replace(job, result=wb.module)
+
+
+def _capture_mode(job: Job) -> str:
+    """Static shapes where the graph only serves analysis and verification (a data-free MAC budget written
+    back into the user's modules: torch.export is ~2x faster without a symbolic batch); else a dynamic batch
+    (searches and BN re-estimation run other batch sizes, graph outputs keep it)."""
+    budget = job.budget
+    latency = getattr(budget, "latency", None) is not None or "latency" in str(budget)
+    return "static" if _module_result(job) and job.data is None and not latency else "batch"
+
+
+def _batch_free(job: Job) -> GraphModule:
+    """The verified graph with a dynamic batch: a static capture is captured again (a fallback result is
+    used like a model: any batch size), kept when it matches."""
+    if job.gm.meta.get(meta.DYNAMIC) or not isinstance(job.model, nn.Module):
+        return job.gm
+    try:
+        gm = capture(job.gm, job.inputs, dynamic="batch")
+        verify.check_close(job.outputs, verify.outputs(gm, job.inputs), job.cfg, "re-capturing the graph")
+    except FxAdaptError:
+        return job.gm
+    gm.meta.update({k: v for k, v in job.gm.meta.items() if k not in gm.meta})
+    return gm.train(job.gm.training)
 
 
 def _module_result(job: Job) -> bool:

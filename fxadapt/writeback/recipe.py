@@ -94,26 +94,27 @@ def apply(recipe: Recipe | str | dict, model: nn.Module, phases: tuple = ("width
     returned), then load the adapted weights (``load_state_dict``). ``phases`` selects operations (see
     ``phase``): ``transform`` fills in the weights between the width and the depth operations."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_json(recipe)
+    names: dict[int, list[str]] = {}   # every name of every tensor, found once (ties: several names)
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
     for op in recipe.ops:
-        if phase(op) in phases:
+        if phase(op) not in phases:
+            continue
+        if op["op"] == "resize":
+            _resize(model, op, names)
+        else:
             _APPLY[op["op"]](model, op)
     return model
 
 
-def _resize(model: nn.Module, op: dict) -> None:
+def _resize(model: nn.Module, op: dict, names: dict) -> None:
     old = _tensor(model, op["name"])
     if list(old.shape) == list(op["shape"]):
         return
     new = torch.empty(op["shape"], dtype=old.dtype, device=old.device)
     value = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-    for name in aliases(model, old):
+    for name in names.get(id(old), [op["name"]]):   # every alias of a tied tensor: the tie survives
         _assign(model, name, value)
-
-
-def aliases(model: nn.Module, tensor: torch.Tensor) -> list[str]:
-    """Every name ``tensor`` is reachable under in ``model`` (tied weights have several)."""
-    pairs = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return [n for n, t in pairs if t is tensor]
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -196,5 +197,5 @@ def _set_config(model: nn.Module, field: str, value: Any) -> None:
         setattr(cfg, field, value)
 
 
-_APPLY = {"resize": _resize, "set": _set, "delete": _delete, "insert": _insert, "zero": _zero,
+_APPLY = {"set": _set, "delete": _delete, "insert": _insert, "zero": _zero,
           "config": lambda m, op: _set_config(m, op["field"], op["value"])}

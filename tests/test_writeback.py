@@ -231,3 +231,28 @@ def test_onnx_export_leaves_batch_and_image_axes_free(tmp_path):
         xs = torch.randn(shape)
         got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
         np.testing.assert_allclose(got, small.eval()(xs).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_depth_growth_inserts_layers_that_generate_the_original_tokens():
+    model = _llama()
+    big = _quiet_transform(model, 2.5, {"input_ids": IDS}, grow_depth=True)
+    assert type(big) is transformers.LlamaForCausalLM
+    assert len(big.model.layers) == 4 and big.config.num_hidden_layers == 4
+    assert [layer.self_attn.layer_idx for layer in big.model.layers] == [0, 1, 2, 3]   # the KV cache's index
+    ops = [o["op"] for o in fxadapt.recipe_of(big).ops]
+    assert ops.count("insert") == 2
+    prompt = IDS[:1, :5]
+    torch.testing.assert_close(big(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(big.generate(prompt, max_new_tokens=6, do_sample=False),
+                       model.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_depth_growth_of_a_cnn_adds_units_to_its_stages():
+    model = example_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    big = fxadapt.transform(model, 2.0, (x,), grow_depth=True)
+    assert type(big) is type(model)
+    added = [n for n, _ in big.named_modules() if n.endswith("__rep1")]
+    assert added and all(n.count(".") == 1 for n in added)        # whole units inside their Sequential stage
+    torch.testing.assert_close(big(x), model(x), rtol=1e-4, atol=1e-5)
+    assert count_macs(big, (x,)) == fxadapt.report(big).macs_after

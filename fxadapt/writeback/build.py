@@ -84,6 +84,8 @@ def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
     apply(recipe, work, phases=("width",))
     _fill(work, ref.graph)
     apply(recipe, work, phases=("depth",))
+    slots = Recipe(tuple(_fill_slots(work, ref.graph, depth.fill)))
+    recipe = recipe + slots
     with torch.no_grad():
         for name in depth.zero:
             work.get_parameter(name).zero_()
@@ -105,6 +107,39 @@ def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
     except _Mismatch as e:
         return WriteBack(None, recipe, str(e))
     return WriteBack(work, recipe, None, shapes)
+
+
+def _fill_slots(work: nn.Module, gm: GraphModule, pairs: list) -> list[dict]:
+    """A kept depth slot (trained by a search, or widened by the plan): the unit's copy takes the graph
+    copy's shapes, size attributes and values; the ``resize``/``set`` operations, after depth, for the recipe."""
+    ops = []
+    for path, gpath in pairs:
+        mod, twin = work.get_submodule(path), gm.get_submodule(gpath)
+        for name, g in [*twin.named_parameters(recurse=False), *twin.named_buffers(recurse=False)]:
+            full = f"{path}.{name}"
+            if tuple(getattr(mod, name).shape) != tuple(g.shape):
+                ops.append({"op": "resize", "name": full, "shape": list(g.shape), "final": True})
+        for (p_, attr), value in _twin_attrs(work, gm, path, gpath).items():
+            op = {"op": "set", "module": p_, "attr": attr, "final": True,
+                  "value": list(value) if isinstance(value, tuple) else value}
+            ops.append({**op, "tuple": True} if isinstance(value, tuple) else op)
+    apply(Recipe(tuple(ops)), work, phases=("final",))
+    with torch.no_grad():
+        for path, gpath in pairs:
+            mod, twin = work.get_submodule(path), gm.get_submodule(gpath)
+            for name, g in [*twin.named_parameters(recurse=False), *twin.named_buffers(recurse=False)]:
+                getattr(mod, name).copy_(g)
+    return ops
+
+
+def _twin_attrs(work: nn.Module, gm: GraphModule, path: str, gpath: str) -> dict:
+    from fxadapt.writeback.widths import _int_attrs
+
+    mod, twin = work.get_submodule(path), gm.get_submodule(gpath)
+    if type(twin) is nn.Module or not isinstance(mod, type(twin)):
+        return {}
+    theirs = _int_attrs(twin)
+    return {(path, k): theirs[k] for k, v in _int_attrs(mod).items() if k in theirs and theirs[k] != v}
 
 
 def _layer_ops(model: nn.Module, order: dict) -> list[dict]:

@@ -37,14 +37,19 @@ Example:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxadapt.meta import REPEAT_OF
 from fxadapt.ops.registry import spec_of
 from fxadapt.passes.rewire_blocks import _body_output, _zero_params, _zero_source
+
+_REP = re.compile(r"__rep\d+_\d+$")
 
 
 class NotExpressible(Exception):
@@ -55,7 +60,9 @@ class NotExpressible(Exception):
 class DepthPlan:
     ops: list = field(default_factory=list)
     zero: list = field(default_factory=list)     # parameter names to zero after the ops (copies' branches)
+    fill: list = field(default_factory=list)     # (copy's module path, graph module path): a trained slot
     order: dict = field(default_factory=dict)    # container path -> original index of every final element
+    alive: dict = field(default_factory=dict)    # original block id -> the graph's kept copies of it
 
 
 def _stack(node: Node) -> list[str]:
@@ -79,12 +86,39 @@ def _weighted(node: Node) -> bool:
     return node.op == "call_module" and getattr(spec_of(node), "zero", None) == "params"
 
 
+def _effective(plan, nodes: dict) -> tuple[SimpleNamespace, dict, set]:
+    """The plan on the model's own blocks: a graph deepened before planning (``grow_depth``, DNA's depth
+    slots) holds copies (their exit records ``REPEAT_OF``); a removed copy is no change to the model, a kept
+    one repeats its original (filled from the graph). Returns that plan, the kept copies per original block
+    (in graph order) and the copies' nodes."""
+    copies = [b for b in plan.blocks if nodes[b.exit].meta.get(REPEAT_OF) is not None]
+    own = [b for b in plan.blocks if b not in copies]
+    by_exit = {b.exit: b for b in own}
+    alive: dict[int, list] = {}
+    for c in copies:
+        orig = by_exit.get(nodes[c.exit].meta[REPEAT_OF])
+        if orig is None:
+            raise NotExpressible(f"block {c.exit} copies a block the model does not have")
+        if c.id not in plan.remove:
+            alive.setdefault(orig.id, []).append(c)
+    repeat = {b.id: plan.repeat.get(b.id, 0) + len(alive.get(b.id, ())) for b in own}
+    eff = SimpleNamespace(remove=frozenset(b for b in plan.remove if b in {o.id for o in own}),
+                          repeat={k: v for k, v in repeat.items() if v}, blocks=tuple(own))
+    copy_nodes = {n for c in copies for n in (*c.body, c.exit)}
+    return eff, alive, copy_nodes
+
+
 def depth_ops(model: nn.Module, gm: GraphModule, plan, inputs) -> DepthPlan:
     """Depth operations for ``plan.remove``/``plan.repeat`` (block ids of ``plan.blocks`` on ``gm``)."""
     out = DepthPlan()
+    if not (plan.remove or plan.repeat or any(REPEAT_OF in n.meta for n in gm.graph.nodes)):
+        return out
+    all_nodes = {n.name: n for n in gm.graph.nodes}
+    plan, alive, copy_nodes = _effective(plan, all_nodes)
     if not (plan.remove or plan.repeat):
         return out
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = {k: v for k, v in all_nodes.items() if k not in copy_nodes}
+    out.alive = alive
     blocks = {b.id: b for b in plan.blocks}
     units: dict[str, list] = {}
     for b in plan.blocks:
@@ -104,6 +138,8 @@ def depth_ops(model: nn.Module, gm: GraphModule, plan, inputs) -> DepthPlan:
         for u in sorted(members, key=lambda u: keys.index(u.rpartition(".")[2]), reverse=True):
             _unit(model, u, units[u], plan, nodes, io, out, order, keys)
         out.order[parent] = order
+    out.zero = [_final(model, where, out.order) + rest for where, rest in out.zero]
+    out.fill = [(_final(model, where, out.order) + rest, g) for where, rest, g in out.fill]
     return out
 
 
@@ -126,11 +162,39 @@ def _unit(model, u, bs, plan, nodes, io, out: DepthPlan, order: list, keys: list
         new = _child(parent, pos + 1, f"{key}__rep{j}", model)
         out.ops.append({"op": "insert", "module": new, "after": u})
         order.insert(pos + 1, i)
-        for b in bs:
-            if plan.repeat.get(b.id, 0) >= j and b.id not in plan.remove:
-                out.zero += [new + n[len(u):] for n in _zeroed(b, nodes) if n.startswith(u + ".")]
+        for b in bs:   # zero / fill name the copy by its final place (later units shift a ModuleList)
+            slots = out.alive.get(b.id, [])
+            if plan.repeat.get(b.id, 0) >= j and b.id not in plan.remove and j <= len(slots):
+                out.fill += [((parent, i, j, key), rest, g) for rest, g in
+                             _fill_pairs(u, b, slots[j - 1], nodes[b.exit].graph.owning_module)]
+            elif plan.repeat.get(b.id, 0) >= j and b.id not in plan.remove:
+                out.zero += [((parent, i, j, key), n[len(u):]) for n in _zeroed(b, nodes) if n.startswith(u + ".")]
             else:
                 out.ops.append(_zero_op(u, new, b, nodes, io))
+
+
+def _fill_pairs(u: str, b, slot, gm) -> list[tuple[str, str]]:
+    """(path inside the unit, module of the graph's kept copy) for every module of the slot: a copy's module
+    is named ``<original path>__rep<block>_<k>`` (``rewire_blocks``)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    pairs = []
+    for c in slot.body:
+        nc = nodes.get(c)
+        if nc is None or nc.op != "call_module":
+            continue
+        orig = _REP.sub("", nc.target)
+        if orig == nc.target or not orig.startswith(u + "."):
+            raise NotExpressible(f"the depth slot module {nc.target} is not a copy of a module of {u}")
+        pairs.append((orig[len(u):], nc.target))
+    return pairs
+
+
+def _final(model: nn.Module, where: tuple, order: dict) -> str:
+    """The final path of copy ``j`` of unit ``i`` of ``parent``: right after the unit, in order."""
+    parent, i, j, key = where
+    owner = model.get_submodule(parent) if parent else model
+    name = str(order[parent].index(i) + j) if isinstance(owner, nn.ModuleList) else f"{key}__rep{j}"
+    return f"{parent}.{name}" if parent else name
 
 
 def _zeroed(b, nodes: dict) -> list[str]:

@@ -123,15 +123,28 @@ def _intermediate(model: nn.Module, original: nn.Module, cfg) -> list[dict]:
 
 
 def keep_valid(cfg, original_cfg, ops: list[dict]) -> list[str]:
-    """Undo config fields, last first, until the config passes transformers' own validation (``save_pretrained``
-    refuses e.g. a hidden size that is not a multiple of the heads even with an explicit ``head_dim``); the
-    recipe keeps them. Returns the fields left at their old values."""
-    undone = []
-    for op in reversed([o for o in ops if o["op"] == "config"]):
-        if _valid(cfg):
-            break
+    """Config fields that transformers' own validation refuses (``save_pretrained`` refuses e.g. a hidden size
+    that is not a multiple of the heads even with an explicit ``head_dim``) keep their old value; the recipe
+    has them. The fields are set again one at a time, in order, each kept only if the config stays valid.
+    Returns the fields left at their old values."""
+    fields = [o for o in ops if o["op"] == "config"]
+    if _valid(cfg):
+        return []
+    for op in fields:
         setattr(cfg, op["field"], copy.deepcopy(getattr(original_cfg, op["field"], None)))
-        undone.append(op["field"])
+    undone = []
+    for op in fields:
+        old = getattr(cfg, op["field"], None)
+        setattr(cfg, op["field"], copy.deepcopy(op["value"]))
+        if not _valid(cfg):
+            setattr(cfg, op["field"], old)
+            undone.append(op["field"])
+    heads = {*FIELDS["heads"], *FIELDS["kv"]}
+    if heads & set(undone):   # head counts go together: none of them, if one cannot be stated
+        for op in fields:
+            if op["field"] in heads and op["field"] not in undone:
+                setattr(cfg, op["field"], copy.deepcopy(getattr(original_cfg, op["field"], None)))
+                undone.append(op["field"])
     return undone
 
 

@@ -95,12 +95,12 @@ def tp_prune(model, inputs, patch: bool):
     return m
 
 
-def checks(name, build, make, budget, method="fxadapt") -> dict:
+def checks(name, build, make, budget, method="fxadapt", layers="any") -> dict:
     torch.manual_seed(0)
     model, inputs = build().eval(), make()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = (fxadapt.transform(model, budget, inputs) if method == "fxadapt"
+        out = (fxadapt.transform(model, budget, inputs, layers=layers) if method == "fxadapt"
                else tp_prune(model, inputs, patch=method == "tp+patch"))
     row = {"class": type(out) is type(model),
            "fallback": [str(x.message)[:200] for x in w if issubclass(x.category, fxadapt.WriteBackWarning)]}
@@ -154,12 +154,13 @@ def main(argv=None):
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.5])
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--tp", action="store_true", help="also Torch-Pruning (ratio 0.3), as is and hand-patched")
+    ap.add_argument("--layers", default="any", help="TransformConfig.layers: any (per-layer widths) or uniform")
     args = ap.parse_args(argv)
     cases = _models()
     results = {}
     for name in args.models or list(cases):
         for b in args.budgets:
-            results[f"{name} {b}"] = row = checks(name, *cases[name], b)
+            results[f"{name} {b}"] = row = checks(name, *cases[name], b, layers=args.layers)
             print(name, b, row, flush=True)
         for method in ("tp", "tp+patch") if args.tp else ():
             try:

@@ -14,24 +14,45 @@ reports) and ``cli``; the graph passes ship as ``fxadapt.passes``.
 
 from fxadapt import dist  # noqa: E402  (fxadapt.dist.is_main() etc.)
 from fxadapt.analysis import Analysis, analyze
-from fxadapt.errors import BudgetError, CaptureError, FxAdaptError, InputError
+from fxadapt.errors import (
+                            BudgetError,
+                            BudgetWarning,
+                            CaptureError,
+                            ExportError,
+                            FxAdaptError,
+                            InputError,
+                            LoadError,
+                            RecipeError,
+                            SaveError,
+                            SearchConfigError,
+                            SearchInterrupted,
+                            ShapeCheckError,
+                            UncostedWarning,
+                            WriteBackError,
+                            WriteBackWarning,
+)
 from fxadapt.export.modules import from_pretrained, recipe_of
-from fxadapt.export.onnx import ExportError, export_onnx
+from fxadapt.export.onnx import export_onnx
 from fxadapt.export.program import captured_from_program, to_exported_program
 from fxadapt.export.report import Report, report
 from fxadapt.export.save import load, save
 from fxadapt.hw.bench import benchmark
-from fxadapt.hw.target import Target, TargetError
+from fxadapt.hw.target import Target, TargetError  # noqa: F401  (TargetError lives in fxadapt.errors)
 from fxadapt.ir.capture import capture
 from fxadapt.pipeline.transform import TransformConfig, VerificationError, transform
 from fxadapt.planning.budget import Budget
 from fxadapt.planning.solver import SolveConfig
+from fxadapt.search.dna import SearchConfig
+from fxadapt.search.fur import FurConfig
+from fxadapt.search.supernet import SupernetConfig
 from fxadapt.train.finetune import FinetuneConfig, finetune
-from fxadapt.writeback import Recipe, WriteBackError, WriteBackWarning, apply
+from fxadapt.writeback import Recipe, apply
 
 __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
            "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",
            "FxAdaptError", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
            "captured_from_program", "Target", "TargetError", "benchmark", "dist", "from_pretrained", "recipe_of",
-           "apply", "Recipe", "WriteBackWarning", "WriteBackError", "SolveConfig"]
+           "apply", "Recipe", "WriteBackWarning", "WriteBackError", "SolveConfig", "SearchConfig", "FurConfig",
+           "SupernetConfig", "BudgetWarning", "LoadError", "RecipeError", "SaveError", "SearchConfigError",
+           "SearchInterrupted", "ShapeCheckError", "UncostedWarning"]
 __version__ = "0.2.0"

@@ -1,4 +1,7 @@
-"""Errors fxadapt raises on bad input; each message says what was wrong and what would be accepted."""
+"""Every error and warning fxadapt raises, in one place; each message says what was wrong and what to do.
+
+Errors derive from ``FxAdaptError`` (bad input ones also from ``ValueError``); warnings from ``UserWarning``.
+"""
 
 
 class FxAdaptError(Exception):
@@ -15,3 +18,61 @@ class InputError(FxAdaptError, ValueError):
 
 class BudgetError(FxAdaptError, ValueError):
     """A budget that is malformed or outside the range the model can reach (the message states the range)."""
+
+
+class BudgetWarning(UserWarning):
+    """The widths returned miss the ``tol`` window (the groups are too coarse) but lie on the right side of
+    the budget; the message says how far. ``warnings.simplefilter("error", BudgetWarning)`` or
+    ``SolveConfig(strict=True)`` turns it into a refusal.
+
+    >>> issubclass(BudgetWarning, UserWarning)
+    True
+    """
+
+
+class RecipeError(FxAdaptError, ValueError):
+    """A recipe that does not fit the model it is applied to (names or structure differ)."""
+
+
+class WriteBackWarning(UserWarning):
+    """The plan could not be written back into the user's modules; the verified graph is returned."""
+
+
+class WriteBackError(FxAdaptError):
+    """``write_back="strict"``: the plan could not be written back into the user's modules."""
+
+
+class VerificationError(FxAdaptError):
+    """An adapted model failed a check (runs, shapes, budget, numerics); the message says which."""
+
+
+class SearchInterrupted(FxAdaptError):
+    """A search stopped early on purpose (``SearchConfig.stop_after``); its checkpoint resumes it."""
+
+
+class ExportError(FxAdaptError):
+    """Export (ONNX or ExportedProgram), simplification, checking or the numerical comparison failed."""
+
+
+class SaveError(FxAdaptError):
+    """A model ``save`` cannot store as plain data, or a file ``load`` cannot read; the message says why."""
+
+
+class LoadError(FxAdaptError, ValueError):
+    """A saved module that cannot be restored as asked (the message says what to pass)."""
+
+
+class SearchConfigError(FxAdaptError, ValueError):
+    """A search configuration that would do nothing (or cannot run)."""
+
+
+class TargetError(FxAdaptError, ValueError):
+    """A target that does not exist or cannot run here (unknown runtime, CUDA without a GPU)."""
+
+
+class UncostedWarning(UserWarning):
+    """``analyze`` found ops whose MACs the cost model does not count as torch does (budgets would be off)."""
+
+
+class ShapeCheckError(FxAdaptError):
+    """A rewritten graph failed to run (the message names the node)."""

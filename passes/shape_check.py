@@ -27,12 +27,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from fxadapt import meta
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    ShapeCheckError,  # noqa: F401  (defined in fxadapt.errors)
+)
 from fxadapt.ir.inputs import Inputs, as_inputs
-
-
-class ShapeCheckError(FxAdaptError):
-    """A rewritten graph failed to run (the message names the node)."""
 
 
 def _meta(v: Any) -> Any:

@@ -256,3 +256,32 @@ def test_depth_growth_of_a_cnn_adds_units_to_its_stages():
     assert added and all(n.count(".") == 1 for n in added)        # whole units inside their Sequential stage
     torch.testing.assert_close(big(x), model(x), rtol=1e-4, atol=1e-5)
     assert count_macs(big, (x,)) == fxadapt.report(big).macs_after
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"data": [1, 2, 3], "strategy": "dna"}, r"data must be \(inputs, targets\) tensors.*got a list of int"),
+    ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"CUDA device"),
+    ({"device": "tpu9"}, r"unknown device 'tpu9'"),
+    ({"layers": "same"}, r"unknown layers 'same'"),
+    ({"output": "onnx"}, r"unknown output 'onnx'"),
+    ({"write_back": "maybe"}, r"unknown write_back 'maybe'"),
+])
+def test_bad_options_are_one_line_errors(options, message):
+    data = options.pop("data", None)
+    with pytest.raises(fxadapt.InputError, match=message) as e:
+        fxadapt.transform(nn.Linear(4, 2), 0.5, (torch.randn(2, 4),), data=data, **options)
+    assert "\n" not in str(e.value)
+
+
+def test_failed_capture_keeps_torch_dumps_out_of_stderr(capfd):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) if x.sum() > 0 else 2 * self.lin(x)
+
+    with pytest.raises(fxadapt.CaptureError, match="data-dependent"):
+        fxadapt.transform(Branchy(), 0.5, (torch.randn(2, 4),))
+    assert "def forward" not in capfd.readouterr().err

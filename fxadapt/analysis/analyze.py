@@ -41,6 +41,7 @@ from fxadapt.analysis.cost_build import build_cost
 from fxadapt.analysis.crosscheck import Uncosted, crosscheck
 from fxadapt.analysis.groups import Group, form_groups
 from fxadapt.analysis.propagate import labels_of, propagate
+from fxadapt.errors import UncostedWarning  # noqa: F401  (defined in fxadapt.errors)
 from fxadapt.ir.capture import capture
 
 
@@ -114,10 +115,6 @@ def analyze(model: Any, example_inputs: Any = None, attention: str | None = None
         warnings.warn(f"fxadapt.analyze: the cost model misses {len(uncosted)} op(s) torch counts: "
                       + "; ".join(str(u) for u in uncosted[:5]), UncostedWarning, stacklevel=2)
     return Analysis(gm, groups, blocks, cost, graph, ctx.fired, group_of, unit_of, roots, uncosted)
-
-
-class UncostedWarning(UserWarning):
-    """``analyze`` found ops whose MACs the cost model does not count as torch does (budgets would be off)."""
 
 
 def _annotate(gm: GraphModule, roots, group_of, node_blocks) -> None:

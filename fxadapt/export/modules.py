@@ -31,14 +31,12 @@ from typing import Any
 
 from torch import nn
 
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    LoadError,  # noqa: F401  (defined in fxadapt.errors)
+)
 from fxadapt.writeback.recipe import Recipe, apply
 
 FORMAT = "fxadapt.module/1"
-
-
-class LoadError(FxAdaptError, ValueError):
-    """A saved module that cannot be restored as asked (the message says what to pass)."""
 
 
 def recipe_of(model: nn.Module) -> Recipe:

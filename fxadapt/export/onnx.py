@@ -33,7 +33,7 @@ Example:
     True
     >>> fxadapt.export_onnx(model.double(), (torch.randn(1, 3, 8, 8, dtype=torch.float64),), path)
     Traceback (most recent call last):
-    fxadapt.export.onnx.ExportError: onnxruntime CPU has no float64 kernel for Conv; pass dtype=torch.float32 to export a float32 copy
+    fxadapt.errors.ExportError: onnxruntime CPU has no float64 kernel for Conv; pass dtype=torch.float32 to export a float32 copy
     >>> res = fxadapt.export_onnx(model, (torch.randn(1, 3, 8, 8, dtype=torch.float64),), path, dtype=torch.float32)
     >>> res.dtype, sorted(os.listdir(os.path.dirname(path)))
     ('float32', ['m.onnx'])
@@ -60,14 +60,12 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxadapt import meta
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    ExportError,  # noqa: F401  (defined in fxadapt.errors)
+    )
 from fxadapt.ir.capture import normalize_inputs
 
 ATOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-class ExportError(FxAdaptError):
-    """Export (ONNX or ExportedProgram), simplification, checking or the numerical comparison failed."""
 
 
 @dataclass(frozen=True)

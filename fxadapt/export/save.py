@@ -47,16 +47,14 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    SaveError,  # noqa: F401  (defined in fxadapt.errors)
+)
 
 FORMAT = "fxadapt.graph_module/1"
 _MODULE_PREFIXES = ("torch.nn.",)
 _FUNCTION_MODULES = {"operator": operator, "_operator": operator, "math": math}
 _PLAIN = (bool, int, float, str, type(None))
-
-
-class SaveError(FxAdaptError):
-    """A model ``save`` cannot store as plain data, or a file ``load`` cannot read; the message says why."""
 
 
 def save(model: fx.GraphModule, path: str | os.PathLike) -> None:

@@ -18,7 +18,7 @@ load on a shared machine hits them alike; single-threaded CPU runs are timed by 
 ('onnxruntime', 'cpu', 1, True)
 >>> Target(runtime="tvm")
 Traceback (most recent call last):
-fxadapt.hw.target.TargetError: unknown runtime 'tvm'; use one of: onnxruntime, torch
+fxadapt.errors.TargetError: unknown runtime 'tvm'; use one of: onnxruntime, torch
 """
 
 from __future__ import annotations
@@ -39,16 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    TargetError,  # noqa: F401  (defined in fxadapt.errors)
+)
 from fxadapt.ir.inputs import Inputs, as_inputs
 from fxadapt.planning.align import auto_align
 
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
-
-
-class TargetError(FxAdaptError, ValueError):
-    """A target that does not exist or cannot run here (unknown runtime, CUDA without a GPU)."""
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import inspect
+import io
+import logging
 import re
 import traceback
 import warnings
@@ -185,12 +188,32 @@ def _hint(text: str) -> str:
     return ""
 
 
+_TORCH_LOGGERS = ("torch._dynamo", "torch.export", "torch._export", "torch._subclasses.fake_tensor",
+                  "torch.fx.experimental.symbolic_shapes", "torch._functorch", "torch.utils._sympy")
+
+
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """Keep torch's own dumps of a failed trace (the whole graph, fake-tensor tracebacks) out of the user's
+    log while capture tries its variants; the error capture raises carries the part that matters."""
+    loggers = [logging.getLogger(n) for n in _TORCH_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:   # torch.export prints the partial graph of a failed trace straight to stderr
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> torch.export.ExportedProgram:
     """``torch.export`` with a dynamic batch axis (``dynamic="auto"``: also the sequence / image axes, see
     ``free_axes``), falling back to static shapes (see module docstring)."""
     inputs = as_inputs(example_inputs)
     dyn = _batch2(inputs)
-    with warnings.catch_warnings():  # RNN modules warn that export reassigns their _flat_weights: harmless
+    with warnings.catch_warnings(), quiet_torch_logs():  # RNN modules warn that export reassigns their _flat_weights
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
             if dynamic != "static":

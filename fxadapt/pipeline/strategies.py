@@ -24,7 +24,10 @@ from torch.fx import GraphModule
 
 from fxadapt import meta
 from fxadapt.analysis import analyze
-from fxadapt.errors import BudgetError, FxAdaptError
+from fxadapt.errors import (
+    BudgetError,
+    SearchInterrupted,  # noqa: F401  (defined in fxadapt.errors)
+)
 from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
@@ -34,10 +37,6 @@ from fxadapt.planning.solver import SolveConfig, solve_widths
 from fxadapt.planning.uniform import uniform_widths
 from fxadapt.search.dna import dna
 from fxadapt.search.fur import fur
-
-
-class SearchInterrupted(FxAdaptError):
-    """A search stopped early on purpose (``SearchConfig.stop_after``); its checkpoint resumes it."""
 
 
 @dataclass(frozen=True)

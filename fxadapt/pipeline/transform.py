@@ -301,7 +301,7 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, data: Any = No
     ``options`` are ``TransformConfig`` fields (``strategy``, ``steps``, ``device``, ``fold_bn``, ``solve``,
     ...) and override ``config``. ``data``/``val_data`` (tensors ``(x, y)``, a Dataset or a DataLoader) enable
     the searches and BatchNorm re-estimation. See the module docstring for the pipeline."""
-    cfg = _config(config, options, data)
+    cfg = _config(config, options, data, val_data)
     start = time.perf_counter()
     job = Job(model, example_inputs, budget, cfg, data, val_data)
     job = run_steps(PIPELINE, job, cfg.progress)
@@ -323,7 +323,38 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, data: Any = No
     return out
 
 
-def _config(config: TransformConfig | None, options: dict, data: Any) -> TransformConfig:
+def _check_device(device: str) -> None:
+    """A device this machine has (a CUDA request without CUDA names what there is)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise InputError(f"device={device!r}, but this machine has no CUDA device (torch {torch.__version__} is "
+                         f"{build}); devices here: cpu. Pass device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+
+
+def _check_data(name: str, data: Any) -> None:
+    """Training / validation data in a form the searches read: ``(inputs, targets)`` tensors, a Dataset or a
+    DataLoader."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from fxadapt.train.data import as_tensors
+
+    if data is None or as_tensors(data) is not None or isinstance(data, (Dataset, DataLoader)):
+        return
+    what = type(data).__name__
+    if isinstance(data, (list, tuple)):
+        what += " of " + ", ".join(sorted({type(v).__name__ for v in data})) if data else " (empty)"
+    raise InputError(f"{name} must be (inputs, targets) tensors, a torch Dataset or a DataLoader; got a {what}: "
+                     f"e.g. {name}=(x_train, y_train) with x_train = torch.stack(images), y_train = torch.tensor(labels)")
+
+
+def _config(config: TransformConfig | None, options: dict, data: Any, val_data: Any = None) -> TransformConfig:
     cfg = config or TransformConfig()
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TransformConfig)})
     if unknown:
@@ -339,6 +370,9 @@ def _config(config: TransformConfig | None, options: dict, data: Any) -> Transfo
     if cfg.output not in ("module", "graph", "exported_program"):
         raise InputError(f"unknown output {cfg.output!r}; use 'module' (the model's own class), 'graph' (a "
                          f"torch.fx.GraphModule) or 'exported_program'")
+    _check_device(cfg.device)
+    for name, value in (("data", data), ("val_data", val_data)):
+        _check_data(name, value)
     if cfg.layers not in ("any", "uniform"):
         raise InputError(f"unknown layers {cfg.layers!r}; use 'any' (per-layer widths) or 'uniform' (widths shared "
                          f"by repeated layers, so the model's config can state them)")

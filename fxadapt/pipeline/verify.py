@@ -25,12 +25,10 @@ from torch.utils import _pytree as pytree
 
 from fxadapt import meta
 from fxadapt.analysis.propagate import concrete_shape
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    VerificationError,  # noqa: F401  (defined in fxadapt.errors)
+)
 from fxadapt.planning.solver import in_window
-
-
-class VerificationError(FxAdaptError):
-    """An adapted model failed a check (runs, shapes, budget, numerics); the message says which."""
 
 
 def outputs(model: nn.Module, inputs) -> Any:

@@ -21,7 +21,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from fxadapt.errors import BudgetError
+from fxadapt.errors import (
+    BudgetError,
+    BudgetWarning,  # noqa: F401  (defined in fxadapt.errors)
+)
 from fxadapt.planning.solver import TOL, SolveConfig, check_window, fit, in_window, reachable, solve_widths
 
 __all__ = ["FRACTION_MAX", "TOL", "Budget", "BudgetWarning", "SolveConfig", "check_window", "fit", "in_window",
@@ -29,16 +32,6 @@ __all__ = ["FRACTION_MAX", "TOL", "Budget", "BudgetWarning", "SolveConfig", "che
 
 FRACTION_MAX = 16.0
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-
-
-class BudgetWarning(UserWarning):
-    """The widths returned miss the ``tol`` window (the groups are too coarse) but lie on the right side of
-    the budget; the message says how far. ``warnings.simplefilter("error", BudgetWarning)`` or
-    ``SolveConfig(strict=True)`` turns it into a refusal.
-
-    >>> issubclass(BudgetWarning, UserWarning)
-    True
-    """
 
 
 @dataclass(frozen=True)

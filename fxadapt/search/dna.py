@@ -67,16 +67,14 @@ import torch
 from torch import nn
 
 from fxadapt import dist
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    SearchConfigError,  # noqa: F401  (defined in fxadapt.errors)
+)
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
 from fxadapt.search.sandwich import sandwich_step
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
 from fxadapt.train.data import Batches, prediction
-
-
-class SearchConfigError(FxAdaptError, ValueError):
-    """A search configuration that would do nothing (or cannot run)."""
 
 
 @dataclass(frozen=True)

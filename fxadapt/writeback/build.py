@@ -30,21 +30,13 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxadapt.analysis.count import run_counted
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import FxAdaptError, WriteBackError, WriteBackWarning  # noqa: F401  (defined in fxadapt.errors)
 from fxadapt.ir.capture import as_called
 from fxadapt.pipeline import verify
 from fxadapt.writeback import hf
 from fxadapt.writeback.depth import NotExpressible, depth_ops
 from fxadapt.writeback.recipe import Recipe, apply
 from fxadapt.writeback.widths import graph_tensor, tensors_of, width_ops
-
-
-class WriteBackWarning(UserWarning):
-    """The plan could not be written back into the user's modules; the verified graph is returned."""
-
-
-class WriteBackError(FxAdaptError):
-    """``write_back="strict"``: the plan could not be written back into the user's modules."""
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import (
+    RecipeError,  # noqa: F401  (defined in fxadapt.errors)
+)
 
 DEPTH_OPS = ("delete", "insert", "zero")
-
-
-class RecipeError(FxAdaptError, ValueError):
-    """A recipe that does not fit the model it is applied to (names or structure differ)."""
 
 
 @dataclass(frozen=True)

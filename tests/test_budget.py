@@ -17,7 +17,8 @@ from fxadapt.planning.budget import Budget, SolveConfig, parse_budget, reachable
 @pytest.mark.parametrize("budget,expected", [
     (0.5, 500.0), (2, 2000.0), ("50%", 500.0), ("150%", 1500.0), ("300", 300.0), ("0.25", 250.0),
     ("3K", 3000.0), ("1.5M", 1.5e6), ("2G", 2e9), ("2GMACs", 2e9), (Budget(macs=0.5), 500.0),
-    (Budget(macs=400), 400.0),
+    (Budget(macs="400"), 400.0), (Budget(macs_abs=400), 400.0), (Budget(macs="40%"), 400.0),
+    (Budget(macs=16), 16000.0),
 ])
 def test_parse_forms(budget, expected):
     assert parse_budget(budget, 1000.0, 10.0).macs == pytest.approx(expected)
@@ -27,6 +28,17 @@ def test_parse_forms(budget, expected):
 def test_parse_rejects(bad):
     with pytest.raises(BudgetError):
         parse_budget(bad, 1000.0, 10.0)
+
+
+def test_budget_numbers_are_fractions_and_counts_say_so():
+    with pytest.raises(BudgetError, match=r"fraction of the original \(20x\); for a count write macs='20'"):
+        Budget(macs=20)
+    with pytest.raises(BudgetError, match="params_abs="):
+        Budget(params=5e6)
+    with pytest.raises(BudgetError, match="not both"):
+        Budget(macs=0.5, macs_abs=100)
+    goal = parse_budget(Budget(macs="2.5K", params_abs=5), 1000.0, 10.0)
+    assert (goal.macs, goal.params) == (2500.0, 5.0)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ params, latency and latency ratio per target), and writes JSON and a latency-vs-
 Example:
     >>> from fxadapt.cli.bench import parse_budgets, parse_targets
     >>> parse_budgets("0.5,latency=0.7,latency=3ms")
-    [0.5, Budget(macs=None, params=None, latency=0.7, target=None), Budget(macs=None, params=None, latency='3ms', target=None)]
+    [0.5, Budget(macs=None, params=None, latency=0.7, target=None, macs_abs=None, params_abs=None), Budget(macs=None, params=None, latency='3ms', target=None, macs_abs=None, params_abs=None)]
     >>> [t.name() for t in parse_targets("onnxruntime-cpu,torch-cpu", 1)]
     ['onnxruntime-cpu-1t', 'torch-cpu-1t']
 """

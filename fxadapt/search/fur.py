@@ -30,7 +30,7 @@ from torch import nn
 
 from fxadapt import dist
 from fxadapt.planning.budget import SolveConfig, fit
-from fxadapt.planning.solver import check_window
+from fxadapt.planning.solver import check_window, in_window
 from fxadapt.search.dna import SearchConfigError
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
 from fxadapt.train.data import Batches, prediction
@@ -177,7 +177,7 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
                         "fur": {int(g): round(v, 6) for g, v in scores.items()}})
         moved = adjust(realised, scores, ref, cfg.rate * (1 - it / max(cfg.iterations, 1)))
         moved = {g: min(max(n, bounds[g][0]), bounds[g][1]) for g, n in moved.items()}
-        units = fit(a, target, bounds, moved, grow, cfg.solve, present)
+        units = fit_near(a, target, bounds, moved, ref, grow, cfg.solve, present)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(macs=f"{history[-1]['macs_ratio']:.3f}xT")
@@ -189,6 +189,23 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
     moves = [{"group": int(g), "initial": int(ref[g]), "start": int(start[g]), "final": int(units[g])} for g in units]
     history.append({"seconds": time.perf_counter() - t0, "widths": moves})
     return plain, plan, sn, history
+
+
+def fit_near(a, target: float, bounds: dict, widths: dict, ref: dict, grow: bool, solve: SolveConfig,
+             present: dict) -> dict[int, int]:
+    """``fit`` from the FUR widths; when its greedy repair cannot reach the window from there (groups pinned
+    at their bounds), from widths blended toward the uniform ones, ``w^(1-t) ref^t`` for t = 1/4 .. 1: the
+    first blend that lands in the window keeps as much of FUR's allocation as the budget allows (the same
+    window the data-free solver reaches from the uniform widths)."""
+    units = fit(a, target, bounds, widths, grow, solve, present)
+    if in_window(a.cost.macs(units, present), target, grow, solve.tol):
+        return units
+    for t in (0.25, 0.5, 0.75, 1.0):
+        mixed = {g: max(1, round(widths[g] ** (1 - t) * max(ref[g], 1) ** t)) for g in widths}
+        cand = fit(a, target, bounds, mixed, grow, solve, present)
+        if in_window(a.cost.macs(cand, present), target, grow, solve.tol):
+            return cand
+    return units
 
 
 def _bar(cfg: FurConfig):

@@ -256,4 +256,9 @@ def _rebuild(gm: GraphModule, modules: dict[str, nn.Module]) -> GraphModule:
     gm.graph._tracer_cls = None  # export's tracer cannot be rebuilt on unpickling; fx's default can
     gm.graph._tracer_extras = {}
     out = GraphModule(root, gm.graph, class_name="CapturedModule")
+    for node in out.graph.nodes:   # a tied tensor's first name whose own module is never called (T5/BART
+        tpl = node.meta.get(meta.ATEN) if node.op == "call_module" else None   # ``shared``): kept as well
+        for ref in tpl.params() if tpl is not None else ():
+            if not _has(out, ref.target):
+                set_path(out, ref.target, getattr_path(gm, ref.target))
     return out

@@ -136,14 +136,28 @@ def depth_ops(model: nn.Module, gm: GraphModule, plan, inputs) -> DepthPlan:
         keys = list((model.get_submodule(parent) if parent else model)._modules)
         order = list(range(len(keys)))
         for u in sorted(members, key=lambda u: keys.index(u.rpartition(".")[2]), reverse=True):
-            _unit(model, u, units[u], plan, nodes, io, out, order, keys)
+            _unit(_Ctx(model, plan, nodes, io, out), u, units[u], order, keys)
         out.order[parent] = order
     out.zero = [_final(model, where, out.order) + rest for where, rest in out.zero]
     out.fill = [(_final(model, where, out.order) + rest, g) for where, rest, g in out.fill]
     return out
 
 
-def _unit(model, u, bs, plan, nodes, io, out: DepthPlan, order: list, keys: list) -> None:
+@dataclass(frozen=True)
+class _Ctx:
+    """What every unit's edit reads: the model, the effective plan, the graph's own nodes, the recorded
+    input/output shapes, and the ``DepthPlan`` being written."""
+
+    model: nn.Module
+    plan: object
+    nodes: dict
+    io: dict
+    out: DepthPlan
+
+
+def _unit(ctx: _Ctx, u: str, bs: list, order: list, keys: list) -> None:
+    """The operations for unit ``u`` (its blocks ``bs``): delete, zero removed branches, insert copies."""
+    model, plan, nodes, io, out = ctx.model, ctx.plan, ctx.nodes, ctx.io, ctx.out
     parent, _, key = u.rpartition(".")
     i = keys.index(key)
     pos = order.index(i)

@@ -118,7 +118,10 @@ def _capture(job: Job) -> Job:
         gm = captured_from_program(job.model, job.inputs)
         gm.meta.setdefault(meta.INPUTS, as_inputs(job.inputs))
     else:
-        gm = capture(job.model, job.inputs, dynamic=_capture_mode(job))
+        with warnings.catch_warnings():
+            if _module_result(job):   # the graph drops the KV cache; the model handed back keeps it
+                warnings.filterwarnings("ignore", message=r"fxadapt\.capture: calling .* use_cache=False")
+            gm = capture(job.model, job.inputs, dynamic=_capture_mode(job))
     return dataclasses.replace(job, gm=gm, inputs=gm.meta[meta.INPUTS])
 
 

@@ -280,8 +280,8 @@ def test_random_dag_analysis_and_reference_slicing(spec, seed):
     assert y.shape == net(xb).shape == (3, 5)
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-10)
     w = refslicer.widths(a, keep)
-    assert a.macs(w) == half_flops(sliced, xb[:1])
-    assert a.params(w) == n_params(sliced)
+    assert a.macs(channels=w) == half_flops(sliced, xb[:1])
+    assert a.params(channels=w) == n_params(sliced)
 
     # property 3: fxadapt's materializer (shrink, grow, fold_bn) equals the reference slicer
     units = random_units(a, rng)
@@ -308,7 +308,7 @@ def test_fixed_programs_slice_exactly(prog, head):
         sliced = refslicer.slice_module(a, keep)
         with torch.no_grad():
             torch.testing.assert_close(sliced(x), refslicer.masked(a, keep)(x), rtol=0, atol=1e-10)
-        assert a.macs(refslicer.widths(a, keep)) == half_flops(sliced, x[:1])
+        assert a.macs(channels=refslicer.widths(a, keep)) == half_flops(sliced, x[:1])
     full = {g.id: set(range(g.units)) for g in a.prunable}
     with torch.no_grad():
         torch.testing.assert_close(refslicer.slice_module(a, full)(x), net(x), rtol=0, atol=0)

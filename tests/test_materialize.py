@@ -130,5 +130,5 @@ def test_shrink_and_grow_equal_reference_slicer(make):
     for units in (half, grow, {**half, **dict(list(grow.items())[:1])}):
         check_materialize(a, xb, units, scores)
         check_materialize(a, xb, units, None)
-    assert hand_macs(materialize(a.gm, make_plan(a, half)).graph_module, xb) == 3 * a.macs(
+    assert hand_macs(materialize(a.gm, make_plan(a, half)).graph_module, xb) == 3 * a.macs(channels=
         {g: n * a.groups[g].granularity for g, n in half.items()})

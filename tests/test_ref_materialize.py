@@ -76,8 +76,8 @@ def check_materialize(a, xb: torch.Tensor, units: dict[int, int], scores: dict |
         y = gm(xb)
         refslicer.assert_same_function(y, refslicer.slice_module(a, keep)(xb), "materialized vs reference")
         widths = {gid: n * a.groups[gid].granularity for gid, n in units.items()}
-        assert a.macs(widths) == half_flops(gm, xb[:1]), "cost model vs FlopCounterMode"
-        assert a.params(widths) == n_params(gm)
+        assert a.macs(channels=widths) == half_flops(gm, xb[:1]), "cost model vs FlopCounterMode"
+        assert a.params(channels=widths) == n_params(gm)
         res = fold_bn_mod.fold_bn(gm)
         bns = [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
         left = [m for m in res.graph_module.modules() if isinstance(m, nn.BatchNorm2d)]

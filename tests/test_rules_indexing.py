@@ -45,7 +45,7 @@ def test_cat_group_is_a_slice_of_the_concatenation():
     assert (ga.width, ga.units, gb.width, gb.units) == (8, 8, 16, 16)
     assert a.fired["cat"] == 1 and a.fired["conv"] == 3
     assert a.macs() == half_flops(m, x)
-    assert a.macs({ga.id: 2, gb.id: 10}) == 25 * (3 * 2 + 3 * 10 * 9 + 12 * 4)
+    assert a.macs(channels={ga.id: 2, gb.id: 10}) == 25 * (3 * 2 + 3 * 10 * 9 + 12 * 4)
     check_slicing(a, (x4(2, 3, 5, 5),))
 
 

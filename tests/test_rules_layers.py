@@ -69,7 +69,7 @@ def test_conv_bn_chain_partition():
     assert a.macs() == half_flops(m, x) == 3 * 8 * 9 * 81 + 8 * 6 * 9 * 16 + 6 * 5
     assert a.params() == n_params(m)
     # widths are in channels: dropping 3 of c1's channels and 2 of c2's
-    assert a.macs({g1.id: 5, g2.id: 4}) == 3 * 5 * 9 * 81 + 5 * 4 * 9 * 16 + 4 * 5
+    assert a.macs(channels={g1.id: 5, g2.id: 4}) == 3 * 5 * 9 * 81 + 5 * 4 * 9 * 16 + 4 * 5
     assert a.blocks == []
     check_slicing(a, (x4(2, 3, 9, 9),))
 
@@ -114,7 +114,7 @@ def test_depthwise_multiplier_repeats_units():
     np.testing.assert_array_equal(member(g, "bn.running_var", 0).index, np.repeat(np.arange(4), 2))
     assert a.macs() == half_flops(m, x)
     assert a.macs() == (3 * 4 + 8 * 9 + 8 * 5) * 36
-    assert a.macs({g.id: 2}) == (3 * 2 + 4 * 9 + 4 * 5) * 36  # pw, dw and out all follow pw's width
+    assert a.macs(channels={g.id: 2}) == (3 * 2 + 4 * 9 + 4 * 5) * 36  # pw, dw and out all follow pw's width
     check_slicing(a, (x4(2, 3, 6, 6),))
 
 
@@ -142,7 +142,7 @@ def test_grouped_conv_granularity_is_groups():
     np.testing.assert_array_equal(member(gout, "c2.weight", 1).index, np.tile(np.arange(3), 4))
     assert not [mem for g in a.groups for mem in g.members if mem.site.kind == "groups"]  # groups stays 4
     assert a.macs() == half_flops(m, x)
-    assert a.macs({gin.id: 4, gout.id: 8}) == 3 * 4 * 25 + 8 * 1 * 9 * 25 + 8 * 5 * 25  # g: 8 out x 1 in x 3x3
+    assert a.macs(channels={gin.id: 4, gout.id: 8}) == 3 * 4 * 25 + 8 * 1 * 9 * 25 + 8 * 5 * 25  # g: 8 out x 1 in x 3x3
     check_slicing(a, (x4(2, 3, 5, 5),))
 
 

@@ -75,7 +75,7 @@ def test_growth_is_function_preserving_and_shrink_runs(kind, gates, layers, bidi
     torch.testing.assert_close(big(x), m(x), rtol=1e-5, atol=1e-6)
     small = apply_plan(a.gm, make_plan(a, {g.id: 5})).graph_module
     assert small(x).shape == (2, 7, 3)
-    assert a.macs({g.id: 5 * gates}) == hand_macs(gates, layers, 2 if bidir else 1, h=5)
+    assert a.macs(channels={g.id: 5 * gates}) == hand_macs(gates, layers, 2 if bidir else 1, h=5)
 
 
 def test_gru_transforms_both_ways_without_warnings_per_call():

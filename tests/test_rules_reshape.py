@@ -90,7 +90,7 @@ def test_pixel_shuffle_and_unshuffle():
     np.testing.assert_array_equal(member(gb, "c.weight", 1).index, np.repeat(np.arange(4), 4))
     assert a.fired["pixel_shuffle"] == 1 and a.fired["pixel_unshuffle"] == 1
     assert a.macs() == half_flops(m, x)
-    assert a.macs({ga.id: 4, gb.id: 2}) == 9 * 3 * 4 + 36 * 1 * 2 * 9 + 9 * 8 * 5
+    assert a.macs(channels={ga.id: 4, gb.id: 2}) == 9 * 3 * 4 + 36 * 1 * 2 * 9 + 9 * 8 * 5
     check_slicing(a, (x4(2, 3, 3, 3),))
 
 
@@ -115,7 +115,7 @@ def test_flatten_to_linear_repeats_units_hw_times():
     assert kinds(g) == {"param": 3}  # flatten.using_ints has no int shape list to rewrite
     assert a.fired["view"] == 1
     assert a.macs() == half_flops(m, x)
-    assert a.macs({g.id: 1}) == 9 * 27 * 1 + 1 * 9 * 6 + 6 * 2
+    assert a.macs(channels={g.id: 1}) == 9 * 27 * 1 + 1 * 9 * 6 + 6 * 2
     check_slicing(a, (x4(2, 3, 3, 3),))
 
 

@@ -69,12 +69,22 @@ class Analysis:
             return None
         return {gid: w / self.groups[gid].granularity for gid, w in widths.items()}
 
-    def macs(self, widths: dict[int, int] | None = None, present: dict[int, float] | None = None) -> float:
-        """Total MACs at the given group widths (channels; default: current) and block presences."""
-        return self.cost.macs(self.units_for(widths), present)
+    def _units(self, channels: dict | None, units: dict | None) -> dict | None:
+        if channels is not None and units is not None:
+            raise ValueError("give channels= (widths in channels) or units= (solver output: kept units), not both")
+        return units if units is not None else self.units_for(channels)
 
-    def params(self, widths: dict[int, int] | None = None, present: dict[int, float] | None = None) -> float:
-        return self.cost.params(self.units_for(widths), present)
+    def macs(self, *, channels: dict[int, int] | None = None, units: dict[int, int] | None = None,
+             present: dict[int, float] | None = None) -> float:
+        """Total MACs at the given group widths — ``channels=`` in channels, or ``units=`` in kept units as
+        the solver and plans count them (a unit is ``granularity`` channels; default: current) — and block
+        presences. Keyword-only, so the two cannot be confused."""
+        return self.cost.macs(self._units(channels, units), present)
+
+    def params(self, *, channels: dict[int, int] | None = None, units: dict[int, int] | None = None,
+               present: dict[int, float] | None = None) -> float:
+        """Total parameters, with the widths given as in ``macs``."""
+        return self.cost.params(self._units(channels, units), present)
 
     def summary(self) -> str:
         from fxadapt.export.report import analysis_table

@@ -78,7 +78,8 @@ def templates(a) -> list[Entry]:
 
     ctx = propagate(a.gm)
     groups, group_of, _ = form_groups(ctx.ledger)
-    assert [g.width for g in groups] == [g.width for g in a.groups], "re-propagation formed other groups"
+    if [g.width for g in groups] != [g.width for g in a.groups]:
+        raise RuntimeError("latency keys: re-propagating the graph formed other channel groups than its analysis")
     sites = {}
     for s in ctx.ledger.sites:
         if s.kind == "param":

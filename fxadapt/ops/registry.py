@@ -82,9 +82,12 @@ OPS: dict[Any, OpSpec] = {}
 def register(*targets: Any, **fields: Any) -> OpSpec:
     """Register one entry under every target (the overloads of one op share it); returns the entry."""
     spec = OpSpec(**fields)
-    assert spec.kind in KINDS and spec.zero in ZERO and spec.fold in FOLD, spec
+    if spec.kind not in KINDS or spec.zero not in ZERO or spec.fold not in FOLD:
+        raise ValueError(f"registry entry {spec.name!r}: kind {spec.kind!r} (one of {KINDS}), zero {spec.zero!r} "
+                         f"(one of {ZERO}), fold {spec.fold!r} (one of {FOLD})")
     for t in targets:
-        assert t not in OPS, f"two registry entries for {t}"
+        if t in OPS:
+            raise ValueError(f"two registry entries for {t}")
         OPS[t] = spec
     return spec
 

@@ -116,6 +116,9 @@ class SearchConfig:
     solve: SolveConfig = field(default_factory=SolveConfig)   # the final rescale: tol, strict, align
     loss_fn: Callable = nn.functional.cross_entropy
 
+    def __post_init__(self):
+        validate(self)   # a bad option fails where it is written, not steps into a search
+
 
 def gate_entropy(sn: Supernet, of: str = "marginals") -> torch.Tensor:
     """Mean binary entropy of the gates (differentiable): of the width bins' marginals ``P_k`` (the masks the
@@ -160,8 +163,8 @@ class SearchState:
     history: list = field(default_factory=list)
 
 
-def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
-    """The warm-up actually used, and the note saying it was shrunk (see module docstring)."""
+def validate(cfg: SearchConfig) -> None:
+    """Every option of ``cfg`` is one the search can run (a ``SearchConfigError`` saying which is not)."""
     if cfg.steps < 1:
         raise SearchConfigError(f"SearchConfig.steps must be at least 1, got {cfg.steps}")
     if cfg.entropy_of not in ("marginals", "alpha") or cfg.discretize_by not in ("threshold", "expected"):
@@ -183,6 +186,13 @@ def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
         raise SearchConfigError(f"SearchConfig.arch_every must be at least 1, got {cfg.arch_every}")
     if not 0.0 <= cfg.harden < 1.0:
         raise SearchConfigError(f"SearchConfig.harden must be in [0, 1), got {cfg.harden}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise SearchConfigError(f"SearchConfig.precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
+
+
+def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
+    """The warm-up actually used, and the note saying it was shrunk (see module docstring)."""
+    validate(cfg)
     if cfg.warmup < cfg.steps:
         return cfg.warmup, None
     w = cfg.steps // 4

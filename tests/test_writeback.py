@@ -285,3 +285,11 @@ def test_failed_capture_keeps_torch_dumps_out_of_stderr(capfd):
     with pytest.raises(fxadapt.CaptureError, match="data-dependent"):
         fxadapt.transform(Branchy(), 0.5, (torch.randn(2, 4),))
     assert "def forward" not in capfd.readouterr().err
+
+
+def test_cli_leaves_no_process_wide_warnings_filter():
+    from fxadapt.cli import main
+
+    before = list(warnings.filters)
+    assert main(["inspect", "--example", "--input-shape", "1,3,x"]) == 2
+    assert warnings.filters == before

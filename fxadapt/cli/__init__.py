@@ -55,15 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["inspect", "--example", "--input-shape", "1,3,x"])  # stderr: fxadapt inspect: error: bad input shape ...
     2
     """
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecation chatter
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    try:
-        return int(args.run(args) or 0)
-    except (CliError, FxAdaptError) as e:
-        print(f"fxadapt {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+    with warnings.catch_warnings():   # torch-internal deprecation chatter, for this command only (no
+        warnings.filterwarnings("ignore", category=FutureWarning)   # process-wide filter left behind)
+        try:
+            return int(args.run(args) or 0)
+        except (CliError, FxAdaptError) as e:
+            print(f"fxadapt {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
 

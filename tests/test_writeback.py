@@ -293,3 +293,10 @@ def test_cli_leaves_no_process_wide_warnings_filter():
     before = list(warnings.filters)
     assert main(["inspect", "--example", "--input-shape", "1,3,x"]) == 2
     assert warnings.filters == before
+
+
+def test_a_search_with_a_latency_only_budget_is_a_clear_error():
+    x = torch.randn(8, 3, 32, 32)
+    with pytest.raises(fxadapt.BudgetError, match="strategy='datafree'"):
+        fxadapt.transform(example_model(), fxadapt.Budget(latency=0.5), (x[:1],), data=(x, torch.zeros(8).long()),
+                          strategy="dna", steps=2)

@@ -139,6 +139,9 @@ def _deepened(a, target: float):
 
 
 def _searched(job, run, scfg) -> Outcome:
+    if job.target.macs is None:
+        raise BudgetError(f"strategy={job.cfg.strategy!r} searches for a MAC budget and cannot take a latency-only "
+                          f"budget yet: use strategy='datafree' for Budget(latency=...), or give the search macs=")
     base, plan, sn, state = run(job.analysis, job.target.macs, job.data, job.val_data, scfg)
     if base is None:
         raise SearchInterrupted(f"search stopped at step {state.step} of {scfg.steps}; "

@@ -36,7 +36,7 @@ from fxadapt.pipeline import verify
 from fxadapt.writeback import hf
 from fxadapt.writeback.depth import NotExpressible, depth_ops
 from fxadapt.writeback.recipe import Recipe, apply
-from fxadapt.writeback.widths import graph_tensor, tensors_of, width_ops
+from fxadapt.writeback.widths import graph_tensor, tensors_of, twin_attrs, width_ops
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
         depth = depth_ops(work, ref.planned, plan, inputs)
     except NotExpressible as e:
         return WriteBack(None, Recipe(), str(e))
-    except KeyError as e:   # blocks of a graph deepened before planning (grow_depth, DNA depth slots)
-        return WriteBack(None, Recipe(), f"the plan's residual blocks include ones inserted into the graph "
-                                         f"before planning ({e.args[0]}), which the model's modules do not have")
+    except KeyError as e:   # a plan block whose nodes the planned graph does not hold: a guard, not a path
+        return WriteBack(None, Recipe(), f"the plan names graph node {e.args[0]!r}, which the planned graph "
+                                         f"does not hold")
     recipe = Recipe(tuple(ops) + tuple(depth.ops))
     apply(recipe, work, phases=("width",))
     _fill(work, ref.graph)
@@ -111,7 +111,7 @@ def _fill_slots(work: nn.Module, gm: GraphModule, pairs: list) -> list[dict]:
             full = f"{path}.{name}"
             if tuple(getattr(mod, name).shape) != tuple(g.shape):
                 ops.append({"op": "resize", "name": full, "shape": list(g.shape), "final": True})
-        for (p_, attr), value in _twin_attrs(work, gm, path, gpath).items():
+        for (p_, attr), value in (twin_attrs(mod, twin, path) or {}).items():
             op = {"op": "set", "module": p_, "attr": attr, "final": True,
                   "value": list(value) if isinstance(value, tuple) else value}
             ops.append({**op, "tuple": True} if isinstance(value, tuple) else op)
@@ -122,16 +122,6 @@ def _fill_slots(work: nn.Module, gm: GraphModule, pairs: list) -> list[dict]:
             for name, g in [*twin.named_parameters(recurse=False), *twin.named_buffers(recurse=False)]:
                 getattr(mod, name).copy_(g)
     return ops
-
-
-def _twin_attrs(work: nn.Module, gm: GraphModule, path: str, gpath: str) -> dict:
-    from fxadapt.writeback.widths import _int_attrs
-
-    mod, twin = work.get_submodule(path), gm.get_submodule(gpath)
-    if type(twin) is nn.Module or not isinstance(mod, type(twin)):
-        return {}
-    theirs = _int_attrs(twin)
-    return {(path, k): theirs[k] for k, v in _int_attrs(mod).items() if k in theirs and theirs[k] != v}
 
 
 def _layer_ops(model: nn.Module, order: dict) -> list[dict]:
@@ -184,7 +174,8 @@ def kept_attributes(model: nn.Module):
     finally:
         for m, attrs in saved:
             for k, v in attrs.items():
-                object.__setattr__(m, k, v) if k in vars(m) else None
+                if k in vars(m):
+                    object.__setattr__(m, k, v)
 
 
 def _other_shape(work, original, inputs, got, original_shapes, ref: Reference, cfg) -> list | None:

@@ -48,6 +48,7 @@ from torch.fx import GraphModule, Node
 from fxadapt.meta import REPEAT_OF
 from fxadapt.ops.registry import spec_of
 from fxadapt.passes.rewire_blocks import _body_output, _zero_params, _zero_source
+from fxadapt.writeback.widths import module_stack as _stack
 
 _REP = re.compile(r"__rep\d+_\d+$")
 
@@ -63,10 +64,6 @@ class DepthPlan:
     fill: list = field(default_factory=list)     # (copy's module path, graph module path): a trained slot
     order: dict = field(default_factory=dict)    # container path -> original index of every final element
     alive: dict = field(default_factory=dict)    # original block id -> the graph's kept copies of it
-
-
-def _stack(node: Node) -> list[str]:
-    return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
 
 
 def _unit_of(model: nn.Module, node: Node) -> str:

@@ -96,14 +96,24 @@ def _int_attrs(mod: nn.Module) -> dict:
             and (type(v) is int or (isinstance(v, tuple) and v and all(type(x) is int for x in v)))}
 
 
+def twin_attrs(mod: nn.Module, twin: nn.Module | None, path: str) -> dict | None:
+    """Evidence 1: the int attributes of ``mod`` that differ from its graph twin (a standard ``torch.nn``
+    module of the same kind, rebuilt by the registry after slicing), keyed ``(path, attr)``; None when
+    ``twin`` is no such module."""
+    if (twin is None or type(twin) is nn.Module or not type(twin).__module__.startswith("torch.nn")
+            or not isinstance(mod, type(twin))):
+        return None
+    theirs = _int_attrs(twin)
+    return {(path, k): theirs[k] for k, v in _int_attrs(mod).items() if k in theirs and theirs[k] != v}
+
+
 def _leaf_attrs(model: nn.Module, gm: GraphModule, owner: str, changed: dict) -> dict:
-    mod, twin = _submodule(model, owner), _submodule(gm, owner)
+    mod = _submodule(model, owner)
     if mod is None:
         return {}
-    if (twin is not None and type(twin) is not nn.Module and type(twin).__module__.startswith("torch.nn")
-            and isinstance(mod, type(twin))):
-        theirs = _int_attrs(twin)
-        return {(owner, k): theirs[k] for k, v in _int_attrs(mod).items() if k in theirs and theirs[k] != v}
+    from_twin = twin_attrs(mod, _submodule(gm, owner), owner)
+    if from_twin is not None:
+        return from_twin
     sizes: dict[int, set] = {}
     vectors: dict[int, set] = {}   # 1-D tensors (biases) name an axis unambiguously: Conv1D(nf).bias
     for name, t in mod.named_parameters(recurse=False):
@@ -125,9 +135,11 @@ def _leaf_attrs(model: nn.Module, gm: GraphModule, owner: str, changed: dict) ->
     return out
 
 
-def _stack(node: Node) -> list[str]:
+def module_stack(node: Node) -> list[str]:
+    """The module paths a node was traced in, outermost first (export's ``nn_module_stack``)."""
     st = node.meta.get("nn_module_stack") or {}
     return [path for path, _ in st.values()]
+
 
 
 def _shape(node) -> tuple | None:
@@ -168,7 +180,7 @@ def _attention_evidence(gm: GraphModule, base: GraphModule) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for node in gm.graph.nodes:
         old = old_nodes.get(node.name)
-        stack = _stack(node)
+        stack = module_stack(node)
         if old is None or not stack:
             continue
         pairs = found.setdefault(stack[-1], {})
@@ -195,7 +207,7 @@ def _attention_evidence(gm: GraphModule, base: GraphModule) -> dict[str, dict]:
 def _hidden(gm: GraphModule, old_nodes: dict, path: str) -> tuple | None:
     """(old, new) width of the first tensor the module at ``path`` reads (the hidden size it works in)."""
     for node in gm.graph.nodes:
-        if path in _stack(node) and node.op in ("call_module", "call_function"):
+        if path in module_stack(node) and node.op in ("call_module", "call_function"):
             ins = [a for a in node.all_input_nodes if a.op != "get_attr"]
             old = old_nodes.get(ins[0].name) if ins else None
             if old is not None and _shape(ins[0]) and _shape(old):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from torch import nn
 
 import fxadapt
 from fxadapt.analysis.count import count_macs
-from fxadapt.pipeline.transform import SearchConfig
+from fxadapt.search.dna import SearchConfig
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SEQ, BATCH, VOCAB = 128, 16, 256
@@ -212,16 +213,17 @@ def adapt_dna(base, ex, train_data, args):
     """DNA on the model as is; if the search cannot take its output, record why and search ``Logits(base)``."""
     x, y = windows(train_data, random_offsets(train_data, args.dna_windows, seed=2))
     xv, yv = windows(train_data, random_offsets(train_data, 256, seed=3))
-    search = SearchConfig(loss_fn=lm_loss, batch_size=BATCH, warmup=max(1, args.dna_steps // 6), progress=False)
+    search = SearchConfig(loss_fn=lm_loss, batch_size=BATCH, steps=args.dna_steps,
+                          warmup=max(1, args.dna_steps // 6), progress=False)
     tag = f"s{args.base_steps}_d{args.dna_steps}"
-    kw = dict(data=(x, y), val_data=(xv, yv), strategy="dna", steps=args.dna_steps)
+    kw = dict(data=(x, y), val_data=(xv, yv), strategy="dna")
     try:
-        ck = SearchConfig(**{**search.__dict__, "checkpoint": str(CACHE / f"lm_dna_raw_{tag}.ckpt")})
+        ck = dataclasses.replace(search, checkpoint=str(CACHE / f"lm_dna_raw_{tag}.ckpt"))
         return fxadapt.transform(base, 0.5, ex, search=ck, **kw), None
     except Exception as e:  # noqa: BLE001  (recorded in the row, then worked around)
         error = f"{type(e).__name__}: {e}"
         print(f"    DNA on GPT2LMHeadModel failed: {error}; retrying on Logits(model)", flush=True)
-    ck = SearchConfig(**{**search.__dict__, "checkpoint": str(CACHE / f"lm_dna_logits_{tag}.ckpt")})
+    ck = dataclasses.replace(search, checkpoint=str(CACHE / f"lm_dna_logits_{tag}.ckpt"))
     return fxadapt.transform(Logits(base), 0.5, ex, search=ck, **kw), f"searched on Logits(model); as is: {error}"
 
 

@@ -38,14 +38,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     from fxadapt.search.supernet import build_supernet
     from fxadapt.train.data import Batches
 
-    ctx = dist.setup(args.device)
+    ctx = dist.setup(args.device, args.precision)
     a = fxadapt.analyze(example_model(), (torch.randn(EXAMPLE_INPUT_SHAPE),))
     sn = build_supernet(a)
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(1024, 3, 32, 32, generator=g), torch.randint(0, 10, (1024,), generator=g))
     train, val = (Batches(data, args.batch, s, ctx.rank, ctx.world) for s in (0, 1))
-    cfg = SearchConfig(steps=2, warmup=0, batch_size=args.batch, progress=False, device=args.device,
-                       precision=args.precision)
+    cfg = SearchConfig(steps=2, warmup=0, batch_size=args.batch, progress=False)   # device, precision: ctx
     run_search(sn, train, val, 0.5 * a.macs(), False, cfg, ctx)
     dist.barrier(ctx)
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from fxadapt.errors import (
                             ExportError,
                             FxAdaptError,
                             InputError,
+                            InternalError,
                             LoadError,
                             RecipeError,
                             SaveError,
@@ -50,7 +51,7 @@ from fxadapt.writeback import Recipe, apply
 
 __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
            "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",
-           "FxAdaptError", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
+           "FxAdaptError", "InternalError", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
            "captured_from_program", "Target", "TargetError", "benchmark", "dist", "from_pretrained", "recipe_of",
            "apply", "Recipe", "WriteBackWarning", "WriteBackError", "SolveConfig", "SearchConfig", "FurConfig",
            "SupernetConfig", "BudgetWarning", "LoadError", "RecipeError", "SaveError", "SearchConfigError",

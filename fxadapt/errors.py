@@ -13,7 +13,8 @@ class CaptureError(FxAdaptError):
 
 
 class InputError(FxAdaptError, ValueError):
-    """Example inputs that do not fit the model (wrong type, shape or count)."""
+    """Example inputs that do not fit the model (wrong type, shape or count), or an option of ``transform``
+    that does not exist or takes no such value (the message names the valid ones)."""
 
 
 class BudgetError(FxAdaptError, ValueError):
@@ -76,3 +77,32 @@ class UncostedWarning(UserWarning):
 
 class ShapeCheckError(FxAdaptError):
     """A rewritten graph failed to run (the message names the node)."""
+
+
+class InternalError(FxAdaptError):
+    """A pipeline step failed with an error fxadapt did not raise on purpose: a bug in fxadapt, not in the
+    input. The message names the step and the steps before it; the original exception is chained
+    (``__cause__``)."""
+
+
+def warn(message, category: type = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside fxadapt (the user's line, at any call depth:
+    a pipeline step, a many-budget call, a CLI), so filters and messages point at the user's code.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     warn("x", BudgetWarning)
+    >>> w[0].category.__name__, w[0].filename.startswith("<doctest")
+    ('BudgetWarning', True)
+    """
+    import os
+    import sys
+    import warnings
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = (here, os.path.join(os.path.dirname(here), "passes"))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

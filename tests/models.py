@@ -32,6 +32,24 @@ class ResNetTiny(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class PlainNet(nn.Module):
+    """stem -> residual block -> widening conv -> head, without BatchNorm: every sample's output and loss
+    depend on that sample alone (the distributed tests compare N ranks with one process on it)."""
+
+    def __init__(self, c: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.wide = nn.Conv2d(c, 2 * c, 3, padding=1)
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.body(x))
+        x = torch.relu(self.wide(x))
+        return self.head(x.mean((2, 3)))
+
+
 def resnet_tiny_macs(c: int = 8, hw: int = 16, classes: int = 5) -> int:
     """ResNetTiny's MACs written out layer by layer: stem, 2 x (2 convs), proj, b3 (2 convs), head."""
     px = hw * hw
@@ -57,6 +75,24 @@ class CatSplit(nn.Module):
         z = torch.cat([self.left(lo), self.right(hi)], 1)
         z = nn.functional.adaptive_avg_pool2d(z, 4)
         return self.fc(z.view(z.size(0), -1))
+
+
+class LatencyNet(nn.Module):
+    """Three conv stages with a residual join, a depthwise conv and a linear head: several groups, some wide
+    (the latency tests' model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(96, 160, 3, padding=1), nn.ReLU(), nn.Conv2d(160, 96, 1))
+        self.dw = nn.Conv2d(96, 96, 3, padding=1, groups=96)
+        self.b = nn.Sequential(nn.Conv2d(96, 200, 1), nn.ReLU(), nn.Conv2d(200, 6, 1))
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.a(x)
+        return self.head(self.b(self.dw(x)).mean((2, 3)))
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:

@@ -1,22 +1,20 @@
-"""Hardware-aware adaptation (issue 9): targets, lookup-table keys and cache, the latency solver and its
-repair loop against injected deterministic timings, alignment, bad input, and one real-measurement smoke
-test (no timing thresholds anywhere)."""
+"""Hardware-aware adaptation: targets, lookup-table keys and cache, alignment, bad input and ``fxadapt bench``
+(the latency solver is tested against a simulated processor in ``test_latency_solver.py``)."""
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import pytest
 import torch
+from models import LatencyNet
 from torch import nn
 
 import fxadapt
 from fxadapt.errors import BudgetError, FxAdaptError
-from fxadapt.hw.latency import FakeMeasure, LatencyModel, fake_lut, solve_latency, step_timer
+from fxadapt.hw.latency import LatencyModel
 from fxadapt.hw.lut import LUT, layer_onnx
+from fxadapt.hw.sim import fake_lut, step_timer
 from fxadapt.hw.target import Target, TargetError
-from fxadapt.planning.budget import Budget, BudgetWarning, parse_budget
+from fxadapt.planning.budget import Budget, parse_budget
 from fxadapt.planning.solver import SolveConfig, in_window, solve_widths
 
 
@@ -25,27 +23,10 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FXADAPT_CACHE_DIR", str(tmp_path / "cache"))
 
 
-class Net(nn.Module):
-    """Three conv stages with a residual join and a linear head: several groups, some wide."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(96, 160, 3, padding=1), nn.ReLU(), nn.Conv2d(160, 96, 1))
-        self.dw = nn.Conv2d(96, 96, 3, padding=1, groups=96)
-        self.b = nn.Sequential(nn.Conv2d(96, 200, 1), nn.ReLU(), nn.Conv2d(200, 6, 1))
-        self.head = nn.Linear(6, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = x + self.a(x)
-        return self.head(self.b(self.dw(x)).mean((2, 3)))
-
-
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    m = Net().eval()
+    m = LatencyNet().eval()
     x = torch.randn(1, 3, 16, 16)
     return m, x, fxadapt.analyze(m, (x,))
 
@@ -169,125 +150,7 @@ def test_groups_narrower_than_the_alignment_are_left_alone():
     assert all(v % 16 == 0 or v == a.groups[g].units for g, v in n.items())
 
 
-# ---- latency solver and repair against injected timings ---------------------------------------------------
-
-
-@pytest.mark.parametrize("frac", [0.4, 0.55, 0.7, 0.85])
-def test_latency_solver_lands_in_window_with_aligned_widths(net, frac):
-    _, _, a = net
-    lut = fake_lut()
-    fake = FakeMeasure(a, lut, gain=1.15, overhead=3e-6)
-    sol = solve_latency(a, Budget(latency=frac), lut=lut, measure=fake, cfg=SolveConfig(align=8))
-    assert (1 - 0.05) * sol.budget <= sol.latency <= sol.budget
-    assert sol.latency == pytest.approx(fake(sol.units))
-    assert all(v % 8 == 0 or v == a.groups[g].units for g, v in sol.units.items())
-    assert len(sol.history) <= 5
-
-
-def test_repair_corrects_a_biased_prediction(net):
-    """The end-to-end 'measurement' departs from the table affinely (1.4 L - 0.4 L0: smaller models run
-    faster than predicted): the first attempt misses the window, the recalibration brings it in."""
-    _, _, a = net
-    lut = fake_lut()
-    biased = FakeMeasure(a, lut, gain=1.0, overhead=0.0)
-    calls = []
-
-    def measure(units):
-        calls.append(units)
-        full = biased(units)
-        return full if not units else 1.4 * full - 0.4 * biased({})
-
-    sol = solve_latency(a, Budget(latency=0.6), lut=lut, measure=measure, cfg=SolveConfig(align=8))
-    assert len(sol.history) >= 2 and sol.history[0]["measured"] < 0.95 * sol.budget
-    assert 0.95 * sol.budget <= sol.latency <= sol.budget
-
-
-def test_alignment_step_timings_prefer_aligned_widths(net):
-    """With a step at non-multiples of 8 in the timings, aligned widths win at equal budget."""
-    _, _, a = net
-    lut = fake_lut(lambda k: step_timer(k, block=8))
-    fake = FakeMeasure(a, lut)
-    sol = solve_latency(a, Budget(latency=0.6), lut=lut, measure=fake, cfg=SolveConfig(align=8))
-    lm = LatencyModel(a, lut, 1.0)
-    unaligned = {g: v - 1 if v % 8 == 0 and v > 8 else v for g, v in sol.units.items()}
-    assert lm.lut_sum(unaligned) > lm.lut_sum(sol.units)
-
-
-def test_latency_and_macs_budgets_both_hold(net):
-    _, _, a = net
-    lut = fake_lut()
-    fake = FakeMeasure(a, lut)
-    sol = solve_latency(a, Budget(latency=0.9, macs=0.5), lut=lut, measure=fake, cfg=SolveConfig(align=8))
-    assert sol.binding == "macs" and sol.latency <= sol.budget
-    assert in_window(a.cost.macs(sol.units), 0.5 * a.macs(), False)
-    sol = solve_latency(a, Budget(latency=0.5, macs=0.9), lut=lut, measure=fake, cfg=SolveConfig(align=8))
-    assert sol.binding == "latency" and a.cost.macs(sol.units) <= 0.9 * a.macs()
-
-
-def test_absolute_latency_budget(net):
-    _, _, a = net
-    lut = fake_lut()
-    fake = FakeMeasure(a, lut)
-    base = fake({})
-    sol = solve_latency(a, Budget(latency=f"{0.6 * base * 1e6:.3f}us"), lut=lut, measure=fake,
-                        cfg=SolveConfig(align=8))
-    assert sol.budget == pytest.approx(0.6 * base, rel=1e-6) and sol.latency <= sol.budget
-
-
-def test_latency_below_fastest_reachable_states_the_range(net):
-    _, _, a = net
-    lut = fake_lut()
-    with pytest.raises(BudgetError, match=r"outside the reachable range \[[0-9.]+, [0-9.]+\] ms = \[0\.[0-9]+x, 1\.000x\]"):
-        solve_latency(a, Budget(latency=0.001), lut=lut, measure=FakeMeasure(a, lut), cfg=SolveConfig(align=8))
-    with pytest.raises(BudgetError, match="do not grow models"):
-        solve_latency(a, Budget(latency=1.5), lut=lut, measure=FakeMeasure(a, lut), cfg=SolveConfig(align=8))
-
-
-def test_unreachable_window_warns_with_the_closest(net):
-    """Coarse alignment (64) cannot land within 5% of 0.8: the closest below the budget, with a warning."""
-    _, _, a = net
-    lut = fake_lut()
-    with pytest.warns(BudgetWarning, match="outside the 5% window"):
-        sol = solve_latency(a, Budget(latency=0.8), lut=lut, measure=FakeMeasure(a, lut), cfg=SolveConfig(align=64))
-    assert sol.latency <= sol.budget
-
-
-# ---- predictor ---------------------------------------------------------------------------------------
-
-
-def test_predictor_learns_injected_latencies(net):
-    from fxadapt.hw import predictor as P
-
-    _, _, a = net
-    lut = fake_lut()
-    fake = FakeMeasure(a, lut)
-    units = P.sample_units(a, 40, align=8, seed=0)
-    assert all(v % 8 == 0 or v == a.groups[g].units for u in units for g, v in u.items())
-    X, lm = P.encode(a, units)
-    y = P.collect(a, units, fake, progress=False)
-    err = P.cross_validate(X, lm, y, folds=5, steps=400)
-    s = P.summary(err)
-    assert s["n"] == 40 and 0 <= s["mean"] and math.isfinite(s["p95"])
-    ratios = torch.tensor(X[:2], dtype=torch.float32, requires_grad=True)
-    pred = P.LatencyPredictor(steps=50).fit(X, lm, y)
-    pred.torch_predict(ratios, torch.tensor(lm[:2], dtype=torch.float32)).sum().backward()
-    assert ratios.grad is not None and ratios.grad.abs().sum() > 0
-
-
-# ---- real measurement (no thresholds) ---------------------------------------------------------------------
-
-
-def test_real_measurement_smoke(net, tmp_path):
-    model, x, a = net
-    target = Target()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sol = solve_latency(a, Budget(latency=0.7), target, progress=False, max_repairs=1)
-    assert sol.units and sol.base > 0 and sol.latency > 0 and len(sol.history) >= 1
-    lut = LUT(target, progress=False)
-    assert lut.path.exists() and len(lut.table) > 0
-    t = Target(runtime="torch").compile(model, (x,))
-    assert t().shape == (1, 10)
+# ---- fxadapt bench ---------------------------------------------------------------------------------
 
 
 def test_benchmark_and_cli(tmp_path, monkeypatch):

@@ -112,22 +112,18 @@ def test_default_alignment_falls_back_to_reach_the_budget():
     assert all(c.after % align == 0 for c in r.groups if c.after != c.before)
 
 
-def test_latency_budget_through_transform(monkeypatch):
-    """A latency budget is solved on its target (an injected deterministic timing: latency = MACs) and
-    verified like any result."""
-    import fxadapt.hw.latency as lat
+def test_latency_budget_through_transform():
+    """A latency budget is solved on its target (a simulated processor, ``fxadapt.hw.sim``) and verified like
+    any result: MACs by an independent count below the original's, the simulator's own latency of the result
+    within the window."""
     from fxadapt.analysis.count import count_macs
+    from fxadapt.hw.sim import SimulatedTarget
 
-    def fake(a, budget, target=None, cfg=None, **kw):
-        from fxadapt.planning.solver import solve_widths
-
-        units = solve_widths(a, 0.6 * a.macs(), cfg)
-        return lat.LatencySolution(units, a.cost.macs(units), 0.6 * a.macs(), a.macs())
-
-    monkeypatch.setattr(lat, "solve_latency", fake)
-    out = fxadapt.transform(example_model(), fxadapt.Budget(latency=0.6), (X,))
+    t, model = SimulatedTarget(seed=3), example_model()
+    out = fxadapt.transform(model, fxadapt.Budget(latency=0.6, target=t), (X,))
     r = fxadapt.report(out)
-    assert count_macs(out, (X,)) / r.macs_before <= 0.6 and "latency (measured on the target)" in r.table()
+    assert count_macs(out, (X,)) < count_macs(model, (X,)) and "latency (measured on the target)" in r.table()
+    assert 0.9 * 0.6 * 0.98 <= t.seconds(out, (X,)) / t.seconds(model, (X,)) <= 0.6 * 1.02
 
 
 class _LSTMNet(nn.Module):

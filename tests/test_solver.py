@@ -262,3 +262,40 @@ def test_auto_align_on_this_machine(chain):
     assert_aligned(chain, units, auto_align())
     with pytest.raises(BudgetError, match="unknown device"):
         auto_align("tpu")
+
+
+def test_growth_refusal_names_the_op_that_forbids_it():
+    """A group norm averages over the channels growth would add: the reachable-range error says so, and that
+    there is no repeatable block to copy instead; with a repeatable residual block it offers grow_depth."""
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.c2(self.n(self.c1(x)))
+
+    class Residual(Normed):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(1, 16))
+
+        def forward(self, x):
+            y = self.n(self.c1(x))
+            return self.c2(y + self.body(y))
+
+    from fxadapt.analysis.count import count_macs
+
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(BudgetError, match=r"1\.000x\].*1 of 1 groups cannot grow.*group_norm.*cannot grow further"):
+        fxadapt.transform(Normed(), 1.5, (x,))
+    with pytest.raises(BudgetError, match=r"cannot grow function-preservingly.*grow_depth=True") as err:
+        fxadapt.transform(Residual(), 1.5, (x,))
+    offered = float(re.search(r"budget of about ([0-9.]+)x", str(err.value)).group(1))
+    model = Residual().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grown = fxadapt.transform(model, offered, (x,), grow_depth=True)
+    assert sum(isinstance(m, nn.Conv2d) for m in grown.modules()) == 4                                  # the block's conv copied once (3 + 1)
+    assert count_macs(grown, (x,)) >= offered * count_macs(model, (x,)) * 0.99
+    torch.testing.assert_close(grown(x), model(x))      # the copy is zero-initialised: function kept

@@ -117,7 +117,7 @@ def test_model_in_train_mode_with_fold_bn_warns_and_returns_eval(model):
 
 
 def test_unknown_strategy_and_missing_data_are_fxadapt_errors(model):
-    with pytest.raises(fxadapt.FxAdaptError, match="unknown strategy 'magic'"):
+    with pytest.raises(fxadapt.FxAdaptError, match="TransformConfig.strategy must be one of .*; got 'magic'"):
         fxadapt.transform(model, 0.5, (X,), strategy="magic")
     with pytest.raises(fxadapt.FxAdaptError, match="searches on data"):
         fxadapt.transform(model, 0.5, (X,), strategy="dna")
@@ -157,7 +157,7 @@ def test_no_prunable_group():
 
 
 def test_unknown_strategy(model):
-    with pytest.raises(ValueError, match="unknown strategy"):
+    with pytest.raises(ValueError, match="TransformConfig.strategy must be one of"):
         fxadapt.transform(model, 0.5, (X,), strategy="magic")
 
 

@@ -102,7 +102,7 @@ def test_dna_searches_a_causal_lm_on_its_model_output():
     def lm_loss(logits, y):
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
 
-    cfg = SearchConfig(loss_fn=lm_loss, batch_size=8, warmup=2, progress=False)
-    out = fxadapt.transform(model, 0.5, (ids[:1],), data=(ids, ids), strategy="dna", steps=6, search=cfg)
+    cfg = SearchConfig(loss_fn=lm_loss, batch_size=8, steps=6, warmup=2, progress=False)
+    out = fxadapt.transform(model, 0.5, (ids[:1],), data=(ids, ids), strategy="dna", search=cfg)
     r = fxadapt.report(out)
     assert r.strategy == "dna" and 0.45 <= count_macs(out, (ids[:1],)) / r.macs_before <= 0.5

@@ -261,10 +261,12 @@ def test_depth_growth_of_a_cnn_adds_units_to_its_stages():
 @pytest.mark.parametrize("options, message", [
     ({"data": [1, 2, 3], "strategy": "dna"}, r"data must be \(inputs, targets\) tensors.*got a list of int"),
     ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"CUDA device"),
-    ({"device": "tpu9"}, r"unknown device 'tpu9'"),
-    ({"layers": "same"}, r"unknown layers 'same'"),
-    ({"output": "onnx"}, r"unknown output 'onnx'"),
-    ({"write_back": "maybe"}, r"unknown write_back 'maybe'"),
+    ({"device": "tpu9"}, r"TransformConfig.device: unknown device 'tpu9'"),
+    ({"layers": "same"}, r"TransformConfig.layers must be one of 'any', 'uniform'; got 'same'"),
+    ({"output": "onnx"}, r"TransformConfig.output must be one of 'module', 'graph', 'exported_program'; got 'onnx'"),
+    ({"write_back": "maybe"}, r"TransformConfig.write_back must be one of 'auto', 'strict'; got 'maybe'"),
+    ({"precision": "fp16"}, r"TransformConfig.precision must be one of 'auto', 'bf16', 'fp32'; got 'fp16'"),
+    ({"attention": "rows"}, r"TransformConfig.attention must be one of 'auto', 'heads', 'head_dim'; got 'rows'"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     data = options.pop("data", None)
@@ -299,4 +301,4 @@ def test_a_search_with_a_latency_only_budget_is_a_clear_error():
     x = torch.randn(8, 3, 32, 32)
     with pytest.raises(fxadapt.BudgetError, match="strategy='datafree'"):
         fxadapt.transform(example_model(), fxadapt.Budget(latency=0.5), (x[:1],), data=(x, torch.zeros(8).long()),
-                          strategy="dna", steps=2)
+                          strategy="dna", search=fxadapt.SearchConfig(steps=2))

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,10 @@ from fxadapt.analysis.cost_build import build_cost
 from fxadapt.analysis.crosscheck import Uncosted, crosscheck
 from fxadapt.analysis.groups import Group, form_groups
 from fxadapt.analysis.propagate import labels_of, propagate
-from fxadapt.errors import UncostedWarning  # noqa: F401  (defined in fxadapt.errors)
+from fxadapt.errors import (
+    UncostedWarning,  # noqa: F401  (defined in fxadapt.errors)
+    warn,
+)
 from fxadapt.ir.capture import capture
 
 
@@ -122,8 +124,8 @@ def analyze(model: Any, example_inputs: Any = None, attention: str | None = None
     _annotate(gm, roots, group_of, node_blocks)
     uncosted = crosscheck(gm, ctx.shapes, cost)
     if uncosted:
-        warnings.warn(f"fxadapt.analyze: the cost model misses {len(uncosted)} op(s) torch counts: "
-                      + "; ".join(str(u) for u in uncosted[:5]), UncostedWarning, stacklevel=2)
+        warn(f"fxadapt.analyze: the cost model misses {len(uncosted)} op(s) torch counts: "
+                      + "; ".join(str(u) for u in uncosted[:5]), UncostedWarning)
     return Analysis(gm, groups, blocks, cost, graph, ctx.fired, group_of, unit_of, roots, uncosted)
 
 

@@ -76,9 +76,35 @@ def run_counted(model: nn.Module, inputs: Any) -> tuple[float, Any]:
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), countable_attention(), FlopCounterMode(display=False,
-                                                                      custom_mapping=EXTRA_FLOPS) as counter:
+        with torch.no_grad(), countable_attention(), _no_grad_params(model), \
+                FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as counter:
             out = inputs.call(model)
     finally:
         model.train(was)
     return counter.get_total_flops() / 2, out
+
+
+@contextlib.contextmanager
+def _no_grad_params(model: nn.Module) -> Iterator[None]:
+    """Parameters with ``requires_grad=False`` inside the block (restored afterwards).
+
+    ``FlopCounterMode``'s module tracker hooks every tensor argument of a module call that requires grad for
+    backward; a view of a parameter taken under ``no_grad`` (Mamba's ``conv1d.weight.squeeze(1)`` handed to
+    its kernel module) requires grad but has no autograd node, and the hook fails on it ("Expected gradient
+    function to be set"). The count runs without gradients anyway, so no parameter needs them here.
+
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> with _no_grad_params(lin):
+    ...     lin.weight.requires_grad
+    False
+    >>> lin.weight.requires_grad
+    True
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -8,7 +8,8 @@ Each subcommand lives in its own module listed in ``SUBCOMMANDS``; such a module
   anything the user got wrong.
 
 ``main`` turns those errors into one line on stderr and exit status 2; other exceptions are bugs and keep
-their traceback. Adding a subcommand (say ``adapt``) is one module plus one entry in ``SUBCOMMANDS``.
+their traceback (so does ``fxadapt.InternalError``, a pipeline step's bug, with the original chained).
+Adding a subcommand (say ``adapt``) is one module plus one entry in ``SUBCOMMANDS``.
 
 Example:
     >>> main(["inspect", "--example"])  # doctest: +ELLIPSIS
@@ -25,7 +26,7 @@ import sys
 import warnings
 
 from fxadapt.cli.common import CliError, one_line
-from fxadapt.errors import FxAdaptError
+from fxadapt.errors import FxAdaptError, InternalError
 
 SUBCOMMANDS: list[str] = ["fxadapt.cli.inspect", "fxadapt.cli.adapt", "fxadapt.cli.bench"]
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)   # process-wide filter left behind)
         try:
             return int(args.run(args) or 0)
+        except InternalError:
+            raise
         except (CliError, FxAdaptError) as e:
             print(f"fxadapt {args.command}: error: {one_line(e)}", file=sys.stderr)
             return EXIT_USAGE

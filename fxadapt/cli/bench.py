@@ -5,6 +5,12 @@ Usage::
     fxadapt bench --example --budgets 0.75,latency=0.7 --targets onnxruntime-cpu,torch-cpu
     fxadapt bench pkg.module:factory --input-shape 1,3,224,224 --budgets 0.5,0.75,latency=0.5 \\
         [--json bench.json] [--plot pareto.png] [--runs 20]
+    fxadapt bench --example --budgets 0.25,0.5,0.75 --data fxadapt.cli.data:demo_data --steps 50 \\
+        --finetune-epochs 2
+
+With ``--data MODULE:FUNCTION`` (as ``fxadapt adapt --data``) the MAC budgets are also adapted by one search
+for all of them, beside the data-free models; every row gets its top-1 accuracy on the validation data and
+the plot adds accuracy against latency (``fxadapt.hw.bench.BenchData``).
 
 ``--budgets`` is a comma-separated list; each item is a MAC budget as ``fxadapt adapt --budget`` takes it
 (``0.5``, ``50%``, ``300M``) or ``latency=X`` with ``X`` a fraction of the original's latency on the first
@@ -29,6 +35,7 @@ import argparse
 import re
 
 from fxadapt.cli.common import CliError, add_model_arguments, load_model
+from fxadapt.cli.data import add_data_arguments, load_data
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results as JSON here (default <label>-bench.json)")
     p.add_argument("--plot", help="write the latency-vs-MACs Pareto plot here (default <label>-bench.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_data_arguments(p)
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="with --data: fine-tune every adapted model this many epochs (the same for all)")
     p.set_defaults(run=run)
     return p
 
@@ -79,12 +89,14 @@ def parse_targets(text: str | None, threads: int) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fxadapt.hw.bench import benchmark
+    from fxadapt.hw.bench import BenchData, benchmark
 
     budgets = parse_budgets(args.budgets)
     targets = parse_targets(args.targets, args.threads)
     model, inputs, label = load_model(args)
-    res = benchmark(model, inputs, budgets, targets, runs=args.runs, progress=not args.quiet)
+    train, val, options = load_data(args)
+    data = BenchData(train, val, options, args.finetune_epochs) if train is not None else None
+    res = benchmark(model, inputs, budgets, targets, runs=args.runs, progress=not args.quiet, data=data)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.split(":")[-1])
     print(res.table())
     print(f"wrote {res.to_json(args.json or f'{stem}-bench.json')}")

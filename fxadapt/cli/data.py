@@ -3,7 +3,9 @@
 ``--data pkg.module:function`` (or ``path/to/file.py:function``) names a function called with no arguments
 that returns ``(train, val)``: each a ``(inputs, targets)`` tuple of tensors, a ``Dataset`` or a
 ``DataLoader`` (``val`` may be ``None``: the search then validates on ``train``). With ``--data`` the
-default strategy is ``dna``; ``--strategy``, ``--steps``, ``--device`` and ``--precision`` tune the search::
+default strategy is ``dna``; ``--strategy``, ``--steps``, ``--device`` and ``--precision`` tune the search
+(``--steps`` is ``SearchConfig.steps``, ``--device`` / ``--precision`` are ``TransformConfig.device`` /
+``.precision``)::
 
     fxadapt adapt my_model.py:build --input-shape 1,3,224,224 --budget 0.5 --data my_data.py:load
     torchrun --nproc_per_node=4 -m fxadapt adapt my_model.py:build --input-shape 1,3,224,224 \\
@@ -18,8 +20,8 @@ Example:
     >>> add_data_arguments(p)
     >>> args = p.parse_args(["--data", "fxadapt.cli.data:demo_data", "--steps", "5"])
     >>> train, val, options = load_data(args)
-    >>> train[0].shape, options["strategy"], options["steps"]
-    (torch.Size([64, 3, 32, 32]), 'dna', 5)
+    >>> train[0].shape, options["strategy"], options["search"].steps, options["device"]
+    (torch.Size([64, 3, 32, 32]), 'dna', 5, 'cpu')
     >>> load_data(p.parse_args([]))
     (None, None, {})
 """
@@ -66,18 +68,23 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
         raise CliError(f"data function {args.data!r} raised {type(e).__name__}: {_first_line(e)}") from e
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise CliError(f"data function {args.data!r} must return (train, val), got {type(out).__name__}")
-    import dataclasses
+    return out[0], out[1], _options(args)
 
+
+def _options(args: argparse.Namespace) -> dict:
+    """The ``transform`` options of the flags: each flag has one place (``--steps``: ``SearchConfig.steps``;
+    ``--device``, ``--precision``: ``TransformConfig``)."""
     from fxadapt.search.dna import SearchConfig
     from fxadapt.search.fur import FurConfig
 
+    strategy = "dna" if args.strategy == "auto" else args.strategy
+    if strategy == "fur" and args.steps is not None:
+        raise CliError("--steps sets the DNA search's steps; --strategy fur runs FurConfig's iterations and "
+                       "train_steps: leave --steps out")
     show = not getattr(args, "quiet", False)
-    options: dict = {"strategy": "dna" if args.strategy == "auto" else args.strategy, "device": args.device,
-                     "search": dataclasses.replace(SearchConfig(), precision=args.precision, progress=show),
-                     "fur": dataclasses.replace(FurConfig(), precision=args.precision, progress=show)}
-    if args.steps is not None:
-        options["steps"] = args.steps
-    return out[0], out[1], options
+    steps = {} if args.steps is None else {"steps": args.steps}
+    return {"strategy": strategy, "device": args.device, "precision": args.precision,
+            "search": SearchConfig(progress=show, **steps), "fur": FurConfig(progress=show)}
 
 
 def demo_data(n: int = 64, seed: int = 0):

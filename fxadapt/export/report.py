@@ -111,8 +111,9 @@ class Report:
     write_back: str = ""         # why the plan could not be written back into the user's modules, if not
 
     @staticmethod
-    def build(a, outcome, out, target, macs: float, strategy: str, seconds: float) -> Report:
-        """``a``: the original model's analysis; ``outcome``: what the strategy produced."""
+    def build(a, outcome, out, goal, macs: float, strategy: str, seconds: float) -> Report:
+        """``a``: the original model's analysis; ``outcome``: what the strategy produced; ``goal``: the
+        resolved budget (``fxadapt.planning.budget.Goal``)."""
         pa, plan = outcome.analysis, outcome.plan
         if pa is a:  # the plan refers to the original groups themselves
             before = {g.id: g.width for g in a.groups}
@@ -126,8 +127,8 @@ class Report:
         removed = tuple(blocks[b].exit for b in sorted(plan.remove) if b not in outcome.slots)
         added = tuple(blocks[b].exit for b in sorted(outcome.slots) if b not in plan.remove)
         added += tuple(f"{blocks[b].exit} x{k}" for b, k in sorted(plan.repeat.items()))
-        return Report(strategy, a.macs(), macs, target.macs, a.params(),
-                      float(sum(p.numel() for p in out.parameters())), target.params, groups,
+        return Report(strategy, a.macs(), macs, goal.macs, a.params(),
+                      float(sum(p.numel() for p in out.parameters())), goal.params, groups,
                       removed, added, seconds, tuple(outcome.history))
 
     def table(self) -> str:

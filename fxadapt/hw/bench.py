@@ -7,7 +7,14 @@ timed there in interleaved rounds (``fxadapt.hw.target.interleaved``, the target
 the budget, MACs (``FlopCounterMode``), parameters, the latency per target and its ratio to the original,
 and the top-1 accuracy when ``eval_data=(inputs, labels)`` (tensors, or an iterable of such batches) is
 given. ``BenchResult.table()`` prints them, ``.to_json(path)`` writes them, ``.plot(path)`` draws latency
-against MACs per target with the original, every adapted point and their Pareto front.
+against MACs per target with the original, every adapted point and their Pareto front, and, with accuracy,
+accuracy against latency per target.
+
+With ``data=BenchData(train, val, options, finetune_epochs)`` the MAC budgets are also adapted by one search
+for all of them (``fxadapt.transform(model, [b_1, ...], data=...)``: one supernet, a model per budget) and
+listed beside the data-free models of the same budgets (``"dna 0.5"``, ``"datafree 0.5"``); accuracy is
+measured on ``val``; ``finetune_epochs`` fine-tunes every adapted model alike (``fxadapt.finetune`` with the
+original as teacher) so the comparison is at equal training after the search.
 
 >>> import torch
 >>> from fxadapt.examples import example_model, EXAMPLE_INPUT_SHAPE
@@ -63,7 +70,12 @@ class BenchResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(self.targets), figsize=(5 * len(self.targets), 4), squeeze=False)
+        acc = all("accuracy" in r for r in self.rows)
+        fig, axes = plt.subplots(2 if acc else 1, len(self.targets), figsize=(5 * len(self.targets), 8 if acc else 4),
+                                 squeeze=False)
+        if acc:
+            for ax, t in zip(axes[1], self.targets):
+                _accuracy_panel(ax, self.rows, t)
         for ax, t in zip(axes[0], self.targets):
             pts = sorted((r["macs"] / 1e9, r["latency"][t] * 1e3, r["budget"]) for r in self.rows)
             front, best = [], float("inf")
@@ -81,6 +93,18 @@ class BenchResult:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def _accuracy_panel(ax, rows: list, t: str) -> None:
+    """Top-1 accuracy against latency on ``t``, one marker per method (original, searched, data-free)."""
+    marks = {"original": "*", "datafree": "s"}
+    for r in rows:
+        kind = r.get("method", "original" if r["budget"] == "original" else "adapted")
+        ax.plot(r["latency"][t] * 1e3, 100 * r["accuracy"], marks.get(kind, "o"), ms=10 if kind == "original" else 6)
+        ax.annotate(r["budget"], (r["latency"][t] * 1e3, 100 * r["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="latency (ms)", ylabel="top-1 (%)", title=f"accuracy vs latency, {t}")
+    ax.grid(alpha=0.3)
 
 
 def default_targets() -> list[Target]:
@@ -124,28 +148,61 @@ def accuracy(model, eval_data) -> float:
     return right / max(total, 1)
 
 
+@dataclass(frozen=True)
+class BenchData:
+    """Data for ``benchmark``: ``train`` (searches, fine-tuning), ``val`` (accuracy; ``train`` when None), the
+    ``transform`` options of the search (``strategy``, ``search``, ``device`` ...) and ``finetune_epochs``
+    every adapted model gets (the same for all, searched or data-free)."""
+
+    train: Any
+    val: Any = None
+    options: dict = field(default_factory=dict)
+    finetune_epochs: int = 0
+
+
+def _adapt_all(model, budgets: list, inputs, target: Target, data: BenchData | None, progress: bool) -> dict:
+    """Every budget adapted: data-free; with ``data`` the MAC budgets also by one search for all of them
+    (``fxadapt.transform`` with a list), the data-free models kept beside them for comparison."""
+    import fxadapt
+
+    out = {}
+    for b in budgets:
+        out[_label(b) if data is None else f"datafree {_label(b)}"] = ("datafree", _adapt(model, b, inputs, target, progress))
+    macs = [b for b in budgets if not (isinstance(b, Budget) and b.latency is not None)]
+    if data is not None and macs:
+        searched = fxadapt.transform(model, macs, inputs, data=data.train, val_data=data.val, **data.options)
+        strategy = data.options.get("strategy", "dna")
+        out |= {f"{strategy} {_label(b)}": (strategy, m) for b, m in zip(macs, searched)}
+    if data is not None and data.finetune_epochs:
+        for name, (kind, m) in out.items():
+            out[name] = (kind, fxadapt.finetune(m, data.train, data.finetune_epochs, teacher=model))
+    return {"original": ("original", model.eval())} | {k: (kind, m.eval()) for k, (kind, m) in out.items()}
+
+
 def benchmark(model, example_inputs: Any, budgets: list, targets: list[Target] | None = None,
-              eval_data: Any = None, runs: int = 20, progress: bool = True) -> BenchResult:
-    """Adapt ``model`` to every budget and measure all results on every target (module docstring)."""
+              eval_data: Any = None, runs: int = 20, progress: bool = True, data: BenchData | None = None
+              ) -> BenchResult:
+    """Adapt ``model`` to every budget and measure all results on every target (module docstring); with
+    ``data`` also searched models (and accuracy on ``data.val`` unless ``eval_data`` is given)."""
     from tqdm.auto import tqdm
 
     from fxadapt.analysis.count import count_macs
 
     targets = targets or default_targets()
-    models = {"original": model.eval()}
-    for b in tqdm(budgets, desc="adapting", disable=not progress):
-        models[_label(b)] = _adapt(model, b, example_inputs, targets[0], progress).eval()
+    models = _adapt_all(model, budgets, example_inputs, targets[0], data, progress)
+    if eval_data is None and data is not None:
+        eval_data = data.val if data.val is not None else data.train
     rows = []
     base_macs = count_macs(model, example_inputs)
-    for name, m in models.items():
+    for name, (kind, m) in models.items():
         macs = count_macs(m, example_inputs)
-        row = {"budget": name, "macs": macs, "macs_ratio": macs / base_macs,
+        row = {"budget": name, "method": kind, "macs": macs, "macs_ratio": macs / base_macs,
                "params": sum(p.numel() for p in m.parameters()), "latency": {}, "latency_ratio": {}}
         if eval_data is not None:
             row["accuracy"] = accuracy(m, eval_data)
         rows.append(row)
     for t in tqdm(targets, desc="timing", disable=not progress):
-        fns = {name: t.compile(m, example_inputs) for name, m in models.items()}
+        fns = {name: t.compile(m, example_inputs) for name, (_, m) in models.items()}
         med = interleaved(fns, runs, 3, clock=t.clock)
         for row in rows:
             row["latency"][t.name()] = med[row["budget"]]

@@ -13,30 +13,34 @@ to the affine map ``L = c' * raw(n) + d'`` through the original and that measure
 two are too close, one global rescale ``c <- c * m / L(n)``).
 
 **Solving** (``solve_latency``). Widths follow the MAC solver's aligned ladders (``fxadapt.planning.solver``;
-the alignment is the target's, ``Target.align()``, unless ``SolveConfig.align`` names another): ``n(s)``
-puts every group on the rung nearest ``s * N_g``; bisection finds the largest ``s`` whose predicted latency
-is at most the budget ``T`` and whose MACs/params respect their budgets too (all must hold); then, while
-the prediction is below ``(1 - tol / 2) T``, the one-rung move up landing closest to ``T`` without crossing
-it is taken (as the MAC solver's repair). **Repair**:
-the widths are materialised and measured end to end on the target (interleaved with the original, so load
-drift cancels); while the measurement lies outside ``[(1 - tol) T, T]`` (``tol = 0.05``) the model is
-recalibrated on it (``LatencyModel.calibrate``) and the bisection redone, at most ``max_repairs`` times; the best measured assignment at
-or below ``T`` is kept. When a MAC/params budget binds before the latency does, the MAC solver's exact
+the alignment is the target's, ``Target.align()``, unless ``SolveConfig.align`` names another) and the same
+scale-and-repair search (``fxadapt.planning.scale``): bisection on the global scale for the largest
+assignment predicted at most ``T'`` (MAC/params budgets held too: all must hold), then one-rung moves
+landing closest to ``T'``. **Repair**: the widths are materialised and measured end to end on the target
+(interleaved with the original, so load drift cancels). The window is ``[(1 - tol) T, T]`` (``tol = 0.10``)
+and the aim its middle ``A = (1 - tol / 2) T``, so a re-time's noise stays under ``T``. The first solve
+uses ``T' = A``; its measurement calibrates the model once (``LatencyModel.calibrate``); from then on the
+model is fixed and the *predicted target* ``T'`` is searched on measurements: ``T' <- T' A / m`` until
+attempts lie on both sides of the window, then the secant between the nearest two (widths already measured
+push ``T'`` on until they change). At most ``max_repairs`` re-solves; a measurement below the window is a
+miss like one above it. The best measured assignment at or below ``T`` is kept (a ``BudgetWarning`` when
+it is below the window). When a MAC/params budget binds before the latency does, the MAC solver's exact
 widths are used and the latency only has to stay at or below ``T``.
 
 A budget below the fastest reachable model (every group at its narrowest aligned width) is a
 ``BudgetError`` stating the reachable range; budgets above the original's latency are refused (growth is
 solved by MAC budgets).
 
->>> import torch, fxadapt
+>>> import tempfile, torch, fxadapt
+>>> from pathlib import Path
+>>> from fxadapt.hw.sim import SimulatedTarget
 >>> from fxadapt.planning.budget import Budget
 >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 128, 3), torch.nn.Conv2d(128, 8, 3)),
 ...                     (torch.randn(1, 3, 16, 16),))
->>> lut = fake_lut()                                  # deterministic layer times (no measurement)
->>> fake = FakeMeasure(a, lut)                        # deterministic end-to-end "measurement"
->>> cfg = fxadapt.planning.solver.SolveConfig(align=8)
->>> sol = solve_latency(a, Budget(latency=0.65), lut=lut, measure=fake, cfg=cfg)
->>> 0.95 <= sol.latency / sol.budget <= 1.0, sol.units[0] % 8, len(sol.history) <= 5
+>>> t = SimulatedTarget(seed=0)                       # a synthetic processor: no real timing
+>>> lut = LUT(t, path=Path(tempfile.mkdtemp()) / "lut.json", progress=False)
+>>> sol = solve_latency(a, Budget(latency=0.5), t, fxadapt.planning.solver.SolveConfig(align=8), lut=lut)
+>>> 0.9 <= sol.latency / sol.budget <= 1.0, sol.units[0] % 8, len(sol.history) <= 6
 (True, 0, True)
 """
 
@@ -44,20 +48,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fxadapt import meta
-from fxadapt.errors import BudgetError
+from fxadapt.errors import BudgetError, warn
 from fxadapt.hw.keys import resolve
 from fxadapt.hw.lut import LUT
 from fxadapt.hw.target import Target, interleaved, median_time
+from fxadapt.planning.scale import LoopCost, approach, bisect
 from fxadapt.planning.solver import SolveConfig, _bounds, _problem, solve_widths
 
-TOL = 0.05
+TOL = 0.10     # a latency budget T lands in [(1 - TOL) T, T], measured; the solver aims at (1 - TOL / 2) T
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,12 @@ class LatencyModel:
 
     def keys(self, n: dict) -> list[tuple]:
         full = self.full(n)
-        keys = [resolve(e.template, full) for e in self.entries]
-        if self.batch_scale != 1.0:
-            keys = [(k[0], int(round(k[1] * self.batch_scale))) + k[2:] for k in keys]
-        return keys
+        return [self.key_of(e, full) for e in self.entries]
+
+    def key_of(self, e: Entry, full: dict) -> tuple:
+        """The concrete key of one entry at the full units ``full`` (at the target's batch)."""
+        k = resolve(e.template, full)
+        return (k[0], int(round(k[1] * self.batch_scale))) + k[2:] if self.batch_scale != 1.0 else k
 
     def lut_sum(self, n: dict, present: dict | None = None) -> float:
         if not self.entries:
@@ -217,56 +223,54 @@ def parse_latency(value, base: float) -> float:
     return latency_seconds(value, base)
 
 
-def _bisect(p, ok: Callable[[np.ndarray], bool]) -> np.ndarray:
-    """Rung indices at the largest global scale ``s`` with ``ok`` (``ok`` must hold at ``s = 0``)."""
-    lad = p.lad
-    lo, hi = 0.0, lad.top
-    if ok(lad.at_scale(hi)):
-        return lad.at_scale(hi)
-    for _ in range(40):
-        if np.array_equal(lad.at_scale(lo), lad.at_scale(hi)):
-            break
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ok(lad.at_scale(mid)) else (lo, mid)
-    return lad.at_scale(lo)
-
-
-def _fill_up(p, idx: np.ndarray, lm: LatencyModel, T: float, ok: Callable, aim: float) -> np.ndarray:
-    """Greedy one-rung moves up after the bisection: while the prediction is below ``aim * T``, take the
-    move (one group one rung wider) whose prediction lands closest to ``T`` without crossing it."""
-    idx = idx.copy()
-    for _ in range(4 * int(p.size.sum())):
-        if lm.predict(p.lad.units(idx)) >= aim * T:
-            break
-        best, best_t = None, -1.0
-        for k in np.flatnonzero(idx + 1 < p.size):
-            cand = idx.copy()
-            cand[k] += 1
-            t = lm.predict(p.lad.units(cand))
-            if best_t < t <= T and ok(cand):
-                best, best_t = cand, t
-        if best is None:
-            break
-        idx = best
-    return idx
-
-
 def _limits(a, budget) -> tuple[float, float]:
-    from fxadapt.planning.budget import parse_budget
+    """The MAC and params limits of ``budget`` as counts (a ``Goal`` holds them resolved already)."""
+    from fxadapt.planning.budget import Goal, parse_budget
 
     if budget.macs is None and budget.params is None:
         return math.inf, math.inf
-    b = parse_budget(dataclasses.replace(budget, latency=None), a.macs(), a.params())
+    b = budget if isinstance(budget, Goal) else parse_budget(dataclasses.replace(budget, latency=None), a.macs(),
+                                                             a.params())
     return (b.macs or math.inf), (b.params or math.inf)
 
 
+def _widths_for(p, lm: LatencyModel, Tp: float, macs_ok: Callable) -> np.ndarray:
+    """Rungs whose predicted latency is at most ``Tp`` and within 1% of it where the ladders allow, MAC and
+    params budgets held (``fxadapt.planning.scale``: bisection, then the move landing closest to ``Tp``)."""
+    ok = lambda i: macs_ok(p.lad.units(i))
+    cost = LoopCost(lambda i: lm.predict(p.lad.units(i)), ok)
+    start = bisect(p.lad, lambda i: cost.total(i) <= Tp and ok(i))
+    return approach(p.lad, cost, start, Tp, done=lambda t: t >= 0.99 * Tp, pick="closest")
+
+
+def _targets(lm: LatencyModel, history: list, T: float, tol: float) -> list[float]:
+    """Predicted-latency targets ``T'`` for the next attempt, in the order to try them (module docstring):
+    between the nearest measurements below the window and above ``T`` the secant toward ``A``, then points
+    spread over that bracket; on one side only, ``T'`` scaled on by ``A / m`` step by step."""
+    aim = (1 - tol / 2) * T
+    below = [h for h in history if h["measured"] < (1 - tol) * T]
+    above = [h for h in history if h["measured"] > T]
+    lo = max(below, key=lambda h: h["measured"]) if below else None
+    hi = min(above, key=lambda h: h["measured"]) if above else None
+    if lo is None or hi is None:
+        h = lo or hi
+        step = aim / h["measured"]
+        return [lm.predict(h["units"]) * step ** k for k in (1, 2, 3, 4)]
+    (t0, m0), (t1, m1) = ((lm.predict(h["units"]), h["measured"]) for h in (lo, hi))
+    if t1 <= t0:                         # the model orders them the other way: only the spread
+        return [t0 + f * (t1 - t0) for f in (0.5, 0.25, 0.75)]
+    t = t0 + (aim - m0) * (t1 - t0) / max(m1 - m0, 1e-12)
+    return [min(max(t, t0), t1)] + [t0 + f * (t1 - t0) for f in (0.5, 0.25, 0.75, 0.9)]
+
+
 def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = SolveConfig(), *,
-                  lut: LUT | None = None, measure: Callable | None = None, max_repairs: int = 4,
-                  tol: float = TOL, progress: bool = True) -> LatencySolution:
+                  lut: LUT | None = None, measure: Callable | None = None, max_repairs: int = 5,
+                  tol: float = TOL, progress: bool = True, widths: dict | None = None) -> LatencySolution:
     """Kept units per prunable group meeting ``budget`` (a ``Budget`` with ``latency=``, optionally with
     ``macs=``/``params=``) on ``target`` (default: ``budget.target``, else ``Target()``); see the module
     docstring. ``measure(units) -> seconds`` replaces the end-to-end measurement (``measure({})`` is the
-    original), ``lut`` the lookup table (tests inject deterministic ones)."""
+    original), ``lut`` the lookup table; ``widths`` the units the global scale multiplies (default: the
+    original's; a search passes the widths it found, so the repair keeps their allocation)."""
     target = target or getattr(budget, "target", None) or Target()
     align = target.align() if cfg.align == "auto" else cfg.alignment()
     cfg = dataclasses.replace(cfg, align=align)
@@ -276,46 +280,86 @@ def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = So
     T = parse_latency(budget.latency, base)
     batch_scale = (target.batch / a.gm.meta[meta.INPUTS].batch) if target.batch else 1.0
     lm = LatencyModel(a, lut, base, batch_scale)
-    p = _problem(a, 0.0, _bounds(a, False, cfg), {g.id: g.units for g in a.prunable}, cfg)
+    ref = {g.id: max(int((widths or {}).get(g.id, g.units)), 1) for g in a.prunable}
+    p = _problem(a, 0.0, _bounds(a, False, cfg), ref, cfg)
+    _check_reachable(lm.predict(p.lad.units(p.lad.at_scale(0.0))), T, base, target, cfg)
     macs_t, params_t = _limits(a, budget)
-    n_min = p.lad.units(p.lad.at_scale(0.0))
-    fastest = lm.predict(n_min)
-    if T < fastest or T > base * (1 + 1e-9):
-        raise BudgetError(
-            f"latency budget of {T * 1e3:.3f} ms ({T / base:.3f}x) is outside the reachable range "
-            f"[{fastest * 1e3:.3f}, {base * 1e3:.3f}] ms = [{fastest / base:.3f}x, 1.000x] of the original on "
-            f"{target.name()} (predicted; min width {cfg.min_ratio:.0%} of each group, widths aligned to {align}"
-            f"{'; latency budgets do not grow models: use a MAC budget' if T > base else ''})")
     macs_ok = lambda n: a.cost.macs(n) <= macs_t * (1 + 1e-9) and a.cost.params(n) <= params_t * (1 + 1e-9)
-    sol = LatencySolution({}, base, T, base, lut_measured=0)
-    best, tried = None, set()
-    for _ in range(max_repairs + 1):
-        fits = lambda i: lm.predict(p.lad.units(i)) <= T and macs_ok(p.lad.units(i))
-        idx = _fill_up(p, _bisect(p, fits), lm, T, lambda i: macs_ok(p.lad.units(i)), 1 - tol / 2)
-        n, binding = p.lad.units(idx), "latency"
-        up = np.minimum(idx + 1, p.size - 1)
-        if math.isfinite(macs_t) and lm.predict(p.lad.units(up)) <= T and not macs_ok(p.lad.units(up)):
-            n, binding = solve_widths(a, macs_t, cfg), "macs"
-        key = tuple(sorted(n.items()))
-        if key in tried:
-            break
-        tried.add(key)
+    sol = LatencySolution({}, base, T, base)
+    best, tried, plans = None, set(), [(1 - tol / 2) * T]
+    for attempt in range(max_repairs + 1):
+        n = binding = None
+        for Tp in plans:                 # the first target whose widths were not measured yet
+            n, binding = _attempt(a, p, lm, Tp, (macs_t, cfg), macs_ok)
+            if tuple(sorted(n.items())) not in tried:
+                break
+        if n is None or tuple(sorted(n.items())) in tried:
+            n, binding = _step_up(p, lm, sol.history, tried, T, tol, macs_ok), "latency"
+        if n is None:
+            break                        # nothing untried between the measurements: the ladders are too coarse
+        tried.add(tuple(sorted(n.items())))
         pred, m = lm.predict(n), float(measure(n))
-        sol.history.append({"units": n, "predicted": pred, "measured": m, "binding": binding})
+        sol.history.append({"units": n, "predicted": pred, "measured": m, "binding": binding, "aim": Tp})
         if m <= T and (best is None or m > best[1]):
             best = (n, m, binding)
         if m <= T and (binding == "macs" or m >= (1 - tol) * T):
             break
-        lm.calibrate(n, m)
+        if attempt == 0:                 # the table's scale, once; then the target is searched on a fixed model
+            lm.calibrate(n, m)
+        plans = ([(1 - tol / 2) * T] if attempt == 0 else []) + _targets(lm, sol.history, T, tol)
     sol.lut_measured, sol.lut_s = lut.measured, lut.measure_s
-    if best is None:
-        h = min(sol.history, key=lambda h: h["measured"])
-        warnings.warn(_miss(h["measured"], T, base, "above"), _budget_warning(), stacklevel=2)
-        best = (h["units"], h["measured"], h["binding"])
-    elif best[2] == "latency" and best[1] < (1 - tol) * T:
-        warnings.warn(_miss(best[1], T, base, "below"), _budget_warning(), stacklevel=2)
-    sol.units, sol.latency, sol.binding = best
+    sol.units, sol.latency, sol.binding = _verdict(sol.history, best, T, base, tol)
     return sol
+
+
+def _attempt(a, p, lm: LatencyModel, Tp: float, macs: tuple, macs_ok: Callable) -> tuple[dict, str]:
+    """The widths for predicted target ``Tp``; the MAC solver's exact widths when a MAC budget binds first
+    (one rung wider would still be predicted under ``Tp`` but breaks the MAC budget)."""
+    macs_t, cfg = macs
+    idx = _widths_for(p, lm, Tp, macs_ok)
+    up = np.minimum(idx + 1, p.size - 1)
+    if math.isfinite(macs_t) and lm.predict(p.lad.units(up)) <= Tp and not macs_ok(p.lad.units(up)):
+        return solve_widths(a, macs_t, cfg), "macs"
+    return p.lad.units(idx), "latency"
+
+
+def _step_up(p, lm: LatencyModel, history: list, tried: set, T: float, tol: float, macs_ok: Callable):
+    """When no target gives new widths (a table too coarse or too noisy to tell them apart): one rung up from
+    the best measurement below the window, the untried move predicted cheapest (measured next), or None."""
+    below = [h for h in history if h["measured"] < (1 - tol) * T]
+    if not below:
+        return None
+    start = max(below, key=lambda h: h["measured"])["units"]
+    idx = np.array([int(np.searchsorted(r, start[g])) for g, r in zip(p.lad.gids, p.lad.rungs)])
+    moves = []
+    for k in np.flatnonzero(idx + 1 < p.size):
+        cand = idx.copy()
+        cand[k] += 1
+        n = p.lad.units(cand)
+        if tuple(sorted(n.items())) not in tried and macs_ok(n):
+            moves.append((lm.predict(n), n))
+    return min(moves, key=lambda m: m[0])[1] if moves else None
+
+
+def _check_reachable(fastest: float, T: float, base: float, target: Target, cfg: SolveConfig) -> None:
+    if T < fastest or T > base * (1 + 1e-9):
+        raise BudgetError(
+            f"latency budget of {T * 1e3:.3f} ms ({T / base:.3f}x) is outside the reachable range "
+            f"[{fastest * 1e3:.3f}, {base * 1e3:.3f}] ms = [{fastest / base:.3f}x, 1.000x] of the original on "
+            f"{target.name()} (predicted; min width {cfg.min_ratio:.0%} of each group, widths aligned to "
+            f"{cfg.alignment()}{'; latency budgets do not grow models: use a MAC budget' if T > base else ''})")
+
+
+def _verdict(history: list, best, T: float, base: float, tol: float) -> tuple[dict, float, str]:
+    """The best measured assignment at or below ``T``, with a ``BudgetWarning`` when it is outside the window
+    (or, when every attempt was above ``T``, the fastest one)."""
+    if best is None:
+        h = min(history, key=lambda h: h["measured"])
+        warn(_miss(h["measured"], T, base, "above", tol), _budget_warning())
+        return h["units"], h["measured"], h["binding"]
+    if best[2] == "latency" and best[1] < (1 - tol) * T:
+        warn(_miss(best[1], T, base, "below", tol), _budget_warning())
+    return best
 
 
 def _budget_warning():
@@ -324,53 +368,10 @@ def _budget_warning():
     return BudgetWarning
 
 
-def _miss(m: float, T: float, base: float, side: str) -> str:
+def _miss(m: float, T: float, base: float, side: str, tol: float) -> str:
     return (f"measured latency {m * 1e3:.3f} ms ({m / base:.3f}x) for a budget of {T * 1e3:.3f} ms "
-            f"({T / base:.3f}x): {abs(m - T) / T:.1%} {side}, outside the {TOL:.0%} window after the repairs "
+            f"({T / base:.3f}x): {abs(m - T) / T:.1%} {side}, outside the {tol:.0%} window after the repairs "
             f"(aligned widths too coarse, or timing noise)")
-
-
-# ---- deterministic stand-ins for tests and examples -------------------------------------------------
-
-
-def step_timer(key: tuple, block: int = 8) -> float:
-    """A deterministic layer time: MACs / 1e9 s, doubled when the channels are not multiples of ``block``
-    (the step onnxruntime's NCHWc kernels show), plus 2 us.
-
-    >>> k = ("conv", 1, 16, 16, 1, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), True, "float32")
-    >>> step_timer(k) < step_timer(k[:2] + (15,) + k[3:])
-    True
-    """
-    if key[0] == "linear":
-        _, rows, fin, fout = key[:4]
-        macs, chans = rows * fin * fout, (fin, fout)
-    else:
-        n, cin, cout, groups, spatial, kernel = key[1:7]
-        stride = key[7]
-        out = math.prod(max(1, s // st) for s, st in zip(spatial, stride))
-        macs, chans = n * cout * (cin // groups) * math.prod(kernel) * out, (cin, cout)
-    slow = 2.0 if any(c % block for c in chans) else 1.0
-    return macs * slow / 1e9 + 2e-6
-
-
-def fake_lut(timer: Callable = step_timer) -> LUT:
-    """A lookup table over ``timer`` cached in a fresh temporary folder (no measurement)."""
-    import tempfile
-    from pathlib import Path
-
-    return LUT(Target(), timer=timer, path=Path(tempfile.mkdtemp()) / "lut.json", progress=False)
-
-
-class FakeMeasure:
-    """Deterministic end-to-end latency: the ``lut`` sum at ``units`` times ``gain`` plus ``overhead`` seconds;
-    counts its calls."""
-
-    def __init__(self, a, lut: LUT, gain: float = 1.1, overhead: float = 1e-5):
-        self.a, self.lm, self.gain, self.overhead, self.calls = a, LatencyModel(a, lut, 0.0), gain, overhead, 0
-
-    def __call__(self, units: dict) -> float:
-        self.calls += 1
-        return self.gain * self.lm.lut_sum(units) + self.overhead
 
 
 def adapt_latency(model, budget, example_inputs, cfg: SolveConfig = SolveConfig(), **kw):

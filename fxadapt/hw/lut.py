@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fxadapt.hw.target import Target, median_time, onnx_runner
+from fxadapt.hw.target import Target, median_time
 
 ENV = "FXADAPT_CACHE_DIR"
 
@@ -112,12 +112,7 @@ class LUT:
 
     def measure(self, key: tuple) -> float:
         """Time one layer alone on the target (see module docstring)."""
-        if self.target.runtime == "onnxruntime":
-            proto, feed = layer_onnx(key)
-            fn = onnx_runner(proto.SerializeToString(), feed, self.target)
-        else:
-            fn = _torch_layer(key, self.target)
-        return median_time(fn, self.runs, 2, self.budget_s, self.target.clock)
+        return median_time(self.target.layer(key), self.runs, 2, self.budget_s, self.target.clock)
 
 
 def _untext(v):
@@ -179,7 +174,13 @@ def layer_onnx(key: tuple):
     return proto, {"x": x}
 
 
-def _torch_layer(key: tuple, target: Target) -> Callable:
+def layer_module(key: tuple) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The ``torch.nn`` layer of ``key`` and an input for it.
+
+    >>> mod, x = layer_module(("linear", 3, 8, 5, True, "float32"))
+    >>> tuple(mod(x).shape)
+    (3, 5)
+    """
     dt = torch.float16 if key[-1] == "float16" else torch.float32
     if key[0] == "linear":
         _, rows, fin, fout, bias, _ = key
@@ -191,7 +192,4 @@ def _torch_layer(key: tuple, target: Target) -> Callable:
         extra = {"output_padding": opad} if transposed else {}
         mod = cls(cin, cout, kernel, stride, pad, dilation=dil, groups=groups, bias=bias, **extra)
         x = torch.randn(n, cin, *spatial)
-    from fxadapt.hw.target import _torch_runner
-    from fxadapt.ir.inputs import Inputs
-
-    return _torch_runner(mod.to(dt), Inputs((x.to(dt),), {}), target)
+    return mod.to(dt), x.to(dt)

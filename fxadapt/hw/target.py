@@ -117,6 +117,17 @@ class Target:
             return _torch_runner(model, inp, self)
         return onnx_runner(onnx_bytes(model, inp), inp, self)
 
+    def layer(self, key: tuple) -> Callable[[], Any]:
+        """A no-argument callable that runs the single layer ``key`` (``fxadapt.hw.keys``) on this target: a
+        one-node ONNX graph for onnxruntime, the ``torch.nn`` module for torch."""
+        from fxadapt.hw.lut import layer_module, layer_onnx
+
+        if self.runtime == "onnxruntime":
+            proto, feed = layer_onnx(key)
+            return onnx_runner(proto.SerializeToString(), feed, self)
+        mod, x = layer_module(key)
+        return _torch_runner(mod, Inputs((x,), {}), self)
+
 
 def _version(runtime: str) -> str:
     if runtime == "torch":

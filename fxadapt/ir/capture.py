@@ -9,7 +9,8 @@ modules (``passes/lift_modules``) so ``.train()``/``.eval()`` work; lint. The mo
 export fails, to tell wrong inputs (``InputError``) from untraceable code (``CaptureError``, naming the
 user's source line) and to register dataclass outputs as pytree nodes.
 
-KV caches: when ``forward`` takes ``use_cache`` and the example inputs do not set it, the copy is called
+KV caches: when ``forward`` takes ``use_cache`` (by name, or through ``**kwargs`` of a model whose config has
+``use_cache=True``) and the example inputs do not set it, the copy is called
 with ``use_cache=False`` (a ``UserWarning`` says so): a cache object (``DynamicCache``) is no tensor
 pytree and its key/value tensors would pin every attention width as a model output. Set ``use_cache``
 in the example inputs to override. ``as_called(model, inputs)`` gives the inputs the original model must
@@ -50,7 +51,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxadapt import meta
-from fxadapt.errors import CaptureError, InputError
+from fxadapt.errors import CaptureError, InputError, warn
 from fxadapt.ir.inputs import Inputs, as_inputs
 from fxadapt.passes.lift_modules import LiftConfig, lift_modules
 
@@ -73,7 +74,9 @@ def normalize_inputs(example_inputs: Any) -> tuple:
 
 
 def fixed_kwargs(model: nn.Module, inputs: Inputs) -> dict:
-    """Keyword arguments capture adds: ``use_cache=False`` where ``forward`` takes it and it is unset.
+    """Keyword arguments capture adds: ``use_cache=False`` where it is unset and ``forward`` takes it, by name
+    or through ``**kwargs`` into a model whose config turns the cache on (GraniteMoE's causal LM hands its
+    ``**kwargs`` to the inner model, whose ``use_cache`` defaults to ``config.use_cache``).
 
     >>> fixed_kwargs(torch.nn.Linear(2, 2), as_inputs(torch.ones(1, 2)))
     {}
@@ -82,7 +85,11 @@ def fixed_kwargs(model: nn.Module, inputs: Inputs) -> dict:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {"use_cache": False} if "use_cache" in params and "use_cache" not in inputs.kwargs else {}
+    if "use_cache" in inputs.kwargs:
+        return {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    cached = getattr(getattr(model, "config", None), "use_cache", None) is True
+    return {"use_cache": False} if "use_cache" in params or (var_kw and cached) else {}
 
 
 def as_called(model: nn.Module, example_inputs: Any) -> Inputs:
@@ -185,6 +192,10 @@ def _hint(text: str) -> str:
     if cache:
         return (f"the output holds a {cache.group(1)} (a KV cache, no tensor pytree): "
                 f"leave use_cache unset (capture then passes use_cache=False) or set use_cache=False")
+    swap = re.search(r"Couldn't swap (\w+)\.(\w+)", text)
+    if swap:   # Module._apply swaps every parameter, which the fake parameters of a trace refuse
+        return (f"forward converts a {swap.group(1)} module (module.to(...) / .float() / .half()), which torch.export "
+                f"cannot trace: convert the model once before transform and remove the conversion from forward")
     return ""
 
 
@@ -227,8 +238,10 @@ def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> tor
             err = e
     text = str(err).strip()
     first = text.splitlines()[0] if text else type(err).__name__
+    where = f"at {_where(err, model)}"
+    hint = _hint(text)
     raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph: {type(err).__name__}: "
-                       f"{first}\n  {_hint(text) or 'at ' + _where(err, model)}") from err
+                       f"{first}\n  {hint + chr(10) + '  ' + where if hint else where}") from err
 
 
 def _first_names(gm: GraphModule) -> None:
@@ -254,8 +267,8 @@ def _working_copy(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, dict]:
     work = copy.deepcopy(model).eval()
     fixed = fixed_kwargs(work, inputs)
     if fixed:
-        warnings.warn(f"fxadapt.capture: calling {type(model).__name__} with use_cache=False: the KV cache is "
-                      f"not captured (set use_cache in example_inputs to choose)", stacklevel=3)
+        warn(f"fxadapt.capture: calling {type(model).__name__} with use_cache=False: the KV cache is "
+                      f"not captured (set use_cache in example_inputs to choose)")
         work.forward = functools.partial(work.forward, **fixed)
     return work, fixed
 

@@ -145,5 +145,21 @@ def only_axis(ctx: Ctx, t: Track | None, axis: int, what: str) -> np.ndarray | N
     return t.labels
 
 
+_SHAPE_ONLY = aten_ops("squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default")
+
+
+def param_behind_squeezes(x: Any, shape) -> Any:
+    """``x``, or the parameter a chain of squeeze/unsqueeze calls reads when the chain gives back the
+    parameter's own shape (Mamba hands its kernel ``conv1d.weight.squeeze(1)``, which the kernel's fallback
+    unsqueezes again): the layer reads that parameter, position for position. ``shape``: ``Ctx.shape``."""
+    node = x
+    while isinstance(node, Node) and node.op == "call_function" and node.target in _SHAPE_ONLY:
+        node = node.args[0]
+    if node is x or not (isinstance(node, Node) and node.op == "get_attr"):
+        return x
+    ref = ParamRef(node.target)
+    return ref if shape(ref) == shape(x) else x
+
+
 def passthrough(t: Track | None) -> Track | None:
     return t

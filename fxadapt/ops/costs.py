@@ -25,10 +25,11 @@ from __future__ import annotations
 import math
 
 from fxadapt.ir.channels import ParamRef
+from fxadapt.ops.core import param_behind_squeezes
 
 
 def conv_macs(call, cx):
-    w, out = call.arg(1, "weight"), cx.out_shape
+    w, out = param_behind_squeezes(call.arg(1, "weight"), cx.shape), cx.out_shape
     if not isinstance(w, ParamRef):  # weight computed at run time (a slice): the rule froze it, fixed size
         return math.prod(out) / out[1], [cx.const(s) for s in cx.shape(w)]
     return math.prod(out) / out[1], cx.weight_factors(w)

@@ -98,6 +98,7 @@ def _out_shapes(ctx) -> list[tuple]:
 
 
 @rule(*aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default", "tensor_split.sections",
+                "tensor_split.indices",
                 "split_with_sizes_copy.default", "unsafe_split.Tensor", "unsafe_chunk.default"), kind="reindexes",
       zero="preserves", edit=edits.resplit)
 def split(call, ctx):
@@ -185,6 +186,25 @@ def getitem(call, ctx):
     return None
 
 
+_TRANSPOSE_DIMS = aten_ops("transpose.int")
+_TRANSPOSES = aten_ops("t.default", "numpy_T.default") + _TRANSPOSE_DIMS
+
+
+def _weight(ctx, b, sb: tuple) -> tuple[ParamRef, int, int] | None:
+    """The right operand as a 2-D weight: ``(param, contracted axis, column axis)`` of the parameter itself
+    (``x @ W``), or of the parameter a transpose reads (``x @ W.T``: FalconLinear, hand-written layers)."""
+    if isinstance(b, ParamRef):
+        return (b, 0, 1) if len(sb) == 2 else None
+    if len(sb) != 2 or not isinstance(b, Node) or b.target not in _TRANSPOSES or not b.args:
+        return None
+    src = b.args[0]
+    if not (isinstance(src, Node) and src.op == "get_attr") or len(ctx.shape(ParamRef(src.target)) or ()) != 2:
+        return None
+    if b.target in _TRANSPOSE_DIMS and {norm_dim(d, 2) for d in b.args[1:3]} != {0, 1}:
+        return None
+    return ParamRef(src.target), 1, 0
+
+
 def _matmul(ctx, a, b, out_nd: int):
     sa, sb = ctx.shape(a), ctx.shape(b)
     if len(sa) < 2 or len(sb) < 2:
@@ -193,22 +213,24 @@ def _matmul(ctx, a, b, out_nd: int):
     ka, kb = len(sa) - 1, len(sb) - 2
     la = only_axis(ctx, ta, ka, "a matmul contraction") if ta is not None and ka in ta.axes else None
     lb = only_axis(ctx, tb, kb, "a matmul contraction") if tb is not None and kb in tb.axes else None
+    weight = _weight(ctx, b, sb) if tb is None else None
     if la is not None and lb is not None:
         ctx.couple(la, lb)
         ctx.site("mix", la, "mix")
-    elif la is not None and isinstance(b, ParamRef):
-        ctx.param_site(b, kb, la, "in")
+    elif la is not None and weight is not None:
+        ctx.param_site(weight[0], weight[1], la, "in")
     elif la is not None or lb is not None:
         ctx.freeze(la if la is not None else lb, "contracted with a fixed-size tensor")
     rest_a = _reduced(ctx, ta, [ka], keep=True) if ta is not None else None
     rest_b = _reduced(ctx, tb, [kb], keep=True) if tb is not None else None
     outs = []
-    for rest, nd in ((rest_a, len(sa)), (rest_b, len(sb))):
+    for rest, nd, other, t_other in ((rest_a, len(sa), sb, tb), (rest_b, len(sb), sa, ta)):
         if rest is not None:
             outs.append(rest.moved({x: x + out_nd - nd for x in rest.axes}))
-    if isinstance(b, ParamRef) and len(sb) == 2:
+            _fixed_batch(ctx, outs[-1], other, t_other, out_nd)
+    if weight is not None:
         new = ctx.new(sb[1])
-        ctx.param_site(b, 1, new, "out")
+        ctx.param_site(weight[0], weight[2], new, "out")
         if not outs:
             return Track((out_nd - 1,), new)
         ctx.freeze(new, "matmul output columns beside tracked channels")
@@ -218,6 +240,18 @@ def _matmul(ctx, a, b, out_nd: int):
         ctx.couple(big.labels, _expand(small, big))
         return big
     return _align_all(ctx, outs, "matrix product") if len(outs) > 1 else (outs[0] if outs else None)
+
+
+def _fixed_batch(ctx, out: Track, other: tuple, t_other: Track | None, out_nd: int) -> None:
+    """Freeze channels one operand carries on a batch axis (any axis but the last two) where the other
+    operand has the same axis at a size above one but carries no channels there: the two batch axes are
+    paired element by element (``bmm(attn_probs, v)`` with heads merged into the batch axis, the probs'
+    heads frozen upstream), so slicing one side alone leaves the batch sizes unequal."""
+    off = out_nd - len(other)
+    fixed = [o for o in out.axes if o < out_nd - 2 and 0 <= o - off < len(other) - 2 and other[o - off] > 1
+             and (t_other is None or o - off not in t_other.axes)]
+    if fixed:
+        ctx.freeze(out, f"matmul batch axis {fixed[0]} paired with an operand of fixed size {other[fixed[0] - off]}")
 
 
 @rule(*aten_ops("matmul.default", "mm.default", "bmm.default"), kind="couples", cost=costs.matmul_macs,

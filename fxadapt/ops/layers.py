@@ -9,16 +9,21 @@ Convolution, weight ``W[O, I/g, k...]`` (transposed: ``W[I, O/g, k...]``):
 - grouped (``1 < groups < C_in``): channels are viewed as ``[groups, C/groups]`` and the labels of one
   intra-group position are unioned across groups, so every kept position is kept in every group and
   ``groups`` stays fixed (granularity = ``groups``).
+
+A bias is sliced with the output channels when it is a parameter; a bias computed at run time
+(``F.multi_head_attention_forward`` chunks ``cat(q_bias, k_bias, v_bias)``) follows them only when it carries
+their channel labels, otherwise the output channels are frozen (its size cannot change with them).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from torch.fx import Node
 
 from fxadapt.hw import keys
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import costs, edits, lifts
-from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, rule
+from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, param_behind_squeezes, rule
 from fxadapt.ops.registry import Lift
 
 
@@ -29,10 +34,23 @@ def _grouped(ctx, labels: np.ndarray, groups: int) -> np.ndarray:
     return blocks[0]
 
 
+def _bias_site(ctx, b, out: np.ndarray, what: str) -> None:
+    """The bias ``b`` of a layer whose output channels are ``out`` (see the module docstring)."""
+    if not isinstance(b, Node):
+        ctx.param_site(b, 0, out, "bias")
+        return
+    t = ctx.track(b)
+    if t is not None and t.axes == (0,) and t.labels.shape == out.shape:
+        ctx.couple(t.labels, out)
+        return
+    ctx.freeze(out, f"{what} bias is computed at run time ({b.name}) and does not follow its output channels")
+    ctx.freeze(t, f"{what} bias is computed at run time ({b.name}) and does not follow its output channels")
+
+
 def _conv(call, ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
     """Shared conv logic; ``w_axes`` = (weight axis of output channels, weight axis of input channels);
     ``groups_arg``: the argument position of ``groups`` (rewritten when a depthwise conv is sliced)."""
-    x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
+    x, w, b = call.arg(0, "input"), param_behind_squeezes(call.arg(1, "weight"), ctx.shape), call.arg(2, "bias")
     if not isinstance(w, ParamRef):
         return Blocked("convolution weight is computed at run time")
     out_ax, in_ax = w_axes
@@ -43,7 +61,7 @@ def _conv(call, ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
             return None
         out = np.repeat(tin, cout // cin)
         ctx.param_site(w, 0, out if out_ax == 0 else tin, "dw")
-        ctx.param_site(b, 0, out, "bias")
+        _bias_site(ctx, b, out, "convolution")
         ctx.site("groups", tin, "groups", arg=groups_arg)
         return Track((1,), out)
     if tin is not None:
@@ -52,7 +70,7 @@ def _conv(call, ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
     out = ctx.new(cout)
     out_lab = _grouped(ctx, out, groups) if groups > 1 else out
     ctx.param_site(w, out_ax, out if out_ax == 0 else out_lab, "out")
-    ctx.param_site(b, 0, out, "bias")
+    _bias_site(ctx, b, out, "convolution")
     return Track((1,), out)
 
 
@@ -88,7 +106,7 @@ def linear(call, ctx):
     t = ctx.track(x)
     new = ctx.new(ctx.shape(w)[0])
     ctx.param_site(w, 0, new, "out")
-    ctx.param_site(b, 0, new, "bias")
+    _bias_site(ctx, b, new, "linear")
     if t is not None and last not in t.axes:
         ctx.freeze(new, "linear over an untracked axis while channels sit on another axis")
         return t

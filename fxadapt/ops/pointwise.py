@@ -78,9 +78,10 @@ SUMS = aten_ops("add.Tensor", "add_.Tensor")
 PRODUCTS = aten_ops("mul.Tensor", "mul_.Tensor")
 BINARY = aten_ops(
     "sub.Tensor", "sub_.Tensor", "div.Tensor",
-    "div_.Tensor", "div.Tensor_mode", "maximum.default", "minimum.default", "pow.Tensor_Tensor",
+    "div_.Tensor", "div.Tensor_mode", "maximum.default", "minimum.default", "max.other", "min.other",
+    "pow.Tensor_Tensor",
     "eq.Tensor", "ne.Tensor", "gt.Tensor", "lt.Tensor", "ge.Tensor", "le.Tensor", "atan2.default",
-    "where.self", "masked_fill.Scalar", "masked_fill.Tensor", "rsub.Tensor", "clamp.Tensor",
+    "where.self", "where.ScalarOther", "where.ScalarSelf", "where.Scalar", "masked_fill.Scalar", "masked_fill.Tensor", "rsub.Tensor", "clamp.Tensor",
     "copy.default", "copy_.default", "logical_and.default", "logical_or.default", "bitwise_and.Tensor",
     "addcmul.default", "addcdiv.default", "lerp.Tensor", "lerp.Scalar", "hardtanh_backward.default",
 )

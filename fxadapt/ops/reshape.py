@@ -147,8 +147,9 @@ def _touches_last_axis(node, op) -> bool:
 
 def _heads_split(call, ctx) -> bool:
     """Whether this view splits attention heads that are to be kept whole (see module docstring)."""
-    mode = attention_mode(ctx)
-    if mode == "head_dim" or len(ctx.out_shape()) <= len(ctx.shape(call.arg(0, "self"))):
+    mode = attention_mode(ctx)   # a view that keeps the rank can split heads too: GPT-BigCode's multi-query
+    # attention views its query [B, 1, S, H*D] (an unsqueeze before the split) as [B, S, H, D]
+    if mode == "head_dim" or len(ctx.out_shape()) < len(ctx.shape(call.arg(0, "self"))):
         return False
     reaches, _ = attention_split(call.node)
     return reaches and (mode == "heads" or AUTO_WITHOUT_ROTARY == "heads" or _model_rotary(ctx, call.node.graph))

@@ -8,6 +8,12 @@ so a broken rewrite is reported at the step that broke it. A step's ``when`` dec
 runs at all (``fold_bn`` only when asked, ``export`` only for an ExportedProgram result); the runner reports
 progress as ``progress(name, done, total)`` and records each step's wall time.
 
+Errors name the step they came from: an ``FxAdaptError`` (bad input, a budget out of reach, a failed check)
+passes through as raised, with ``.step`` set to the step's name and a note (PEP 678) ``in fxadapt step
+'verify' (after capture, analyze, ...)``; any other exception is a bug in fxadapt and becomes one
+``InternalError`` naming the step and the steps before it, raised ``from`` the original. ``KeyboardInterrupt``
+and ``SearchInterrupted`` (a search stopped on purpose) pass through unchanged.
+
 Example:
     >>> from dataclasses import dataclass, replace
     >>> @dataclass(frozen=True)
@@ -20,6 +26,9 @@ Example:
     >>> out = run_steps(steps, J(n=3))
     >>> out.n, [name for name, _ in out.timings]
     (7, ['double', 'inc'])
+    >>> run_steps(steps + (Step("oops", lambda j: j.missing),), J(n=3))
+    Traceback (most recent call last):
+    fxadapt.errors.InternalError: step 'oops' failed (after double, inc): AttributeError: 'J' object has no attribute 'missing' — a bug in fxadapt, not in your input; please report it with the model (the original exception is chained)
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fxadapt.errors import FxAdaptError, InternalError, SearchInterrupted
 from fxadapt.passes.shape_check import shape_check
 
 
@@ -44,12 +54,44 @@ def run_steps(steps: tuple[Step, ...], job, progress: Callable | None = None):
     active = [s for s in steps if s.when(job)]
     for i, step in enumerate(active, 1):
         t0 = time.perf_counter()
-        before = job.gm
-        job = step.run(job)
-        if job.gm is not None and job.gm is not before:
-            job.gm.graph.lint()
-            shape_check(job.gm, job.inputs, fake=True)
+        job = _run_step(step, job, [s.name for s in active[:i - 1]])
         job = dataclasses.replace(job, timings=job.timings + ((step.name, time.perf_counter() - t0),))
         if progress is not None:
             progress(step.name, i, len(active))
     return job
+
+
+def _run_step(step: Step, job, done: list[str]):
+    """``step`` on ``job`` and the checks of the graph it made; an error names the step (module docstring)."""
+    before = job.gm
+    try:
+        job = step.run(job)
+        if job.gm is not None and job.gm is not before:
+            job.gm.graph.lint()
+            shape_check(job.gm, job.inputs, fake=True)
+    except SearchInterrupted:
+        raise
+    except FxAdaptError as e:
+        if getattr(e, "step", None) is None:
+            e.step = step.name
+            _add_note(e, f"in fxadapt step '{step.name}' ({_after(done)})")
+        raise
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise InternalError(f"step '{step.name}' failed ({_after(done)}): {what} — a bug in fxadapt, not in "
+                            f"your input; please report it with the model (the original exception is chained)"
+                            ) from e
+    return job
+
+
+def _after(done: list[str]) -> str:
+    return f"after {', '.join(done)}" if done else "the first step"
+
+
+def _add_note(e: BaseException, note: str) -> None:
+    """PEP 678's ``add_note`` (Python 3.11+); on 3.10 the note is kept in ``__notes__`` alone."""
+    if hasattr(e, "add_note"):
+        e.add_note(note)
+    else:
+        e.__notes__ = [*getattr(e, "__notes__", []), note]

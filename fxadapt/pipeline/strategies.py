@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch.fx import GraphModule
 
-from fxadapt import meta
+from fxadapt import dist, meta
 from fxadapt.analysis import analyze
 from fxadapt.errors import (
     BudgetError,
@@ -38,6 +39,9 @@ from fxadapt.planning.uniform import uniform_widths
 from fxadapt.search.dna import dna
 from fxadapt.search.fur import fur
 
+if TYPE_CHECKING:
+    from fxadapt.pipeline.transform import Job
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -49,13 +53,16 @@ class Outcome:
     preserving: bool = False
 
 
-def datafree(job) -> Outcome:
-    a, target, cfg = job.analysis, job.target.macs, job.cfg
-    if job.target.latency is not None:
+def datafree(job: Job) -> Outcome:
+    a, target, cfg = job.analysis, job.goal.macs, job.cfg
+    if job.goal.latency is not None:
         return _latency(job)
-    a, slots = _deepened(a, target) if cfg.grow_depth and target > a.macs() else (a, frozenset())
-    start = job.target.target.align() if job.target.target is not None and cfg.solve.align == "auto" else None
-    if cfg.layers == "uniform":
+    a, slots = _deepened(a, target, cfg.solve.tol) if cfg.grow_depth and target > a.macs() else (a, frozenset())
+    hw = job.goal.target   # the hardware Target of a latency / target budget
+    start = hw.align() if hw is not None and cfg.solve.align == "auto" else None
+    if slots and a.macs() >= target:   # the copies alone land in the growth window: widths stay
+        units, align = {}, 1
+    elif cfg.layers == "uniform":
         units, align = _uniform_solve(a, target, cfg.solve, start)
     else:
         units, align = aligned_solve(a, target, cfg.solve, start)
@@ -64,24 +71,34 @@ def datafree(job) -> Outcome:
     return Outcome(a.gm, plan, a, ({"align": align},), slots, preserving)
 
 
-def _latency(job) -> Outcome:
+def _latency(job: Job) -> Outcome:
     """A latency budget on its target; with ``"auto"`` alignment, the target's block or, where that cannot
-    reach the budget, the largest power-of-two fraction of it that can."""
+    reach the budget or its window (measured), the largest power-of-two fraction of it that can."""
+    from fxadapt.errors import BudgetWarning
     from fxadapt.hw.latency import solve_latency
     from fxadapt.hw.target import Target
 
     a, solve = job.analysis, job.cfg.solve
-    align = (job.target.target or Target()).align() if solve.align == "auto" else solve.alignment()
+    align = (job.goal.target or Target()).align() if solve.align == "auto" else solve.alignment()
     while True:
-        try:
-            sol = solve_latency(a, job.target, cfg=dataclasses.replace(solve, align=align))
-            head = {"align": align, "latency_s": sol.latency, "latency_budget_s": sol.budget,
-                    "latency_base_s": sol.base, "binding": sol.binding}
-            return Outcome(a.gm, make_plan(a, sol.units), a, (head, *sol.history))
-        except BudgetError:
-            if solve.align != "auto" or align == 1:
-                raise
-            align //= 2
+        finer = solve.align == "auto" and align > 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                sol = solve_latency(a, job.goal, cfg=dataclasses.replace(solve, align=align))
+            except BudgetError:
+                if not finer:
+                    raise
+                align //= 2
+                continue
+        if finer and any(issubclass(w.category, BudgetWarning) for w in caught):
+            align //= 2                  # missed the window at this alignment: finer widths may reach it
+            continue
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        head = {"align": align, "latency_s": sol.latency, "latency_budget_s": sol.budget,
+                "latency_base_s": sol.base, "binding": sol.binding}
+        return Outcome(a.gm, make_plan(a, sol.units), a, (head, *sol.history))
 
 
 def aligned_solve(a, target: float, solve: SolveConfig, start: int | None = None) -> tuple[dict[int, int], int]:
@@ -123,26 +140,28 @@ def _uniform_solve(a, target: float, solve: SolveConfig, start: int | None) -> t
                           dataclasses.replace(solve, align=1)), 1
 
 
-def _deepened(a, target: float):
+def _deepened(a, target: float, tol: float):
     """The analysis of ``a``'s graph with one zero-initialised copy after every repeatable block (if that
-    stays within the target), and the ids of the inserted blocks."""
+    stays within the growth window ``[., (1 + tol) T]``), and the ids of the inserted blocks."""
     repeat = {b.id: 1 for b in a.blocks if b.repeatable and repeat_blocker(a.gm, b) is None}
     if not repeat:
         return a, frozenset()
     deep = apply_plan(a.gm, make_plan(a, {}, repeat=repeat)).graph_module
     shape_check(deep, a.gm.meta[meta.INPUTS])
     a2 = analyze(deep)
-    if a2.macs() > target:
+    if a2.macs() > target * (1 + tol):      # beyond the growth window: the widths would have to shrink
         return a, frozenset()
     nodes = {n.name: n for n in a2.gm.graph.nodes}
     return a2, frozenset(b.id for b in a2.blocks if meta.REPEAT_OF in nodes[b.exit].meta)
 
 
-def _searched(job, run, scfg) -> Outcome:
-    if job.target.macs is None:
-        raise BudgetError(f"strategy={job.cfg.strategy!r} searches for a MAC budget and cannot take a latency-only "
-                          f"budget yet: use strategy='datafree' for Budget(latency=...), or give the search macs=")
-    base, plan, sn, state = run(job.analysis, job.target.macs, job.data, job.val_data, scfg)
+def _searched(job: Job, run, scfg) -> Outcome:
+    """``run`` (``dna`` or ``fur``) with ``scfg`` on the transform's device and precision (the one source:
+    ``TransformConfig.device`` / ``.precision``)."""
+    ctx = dist.setup(job.cfg.device, job.cfg.precision)
+    if job.goal.latency is not None:
+        return _latency_search(job, run, scfg, ctx)
+    base, plan, sn, state = run(job.analysis, job.goal.macs, job.data, job.val_data, scfg, ctx)
     if base is None:
         raise SearchInterrupted(f"search stopped at step {state.step} of {scfg.steps}; "
                                 f"checkpoint {scfg.checkpoint} resumes it")
@@ -151,23 +170,32 @@ def _searched(job, run, scfg) -> Outcome:
     return Outcome(base, plan, sn.analysis, history, slots)
 
 
+def _latency_search(job: Job, run, scfg, ctx) -> Outcome:
+    """DNA with the expected latency in its loss (``fxadapt.search.latency_loss``), repaired on the target."""
+    from fxadapt.search.latency_loss import dna_latency
+
+    if run is not dna:
+        raise BudgetError(f"strategy={job.cfg.strategy!r} searches for MAC budgets only: use strategy='dna' (the "
+                          f"expected latency is part of its loss) or 'datafree' for Budget(latency=...)")
+    base, plan, sn, state, sol = dna_latency(job.analysis, job.goal, job.data, job.val_data,
+                                             dataclasses.replace(scfg, solve=job.cfg.solve), ctx)
+    head = {"latency_s": sol.latency, "latency_budget_s": sol.budget, "latency_base_s": sol.base,
+            "binding": sol.binding, "searched": "dna, expected latency in the loss"}
+    return Outcome(base, plan, sn.analysis, (head, *state.history, *sol.history))
+
+
 def _search_solve(solve: SolveConfig) -> SolveConfig:
     """The searches rescale inside their supernet's bins: "auto" alignment becomes the CPU's block only
     when asked explicitly (the supernet's bins are not aligned), so "auto" means 1 there."""
     return dataclasses.replace(solve, align=1) if solve.align == "auto" else solve
 
 
-def search_dna(job) -> Outcome:
-    c = job.cfg
-    over = {"device": c.device, "precision": c.precision, "solve": _search_solve(c.solve)}
-    over |= {"steps": c.steps} if c.steps is not None else {}
-    return _searched(job, dna, dataclasses.replace(c.search, **over))
+def search_dna(job: Job) -> Outcome:
+    return _searched(job, dna, dataclasses.replace(job.cfg.search, solve=_search_solve(job.cfg.solve)))
 
 
-def search_fur(job) -> Outcome:
-    c = job.cfg
-    return _searched(job, fur, dataclasses.replace(c.fur, device=c.device, precision=c.precision,
-                                                   solve=_search_solve(c.solve)))
+def search_fur(job: Job) -> Outcome:
+    return _searched(job, fur, dataclasses.replace(job.cfg.fur, solve=_search_solve(job.cfg.solve)))
 
 
 STRATEGIES = {"datafree": datafree, "dna": search_dna, "fur": search_fur}

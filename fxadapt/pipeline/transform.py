@@ -34,94 +34,69 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
+from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
 from fxadapt import meta
-from fxadapt.analysis import analyze
+from fxadapt.analysis import Analysis, analyze
 from fxadapt.analysis.count import run_counted
-from fxadapt.errors import BudgetError, FxAdaptError, InputError
+from fxadapt.errors import BudgetError, FxAdaptError, warn
 from fxadapt.export.report import Report, attach
 from fxadapt.ir.capture import as_called, capture
-from fxadapt.ir.inputs import as_inputs
+from fxadapt.ir.inputs import Inputs, as_inputs
 from fxadapt.passes.fold_bn import fold_bn as fold_bn_pass
 from fxadapt.passes.materialize import materialize
 from fxadapt.passes.rewire_blocks import rewire_blocks
 from fxadapt.pipeline import verify
+from fxadapt.pipeline.config import TransformConfig, transform_config
 from fxadapt.pipeline.runner import Step, run_steps
 from fxadapt.pipeline.strategies import STRATEGIES, Outcome, SearchInterrupted  # noqa: F401  (re-export)
 from fxadapt.pipeline.verify import VerificationError  # noqa: F401  (re-export)
-from fxadapt.planning.budget import Budget, parse_budget
-from fxadapt.planning.solver import SolveConfig
-from fxadapt.search.dna import SearchConfig
-from fxadapt.search.fur import FurConfig
+from fxadapt.planning.budget import Goal, parse_budget
+from fxadapt.search.dna import SearchConfig  # noqa: F401  (re-export)
 from fxadapt.train.recalibrate import recalibrate_bn
 from fxadapt.writeback.build import Reference
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    """Every option of ``transform``; any field can also be given to ``transform`` as a keyword."""
-
-    strategy: str = "auto"          # "datafree", "dna", "fur"; "auto": dna with data, else datafree
-    attention: str = "auto"         # "heads" (whole heads), "head_dim"; "auto": heads with rotary embeddings
-    fold_bn: bool = False           # fold BatchNorm into conv/linear (a deployable, not a trainable, model)
-    solve: SolveConfig = field(default_factory=lambda: SolveConfig(align="auto"))  # aligned where the budget allows
-    search: SearchConfig = field(default_factory=SearchConfig)
-    fur: FurConfig = field(default_factory=FurConfig)
-    grow_depth: bool = False        # data-free growth: first add a zero-initialised copy of every repeatable block
-    steps: int | None = None        # overrides search.steps
-    device: str = "cpu"             # where a search runs ("cuda": cuda:LOCAL_RANK under torchrun)
-    precision: str = "auto"         # search autocast: bf16 on CUDA, fp32 on CPU ("bf16"/"fp32" force it)
-    recalibrate_bn: int = 20        # batches of `data` to re-estimate BN statistics with after shrinking
-    output: str = "module"          # the user's own class ("module"), the verified "graph", or "exported_program"
-    write_back: str = "auto"        # "auto": fall back to the graph with a WriteBackWarning; "strict": raise
-    layers: str = "any"             # "uniform": repeated layers share widths (a stock config can state them)
-    atol: float = 1e-5
-    rtol: float = 1e-4
-    output_check: bool = False      # also run the original model to compare output structure (default: its recorded shapes)
-    progress: Callable | None = None   # progress(step_name, done, total) after every pipeline step
 
 
 @dataclass(frozen=True)
 class Job:
     """What the pipeline steps read and produce (each step returns a new ``Job``)."""
 
-    model: Any
-    inputs: Any
-    budget: Any
+    model: nn.Module | ExportedProgram
+    example_inputs: Any             # as the user gave them (a tensor, tuple, dict, ``Inputs``)
+    budget: Any                     # as the user gave it (a fraction, "200M", a ``Budget``)
     cfg: TransformConfig
     data: Any = None
     val_data: Any = None
+    inputs: Inputs | None = None    # the example inputs as the graph is called with them (set by capture)
     gm: GraphModule | None = None
-    planned: GraphModule | None = None
-    analysis: Any = None
-    target: Budget | None = None
+    planned: GraphModule | None = None          # the graph the plan was materialised from
+    analysis: Analysis | None = None
+    goal: Goal | None = None        # the budget resolved against the model: MACs, params, latency, target
     outcome: Outcome | None = None
     macs: float = 0.0
     outputs: Any = None            # the adapted graph's outputs at the example inputs (verify ran it)
     reference: Any = None          # what verify compared them with (the original's outputs or shapes)
-    result: Any = None
+    result: nn.Module | GraphModule | ExportedProgram | None = None
     note: str = ""
-    timings: tuple = ()
+    timings: tuple[tuple[str, float], ...] = ()
 
 
 def _capture(job: Job) -> Job:
-    if isinstance(job.model, torch.export.ExportedProgram):
+    if isinstance(job.model, ExportedProgram):
         from fxadapt.export.program import captured_from_program
 
-        gm = captured_from_program(job.model, job.inputs)
-        gm.meta.setdefault(meta.INPUTS, as_inputs(job.inputs))
+        gm = captured_from_program(job.model, job.example_inputs)
+        gm.meta.setdefault(meta.INPUTS, as_inputs(job.example_inputs))
     else:
         with warnings.catch_warnings():
             if _module_result(job):   # the graph drops the KV cache; the model handed back keeps it
                 warnings.filterwarnings("ignore", message=r"fxadapt\.capture: calling .* use_cache=False")
-            gm = capture(job.model, job.inputs, dynamic=_capture_mode(job))
+            gm = capture(job.model, job.example_inputs, dynamic=_capture_mode(job))
     return dataclasses.replace(job, gm=gm, inputs=gm.meta[meta.INPUTS])
 
 
@@ -134,14 +109,20 @@ def _attention(job: Job) -> str:
 
 def _analyze(job: Job) -> Job:
     a = analyze(job.gm, attention=_attention(job))
-    target = parse_budget(job.budget, a.macs(), a.params())
-    if target.macs is None and target.latency is None:
-        raise BudgetError("give macs= or latency= (a params budget alone is not solved; it is checked)")
+    goal = resolve(job.budget, a)
     if not a.prunable:
         reasons = sorted({g.reason for g in a.groups if g.reason})
         raise BudgetError(f"{type(job.model).__name__} has no prunable channel group: "
                           + ("; ".join(reasons[:3]) if reasons else "it has no conv, linear or embedding layer"))
-    return dataclasses.replace(job, analysis=a, target=target)
+    return dataclasses.replace(job, analysis=a, goal=goal)
+
+
+def resolve(budget: Any, a: Analysis) -> Goal:
+    """``budget`` against the analysed model (a ``BudgetError`` when it solves nothing)."""
+    goal = parse_budget(budget, a.macs(), a.params())
+    if goal.macs is None and goal.latency is None:
+        raise BudgetError("give macs= or latency= (a params budget alone is not solved; it is checked)")
+    return goal
 
 
 def _plan(job: Job) -> Job:
@@ -162,7 +143,7 @@ def _with_data(job: Job) -> bool:
 
 
 def _recalibrate(job: Job) -> Job:
-    if job.target.macs is not None and job.target.macs >= job.analysis.macs():  # growth keeps every statistic
+    if job.goal.macs is not None and job.goal.macs >= job.analysis.macs():  # growth keeps every statistic
         return job
     gm = _copy(job.gm)
     recalibrate_bn(gm, job.data, job.cfg.recalibrate_bn, job.cfg.search.batch_size)
@@ -171,8 +152,8 @@ def _recalibrate(job: Job) -> Job:
 
 def _fold(job: Job) -> Job:
     if job.model.training if isinstance(job.model, nn.Module) else False:
-        warnings.warn("fold_bn=True folds BatchNorm's running statistics (inference behaviour) of a model "
-                      "given in train mode; the result is returned in eval mode", stacklevel=4)
+        warn("fold_bn=True folds BatchNorm's running statistics (inference behaviour) of a model "
+                      "given in train mode; the result is returned in eval mode")
     folded = fold_bn_pass(job.gm).graph_module
     verify.check_close(verify.outputs(job.gm, job.inputs), verify.outputs(folded, job.inputs), job.cfg,
                        "BatchNorm folding", (job.gm, lambda m: fold_bn_pass(m).graph_module), job.inputs)
@@ -182,7 +163,7 @@ def _fold(job: Job) -> Job:
 def _verify(job: Job) -> Job:
     macs, got = run_counted(job.gm, job.inputs)
     if job.outcome.preserving or job.cfg.output_check:
-        ref_model = job.model.module() if isinstance(job.model, torch.export.ExportedProgram) else job.model
+        ref_model = job.model.module() if isinstance(job.model, ExportedProgram) else job.model
         reference = verify.outputs(ref_model, as_called(ref_model, job.inputs))
     else:  # the original graph's recorded output shapes, as torch.export traced them
         reference = verify.recorded_outputs(job.analysis.gm)
@@ -193,10 +174,10 @@ def _verify(job: Job) -> Job:
     o = job.outcome
     predicted = o.analysis.cost.macs(o.plan.units, {b: 0.0 for b in o.plan.remove})
     verify.check_predicted(macs, predicted)
-    if job.target.macs is not None:
-        verify.check_budget(macs, job.target.macs, job.analysis.macs(), job.cfg.solve)
-    if job.target.params is not None:
-        verify.check_params(job.gm, job.target.params)
+    if job.goal.macs is not None:
+        verify.check_budget(macs, job.goal.macs, job.analysis.macs(), job.cfg.solve)
+    if job.goal.params is not None:
+        verify.check_params(job.gm, job.goal.params)
     return dataclasses.replace(job, macs=macs, outputs=got, reference=reference)
 
 
@@ -213,7 +194,7 @@ def _write_back(job: Job) -> Job:
                f"({wb.reason}); returning the verified graph (a torch.fx.GraphModule) instead")
         if cfg.write_back == "strict":
             raise WriteBackError(msg)
-        warnings.warn(msg, WriteBackWarning, stacklevel=4)
+        warn(msg, WriteBackWarning)
         return dataclasses.replace(job, result=_batch_free(job), note=wb.reason)
     object.__setattr__(wb.module, "fxadapt_recipe", wb.recipe)
     return dataclasses.replace(job, result=wb.module)
@@ -301,20 +282,30 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, data: Any = No
               config: TransformConfig | None = None, **options: Any):
     """Return a copy of ``model`` (an ``nn.Module`` or a ``torch.export.ExportedProgram``) adapted to ``budget``.
 
-    ``options`` are ``TransformConfig`` fields (``strategy``, ``steps``, ``device``, ``fold_bn``, ``solve``,
-    ...) and override ``config``. ``data``/``val_data`` (tensors ``(x, y)``, a Dataset or a DataLoader) enable
-    the searches and BatchNorm re-estimation. See the module docstring for the pipeline."""
-    cfg = _config(config, options, data, val_data)
+    ``options`` are ``TransformConfig`` fields (``strategy``, ``device``, ``search``, ``fold_bn``, ``solve``,
+    ...) and override ``config``; an unknown one is an ``InputError`` listing the valid ones. ``data``/``val_data``
+    (tensors ``(x, y)``, a Dataset or a DataLoader) enable the searches and BatchNorm re-estimation. A list
+    of budgets returns a list of models, one per budget, from one capture and (DNA) one search
+    (``fxadapt.pipeline.many``). See the module docstring for the pipeline."""
+    if isinstance(budget, (list, tuple)):
+        from fxadapt.pipeline.many import transform_many
+
+        return transform_many(model, budget, example_inputs, data, val_data, config, **options)
+    cfg = transform_config(config, options, data, val_data)
     start = time.perf_counter()
     job = Job(model, example_inputs, budget, cfg, data, val_data)
-    job = run_steps(PIPELINE, job, cfg.progress)
-    out = job.gm
+    return finish(run_steps(PIPELINE, job, cfg.progress), start)
+
+
+def finish(job: Job, start: float):
+    """The model ``transform`` hands back from a finished job, with its ``fxadapt.report`` attached."""
+    cfg, model, out = job.cfg, job.model, job.gm
     if not cfg.fold_bn and isinstance(model, nn.Module):
         out.train(model.training)
-    rep = Report.build(job.analysis, job.outcome, out, job.target, job.macs, cfg.strategy,
+    rep = Report.build(job.analysis, job.outcome, out, job.goal, job.macs, cfg.strategy,
                        time.perf_counter() - start)
     result = job.result if job.result is not None else out
-    kind = ("exported_program" if isinstance(result, torch.export.ExportedProgram)
+    kind = ("exported_program" if isinstance(result, ExportedProgram)
             else "graph" if isinstance(result, GraphModule) else "module")
     rep = dataclasses.replace(rep, timings=job.timings, returned=kind, write_back=job.note,
                               dynamic=tuple(job.gm.meta.get(meta.DYNAMIC, ())) if kind != "module" else ())
@@ -324,65 +315,6 @@ def transform(model: nn.Module, budget: Any, example_inputs: Any, data: Any = No
             job.result.train(model.training if isinstance(model, nn.Module) else False)
         return attach(job.result, rep)
     return out
-
-
-def _check_device(device: str) -> None:
-    """A device this machine has (a CUDA request without CUDA names what there is)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-        raise InputError(f"device={device!r}, but this machine has no CUDA device (torch {torch.__version__} is "
-                         f"{build}); devices here: cpu. Pass device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
-                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-
-
-def _check_data(name: str, data: Any) -> None:
-    """Training / validation data in a form the searches read: ``(inputs, targets)`` tensors, a Dataset or a
-    DataLoader."""
-    from torch.utils.data import DataLoader, Dataset
-
-    from fxadapt.train.data import as_tensors
-
-    if data is None or as_tensors(data) is not None or isinstance(data, (Dataset, DataLoader)):
-        return
-    what = type(data).__name__
-    if isinstance(data, (list, tuple)):
-        what += " of " + ", ".join(sorted({type(v).__name__ for v in data})) if data else " (empty)"
-    raise InputError(f"{name} must be (inputs, targets) tensors, a torch Dataset or a DataLoader; got a {what}: "
-                     f"e.g. {name}=(x_train, y_train) with x_train = torch.stack(images), y_train = torch.tensor(labels)")
-
-
-def _config(config: TransformConfig | None, options: dict, data: Any, val_data: Any = None) -> TransformConfig:
-    cfg = config or TransformConfig()
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TransformConfig)})
-    if unknown:
-        raise InputError(f"unknown transform option(s) {', '.join(unknown)}; valid: "
-                         + ", ".join(f.name for f in dataclasses.fields(TransformConfig)))
-    cfg = dataclasses.replace(cfg, **options)
-    strategy = ("dna" if data is not None else "datafree") if cfg.strategy == "auto" else cfg.strategy
-    if strategy not in STRATEGIES:
-        raise InputError(f"unknown strategy {cfg.strategy!r}; available: auto, {', '.join(sorted(STRATEGIES))}")
-    if strategy in ("dna", "fur") and data is None:
-        raise InputError(f"strategy {strategy!r} searches on data: pass data=(inputs, targets), a Dataset or a "
-                         f"DataLoader (or strategy='datafree')")
-    if cfg.output not in ("module", "graph", "exported_program"):
-        raise InputError(f"unknown output {cfg.output!r}; use 'module' (the model's own class), 'graph' (a "
-                         f"torch.fx.GraphModule) or 'exported_program'")
-    _check_device(cfg.device)
-    for name, value in (("data", data), ("val_data", val_data)):
-        _check_data(name, value)
-    if cfg.layers not in ("any", "uniform"):
-        raise InputError(f"unknown layers {cfg.layers!r}; use 'any' (per-layer widths) or 'uniform' (widths shared "
-                         f"by repeated layers, so the model's config can state them)")
-    if cfg.write_back not in ("auto", "strict"):
-        raise InputError(f"unknown write_back {cfg.write_back!r}; use 'auto' (fall back to the graph with a "
-                         f"WriteBackWarning) or 'strict' (raise)")
-    return dataclasses.replace(cfg, strategy=strategy)
 
 
 def _copy(gm: GraphModule) -> GraphModule:

@@ -10,10 +10,11 @@ can grow). Its *ladder* ``R_g`` is the sorted set of unit counts in the bounds t
    data-free solver, the searched widths for DNA/FUR). ``M(n(s))`` is non-decreasing in ``s``, so bisection
    finds the largest ``s`` with ``M <= T`` (shrink) or the smallest with ``M >= T`` (grow).
 2. **Repair.** While ``M`` is outside the window ``W = [(1 - tol) T, T]`` (shrink) or ``[T, (1 + tol) T]``
-   (grow), take the one-rung move (up when shrinking, down when growing) landing closest to ``T`` without
-   crossing it; when none fits, the best swap (one group a rung toward ``T``, another a rung back). All the
-   candidates of a round are evaluated at once: with factor values ``V = c + F n`` (one row per linear form)
-   a move of group ``g`` by ``dn`` adds ``dn * F[:, g]``, and ``M = sum_t coef_t * prod_{j in t} V_j``.
+   (grow), take the smallest one-rung move (up when shrinking, down when growing) that does not cross
+   ``T``; when none fits, the swap landing closest to ``T``. Steps 1 and 2 are ``fxadapt.planning.scale`` (shared with the
+   latency solver); here every round's candidates are evaluated at once: with factor values ``V = c + F n``
+   (one row per linear form) a move of group ``g`` by ``dn`` adds ``dn * F[:, g]``, and
+   ``M = sum_t coef_t * prod_{j in t} V_j``.
 3. **Verdict.** In ``W``: done. Otherwise the groups are too coarse (or too coarsely aligned) for ``W``:
    ``strict`` raises ``BudgetError`` with the nearest totals found on both sides of ``T``; else the closest on
    the right side (never above when shrinking, never below when growing) is returned with a
@@ -25,14 +26,14 @@ A target outside ``[M(lowest rungs), M(highest rungs)]`` is a ``BudgetError`` st
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from fxadapt.errors import BudgetError
+from fxadapt.errors import BudgetError, warn
 from fxadapt.planning.align import Ladders, ladder, resolve_align
 from fxadapt.planning.plan import growth_blocker
+from fxadapt.planning.scale import approach, bisect
 
 TOL = 0.01
 _CHUNK = 2048
@@ -173,55 +174,31 @@ def _problem(a, target: float, bounds: dict, base: dict, cfg: SolveConfig, prese
     return _Problem(MacsPoly(a.cost, present), lad, target)
 
 
-def _scale(p: _Problem, above: bool) -> np.ndarray:
-    """Bisection on the global scale: the last rungs at or below ``T`` (or the first at or above)."""
-    lo, hi = 0.0, p.lad.top
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        m = p.poly(p.x(p.lad.at_scale(mid))[None])[0]
-        ok = m >= p.target if above else m <= p.target
-        lo, hi = (lo, mid) if ok == above else (mid, hi)
-    return p.lad.at_scale(hi if above else lo)
+class _MacCost:
+    """``M`` over rung indices for ``fxadapt.planning.scale``: every candidate of a round in one product."""
+
+    def __init__(self, p: _Problem):
+        self.p = p
+
+    def total(self, idx: np.ndarray) -> float:
+        return float(self.p.poly(self.p.x(idx)[None])[0])
+
+    def singles(self, idx: np.ndarray, ks: np.ndarray, d: int) -> np.ndarray:
+        p = self.p
+        return p.poly.singles(p.x(idx), p.cols[ks], p.flat[p.off[ks] + idx[ks] + d])
+
+    def pairs(self, idx: np.ndarray, fwd: np.ndarray, back: np.ndarray, d: int) -> np.ndarray:
+        p = self.p
+        return p.poly.pairs(p.x(idx), p.cols[fwd], p.flat[p.off[fwd] + idx[fwd] + d],
+                            p.cols[back], p.flat[p.off[back] + idx[back] - d])
 
 
-def _best(m_new: np.ndarray, m: float, target: float, above: bool, smallest: bool):
-    """Flat index of the candidate that moves toward ``T`` without crossing it, the smallest such step when
-    ``smallest`` (else the one landing closest to ``T``), or None."""
-    ok = (m_new >= target) & (m_new < m) if above else (m_new <= target) & (m_new > m)
-    if not ok.any():
-        return None
-    return int(np.argmin(np.where(ok, np.abs(m_new - (m if smallest else target)), np.inf)))
-
-
-def _approach(p: _Problem, idx: np.ndarray, above: bool, tol: float | None) -> np.ndarray:
-    """Greedy rung moves toward ``T`` from one side (see module docstring); ``tol=None`` = as close as it
-    gets."""
-    d = -1 if above else 1
-    idx = idx.copy()
-    for _ in range(1_000_000):
-        x = p.x(idx)
-        m = p.poly(x[None])[0]
-        if tol is not None and in_window(m, p.target, above, tol):
-            break
-        fwd = np.flatnonzero((idx + d >= 0) & (idx + d < p.size))
-        vf = p.flat[p.off[fwd] + idx[fwd] + d]
-        k = _best(p.poly.singles(x, p.cols[fwd], vf), m, p.target, above, True) if fwd.size else None
-        if k is not None:
-            idx[fwd[k]] += d
-            continue
-        back = np.flatnonzero((idx - d >= 0) & (idx - d < p.size))
-        if not fwd.size or not back.size:
-            break
-        vb = p.flat[p.off[back] + idx[back] - d]
-        mm = p.poly.pairs(x, p.cols[fwd], vf, p.cols[back], vb)
-        mm[fwd[:, None] == back[None, :]] = np.nan  # a group cannot swap with itself
-        k = _best(mm.ravel(), m, p.target, above, False)
-        if k is None:
-            break
-        i, j = divmod(k, back.size)
-        idx[fwd[i]] += d
-        idx[back[j]] -= d
-    return idx
+def _scaled(p: _Problem, above: bool, tol: float | None) -> np.ndarray:
+    """Steps 1 and 2 of the module docstring (``fxadapt.planning.scale``): ``tol=None`` = as close as it gets."""
+    cost = _MacCost(p)
+    ok = (lambda i: cost.total(i) >= p.target) if above else (lambda i: cost.total(i) <= p.target)
+    done = None if tol is None else (lambda m: in_window(m, p.target, above, tol))
+    return approach(p.lad, cost, bisect(p.lad, ok, above), p.target, above, done)
 
 
 def _exhaustive(p: _Problem, near: np.ndarray, above: bool, tol: float | None):
@@ -246,7 +223,7 @@ def _exhaustive(p: _Problem, near: np.ndarray, above: bool, tol: float | None):
 
 def _solve(p: _Problem, above: bool, tol: float | None) -> np.ndarray:
     """Scale, repair, and when the repair misses the window a full search of small problems."""
-    idx = _approach(p, _scale(p, above), above, tol)
+    idx = _scaled(p, above, tol)
     m = p.poly(p.x(idx)[None])[0]
     if tol is not None and in_window(m, p.target, above, tol):
         return idx
@@ -346,10 +323,10 @@ def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = Solve
                           f"closest {'at or above' if grow else 'at or below'} the budget")
     from fxadapt.planning.budget import BudgetWarning
 
-    warnings.warn(BudgetWarning(
+    warn(BudgetWarning(
         f"landed at {m / base:.3f}x for a budget of {t / base:.3f}x: {abs(m - t) / t:.1%} "
         f"{'above' if grow else 'below'}, outside the {cfg.tol:.0%} window; {note}; SolveConfig(strict=True) "
-        f"refuses instead"), stacklevel=3)
+        f"refuses instead"))
     return m
 
 
@@ -369,7 +346,28 @@ def _checked_bounds(a, target: float, cfg: SolveConfig) -> dict[int, tuple[int, 
     raise BudgetError(
         f"budget of {target:,.0f} MACs ({target / base:.3f}x) is outside the reachable range "
         f"[{lo_r:,.0f}, {hi_r:,.0f}] MACs = [{lo_r / base:.3f}x, {hi_r / base:.3f}x] of the original "
-        f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x{aligned})")
+        f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x{aligned})"
+        + (_growth_note(a) if target > base else ""))
+
+
+def _growth_note(a) -> str:
+    """Why growth stops where it does: the ops that forbid function-preserving growth (most MACs first), and
+    what can still grow a model that widths cannot."""
+    blocked = {}
+    for g in sorted(a.prunable, key=lambda g: -getattr(g, "macs_share", 0.0)):
+        why = growth_blocker(a, g)
+        if why is not None:
+            blocked.setdefault(why, []).append(g.name)
+    if not blocked:
+        return ""
+    top = "; ".join(f"{', '.join(names[:2])}{f' (+{len(names) - 2} more)' if len(names) > 2 else ''}: {why}"
+                    for why, names in list(blocked.items())[:2])
+    rep = [b.id for b in a.blocks if b.repeatable]
+    deeper = a.cost.macs({}, {b: 2.0 for b in rep}) / a.cost.macs() if rep else 1.0
+    return (f"; {sum(map(len, blocked.values()))} of {len(a.prunable)} groups cannot grow function-preservingly "
+            f"({top}); " + (f"grow_depth=True with a budget of about {deeper:.2f}x copies its {len(rep)} repeatable "
+                            f"block(s) (zero-initialised, function-preserving)" if rep else
+                            "it has no repeatable block to copy either, so it cannot grow further"))
 
 
 def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int, int]:

@@ -33,11 +33,10 @@ Example:
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 
-from fxadapt.errors import BudgetError
+from fxadapt.errors import BudgetError, warn
 from fxadapt.planning.solver import SolveConfig, _checked_bounds, _problem, in_window
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -139,4 +138,4 @@ def _verdict(p, x, target: float, grow: bool, cfg: SolveConfig) -> None:
            f"(layers='any') reach it")
     if cfg.strict:
         raise BudgetError(msg)
-    warnings.warn(msg, BudgetWarning, stacklevel=4)
+    warn(msg, BudgetWarning)

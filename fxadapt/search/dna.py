@@ -49,6 +49,10 @@ the mean cost of the sampled architectures exactly (Gumbel-max trick; the cost p
 independent gates, which is DenseNAS's chained expected cost: every block weighted by its presence and the
 expected widths around it).
 
+Where and how precisely a search computes is not a ``SearchConfig`` option: ``fxadapt.transform`` runs it on
+``TransformConfig.device`` / ``.precision`` and passes them as a ``fxadapt.dist.DistContext`` (``ctx``);
+called directly, ``dna(a, target, data, None, cfg, ctx=fxadapt.dist.setup("cuda", "bf16"))``.
+
 No silent no-ops: ``steps < 1`` raises ``SearchConfigError``; ``warmup >= steps`` shrinks the warm-up to
 ``steps // 4`` and says so (``note`` in the last history entry, which also lists how far every gate moved:
 initial vs final expected units per group and presence per block).
@@ -62,14 +66,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from fxadapt import dist
-from fxadapt.errors import (
-    SearchConfigError,  # noqa: F401  (defined in fxadapt.errors)
-)
+from fxadapt.errors import SearchConfigError
+from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
 from fxadapt.search.sandwich import sandwich_step
@@ -78,14 +82,19 @@ from fxadapt.train.data import Batches, prediction
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(Options):
+    """Every option of the DNA search (``TransformConfig.search``); checked at construction."""
+
+    error = SearchConfigError
+    moved = RUN_OPTIONS
+
     steps: int = 300
     warmup: int = 50
     batch_size: int = 64                    # the global batch (split over the ranks under torchrun)
     w_lr: float = 0.02                      # SGD's learning rate
     # weight steps: "sgd" (momentum), "adamw" (lr adamw_lr), "auto": AdamW when the graph has attention
     # (softmax / SDPA: transformers are trained with it; SGD at 0.02 wrecked a GPT-2 in bench_lm_quality)
-    w_optimizer: str = "auto"
+    w_optimizer: Literal["auto", "sgd", "adamw"] = "auto"
     adamw_lr: float = 1e-3
     w_momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -93,20 +102,18 @@ class SearchConfig:
     budget_weight: float = 10.0
     band: float = 0.03
     seed: int = 0
-    device: str = "cpu"                     # "cuda" uses cuda:LOCAL_RANK under torchrun
-    precision: str = "auto"                 # "bf16" autocast, "fp32"; "auto": bf16 on CUDA, fp32 on CPU
     progress: bool = True
     checkpoint: str | None = None
     checkpoint_every: int = 50
     stop_after: int | None = None           # stop (checkpointed) after this many steps: for resume tests
     sandwich: bool = False                  # sandwich rule + in-place distillation in weight steps
     entropy_weight: float = 0.0             # gate-entropy penalty in arch steps, ramped 0 -> this
-    entropy_of: str = "marginals"           # "marginals": of each bin's P_k; "alpha": of p_k
-    discretize_by: str = "threshold"        # "threshold": bins with P_k > 0.5; "expected": round(E[units])
+    entropy_of: Literal["marginals", "alpha"] = "marginals"        # of each bin's P_k / of p_k
+    discretize_by: Literal["threshold", "expected"] = "threshold"  # bins with P_k > 0.5 / round(E[units])
     harden: float = 0.0                     # last fraction of steps: gates frozen hard, weights only
     kd_temperature: float = 1.0
     temperature: tuple[float, float] = (1.0, 0.1)   # sampled gates: Gumbel tau, first -> last gate step
-    gate_init: str = "budget"   # sampled gates: "budget" (around uniform scaling to the target) or "uniform"
+    gate_init: Literal["budget", "uniform"] = "budget"   # sampled gates: around uniform scaling to the target
     # grow the supernet (supernet.expand, depth slots) also for shrinking budgets (DNA's condense-and-expand
     # space); off: the model itself is the supernet when shrinking, which measured as good and 2-3x faster
     elastic_when_shrinking: bool = False
@@ -117,7 +124,8 @@ class SearchConfig:
     loss_fn: Callable = nn.functional.cross_entropy
 
     def __post_init__(self):
-        validate(self)   # a bad option fails where it is written, not steps into a search
+        super().__post_init__()   # the Literal fields
+        validate(self)            # a bad option fails where it is written, not steps into a search
 
 
 def gate_entropy(sn: Supernet, of: str = "marginals") -> torch.Tensor:
@@ -148,6 +156,11 @@ def arch_penalty(sn: Supernet, target: float, grow: bool, cfg: SearchConfig, ram
     return loss + cfg.entropy_weight * ramp * gate_entropy(sn, cfg.entropy_of) if cfg.entropy_weight else loss
 
 
+def _penalty(sn: Supernet, target: float | None, grow: bool, cfg: SearchConfig, ramp: float, extra) -> torch.Tensor:
+    loss = arch_penalty(sn, target, grow, cfg, ramp) if target else sn.expected_macs() * 0.0
+    return loss + extra() if extra is not None else loss
+
+
 def budget_loss(expected: torch.Tensor, target: float, grow: bool, band: float) -> torch.Tensor:
     """Zero inside the dead zone, ``|log(E/T)|`` outside (see module docstring)."""
     r = expected / target
@@ -164,30 +177,18 @@ class SearchState:
 
 
 def validate(cfg: SearchConfig) -> None:
-    """Every option of ``cfg`` is one the search can run (a ``SearchConfigError`` saying which is not)."""
-    if cfg.steps < 1:
-        raise SearchConfigError(f"SearchConfig.steps must be at least 1, got {cfg.steps}")
-    if cfg.entropy_of not in ("marginals", "alpha") or cfg.discretize_by not in ("threshold", "expected"):
-        raise SearchConfigError(f"SearchConfig.entropy_of must be 'marginals' or 'alpha' (got "
-                                f"{cfg.entropy_of!r}), discretize_by 'threshold' or 'expected' (got "
-                                f"{cfg.discretize_by!r})")
+    """Every option of ``cfg`` is one the search can run (a ``SearchConfigError`` saying which is not; the
+    ``Literal`` fields are checked by ``Options``)."""
+    cfg.check(cfg.steps >= 1, "steps", "at least 1")
     if cfg.supernet.gates != "markov" and (cfg.sandwich or cfg.entropy_of == "alpha"):
         raise SearchConfigError(f"SearchConfig.sandwich and entropy_of='alpha' need Markov gates; got "
                                 f"supernet.gates={cfg.supernet.gates!r}: pass "
                                 f"SearchConfig(supernet=SupernetConfig(gates='markov'), ...)")
-    if cfg.supernet.gates not in ("markov", "gumbel", "topk"):
-        raise SearchConfigError(f"SearchConfig.supernet.gates must be 'markov', 'gumbel' or 'topk', "
-                                f"got {cfg.supernet.gates!r}")
-    if cfg.gate_init not in ("budget", "uniform"):
-        raise SearchConfigError(f"SearchConfig.gate_init must be 'budget' or 'uniform', got {cfg.gate_init!r}")
-    if cfg.w_optimizer not in ("auto", "sgd", "adamw"):
-        raise SearchConfigError(f"SearchConfig.w_optimizer must be 'auto', 'sgd' or 'adamw', got {cfg.w_optimizer!r}")
-    if cfg.arch_every < 1:
-        raise SearchConfigError(f"SearchConfig.arch_every must be at least 1, got {cfg.arch_every}")
-    if not 0.0 <= cfg.harden < 1.0:
-        raise SearchConfigError(f"SearchConfig.harden must be in [0, 1), got {cfg.harden}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise SearchConfigError(f"SearchConfig.precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
+    cfg.check(cfg.arch_every >= 1, "arch_every", "at least 1")
+    cfg.check(0.0 <= cfg.harden < 1.0, "harden", "in [0, 1)")
+    cfg.check(cfg.batch_size >= 1, "batch_size", "at least 1")
+    cfg.check(cfg.checkpoint_every >= 1, "checkpoint_every", "at least 1")
+    cfg.check(cfg.warmup >= 0, "warmup", "at least 0")
 
 
 def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
@@ -243,23 +244,24 @@ def _step(sn, batch, opt, cfg, ctx, frozen, extra=None) -> float:
     opt.zero_grad(set_to_none=True)
     _trainable(frozen, False)
     try:
-        with dist.autocast(ctx.device, cfg.precision):
+        with dist.autocast(ctx.device, ctx.precision):
             out = sn.gm(x)
         loss = cfg.loss_fn(prediction(out).float(), y)
         total = loss + extra() if extra is not None else loss
         total.backward()
     finally:
         _trainable(frozen, True)
-    dist.sync_step(stepped, sn.gm, ctx)
+    dist.sync_step(stepped, sn.gm, ctx, len(x))
     opt.step()
     return float(loss.detach())
 
 
-def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: bool,
-               cfg: SearchConfig, ctx: dist.DistContext | None = None, teacher: nn.Module | None = None
-               ) -> SearchState:
-    """The alternating loop (resumable); leaves trained weights and gates in ``sn``."""
-    ctx = ctx or dist.DistContext(device=cfg.device)
+def run_search(sn: Supernet, train: Batches, val: Batches, target: float | None, grow: bool,
+               cfg: SearchConfig, ctx: dist.DistContext | None = None, teacher: nn.Module | None = None,
+               extra: Callable[[], torch.Tensor] | None = None) -> SearchState:
+    """The alternating loop (resumable); leaves trained weights and gates in ``sn``. ``extra()`` is added to
+    every architecture step's loss (a latency term); ``target=None``: no MAC budget loss."""
+    ctx = ctx or dist.DistContext()
     warmup, _ = effective_warmup(cfg)
     sn.gm.to(ctx.device).train()
     w_opt, w_lr = weight_optimizer(sn, cfg)
@@ -295,10 +297,10 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float, grow: 
             if sn.sampled:
                 sn.resample(_gen(cfg, s, 1), tau)
             arch = _step(sn, val.batch(s), a_opt, cfg, ctx, sn.weight_parameters(),
-                         lambda ramp=ramp: arch_penalty(sn, target, grow, cfg, ramp))
+                         lambda ramp=ramp: _penalty(sn, target, grow, cfg, ramp, extra))
             sn.project()
         with torch.no_grad():
-            ratio = float(sn.expected_macs()) / target
+            ratio = float(sn.expected_macs()) / target if target else float("nan")
         entropy = sn.entropy()
         with torch.no_grad():
             m_entropy = float(gate_entropy(sn))
@@ -370,13 +372,15 @@ def gate_moves(sn: Supernet, units: dict[int, int], present: dict[int, float]) -
     return {"gates": widths, "depth_gates": depths}
 
 
-def dna(a0, target: float, data, val_data, cfg: SearchConfig):
-    """DNA on an analysed model (``a0``): supernet, search, discretise. Returns ``(supernet graph without
-    gates, plan, supernet, state)``; ``fxadapt.passes.materialize.apply_plan`` turns the first two into the
-    adapted model (``None`` graph and plan when the run stopped early, see ``SearchConfig.stop_after``)."""
+def dna(a0, target: float, data, val_data, cfg: SearchConfig = SearchConfig(),
+        ctx: dist.DistContext | None = None):
+    """DNA on an analysed model (``a0``): supernet, search, discretise, on ``ctx``'s device and precision
+    (default ``fxadapt.dist.setup()``: CPU). Returns ``(supernet graph without gates, plan, supernet,
+    state)``; ``fxadapt.passes.materialize.apply_plan`` turns the first two into the adapted model (``None``
+    graph and plan when the run stopped early, see ``SearchConfig.stop_after``)."""
     t0 = time.perf_counter()
     _, note = effective_warmup(cfg)
-    ctx = dist.setup(cfg.device)
+    ctx = ctx if ctx is not None else dist.setup()
     torch.manual_seed(cfg.seed)
     base_macs = a0.macs()
     grow = target > base_macs

@@ -15,7 +15,9 @@ budget. Growth uses the supernet's headroom (``expand``); depth is kept as in th
 Under ``torchrun`` (``fxadapt.dist``) training batches are sharded with gradients and BN statistics
 averaged after each backward, and every validation loss is the all-reduced mean over the ranks' slices of
 the validation batch, so FUR scores (and therefore widths) are identical on every rank. A tqdm bar (rank 0)
-counts iterations; the last history entry lists every group's initial and final width.
+counts iterations; the last history entry lists every group's initial and final width. The device and
+precision are the caller's ``ctx`` (``fxadapt.dist.DistContext``; ``fxadapt.transform`` makes it from
+``TransformConfig.device`` / ``.precision``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from fxadapt import dist
+from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window, in_window
 from fxadapt.search.dna import SearchConfigError
@@ -37,7 +41,12 @@ from fxadapt.train.data import Batches, prediction
 
 
 @dataclass(frozen=True)
-class FurConfig:
+class FurConfig(Options):
+    """Every option of the FUR search (``TransformConfig.fur``); checked at construction."""
+
+    error = SearchConfigError
+    moved = RUN_OPTIONS | {"steps": "FUR's step counts are iterations= and train_steps= (steps= is DNA's)"}
+
     iterations: int = 4
     train_steps: int = 50
     batch_size: int = 64                    # the global batch (split over the ranks under torchrun)
@@ -45,17 +54,28 @@ class FurConfig:
     p_base: float = 0.1
     p_max: float = 0.5
     draws: int = 5
-    noise: str = "gaussian"                 # DropChannel: "gaussian" N(1, p/(1-p)) (as published; won the
-                                            # ablation) or "bernoulli" keep/(1-p)
+    # DropChannel: "gaussian" N(1, p/(1-p)) (as published; won the ablation) or "bernoulli" keep/(1-p)
+    noise: Literal["gaussian", "bernoulli"] = "gaussian"
     rate: float = 0.1
     val_samples: int = 512
     seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"                 # "bf16" autocast, "fp32"; "auto": bf16 on CUDA, fp32 on CPU
     progress: bool = True
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(depth_slots=0))
     solve: SolveConfig = field(default_factory=SolveConfig)   # every global rescale: tol, strict, align
     loss_fn: object = nn.functional.cross_entropy
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(self.iterations >= 1, "iterations", "at least 1")
+        self.check(self.train_steps >= 0, "train_steps", "at least 0")
+        self.check(self.draws >= 1, "draws", "at least 1")
+        self.check(self.batch_size >= 1, "batch_size", "at least 1")
+        self.check(self.val_samples >= 1, "val_samples", "at least 1")
+        self.check(self.p_base > 0.0, "p_base", "above 0")
+        self.check(0.0 < self.p_max < 1.0, "p_max", "in (0, 1) (survivors are scaled by 1/(1-p))")
+        if self.supernet.gates != "markov":
+            raise SearchConfigError(f"FurConfig.supernet.gates must be 'markov' (FUR opens bins by hand), got "
+                                    f"{self.supernet.gates!r}")
 
 
 def set_hard_widths(sn: Supernet, units: dict[int, int]) -> dict[int, int]:
@@ -76,9 +96,9 @@ def set_hard_widths(sn: Supernet, units: dict[int, int]) -> dict[int, int]:
 
 @torch.no_grad()
 def _val_loss(sn: Supernet, val: tuple, cfg: FurConfig, ctx: dist.DistContext | None = None) -> float:
-    ctx = ctx or dist.DistContext(device=cfg.device)
+    ctx = ctx or dist.DistContext()
     x, y = (t.to(ctx.device) for t in val[:2])
-    with dist.autocast(ctx.device, cfg.precision):
+    with dist.autocast(ctx.device, ctx.precision):
         out = sn.gm(x)
     return dist.mean(float(cfg.loss_fn(prediction(out).float(), y)), len(y), ctx)
 
@@ -134,26 +154,21 @@ def _train(sn: Supernet, train: Batches, start: int, cfg: FurConfig, ctx: dist.D
         for s in range(start, start + cfg.train_steps):
             x, y = (t.to(ctx.device) for t in train.batch(s)[:2])
             opt.zero_grad(set_to_none=True)
-            with dist.autocast(ctx.device, cfg.precision):
+            with dist.autocast(ctx.device, ctx.precision):
                 out = sn.gm(x)
             cfg.loss_fn(prediction(out).float(), y).backward()
-            dist.sync_step(weights, sn.gm, ctx)
+            dist.sync_step(weights, sn.gm, ctx, len(x))
             opt.step()
     finally:
         for p in sn.arch_parameters():
             p.requires_grad_(True)
 
 
-def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig()):
-    """FUR on an analysed model (``a0``); returns ``(supernet graph without gates, plan, supernet, history)``."""
+def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig(), ctx: dist.DistContext | None = None):
+    """FUR on an analysed model (``a0``) on ``ctx``'s device and precision (default ``fxadapt.dist.setup()``:
+    CPU); returns ``(supernet graph without gates, plan, supernet, history)``."""
     t0 = time.perf_counter()
-    if cfg.iterations < 1 or cfg.train_steps < 0:
-        raise SearchConfigError(f"FurConfig needs iterations >= 1 and train_steps >= 0, got {cfg.iterations} "
-                                f"and {cfg.train_steps}")
-    if cfg.supernet.gates != "markov" or cfg.noise not in ("bernoulli", "gaussian"):
-        raise SearchConfigError(f"FurConfig needs supernet.gates='markov' (FUR opens bins by hand) and noise "
-                                f"'bernoulli' or 'gaussian', got {cfg.supernet.gates!r} and {cfg.noise!r}")
-    ctx = dist.setup(cfg.device)
+    ctx = ctx if ctx is not None else dist.setup()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     sn = build_supernet(a0, None, cfg.supernet)

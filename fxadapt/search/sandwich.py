@@ -45,7 +45,7 @@ def sandwich_step(sn, batch, opt, cfg, ctx, teacher, step: int) -> float:
     arch = sn.arch_parameters()
     saved = [p.detach().clone() for p in arch]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    with torch.no_grad(), dist.autocast(ctx.device, cfg.precision):
+    with torch.no_grad(), dist.autocast(ctx.device, ctx.precision):
         soft = F.log_softmax(prediction(teacher(x)).float() / cfg.kd_temperature, -1)
     opt.zero_grad(set_to_none=True)
     for p in arch:
@@ -54,7 +54,7 @@ def sandwich_step(sn, batch, opt, cfg, ctx, teacher, step: int) -> float:
         task = 0.0
         for kind in ("max", "min", "rand"):
             _set(sn, kind, gen)
-            with dist.autocast(ctx.device, cfg.precision):
+            with dist.autocast(ctx.device, ctx.precision):
                 out = prediction(sn.gm(x)).float()
             if kind == "max":
                 loss = cfg.loss_fn(out, y)
@@ -68,6 +68,6 @@ def sandwich_step(sn, batch, opt, cfg, ctx, teacher, step: int) -> float:
             for p, v in zip(arch, saved):
                 p.copy_(v)
                 p.requires_grad_(True)
-    dist.sync_step([p for g in opt.param_groups for p in g["params"]], sn.gm, ctx)
+    dist.sync_step([p for g in opt.param_groups for p in g["params"]], sn.gm, ctx, len(x))
     opt.step()
     return task

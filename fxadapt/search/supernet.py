@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 
 from fxadapt import meta
 from fxadapt.analysis import Analysis, analyze
+from fxadapt.errors import SearchConfigError
+from fxadapt.options import Options
 from fxadapt.passes.insert_gates import (
     DepthGate,
     GateConfig,
@@ -42,13 +45,26 @@ from fxadapt.planning.plan import growth_blocker, importance, make_plan
 
 
 @dataclass(frozen=True)
-class SupernetConfig:
+class SupernetConfig(Options):
+    """The search space: how far groups grow, how many block slots, bins and gates; checked at construction."""
+
+    error = SearchConfigError
+    hints = {"gates": "'markov': DMCP bins, 'gumbel': FBNetV2, 'topk': MSG-DAS"}
+
     expand: float = 1.5
     depth_slots: int = 1
     bins: int = 16
     min_ratio: float = 0.1
-    gates: str = "markov"   # width gates: "markov" (DMCP bins), "gumbel" (FBNetV2), "topk" (MSG-DAS)
+    gates: Literal["markov", "gumbel", "topk"] = "markov"   # width gates
     top_k: int = 2          # paths per group for gates="topk"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(self.expand >= 1.0, "expand", "at least 1.0 (the supernet contains the model)")
+        self.check(self.depth_slots >= 0, "depth_slots", "at least 0")
+        self.check(self.bins >= 1, "bins", "at least 1")
+        self.check(0.0 <= self.min_ratio <= 1.0, "min_ratio", "in [0, 1]")
+        self.check(self.top_k >= 1, "top_k", "at least 1")
 
 
 class Supernet:

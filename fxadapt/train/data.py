@@ -7,9 +7,12 @@ cycled (on resume it is replayed up to the step).
 
 Sharding (``rank``/``world``, see ``fxadapt.dist``): ``batch_size`` is the *global* batch; every rank draws
 the same permutation and keeps its contiguous slice of each global batch (``tensor_split``), the
-deterministic equivalent of ``DistributedSampler``. A ``DataLoader`` over a map-style dataset is read the
-same way (its ``batch_size`` as the global batch, its ``collate_fn``); an iterable one gives rank ``r`` the
-loader's batches ``world * step + r`` (there the global batch is ``world`` x the loader's batch).
+deterministic equivalent of ``DistributedSampler``; when ``world`` does not divide the global batch the
+shards differ by one sample (15 on 2 ranks: 8 and 7, which ``fxadapt.dist.sync_step`` weights by size),
+and a global batch smaller than ``world`` is refused (a rank with no sample has no mean loss). A
+``DataLoader`` over a map-style dataset is read the same way (its ``batch_size`` as the global batch, its
+``collate_fn``); an iterable one gives rank ``r`` the loader's batches ``world * step + r`` (there the
+global batch is ``world`` x the loader's batch).
 
 Example:
     >>> import torch
@@ -30,6 +33,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
+
+from fxadapt.errors import InputError
 
 
 def as_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
@@ -73,6 +78,9 @@ class Batches:
         n = len(self)
         bs = min(self.batch_size, n)
         per_epoch = max(1, n // bs)
+        if bs < self.world:
+            raise InputError(f"a global batch of {bs} samples cannot give each of {self.world} ranks one; "
+                             f"use batch_size >= {self.world}")
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
         return perm[k * bs:(k + 1) * bs].tensor_split(self.world)[self.rank]

@@ -29,11 +29,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from fxadapt import dist
+from fxadapt.dist import Precision
+from fxadapt.options import Options, check_device
 from fxadapt.train.data import Batches, prediction
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Options):
+    """The fine-tuning recipe's options (``finetune`` is not run by ``transform``: it has its own device and
+    precision); checked at construction."""
+
+    hints = {"precision": "'auto': bf16 autocast on CUDA, fp32 on CPU"}
+
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -41,14 +48,22 @@ class FinetuneConfig:
     kd: float = 0.5
     temperature: float = 4.0
     seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"     # "bf16" autocast, "fp32"; "auto": bf16 on CUDA, fp32 on CPU
+    device: str = "cpu"         # "cuda" uses cuda:LOCAL_RANK under torchrun
+    precision: Precision = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_device(type(self).__name__, self.device)
+        self.check(self.lr > 0.0, "lr", "above 0")
+        self.check(self.batch_size >= 1, "batch_size", "at least 1")
+        self.check(0.0 <= self.kd <= 1.0, "kd", "in [0, 1] (the distillation loss's weight)")
+        self.check(self.temperature > 0.0, "temperature", "above 0")
 
 
 def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = None,
              cfg: FinetuneConfig = FinetuneConfig()) -> nn.Module:
     """Train ``model`` for ``epochs`` passes over ``data`` (see module docstring)."""
-    ctx = dist.setup(cfg.device)
+    ctx = dist.setup(cfg.device, cfg.precision)
     batches = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     steps = max(1, epochs * max(1, len(batches) // min(cfg.batch_size, len(batches))))
     model.to(ctx.device).train()
@@ -61,7 +76,7 @@ def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = No
     torch.manual_seed(cfg.seed)
     for step in range(steps):
         x, y = (t.to(ctx.device) for t in batches.batch(step)[:2])
-        with dist.autocast(ctx.device, cfg.precision):
+        with dist.autocast(ctx.device, ctx.precision):
             logits = prediction(model(x)).float()
             with torch.no_grad():
                 t_logits = prediction(teacher(x)).float() if teacher is not None and cfg.kd > 0 else None
@@ -73,7 +88,7 @@ def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = No
             loss = (1 - cfg.kd) * loss + cfg.kd * t * t * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        dist.sync_step(params, model, ctx)
+        dist.sync_step(params, model, ctx, len(x))
         opt.step()
         sched.step()
     return model.eval()

@@ -62,10 +62,24 @@ class Reference:
 
 
 def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
-    """Apply ``plan`` (already applied to ``ref.graph``) to a deep copy of ``model`` and verify it."""
+    """Apply ``plan`` (already applied to ``ref.graph``) to a deep copy of ``model`` and verify it.
+
+    A hidden-named attribute of an attention module equal to both its input width and its all-head size
+    follows the all-head size first; when that fails the check and the input width reads differently, that
+    is tried too (``widths.SIZES``)."""
+    first = _attempt(model, plan, inputs, ref, "all")
+    if first.module is not None or first.recipe == Recipe():
+        return first
+    if width_ops(model, ref.graph, ref.planned, "hidden")[0] == width_ops(model, ref.graph, ref.planned, "all")[0]:
+        return first    # no attribute reads differently: nothing else to try
+    second = _attempt(model, plan, inputs, ref, "hidden")
+    return second if second.module is not None else first
+
+
+def _attempt(model: nn.Module, plan, inputs, ref: Reference, prefer: str) -> WriteBack:
     work = copy.deepcopy(model)
     try:
-        ops, evidence = width_ops(work, ref.graph, ref.planned)
+        ops, evidence = width_ops(work, ref.graph, ref.planned, prefer)
         depth = depth_ops(work, ref.planned, plan, inputs)
     except NotExpressible as e:
         return WriteBack(None, Recipe(), str(e))
@@ -97,8 +111,17 @@ def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
     try:
         shapes = check(work, model, inputs, ref)
     except _Mismatch as e:
-        return WriteBack(None, recipe, str(e))
+        return WriteBack(None, recipe, str(e) + _uniform_hint(work))
     return WriteBack(work, recipe, None, shapes)
+
+
+def _uniform_hint(work: nn.Module) -> str:
+    """A Hugging Face model whose layers got different widths may read a size from its one config for every
+    layer (Phi-3's attention slices its fused qkv at ``config.num_attention_heads * head_dim``)."""
+    if hf.is_hf(work) and hf.RECIPE_FIELD in vars(work.config):
+        return ("; the layers got different widths and the model may read a size from its config, shared by "
+                "every layer: pass layers='uniform' to give repeated layers the same widths")
+    return ""
 
 
 def _fill_slots(work: nn.Module, gm: GraphModule, pairs: list) -> list[dict]:

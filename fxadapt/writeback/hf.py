@@ -7,7 +7,8 @@ key/value heads and ``head_dim`` (from the attention modules' written-back attri
 agrees), intermediate (``intermediate_size``/``n_inner``/``d_ff``/``ffn_dim``: the output width of every
 layer whose old output width was that size, when they agree) and layers (``num_hidden_layers``/``n_layer``/
 ``num_layers``: the length of the layer list). ``head_dim`` is set explicitly where the new head size is no
-longer ``hidden / heads`` and the config has the field (Llama-style configs store it).
+longer ``hidden / heads`` and the config has the field (Llama-style configs store it). A field the config
+class derives as a read-only property (Falcon's ``head_dim``) is never set.
 
 *Uniform*: a fresh ``type(model)(config)`` on the meta device has exactly the written-back state-dict
 shapes; then stock ``save_pretrained``/``from_pretrained`` round-trip. Otherwise the config keeps what it
@@ -71,7 +72,22 @@ def config_ops(model: nn.Module, original: nn.Module, order: dict, attention: di
                 ops.append({"op": "config", "field": name, "value": value})
     ops += _intermediate(model, original, cfg)
     ops += _explicit_head_dim(cfg, new)
-    return ops
+    return [o for o in ops if o["op"] != "config" or settable(cfg, o["field"])]
+
+
+def settable(cfg, name: str) -> bool:
+    """Whether ``cfg.name`` can be assigned: a read-only property (Falcon's ``head_dim``, derived as
+    ``hidden_size // num_attention_heads``) cannot state a size; the recipe carries it instead.
+
+    >>> class Cfg:
+    ...     @property
+    ...     def head_dim(self):
+    ...         return 16
+    >>> settable(Cfg(), "head_dim"), settable(Cfg(), "hidden_size")
+    (False, True)
+    """
+    attr = getattr(type(cfg), name, None)
+    return not isinstance(attr, property) or attr.fset is not None
 
 
 def _explicit_head_dim(cfg, new: dict) -> list[dict]:

@@ -13,8 +13,12 @@ Attributes a module derives from its shapes, from three kinds of evidence (the f
 3. *attention*: for every ``scaled_dot_product_attention`` the graph runs, the enclosing module's head
    attributes, by name and old value: heads ``H_q``, key/value heads ``H_kv`` (the narrowest head axis on
    the key path, before ``repeat_kv``), ``head_dim`` ``D``, groups ``H_q / H_kv``, all-head size
-   ``H_q * D`` (GPT-2's ``split_size``) and the hidden size the module reads. Edited ``view`` sizes inside
-   a module add (old, new) pairs for the same names (hand-written attention).
+   ``H_q * D`` (GPT-2's ``split_size``) and the hidden size the module reads. Edited ``view``/``reshape``/
+   ``split_with_sizes`` sizes inside a module add (old, new) pairs for the same names (hand-written
+   attention); for the hidden and all-head sizes (equal when the model is built) the module's own size
+   arguments decide first: a size they changed follows them, a feature-axis size they kept stays; then a
+   hidden-named attribute equal to the all-head size of the module's attention follows that size, or its
+   input width (``prefer``; ``write_back`` tries both when the first fails its check).
 
 ``scaling`` is left alone: the graph keeps the original constant, and the verifier compares the two.
 
@@ -58,10 +62,12 @@ def graph_tensor(graph_tensors: dict, user: dict, name: str) -> torch.Tensor | N
     return next((graph_tensors[n] for n, u in user.items() if u is t and n in graph_tensors), None)
 
 
-def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule) -> tuple[list[dict], dict]:
+def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule, prefer: str = "all") -> tuple[list[dict], dict]:
     """``resize`` and ``set`` operations taking ``model`` to the widths of ``gm`` (``base``: the graph before
     materialize, for the old shapes the attention evidence compares with), and that evidence (module path
-    -> {kind: (old, new)})."""
+    -> {kind: (old, new)}). ``prefer``: what a hidden-named attribute of an attention module equal to both its
+    input width and its all-head size follows when its own size arguments do not say (``"all"`` or
+    ``"hidden"``; see ``SIZES``)."""
     user, graph = tensors_of(model), tensors_of(gm)
     ops, seen, changed = [], set(), {}
     for name, t in user.items():
@@ -77,7 +83,7 @@ def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule) -> tuple[lis
         attrs.update(_leaf_attrs(model, gm, owner, changed))
     evidence = _attention_evidence(gm, base)
     for path, pairs in evidence.items():
-        attrs.update({k: v for k, v in _named(model, path, pairs).items() if k not in attrs})
+        attrs.update({k: v for k, v in _named(model, path, pairs, prefer).items() if k not in attrs})
     for (path, attr), value in sorted(attrs.items()):
         op = {"op": "set", "module": path, "attr": attr, "value": list(value) if isinstance(value, tuple) else value}
         ops.append({**op, "tuple": True} if isinstance(value, tuple) else op)
@@ -193,15 +199,29 @@ def _attention_evidence(gm: GraphModule, base: GraphModule) -> dict[str, dict]:
                 pairs["all"] = (h[0] * d[0], h[1] * d[1])
                 if kv[0] and kv[1] and h[0] % kv[0] == 0 and h[1] % kv[1] == 0:
                     pairs["groups"] = (h[0] // kv[0], h[1] // kv[1])
-        elif node.target in (aten.view.default, aten.reshape.default) and len(node.args) > 1:
-            for a, b in zip(old.args[1], node.args[1]):
-                if type(a) is int and type(b) is int and a != b:
-                    pairs.setdefault(("view", a), (a, b))
+        elif node.target in SIZED and len(node.args) > 1 and isinstance(old.args[1], (list, tuple)):
+            _size_evidence(pairs, node, old)
     for path, pairs in found.items():
         hidden = _hidden(gm, old_nodes, path)
         if hidden:
             pairs["hidden"] = hidden
     return {p: v for p, v in found.items() if v}
+
+
+SIZED = (aten.view.default, aten.reshape.default, aten.split_with_sizes.default)
+
+
+def _size_evidence(pairs: dict, node: Node, old: Node) -> None:
+    """Sizes in a module's own shape arguments: an edited one is ``("view", old) -> (old, new)``; one left as
+    it was on the feature axis (the last entry of a view, every entry of a split) is ``("kept", old)``."""
+    olds, news = old.args[1], node.args[1]
+    for k, (a, b) in enumerate(zip(olds, news)):
+        if type(a) is not int or type(b) is not int:
+            continue
+        if a != b:
+            pairs.setdefault(("view", a), (a, b))
+        elif node.target == aten.split_with_sizes.default or k == len(olds) - 1:
+            pairs.setdefault(("kept", a), (a, a))
 
 
 def _hidden(gm: GraphModule, old_nodes: dict, path: str) -> tuple | None:
@@ -216,12 +236,13 @@ def _hidden(gm: GraphModule, old_nodes: dict, path: str) -> tuple | None:
     return None
 
 
-def _named(model: nn.Module, path: str, pairs: dict) -> dict:
+def _named(model: nn.Module, path: str, pairs: dict, prefer: str = "all") -> dict:
     """Attributes of the module at ``path`` named as in ``NAMES`` whose value is an old size of that kind."""
     mod = _submodule(model, path)
     if mod is None:
         return {}
-    views = {a: b for key, (a, b) in pairs.items() if isinstance(key, tuple)}
+    views = {a: b for key, (a, b) in pairs.items() if isinstance(key, tuple) and key[0] == "view"}
+    kept = {a for key, (a, _) in pairs.items() if isinstance(key, tuple) and key[0] == "kept"}
     out = {}
     for attr, value in _int_attrs(mod).items():
         if type(value) is not int:
@@ -229,8 +250,23 @@ def _named(model: nn.Module, path: str, pairs: dict) -> dict:
         for kind, names in NAMES.items():
             if attr not in names:
                 continue
-            if kind in pairs and pairs[kind][0] == value and pairs[kind][1] != value:
-                out[(path, attr)] = pairs[kind][1]
-            elif kind not in pairs and value in views:
+            pair = pairs.get(kind)
+            if kind == "hidden" and prefer == "all" and "all" in pairs and pairs["all"][0] == value:
+                pair = pairs["all"]     # an attention module reshapes its heads' output by it (CodeGen)
+            if kind in SIZES and value in views and value not in kept and (pair is None or pair[0] == pair[1]):
+                out[(path, attr)] = views[value]
+            elif kind in SIZES and value in kept and value not in views:
+                continue
+            elif pair is not None and pair[0] == value and pair[1] != value:
+                out[(path, attr)] = pair[1]
+            elif pair is None and value in views:
                 out[(path, attr)] = views[value]
     return out
+
+
+# Sizes that coincide when a model is built (hidden == heads * head_dim), so the name alone does not say
+# which an attribute is: the module's own shape arguments decide (XGLM's ``embed_dim`` reshapes the heads'
+# output, GPT-BigCode's splits the query's width); otherwise, in a module that runs attention, ``prefer``
+# picks the all-head size or the module's input width (CodeGen's ``embed_dim // mp_num`` splits its fused
+# qkv into per-group widths, which neither shows: ``write_back`` tries "all", then "hidden").
+SIZES = ("hidden", "all")

@@ -1,0 +1,128 @@
+"""``TransformConfig``: every option of ``fxadapt.transform``, checked where it is written.
+
+One source per option: where and how precisely the searches compute is ``TransformConfig.device`` /
+``.precision`` (``SearchConfig`` and ``FurConfig`` have neither); how long they search is
+``SearchConfig.steps`` (DNA) and ``FurConfig.iterations`` / ``.train_steps`` (FUR). A field typed
+``Literal[...]`` takes only those values; a keyword that is no option is refused with the valid ones listed
+and, for one that moved, where it lives now (``fxadapt.options``).
+
+Example:
+    >>> TransformConfig(strategy="dna").strategy
+    'dna'
+    >>> TransformConfig(layers="same")
+    Traceback (most recent call last):
+    fxadapt.errors.InputError: TransformConfig.layers must be one of 'any', 'uniform'; got 'same' ('any': \
+per-layer widths, 'uniform': widths shared by repeated layers, so the model's config can state them)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from fxadapt.dist import Precision
+from fxadapt.errors import InputError
+from fxadapt.options import Options, check_device, unknown_options
+from fxadapt.planning.solver import SolveConfig
+from fxadapt.search.dna import SearchConfig
+from fxadapt.search.fur import FurConfig
+
+Strategy = Literal["auto", "datafree", "dna", "fur"]   # the keys of fxadapt.pipeline.strategies.STRATEGIES
+
+MOVED = {"steps": "the step count is the search's: pass search=fxadapt.SearchConfig(steps={value!r}) "
+                  "(strategy='fur': fur=fxadapt.FurConfig(iterations=..., train_steps=...))"}
+
+
+@dataclass(frozen=True)
+class TransformConfig(Options):
+    """Every option of ``transform``; any field can also be given to ``transform`` as a keyword."""
+
+    moved = MOVED
+    hints = {"strategy": "'auto': dna with data, else datafree",
+             "attention": "'heads': whole heads, 'head_dim': the head count kept; 'auto': heads with rotary "
+                          "embeddings or when written back into the model's modules",
+             "precision": "'auto': bf16 autocast on CUDA, fp32 on CPU",
+             "output": "'module': the model's own class, 'graph': a torch.fx.GraphModule",
+             "write_back": "'auto': fall back to the graph with a WriteBackWarning, 'strict': raise",
+             "layers": "'any': per-layer widths, 'uniform': widths shared by repeated layers, so the model's "
+                       "config can state them"}
+
+    strategy: Strategy = "auto"     # "datafree", "dna", "fur"; "auto": dna with data, else datafree
+    attention: Literal["auto", "heads", "head_dim"] = "auto"   # whole heads / head_dim pruned
+    fold_bn: bool = False           # fold BatchNorm into conv/linear (a deployable, not a trainable, model)
+    solve: SolveConfig = field(default_factory=lambda: SolveConfig(align="auto"))  # aligned where the budget allows
+    search: SearchConfig = field(default_factory=SearchConfig)   # DNA: steps, batch size, gates, ...
+    fur: FurConfig = field(default_factory=FurConfig)            # FUR: iterations, train_steps, ...
+    grow_depth: bool = False        # data-free growth: first add a zero-initialised copy of every repeatable block
+    device: str = "cpu"             # where a search runs ("cuda": cuda:LOCAL_RANK under torchrun)
+    precision: Precision = "auto"   # search autocast: bf16 on CUDA, fp32 on CPU ("bf16"/"fp32" force it)
+    recalibrate_bn: int = 20        # batches of `data` to re-estimate BN statistics with after shrinking
+    output: Literal["module", "graph", "exported_program"] = "module"   # the user's own class, the verified graph
+    write_back: Literal["auto", "strict"] = "auto"   # "auto": fall back to the graph with a WriteBackWarning
+    layers: Literal["any", "uniform"] = "any"   # "uniform": repeated layers share widths (a stock config states them)
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    output_check: bool = False      # also run the original model to compare output structure (default: its recorded shapes)
+    progress: Callable | None = None   # progress(step_name, done, total) after every pipeline step
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_device(type(self).__name__, self.device)
+        self.check(self.recalibrate_bn >= 0, "recalibrate_bn", "at least 0 (0: no BatchNorm re-estimation)")
+        for name in ("atol", "rtol"):
+            self.check(getattr(self, name) >= 0, name, "at least 0")
+        for name, cls in (("solve", SolveConfig), ("search", SearchConfig), ("fur", FurConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise InputError(f"TransformConfig.{name} must be a fxadapt.{cls.__name__}, got "
+                                 f"{type(getattr(self, name)).__name__}")
+
+
+def transform_config(config: TransformConfig | None, options: dict, data: Any, val_data: Any = None
+                     ) -> TransformConfig:
+    """``config`` with ``transform``'s keyword ``options`` over it, checked against this machine and the data;
+    ``strategy="auto"`` resolved."""
+    cfg = config or TransformConfig()
+    valid = [f.name for f in dataclasses.fields(TransformConfig)]
+    if set(options) - set(valid):
+        raise InputError(unknown_options("transform", options, valid, MOVED))
+    cfg = dataclasses.replace(cfg, **options)
+    strategy = ("dna" if data is not None else "datafree") if cfg.strategy == "auto" else cfg.strategy
+    if strategy in ("dna", "fur") and data is None:
+        raise InputError(f"strategy {strategy!r} searches on data: pass data=(inputs, targets), a Dataset or a "
+                         f"DataLoader (or strategy='datafree')")
+    check_device_here(cfg.device)
+    for name, value in (("data", data), ("val_data", val_data)):
+        check_data(name, value)
+    return dataclasses.replace(cfg, strategy=strategy)
+
+
+def check_device_here(device: str) -> None:
+    """A device this machine has (a CUDA request without CUDA names what there is)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise InputError(f"device={device!r}, but this machine has no CUDA device (torch {torch.__version__} is "
+                         f"{build}); devices here: cpu. Pass device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+
+
+def check_data(name: str, data: Any) -> None:
+    """Training / validation data in a form the searches read: ``(inputs, targets)`` tensors, a Dataset or a
+    DataLoader."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from fxadapt.train.data import as_tensors
+
+    if data is None or as_tensors(data) is not None or isinstance(data, (Dataset, DataLoader)):
+        return
+    what = type(data).__name__
+    if isinstance(data, (list, tuple)):
+        what += " of " + ", ".join(sorted({type(v).__name__ for v in data})) if data else " (empty)"
+    raise InputError(f"{name} must be (inputs, targets) tensors, a torch Dataset or a DataLoader; got a {what}: "
+                     f"e.g. {name}=(x_train, y_train) with x_train = torch.stack(images), y_train = torch.tensor(labels)")

@@ -1,0 +1,74 @@
+"""``fxadapt.transform(model, [b_1, b_2, ...], ...)``: one model per budget from one capture, one analysis
+and, for DNA, one search.
+
+``capture`` and ``analyze`` run once; every budget is resolved against that analysis; ``plan`` runs once
+for all of them: DNA trains one supernet and derives every MAC budget from it
+(``fxadapt.search.many.dna_many``: shared training at the geometric mean budget, then a short gate-only
+search per budget), while the data-free solver (MAC and latency budgets mixed) and FUR plan each budget
+on the shared analysis. Then every budget runs the remaining steps on its own (materialize, rewire_blocks,
+recalibrate_bn, fold_bn, verify, write_back, ...), so each result is verified exactly as a single
+``transform``'s, with its own ``fxadapt.report``. The results come back as a list in the budgets' order.
+
+>>> import torch, fxadapt
+>>> from fxadapt.examples import example_model, EXAMPLE_INPUT_SHAPE
+>>> x = torch.randn(EXAMPLE_INPUT_SHAPE)
+>>> models = fxadapt.transform(example_model(), [0.25, 0.5], (x,))
+>>> [round(fxadapt.report(m).macs_after / fxadapt.report(m).macs_before, 2) for m in models]
+[0.25, 0.5]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from fxadapt import dist
+from fxadapt.errors import BudgetError, InputError
+from fxadapt.pipeline.config import transform_config
+from fxadapt.pipeline.runner import run_steps
+from fxadapt.pipeline.strategies import STRATEGIES, Outcome, _search_solve
+from fxadapt.pipeline.transform import PIPELINE, Job, finish, resolve
+
+SHARED = ("capture", "analyze")
+
+
+def transform_many(model, budgets, example_inputs, data=None, val_data=None, config=None, **options: Any) -> list:
+    """One adapted model per budget (module docstring); ``options`` as for ``fxadapt.transform``."""
+    if not budgets:
+        raise InputError("give at least one budget (a list of budgets returns one model per budget)")
+    cfg = transform_config(config, options, data, val_data)
+    start = time.perf_counter()
+    shared = [s for s in PIPELINE if s.name in SHARED]
+    rest = [s for s in PIPELINE if s.name not in SHARED + ("plan",)]
+    job = run_steps(tuple(shared), Job(model, example_inputs, budgets[0], cfg, data, val_data), cfg.progress)
+    goals = [resolve(b, job.analysis) for b in budgets]
+    outcomes = _outcomes(job, budgets, goals)
+    results = []
+    for budget, goal, outcome in zip(budgets, goals, outcomes):
+        one = dataclasses.replace(job, budget=budget, goal=goal, outcome=outcome, gm=outcome.base,
+                                  timings=job.timings + (("plan", 0.0),))
+        results.append(finish(run_steps(tuple(rest), one, cfg.progress), start))
+    return results
+
+
+def _outcomes(job: Job, budgets: list, goals: list) -> list[Outcome]:
+    """One plan per budget: one DNA search for all MAC budgets, else the strategy per budget."""
+    if job.cfg.strategy != "dna" or len(goals) < 2:
+        return [STRATEGIES[job.cfg.strategy](dataclasses.replace(job, budget=b, goal=g))
+                for b, g in zip(budgets, goals)]
+    if any(g.macs is None for g in goals):
+        raise BudgetError("strategy='dna' searches for MAC budgets and cannot take a latency-only budget yet: "
+                          "use strategy='datafree' for Budget(latency=...), or give every budget macs=")
+    from fxadapt.search.many import dna_many
+
+    scfg = dataclasses.replace(job.cfg.search, solve=_search_solve(job.cfg.solve))
+    ctx = dist.setup(job.cfg.device, job.cfg.precision)
+    t0 = time.perf_counter()
+    runs = dna_many(job.analysis, [g.macs for g in goals], job.data, job.val_data, scfg, ctx)
+    seconds = time.perf_counter() - t0
+    out = []
+    for base, plan, sn, history in runs:
+        slots = frozenset(b for b, on in sn.spec.depths.items() if not on)
+        out.append(Outcome(base, plan, sn.analysis, tuple(history) + ({"search_s": seconds},), slots))
+    return out

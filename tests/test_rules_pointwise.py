@@ -268,7 +268,7 @@ class Unknown(nn.Module):
 
 UNKNOWN = {
     "cumprod": (lambda y: torch.cumprod(y, 1), "aten.cumprod.default"),
-    "sort": (lambda y: torch.sort(y, 1).values, "aten.sort.default"),
+    "logcumsumexp": (lambda y: torch.logcumsumexp(y, 1), "aten.logcumsumexp.default"),  # sort has a rule now
     "cummax_spatial": (lambda y: torch.cummax(y, 2).values, "aten.cummax.default"),
     "custom_op": (lambda y: channel_mix(y), "fxadapt_test.channel_mix.default"),
     "fft": (lambda y: torch.fft.fft(y, dim=1).abs(), "aten.fft_fft.default"),

@@ -299,3 +299,19 @@ def test_growth_refusal_names_the_op_that_forbids_it():
     assert sum(isinstance(m, nn.Conv2d) for m in grown.modules()) == 4                                  # the block's conv copied once (3 + 1)
     assert count_macs(grown, (x,)) >= offered * count_macs(model, (x,)) * 0.99
     torch.testing.assert_close(grown(x), model(x))      # the copy is zero-initialised: function kept
+
+
+def test_floor_refusal_names_the_frozen_groups():
+    """Below the narrowest reachable model the error says which groups are frozen and why (here a flip of
+    the channel axis), and what to do."""
+    class Flipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.flip(self.b(self.a(x)), [1]))
+
+    with pytest.raises(BudgetError, match=r"outside the reachable range.*frozen and keep their size: .*flip.*"
+                                          r"give a budget inside the range"):
+        fxadapt.transform(Flipped(), 0.05, (torch.randn(1, 3, 12, 12),))

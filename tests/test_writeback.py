@@ -297,8 +297,10 @@ def test_cli_leaves_no_process_wide_warnings_filter():
     assert warnings.filters == before
 
 
-def test_a_search_with_a_latency_only_budget_is_a_clear_error():
+def test_fur_with_a_latency_only_budget_is_a_clear_error():
+    """FUR searches MAC budgets; a latency-only budget says which strategies take it (DNA does:
+    tests/test_latency_search.py)."""
     x = torch.randn(8, 3, 32, 32)
-    with pytest.raises(fxadapt.BudgetError, match="strategy='datafree'"):
+    with pytest.raises(fxadapt.BudgetError, match="strategy='dna'.*'datafree'"):
         fxadapt.transform(example_model(), fxadapt.Budget(latency=0.5), (x[:1],), data=(x, torch.zeros(8).long()),
-                          strategy="dna", search=fxadapt.SearchConfig(steps=2))
+                          strategy="fur")

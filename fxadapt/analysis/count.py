@@ -12,6 +12,10 @@ computes ``softmax(q k^T * scale + mask) v`` with two batched matmuls, so an SDP
 heads, ``L`` queries, ``S`` keys, head dims ``E`` (q, k) and ``Ev`` (v) counts
 ``b*h*L*S*E + b*h*L*S*Ev`` MACs (grouped-query attention counts every query head).
 
+Grouped matrix products (mixture-of-experts layers: ``aten._grouped_mm``, transformers'
+``grouped_mm_fallback``) have no torch formula either; they count ``S*K*N`` MACs for ``S`` routed rows
+(``T * top_k``: every token meets ``top_k`` experts, whatever the routing at the example inputs picks).
+
 Example:
     >>> import torch
     >>> count_macs(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
@@ -27,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +49,38 @@ def _rnn_layer_flops(input, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
     return 2 * input[0] * input[1] * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
 
 
-EXTRA_FLOPS = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops}   # packet -> formula on shapes
+def _grouped_mm_flops(input, weight, *args, out_shape=None, **kwargs) -> int:
+    """Grouped matrix product (mixture-of-experts layers; torch's counter has no formula): rows ``[S, K]``
+    sorted by expert times experts ``[E, K, N]`` multiply every row by one ``K x N`` matrix, ``2*S*K*N`` —
+    ``numel(out) * K`` for every layout with the groups on the output (``[S, N]``, batched ``[B, M, N]``);
+    groups along ``K`` (two 2-D operands, output ``[G, M, N]``) contract ``K`` once in all: ``2*M*K*N``."""
+    if len(input) == 2 and len(weight) == 2:
+        return 2 * input[0] * input[1] * weight[1]
+    return 2 * math.prod(out_shape) * input[-1]
+
+
+EXTRA_FLOPS = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops,   # packet -> formula on shapes
+               torch.ops.aten._grouped_mm: _grouped_mm_flops}
+LIBRARY_FLOPS = {("transformers", "grouped_mm_fallback"): _grouped_mm_flops}
+"""Ops of other libraries, present once that library is imported (transformers' grouped experts kernel)."""
+
+
+def extra_flops() -> dict:
+    """``EXTRA_FLOPS`` and the ``LIBRARY_FLOPS`` whose op is registered in this process (packet -> formula)."""
+    out = dict(EXTRA_FLOPS)
+    for (namespace, name), formula in LIBRARY_FLOPS.items():
+        packet = getattr(getattr(torch.ops, namespace), name, None) if _has_op(namespace, name) else None
+        if packet is not None:
+            out[packet] = formula
+    return out
+
+
+def _has_op(namespace: str, name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"{namespace}::{name}", "")
+    except RuntimeError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -77,7 +113,7 @@ def run_counted(model: nn.Module, inputs: Any) -> tuple[float, Any]:
     model.eval()
     try:
         with torch.no_grad(), countable_attention(), _no_grad_params(model), \
-                FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as counter:
+                FlopCounterMode(display=False, custom_mapping=extra_flops()) as counter:
             out = inputs.call(model)
     finally:
         model.train(was)

@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from fxadapt.ir.channels import ParamRef
 from fxadapt.ops.registry import op_of
@@ -81,10 +81,17 @@ class _Flops(TorchDispatchMode):
 
     total = 0
 
+    def __init__(self):
+        super().__init__()
+        from fxadapt.analysis.count import extra_flops  # the independent count's formulas torch lacks
+
+        self.registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in extra_flops().items()
+                                             if k not in flop_registry}}
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func.overloadpacket)
+        formula = self.registry.get(func.overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
 

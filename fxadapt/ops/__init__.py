@@ -1,6 +1,7 @@
 """The op registry (``OPS``), filled by the op families imported below: layers (conv, linear, norms,
 embedding), pointwise (activations, broadcasting arithmetic, reductions, pooling), reshape (views,
-permutes, shuffles) and indexing (cat, split, slice, matmul, attention).
+permutes, shuffles), indexing (cat, split, slice, matmul, attention) and routing (topk, sort, index,
+grouped expert matmuls).
 
 >>> import torch
 >>> from fxadapt.ops import OPS
@@ -8,7 +9,7 @@ permutes, shuffles) and indexing (cat, split, slice, matmul, attention).
 'produces'
 """
 
-from fxadapt.ops import indexing, layers, pointwise, recurrent, reshape  # noqa: F401  (registration)
+from fxadapt.ops import indexing, layers, pointwise, recurrent, reshape, routing  # noqa: F401  (registration)
 from fxadapt.ops.core import Blocked, Call, Ctx, RuleRecord
 from fxadapt.ops.registry import OPS, Lift, OpSpec, missing_reason, op_of, register, rule, spec_of
 

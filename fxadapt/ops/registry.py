@@ -76,7 +76,27 @@ class OpSpec:
     latency_key: Callable | None = None
 
 
-OPS: dict[Any, OpSpec] = {}
+class _Registry(dict):
+    """``OPS``: keyed by ``OpOverload``. An op of another library's namespace exists only once that library is
+    imported (``transformers::grouped_mm_fallback``), so its entry is keyed by the overload's name
+    (``"transformers.grouped_mm_fallback.default"``) and found from the overload by that name."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        hit = dict.get(self, key)
+        if hit is None and isinstance(key, torch._ops.OpOverload):
+            hit = dict.get(self, str(key))
+        return default if hit is None else hit
+
+    def __missing__(self, key: Any) -> OpSpec:
+        if isinstance(key, torch._ops.OpOverload) and dict.__contains__(self, str(key)):
+            return dict.__getitem__(self, str(key))
+        raise KeyError(key)
+
+    def __contains__(self, key: Any) -> bool:
+        return self.get(key) is not None
+
+
+OPS: dict[Any, OpSpec] = _Registry()
 
 
 def register(*targets: Any, **fields: Any) -> OpSpec:
@@ -86,7 +106,7 @@ def register(*targets: Any, **fields: Any) -> OpSpec:
         raise ValueError(f"registry entry {spec.name!r}: kind {spec.kind!r} (one of {KINDS}), zero {spec.zero!r} "
                          f"(one of {ZERO}), fold {spec.fold!r} (one of {FOLD})")
     for t in targets:
-        if t in OPS:
+        if dict.__contains__(OPS, t):
             raise ValueError(f"two registry entries for {t}")
         OPS[t] = spec
     return spec

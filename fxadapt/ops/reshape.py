@@ -372,6 +372,6 @@ def repeat(call, ctx):
     return _reindexed(call, ctx, dims)
 
 
-@rule(*aten_ops("index.Tensor", "repeat_interleave.self_int"), kind="reindexes", name="gather_like")
+@rule(*aten_ops("repeat_interleave.self_int"), kind="reindexes", name="gather_like")
 def index_by_data(call, ctx):
     return _reindexed(call, ctx, lambda nd: None)

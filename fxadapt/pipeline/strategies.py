@@ -72,20 +72,29 @@ def datafree(job: Job) -> Outcome:
 
 
 def _latency(job: Job) -> Outcome:
-    """A latency budget on its target; with ``"auto"`` alignment, the target's block or, where that cannot
-    reach the budget or its window (measured), the largest power-of-two fraction of it that can."""
+    """A latency budget on its target (see ``aligned_latency``)."""
+    a = job.analysis
+    sol, align = aligned_latency(a, job.goal, job.cfg.solve)
+    head = {"align": align, "latency_s": sol.latency, "latency_budget_s": sol.budget,
+            "latency_base_s": sol.base, "binding": sol.binding}
+    return Outcome(a.gm, make_plan(a, sol.units), a, (head, *sol.history))
+
+
+def aligned_latency(a, goal, solve: SolveConfig, **kw):
+    """``solve_latency`` with ``"auto"`` alignment: the target's block or, where that cannot reach the budget
+    or its window (measured), the largest power-of-two fraction of it that can; ``kw`` go to
+    ``solve_latency`` (a search's table, measurer and widths). Returns the solution and the alignment."""
     from fxadapt.errors import BudgetWarning
     from fxadapt.hw.latency import solve_latency
     from fxadapt.hw.target import Target
 
-    a, solve = job.analysis, job.cfg.solve
-    align = (job.goal.target or Target()).align() if solve.align == "auto" else solve.alignment()
+    align = (goal.target or Target()).align() if solve.align == "auto" else solve.alignment()
     while True:
         finer = solve.align == "auto" and align > 1
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                sol = solve_latency(a, job.goal, cfg=dataclasses.replace(solve, align=align))
+                sol = solve_latency(a, goal, cfg=dataclasses.replace(solve, align=align), **kw)
             except BudgetError:
                 if not finer:
                     raise
@@ -96,9 +105,7 @@ def _latency(job: Job) -> Outcome:
             continue
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        head = {"align": align, "latency_s": sol.latency, "latency_budget_s": sol.budget,
-                "latency_base_s": sol.base, "binding": sol.binding}
-        return Outcome(a.gm, make_plan(a, sol.units), a, (head, *sol.history))
+        return sol, align
 
 
 def aligned_solve(a, target: float, solve: SolveConfig, start: int | None = None) -> tuple[dict[int, int], int]:
@@ -172,16 +179,18 @@ def _searched(job: Job, run, scfg) -> Outcome:
 
 def _latency_search(job: Job, run, scfg, ctx) -> Outcome:
     """DNA with the expected latency in its loss (``fxadapt.search.latency_loss``), repaired on the target."""
-    from fxadapt.search.latency_loss import dna_latency
+    from fxadapt.search.latency_loss import search_latency
 
     if run is not dna:
         raise BudgetError(f"strategy={job.cfg.strategy!r} searches for MAC budgets only: use strategy='dna' (the "
                           f"expected latency is part of its loss) or 'datafree' for Budget(latency=...)")
-    base, plan, sn, state, sol = dna_latency(job.analysis, job.goal, job.data, job.val_data,
-                                             dataclasses.replace(scfg, solve=job.cfg.solve), ctx)
-    head = {"latency_s": sol.latency, "latency_budget_s": sol.budget, "latency_base_s": sol.base,
+    found = search_latency(job.analysis, job.goal, job.data, job.val_data, scfg, ctx)
+    sol, align = aligned_latency(found.sn.analysis, job.goal, job.cfg.solve, lut=found.lut, measure=found.measure,
+                                 widths=found.units, progress=scfg.progress)
+    base, plan = found.sn.finalize(sol.units, {b: 1.0 for b in found.sn.depth_gates()})
+    head = {"align": align, "latency_s": sol.latency, "latency_budget_s": sol.budget, "latency_base_s": sol.base,
             "binding": sol.binding, "searched": "dna, expected latency in the loss"}
-    return Outcome(base, plan, sn.analysis, (head, *state.history, *sol.history))
+    return Outcome(base, plan, found.sn.analysis, (head, *found.state.history, *sol.history))
 
 
 def _search_solve(solve: SolveConfig) -> SolveConfig:

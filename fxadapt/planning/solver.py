@@ -347,7 +347,22 @@ def _checked_bounds(a, target: float, cfg: SolveConfig) -> dict[int, tuple[int, 
         f"budget of {target:,.0f} MACs ({target / base:.3f}x) is outside the reachable range "
         f"[{lo_r:,.0f}, {hi_r:,.0f}] MACs = [{lo_r / base:.3f}x, {hi_r / base:.3f}x] of the original "
         f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x{aligned})"
-        + (_growth_note(a) if target > base else ""))
+        + (_growth_note(a) if target > base else _floor_note(a)))
+
+
+def _floor_note(a) -> str:
+    """What keeps the narrowest model from being smaller: the frozen groups' reasons (most common first)."""
+    reasons: dict[str, list[str]] = {}
+    for g in a.groups:
+        if not g.prunable and g.reason:
+            reasons.setdefault(g.reason, []).append(g.name)
+    if not reasons:
+        return ""
+    top = sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:3]
+    return (f"; {sum(map(len, reasons.values()))} channel group(s) are frozen and keep their size: "
+            + "; ".join(f"{names[0]}{f' (+{len(names) - 1} more)' if len(names) > 1 else ''}: {why}"
+                        for why, names in top)
+            + "; give a budget inside the range (fxadapt inspect lists every frozen group and why)")
 
 
 def _growth_note(a) -> str:

@@ -34,7 +34,9 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -138,18 +140,27 @@ class ExpectedLatency:
         return self.lm.scale * raw + self.lm.offset
 
 
-def dna_latency(a0, goal, data, val_data, cfg, ctx=None):
+@dataclass
+class LatencySearch:
+    """What ``search_latency`` leaves: the trained supernet, its state, the searched widths, and the lookup
+    table and measurer the repair reuses."""
+
+    sn: object
+    state: object
+    units: dict
+    lut: object
+    measure: object
+
+
+def search_latency(a0, goal, data, val_data, cfg, ctx=None) -> LatencySearch:
     """DNA for a latency budget (``goal.latency``, with ``goal.macs`` when given too): the search minimises
     ``L_task + lambda * L_budget(E[L], T)`` (plus the MAC budget loss when there is one) with ``E[L]`` of
-    the module docstring; the gates' widths are then the reference of the measured latency solve
+    the module docstring. The searched widths are then the reference of the measured latency solve
     (``fxadapt.hw.latency.solve_latency(..., widths=searched)``: the global scale of the searched allocation,
-    re-timed interleaved with the original and repaired into ``[0.9 T, T]``). Returns ``(supernet graph
-    without gates, plan, supernet, state, latency solution)``. Every block is kept (the latency term counts
-    widths; depth follows MAC budgets)."""
-    import dataclasses
-
+    re-timed interleaved with the original and repaired into ``[0.9 T, T]``; ``fxadapt.pipeline.strategies``
+    runs it). Every block is kept (the latency term counts widths; depth follows MAC budgets)."""
     from fxadapt import dist
-    from fxadapt.hw.latency import LatencyModel, Measurer, parse_latency, solve_latency
+    from fxadapt.hw.latency import LatencyModel, Measurer, parse_latency
     from fxadapt.hw.lut import LUT
     from fxadapt.hw.target import Target
     from fxadapt.search.dna import budget_loss, run_search
@@ -172,9 +183,5 @@ def dna_latency(a0, goal, data, val_data, cfg, ctx=None):
     val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
     state = run_search(sn, train, val, goal.macs, False, cfg, ctx, None,
                        lambda: cfg.budget_weight * budget_loss(el(), T, False, cfg.band))
-    units, _ = sn.hard()
-    solve = dataclasses.replace(cfg.solve, align=hw.align() if cfg.solve.align == "auto" else cfg.solve.align)
     sn.gm.to("cpu")
-    sol = solve_latency(sn.analysis, goal, hw, solve, lut=lut, measure=meas, widths=units, progress=cfg.progress)
-    plain, plan = sn.finalize(sol.units, {b: 1.0 for b in sn.depth_gates()})
-    return plain, plan, sn, state, sol
+    return LatencySearch(sn, state, sn.hard()[0], lut, meas)

@@ -5,7 +5,8 @@ Fields, set only where the config has them and their old value is the old size (
 think it means): hidden (``hidden_size``/``n_embd``/``d_model``: the input embedding's width), heads,
 key/value heads and ``head_dim`` (from the attention modules' written-back attributes, when every layer
 agrees), intermediate (``intermediate_size``/``n_inner``/``d_ff``/``ffn_dim``: the output width of every
-layer whose old output width was that size, when they agree) and layers (``num_hidden_layers``/``n_layer``/
+layer whose old output width was that size, and the ``intermediate_dim`` of mixture-of-experts modules,
+when they agree) and layers (``num_hidden_layers``/``n_layer``/
 ``num_layers``: the length of the layer list). ``head_dim`` is set explicitly where the new head size is no
 longer ``hidden / heads`` and the config has the field (Llama-style configs store it). A field the config
 class derives as a read-only property (Falcon's ``head_dim``) is never set.
@@ -133,9 +134,22 @@ def _intermediate(model: nn.Module, original: nn.Module, cfg) -> list[dict]:
         for n, p in model.named_parameters():
             if n.endswith("weight") and n in olds and len(olds[n]) == 2 and olds[n][0] == old != olds[n][1]:
                 vals.add(int(p.shape[0]))
+        vals |= _expert_widths(model, original, old)
         if len(vals) == 1 and old not in vals:
             ops.append({"op": "config", "field": name, "value": vals.pop()})
     return ops
+
+
+EXPERT_WIDTH_ATTRS = ("intermediate_dim",)
+"""The intermediate width of a mixture-of-experts module holding 3-D expert weights (transformers'
+``MixtralExperts``-style ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``), as written back."""
+
+
+def _expert_widths(model: nn.Module, original: nn.Module, old: int) -> set[int]:
+    """New intermediate widths of the expert modules whose old one was ``old``."""
+    new = dict(model.named_modules())
+    return {getattr(new[path], attr) for path, mod in original.named_modules() if path in new
+            for attr in EXPERT_WIDTH_ATTRS if getattr(mod, attr, None) == old}
 
 
 def keep_valid(cfg, original_cfg, ops: list[dict]) -> list[str]:

@@ -95,3 +95,19 @@ def test_bench_with_data_shows_searched_and_datafree_models(model, tmp_path):
     h, w = mpimg.imread(png).shape[:2]
     assert h > w                                      # two panel rows: latency vs MACs, accuracy vs latency
     assert "top-1" in res.table()
+
+
+def test_dna_list_mixing_mac_and_latency_budgets(model, monkeypatch):
+    """MAC budgets share one supernet; the latency budget gets its own search (expected latency in the loss)."""
+    calls = []
+    real = many.run_search
+    monkeypatch.setattr(many, "run_search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    t = SimulatedTarget(seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = fxadapt.transform(model, [0.25, fxadapt.Budget(latency=0.9, target=t), 0.5], (X,), data=DATA,
+                                 strategy="dna", search=FAST)
+    assert len(calls) == 1 and len(outs) == 3
+    assert 0.95 * 0.25 <= ratio(outs[0], model) <= 0.25 and 0.95 * 0.5 <= ratio(outs[2], model) <= 0.5
+    assert t.seconds(outs[1], (X,)) / t.seconds(model, (X,)) <= 0.9 * 1.02
+    assert any("expected latency" in str(h.get("searched", "")) for h in fxadapt.report(outs[1]).history)

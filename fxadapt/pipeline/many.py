@@ -4,8 +4,9 @@ and, for DNA, one search.
 ``capture`` and ``analyze`` run once; every budget is resolved against that analysis; ``plan`` runs once
 for all of them: DNA trains one supernet and derives every MAC budget from it
 (``fxadapt.search.many.dna_many``: shared training at the geometric mean budget, then a short gate-only
-search per budget), while the data-free solver (MAC and latency budgets mixed) and FUR plan each budget
-on the shared analysis. Then every budget runs the remaining steps on its own (materialize, rewire_blocks,
+search per budget; a latency budget in the list gets its own search with the expected latency in its
+loss), while the data-free solver (MAC and latency budgets mixed) and FUR plan each budget on the shared
+analysis. Then every budget runs the remaining steps on its own (materialize, rewire_blocks,
 recalibrate_bn, fold_bn, verify, write_back, ...), so each result is verified exactly as a single
 ``transform``'s, with its own ``fxadapt.report``. The results come back as a list in the budgets' order.
 
@@ -24,7 +25,7 @@ import time
 from typing import Any
 
 from fxadapt import dist
-from fxadapt.errors import BudgetError, InputError
+from fxadapt.errors import InputError
 from fxadapt.pipeline.config import transform_config
 from fxadapt.pipeline.runner import run_steps
 from fxadapt.pipeline.strategies import STRATEGIES, Outcome, _search_solve
@@ -53,13 +54,21 @@ def transform_many(model, budgets, example_inputs, data=None, val_data=None, con
 
 
 def _outcomes(job: Job, budgets: list, goals: list) -> list[Outcome]:
-    """One plan per budget: one DNA search for all MAC budgets, else the strategy per budget."""
-    if job.cfg.strategy != "dna" or len(goals) < 2:
+    """One plan per budget: one DNA search for all pure MAC budgets (a latency budget gets its own search,
+    the expected latency in its loss), else the strategy per budget."""
+    shared = [i for i, g in enumerate(goals) if g.latency is None and g.macs is not None]
+    if job.cfg.strategy != "dna" or len(shared) < 2:
         return [STRATEGIES[job.cfg.strategy](dataclasses.replace(job, budget=b, goal=g))
                 for b, g in zip(budgets, goals)]
-    if any(g.macs is None for g in goals):
-        raise BudgetError("strategy='dna' searches for MAC budgets and cannot take a latency-only budget yet: "
-                          "use strategy='datafree' for Budget(latency=...), or give every budget macs=")
+    out = dict(zip(shared, _shared_dna(job, [goals[i] for i in shared])))
+    for i, (b, g) in enumerate(zip(budgets, goals)):
+        if i not in out:
+            out[i] = STRATEGIES["dna"](dataclasses.replace(job, budget=b, goal=g))
+    return [out[i] for i in range(len(goals))]
+
+
+def _shared_dna(job: Job, goals: list) -> list[Outcome]:
+    """The MAC budgets' plans from one supernet (``fxadapt.search.many.dna_many``)."""
     from fxadapt.search.many import dna_many
 
     scfg = dataclasses.replace(job.cfg.search, solve=_search_solve(job.cfg.solve))

@@ -33,6 +33,7 @@ import numpy as np
 from fxadapt.errors import BudgetError, warn
 from fxadapt.planning.align import Ladders, ladder, resolve_align
 from fxadapt.planning.plan import growth_blocker
+from fxadapt.planning.refusals import floor_note, growth_note
 from fxadapt.planning.scale import approach, bisect
 
 TOL = 0.01
@@ -347,42 +348,7 @@ def _checked_bounds(a, target: float, cfg: SolveConfig) -> dict[int, tuple[int, 
         f"budget of {target:,.0f} MACs ({target / base:.3f}x) is outside the reachable range "
         f"[{lo_r:,.0f}, {hi_r:,.0f}] MACs = [{lo_r / base:.3f}x, {hi_r / base:.3f}x] of the original "
         f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x{aligned})"
-        + (_growth_note(a) if target > base else _floor_note(a)))
-
-
-def _floor_note(a) -> str:
-    """What keeps the narrowest model from being smaller: the frozen groups' reasons (most common first)."""
-    reasons: dict[str, list[str]] = {}
-    for g in a.groups:
-        if not g.prunable and g.reason:
-            reasons.setdefault(g.reason, []).append(g.name)
-    if not reasons:
-        return ""
-    top = sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:3]
-    return (f"; {sum(map(len, reasons.values()))} channel group(s) are frozen and keep their size: "
-            + "; ".join(f"{names[0]}{f' (+{len(names) - 1} more)' if len(names) > 1 else ''}: {why}"
-                        for why, names in top)
-            + "; give a budget inside the range (fxadapt inspect lists every frozen group and why)")
-
-
-def _growth_note(a) -> str:
-    """Why growth stops where it does: the ops that forbid function-preserving growth (most MACs first), and
-    what can still grow a model that widths cannot."""
-    blocked = {}
-    for g in sorted(a.prunable, key=lambda g: -getattr(g, "macs_share", 0.0)):
-        why = growth_blocker(a, g)
-        if why is not None:
-            blocked.setdefault(why, []).append(g.name)
-    if not blocked:
-        return ""
-    top = "; ".join(f"{', '.join(names[:2])}{f' (+{len(names) - 2} more)' if len(names) > 2 else ''}: {why}"
-                    for why, names in list(blocked.items())[:2])
-    rep = [b.id for b in a.blocks if b.repeatable]
-    deeper = a.cost.macs({}, {b: 2.0 for b in rep}) / a.cost.macs() if rep else 1.0
-    return (f"; {sum(map(len, blocked.values()))} of {len(a.prunable)} groups cannot grow function-preservingly "
-            f"({top}); " + (f"grow_depth=True with a budget of about {deeper:.2f}x copies its {len(rep)} repeatable "
-                            f"block(s) (zero-initialised, function-preserving)" if rep else
-                            "it has no repeatable block to copy either, so it cannot grow further"))
+        + (growth_note(a) if target > base else floor_note(a)))
 
 
 def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int, int]:

@@ -1,42 +1,56 @@
-"""Quality protocol: fxadapt (data-free, DNA, FUR) against uniform scaling and Torch-Pruning at equal MACs,
-every candidate trained with the same recipe, on two tasks, paired over seeds (issue 11, item 1).
+"""Quality protocol: fxadapt (data-free, DNA, FUR) against uniform scaling and Torch-Pruning at equal MACs and
+equal training, on two tasks, paired over seeds (issue 11 item 1; made fair in issue 15 item 1).
 
-Run (resumable: finished (task, method, budget, seed) rows are cached in bench/.cache/quality_<mode>_<task>.jsonl
-and skipped; delete the file to start over):
+Run (resumable: finished rows are cached in bench/.cache/quality_<mode>_<task>.jsonl, keyed by (task, method,
+budget, seed, config hash); a row whose hash differs from the current one is ignored, never reused):
 
-    python bench/quality.py --quick               # 2 tasks, seeds 0-2, budgets 0.5/0.25/0.1/2.0, fewer epochs
+    python bench/quality.py --quick --tasks digits --budgets 0.5,0.25,0.1 --seeds 0,1,2,3,4
     python bench/quality.py                       # full: seeds 0-4, budgets 0.5/0.25/0.1/1.5/2.0
-    python bench/quality.py --quick --tasks shapes --seeds 0   # a slice (one process per task runs in parallel)
     python bench/quality.py --quick --report      # tables from the cache only
 
 Protocol (tasks, base model: bench/quality_tasks.py; methods: bench/quality_methods.py):
-1. Per task, the base epochs E are chosen once (seed 0) by doubling until validation accuracy gains less
-   than 0.5 point (``converged_epochs``); each seed then trains its own base for E epochs (SGD 0.05, cosine).
-2. Per seed and budget, every method builds its candidate from that seed's base; the candidate is trained
-   with ``fxadapt.finetune`` (SGD 0.05, cosine, distillation from the base, kd 0.5, T 4) for F epochs;
-   ``uniform`` and ``dna-scratch`` (re-initialised, trained from scratch) get E + F epochs, the whole
-   training the others had.
-   ``--quick`` also trains shapes on its first 3000 images, caps its base ladder at 32 epochs, runs DNA for
-   120 steps (default 300) and FUR for 2 iterations (default 4); the full mode uses the defaults.
-3. Test accuracy, mean +- std over seeds; paired difference of every method against the best baseline
-   (the baseline with the highest mean at that task and budget; baselines: uniform, tp-uniform, tp-global,
-   datafree), computed seed by seed on the same base; search time (transform or bisection) over the
-   wall time of the candidate's own fine-tuning run. A second paired table uses only the baselines with
-   inherited weights (tp-uniform, tp-global, datafree) as reference. Tables go to stdout and
-   bench/.cache/quality_<mode>.md.
+1. Splits: every task has train / val / test. Test is only reported; every choice reads val: the base
+   epochs E (``converged_epochs``: doubling until val accuracy gains < 0.5 point, seed 0) and the
+   reference baseline of every paired difference. The searches see the training split only.
+2. Equal weight-update steps. Let ``spe`` be the optimizer steps of one epoch (train size // 64). After the
+   base every method gets the same ``W = (F + S) * spe`` SGD steps on its weights (batch 64), where F are
+   the fine-tune epochs and S the search epochs of the mode and task: DNA searches ``S * spe`` steps (each
+   one weight step), FUR ``I`` iterations of ``S * spe / I`` weight steps, and both are then fine-tuned F
+   epochs; the baselines with inherited weights (Torch-Pruning, data-free) take no step while choosing
+   their widths and are fine-tuned F + S epochs; ``uniform`` and ``dna-scratch`` (re-initialised) get
+   E + F + S epochs, the base's steps plus W. Fine-tuning is ``fxadapt.finetune`` (SGD 0.05, cosine,
+   distillation from the base, kd 0.5, T 4). Every row records its search, fine-tune and total weight
+   steps (counted from the search history and the fine-tune schedule) and the tables print them.
+   ``--quick``: digits F 8 + S 8 epochs (15 steps each: W = 240), shapes on its first 3000 images F 4 +
+   S 3 (46 steps each: W = 322), base ladders capped at 60 / 32 epochs, FUR 2 iterations; full: digits
+   F 15 + S 20, shapes F 5 + S 2, FUR 4 iterations.
+3. Test accuracy, mean ± the 95% t-interval over seeds; paired differences per seed (same base) against
+   the reference: the equal-training baseline (uniform, tp-uniform, tp-global, datafree) with the highest
+   mean *val* accuracy in that cell, mean ± the 95% t-interval of the differences; a second table against
+   the best inherited-weight baseline (also chosen on val); the "architecture only" diagnostic
+   (dna-scratch − uniform, same epochs). Tables go to stdout and bench/.cache/quality_<mode>.md.
+4. Cache rows carry ``config_hash`` (sha256 of every option of the method's TransformConfig, the fine-tune
+   recipe, the task's constants, E, F, S and ``PROTOCOL``), so a changed default produces new rows; the
+   last commit of the library and bench files (``commit``), ``git rev-parse HEAD`` (``head``) and a hash
+   of their uncommitted diff (``dirty``) are recorded for information.
 
-Result (quick, 5 seeds, README "Quality"): DNA beats every baseline that keeps its weights at every
-shrinking budget on both tasks (+0.9 to +6.1 points, paired) but not the same widths trained from scratch
-(-0.2 to -13.3); DNA's widths trained from scratch match or beat the uniform ones (``dna-scratch``).
+Result (quick, 5 seeds, README "Quality"): with equal weight steps DNA beats no equal-training baseline.
+The uniform widths trained from scratch win all six (task, budget) cells (DNA −0.7 to −13.1 points, the
+interval excluding zero in five), and against the best inherited-weight baseline DNA ties in all six. DNA's
+widths trained from scratch tie with the uniform ones (``dna-scratch``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -44,20 +58,25 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality_methods import BASELINES, GROW, SCRATCH, SHRINK, candidate, count_macs  # noqa: E402
+import quality_tasks  # noqa: E402
+from quality_methods import BASELINES, GROW, SCRATCH, SEARCHES, SHRINK, candidate, count_macs, method_config  # noqa: E402
 from quality_tasks import CACHE, TASKS, converged_epochs, trained_base  # noqa: E402
 
 from fxadapt.train.finetune import FinetuneConfig, accuracy, finetune  # noqa: E402
 
-# per mode and task: fine-tune epochs, base-epoch ladder (start, cap), training-set size (None: all)
+PROTOCOL = "issue15-equal-steps-v1"
+BATCH = FinetuneConfig().batch_size
+# per mode and task: fine-tune epochs F, search epochs S, base-epoch ladder (start, cap), training-set size
 SETTINGS = {
-    "full": {"digits": dict(ft=15, ladder=(20, 160), train=None),
-             "shapes": dict(ft=5, ladder=(10, 40), train=None),
-             "opts": {}},
-    "quick": {"digits": dict(ft=8, ladder=(15, 60), train=None),
-              "shapes": dict(ft=4, ladder=(8, 32), train=3000),
-              "opts": {"dna_steps": 120, "fur_iterations": 2}},
+    "full": {"digits": dict(ft=15, search=20, ladder=(20, 160), train=None),
+             "shapes": dict(ft=5, search=2, ladder=(10, 40), train=None),
+             "fur_iterations": 4},
+    "quick": {"digits": dict(ft=8, search=8, ladder=(15, 60), train=None),
+              "shapes": dict(ft=4, search=3, ladder=(8, 32), train=3000),
+              "fur_iterations": 2},
 }
+DEFAULT_METHODS = ("uniform", "tp-uniform", "tp-global", "datafree", "fur", "dna", "dna-scratch")
+LIBRARY_FILES = ("fxadapt", "bench/quality.py", "bench/quality_methods.py", "bench/quality_tasks.py")
 
 
 def load_task(name: str, train: int | None) -> dict:
@@ -67,19 +86,84 @@ def load_task(name: str, train: int | None) -> dict:
     return data
 
 
-def run_row(task, method, base, data, budget, seed, st, base_epochs, opts) -> dict:
+def steps_per_epoch(data: dict) -> int:
+    """Optimizer steps of one ``fxadapt.finetune`` epoch (its own formula)."""
+    n = len(data["train"][0])
+    return max(1, n // min(BATCH, n))
+
+
+def search_opts(mode: str, task: str, spe: int, search_val: str) -> dict:
+    st = SETTINGS[mode]
+    return {"search_steps": st[task]["search"] * spe, "fur_iterations": st["fur_iterations"],
+            "search_val": search_val}
+
+
+def stable(o):
+    """Plain, process-independent data for hashing (functions by name, dataclasses field by field)."""
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return {"_type": type(o).__name__} | {f.name: stable(getattr(o, f.name)) for f in dataclasses.fields(o)}
+    if isinstance(o, dict):
+        return {str(k): stable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [stable(v) for v in o]
+    if isinstance(o, (int, float, str, bool)) or o is None:
+        return o
+    if callable(o):
+        return f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', repr(o))}"
+    return repr(o)
+
+
+def _task_constants() -> dict:
+    names = ("DIGITS_NOISE", "DIGITS_SPLIT", "SHAPES_SPLIT", "SHAPES_NOISE", "PLATEAU", "BASE_LR", "WIDTH")
+    return {n: getattr(quality_tasks, n) for n in names}
+
+
+def config_hash(task: str, method: str, st: dict, base_epochs: int, opts: dict) -> str:
+    """What a cached row must match to be reused: every option that defines it, defaults included."""
+    cfg = method_config("dna" if method == "dna-scratch" else method, 0, opts) if method != "base" else None
+    if method not in SEARCHES + ("dna-scratch",):
+        opts = opts | {"search_val": "train"}   # read by the searches only: one baseline row serves both
+    payload = {"protocol": PROTOCOL, "task": task, "settings": st, "base_epochs": base_epochs,
+               "constants": _task_constants(), "finetune": stable(FinetuneConfig()), "method": method,
+               "config": stable(cfg), "opts": opts if method != "base" else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def provenance() -> dict:
+    """The last commit touching the library / protocol files, HEAD, and a hash of their uncommitted diff."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True).stdout  # noqa: E731
+    diff = git("diff", "HEAD", "--", *LIBRARY_FILES)
+    return {"commit": git("log", "-1", "--format=%H", "--", *LIBRARY_FILES).strip(),
+            "head": git("rev-parse", "HEAD").strip(),
+            "dirty": hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else ""}
+
+
+def finetune_epochs(method: str, st: dict, base_epochs: int, search_steps: int, spe: int) -> int:
+    """Epochs that bring ``method`` to W = (F + S) * spe weight steps after the base (scratch: E + that)."""
+    if method in SCRATCH:
+        return base_epochs + st["ft"] + st["search"]
+    return st["ft"] + st["search"] - round(search_steps / spe)
+
+
+def run_row(task, method, base, data, budget, seed, ctx) -> dict:
+    st, spe, opts, epochs_base = ctx["st"], ctx["spe"], ctx["opts"], ctx["base_epochs"]
     torch.manual_seed(seed)
-    model, search_s = candidate(method, base, data, budget, seed, opts)
+    model, search_s, search_steps = candidate(method, base, data, budget, seed, opts)
     x = data["train"][0][:1]
     ratio = count_macs(model, x) / count_macs(base, x)
-    before = accuracy(model, data["test"])
-    epochs = st["ft"] + (base_epochs if method in SCRATCH else 0)
+    before, val_before = accuracy(model, data["test"]), accuracy(model, data["val"])
+    epochs = finetune_epochs(method, st, epochs_base, search_steps, spe)
     t0 = time.perf_counter()
-    finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=FinetuneConfig(seed=seed))
-    ft_s = time.perf_counter() - t0
-    return {"task": task, "method": method, "budget": budget, "seed": seed, "acc": accuracy(model, data["test"]),
-            "val_acc": accuracy(model, data["val"]), "acc_before_ft": before, "macs_ratio": ratio,
-            "search_s": search_s, "finetune_s": ft_s, "train_epochs": epochs}
+    if epochs > 0:
+        finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=FinetuneConfig(seed=seed))
+    ft_s, ft_steps = time.perf_counter() - t0, epochs * spe
+    scratch = method in SCRATCH
+    return {"acc": accuracy(model, data["test"]), "val_acc": accuracy(model, data["val"]),
+            "acc_before_ft": before, "val_before_ft": val_before, "macs_ratio": ratio, "search_s": search_s,
+            "finetune_s": ft_s, "finetune_epochs": epochs, "search_steps": search_steps, "finetune_steps": ft_steps,
+            "steps_after_base": ft_steps - epochs_base * spe if scratch else search_steps + ft_steps,
+            "steps_from_init": ft_steps if scratch else epochs_base * spe + search_steps + ft_steps}
 
 
 def cache_path(mode: str, task: str) -> str:
@@ -92,132 +176,211 @@ def load_rows(mode: str, tasks) -> list[dict]:
         if os.path.exists(cache_path(mode, task)):
             with open(cache_path(mode, task)) as f:
                 rows += [json.loads(line) for line in f if line.strip()]
-    unique = {(r["task"], r["method"], r["budget"], r["seed"]): r for r in rows}   # a repeated row: the last wins
-    return list(unique.values())
+    key = lambda r: (r["task"], r["method"], r["budget"], r["seed"], r.get("config_hash"))  # noqa: E731
+    return list({key(r): r for r in rows}.values())     # a repeated row: the last wins
 
 
-def run_task(task: str, mode: str, seeds, budgets, methods, ft_epochs) -> None:
-    st = dict(SETTINGS[mode][task])
-    st["ft"] = ft_epochs or st["ft"]
+def task_context(task: str, mode: str, search_val: str, train_base: bool = True) -> dict | None:
+    st = SETTINGS[mode][task]
     data = load_task(task, st["train"])
+    if not train_base and not os.path.exists(quality_tasks.ladder_path(task, *st["ladder"])):
+        return None
     epochs, ladder = converged_epochs(task, data, *st["ladder"])
-    print(f"[{task}] base epochs {epochs} (ladder {ladder}); fine-tune epochs {st['ft']}", flush=True)
-    path = cache_path(mode, task)
+    spe = steps_per_epoch(data)
+    opts = search_opts(mode, task, spe, search_val)
+    hashes = {m: config_hash(task, m, st, epochs, opts) for m in ("base",) + tuple(dict.fromkeys(SHRINK + GROW))}
+    return {"task": task, "st": st, "data": data, "base_epochs": epochs, "ladder": ladder, "spe": spe,
+            "opts": opts, "hashes": hashes}
+
+
+def run_task(task: str, mode: str, seeds, budgets, methods, search_val: str) -> None:
+    ctx = task_context(task, mode, search_val)
+    st, data, epochs, spe = ctx["st"], ctx["data"], ctx["base_epochs"], ctx["spe"]
+    print(f"[{task}] base epochs {epochs} (ladder {ctx['ladder']}); {spe} steps/epoch; after the base "
+          f"W = ({st['ft']} + {st['search']}) x {spe} = {(st['ft'] + st['search']) * spe} weight steps", flush=True)
     for seed in seeds:
         base = trained_base(task, data, epochs, seed)
-        todo = [("base", 1.0)] + [(m, b) for b in budgets for m in (GROW if b > 1 else SHRINK)
-                                  if not methods or m in methods]
+        todo = [("base", 1.0)] + [(m, b) for b in budgets for m in (GROW if b > 1 else SHRINK) if m in methods]
         for method, budget in todo:
-            if (method, budget, seed) in {(r["method"], r["budget"], r["seed"]) for r in load_rows(mode, [task])}:
+            h = ctx["hashes"][method]
+            done = {(r["method"], r["budget"], r["seed"], r.get("config_hash")) for r in load_rows(mode, [task])}
+            if (method, budget, seed, h) in done:
                 continue        # re-read every time: another process may run other seeds of this task
+            row = {"task": task, "method": method, "budget": budget, "seed": seed, "config_hash": h}
             if method == "base":
-                row = {"task": task, "method": "base", "budget": 1.0, "seed": seed, "base_epochs": epochs,
-                       "ladder": ladder, "acc": accuracy(base, data["test"]), "val_acc": accuracy(base, data["val"])}
+                row |= {"base_epochs": epochs, "ladder": ctx["ladder"], "acc": accuracy(base, data["test"]),
+                        "val_acc": accuracy(base, data["val"]), "steps_from_init": epochs * spe}
             else:
-                row = run_row(task, method, base, data, budget, seed, st, epochs, SETTINGS[mode]["opts"])
+                row |= run_row(task, method, base, data, budget, seed, ctx)
+            row |= provenance()
             print(json.dumps(row), flush=True)
-            with open(path, "a") as f:
+            with open(cache_path(mode, task), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
 
-def _ms(v: list[float], scale: float = 100.0, prec: int = 2) -> str:
-    if not v:
-        return "-"
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{scale * statistics.mean(v):.{prec}f} ± {scale * sd:.{prec}f}"
+# ---- report: every cell uses only rows whose config hash is the current one ----
+
+def interval(v: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (nan for one value)."""
+    from scipy import stats
+
+    m = statistics.mean(v)
+    if len(v) < 2:
+        return m, float("nan")
+    return m, float(stats.t.ppf(0.975, len(v) - 1)) * statistics.stdev(v) / math.sqrt(len(v))
 
 
-def _acc(rows, task, method, budget) -> dict[int, float]:
-    return {r["seed"]: r["acc"] for r in rows if r["task"] == task and r["method"] == method
-            and (method == "base" or r["budget"] == budget)}
+def _ci(v: list[float]) -> str:
+    m, h = interval(v)
+    return f"{100 * m:.2f} ± {100 * h:.2f}"
 
 
-def _cols(rows):
-    return sorted({(r["task"], r["budget"]) for r in rows if r["method"] != "base"}, key=lambda k: (k[0], -k[1]))
+def _diff(v: list[float]) -> str:
+    m, h = interval(v)
+    return f"{100 * m:+.2f} ± {100 * h:.2f}"
 
 
-def accuracy_table(rows) -> str:
-    cols = _cols(rows)
-    out = ["| method | " + " | ".join(f"{t} {b}x" for t, b in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m in ("base",) + tuple(dict.fromkeys(SHRINK + GROW)):
-        cells = []
-        for t, b in cols:
-            a = _acc(rows, t, m, b)
-            cells.append(f"{_ms(list(a.values()))} ({len(a)})" if a else "")
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+def current(rows, ctxs, seeds) -> list[dict]:
+    keep = {(c["task"], m): h for c in ctxs for m, h in c["hashes"].items()}
+    return [r for r in rows if r["seed"] in seeds and keep.get((r["task"], r["method"])) == r.get("config_hash")]
 
 
-def paired_table(rows, baselines=BASELINES) -> str:
-    """Per column: best of ``baselines`` by mean; every method's per-seed difference to it (and the base's)."""
-    cols = _cols(rows)
-    best = {}
-    for t, b in cols:
-        means = {m: statistics.mean(a.values()) for m in baselines if (a := _acc(rows, t, m, b))}
-        best[(t, b)] = max(means, key=means.get) if means else None
-    out = ["| method − reference | " + " | ".join(f"{t} {b}x (vs {best[(t, b)]})" for t, b in cols) + " |",
-           "|---" * (len(cols) + 1) + "|"]
-    for m in tuple(dict.fromkeys(SHRINK + GROW)) + ("base",):
-        cells = []
-        for t, b in cols:
-            ref, a = _acc(rows, t, best[(t, b)], b), _acc(rows, t, m, b)
-            d = [a[s] - ref[s] for s in sorted(set(a) & set(ref))]
-            cells.append(f"{_ms(d)} ({len(d)})" if d and m != best[(t, b)] else ("best" if d else ""))
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+def _cells(rows, key="acc"):
+    """{(task, budget): {method: {seed: value}}} (the base's row counts in every cell of its task)."""
+    out = {}
+    for r in rows:
+        if r["method"] != "base":
+            out.setdefault((r["task"], r["budget"]), {}).setdefault(r["method"], {})[r["seed"]] = r[key]
+    for r in rows:
+        if r["method"] == "base":
+            for (t, _), cell in out.items():
+                if t == r["task"]:
+                    cell.setdefault("base", {})[r["seed"]] = r[key]
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], -kv[0][1])))
 
 
-def _method_table(rows, title: str, methods, cell) -> str:
-    """One row per method, one column per (task, budget); ``cell(rows of that cell)`` formats a cell."""
-    cols = _cols(rows)
+def reference(val_cell: dict, baselines) -> str | None:
+    """The baseline with the highest mean validation accuracy (never the test split)."""
+    means = {m: statistics.mean(val_cell[m].values()) for m in baselines if val_cell.get(m)}
+    return max(means, key=means.get) if means else None
+
+
+def _methods(cells) -> list[str]:
+    present = {m for c in cells.values() for m in c}
+    return [m for m in ("base",) + tuple(dict.fromkeys(SHRINK + GROW)) if m in present]
+
+
+def _table(title: str, cells, methods, cell) -> str:
+    cols = list(cells)
     out = [f"| {title} | " + " | ".join(f"{t} {b}x" for t, b in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m in methods:
+    out += [f"| {m} | " + " | ".join(cell(m, c) for c in cols) + " |" for m in methods]
+    return "\n".join(out)
+
+
+def accuracy_table(cells) -> str:
+    return _table("method (test %)", cells, _methods(cells), lambda m, c: (
+        f"{_ci(list(cells[c][m].values()))} ({len(cells[c][m])})" if cells[c].get(m) else ""))
+
+
+def paired_table(cells, val_cells, baselines) -> str:
+    refs = {c: reference(val_cells[c], baselines) for c in cells}
+
+    def cell(m, c):
+        ref, a = cells[c].get(refs[c], {}), cells[c].get(m, {})
+        d = [a[s] - ref[s] for s in sorted(set(a) & set(ref))]
+        return "reference" if m == refs[c] and d else (f"{_diff(d)} ({len(d)})" if d else "")
+
+    head = "method − reference; reference per cell: " + ", ".join(f"{t} {b}x {refs[(t, b)]}" for t, b in cells)
+    return head + "\n\n" + _table("method − reference (test points)", cells, _methods(cells), cell)
+
+
+def arch_table(cells) -> str:
+    def cell(_, c):
+        a, u = cells[c].get("dna-scratch", {}), cells[c].get("uniform", {})
+        d = [a[s] - u[s] for s in sorted(set(a) & set(u))]
+        return f"{_diff(d)} ({len(d)})" if d else ""
+    return _table("architecture only", cells, ["dna-scratch − uniform"], cell)
+
+
+def steps_table(rows) -> str:
+    """Per task and method: search + fine-tune = weight steps after the base (scratch: from initialisation)."""
+    tasks = sorted({r["task"] for r in rows})
+    out = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in _methods(_cells(rows))[1:]:
         cells = []
-        for t, b in cols:
-            rs = [r for r in rows if r["task"] == t and r["budget"] == b and r["method"] == m]
-            cells.append(cell(rs) if rs else "")
+        for t in tasks:
+            v = sorted({(r["search_steps"], r["finetune_steps"], r["steps_after_base"], r["steps_from_init"])
+                        for r in rows if r["task"] == t and r["method"] == m})
+            cells.append("; ".join(
+                f"from scratch: {i} = {i - a} (the base's) + {a}" if m in SCRATCH else
+                f"{s} search + {f} fine-tune = {a} ({i} from init)" for s, f, a, i in v))
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def summary(rows, ctxs, seeds) -> str:
+    stale = len([r for r in rows if r["seed"] in seeds]) - len(rows := current(rows, ctxs, seeds))
+    lines = ["## Bases"]
+    for c in ctxs:
+        b = [r for r in rows if r["method"] == "base" and r["task"] == c["task"]]
+        if b:
+            lines.append(f"- {c['task']}: {c['base_epochs']} epochs x {c['spe']} steps (val accuracy ladder "
+                         + ", ".join(f"{e} ep: {100 * a:.2f}" for e, a in c["ladder"])
+                         + f"); test {_ci([r['acc'] for r in b])} over {len(b)} seeds")
+    commits = sorted({r.get("commit", "")[:10] for r in rows})
+    dirty = {r.get("dirty") for r in rows if r.get("dirty")}
+    lines.append(f"- rows from commit {', '.join(commits)} ({len(dirty)} distinct uncommitted diffs of the library "
+                 f"and protocol files among them); {stale} cached rows of these seeds have another config hash "
+                 f"(stale, or other options such as --search-val) and are left out")
+    cells, val_cells = _cells(rows), _cells(rows, "val_acc")
+    inherited = tuple(m for m in BASELINES if m != "uniform")
+    return "\n\n".join([
+        "\n".join(lines), "## Weight-update steps (search + fine-tune = after the base)", steps_table(rows),
+        "## Test accuracy (%), mean ± 95% t-interval (n seeds)", accuracy_table(cells),
+        "## Paired difference vs the best equal-training baseline (chosen on val), mean ± 95% t-interval",
+        paired_table(cells, val_cells, BASELINES),
+        "## Paired difference vs the best inherited-weight baseline (tp-uniform, tp-global, datafree; on val)",
+        paired_table(cells, val_cells, inherited),
+        "## Architecture only: DNA's widths vs uniform widths, both trained from scratch the same steps",
+        arch_table(cells),
+        "## Search wall time / one fine-tuning run's wall time", time_table(rows),
+        "## Measured MACs ratio (test accuracy before fine-tuning, %)", macs_table(rows)])
+
+
+def _per_method(rows, title: str, methods, fmt) -> str:
+    cells = {}
+    for r in rows:
+        if r["method"] in methods:
+            cells.setdefault((r["task"], r["budget"]), {}).setdefault(r["method"], []).append(r)
+    cells = dict(sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])))
+    return _table(title, cells, [m for m in methods if any(m in c for c in cells.values())],
+                  lambda m, c: fmt(cells[c][m]) if m in cells[c] else "")
 
 
 def time_table(rows) -> str:
-    return _method_table(rows, "search s / fine-tune s",
-                         ("tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna"),
-                         lambda rs: f"{statistics.mean(r['search_s'] / r['finetune_s'] for r in rs):.2f} "
-                                    f"({statistics.mean(r['search_s'] for r in rs):.0f} s / "
-                                    f"{statistics.mean(r['finetune_s'] for r in rs):.0f} s)")
+    return _per_method(rows, "search s / fine-tune s", ("tp-uniform", "tp-global", "datafree", "fur-bernoulli",
+                                                        "fur", "dna-markov", "dna"),
+                       lambda rs: f"{statistics.mean(r['search_s'] / max(r['finetune_s'], 1e-9) for r in rs):.2f} "
+                                  f"({statistics.mean(r['search_s'] for r in rs):.1f} s / "
+                                  f"{statistics.mean(r['finetune_s'] for r in rs):.1f} s)")
 
 
 def macs_table(rows) -> str:
-    return _method_table(rows, "MACs / base (before FT acc %)", tuple(dict.fromkeys(SHRINK + GROW)),
-                         lambda rs: f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} "
-                                    f"({100 * statistics.mean(r['acc_before_ft'] for r in rs):.1f})")
-
-
-def summary(rows) -> str:
-    bases = [r for r in rows if r["method"] == "base"]
-    lines = ["## Bases"]
-    for t in sorted({r["task"] for r in bases}):
-        b = [r for r in bases if r["task"] == t]
-        lines.append(f"- {t}: {b[0]['base_epochs']} epochs (val accuracy ladder "
-                     + ", ".join(f"{e} ep: {100 * a:.2f}" for e, a in b[0]["ladder"])
-                     + f"); test accuracy {_ms([r['acc'] for r in b])} over {len(b)} seeds")
-    return "\n\n".join(["\n".join(lines), "## Test accuracy (%), mean ± std (n seeds)", accuracy_table(rows),
-                        "## Paired difference vs the best baseline (points; per seed, same base)", paired_table(rows),
-                        "## Paired difference vs the best baseline with inherited weights (no training from scratch)",
-                        paired_table(rows, tuple(m for m in BASELINES if m != "uniform")),
-                        "## Search wall time / one fine-tuning run's wall time", time_table(rows),
-                        "## Measured MACs ratio (accuracy before fine-tuning, %)", macs_table(rows)])
+    return _per_method(rows, "MACs / base (before FT acc %)", tuple(dict.fromkeys(SHRINK + GROW)),
+                       lambda rs: f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} "
+                                  f"({100 * statistics.mean(r['acc_before_ft'] for r in rs):.1f})")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 tasks, seeds 0-2, budgets 0.5/0.25/0.1/2.0, fewer epochs")
+    p.add_argument("--quick", action="store_true", help="fewer epochs, shapes on 3000 images, seeds 0-2")
     p.add_argument("--seeds", default=None, help="comma list (default 0-4; --quick 0-2)")
     p.add_argument("--tasks", default="digits,shapes")
     p.add_argument("--budgets", default=None, help="default 0.5,0.25,0.1,1.5,2.0 (--quick 0.5,0.25,0.1,2.0)")
-    p.add_argument("--methods", default="", help="comma list (default: all)")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: per task and mode)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list from {', '.join(dict.fromkeys(SHRINK + GROW))}")
+    p.add_argument("--search-val", choices=("train", "val"), default="train",
+                   help="what the searches' gate / FUR probes read (default: the training split)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true", help="only print the tables from the cache")
     args = p.parse_args(argv)
@@ -230,8 +393,9 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     if not args.report:
         for task in tasks:
-            run_task(task, mode, seeds, budgets, methods, args.epochs)
-    text = summary(load_rows(mode, tasks))
+            run_task(task, mode, seeds, budgets, methods, args.search_val)
+    ctxs = [c for t in tasks if (c := task_context(t, mode, args.search_val, train_base=False))]
+    text = summary(load_rows(mode, tasks), ctxs, seeds)
     os.makedirs(CACHE, exist_ok=True)
     with open(os.path.join(CACHE, f"quality_{mode}.md"), "w") as f:
         f.write(text + "\n")

@@ -1,25 +1,30 @@
 """Candidates of the quality protocol (see bench/quality.py): each method turns a trained base into a model
-at ``budget`` x its MACs; every candidate is then trained with the same recipe (``fxadapt.finetune``,
-distillation from the base).
+at ``budget`` x its MACs and says how many optimizer steps on weights it took doing so
+(``search_steps``); bench/quality.py then fine-tunes every candidate so that all methods get the same number
+of weight-update steps after the base.
 
-- ``uniform``: every group scaled by one factor (the widths of fxadapt's data-free solve, which is one
-  global scale repaired to the MAC window), **weights re-initialised** (seeded), i.e. the same
-  architecture narrowed (or widened) uniformly and trained from scratch — it gets ``base + finetune``
-  epochs, the whole training the pruned models had (see ``scratch_epochs`` in quality.py).
+- ``uniform``: every group scaled by one factor (the widths of fxadapt's data-free solve, one global scale
+  repaired to the MAC window), **weights re-initialised** (seeded): the same architecture narrowed (or
+  widened) uniformly and trained from scratch for the base's steps plus the protocol's steps after it.
 - ``tp-uniform``: Torch-Pruning ``MagnitudePruner`` with ``MagnitudeImportance(p=1)`` (L1), the same
   ratio in every layer; ``tp-global``: ``MagnitudePruner(global_pruning=True)`` with
-  ``GroupMagnitudeImportance(p=2)`` (group L2 norm, mean-normalised, ranked across layers; at most 90%
-  of a layer). Both prune at the largest ratio (14-step bisection) whose result meets the MACs target;
-  the classifier head is ignored. Global pruning is not monotone near its maximum ratio (at 0.9 it left
-  whole layers unpruned here), so when the bisection finds nothing a grid of ratios is scanned.
-- ``datafree``, ``dna``, ``fur``: ``fxadapt.transform`` with that strategy (BN kept, BN statistics
-  re-estimated on the training data); DNA and FUR with their defaults except ``seed`` (the protocol
-  seed), ``progress=False`` and, when given, ``dna_steps`` / ``fur_iterations`` (quick mode);
-  ``fur-bernoulli``: FUR with Bernoulli instead of Gaussian DropChannel (the default before the ablation);
-  ``dna-markov``: DNA with the DMCP Markov gates (the default before the Gumbel-top-k gates won the
-  ablation in bench/ablation_dna.py); ``dna-scratch``: the widths DNA chose, weights re-initialised and
-  trained like ``uniform`` (a diagnostic: DNA's allocation against the uniform one with the weight
-  inheritance taken out).
+  ``GroupMagnitudeImportance(p=2)`` (group L2 norm, ranked across layers; at most 90% of a layer). Both
+  prune at the largest ratio (14-step bisection) whose result meets the MACs target; the classifier head
+  is ignored. Global pruning is not monotone near its maximum ratio, so when the bisection finds nothing a
+  grid of ratios is scanned. No weight steps.
+- ``datafree``: ``fxadapt.transform(strategy="datafree")`` (BN statistics re-estimated on the training
+  data); no weight steps.
+- ``dna``, ``fur``: ``fxadapt.transform`` with that strategy (BN kept, BN statistics re-estimated on the
+  training data, which is forward passes only); defaults except ``seed``, ``progress=False`` and the
+  protocol's search length: DNA ``steps = S`` (every DNA step, warm-up or not, is one SGD step on the
+  weights; a gate step after it only moves the gates), FUR ``iterations = I`` and ``train_steps = S / I``
+  (FUR trains the weights ``train_steps`` SGD steps per iteration; its FUR measurement is forward only).
+  The searches see the training split only (``search_val="train"``: DNA's gate steps and FUR's loss
+  probes draw training batches), so no method gets labelled data the others lack; ``search_val="val"``
+  hands them the validation split as before issue 15.
+- ``fur-bernoulli`` / ``dna-markov``: the old defaults (Bernoulli DropChannel; DMCP Markov gates).
+- ``dna-scratch``: the widths DNA chose, weights re-initialised and trained like ``uniform`` (the
+  "architecture only" diagnostic: DNA's allocation against the uniform one, weight inheritance removed).
 
 MACs are counted independently of fxadapt with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2).
 """
@@ -37,9 +42,11 @@ import fxadapt
 
 SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna",
           "dna-scratch")
-SCRATCH = ("uniform", "dna-scratch")   # weights re-initialised: trained for base + fine-tune epochs
+SCRATCH = ("uniform", "dna-scratch")   # weights re-initialised: trained for base + the protocol's steps
+SEARCHES = ("fur-bernoulli", "fur", "dna-markov", "dna")   # train weights while searching
 GROW = ("uniform", "datafree", "dna-markov", "dna")
-BASELINES = ("uniform", "tp-uniform", "tp-global", "datafree")
+BASELINES = ("uniform", "tp-uniform", "tp-global", "datafree")   # the equal-training baselines
+_SEARCHED: dict = {}   # (id(base), budget, seed, config) -> DNA's candidate and seconds, reused by dna-scratch
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> float:
@@ -95,37 +102,58 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _config(seed: int, dna_steps: int | None, fur_iterations: int | None) -> fxadapt.TransformConfig:
-    cfg = fxadapt.TransformConfig()
-    search = dataclasses.replace(cfg.search, seed=seed, progress=False)
-    if dna_steps:
-        search = dataclasses.replace(search, steps=dna_steps)
-    fur = dataclasses.replace(cfg.fur, seed=seed, progress=False)
-    if fur_iterations:
-        fur = dataclasses.replace(fur, iterations=fur_iterations)
-    return dataclasses.replace(cfg, search=search, fur=fur, fold_bn=False)
+def method_config(method: str, seed: int, opts: dict) -> fxadapt.TransformConfig | dict:
+    """Everything that defines ``method``'s candidate (hashed into the cache key by bench/quality.py)."""
+    if method.startswith("tp-"):
+        return {"method": method, "bisection": 14, "max_pruning_ratio": 0.9, "p": 2 if method == "tp-global" else 1}
+    cfg = fxadapt.TransformConfig(fold_bn=False)
+    if method in ("uniform", "datafree"):
+        return cfg
+    steps, iterations = opts["search_steps"], opts["fur_iterations"]
+    search = dataclasses.replace(cfg.search, seed=seed, progress=False, steps=steps)
+    fur = dataclasses.replace(cfg.fur, seed=seed, progress=False, iterations=iterations,
+                              train_steps=steps // iterations)
+    if method == "fur-bernoulli":
+        fur = dataclasses.replace(fur, noise="bernoulli")
+    if method == "dna-markov":
+        search = dataclasses.replace(search, supernet=dataclasses.replace(search.supernet, gates="markov"))
+    return dataclasses.replace(cfg, search=search, fur=fur)
+
+
+def weight_steps_of(method: str, model: nn.Module, cfg) -> int:
+    """Optimizer steps on weights the search took, read from its history (one DNA entry per weight step;
+    one FUR entry per iteration of ``train_steps`` weight steps)."""
+    if method not in SEARCHES and method != "dna-scratch":
+        return 0
+    history = fxadapt.report(model).history
+    if method.startswith("fur"):
+        return cfg.fur.train_steps * sum(1 for h in history if isinstance(h, dict) and "iteration" in h)
+    return sum(1 for h in history if isinstance(h, dict) and "step" in h)
 
 
 def candidate(method: str, base: nn.Module, data: dict, budget: float, seed: int,
-              opts: dict) -> tuple[nn.Module, float]:
-    """(model at ``budget`` x base MACs, seconds the method took before any training)."""
+              opts: dict) -> tuple[nn.Module, float, int]:
+    """(model at ``budget`` x base MACs, seconds the method took before any training, weight steps taken)."""
     x = data["train"][0][:1]
     t0 = time.perf_counter()
     if method.startswith("tp-"):
         model = tp_prune(base, x, budget * count_macs(base, x), global_pruning=method == "tp-global")
-    elif method == "uniform":
-        model = reinitialise(fxadapt.transform(base, budget, (x,), strategy="datafree"), seed)
-    else:
-        if method == "dna-scratch":
-            model, s = candidate("dna", base, data, budget, seed, opts)
-            return reinitialise(model, seed), s
-        cfg = _config(seed, opts.get("dna_steps"), opts.get("fur_iterations"))
-        if method == "fur-bernoulli":
-            cfg = dataclasses.replace(cfg, fur=dataclasses.replace(cfg.fur, noise="bernoulli"))
-        if method == "dna-markov":
-            cfg = dataclasses.replace(cfg, search=dataclasses.replace(
-                cfg.search, supernet=dataclasses.replace(cfg.search.supernet, gates="markov")))
-        kw = {"val_data": data["val"]} if method != "datafree" else {}
-        model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=method.split("-")[0],
-                                  config=cfg, **kw)
-    return model, time.perf_counter() - t0
+        return model, time.perf_counter() - t0, 0
+    if method == "uniform":
+        return reinitialise(fxadapt.transform(base, budget, (x,), strategy="datafree"), seed), 0.0, 0
+    if method == "dna-scratch":   # DNA's widths; its weight steps are discarded with its weights
+        model, s, _ = candidate("dna", base, data, budget, seed, opts)
+        return reinitialise(model, seed), s, 0
+    cfg = method_config(method, seed, opts)
+    key = (id(base), budget, seed, repr(cfg))
+    if method == "dna" and key in _SEARCHED:
+        model, s, steps = _SEARCHED[key]
+        return copy.deepcopy(model), s, steps
+    kw = {"val_data": data["val"]} if opts.get("search_val") == "val" and method != "datafree" else {}
+    model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=method.split("-")[0], config=cfg,
+                              **kw)
+    out = (model, time.perf_counter() - t0, weight_steps_of(method, model, cfg))
+    if method == "dna":
+        _SEARCHED.clear()
+        _SEARCHED[key] = (copy.deepcopy(model), out[1], out[2])
+    return out

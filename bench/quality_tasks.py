@@ -17,10 +17,13 @@ channels; 4.6M MACs at 16x16). A base is trained per protocol seed with ``fxadap
 recipe, no teacher, lr 0.05) for ``base_epochs``; ``converged_epochs`` chooses that number once per task:
 train for E epochs, then 2E, ... (each from scratch, cosine over the whole run) until doubling improves
 validation accuracy by less than ``PLATEAU`` (the protocol's noise floor); the whole ladder is cached.
+Cached bases and ladders carry ``recipe_hash()`` in their file names (a changed recipe default trains new ones).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -113,8 +116,22 @@ def base_model(seed: int) -> ExampleResNet:
         return ExampleResNet(num_classes=10, width=WIDTH)
 
 
+def recipe_hash() -> str:
+    """Hash of what a cached base depends on besides task, epochs and seed: the base recipe (every
+    ``FinetuneConfig`` option, defaults included), the model width and the tasks' constants; part of every
+    cached base's and ladder's file name, so a changed default trains new ones."""
+    cfg = FinetuneConfig(lr=BASE_LR, kd=0.0, seed=0)
+    fields = {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    consts = (DIGITS_NOISE, DIGITS_SPLIT, SHAPES_SPLIT, SHAPES_NOISE, PLATEAU, WIDTH, INPUT)
+    return hashlib.sha256(json.dumps([fields, repr(consts)], sort_keys=True).encode()).hexdigest()[:8]
+
+
+def ladder_path(task: str, start: int, cap: int) -> str:
+    return os.path.join(CACHE, f"ladder_{task}_{start}_{cap}_{recipe_hash()}.json")
+
+
 def _cached_train(task: str, data: dict, epochs: int, seed: int) -> torch.nn.Module:
-    path = os.path.join(CACHE, f"base_{task}_e{epochs}_s{seed}.pt")
+    path = os.path.join(CACHE, f"base_{task}_e{epochs}_s{seed}_{recipe_hash()}.pt")
     model = base_model(seed)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
@@ -127,7 +144,7 @@ def _cached_train(task: str, data: dict, epochs: int, seed: int) -> torch.nn.Mod
 
 def converged_epochs(task: str, data: dict, start: int, cap: int) -> tuple[int, list]:
     """Smallest E in start, 2*start, ... (<= cap) whose doubling gains < PLATEAU val accuracy (seed 0)."""
-    path = os.path.join(CACHE, f"ladder_{task}_{start}_{cap}.json")
+    path = ladder_path(task, start, cap)
     if os.path.exists(path):
         with open(path) as f:
             d = json.load(f)

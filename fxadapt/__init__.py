@@ -20,6 +20,7 @@ from fxadapt.errors import (
                             CaptureError,
                             ExportError,
                             FxAdaptError,
+                            GrowthWarning,
                             InputError,
                             InternalError,
                             LoadError,
@@ -55,5 +56,5 @@ __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report
            "captured_from_program", "Target", "TargetError", "benchmark", "dist", "from_pretrained", "recipe_of",
            "apply", "Recipe", "WriteBackWarning", "WriteBackError", "SolveConfig", "SearchConfig", "FurConfig",
            "SupernetConfig", "BudgetWarning", "LoadError", "RecipeError", "SaveError", "SearchConfigError",
-           "SearchInterrupted", "ShapeCheckError", "UncostedWarning"]
+           "SearchInterrupted", "ShapeCheckError", "UncostedWarning", "GrowthWarning"]
 __version__ = "0.2.0"

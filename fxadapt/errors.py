@@ -71,6 +71,11 @@ class TargetError(FxAdaptError, ValueError):
     """A target that does not exist or cannot run here (unknown runtime, CUDA without a GPU)."""
 
 
+class GrowthWarning(UserWarning):
+    """Growth that is not function-preserving was asked for (``SolveConfig(preserve=False)``): the message
+    names the widened groups and the measured output error against the original at the example inputs."""
+
+
 class UncostedWarning(UserWarning):
     """``analyze`` found ops whose MACs the cost model does not count as torch does (budgets would be off)."""
 

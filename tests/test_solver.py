@@ -287,7 +287,8 @@ def test_growth_refusal_names_the_op_that_forbids_it():
     from fxadapt.analysis.count import count_macs
 
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(BudgetError, match=r"1\.000x\].*1 of 1 groups cannot grow.*group_norm.*cannot grow further"):
+    with pytest.raises(BudgetError, match=r"1\.000x\].*1 of 1 groups cannot grow.*group_norm.*no repeatable block to copy either; "
+                                          r"solve=SolveConfig\(preserve=False\) widens them anyway"):
         fxadapt.transform(Normed(), 1.5, (x,))
     with pytest.raises(BudgetError, match=r"cannot grow function-preservingly.*grow_depth=True") as err:
         fxadapt.transform(Residual(), 1.5, (x,))
@@ -315,3 +316,30 @@ def test_floor_refusal_names_the_frozen_groups():
     with pytest.raises(BudgetError, match=r"outside the reachable range.*frozen and keep their size: .*flip.*"
                                           r"give a budget inside the range"):
         fxadapt.transform(Flipped(), 0.05, (torch.randn(1, 3, 12, 12),))
+
+
+def test_non_preserving_growth_on_request_reports_the_function_error():
+    """SolveConfig(preserve=False) widens a group a norm averages over: the budget holds by an independent
+    count, the user's class comes back with the norm resized, and a GrowthWarning gives the output error,
+    which the test measures itself against the original."""
+    from fxadapt.analysis.count import count_macs
+    from fxadapt.errors import GrowthWarning
+
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.c2(self.n(self.c1(x)))
+
+    torch.manual_seed(0)
+    model, x = Normed().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(GrowthWarning, match=r"c1 widened; outputs differ from the original by ([0-9.e+-]+)") as w:
+        grown = fxadapt.transform(model, 1.5, (x,), solve=fxadapt.SolveConfig(preserve=False))
+    msg = next(str(r.message) for r in w if issubclass(r.category, GrowthWarning))
+    reported = float(re.search(r"differ from the original by ([0-9.e+-]+) ", msg).group(1))
+    assert type(grown) is Normed and grown.n.num_channels == grown.c1.out_channels > 16
+    assert 1.5 <= count_macs(grown, (x,)) / count_macs(model, (x,)) <= 1.5 * 1.01
+    measured = float((grown(x) - model(x)).abs().max() / model(x).abs().max())
+    assert 0 < measured and reported == pytest.approx(measured, rel=0.05)

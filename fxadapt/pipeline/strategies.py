@@ -33,7 +33,7 @@ from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
 from fxadapt.planning.budget import BudgetWarning
-from fxadapt.planning.plan import make_plan
+from fxadapt.planning.plan import growth_blocker, make_plan
 from fxadapt.planning.solver import SolveConfig, solve_widths
 from fxadapt.planning.uniform import uniform_widths
 from fxadapt.search.dna import dna
@@ -66,9 +66,11 @@ def datafree(job: Job) -> Outcome:
         units, align = _uniform_solve(a, target, cfg.solve, start)
     else:
         units, align = aligned_solve(a, target, cfg.solve, start)
-    plan = make_plan(a, units)
-    preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
-    return Outcome(a.gm, plan, a, ({"align": align},), slots, preserving)
+    plan = make_plan(a, units, preserve=cfg.solve.preserve)
+    mixed = [g.name for g in a.groups if units.get(g.id, g.units) > g.units and growth_blocker(a, g) is not None]
+    preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups) and not mixed
+    head = {"align": align} | ({"grown_under_norm": mixed} if mixed else {})
+    return Outcome(a.gm, plan, a, (head,), slots, preserving)
 
 
 def _latency(job: Job) -> Outcome:

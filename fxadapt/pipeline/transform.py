@@ -37,6 +37,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
@@ -44,7 +45,7 @@ from torch.fx import GraphModule
 from fxadapt import meta
 from fxadapt.analysis import Analysis, analyze
 from fxadapt.analysis.count import run_counted
-from fxadapt.errors import BudgetError, FxAdaptError, warn
+from fxadapt.errors import BudgetError, FxAdaptError, GrowthWarning, warn
 from fxadapt.export.report import Report, attach
 from fxadapt.ir.capture import as_called, capture
 from fxadapt.ir.inputs import Inputs, as_inputs
@@ -168,6 +169,7 @@ def _verify(job: Job) -> Job:
     else:  # the original graph's recorded output shapes, as torch.export traced them
         reference = verify.recorded_outputs(job.analysis.gm)
     verify.check_shapes(reference, got)
+    _report_growth_error(job, got)
     if job.outcome.preserving:
         verify.check_close(reference, got, job.cfg, "function-preserving growth / identity",
                            (ref_model, job.gm), job.inputs)
@@ -179,6 +181,26 @@ def _verify(job: Job) -> Job:
     if job.goal.params is not None:
         verify.check_params(job.gm, job.goal.params)
     return dataclasses.replace(job, macs=macs, outputs=got, reference=reference)
+
+
+def _report_growth_error(job: Job, got) -> None:
+    """Non-preserving growth (``SolveConfig(preserve=False)``): warn with the output error against the
+    original (max |difference| over max |original|, at the example inputs)."""
+    head = job.outcome.history[0] if job.outcome.history else {}
+    grown = head.get("grown_under_norm") if isinstance(head, dict) else None
+    if not grown:
+        return
+    import torch.utils._pytree as pytree
+
+    ref_model = job.model.module() if isinstance(job.model, ExportedProgram) else job.model
+    ref = [t for t in pytree.tree_leaves(verify.outputs(ref_model, as_called(ref_model, job.inputs)))
+           if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    out = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    err = max(float((o - r).abs().max() / r.abs().max().clamp_min(1e-12)) for o, r in zip(out, ref))
+    head["function_error"] = err
+    warn(f"growth under a norm is not function-preserving (SolveConfig(preserve=False)): {', '.join(grown[:3])}"
+         f"{' ...' if len(grown) > 3 else ''} widened; outputs differ from the original by {err:.2e} (max |diff| "
+         f"/ max |original| at the example inputs): fine-tune the result", GrowthWarning)
 
 
 def _write_back(job: Job) -> Job:

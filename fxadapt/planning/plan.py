@@ -56,13 +56,14 @@ def positions(a, site: Site) -> tuple[np.ndarray, np.ndarray]:
     return a.group_of[r], a.unit_of[r]
 
 
-def growth_blocker(a, group) -> str | None:
-    """Why a group cannot grow function-preservingly, or None."""
+def growth_blocker(a, group, preserve: bool = True) -> str | None:
+    """Why a group cannot grow function-preservingly (``preserve=False``: why it cannot grow at all: a norm or
+    reduction over its channels no longer blocks), or None."""
     if not group.prunable:
         return group.reason
     pieces = any(m.site.kind in ("split", "gates") for m in group.members)
     for m in group.members:
-        if m.site.role == "mix":
+        if m.site.role == "mix" and preserve:
             return _mix_reason(a, m.site.node_name)
         runs = unit_runs(m.index)
         if runs is None or (len(runs) > 1 and not pieces):
@@ -136,11 +137,12 @@ def select_units(a, group, n: int, score: np.ndarray | None = None) -> np.ndarra
     return np.concatenate([np.arange(group.units), extra])
 
 
-def make_plan(a, units: dict[int, int], remove=(), repeat=None, scores: dict | None = None) -> Plan:
+def make_plan(a, units: dict[int, int], remove=(), repeat=None, scores: dict | None = None,
+              preserve: bool = True) -> Plan:
     """Resolve a plan from kept-unit counts per group (groups left out keep all their units).
 
     ``scores`` (group id -> per-unit score, higher is kept first) overrides the L1 importance, e.g. with
-    the order a searched gate used."""
+    the order a searched gate used; ``preserve=False`` lets groups under a norm grow (not function-preserving)."""
     select = {}
     for g in a.groups:
         n = units.get(g.id, g.units)
@@ -148,7 +150,7 @@ def make_plan(a, units: dict[int, int], remove=(), repeat=None, scores: dict | N
             continue
         if not g.prunable:
             raise ValueError(f"group {g.id} ({g.name}) is frozen: {g.reason}")
-        if n > g.units and (why := growth_blocker(a, g)):
+        if n > g.units and (why := growth_blocker(a, g, preserve)):
             raise ValueError(f"group {g.id} ({g.name}) cannot grow: {why}")
         select[g.id] = select_units(a, g, n, None if scores is None else scores.get(g.id))
     # a tensor axis is edited once, as its first site says: a tied tensor read as a consumer ("in": the LM

@@ -33,7 +33,9 @@ def growth_note(a) -> str:
     return (f"; {sum(map(len, blocked.values()))} of {len(a.prunable)} groups cannot grow function-preservingly "
             f"({top}); " + (f"grow_depth=True with a budget of about {deeper:.2f}x copies its {len(rep)} repeatable "
                             f"block(s) (zero-initialised, function-preserving)" if rep else
-                            "it has no repeatable block to copy either, so it cannot grow further"))
+                            "it has no repeatable block to copy either")
+            + "; solve=SolveConfig(preserve=False) widens them anyway (not function-preserving; the output "
+              "error is reported)")
 
 
 def floor_note(a) -> str:

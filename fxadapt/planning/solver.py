@@ -46,7 +46,9 @@ class SolveConfig:
     """Solver options: ``min_ratio`` (narrowest kept fraction of a group), ``max_expand`` (widest growth),
     ``tol`` (relative width of the budget window), ``strict`` (raise instead of warning when no widths lie in
     the window), ``align`` (every adapted width a multiple of ``lcm(align, granularity)``; ``"auto"`` =
-    ``auto_align("cpu")``).
+    ``auto_align("cpu")``), ``preserve`` (growth only where it is function-preserving; ``False`` also
+    widens groups a norm or reduction averages over: the new channels start at zero, the function changes,
+    and ``transform`` reports by how much).
 
     >>> SolveConfig(align=8).alignment(), SolveConfig(align="auto").alignment() in (4, 8, 16)
     (8, True)
@@ -57,6 +59,7 @@ class SolveConfig:
     tol: float = TOL
     strict: bool = False
     align: int | str = 1
+    preserve: bool = True
 
     def __post_init__(self):
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 <= self.tol < 1:
@@ -240,7 +243,7 @@ def _bounds(a, grow: bool, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
     for g in a.prunable:
         lo = max(1, math.ceil(cfg.min_ratio * g.units))
         if grow:
-            if growth_blocker(a, g) is None:
+            if growth_blocker(a, g, cfg.preserve) is None:
                 out[g.id] = (g.units, max(g.units, int(cfg.max_expand * g.units)))
         else:
             out[g.id] = (min(lo, g.units), g.units)

@@ -264,17 +264,20 @@ def test_auto_align_on_this_machine(chain):
         auto_align("tpu")
 
 
+class Normed(nn.Module):
+    """A conv group a group norm averages over: widths cannot grow function-preservingly."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.n(self.c1(x)))
+
+
 def test_growth_refusal_names_the_op_that_forbids_it():
     """A group norm averages over the channels growth would add: the reachable-range error says so, and that
     there is no repeatable block to copy instead; with a repeatable residual block it offers grow_depth."""
-    class Normed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.n, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.Conv2d(16, 4, 1)
-
-        def forward(self, x):
-            return self.c2(self.n(self.c1(x)))
-
     class Residual(Normed):
         def __init__(self):
             super().__init__()
@@ -324,14 +327,6 @@ def test_non_preserving_growth_on_request_reports_the_function_error():
     which the test measures itself against the original."""
     from fxadapt.analysis.count import count_macs
     from fxadapt.errors import GrowthWarning
-
-    class Normed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.n, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.Conv2d(16, 4, 1)
-
-        def forward(self, x):
-            return self.c2(self.n(self.c1(x)))
 
     torch.manual_seed(0)
     model, x = Normed().eval(), torch.randn(2, 3, 8, 8)

@@ -83,31 +83,30 @@ def _latency(job: Job) -> Outcome:
 
 
 def aligned_latency(a, goal, solve: SolveConfig, **kw):
-    """``solve_latency`` with ``"auto"`` alignment: the target's block or, where that cannot reach the budget
-    or its window (measured), the largest power-of-two fraction of it that can; ``kw`` go to
-    ``solve_latency`` (a search's table, measurer and widths). Returns the solution and the alignment."""
-    from fxadapt.errors import BudgetWarning
+    """``solve_latency`` at the target's alignment, halved (``"auto"``) where the budget or its measured
+    window is out of reach (``halving``); ``kw`` go to ``solve_latency`` (a search's table, measurer and
+    widths). Returns the solution and the alignment."""
     from fxadapt.hw.latency import solve_latency
     from fxadapt.hw.target import Target
 
-    align = (goal.target or Target()).align() if solve.align == "auto" else solve.alignment()
-    while True:
-        finer = solve.align == "auto" and align > 1
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                sol = solve_latency(a, goal, cfg=dataclasses.replace(solve, align=align), **kw)
-            except BudgetError:
-                if not finer:
-                    raise
-                align //= 2
-                continue
-        if finer and any(issubclass(w.category, BudgetWarning) for w in caught):
-            align //= 2                  # missed the window at this alignment: finer widths may reach it
-            continue
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return sol, align
+    return halving(solve, (goal.target or Target()).align(), lambda cfg: solve_latency(a, goal, cfg=cfg, **kw))
+
+
+def halving(solve: SolveConfig, start: int | None, attempt):
+    """``attempt(cfg)`` at ``solve.align``; with ``"auto"``, from ``start`` (default: this CPU's block) halving
+    the alignment while the attempt raises ``BudgetError`` or warns ``BudgetWarning`` (budget or window out
+    of reach), down to 1, whose outcome (warnings included) stands. Returns it and the alignment used."""
+    if solve.align != "auto":
+        return attempt(solve), solve.alignment()
+    align = start or solve.alignment()
+    while align > 1:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", BudgetWarning)
+                return attempt(dataclasses.replace(solve, align=align)), align
+        except (BudgetError, BudgetWarning):
+            align //= 2
+    return attempt(dataclasses.replace(solve, align=1)), 1
 
 
 def aligned_solve(a, target: float, solve: SolveConfig, start: int | None = None) -> tuple[dict[int, int], int]:
@@ -115,38 +114,13 @@ def aligned_solve(a, target: float, solve: SolveConfig, start: int | None = None
     CPU) or, where that makes the ``tol`` window unreachable, the largest power-of-two fraction of it that
     does not (1 at worst): aligned widths when the model allows them, the budget first. ``start``: the
     budget's target's alignment (8 for CUDA) instead of this CPU's. Returns the widths and the alignment used."""
-    if solve.align != "auto":
-        return solve_widths(a, target, solve), solve.alignment()
-    align = start or solve.alignment()
-    while align > 1:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", BudgetWarning)
-                return solve_widths(a, target, dataclasses.replace(solve, align=align, strict=True)), align
-        except (BudgetError, BudgetWarning):
-            align //= 2
-    return solve_widths(a, target, dataclasses.replace(solve, align=1)), 1
+    return halving(solve, start, lambda cfg: solve_widths(a, target, cfg))
 
 
 def _uniform_solve(a, target: float, solve: SolveConfig, start: int | None) -> tuple[dict[int, int], int]:
     """Widths shared by repeated layers (``fxadapt.planning.uniform``); with ``"auto"`` alignment, halved
     until the shared widths reach the window (tied classes move in coarser steps than single groups)."""
-    units, align = aligned_solve(a, target, solve, start)
-    if solve.align != "auto":
-        return uniform_widths(a, units, target, dataclasses.replace(solve, align=align)), align
-    while align >= 1:
-        step = dataclasses.replace(solve, align=align, strict=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", BudgetWarning)
-                return uniform_widths(a, solve_widths(a, target, dataclasses.replace(step, strict=False))
-                                      if align > 1 else units, target, step), align
-        except (BudgetError, BudgetWarning):
-            if align == 1:
-                break
-            align //= 2
-    return uniform_widths(a, solve_widths(a, target, dataclasses.replace(solve, align=1)), target,
-                          dataclasses.replace(solve, align=1)), 1
+    return halving(solve, start, lambda cfg: uniform_widths(a, solve_widths(a, target, cfg), target, cfg))
 
 
 def _deepened(a, target: float, tol: float):

@@ -97,6 +97,23 @@ VARIANTS = {
            {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "arch_every": 2}),
     "x5": ("x3 with 80 steps instead of 120",
            {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "steps": 80, "warmup": 33}),
+    "w0": ("x3, gates only on the inherited weights: 120 gate steps, no weight step (W all to the fine-tune)",
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen"}),
+    "w1": ("x3, gates only, 40 gate steps",
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen", "steps": 40}),
+    "w2": ("x3, gates only, 120 gate steps, gate lr 0.2",
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen", "a_lr": 0.2}),
+    "df": ("fxadapt data-free widths (no search; W all to the fine-tune)", {"strategy": "datafree"}),
+    "m3": ("Markov gates on the model itself (x3 with gates='markov')",
+           {"supernet": SupernetConfig(gates="markov", expand=1.0, depth_slots=0)}),
+    "h5": ("x3, gate steps on a held-out half of the training split (DARTS)",
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "holdout": 0.5}),
+    "h2": ("x3, gate steps on a held-out 20% of the training split",
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "holdout": 0.2}),
+    "df2": ("data-free, fine-tune lr 0.1", {"strategy": "datafree", "ft": {"lr": 0.1}}),
+    "df3": ("data-free, fine-tune lr 0.2", {"strategy": "datafree", "ft": {"lr": 0.2}}),
+    "x3k": ("x3, fine-tune lr 0.1", {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0),
+                                     "ft": {"lr": 0.1}}),
 }
 PATH = os.path.join(CACHE, "ablation_dna.jsonl")
 
@@ -104,11 +121,13 @@ PATH = os.path.join(CACHE, "ablation_dna.jsonl")
 def _config(variant: str, seed: int) -> tuple[str, fxadapt.TransformConfig]:
     """The strategy and config of a row: DNA with Markov gates unless the row names other ones; FUR rows
     (``"strategy": "fur"``) override FurConfig."""
-    over = dict(VARIANTS[variant][1])
+    over = {k: v for k, v in VARIANTS[variant][1].items() if k != "ft"}
     if over.get("strategy", "dna") == "dna":
         over = MARKOV | over
     strategy = over.pop("strategy", "dna")
     cfg = fxadapt.TransformConfig(fold_bn=False)
+    if strategy == "datafree":
+        return strategy, cfg
     if strategy == "fur":
         over = dict(iterations=FUR_ITERATIONS, train_steps=STEPS // FUR_ITERATIONS, seed=seed, progress=False) | over
         return strategy, dataclasses.replace(cfg, fur=dataclasses.replace(cfg.fur, **over))
@@ -116,10 +135,15 @@ def _config(variant: str, seed: int) -> tuple[str, fxadapt.TransformConfig]:
     return strategy, dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **over))
 
 
+def ft_config(variant: str, seed: int) -> FinetuneConfig:
+    """The fine-tune of a row: the protocol's recipe, with the row's ``"ft"`` overrides (a recipe row)."""
+    return FinetuneConfig(seed=seed, **VARIANTS[variant][1].get("ft", {}))
+
+
 def config_hash(variant: str, base_epochs: int, search_val: str) -> str:
     strategy, cfg = _config(variant, 0)
     payload = {"protocol": quality.PROTOCOL, "settings": QUICK, "base_epochs": base_epochs, "strategy": strategy,
-               "config": stable(cfg), "finetune": stable(FinetuneConfig()), "search_val": search_val}
+               "config": stable(cfg), "finetune": stable(ft_config(variant, 0)), "search_val": search_val}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -134,7 +158,8 @@ def _search(variant: str, base, data, budget: float, seed: int, search_val: str)
         captured["sn"], captured["state"] = out[2], out[3]
         return out
 
-    setattr(strategies, strategy, spy)
+    if strategy != "datafree":   # its outcome has no supernet
+        setattr(strategies, strategy, spy)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     kw = {"val_data": data["val"]} if search_val == "val" else {}
@@ -149,20 +174,21 @@ def _search(variant: str, base, data, budget: float, seed: int, search_val: str)
 def run_one(variant: str, base, data, budget: float, seed: int, base_epochs: int, search_val: str) -> dict:
     """One row on the validation split (``data`` has no test split)."""
     model, captured, search_s, strategy, cfg = _search(variant, base, data, budget, seed, search_val)
-    sn, hist = captured["sn"], getattr(captured["state"], "history", captured["state"])
-    steps = [h for h in hist if "step" in h or "iteration" in h]
+    sn, hist = captured.get("sn"), getattr(captured.get("state"), "history", captured.get("state")) or []
+    steps = [h for h in hist if "step" in h or "gate_step" in h or "iteration" in h] or [{}]
     spe = steps_per_epoch(data)
     search_steps = weight_steps_of(strategy, model, cfg)
     epochs = QUICK["ft"] + QUICK["search"] - round(search_steps / spe)   # W weight steps after the base
-    supernet_acc, before = accuracy(sn.gm, data["val"]), accuracy(model, data["val"])
+    supernet_acc = accuracy(sn.gm, data["val"]) if sn is not None else float("nan")
+    before = accuracy(model, data["val"])
     t0 = time.perf_counter()
     if epochs > 0:
-        finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=FinetuneConfig(seed=seed))
+        finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=ft_config(variant, seed))
     ft_s, x = time.perf_counter() - t0, data["train"][0][:1]
     return {"variant": variant, "budget": budget, "seed": seed, "config_hash": config_hash(variant, base_epochs, search_val),
             "val_acc": accuracy(model, data["val"]), "val_before_ft": before, "supernet_val_acc": supernet_acc,
             "entropy": steps[-1].get("entropy", float("nan")), "marginal_entropy": steps[-1].get("marginal_entropy"),
-            "macs_ratio_expected": steps[-1]["macs_ratio"], "macs_ratio": count_macs(model, x) / count_macs(base, x),
+            "macs_ratio_expected": steps[-1].get("macs_ratio", float("nan")), "macs_ratio": count_macs(model, x) / count_macs(base, x),
             "search_s": search_s, "finetune_s": ft_s, "search_steps": search_steps, "finetune_steps": epochs * spe}
 
 
@@ -181,6 +207,8 @@ def ok(rows) -> list[dict]:
 
 
 def _ci(v) -> str:
+    if any(x != x for x in v):   # NaN: the row has no such number (data-free has no supernet)
+        return "-"
     m, h = quality.interval(v)
     return f"{100 * m:.2f} ± {100 * h:.2f}"
 
@@ -190,26 +218,26 @@ def _me(rs) -> str:
     return f"{statistics.mean(v):.3f}" if v else "-"
 
 
-def report(rows) -> str:
-    """Validation accuracy (%), mean ± 95% t-interval; paired differences against row (a)."""
+def report(rows, ref: str = "x3") -> str:
+    """Validation accuracy (%), mean ± 95% t-interval; paired differences against row ``ref`` (the default)."""
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
     head = ("| variant | budget | n | weight steps (search + FT) | val before FT | val after FT "
-            "| Δ after FT vs (a), paired | Δ before FT vs (a) | supernet val (soft gates) "
+            f"| Δ after FT vs ({ref}), paired | Δ before FT vs ({ref}) | supernet val (soft gates) "
             "| supernet − discretised (before FT) | gate entropy at end (alpha / marginals) | search s |")
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for b in budgets:
-        ref = {r["seed"]: r for r in rows if r["variant"] == "a" and r["budget"] == b}
+        by_seed = {r["seed"]: r for r in rows if r["variant"] == ref and r["budget"] == b}
         for v in VARIANTS:
             rs = sorted((r for r in rows if r["variant"] == v and r["budget"] == b), key=lambda r: r["seed"])
             if not rs:
                 continue
-            paired = [r["val_acc"] - ref[r["seed"]]["val_acc"] for r in rs if r["seed"] in ref]
-            paired_b = [r["val_before_ft"] - ref[r["seed"]]["val_before_ft"] for r in rs if r["seed"] in ref]
+            paired = [r["val_acc"] - by_seed[r["seed"]]["val_acc"] for r in rs if r["seed"] in by_seed]
+            paired_b = [r["val_before_ft"] - by_seed[r["seed"]]["val_before_ft"] for r in rs if r["seed"] in by_seed]
             gap = [r["supernet_val_acc"] - r["val_before_ft"] for r in rs]
             steps = ", ".join(sorted({f"{r['search_steps']} + {r['finetune_steps']}" for r in rs}))
             out.append(f"| ({v}) {VARIANTS[v][0]} | {b} | {len(rs)} | {steps} | {_ci([r['val_before_ft'] for r in rs])} "
-                       f"| {_ci([r['val_acc'] for r in rs])} | {_ci(paired) if v != 'a' and paired else 'ref'} "
-                       f"| {_ci(paired_b) if v != 'a' and paired_b else 'ref'} "
+                       f"| {_ci([r['val_acc'] for r in rs])} | {_ci(paired) if v != ref and paired else 'ref'} "
+                       f"| {_ci(paired_b) if v != ref and paired_b else 'ref'} "
                        f"| {_ci([r['supernet_val_acc'] for r in rs])} "
                        f"| {_ci(gap)} | {statistics.mean(r['entropy'] for r in rs):.3f} / {_me(rs)} "
                        f"| {statistics.mean(r['search_s'] for r in rs):.0f} |")
@@ -224,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--search-val", choices=("train", "val"), default="train")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--ref", default="x3", help="the row every paired difference is taken against")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -248,7 +277,7 @@ def main(argv=None) -> int:
                         f.write(json.dumps(row) + "\n")
     seeds = {int(s) for s in args.seeds.split(",")}
     rows = [r for r in load(hashes) if r["seed"] in seeds]
-    text = report(ok(rows)) + "".join(f"\n\nfailed: ({r['variant']}) budget {r['budget']} seed {r['seed']}: {r['error']}"
+    text = report(ok(rows), args.ref) + "".join(f"\n\nfailed: ({r['variant']}) budget {r['budget']} seed {r['seed']}: {r['error']}"
                                       for r in rows if "error" in r)
     name = "ablation_dna.md" if seeds == {0, 1, 2} else f"ablation_dna_s{'-'.join(map(str, sorted(seeds)))}.md"
     with open(os.path.join(CACHE, name), "w") as f:

@@ -1,17 +1,22 @@
 """Quality protocol: fxadapt (data-free, DNA, FUR) against uniform scaling and Torch-Pruning at equal MACs and
-equal training, on two tasks, paired over seeds (issue 11 item 1; made fair in issue 15 item 1).
+equal training, on three tasks, paired over seeds (issue 11 item 1; made fair in issue 15 item 1; the
+regression task ``sr`` in issue 15 item 3).
 
 Run (resumable: finished rows are cached in bench/.cache/quality_<mode>_<task>.jsonl, keyed by (task, method,
 budget, seed, config hash); a row whose hash differs from the current one is ignored, never reused):
 
     python bench/quality.py --quick --tasks digits --budgets 0.5,0.25,0.1 --seeds 0,1,2,3,4
+    python bench/quality.py --quick --tasks sr --budgets 0.5,0.25,0.1 --seeds 0,1,2,3,4 --threads 1
     python bench/quality.py                       # full: seeds 0-4, budgets 0.5/0.25/0.1/1.5/2.0
     python bench/quality.py --quick --report      # tables from the cache only
 
-Protocol (tasks, base model: bench/quality_tasks.py; methods: bench/quality_methods.py):
+Protocol (tasks, base models: bench/quality_tasks.py and bench/quality_sr.py; methods:
+bench/quality_methods.py; tables: bench/quality_report.py). A task declares its metric, higher is better
+(``KINDS``: accuracy for digits / shapes, PSNR in dB for sr), its loss (cross-entropy; sr: L1) and, for sr,
+one SGD learning rate for every weight step (base, fine-tunes, DNA's ``w_lr``, FUR's ``lr``: 0.5).
 1. Splits: every task has train / val / test. Test is only reported; every choice reads val: the base
-   epochs E (``converged_epochs``: doubling until val accuracy gains < 0.5 point, seed 0) and the
-   reference baseline of every paired difference. The searches see the training split only.
+   epochs E (``converged_epochs``: doubling until the val metric gains < 0.5 point / 0.1 dB, seed 0) and
+   the reference baseline of every paired difference. The searches see the training split only.
 2. Equal weight-update steps. Let ``spe`` be the optimizer steps of one epoch (train size // 64). After the
    base every method gets the same ``W = (F + S) * spe`` SGD steps on its weights (batch 64), where F are
    the fine-tune epochs and S the search epochs of the mode and task: DNA searches ``S * spe`` steps (each
@@ -19,18 +24,22 @@ Protocol (tasks, base model: bench/quality_tasks.py; methods: bench/quality_meth
    epochs; the baselines with inherited weights (Torch-Pruning, data-free) take no step while choosing
    their widths and are fine-tuned F + S epochs; ``uniform`` and ``dna-scratch`` (re-initialised) get
    E + F + S epochs, the base's steps plus W. Fine-tuning is ``fxadapt.finetune`` (SGD 0.05, cosine,
-   distillation from the base, kd 0.5, T 4). Every row records its search, fine-tune and total weight
+   distillation from the base, kd 0.5, T 4; sr: SGD 0.5, ``(1 - kd) L1(y) + kd L1(teacher)``). Every row records its search, fine-tune and total weight
    steps (counted from the search history and the fine-tune schedule) and the tables print them.
    ``--quick``: digits F 8 + S 8 epochs (15 steps each: W = 240), shapes on its first 3000 images F 4 +
    S 3 (46 steps each: W = 322), base ladders capped at 60 / 32 epochs, FUR 2 iterations; full: digits
-   F 15 + S 20, shapes F 5 + S 2, FUR 4 iterations.
-3. Test accuracy, mean ± the 95% t-interval over seeds; paired differences per seed (same base) against
+   F 15 + S 20, shapes F 5 + S 2, FUR 4 iterations. sr (2000 training patches, 31 steps an epoch): quick
+   F 6 + S 6 (W = 372), base ladder 10 / 20 / 40 epochs (capped at 40 for the runtime; it was still
+   gaining: 29.69 / 29.86 / 30.25 dB, 80 epochs 30.53); full F 10 + S 10, ladder capped at 160.
+3. Test metric, mean ± the 95% t-interval over seeds; paired differences per seed (same base) against
    the reference: the equal-training baseline (uniform, tp-uniform, tp-global, datafree) with the highest
-   mean *val* accuracy in that cell, mean ± the 95% t-interval of the differences; a second table against
+   mean *val* metric in that cell, mean ± the 95% t-interval of the differences; a second table against
    the best inherited-weight baseline (also chosen on val); the "architecture only" diagnostic
-   (dna-scratch − uniform, same epochs). Tables go to stdout and bench/.cache/quality_<mode>.md.
+   (dna-scratch − uniform, same epochs). Tables go to stdout and bench/.cache/quality_<mode>.md
+   (another task than digits / shapes: quality_<mode>_<tasks>.md).
 4. Cache rows carry ``config_hash`` (sha256 of every option of the method's TransformConfig, the fine-tune
-   recipe, the task's constants, E, F, S and ``PROTOCOL``), so a changed default produces new rows; the
+   recipe, the task's constants, E, F, S and ``PROTOCOL``; a task beyond digits / shapes adds its
+   ``Kind``: loss, lr, constants; the classic tasks hash exactly as before), so a changed default produces new rows; the
    last commit of the library and bench files (``commit``), ``git rev-parse HEAD`` (``head``) and a hash
    of their uncommitted diff (``dirty``) are recorded for information.
 
@@ -47,9 +56,7 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -59,10 +66,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality_tasks  # noqa: E402
-from quality_methods import BASELINES, GROW, SCRATCH, SEARCHES, SHRINK, candidate, count_macs, method_config  # noqa: E402
-from quality_tasks import CACHE, TASKS, converged_epochs, trained_base  # noqa: E402
+from quality_methods import GROW, SCRATCH, SEARCHES, SHRINK, candidate, count_macs, method_config  # noqa: E402
+from quality_report import interval, summary  # noqa: E402, F401  (interval: bench/ablation_dna.py reads it here)
+from quality_tasks import CACHE, KINDS, TASKS, converged_epochs, trained_base  # noqa: E402
 
-from fxadapt.train.finetune import FinetuneConfig, accuracy, finetune  # noqa: E402
+from fxadapt.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
 PROTOCOL = "issue15-equal-steps-v1"
 BATCH = FinetuneConfig().batch_size
@@ -70,13 +78,16 @@ BATCH = FinetuneConfig().batch_size
 SETTINGS = {
     "full": {"digits": dict(ft=15, search=20, ladder=(20, 160), train=None),
              "shapes": dict(ft=5, search=2, ladder=(10, 40), train=None),
+             "sr": dict(ft=10, search=10, ladder=(10, 160), train=None),
              "fur_iterations": 4},
     "quick": {"digits": dict(ft=8, search=8, ladder=(15, 60), train=None),
               "shapes": dict(ft=4, search=3, ladder=(8, 32), train=3000),
+              "sr": dict(ft=6, search=6, ladder=(10, 40), train=None),
               "fur_iterations": 2},
 }
 DEFAULT_METHODS = ("uniform", "tp-uniform", "tp-global", "datafree", "fur", "dna", "dna-scratch")
-LIBRARY_FILES = ("fxadapt", "bench/quality.py", "bench/quality_methods.py", "bench/quality_tasks.py")
+LIBRARY_FILES = ("fxadapt", "bench/quality.py", "bench/quality_methods.py", "bench/quality_tasks.py",
+                 "bench/quality_sr.py", "bench/quality_report.py")
 
 
 def load_task(name: str, train: int | None) -> dict:
@@ -93,15 +104,27 @@ def steps_per_epoch(data: dict) -> int:
 
 
 def search_opts(mode: str, task: str, spe: int, search_val: str) -> dict:
-    st = SETTINGS[mode]
-    return {"search_steps": st[task]["search"] * spe, "fur_iterations": st["fur_iterations"],
+    """The searches' options: their length, which split their gate steps read, and a task's own loss and lr."""
+    st, kind = SETTINGS[mode], KINDS[task]
+    opts = {"search_steps": st[task]["search"] * spe, "fur_iterations": st["fur_iterations"],
             "search_val": search_val}
+    return opts | ({"loss_fn": kind.loss_fn, "lr": kind.lr} if kind.loss_fn is not None else {})
+
+
+# Options added after rows were cached, with the value that reproduces the behaviour before they existed: at
+# that value a field is left out of the hash (adding an option does not orphan the cache; any other value,
+# or a changed default, is hashed and re-runs the rows).
+ADDED_OPTIONS = {("SearchConfig", "weights"): "train", ("SearchConfig", "holdout"): 0.0,
+                 ("SearchConfig", "a_optimizer"): "adam"}
 
 
 def stable(o):
-    """Plain, process-independent data for hashing (functions by name, dataclasses field by field)."""
+    """Plain, process-independent data for hashing (functions by name, dataclasses field by field, bar the
+    ``ADDED_OPTIONS`` at their neutral value)."""
     if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return {"_type": type(o).__name__} | {f.name: stable(getattr(o, f.name)) for f in dataclasses.fields(o)}
+        name = type(o).__name__
+        return {"_type": name} | {f.name: stable(getattr(o, f.name)) for f in dataclasses.fields(o)
+                                  if ADDED_OPTIONS.get((name, f.name), ...) != getattr(o, f.name)}
     if isinstance(o, dict):
         return {str(k): stable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
@@ -123,9 +146,12 @@ def config_hash(task: str, method: str, st: dict, base_epochs: int, opts: dict) 
     cfg = method_config("dna" if method == "dna-scratch" else method, 0, opts) if method != "base" else None
     if method not in SEARCHES + ("dna-scratch",):
         opts = opts | {"search_val": "train"}   # read by the searches only: one baseline row serves both
+    kind = KINDS[task]
     payload = {"protocol": PROTOCOL, "task": task, "settings": st, "base_epochs": base_epochs,
-               "constants": _task_constants(), "finetune": stable(FinetuneConfig()), "method": method,
-               "config": stable(cfg), "opts": opts if method != "base" else None}
+               "constants": _task_constants(), "finetune": stable(kind.finetune_config()), "method": method,
+               "config": stable(cfg), "opts": stable(opts) if method != "base" else None}
+    if kind.constants is not None:   # a task beyond the classic two (their hashes stay as they were)
+        payload["kind"] = stable(dataclasses.replace(kind, reference=None))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -148,19 +174,21 @@ def finetune_epochs(method: str, st: dict, base_epochs: int, search_steps: int, 
 
 def run_row(task, method, base, data, budget, seed, ctx) -> dict:
     st, spe, opts, epochs_base = ctx["st"], ctx["spe"], ctx["opts"], ctx["base_epochs"]
+    kind = KINDS[task]
     torch.manual_seed(seed)
     model, search_s, search_steps = candidate(method, base, data, budget, seed, opts)
     x = data["train"][0][:1]
     ratio = count_macs(model, x) / count_macs(base, x)
-    before, val_before = accuracy(model, data["test"]), accuracy(model, data["val"])
+    before, val_before = kind.metric(model, data["test"]), kind.metric(model, data["val"])
     epochs = finetune_epochs(method, st, epochs_base, search_steps, spe)
     t0 = time.perf_counter()
     if epochs > 0:
-        finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=FinetuneConfig(seed=seed))
+        finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=kind.finetune_config(seed=seed),
+                 loss_fn=kind.loss_fn)
     ft_s, ft_steps = time.perf_counter() - t0, epochs * spe
-    scratch = method in SCRATCH
-    return {"acc": accuracy(model, data["test"]), "val_acc": accuracy(model, data["val"]),
-            "acc_before_ft": before, "val_before_ft": val_before, "macs_ratio": ratio, "search_s": search_s,
+    scratch, k = method in SCRATCH, kind.key
+    return {k: kind.metric(model, data["test"]), f"val_{k}": kind.metric(model, data["val"]),
+            f"{k}_before_ft": before, "val_before_ft": val_before, "macs_ratio": ratio, "search_s": search_s,
             "finetune_s": ft_s, "finetune_epochs": epochs, "search_steps": search_steps, "finetune_steps": ft_steps,
             "steps_after_base": ft_steps - epochs_base * spe if scratch else search_steps + ft_steps,
             "steps_from_init": ft_steps if scratch else epochs_base * spe + search_steps + ft_steps}
@@ -208,167 +236,15 @@ def run_task(task: str, mode: str, seeds, budgets, methods, search_val: str) -> 
                 continue        # re-read every time: another process may run other seeds of this task
             row = {"task": task, "method": method, "budget": budget, "seed": seed, "config_hash": h}
             if method == "base":
-                row |= {"base_epochs": epochs, "ladder": ctx["ladder"], "acc": accuracy(base, data["test"]),
-                        "val_acc": accuracy(base, data["val"]), "steps_from_init": epochs * spe}
+                kind = KINDS[task]
+                row |= {"base_epochs": epochs, "ladder": ctx["ladder"], kind.key: kind.metric(base, data["test"]),
+                        f"val_{kind.key}": kind.metric(base, data["val"]), "steps_from_init": epochs * spe}
             else:
                 row |= run_row(task, method, base, data, budget, seed, ctx)
             row |= provenance()
             print(json.dumps(row), flush=True)
             with open(cache_path(mode, task), "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-# ---- report: every cell uses only rows whose config hash is the current one ----
-
-def interval(v: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (nan for one value)."""
-    from scipy import stats
-
-    m = statistics.mean(v)
-    if len(v) < 2:
-        return m, float("nan")
-    return m, float(stats.t.ppf(0.975, len(v) - 1)) * statistics.stdev(v) / math.sqrt(len(v))
-
-
-def _ci(v: list[float]) -> str:
-    m, h = interval(v)
-    return f"{100 * m:.2f} ± {100 * h:.2f}"
-
-
-def _diff(v: list[float]) -> str:
-    m, h = interval(v)
-    return f"{100 * m:+.2f} ± {100 * h:.2f}"
-
-
-def current(rows, ctxs, seeds) -> list[dict]:
-    keep = {(c["task"], m): h for c in ctxs for m, h in c["hashes"].items()}
-    return [r for r in rows if r["seed"] in seeds and keep.get((r["task"], r["method"])) == r.get("config_hash")]
-
-
-def _cells(rows, key="acc"):
-    """{(task, budget): {method: {seed: value}}} (the base's row counts in every cell of its task)."""
-    out = {}
-    for r in rows:
-        if r["method"] != "base":
-            out.setdefault((r["task"], r["budget"]), {}).setdefault(r["method"], {})[r["seed"]] = r[key]
-    for r in rows:
-        if r["method"] == "base":
-            for (t, _), cell in out.items():
-                if t == r["task"]:
-                    cell.setdefault("base", {})[r["seed"]] = r[key]
-    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], -kv[0][1])))
-
-
-def reference(val_cell: dict, baselines) -> str | None:
-    """The baseline with the highest mean validation accuracy (never the test split)."""
-    means = {m: statistics.mean(val_cell[m].values()) for m in baselines if val_cell.get(m)}
-    return max(means, key=means.get) if means else None
-
-
-def _methods(cells) -> list[str]:
-    present = {m for c in cells.values() for m in c}
-    return [m for m in ("base",) + tuple(dict.fromkeys(SHRINK + GROW)) if m in present]
-
-
-def _table(title: str, cells, methods, cell) -> str:
-    cols = list(cells)
-    out = [f"| {title} | " + " | ".join(f"{t} {b}x" for t, b in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    out += [f"| {m} | " + " | ".join(cell(m, c) for c in cols) + " |" for m in methods]
-    return "\n".join(out)
-
-
-def accuracy_table(cells) -> str:
-    return _table("method (test %)", cells, _methods(cells), lambda m, c: (
-        f"{_ci(list(cells[c][m].values()))} ({len(cells[c][m])})" if cells[c].get(m) else ""))
-
-
-def paired_table(cells, val_cells, baselines) -> str:
-    refs = {c: reference(val_cells[c], baselines) for c in cells}
-
-    def cell(m, c):
-        ref, a = cells[c].get(refs[c], {}), cells[c].get(m, {})
-        d = [a[s] - ref[s] for s in sorted(set(a) & set(ref))]
-        return "reference" if m == refs[c] and d else (f"{_diff(d)} ({len(d)})" if d else "")
-
-    head = "method − reference; reference per cell: " + ", ".join(f"{t} {b}x {refs[(t, b)]}" for t, b in cells)
-    return head + "\n\n" + _table("method − reference (test points)", cells, _methods(cells), cell)
-
-
-def arch_table(cells) -> str:
-    def cell(_, c):
-        a, u = cells[c].get("dna-scratch", {}), cells[c].get("uniform", {})
-        d = [a[s] - u[s] for s in sorted(set(a) & set(u))]
-        return f"{_diff(d)} ({len(d)})" if d else ""
-    return _table("architecture only", cells, ["dna-scratch − uniform"], cell)
-
-
-def steps_table(rows) -> str:
-    """Per task and method: search + fine-tune = weight steps after the base (scratch: from initialisation)."""
-    tasks = sorted({r["task"] for r in rows})
-    out = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for m in _methods(_cells(rows))[1:]:
-        cells = []
-        for t in tasks:
-            v = sorted({(r["search_steps"], r["finetune_steps"], r["steps_after_base"], r["steps_from_init"])
-                        for r in rows if r["task"] == t and r["method"] == m})
-            cells.append("; ".join(
-                f"from scratch: {i} = {i - a} (the base's) + {a}" if m in SCRATCH else
-                f"{s} search + {f} fine-tune = {a} ({i} from init)" for s, f, a, i in v))
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
-def summary(rows, ctxs, seeds) -> str:
-    stale = len([r for r in rows if r["seed"] in seeds]) - len(rows := current(rows, ctxs, seeds))
-    lines = ["## Bases"]
-    for c in ctxs:
-        b = [r for r in rows if r["method"] == "base" and r["task"] == c["task"]]
-        if b:
-            lines.append(f"- {c['task']}: {c['base_epochs']} epochs x {c['spe']} steps (val accuracy ladder "
-                         + ", ".join(f"{e} ep: {100 * a:.2f}" for e, a in c["ladder"])
-                         + f"); test {_ci([r['acc'] for r in b])} over {len(b)} seeds")
-    commits = sorted({r.get("commit", "")[:10] for r in rows})
-    dirty = {r.get("dirty") for r in rows if r.get("dirty")}
-    lines.append(f"- rows from commit {', '.join(commits)} ({len(dirty)} distinct uncommitted diffs of the library "
-                 f"and protocol files among them); {stale} cached rows of these seeds have another config hash "
-                 f"(stale, or other options such as --search-val) and are left out")
-    cells, val_cells = _cells(rows), _cells(rows, "val_acc")
-    inherited = tuple(m for m in BASELINES if m != "uniform")
-    return "\n\n".join([
-        "\n".join(lines), "## Weight-update steps (search + fine-tune = after the base)", steps_table(rows),
-        "## Test accuracy (%), mean ± 95% t-interval (n seeds)", accuracy_table(cells),
-        "## Paired difference vs the best equal-training baseline (chosen on val), mean ± 95% t-interval",
-        paired_table(cells, val_cells, BASELINES),
-        "## Paired difference vs the best inherited-weight baseline (tp-uniform, tp-global, datafree; on val)",
-        paired_table(cells, val_cells, inherited),
-        "## Architecture only: DNA's widths vs uniform widths, both trained from scratch the same steps",
-        arch_table(cells),
-        "## Search wall time / one fine-tuning run's wall time", time_table(rows),
-        "## Measured MACs ratio (test accuracy before fine-tuning, %)", macs_table(rows)])
-
-
-def _per_method(rows, title: str, methods, fmt) -> str:
-    cells = {}
-    for r in rows:
-        if r["method"] in methods:
-            cells.setdefault((r["task"], r["budget"]), {}).setdefault(r["method"], []).append(r)
-    cells = dict(sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])))
-    return _table(title, cells, [m for m in methods if any(m in c for c in cells.values())],
-                  lambda m, c: fmt(cells[c][m]) if m in cells[c] else "")
-
-
-def time_table(rows) -> str:
-    return _per_method(rows, "search s / fine-tune s", ("tp-uniform", "tp-global", "datafree", "fur-bernoulli",
-                                                        "fur", "dna-markov", "dna"),
-                       lambda rs: f"{statistics.mean(r['search_s'] / max(r['finetune_s'], 1e-9) for r in rs):.2f} "
-                                  f"({statistics.mean(r['search_s'] for r in rs):.1f} s / "
-                                  f"{statistics.mean(r['finetune_s'] for r in rs):.1f} s)")
-
-
-def macs_table(rows) -> str:
-    return _per_method(rows, "MACs / base (before FT acc %)", tuple(dict.fromkeys(SHRINK + GROW)),
-                       lambda rs: f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} "
-                                  f"({100 * statistics.mean(r['acc_before_ft'] for r in rs):.1f})")
 
 
 def main(argv=None) -> int:
@@ -397,7 +273,8 @@ def main(argv=None) -> int:
     ctxs = [c for t in tasks if (c := task_context(t, mode, args.search_val, train_base=False))]
     text = summary(load_rows(mode, tasks), ctxs, seeds)
     os.makedirs(CACHE, exist_ok=True)
-    with open(os.path.join(CACHE, f"quality_{mode}.md"), "w") as f:
+    name = f"quality_{mode}.md" if set(tasks) <= {"digits", "shapes"} else f"quality_{mode}_{'_'.join(tasks)}.md"
+    with open(os.path.join(CACHE, name), "w") as f:
         f.write(text + "\n")
     print(text)
     return 0

@@ -21,7 +21,9 @@ of weight-update steps after the base.
   (FUR trains the weights ``train_steps`` SGD steps per iteration; its FUR measurement is forward only).
   The searches see the training split only (``search_val="train"``: DNA's gate steps and FUR's loss
   probes draw training batches), so no method gets labelled data the others lack; ``search_val="val"``
-  hands them the validation split as before issue 15.
+  hands them the validation split as before issue 15. A task with its own loss (``sr``: L1) passes it, and
+  its learning rate, in ``opts`` (``loss_fn``, ``lr``): DNA's ``SearchConfig(loss_fn=..., w_lr=...)`` and
+  FUR's ``FurConfig(loss_fn=..., lr=...)``; both searches call ``loss_fn(prediction, target)``.
 - ``fur-bernoulli`` / ``dna-markov``: the old defaults (Bernoulli DropChannel; DMCP Markov gates).
 - ``dna-scratch``: the widths DNA chose, weights re-initialised and trained like ``uniform`` (the
   "architecture only" diagnostic: DNA's allocation against the uniform one, weight inheritance removed).
@@ -117,6 +119,9 @@ def method_config(method: str, seed: int, opts: dict) -> fxadapt.TransformConfig
         fur = dataclasses.replace(fur, noise="bernoulli")
     if method == "dna-markov":
         search = dataclasses.replace(search, supernet=dataclasses.replace(search.supernet, gates="markov"))
+    if opts.get("loss_fn") is not None:   # a task with its own loss and lr (sr): both searches use them
+        search = dataclasses.replace(search, loss_fn=opts["loss_fn"], w_lr=opts["lr"])
+        fur = dataclasses.replace(fur, loss_fn=opts["loss_fn"], lr=opts["lr"])
     return dataclasses.replace(cfg, search=search, fur=fur)
 
 

@@ -17,7 +17,13 @@ channels; 4.6M MACs at 16x16). A base is trained per protocol seed with ``fxadap
 recipe, no teacher, lr 0.05) for ``base_epochs``; ``converged_epochs`` chooses that number once per task:
 train for E epochs, then 2E, ... (each from scratch, cosine over the whole run) until doubling improves
 validation accuracy by less than ``PLATEAU`` (the protocol's noise floor); the whole ladder is cached.
-Cached bases and ladders carry ``recipe_hash()`` in their file names (a changed recipe default trains new ones).
+Cached bases and ladders carry ``recipe_hash(task)`` in their file names (a changed recipe default trains new
+ones).
+
+A task declares what it is measured by in ``KINDS`` (a ``Kind``): its base model, its metric (higher is
+better; accuracy, stored as a fraction and printed in %, or PSNR, stored and printed in dB), its loss
+(``None``: cross-entropy, the default of ``fxadapt.finetune`` and of the searches) and the learning rate of
+every weight step (``None``: the protocol's defaults). ``sr`` is the regression task of bench/quality_sr.py.
 """
 
 from __future__ import annotations
@@ -27,8 +33,12 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from quality_sr import CONSTANTS as SR_CONSTANTS
+from quality_sr import SR_LR, SR_PLATEAU, l1, psnr, psnr_bicubic, sr_model, sr_task
 from torch.nn import functional as F
 
 from fxadapt.examples import ExampleResNet
@@ -107,7 +117,7 @@ def shapes_task() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return _standardise(parts)
 
 
-TASKS = {"digits": digits_task, "shapes": shapes_task}
+TASKS = {"digits": digits_task, "shapes": shapes_task, "sr": sr_task}
 
 
 def base_model(seed: int) -> ExampleResNet:
@@ -116,44 +126,77 @@ def base_model(seed: int) -> ExampleResNet:
         return ExampleResNet(num_classes=10, width=WIDTH)
 
 
-def recipe_hash() -> str:
+@dataclass(frozen=True)
+class Kind:
+    """What a task is measured by and trained with (see module docstring)."""
+
+    model: Callable[[int], torch.nn.Module] = base_model   # seed -> the untrained base
+    metric: Callable = accuracy            # (model, (inputs, targets)) -> float, higher is better
+    name: str = "accuracy"
+    key: str = "acc"                       # the rows' field: "acc", "val_acc", "acc_before_ft"
+    unit: str = "%"
+    scale: float = 100.0                   # printed = scale * stored
+    loss_fn: Callable | None = None        # None: cross-entropy
+    lr: float | None = None                # every weight step's SGD lr (None: the protocol's defaults)
+    plateau: float = PLATEAU               # the base ladder's noise floor, in stored units
+    reference: Callable | None = None      # split -> a method-free reference score (bicubic for sr)
+    constants: dict | None = None          # hashed into the task's rows and bases (None: the classic tasks')
+
+    def finetune_config(self, **kw) -> FinetuneConfig:
+        return FinetuneConfig(**({"lr": self.lr} if self.lr is not None else {}), **kw)
+
+
+CLASSIFY = Kind()
+KINDS = {"digits": CLASSIFY, "shapes": CLASSIFY,
+         "sr": Kind(model=sr_model, metric=psnr, name="PSNR", key="psnr", unit="dB", scale=1.0, loss_fn=l1, lr=SR_LR,
+                    plateau=SR_PLATEAU, reference=psnr_bicubic, constants=SR_CONSTANTS)}
+
+
+def recipe_hash(task: str = "digits") -> str:
     """Hash of what a cached base depends on besides task, epochs and seed: the base recipe (every
-    ``FinetuneConfig`` option, defaults included), the model width and the tasks' constants; part of every
-    cached base's and ladder's file name, so a changed default trains new ones."""
-    cfg = FinetuneConfig(lr=BASE_LR, kd=0.0, seed=0)
+    ``FinetuneConfig`` option, defaults included), the model width and the tasks' constants (a regression
+    task: also its loss and constants); part of every cached base's and ladder's file name, so a changed
+    default trains new ones."""
+    kind = KINDS[task]
+    cfg = FinetuneConfig(lr=kind.lr if kind.lr is not None else BASE_LR, kd=0.0, seed=0)
     fields = {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     consts = (DIGITS_NOISE, DIGITS_SPLIT, SHAPES_SPLIT, SHAPES_NOISE, PLATEAU, WIDTH, INPUT)
-    return hashlib.sha256(json.dumps([fields, repr(consts)], sort_keys=True).encode()).hexdigest()[:8]
+    payload = [fields, repr(consts)]
+    if kind.constants is not None:
+        payload += [repr(sorted(kind.constants.items())), getattr(kind.loss_fn, "__qualname__", "")]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def ladder_path(task: str, start: int, cap: int) -> str:
-    return os.path.join(CACHE, f"ladder_{task}_{start}_{cap}_{recipe_hash()}.json")
+    return os.path.join(CACHE, f"ladder_{task}_{start}_{cap}_{recipe_hash(task)}.json")
 
 
 def _cached_train(task: str, data: dict, epochs: int, seed: int) -> torch.nn.Module:
-    path = os.path.join(CACHE, f"base_{task}_e{epochs}_s{seed}_{recipe_hash()}.pt")
-    model = base_model(seed)
+    kind = KINDS[task]
+    path = os.path.join(CACHE, f"base_{task}_e{epochs}_s{seed}_{recipe_hash(task)}.pt")
+    model = kind.model(seed)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
         return model.eval()
-    finetune(model, data["train"], epochs, cfg=FinetuneConfig(lr=BASE_LR, kd=0.0, seed=seed))
+    cfg = FinetuneConfig(lr=kind.lr if kind.lr is not None else BASE_LR, kd=0.0, seed=seed)
+    finetune(model, data["train"], epochs, cfg=cfg, loss_fn=kind.loss_fn)
     os.makedirs(CACHE, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
 
 
 def converged_epochs(task: str, data: dict, start: int, cap: int) -> tuple[int, list]:
-    """Smallest E in start, 2*start, ... (<= cap) whose doubling gains < PLATEAU val accuracy (seed 0)."""
+    """Smallest E in start, 2*start, ... (<= cap) whose doubling gains < the plateau in val metric (seed 0)."""
     path = ladder_path(task, start, cap)
     if os.path.exists(path):
         with open(path) as f:
             d = json.load(f)
         return d["epochs"], d["ladder"]
-    ladder, e = [], start
+    ladder, e, kind = [], start, KINDS[task]
     while True:
-        ladder.append((e, accuracy(_cached_train(task, data, e, 0), data["val"])))
+        ladder.append((e, kind.metric(_cached_train(task, data, e, 0), data["val"])))
         print(f"[base] {task}: {e} epochs -> val {ladder[-1][1]:.4f}", flush=True)
-        if len(ladder) >= 2 and ladder[-1][1] - ladder[-2][1] < PLATEAU:
+        if len(ladder) >= 2 and ladder[-1][1] - ladder[-2][1] < kind.plateau:
             chosen = ladder[-1][0]
             break
         if 2 * e > cap:

@@ -25,11 +25,13 @@ from fxadapt.errors import (
                             InternalError,
                             LoadError,
                             RecipeError,
+                            ReplanWarning,
                             SaveError,
                             SearchConfigError,
                             SearchInterrupted,
                             ShapeCheckError,
                             UncostedWarning,
+                            UserCodeError,
                             WriteBackError,
                             WriteBackWarning,
 )
@@ -52,7 +54,7 @@ from fxadapt.writeback import Recipe, apply
 
 __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report", "Report", "Budget",
            "VerificationError", "analyze", "Analysis", "capture", "CaptureError", "InputError", "BudgetError",
-           "FxAdaptError", "InternalError", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
+           "FxAdaptError", "InternalError", "UserCodeError", "ReplanWarning", "finetune", "FinetuneConfig", "save", "load", "to_exported_program",
            "captured_from_program", "Target", "TargetError", "benchmark", "dist", "from_pretrained", "recipe_of",
            "apply", "Recipe", "WriteBackWarning", "WriteBackError", "SolveConfig", "SearchConfig", "FurConfig",
            "SupernetConfig", "BudgetWarning", "LoadError", "RecipeError", "SaveError", "SearchConfigError",

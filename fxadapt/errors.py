@@ -71,6 +71,10 @@ class TargetError(FxAdaptError, ValueError):
     """A target that does not exist or cannot run here (unknown runtime, CUDA without a GPU)."""
 
 
+class ReplanWarning(UserWarning):
+    """The plan was made again with two groups at one width so that the model's own code runs."""
+
+
 class GrowthWarning(UserWarning):
     """Growth that is not function-preserving was asked for (``SolveConfig(preserve=False)``): the message
     names the widened groups and the measured output error against the original at the example inputs."""
@@ -111,3 +115,9 @@ def warn(message, category: type = UserWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+class UserCodeError(InputError):
+    """A callable the user passed (a ``loss_fn``, a dataset's ``__getitem__``, a collate function) raised
+    inside a pipeline step; the message names its file and line, the original exception is chained."""
+

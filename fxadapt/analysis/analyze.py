@@ -61,10 +61,25 @@ class Analysis:
     unit_of: np.ndarray = field(default=None, repr=False)
     roots: np.ndarray = field(default=None, repr=False)
     uncosted: tuple[Uncosted, ...] = ()
+    with_experts: bool = False
+    counting: str = "MACs"      # what ``cost.macs`` counts, as messages name it ("parameters" in ``counting_params``)
 
     @property
     def prunable(self) -> list[Group]:
-        return [g for g in self.groups if g.prunable]
+        """The groups the solvers and searches move: channel groups, and expert groups in ``counting_params``
+        (under top-k routing removing experts saves parameters, not MACs per token)."""
+        return [g for g in self.groups if g.prunable and (self.with_experts or g.top_k is None)]
+
+    @property
+    def experts(self) -> list[Group]:
+        """Prunable expert groups (whole experts of a mixture-of-experts layer; ``fxadapt.ops.routing``)."""
+        return [g for g in self.groups if g.prunable and g.top_k is not None]
+
+    def counting_params(self) -> Analysis:
+        """This analysis as a params budget is solved on it: the cost the width solvers read as ``macs`` is the
+        parameter count, and the expert groups are prunable (at least ``top_k`` experts stay)."""
+        cost = CostModel(self.cost.params_terms, self.cost.params_terms, self.cost.units)
+        return dataclasses.replace(self, cost=cost, with_experts=True, counting="parameters")
 
     def units_for(self, widths: dict[int, int] | None) -> dict[int, float] | None:
         if widths is None:

@@ -57,6 +57,13 @@ class Group:
     params_share: float = 0.0
 
     @property
+    def top_k(self) -> int | None:
+        """For an expert axis (``fxadapt.ops.routing``: whole experts are its units) the experts a token is
+        routed to, the fewest that may stay; None for a channel group."""
+        ks = [m.site.index for m in self.members if m.site.kind == "experts"]
+        return max(ks) if ks else None
+
+    @property
     def producer(self) -> str | None:
         """The group's identity across graphs: its first producer's parameter name (with ``@axis`` when that
         is not axis 0: a tied embedding/LM-head tensor produces two groups, hidden on axis 1, vocab on 0)."""

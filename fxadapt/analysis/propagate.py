@@ -20,6 +20,7 @@ from fxadapt.errors import InputError
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import OPS, Blocked, Call, Ctx, RuleRecord, missing_reason
 from fxadapt.ops.reshape import ATTENTION_MODES
+from fxadapt.ops.routing import follow_ids
 
 
 def concrete_shape(val, batch: int):
@@ -106,6 +107,7 @@ def propagate(gm: GraphModule, attention: str = "auto") -> Ctx:
     ctx.attention = attention
     for node in gm.graph.nodes:
         ctx.node = node
+        follow_ids(node, ctx)
         if node.op == "output":
             for v in node.all_input_nodes:
                 ctx.freeze(ctx.track(v), "reaches the model output")

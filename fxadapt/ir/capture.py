@@ -196,6 +196,11 @@ def _hint(text: str) -> str:
     if swap:   # Module._apply swaps every parameter, which the fake parameters of a trace refuse
         return (f"forward converts a {swap.group(1)} module (module.to(...) / .float() / .half()), which torch.export "
                 f"cannot trace: convert the model once before transform and remove the conversion from forward")
+    if "data-dependent" in text:
+        return ("forward branches or loops on tensor values (a data-dependent shape: .nonzero(), .item(), a loop "
+                "over a tensor, boolean-mask routing), which torch.export cannot trace with fixed control flow: "
+                "make that code value-independent (for a mixture of experts, an implementation that runs the "
+                "experts on fixed shapes, as transformers' experts_implementation='grouped_mm' does for Mixtral)")
     return ""
 
 
@@ -219,12 +224,53 @@ def quiet_torch_logs():
             lg.setLevel(level)
 
 
+_CASTS = {"float": torch.float32, "half": torch.float16, "double": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def _unchanged(module: nn.Module, device, dtype) -> bool:
+    """Whether converting ``module`` to ``device`` / floating ``dtype`` would leave every tensor as it is."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if device is not None and torch.device(device) != t.device:
+            return False
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def noop_conversions():
+    """Inside, ``module.to(...)`` / ``.float()`` / ``.half()`` / ... that would change no tensor return the
+    module untouched. Eager PyTorch returns the same module then too, but it swaps every parameter for
+    itself, which the parameters of a trace refuse ("Couldn't swap Linear.weight"): Switch Transformers'
+    router calls ``self.classifier.to(self.dtype)`` in every forward. A conversion that changes a tensor
+    still runs (and fails the trace with its reason)."""
+    orig = {name: getattr(nn.Module, name) for name in ("to", *_CASTS)}
+
+    def to(self, *args, **kwargs):
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        return self if _unchanged(self, device, dtype) else orig["to"](self, *args, **kwargs)
+
+    def cast(name):
+        def run(self):
+            return self if _unchanged(self, None, _CASTS[name]) else orig[name](self)
+        return run
+
+    try:
+        nn.Module.to = to
+        for name in _CASTS:
+            setattr(nn.Module, name, cast(name))
+        yield
+    finally:
+        for name, f in orig.items():
+            setattr(nn.Module, name, f)
+
+
 def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> torch.export.ExportedProgram:
     """``torch.export`` with a dynamic batch axis (``dynamic="auto"``: also the sequence / image axes, see
     ``free_axes``), falling back to static shapes (see module docstring)."""
     inputs = as_inputs(example_inputs)
     dyn = _batch2(inputs)
-    with warnings.catch_warnings(), quiet_torch_logs():  # RNN modules warn that export reassigns their _flat_weights
+    with warnings.catch_warnings(), quiet_torch_logs(), noop_conversions():  # RNNs warn: export reassigns _flat_weights
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
             if dynamic != "static":

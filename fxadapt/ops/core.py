@@ -65,6 +65,7 @@ class Ctx:
         self.ledger = Ledger()
         self.fired: Counter = Counter()
         self.node: Node | None = None
+        self.ids: dict[str, Any] = {}  # node -> labels whose *positions* its values are (expert ids)
 
     # --- reading ---------------------------------------------------------------------------------
     def track(self, x: Any) -> Track | None:

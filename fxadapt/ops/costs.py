@@ -59,18 +59,22 @@ def linear_macs(call, cx):
     return coef, rows + cx.weight_factors(w)
 
 
-def _matmul_term(cx, a):
+def _matmul_term(cx, a, b):
+    """``numel(out) * k``; ``k`` is tracked on ``a``'s last axis or, for ``W @ x``, on ``b``'s second-last."""
     k = cx.shape(a)[-1]
     coef, factors = cx.activation_factors(cx.track(cx.node), cx.out_shape)
-    return coef, factors + [cx.axis_form(cx.track(a), len(cx.shape(a)) - 1, k, default=True)]
+    form = cx.axis_form(cx.track(a), len(cx.shape(a)) - 1, k)
+    if form is None and len(cx.shape(b) or ()) >= 2:
+        form = cx.axis_form(cx.track(b), len(cx.shape(b)) - 2, k)
+    return coef, factors + [form if form is not None else cx.const(k)]
 
 
 def matmul_macs(call, cx):
-    return _matmul_term(cx, call.args[0])
+    return _matmul_term(cx, call.args[0], call.args[1])
 
 
 def addmm_macs(call, cx):
-    return _matmul_term(cx, call.args[1])
+    return _matmul_term(cx, call.args[1], call.args[2])
 
 
 def sdpa_macs(call, cx):

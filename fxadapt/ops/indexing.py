@@ -9,7 +9,8 @@ must carry the same channels, and are coupled.
 
 Matrix products ``a[..., n, k] @ b[..., k, m]``: the contracted ``k`` labels of both operands are
 coupled (a parameter operand is sliced instead); batch axes are coupled; ``n`` (from ``a``) or ``m`` (from
-``b``) flows to the output. A parameter ``b`` makes ``m`` a new channel space, like ``linear``.
+``b``) flows to the output. A parameter ``b`` makes ``m`` a new channel space, like ``linear``; a
+parameter ``a`` (``W[n, k] @ x[..., k, m]``: Mamba's ``dt_proj.weight @ time_step``) makes ``n`` one.
 """
 
 from __future__ import annotations
@@ -214,13 +215,18 @@ def _matmul(ctx, a, b, out_nd: int):
     la = only_axis(ctx, ta, ka, "a matmul contraction") if ta is not None and ka in ta.axes else None
     lb = only_axis(ctx, tb, kb, "a matmul contraction") if tb is not None and kb in tb.axes else None
     weight = _weight(ctx, b, sb) if tb is None else None
+    left = _weight(ctx, a, sa) if ta is None and weight is None else None  # W @ x: (param, out axis, in axis)
     if la is not None and lb is not None:
         ctx.couple(la, lb)
         ctx.site("mix", la, "mix")
     elif la is not None and weight is not None:
         ctx.param_site(weight[0], weight[1], la, "in")
+    elif lb is not None and left is not None:
+        ctx.param_site(left[0], left[2], lb, "in")
     elif la is not None or lb is not None:
-        ctx.freeze(la if la is not None else lb, "contracted with a fixed-size tensor")
+        other = b if la is not None else a
+        ctx.freeze(la if la is not None else lb, f"contracted with {getattr(other, 'name', other)}, whose "
+                                                 "contracted axis carries no channels (a fixed size)")
     rest_a = _reduced(ctx, ta, [ka], keep=True) if ta is not None else None
     rest_b = _reduced(ctx, tb, [kb], keep=True) if tb is not None else None
     outs = []
@@ -228,12 +234,13 @@ def _matmul(ctx, a, b, out_nd: int):
         if rest is not None:
             outs.append(rest.moved({x: x + out_nd - nd for x in rest.axes}))
             _fixed_batch(ctx, outs[-1], other, t_other, out_nd)
-    if weight is not None:
-        new = ctx.new(sb[1])
-        ctx.param_site(weight[0], weight[2], new, "out")
-        if not outs:
-            return Track((out_nd - 1,), new)
-        ctx.freeze(new, "matmul output columns beside tracked channels")
+    for w, n, axis in ((weight, sb[-1], out_nd - 1), (left, sa[-2], out_nd - 2)):
+        if w is not None:
+            new = ctx.new(n)
+            ctx.param_site(w[0], w[2] if w is weight else w[1], new, "out")
+            if not outs:
+                return Track((axis,), new)
+            ctx.freeze(new, "matmul output rows/columns beside tracked channels")
     if len(outs) > 1 and outs[0].axes != outs[1].axes and set(outs[0].axes) <= set(outs[1].axes):
         # attn @ v: batch/head axes of both operands carry the same channels, v adds its columns
         small, big = outs

@@ -4,7 +4,14 @@ Broadcasting ``out = f(a, b, ...)``: operands are right-aligned to the output. F
 axis, an operand that has the full size there must carry the same channels — its labels are unioned with
 the reference operand's (residual add, SE multiply). An operand of size 1 there is broadcast and does not
 couple (its own labels, if any, are frozen: a one-channel producer cannot shrink). A parameter or buffer
-of full size is sliced with the channels (a ``const`` site); any other fixed-size tensor freezes them.
+of full size — directly or through element-wise ops (``-exp(A_log.float())``) — is sliced with the channels
+(a ``const`` site), a ``zeros``/``ones``/``full`` factory has its size entry rewritten (``shape_arg``); any
+other fixed-size tensor freezes them (``fxadapt.ops.operands``).
+
+Operands carrying channels on disjoint axes meet in an outer product of two channel spaces (Mamba's
+``delta[:, :, :, None] * B[:, None, :, :]``: ``d_inner`` on axis 1, ``d_state`` on axis 3). A ``Track``'s
+labels are joint over its axes (one space per tensor), so the output carries the larger space and the
+smaller one is frozen with a reason naming both; reductions and contractions that follow see one space.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import numpy as np
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
-from fxadapt.ops import edits, lifts
+from fxadapt.ops import edits, lifts, operands
 from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, rule
 from fxadapt.ops.registry import SYM_ARITH, Lift, register
 
@@ -36,6 +43,9 @@ OTHER_UNARY = aten_ops(
     "full_like.default", "rand_like.default", "randn_like.default", "bernoulli.p", "fill.Scalar",
     "isnan.default", "gt.Scalar", "lt.Scalar", "ge.Scalar", "le.Scalar", "eq.Scalar", "ne.Scalar",
 )
+ELEMENTWISE = frozenset(ZERO_UNARY + OTHER_UNARY) - frozenset(aten_ops(
+    "zeros_like.default", "ones_like.default", "empty_like.default", "full_like.default", "rand_like.default",
+    "randn_like.default", "bernoulli.p", "fill.Scalar"))  # read their input's values, one element each
 MIXING = aten_ops("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default", "cumsum.default")
 
 
@@ -110,31 +120,51 @@ def broadcast(call, ctx):
             continue
         if any(shape[a] == 1 and out_shape[a] > 1 for a in t.axes):
             ctx.freeze(t, "one-channel tensor broadcast over channels")
-        elif ref is None:
-            ref = t
-        elif t.axes == ref.axes:
-            ctx.couple(ref.labels, t.labels)
-        elif set(t.axes) <= set(ref.axes) or set(ref.axes) <= set(t.axes):
-            big, small = (ref, t) if set(t.axes) <= set(ref.axes) else (t, ref)
-            ctx.couple(big.labels, _expand(small, big))
-            ref = big
         else:
-            ctx.freeze(t, f"operands carry channels on different axes {t.axes} vs {ref.axes}")
-            ctx.freeze(ref, f"operands carry channels on different axes {t.axes} vs {ref.axes}")
+            ref = t if ref is None else _join(ctx, ref, t)
     if ref is None:
         return None
     for a, shape, t in aligned:
-        if t is not None:
-            continue
-        full = [ax for ax in ref.axes if shape[ax] > 1]
-        if not full:
-            continue
-        if isinstance(a, ParamRef) and len(ref.axes) == 1:
-            off = nd - len(ctx.shape(a))
-            ctx.param_site(a, ref.axes[0] - off, ref.labels, "const")
-        else:
-            ctx.freeze(ref, f"combined with fixed-size tensor {getattr(a, 'name', a)}")
+        if t is None and any(shape[ax] > 1 for ax in ref.axes) and not _fixed_operand(ctx, a, shape, ref, nd):
+            ctx.freeze(ref, f"combined with fixed-size tensor {getattr(a, 'name', a)} (not a parameter seen "
+                            "through element-wise ops, nor a zeros/ones/full factory)")
     return ref
+
+
+def _join(ctx, ref: Track, t: Track) -> Track:
+    """Couple two operands' channels; returns the track the output carries.
+
+    Channels on disjoint axes are two channel spaces meeting in an outer product (Mamba's selective scan:
+    ``delta[:, :, :, None] * B[:, None, :, :]``, ``d_inner`` on axis 1, ``d_state`` on axis 3). A track holds
+    one space (its labels are joint over its axes), so the larger space is carried on and the smaller one
+    frozen, with a reason naming both."""
+    if t.axes == ref.axes:
+        ctx.couple(ref.labels, t.labels)
+        return ref
+    if set(t.axes) <= set(ref.axes) or set(ref.axes) <= set(t.axes):
+        big, small = (ref, t) if set(t.axes) <= set(ref.axes) else (t, ref)
+        ctx.couple(big.labels, _expand(small, big))
+        return big
+    if set(t.axes) & set(ref.axes):
+        why = f"operands carry channels on overlapping but different axes {t.axes} vs {ref.axes}"
+        ctx.freeze(t, why)
+        ctx.freeze(ref, why)
+        return ref
+    keep, drop = (t, ref) if t.labels.size > ref.labels.size else (ref, t)
+    ctx.freeze(drop, f"outer product of two channel spaces ({drop.labels.size} channels on axes {drop.axes}, "
+                     f"{keep.labels.size} on axes {keep.axes}): a tensor carries one channel space, the "
+                     f"larger one follows and these {drop.labels.size} keep their width")
+    return keep
+
+
+def _fixed_operand(ctx, a, shape: tuple, ref: Track, nd: int) -> bool:
+    """An untracked operand of full size along the (one) tracked axis follows the channels when it is a
+    parameter read element-wise or a factory (``fxadapt.ops.operands``)."""
+    if len(ref.axes) != 1:
+        return False
+    axis = ref.axes[0] - (nd - len(operands.shape_of(ctx, a)))
+    return (operands.param_axis_site(ctx, a, axis, ref.labels, ELEMENTWISE)
+            or operands.factory_site(ctx, a, axis, ref.labels))
 
 
 def _expand(small: Track, big: Track) -> np.ndarray:
@@ -251,7 +281,8 @@ def pad(call, ctx):
 FACTORY = aten_ops(
     "zeros.default", "ones.default", "empty.memory_format", "full.default", "arange.default",
     "arange.start", "arange.start_step", "scalar_tensor.default", "randn.default", "rand.default",
-    "tensor.default", "linspace.default", "eye.default",
+    "tensor.default", "linspace.default", "eye.default", "new_zeros.default", "new_ones.default",
+    "new_full.default", "new_empty.default",
 )
 NO_TENSOR = aten_ops(
     "sym_numel.default", "sym_stride.int", "sym_storage_offset.default",

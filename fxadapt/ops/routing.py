@@ -1,25 +1,46 @@
 """Rules for routing ops (mixture of experts) and grouped matrix products.
 
-A router ``logits = linear(h, W_r)`` produces one channel per expert; ``topk``/``sort`` along that axis pick
-experts by value, so the result names expert positions as data: the expert channels freeze there (the
-reason names the op), while channels on every other axis pass through to values and indices alike. The
-tokens' hidden channels never reach ``topk`` (the router's linear contracts them).
+A router ``logits = linear(h, W_r)`` produces one channel per expert. ``topk`` along that axis turns the
+channels into *expert ids*: values that are positions along the expert axis (``Ctx.ids``: node -> the
+expert labels). The ids flow through value-preserving ops (views, dtype casts, ``getitem``, the values of a
+``sort``) to ``histc(ids, bins=E, min=0, max=E-1)``: tokens per expert, a tensor whose axis 0 *is* the
+expert axis again (its ``cumsum`` is the grouped product's offsets). So the expert channels reach the 3-D
+expert weights' axis 0 (``grouped_mm``'s ``offs``), and removing experts is a slice like any other:
+
+- the router's rows ``W_r[kept]``, the expert tensors ``W[kept]`` (axis 0), and histc's ``bins``/``max``
+  set to ``E'``/``E' - 1`` (``rebin``); ``topk`` then returns ids in ``[0, E')``, which name
+  ``kept[id]`` in the original numbering, the same order every sliced tensor uses. With the removed
+  experts never routed to, the result equals the original exactly: ``softmax`` then top-k then
+  renormalisation (Mixtral) does not depend on the logits of experts outside the top-k.
+- the *floor*: a token takes ``top_k`` distinct experts, so at least ``top_k`` stay (``EXPERTS_FLOOR``;
+  an ``"experts"`` site records ``top_k``, ``Group.top_k`` reads it).
+- growth is refused (``EXPERTS_NO_GROWTH``): a copy of an expert under softmax-then-top-k routing can
+  displace another expert from a token's top-k, so no duplicate is function-preserving.
+- one width per axis: the fused ``[E, 2I, H]`` tensors hold one intermediate width for every expert, so the
+  experts share one intermediate width (``EXPERTS_ONE_WIDTH``); per-expert widths would need one tensor
+  per expert.
+
+Ids reaching any other op (``one_hot``, an index into a tensor, the model output: transformers' eager
+per-expert loop) freeze the experts with a reason naming the op: only the histogram is renumbered.
+Under top-k routing the MACs per token do not depend on ``E`` (a token runs ``top_k`` experts; only the
+router's ``H * E`` does), so expert groups are removed by parameter budgets only (``Analysis.experts``).
 
 Index ops on other axes move channels: ``x[idx]`` (``index.Tensor``) replaces the indexed axes by the
 index tensor's axes, so channels on the remaining axes follow (gathering the tokens routed to the experts
 keeps the hidden axis); indexing *along* a channel axis re-indexes it and blocks. ``index_put_`` writes
 rows along untracked axes (a scatter of tokens back): its values must carry the destination's channels.
-``one_hot`` adds a class axis; ``nonzero``/``histc`` turn values into positions/counts (no channels out).
+``one_hot`` adds a class axis; ``nonzero``/``bincount`` (and ``histc`` of anything but expert ids) turn
+values into positions/counts (no channels out).
 
 Grouped matrix product (``transformers::grouped_mm_fallback``, ``aten._grouped_mm``, what transformers'
 ``grouped_mm`` experts implementation runs): ``x[S, K]`` with rows sorted by expert and ``W[E, K, N]``,
 ``out[s] = x[s] @ W[e(s)]``. ``K`` is coupled to the weight's contracted axis (one space for all
-experts: a 3-D parameter holds one width per axis), ``N`` is a new channel space, like ``linear``. The
-weight is the parameter itself or ``param.transpose(-2, -1)`` (transformers stores ``[E, N, K]``). Both
-widths move in runs of ``16 / itemsize`` channels (the eager kernel's 16-byte stride rule, ``_ALIGN_BYTES``).
-MACs: every row meets one expert's ``K x N`` matrix once: ``S * K * N``. With ``S = T * top_k`` rows for
-``T`` tokens this is ``T * (top_k / E) * E * K * N``, the expected cost under any routing — and, as the
-rows are a fixed count, the count of the run at any input as well (``fxadapt.analysis.count``).
+experts: a 3-D parameter holds one width per axis), ``N`` is a new channel space, like ``linear``; ``E``
+follows the offsets. The weight is the parameter itself or ``param.transpose(-2, -1)`` (transformers
+stores ``[E, N, K]``). Both widths move in runs of ``16 / itemsize`` channels (the eager kernel's 16-byte
+stride rule, ``_ALIGN_BYTES``). MACs: every row meets one expert's ``K x N`` matrix once: ``S * K * N``,
+whatever ``E``. With ``S = T * top_k`` rows for ``T`` tokens this is the cost under any routing — and, as
+the rows are a fixed count, the count of the run at any input as well (``fxadapt.analysis.count``).
 
 >>> import torch
 >>> from fxadapt.ops import OPS
@@ -30,6 +51,7 @@ rows are a fixed count, the count of the run at any input as well (``fxadapt.ana
 from __future__ import annotations
 
 import math
+import operator
 
 from torch.fx import Node
 
@@ -37,16 +59,71 @@ from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, rule
 from fxadapt.ops.indexing import _TRANSPOSE_DIMS, _TRANSPOSES
 
+EXPERTS_FLOOR = "a token is routed to top_k distinct experts: at least top_k experts stay"
+EXPERTS_NO_GROWTH = ("duplicating an expert is not function-preserving under softmax-then-top-k routing: the "
+                     "copy takes a place in the tokens' top-k and displaces another expert")
+EXPERTS_ONE_WIDTH = ("the experts' fused 3-D tensors hold one intermediate width per axis: every expert of a "
+                     "layer keeps the same intermediate width")
+_IDS_REASON = ("topk along the channel axis names channel positions as data (router experts): the expert ids "
+               "reach {what}; only a histc with one bin per expert (transformers' grouped_mm experts) is "
+               "renumbered when experts are removed")
+
+_CARRY_IDS = (*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "to.dtype", "_to_copy.default",
+                        "clone.default", "contiguous.default", "alias.default", "flatten.using_ints"),)
+_READ_IDS = (*aten_ops("sort.default", "sort.stable", "histc.default", "_assert_tensor_metadata.default"),)
+
+
+def _ids_of(ctx, x):
+    return ctx.ids.get(x.name) if isinstance(x, Node) else None
+
+
+def _freeze_ids(ctx, ids, what: str) -> None:
+    for labels in ids if isinstance(ids, tuple) else (ids,):
+        ctx.freeze(labels, _IDS_REASON.format(what=what))
+
+
+def follow_ids(node: Node, ctx) -> None:
+    """Before ``node``'s rule: carry expert ids through value-preserving ops and ``getitem``; freeze them
+    where anything else reads them (module docstring). ``sort`` and ``histc`` read them in their rules."""
+    srcs = [n for n in node.all_input_nodes if n.name in ctx.ids]
+    if not srcs:
+        return
+    if node.op == "call_function" and node.target is operator.getitem:
+        ids = ctx.ids[srcs[0].name]
+        if isinstance(ids, tuple) and ids[node.args[1]] is not None:
+            ctx.ids[node.name] = ids[node.args[1]]
+        return
+    first = node.args[0] if node.args else None
+    if node.op == "call_function" and node.target in _CARRY_IDS and srcs == [first] \
+            and not isinstance(ctx.ids[first.name], tuple):
+        ctx.ids[node.name] = ctx.ids[first.name]
+        return
+    if node.op == "call_function" and node.target in _READ_IDS:
+        return
+    what = "the model output" if node.op == "output" else str(getattr(node, "target", node.op))
+    for n in srcs:
+        _freeze_ids(ctx, ctx.ids[n.name], what)
+
 
 def _by_value(call, ctx, what: str):
-    """``topk`` / ``sort`` along ``dim``: channels on that axis freeze, others pass to both outputs."""
+    """``topk`` / ``sort`` along ``dim``: channels on the other axes pass to both outputs. ``topk`` along the
+    only channel axis with a constant ``k`` makes expert ids (module docstring); ``sort`` of expert ids keeps
+    them in its values; any other sort or topk along a channel axis freezes those channels."""
     x = call.arg(0, "self")
-    t = ctx.track(x)
-    dim = norm_dim(call.arg(2 if what == "topk" else 1, "dim", -1), len(ctx.shape(x)))
-    if t is not None and dim in t.axes:
-        ctx.freeze(t, f"{what} along the channel axis names channel positions as data (router experts)")
+    t, ids = ctx.track(x), _ids_of(ctx, x)
+    if ids is not None and what == "sort" and not isinstance(ids, tuple):
+        ctx.ids[ctx.node.name] = (ids, None)
         return None, None
-    return t, t
+    dim = norm_dim(call.arg(2 if what == "topk" else 1, "dim", -1), len(ctx.shape(x)))
+    if t is None or dim not in t.axes:
+        return t, t
+    k = call.arg(1, "k")
+    if what == "topk" and t.axes == (dim,) and isinstance(k, int) and 0 < k < len(t.labels):
+        ctx.site("experts", t.labels, "experts", index=k)
+        ctx.ids[ctx.node.name] = (None, t.labels)
+        return None, None
+    ctx.freeze(t, f"{what} along the channel axis names channel positions as data (router experts)")
+    return None, None
 
 
 @rule(*aten_ops("topk.default"), kind="reindexes")
@@ -59,12 +136,34 @@ def sort(call, ctx):
     return _by_value(call, ctx, "sort")
 
 
-@rule(*aten_ops("histc.default", "nonzero.default", "argwhere.default", "bincount.default"), kind="reindexes")
+@rule(*aten_ops("nonzero.default", "argwhere.default", "bincount.default"), kind="reindexes")
 def positions(call, ctx):
     """Counts and positions computed from values: nothing of the input's channel layout survives."""
     if ctx.track(call.arg(0, "self")) is not None:
         return Blocked(f"{call.op} turns the values of a tensor with channels into positions or counts")
     return None
+
+
+def rebin(op, args: list, site, index, val):
+    """``histc(ids, bins=E, min=0, max=E-1)`` -> ``bins=E'``, ``max=E'-1`` (``OpSpec.edit``)."""
+    args = list(args) + [None] * (4 - len(args))
+    args[1], args[2], args[3] = int(len(index)), 0, int(len(index)) - 1
+    return op, args
+
+
+@rule(*aten_ops("histc.default"), kind="reindexes", edit=rebin)
+def histc(call, ctx):
+    """Tokens per expert: ``histc`` of expert ids with one bin per expert has the expert axis as axis 0."""
+    x = call.arg(0, "self")
+    ids = _ids_of(ctx, x)
+    if ids is None:
+        return positions(call, ctx)
+    bins, lo, hi = call.arg(1, "bins", 100), call.arg(2, "min", 0), call.arg(3, "max", 0)
+    if isinstance(ids, tuple) or (bins, lo, hi) != (len(ids), 0, len(ids) - 1):
+        _freeze_ids(ctx, ids, f"histc with bins={bins}, min={lo}, max={hi} (not one bin per expert)")
+        return None
+    ctx.site("shape_arg", ids, "shape", arg=1)
+    return Track((0,), ids)
 
 
 @rule(*aten_ops("one_hot.default"), kind="reindexes")
@@ -141,12 +240,12 @@ def _expert_weight(ctx, w) -> tuple[ParamRef, int, int] | None:
 
 
 def grouped_mm_macs(call, cx):
-    """``S * K * N`` = ``(S / E) * E * K * N`` (see the module docstring)."""
+    """``S * K * N`` whatever ``E`` (see the module docstring): the weight's factors but its expert axis."""
     x, w = call.args[0], _expert_weight(cx.ctx, call.args[1])
     rows = cx.shape(x)[0]
     if w is None:
         return float(rows * math.prod(cx.shape(call.args[1])[1:])), []
-    return rows / cx.shape(w[0])[0], cx.weight_factors(w[0])
+    return float(rows), cx.weight_factors(w[0])[1:]
 
 
 @rule(*aten_ops("_grouped_mm.default"), "transformers.grouped_mm_fallback.default", kind="couples",
@@ -162,8 +261,10 @@ def grouped_mm(call, ctx):
     if weight is None:
         ctx.freeze(lx, "contracted with expert weights computed at run time")
         ctx.freeze(ctx.track(w), "expert weights computed at run time")
+        ctx.freeze(ctx.track(call.arg(2, "offs")), "offsets of expert weights computed at run time")
         return None
     ref, k_axis, n_axis = weight
+    _experts_axis(call, ctx, ref)
     step = _ALIGN_BYTES // max(1, _itemsize(x))
     if lx is not None:
         _in_runs(ctx, lx, step)
@@ -172,6 +273,17 @@ def grouped_mm(call, ctx):
     _in_runs(ctx, new, step)
     ctx.param_site(ref, n_axis, new, "out")
     return Track((1,), new)
+
+
+def _experts_axis(call, ctx, ref: ParamRef) -> None:
+    """Offsets with the expert channels (``cumsum(histc(ids))``) put them on the weight's axis 0."""
+    offs = ctx.track(call.arg(2, "offs"))
+    if offs is None:
+        return
+    if offs.axes != (0,) or len(offs.labels) != ctx.shape(ref)[0]:
+        ctx.freeze(offs, "grouped product offsets that are not one per expert")
+        return
+    ctx.param_site(ref, 0, offs.labels, "out")
 
 
 _ALIGN_BYTES = 16

@@ -10,7 +10,9 @@ progress as ``progress(name, done, total)`` and records each step's wall time.
 
 Errors name the step they came from: an ``FxAdaptError`` (bad input, a budget out of reach, a failed check)
 passes through as raised, with ``.step`` set to the step's name and a note (PEP 678) ``in fxadapt step
-'verify' (after capture, analyze, ...)``; any other exception is a bug in fxadapt and becomes one
+'verify' (after capture, analyze, ...)``; any other exception raised in the user's own code (the innermost
+frame outside fxadapt, torch, the standard library and installed packages: a ``loss_fn``, a dataset)
+becomes a ``UserCodeError`` naming that file and line; the rest is a bug in fxadapt and becomes one
 ``InternalError`` naming the step and the steps before it, raised ``from`` the original. ``KeyboardInterrupt``
 and ``SearchInterrupted`` (a search stopped on purpose) pass through unchanged.
 
@@ -34,11 +36,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fxadapt.errors import FxAdaptError, InternalError, SearchInterrupted
+import torch
+
+import fxadapt
+import fxadapt.passes as _passes
+from fxadapt.errors import FxAdaptError, InternalError, SearchInterrupted, UserCodeError
 from fxadapt.passes.shape_check import shape_check
 
 
@@ -79,10 +86,35 @@ def _run_step(step: Step, job, done: list[str]):
     except Exception as e:
         lines = str(e).strip().splitlines()
         what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-        raise InternalError(f"step '{step.name}' failed ({_after(done)}): {what} — a bug in fxadapt, not in "
-                            f"your input; please report it with the model (the original exception is chained)"
-                            ) from e
+        where = user_frame(e.__traceback__)
+        if where is not None:
+            err = UserCodeError(f"step '{step.name}' failed in your code ({where}): {what} — fix the function "
+                                f"you passed (loss_fn, the data, a callback); the original exception is chained")
+        else:
+            err = InternalError(f"step '{step.name}' failed ({_after(done)}): {what} — a bug in fxadapt, not in "
+                                f"your input; please report it with the model (the original exception is chained)")
+        err.step = step.name
+        raise err from e
     return job
+
+
+_LIBRARY = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (fxadapt, torch, os)) + (os.path.dirname(os.path.abspath(_passes.__file__)) + os.sep,)
+
+
+def user_frame(tb) -> str | None:
+    """``file:line in function`` of the innermost frame of ``tb`` when it lies outside fxadapt, torch, the
+    standard library and installed packages (the user's own callable raised), else None."""
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return None
+    code = last.tb_frame.f_code
+    path = os.path.abspath(code.co_filename)
+    if path.startswith(_LIBRARY) or "site-packages" in path or path.startswith("<") or not os.path.exists(path):
+        return None
+    return f"{os.path.basename(path)}:{last.tb_lineno} in {code.co_name}"
 
 
 def _after(done: list[str]) -> str:

@@ -1,7 +1,8 @@
 """Planning strategies: from an analysed model and a MAC target to a ``Plan`` (and the graph it applies to).
 
-- ``datafree``: widths by one global scale (``fxadapt.planning.solver``), aligned (``aligned_solve``),
-  L1-ranked channels; with ``grow_depth`` a growth target first adds one zero-initialised copy of every
+- ``datafree``: widths by one global scale (``fxadapt.planning.solver``), aligned (``halving``: the target's
+  alignment, halved where it misses the window), L1-ranked channels; a params budget alone or with a MAC
+  budget is ``fxadapt.pipeline.params``; with ``grow_depth`` a growth target first adds one zero-initialised copy of every
   repeatable block; a latency budget is solved on the target (``fxadapt.hw.latency.solve_latency``);
 - ``dna``: differentiable width+depth search in the elastic supernet (``fxadapt.search.dna``);
 - ``fur``: Network Adjustment (``fxadapt.search.fur``).
@@ -32,10 +33,11 @@ from fxadapt.errors import (
 from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
+from fxadapt.pipeline.params import params_only, with_params
 from fxadapt.planning.budget import BudgetWarning
 from fxadapt.planning.plan import growth_blocker, make_plan
-from fxadapt.planning.solver import SolveConfig, solve_widths
-from fxadapt.planning.uniform import uniform_widths
+from fxadapt.planning.solver import SolveConfig, check_window, solve_widths
+from fxadapt.planning.uniform import Tying, uniform_widths
 from fxadapt.search.dna import dna
 from fxadapt.search.fur import fur
 
@@ -57,20 +59,58 @@ def datafree(job: Job) -> Outcome:
     a, target, cfg = job.analysis, job.goal.macs, job.cfg
     if job.goal.latency is not None:
         return _latency(job)
+    if target is None:
+        return _params(job)
     a, slots = _deepened(a, target, cfg.solve.tol) if cfg.grow_depth and target > a.macs() else (a, frozenset())
     hw = job.goal.target   # the hardware Target of a latency / target budget
     start = hw.align() if hw is not None and cfg.solve.align == "auto" else None
     if slots and a.macs() >= target:   # the copies alone land in the growth window: widths stay
-        units, align = {}, 1
-    elif cfg.layers == "uniform":
-        units, align = _uniform_solve(a, target, cfg.solve, start)
+        units, align, extra = {}, 1, {}
     else:
-        units, align = aligned_solve(a, target, cfg.solve, start)
+        units, align, extra = _macs_solve(job, a, start)
     plan = make_plan(a, units, preserve=cfg.solve.preserve)
     mixed = [g.name for g in a.groups if units.get(g.id, g.units) > g.units and growth_blocker(a, g) is not None]
     preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups) and not mixed
-    head = {"align": align} | ({"grown_under_norm": mixed} if mixed else {})
+    head = {"align": align} | extra | ({"grown_under_norm": mixed} if mixed else {})
     return Outcome(a.gm, plan, a, (head,), slots, preserving)
+
+
+def _macs_solve(job: Job, a, start: int | None) -> tuple[dict[int, int], int, dict]:
+    """The MAC solve, one attempt per alignment ``halving`` tries: the solver's widths, tied (uniform layers,
+    write-back ties: ``_tied``), brought under a params budget too (``fxadapt.pipeline.params``). Returns
+    the widths, the alignment and what the history entry adds."""
+    target = job.goal.macs
+
+    def attempt(cfg):
+        if job.goal.params is None:
+            return _tied(job, a, solve_widths(a, target, cfg), target, cfg), {}
+        with warnings.catch_warnings():   # the MAC window matters only where the MACs bind: checked then
+            warnings.simplefilter("ignore", BudgetWarning)
+            n = _tied(job, a, solve_widths(a, target, cfg), target, cfg)
+        n, extra = with_params(job, a, n, cfg)
+        if not extra:
+            check_window(a, n, target, target > a.macs(), cfg)
+        return n, extra
+
+    (units, extra), align = halving(job.cfg.solve, start, attempt)
+    return units, align, extra
+
+
+def _tied(job: Job, a, units: dict[int, int], target: float, cfg: SolveConfig) -> dict[int, int]:
+    """``units`` with repeated layers (``layers="uniform"``) and ``job.ties`` (``fxadapt.pipeline.replan``)
+    at shared widths (``fxadapt.planning.uniform``)."""
+    tying = Tying(job.cfg.layers == "uniform", job.ties)
+    return uniform_widths(a, units, target, cfg, tying=tying) if tying.repeated or tying.ties else units
+
+
+def _params(job: Job) -> Outcome:
+    """A params budget alone (``fxadapt.pipeline.params``), the plan on the analysis itself."""
+    a, cfg = job.analysis, job.cfg
+    units, head = params_only(job, lambda view, target, solve: halving(
+        solve, None, lambda c: _tied(job, view, solve_widths(view, target, c), target, c)))
+    plan = make_plan(a, units, preserve=cfg.solve.preserve)
+    preserving = all(units.get(g.id, g.units) >= g.units for g in a.groups)
+    return Outcome(a.gm, plan, a, (head,), frozenset(), preserving)
 
 
 def _latency(job: Job) -> Outcome:
@@ -109,20 +149,6 @@ def halving(solve: SolveConfig, start: int | None, attempt):
     return attempt(dataclasses.replace(solve, align=1)), 1
 
 
-def aligned_solve(a, target: float, solve: SolveConfig, start: int | None = None) -> tuple[dict[int, int], int]:
-    """``solve_widths`` at ``solve.align``; with ``"auto"``, the target's alignment (the NCHWc block of this
-    CPU) or, where that makes the ``tol`` window unreachable, the largest power-of-two fraction of it that
-    does not (1 at worst): aligned widths when the model allows them, the budget first. ``start``: the
-    budget's target's alignment (8 for CUDA) instead of this CPU's. Returns the widths and the alignment used."""
-    return halving(solve, start, lambda cfg: solve_widths(a, target, cfg))
-
-
-def _uniform_solve(a, target: float, solve: SolveConfig, start: int | None) -> tuple[dict[int, int], int]:
-    """Widths shared by repeated layers (``fxadapt.planning.uniform``); with ``"auto"`` alignment, halved
-    until the shared widths reach the window (tied classes move in coarser steps than single groups)."""
-    return halving(solve, start, lambda cfg: uniform_widths(a, solve_widths(a, target, cfg), target, cfg))
-
-
 def _deepened(a, target: float, tol: float):
     """The analysis of ``a``'s graph with one zero-initialised copy after every repeatable block (if that
     stays within the growth window ``[., (1 + tol) T]``), and the ids of the inserted blocks."""
@@ -141,6 +167,9 @@ def _deepened(a, target: float, tol: float):
 def _searched(job: Job, run, scfg) -> Outcome:
     """``run`` (``dna`` or ``fur``) with ``scfg`` on the transform's device and precision (the one source:
     ``TransformConfig.device`` / ``.precision``)."""
+    if job.goal.macs is None and job.goal.latency is None:
+        raise BudgetError(f"strategy={job.cfg.strategy!r} searches for MAC or latency budgets: a params budget "
+                          f"alone is solved data-free (strategy='datafree')")
     ctx = dist.setup(job.cfg.device, job.cfg.precision)
     if job.goal.latency is not None:
         return _latency_search(job, run, scfg, ctx)

@@ -84,6 +84,7 @@ class Job:
     reference: Any = None          # what verify compared them with (the original's outputs or shapes)
     result: nn.Module | GraphModule | ExportedProgram | None = None
     note: str = ""
+    ties: tuple[frozenset[int], ...] = ()   # groups the plan gives one width (``fxadapt.pipeline.replan``)
     timings: tuple[tuple[str, float], ...] = ()
 
 
@@ -121,8 +122,8 @@ def _analyze(job: Job) -> Job:
 def resolve(budget: Any, a: Analysis) -> Goal:
     """``budget`` against the analysed model (a ``BudgetError`` when it solves nothing)."""
     goal = parse_budget(budget, a.macs(), a.params())
-    if goal.macs is None and goal.latency is None:
-        raise BudgetError("give macs= or latency= (a params budget alone is not solved; it is checked)")
+    if goal.macs is None and goal.latency is None and goal.params is None:
+        raise BudgetError("give macs=, params= or latency=")
     return goal
 
 
@@ -176,8 +177,10 @@ def _verify(job: Job) -> Job:
     o = job.outcome
     predicted = o.analysis.cost.macs(o.plan.units, {b: 0.0 for b in o.plan.remove})
     verify.check_predicted(macs, predicted)
-    if job.goal.macs is not None:
-        verify.check_budget(macs, job.goal.macs, job.analysis.macs(), job.cfg.solve)
+    if job.goal.macs is not None:   # where the params bind, the MACs lie below their window: only the side holds
+        head = o.history[0] if o.history and isinstance(o.history[0], dict) else {}
+        solve = dataclasses.replace(job.cfg.solve, strict=False) if head.get("binding") == "params" else job.cfg.solve
+        verify.check_budget(macs, job.goal.macs, job.analysis.macs(), solve)
     if job.goal.params is not None:
         verify.check_params(job.gm, job.goal.params)
     return dataclasses.replace(job, macs=macs, outputs=got, reference=reference)
@@ -204,20 +207,39 @@ def _report_growth_error(job: Job, got) -> None:
 
 
 def _write_back(job: Job) -> Job:
-    """The plan in a deep copy of the user's own modules, checked against the verified graph."""
-    from fxadapt.writeback import WriteBackError, WriteBackWarning, write_back
+    """The plan in a deep copy of the user's own modules, checked against the verified graph; where the model's
+    code reads a size the plan split, the plan is made again with those groups tied (``replan``); a model with a
+    cache is run once with it too (``cache_check``)."""
+    from fxadapt.pipeline.cache_check import cache_checked
+    from fxadapt.pipeline.replan import replanned
+    from fxadapt.writeback import WriteBackError, WriteBackWarning
+
+    wb = written(job)
+    if wb.module is None:
+        again = replanned(job, wb)
+        if again is not None:
+            return cache_checked(again)
+        msg = (f"{type(job.model).__name__}: the adapted sizes could not be written back into its own modules "
+               f"({wb.reason}); returning the verified graph (a torch.fx.GraphModule) instead")
+        if job.cfg.write_back == "strict":
+            raise WriteBackError(msg)
+        warn(msg, WriteBackWarning)
+        return dataclasses.replace(job, result=_batch_free(job), note=wb.reason)
+    return cache_checked(module_job(job, wb))
+
+
+def written(job: Job):
+    """``write_back`` of the job's plan into a deep copy of its model (a ``WriteBack``)."""
+    from fxadapt.writeback import write_back
 
     cfg = job.cfg
     ref = Reference(job.gm, job.planned, job.macs, job.outcome.preserving, cfg.rtol, cfg.atol, job.outputs,
                     job.reference)
-    wb = write_back(job.model, job.outcome.plan, job.inputs, ref)
-    if wb.module is None:
-        msg = (f"{type(job.model).__name__}: the adapted sizes could not be written back into its own modules "
-               f"({wb.reason}); returning the verified graph (a torch.fx.GraphModule) instead")
-        if cfg.write_back == "strict":
-            raise WriteBackError(msg)
-        warn(msg, WriteBackWarning)
-        return dataclasses.replace(job, result=_batch_free(job), note=wb.reason)
+    return write_back(job.model, job.outcome.plan, job.inputs, ref)
+
+
+def module_job(job: Job, wb) -> Job:
+    """The job with the written-back module as its result (its recipe attached)."""
     object.__setattr__(wb.module, "fxadapt_recipe", wb.recipe)
     return dataclasses.replace(job, result=wb.module)
 

@@ -28,6 +28,7 @@ import torch
 
 from fxadapt.ir.channels import Site
 from fxadapt.ops.registry import spec_of
+from fxadapt.ops.routing import EXPERTS_NO_GROWTH
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +62,8 @@ def growth_blocker(a, group, preserve: bool = True) -> str | None:
     reduction over its channels no longer blocks), or None."""
     if not group.prunable:
         return group.reason
+    if group.top_k is not None:
+        return EXPERTS_NO_GROWTH
     pieces = any(m.site.kind in ("split", "gates") for m in group.members)
     for m in group.members:
         if m.site.role == "mix" and preserve:

@@ -171,9 +171,14 @@ class _Problem:
         return x
 
 
+def _ladder(g, bounds: tuple[int, int], align: int):
+    """A group's rungs; whole experts are no SIMD width: an expert axis is never aligned."""
+    return ladder(g.units, g.granularity, *bounds, align if g.top_k is None else 1)
+
+
 def _problem(a, target: float, bounds: dict, base: dict, cfg: SolveConfig, present=None) -> _Problem:
     align, gids = cfg.alignment(), sorted(bounds)
-    rungs = [ladder(a.groups[g].units, a.groups[g].granularity, *bounds[g], align) for g in gids]
+    rungs = [_ladder(a.groups[g], bounds[g], align) for g in gids]
     lad = Ladders(gids, rungs, np.array([max(base[g], 1) for g in gids], dtype=float))
     return _Problem(MacsPoly(a.cost, present), lad, target)
 
@@ -241,7 +246,7 @@ def _solve(p: _Problem, above: bool, tol: float | None) -> np.ndarray:
 def _bounds(a, grow: bool, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
     out = {}
     for g in a.prunable:
-        lo = max(1, math.ceil(cfg.min_ratio * g.units))
+        lo = max(1, g.top_k or 1, math.ceil(cfg.min_ratio * g.units))   # experts: at least top_k stay
         if grow:
             if growth_blocker(a, g, cfg.preserve) is None:
                 out[g.id] = (g.units, max(g.units, int(cfg.max_expand * g.units)))
@@ -264,8 +269,8 @@ def reachable(a, cfg: SolveConfig = SolveConfig()) -> tuple[float, float]:
 
 def _reach(a, cfg: SolveConfig, shrink: dict, grow: dict) -> tuple[float, float]:
     align = cfg.alignment()
-    lo = {g: int(ladder(a.groups[g].units, a.groups[g].granularity, *b, align)[0]) for g, b in shrink.items()}
-    hi = {g: int(ladder(a.groups[g].units, a.groups[g].granularity, *b, align)[-1]) for g, b in grow.items()}
+    lo = {g: int(_ladder(a.groups[g], b, align)[0]) for g, b in shrink.items()}
+    hi = {g: int(_ladder(a.groups[g], b, align)[-1]) for g, b in grow.items()}
     return a.cost.macs(lo), a.cost.macs(hi)
 
 
@@ -290,11 +295,18 @@ def _side(m: float, target: float, base: float) -> str:
     return f"{m:,.0f} ({m / base:.3f}x, {abs(m - target) / target:.1%} {where})"
 
 
+def counted(a) -> str:
+    """What ``a.cost.macs`` counts, as messages name it: "MACs", or "parameters" for a params solve
+    (``Analysis.counting_params``)."""
+    return getattr(a, "counting", "MACs")
+
+
 def _coarse(a, align: int) -> str:
-    top = sorted(a.prunable, key=lambda g: -getattr(g, "macs_share", 0.0))[:2]
+    share, what = ("params_share", "params") if counted(a) == "parameters" else ("macs_share", "MACs")
+    top = sorted(a.prunable, key=lambda g: -getattr(g, share, 0.0))[:2]
     aligned = f" for widths aligned to {align}" if align > 1 else ""
     return f"the groups are too coarse{aligned}: " + ", ".join(
-        f"{g.name} has {g.units} units (MACs elasticity {getattr(g, 'macs_share', 0.0):.2f})" for g in top)
+        f"{g.name} has {g.units} units ({what} elasticity {getattr(g, share, 0.0):.2f})" for g in top)
 
 
 def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = SolveConfig(),
@@ -322,13 +334,13 @@ def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = Solve
         below, above = [v for v in found if v <= t], [v for v in found if v >= t]
         near = (f"{_side(max(below), t, base) if below else 'none below'} and "
                 f"{_side(min(above), t, base) if above else 'none above'}")
-        raise BudgetError(f"no widths within {cfg.tol:.0%} of the budget of {t:,.0f} MACs ({t / base:.3f}x): the "
+        raise BudgetError(f"no widths within {cfg.tol:.0%} of the budget of {t:,.0f} {counted(a)} ({t / base:.3f}x): the "
                           f"nearest feasible totals are {near}; {note}; SolveConfig(strict=False) takes the "
                           f"closest {'at or above' if grow else 'at or below'} the budget")
     from fxadapt.planning.budget import BudgetWarning
 
     warn(BudgetWarning(
-        f"landed at {m / base:.3f}x for a budget of {t / base:.3f}x: {abs(m - t) / t:.1%} "
+        f"{counted(a)} landed at {m / base:.3f}x for a budget of {t / base:.3f}x: {abs(m - t) / t:.1%} "
         f"{'above' if grow else 'below'}, outside the {cfg.tol:.0%} window; {note}; SolveConfig(strict=True) "
         f"refuses instead"))
     return m
@@ -347,9 +359,10 @@ def _checked_bounds(a, target: float, cfg: SolveConfig) -> dict[int, tuple[int, 
     lo_r, hi_r = _reach(a, cfg, shrink, _bounds(a, True, cfg) if growth is None else growth)
     align = cfg.alignment()
     aligned = f", widths aligned to {align}" if align > 1 else ""
+    what = counted(a)
     raise BudgetError(
-        f"budget of {target:,.0f} MACs ({target / base:.3f}x) is outside the reachable range "
-        f"[{lo_r:,.0f}, {hi_r:,.0f}] MACs = [{lo_r / base:.3f}x, {hi_r / base:.3f}x] of the original "
+        f"budget of {target:,.0f} {what} ({target / base:.3f}x) is outside the reachable range "
+        f"[{lo_r:,.0f}, {hi_r:,.0f}] {what} = [{lo_r / base:.3f}x, {hi_r / base:.3f}x] of the original "
         f"{base:,.0f} (min width {cfg.min_ratio:.0%} of each group, growth up to {cfg.max_expand}x{aligned})"
         + (growth_note(a) if target > base else floor_note(a)))
 

@@ -12,6 +12,13 @@ the class move (one rung up or down, or a swap: one class up and another down) t
 move reaches the window, ``strict`` raises ``BudgetError`` and otherwise the closest uniform widths come
 back with a ``BudgetWarning`` that says per-layer widths reach it (``layers="any"``).
 
+Ties (``Tying.ties``): sets of groups that must share one width for another reason (a model's code reads a
+size at run time that the graph holds as a constant, ``fxadapt.pipeline.replan``) are merged into the
+classes the same way (union of overlapping sets); ``Tying(repeated=False)`` ties those alone and leaves
+every other group a class of its own. A class whose members' ladders differ stays one class per group.
+``bounds`` (default: the solver's, after the reachable-range check) caps the rungs, e.g. at a MAC solution
+that a params solve must not exceed (``fxadapt.pipeline.params``).
+
 Example:
     >>> import torch, fxadapt
     >>> blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
@@ -33,13 +40,26 @@ Example:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from fxadapt.errors import BudgetError, warn
-from fxadapt.planning.solver import SolveConfig, _checked_bounds, _problem, in_window
+from fxadapt.planning.solver import SolveConfig, _checked_bounds, _problem, counted, in_window
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+@dataclass(frozen=True)
+class Tying:
+    """Which groups share a width: ``repeated`` (groups repeated across layers, ``classes``) and ``ties``
+    (sets of group ids, e.g. from a failed write-back)."""
+
+    repeated: bool = True
+    ties: tuple[frozenset[int], ...] = ()
+
+    def what(self) -> str:
+        return "layers='uniform'" if self.repeated else "tied widths"
 
 
 def classes(a, gids: list[int]) -> list[list[int]]:
@@ -54,13 +74,50 @@ def classes(a, gids: list[int]) -> list[list[int]]:
     return list(out.values())
 
 
-def uniform_widths(a, units: dict[int, int], target: float, cfg: SolveConfig) -> dict[int, int]:
-    """``units`` (a solver's widths) with every class of repeated groups at one width (module docstring)."""
-    bounds = _checked_bounds(a, target, cfg)
+def tied_classes(a, gids: list[int], tying: Tying = Tying()) -> list[list[int]]:
+    """``classes`` (or singletons, ``repeated=False``) merged along ``tying.ties`` (ids outside ``gids``
+    are ignored), in the order of ``gids``.
+
+    >>> tied_classes(None, [0, 1, 2, 3], Tying(False, (frozenset({0, 2}), frozenset({2, 3}))))
+    [[0, 2, 3], [1]]
+    """
+    parent = {g: g for g in gids}
+
+    def find(g):
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    base = classes(a, gids) if tying.repeated else [[g] for g in gids]
+    for c in [*base, *([g for g in t if g in parent] for t in tying.ties)]:
+        for g in c[1:]:
+            parent[find(g)] = find(c[0])
+    out: dict[int, list[int]] = {}
+    for g in gids:
+        out.setdefault(find(g), []).append(g)
+    return list(out.values())
+
+
+def uniform_widths(a, units: dict[int, int], target: float, cfg: SolveConfig, bounds: dict | None = None,
+                   tying: Tying = Tying()) -> dict[int, int]:
+    """``units`` (a solver's widths) with every class of tied groups at one width (module docstring)."""
+    out, m, grow = shared_widths(a, units, target, cfg, bounds, tying)
+    _verdict(m, target, grow, cfg, tying, counted(a))
+    return out
+
+
+def shared_widths(a, units: dict[int, int], target: float, cfg: SolveConfig, bounds: dict | None = None,
+                  tying: Tying = Tying()) -> tuple[dict[int, int], float, bool]:
+    """``uniform_widths`` without the verdict: the widths, their total and whether the target grows."""
+    bounds = _checked_bounds(a, target, cfg) if bounds is None else bounds
     grow = target > a.cost.macs()
     p = _problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
     pos = {g: k for k, g in enumerate(p.lad.gids)}
-    cls = [c for c in classes(a, p.lad.gids) if len({p.lad.size[pos[g]] for g in c}) == 1] or []
+    cls = []
+    for c in tied_classes(a, p.lad.gids, tying):   # a class whose ladders differ: one class per group
+        same = len({tuple(p.lad.rungs[pos[g]]) for g in c}) == 1
+        cls.extend([c] if same else [[g] for g in c])
     members = [np.array([pos[g] for g in c]) for c in cls]
     rungs = [p.lad.rungs[m[0]] for m in members]
     idx = np.array([int(np.argmin(np.abs(r - np.mean([units.get(p.lad.gids[k], r[-1]) for k in m]))))
@@ -69,8 +126,7 @@ def uniform_widths(a, units: dict[int, int], target: float, cfg: SolveConfig) ->
     out = dict(units)
     for r, m, i in zip(rungs, members, idx):
         out.update({p.lad.gids[k]: int(r[i]) for k in m})
-    _verdict(p, _x(p, members, rungs, idx), target, grow, cfg)
-    return out
+    return out, float(p.poly(_x(p, members, rungs, idx)[None])[0]), grow
 
 
 def _x(p, members, rungs, idx) -> np.ndarray:
@@ -124,18 +180,19 @@ def _moves(idx: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     return out
 
 
-def _verdict(p, x, target: float, grow: bool, cfg: SolveConfig) -> None:
+def _verdict(m: float, target: float, grow: bool, cfg: SolveConfig, tying: Tying, what: str) -> None:
     from fxadapt.planning.budget import BudgetWarning
 
-    m = p.poly(x[None])[0]
     if in_window(m, target, grow, cfg.tol):
         return
+    how, who = tying.what(), "every layer" if tying.repeated else "the tied groups"
+    other = "per-layer widths (layers='any')" if tying.repeated else "untied widths"
     if (m < target) if grow else (m > target * (1 + 1e-9)):
-        raise BudgetError(f"layers='uniform': no widths shared by every layer reach the target {target:,.0f} MACs "
-                          f"(closest {m:,.0f}, {m / target:.3f}x); use layers='any' for per-layer widths")
-    msg = (f"layers='uniform': the closest widths shared by every layer give {m:,.0f} MACs "
-           f"({m / target:.3f}x the target {target:,.0f}), outside the {cfg.tol:.0%} window; per-layer widths "
-           f"(layers='any') reach it")
+        raise BudgetError(f"{how}: no widths shared by {who} reach the target {target:,.0f} {what} "
+                          f"(closest {m:,.0f}, {m / target:.3f}x)"
+                          + ("; use layers='any' for per-layer widths" if tying.repeated else ""))
+    msg = (f"{how}: the closest widths shared by {who} give {m:,.0f} {what} "
+           f"({m / target:.3f}x the target {target:,.0f}), outside the {cfg.tol:.0%} window; {other} reach it")
     if cfg.strict:
         raise BudgetError(msg)
     warn(msg, BudgetWarning)

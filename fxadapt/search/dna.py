@@ -60,7 +60,6 @@ initial vs final expected units per group and presence per block).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -76,9 +75,11 @@ from fxadapt.errors import SearchConfigError
 from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
+from fxadapt.search.loop import gate_optimizer, gate_search, noise, prepare, tau_at, teacher_of, train_step
+from fxadapt.search.losses import _penalty, arch_penalty, budget_loss, gate_entropy, harden_gates  # noqa: F401
 from fxadapt.search.sandwich import sandwich_step
-from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
-from fxadapt.train.data import Batches, prediction
+from fxadapt.search.supernet import Supernet, SupernetConfig
+from fxadapt.train.data import Batches
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class SearchConfig(Options):
     w_momentum: float = 0.9
     weight_decay: float = 5e-4
     a_lr: float = 0.05
+    # the gate steps' optimizer: "adam" (per entry), "shared" (one second moment for all gates: keeps the
+    # task gradient's differences between groups, fxadapt.search.loop.SharedAdam)
+    a_optimizer: Literal["adam", "shared"] = "adam"
     budget_weight: float = 10.0
     band: float = 0.03
     seed: int = 0
@@ -118,6 +122,11 @@ class SearchConfig(Options):
     # space); off: the model itself is the supernet when shrinking, which measured as good and 2-3x faster
     elastic_when_shrinking: bool = False
     arch_every: int = 1                     # a gate step after every n-th weight step (after the warm-up)
+    # "frozen": no weight step at all, ``steps`` gate steps on the inherited weights (gate_search); the
+    # whole weight-update budget is left to the fine-tune (issue 15, bench/ablation_dna.py row w0)
+    weights: Literal["train", "frozen"] = "train"
+    # without val_data: the fraction of ``data`` the gate steps read and the weight steps never see
+    holdout: float = 0.0
     # Gumbel-top-2 (MSG-DAS) gates won bench/ablation_dna.py over DMCP Markov bins (gates="markov")
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(gates="topk"))
     solve: SolveConfig = field(default_factory=SolveConfig)   # the final rescale: tol, strict, align
@@ -126,48 +135,6 @@ class SearchConfig(Options):
     def __post_init__(self):
         super().__post_init__()   # the Literal fields
         validate(self)            # a bad option fails where it is written, not steps into a search
-
-
-def gate_entropy(sn: Supernet, of: str = "marginals") -> torch.Tensor:
-    """Mean binary entropy of the gates (differentiable): of the width bins' marginals ``P_k`` (the masks the
-    network sees) or of the conditional parameters ``p_k`` (``of="alpha"``, what ``Supernet.entropy``
-    reports), and of the depth gates."""
-    if of not in ("marginals", "alpha"):
-        raise SearchConfigError(f"SearchConfig.entropy_of must be 'marginals' or 'alpha', got {of!r}")
-    ps = [g.marginals() if of == "marginals" else g.alpha for g in sn.width_gates().values()]
-    ps += [g.beta.view(1) for g in sn.depth_gates().values()]
-    if not ps:
-        return torch.zeros(())
-    p = torch.cat(ps).clamp(1e-4, 1 - 1e-4)
-    return (-(p * p.log() + (1 - p) * (1 - p).log())).mean()
-
-
-@torch.no_grad()
-def harden_gates(sn: Supernet) -> None:
-    """Set every gate to its hard value (Markov: bins whose marginal exceeds 0.5; sampled: the most likely
-    width; blocks whose gate exceeds 0.5)."""
-    for g in list(sn.width_gates().values()) + list(sn.depth_gates().values()):
-        g.harden()
-
-
-def arch_penalty(sn: Supernet, target: float, grow: bool, cfg: SearchConfig, ramp: float) -> torch.Tensor:
-    """What an architecture step adds to the task loss: the budget loss and the ramped gate entropy."""
-    loss = cfg.budget_weight * budget_loss(sn.expected_macs(), target, grow, cfg.band)
-    return loss + cfg.entropy_weight * ramp * gate_entropy(sn, cfg.entropy_of) if cfg.entropy_weight else loss
-
-
-def _penalty(sn: Supernet, target: float | None, grow: bool, cfg: SearchConfig, ramp: float, extra) -> torch.Tensor:
-    loss = arch_penalty(sn, target, grow, cfg, ramp) if target else sn.expected_macs() * 0.0
-    return loss + extra() if extra is not None else loss
-
-
-def budget_loss(expected: torch.Tensor, target: float, grow: bool, band: float) -> torch.Tensor:
-    """Zero inside the dead zone, ``|log(E/T)|`` outside (see module docstring)."""
-    r = expected / target
-    lo, hi = (1.0, 1.0 + band) if grow else (1.0 - band, 1.0)
-    if lo <= float(r.detach()) <= hi:
-        return expected * 0.0  # zero, still attached to the graph
-    return torch.log(r).abs()
 
 
 @dataclass
@@ -189,6 +156,10 @@ def validate(cfg: SearchConfig) -> None:
     cfg.check(cfg.batch_size >= 1, "batch_size", "at least 1")
     cfg.check(cfg.checkpoint_every >= 1, "checkpoint_every", "at least 1")
     cfg.check(cfg.warmup >= 0, "warmup", "at least 0")
+    cfg.check(0.0 <= cfg.holdout < 1.0, "holdout", "in [0, 1)")
+    if cfg.weights == "frozen" and (cfg.sandwich or cfg.harden):
+        raise SearchConfigError("SearchConfig(weights='frozen') takes no weight step: sandwich and harden "
+                                "train weights; pass weights='train' to use them")
 
 
 def effective_warmup(cfg: SearchConfig) -> tuple[int, str | None]:
@@ -232,30 +203,6 @@ def _load(path: str, sn: Supernet, opts, state: SearchState) -> None:
     torch.set_rng_state(ck["rng"])
 
 
-def _trainable(params, on: bool) -> None:
-    for p in params:
-        p.requires_grad_(on)
-
-
-def _step(sn, batch, opt, cfg, ctx, frozen, extra=None) -> float:
-    """One optimiser step on ``opt``'s parameters; ``frozen`` get no gradient (less compute and memory)."""
-    stepped = [p for g in opt.param_groups for p in g["params"]]
-    x, y = (t.to(ctx.device) for t in batch[:2])
-    opt.zero_grad(set_to_none=True)
-    _trainable(frozen, False)
-    try:
-        with dist.autocast(ctx.device, ctx.precision):
-            out = sn.gm(x)
-        loss = cfg.loss_fn(prediction(out).float(), y)
-        total = loss + extra() if extra is not None else loss
-        total.backward()
-    finally:
-        _trainable(frozen, True)
-    dist.sync_step(stepped, sn.gm, ctx, len(x))
-    opt.step()
-    return float(loss.detach())
-
-
 def run_search(sn: Supernet, train: Batches, val: Batches, target: float | None, grow: bool,
                cfg: SearchConfig, ctx: dist.DistContext | None = None, teacher: nn.Module | None = None,
                extra: Callable[[], torch.Tensor] | None = None) -> SearchState:
@@ -265,7 +212,7 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float | None,
     warmup, _ = effective_warmup(cfg)
     sn.gm.to(ctx.device).train()
     w_opt, w_lr = weight_optimizer(sn, cfg)
-    a_opt = torch.optim.Adam(sn.arch_parameters(), lr=cfg.a_lr) if sn.arch_parameters() else None
+    a_opt = gate_optimizer(sn, cfg)
     state = SearchState()
     opts = [w_opt] + ([a_opt] if a_opt else [])
     if cfg.checkpoint and os.path.exists(cfg.checkpoint):
@@ -276,40 +223,16 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float | None,
     bar = _bar(cfg, state.step, "dna search")
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, state.step + cfg.stop_after)
     hard_from = cfg.steps - int(round(cfg.harden * cfg.steps)) if cfg.harden > 0 else cfg.steps
-    hard_from = max(hard_from, warmup)
+    loop = _Loop(sn, train, val, target, grow, cfg, ctx, teacher, extra, w_opt, w_lr, a_opt,
+                 warmup, max(hard_from, warmup))
     while state.step < end:
-        s = state.step
-        if s == hard_from:
-            harden_gates(sn)
-        lr = w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
-        for g in w_opt.param_groups:
-            g["lr"] = lr
-        tau = _tau(cfg, s, warmup, hard_from)
-        if sn.sampled:
-            sn.resample(_gen(cfg, s, 0), tau)
-        if cfg.sandwich and teacher is not None:
-            loss = sandwich_step(sn, train.batch(s), w_opt, cfg, ctx, teacher, s)
-        else:
-            loss = _step(sn, train.batch(s), w_opt, cfg, ctx, sn.arch_parameters())
-        arch = float("nan")
-        if a_opt is not None and warmup <= s < hard_from and (s - warmup) % cfg.arch_every == 0:
-            ramp = (s - warmup + 1) / max(hard_from - warmup, 1)
-            if sn.sampled:
-                sn.resample(_gen(cfg, s, 1), tau)
-            arch = _step(sn, val.batch(s), a_opt, cfg, ctx, sn.weight_parameters(),
-                         lambda ramp=ramp: _penalty(sn, target, grow, cfg, ramp, extra))
-            sn.project()
-        with torch.no_grad():
-            ratio = float(sn.expected_macs()) / target if target else float("nan")
-        entropy = sn.entropy()
-        with torch.no_grad():
-            m_entropy = float(gate_entropy(sn))
-        state.history.append({"step": s, "loss": loss, "val_loss": arch, "macs_ratio": ratio,
-                              "entropy": entropy, "marginal_entropy": m_entropy})
+        entry = loop.step(state.step)
+        state.history.append(entry)
         state.step += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", macs=f"{ratio:.3f}xT", H=f"{entropy:.3f}")
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", macs=f"{entry['macs_ratio']:.3f}xT",
+                            H=f"{entry['entropy']:.3f}")
         if cfg.checkpoint and (state.step % cfg.checkpoint_every == 0 or state.step == end):
             if dist.is_main():
                 _save(cfg.checkpoint, sn, opts, state)
@@ -320,16 +243,53 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float | None,
     return state
 
 
-def _gen(cfg: SearchConfig, step: int, phase: int) -> torch.Generator:
-    """The noise of one step's weight (0) or gate (1) forward: the same on every rank and after a resume."""
-    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 2 + phase)
+@dataclass
+class _Loop:
+    """One step of the alternating loop: a weight step, then (between the warm-up and the hardening) a gate
+    step; returns the step's history entry."""
 
+    sn: Supernet
+    train: Batches
+    val: Batches
+    target: float | None
+    grow: bool
+    cfg: SearchConfig
+    ctx: dist.DistContext
+    teacher: nn.Module | None
+    extra: Callable | None
+    w_opt: torch.optim.Optimizer
+    w_lr: float
+    a_opt: torch.optim.Optimizer | None
+    warmup: int
+    hard_from: int
 
-def _tau(cfg: SearchConfig, step: int, warmup: int, end: int) -> float:
-    """Gumbel temperature, exponential from ``temperature[0]`` at the first gate step to ``[1]`` at the last."""
-    t0, t1 = cfg.temperature
-    frac = min(max((step - warmup) / max(end - warmup - 1, 1), 0.0), 1.0)
-    return float(t0 * (t1 / t0) ** frac)
+    def step(self, s: int) -> dict:
+        sn, cfg = self.sn, self.cfg
+        if s == self.hard_from:
+            harden_gates(sn)
+        for g in self.w_opt.param_groups:
+            g["lr"] = self.w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+        tau = tau_at(cfg, s, self.warmup, self.hard_from)
+        if sn.sampled:
+            sn.resample(noise(cfg, s, 0), tau)
+        if cfg.sandwich and self.teacher is not None:
+            loss = sandwich_step(sn, self.train.batch(s), self.w_opt, cfg, self.ctx, self.teacher, s)
+        else:
+            loss = train_step(sn, self.train.batch(s), self.w_opt, cfg, self.ctx, sn.arch_parameters())
+        arch = float("nan")
+        w = self.warmup
+        if self.a_opt is not None and w <= s < self.hard_from and (s - w) % cfg.arch_every == 0:
+            ramp = (s - w + 1) / max(self.hard_from - w, 1)
+            if sn.sampled:
+                sn.resample(noise(cfg, s, 1), tau)
+            arch = train_step(sn, self.val.batch(s), self.a_opt, cfg, self.ctx, sn.weight_parameters(),
+                              lambda ramp=ramp: _penalty(sn, self.target, self.grow, cfg, ramp, self.extra))
+            sn.project()
+        with torch.no_grad():
+            ratio = float(sn.expected_macs()) / self.target if self.target else float("nan")
+            m_entropy = float(gate_entropy(sn))
+        return {"step": s, "loss": loss, "val_loss": arch, "macs_ratio": ratio,
+                "entropy": sn.entropy(), "marginal_entropy": m_entropy}
 
 
 def _bar(cfg, start: int, desc: str):
@@ -381,19 +341,13 @@ def dna(a0, target: float, data, val_data, cfg: SearchConfig = SearchConfig(),
     t0 = time.perf_counter()
     _, note = effective_warmup(cfg)
     ctx = ctx if ctx is not None else dist.setup()
-    torch.manual_seed(cfg.seed)
-    base_macs = a0.macs()
-    grow = target > base_macs
-    sn_cfg = cfg.supernet
-    if not grow and not cfg.elastic_when_shrinking:
-        sn_cfg = dataclasses.replace(sn_cfg, expand=1.0, depth_slots=0)
-    sn = build_supernet(a0, None, sn_cfg)
-    train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
-    val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
-    if sn.sampled and cfg.gate_init == "budget":
-        sn.center(math.sqrt(target / base_macs))
-    teacher = _teacher(a0, ctx) if cfg.sandwich else None
-    state = run_search(sn, train, val, target, grow, cfg, ctx, teacher)
+    grow = target > a0.macs()
+    sn, train, val = prepare(a0, target, data, val_data, cfg, ctx)
+    if cfg.weights == "frozen":   # gates only, on the inherited weights
+        state = SearchState(cfg.steps, gate_search(sn, val, target, grow, cfg, ctx, anneal=True))
+        note = None
+    else:
+        state = run_search(sn, train, val, target, grow, cfg, ctx, teacher_of(a0, ctx) if cfg.sandwich else None)
     if state.step < cfg.steps:
         return None, None, sn, state
     units, present = discretize(sn, target, grow, cfg.solve, cfg.discretize_by)
@@ -402,9 +356,3 @@ def dna(a0, target: float, data, val_data, cfg: SearchConfig = SearchConfig(),
     last = {"seconds": time.perf_counter() - t0, **gate_moves(sn, units, present)}
     state.history.append(last | ({"note": note} if note else {}))
     return plain, plan, sn, state
-
-
-def _teacher(a0, ctx: dist.DistContext) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(a0.gm).to(ctx.device).eval()

@@ -163,24 +163,22 @@ def search_latency(a0, goal, data, val_data, cfg, ctx=None) -> LatencySearch:
     from fxadapt.hw.latency import LatencyModel, Measurer, parse_latency
     from fxadapt.hw.lut import LUT
     from fxadapt.hw.target import Target
-    from fxadapt.search.dna import budget_loss, run_search
-    from fxadapt.search.supernet import build_supernet
-    from fxadapt.train.data import Batches
+    from fxadapt.search.dna import run_search
+    from fxadapt.search.loop import prepare
+    from fxadapt.search.losses import budget_loss
 
     ctx = ctx if ctx is not None else dist.setup()
     hw = goal.target or Target()
-    sn = build_supernet(a0, None, dataclasses.replace(cfg.supernet, expand=1.0, depth_slots=0))
+    cfg = dataclasses.replace(cfg, elastic_when_shrinking=False)   # the model itself: latency shrinks
+    sn, train, val = prepare(a0, a0.macs(), data, val_data, cfg, ctx)
     meas = Measurer(sn.analysis, hw)
     lut = LUT(hw, progress=cfg.progress)
     scale = (hw.batch / a0.gm.meta[meta.INPUTS].batch) if hw.batch else 1.0
     lm = LatencyModel(sn.analysis, lut, meas.base, scale)
     T = parse_latency(goal.latency, meas.base)
     el = ExpectedLatency(sn, lm, align=hw.align())
-    torch.manual_seed(cfg.seed)
     if sn.sampled and cfg.gate_init == "budget":
         sn.center(math.sqrt(T / meas.base))
-    train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
-    val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
     state = run_search(sn, train, val, goal.macs, False, cfg, ctx, None,
                        lambda: cfg.budget_weight * budget_loss(el(), T, False, cfg.band))
     sn.gm.to("cpu")

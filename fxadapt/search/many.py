@@ -33,23 +33,10 @@ import copy
 import math
 import time
 
-import torch
-
 from fxadapt import dist
 from fxadapt.errors import BudgetError
-from fxadapt.search.dna import (
-    SearchConfig,
-    _gen,
-    _step,
-    _teacher,
-    arch_penalty,
-    discretize,
-    effective_warmup,
-    gate_moves,
-    run_search,
-)
-from fxadapt.search.supernet import Supernet, build_supernet
-from fxadapt.train.data import Batches
+from fxadapt.search.dna import SearchConfig, discretize, effective_warmup, gate_moves, run_search
+from fxadapt.search.loop import gate_search, prepare, teacher_of
 
 
 def dna_many(a0, targets: list[float], data, val_data, cfg: SearchConfig = SearchConfig(),
@@ -66,13 +53,9 @@ def dna_many(a0, targets: list[float], data, val_data, cfg: SearchConfig = Searc
                           + ", ".join(f"{t / base:.3f}x" for t in targets) + ": pass them in two calls")
     grow = grow.pop()
     mid = math.exp(sum(math.log(t) for t in targets) / len(targets))
-    sn = _supernet(a0, grow, cfg)
-    train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
-    val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
-    torch.manual_seed(cfg.seed)
-    if sn.sampled and cfg.gate_init == "budget":
-        sn.center(math.sqrt(mid / base))
-    teacher = _teacher(a0, ctx) if cfg.sandwich else None
+    effective_warmup(cfg)
+    sn, train, val = prepare(a0, mid, data, val_data, cfg, ctx)
+    teacher = teacher_of(a0, ctx) if cfg.sandwich else None
     shared = run_search(sn, train, val, mid, grow, cfg, ctx, teacher)
     saved = copy.deepcopy(sn.gm.state_dict())
     shared_s = time.perf_counter() - t0
@@ -80,7 +63,7 @@ def dna_many(a0, targets: list[float], data, val_data, cfg: SearchConfig = Searc
     out = []
     for i, target in enumerate(targets):
         t1 = time.perf_counter()
-        history = _gate_search(sn, val, target, grow, cfg, ctx, steps, 1_000_000 * (i + 1))
+        history = gate_search(sn, val, target, grow, cfg, ctx, steps, 1_000_000 * (i + 1))
         units, present = discretize(sn, target, grow, cfg.solve, cfg.discretize_by)
         sn.gm.to("cpu")
         plain, plan = sn.finalize(units, present)
@@ -90,34 +73,3 @@ def dna_many(a0, targets: list[float], data, val_data, cfg: SearchConfig = Searc
         sn.gm.load_state_dict(saved)
         sn.gm.to(ctx.device)
     return out
-
-
-def _supernet(a0, grow: bool, cfg: SearchConfig) -> Supernet:
-    import dataclasses
-
-    effective_warmup(cfg)
-    sn_cfg = cfg.supernet
-    if not grow and not cfg.elastic_when_shrinking:
-        sn_cfg = dataclasses.replace(sn_cfg, expand=1.0, depth_slots=0)
-    return build_supernet(a0, None, sn_cfg)
-
-
-def _gate_search(sn: Supernet, val: Batches, target: float, grow: bool, cfg: SearchConfig,
-                 ctx: dist.DistContext, steps: int, offset: int) -> list[dict]:
-    """``steps`` gate-only steps toward ``target`` from the current state (module docstring, step 2)."""
-    if not sn.arch_parameters():
-        return []
-    opt = torch.optim.Adam(sn.arch_parameters(), lr=cfg.a_lr)
-    tau = cfg.temperature[1]
-    sn.gm.train()
-    history = []
-    for s in range(steps):
-        if sn.sampled:
-            sn.resample(_gen(cfg, offset + s, 1), tau)
-        loss = _step(sn, val.batch(offset + s), opt, cfg, ctx, sn.weight_parameters(),
-                     lambda: arch_penalty(sn, target, grow, cfg, 1.0))
-        sn.project()
-        with torch.no_grad():
-            history.append({"gate_step": s, "val_loss": loss, "macs_ratio": float(sn.expected_macs()) / target})
-    sn.resample(None)
-    return history

@@ -2,7 +2,10 @@
 
 SGD with momentum 0.9 and weight decay 5e-4, cosine learning-rate decay over all steps, cross-entropy;
 with a ``teacher`` (e.g. the original model) the loss is ``(1 - kd) * CE + kd * T^2 * KL(p_T(teacher) ||
-p_T(student))`` at temperature ``T`` (Hinton distillation). Batches come from ``fxadapt.data.Batches``
+p_T(student))`` at temperature ``T`` (Hinton distillation). ``loss_fn`` replaces cross-entropy (a
+regression loss such as ``F.mse_loss``): the loss is then ``loss_fn(out, y)``, and with a teacher
+``(1 - kd) * loss_fn(out, y) + kd * loss_fn(out, teacher(x))`` (distillation of a regression: the
+teacher's output is a second target; ``temperature`` is not used). Batches come from ``fxadapt.data.Batches``
 (deterministic per seed). The model is trained in place and returned in eval mode.
 
 Under ``torchrun`` (``fxadapt.dist``): ``batch_size`` is the global batch, each rank trains on its slice,
@@ -22,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +65,16 @@ class FinetuneConfig(Options):
 
 
 def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = None,
-             cfg: FinetuneConfig = FinetuneConfig()) -> nn.Module:
-    """Train ``model`` for ``epochs`` passes over ``data`` (see module docstring)."""
+             cfg: FinetuneConfig = FinetuneConfig(), loss_fn: Callable | None = None) -> nn.Module:
+    """Train ``model`` for ``epochs`` passes over ``data`` (see module docstring; ``loss_fn(out, y)``: a loss
+    other than cross-entropy, e.g. ``torch.nn.functional.mse_loss``).
+
+    >>> m, x = nn.Linear(4, 1), torch.randn(64, 4)
+    >>> y = x.sum(1, keepdim=True)
+    >>> _ = finetune(m, (x, y), epochs=40, cfg=FinetuneConfig(lr=0.1, batch_size=16), loss_fn=F.mse_loss)
+    >>> bool(F.mse_loss(m(x), y) < 0.01)
+    True
+    """
     ctx = dist.setup(cfg.device, cfg.precision)
     batches = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     steps = max(1, epochs * max(1, len(batches) // min(cfg.batch_size, len(batches))))
@@ -80,18 +92,28 @@ def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = No
             logits = prediction(model(x)).float()
             with torch.no_grad():
                 t_logits = prediction(teacher(x)).float() if teacher is not None and cfg.kd > 0 else None
-        loss = F.cross_entropy(logits, y)
-        if t_logits is not None:
-            t = cfg.temperature
-            kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(t_logits / t, -1), log_target=True,
-                          reduction="batchmean")
-            loss = (1 - cfg.kd) * loss + cfg.kd * t * t * kl
+        loss = _loss(logits, y, t_logits, cfg, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.sync_step(params, model, ctx, len(x))
         opt.step()
         sched.step()
     return model.eval()
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor, t_out: torch.Tensor | None, cfg: FinetuneConfig,
+          loss_fn: Callable | None) -> torch.Tensor:
+    """Cross-entropy (+ KL at temperature T from the teacher), or ``loss_fn`` (+ ``loss_fn`` to the teacher)."""
+    if loss_fn is not None:
+        loss = loss_fn(out, y)
+        return loss if t_out is None else (1 - cfg.kd) * loss + cfg.kd * loss_fn(out, t_out)
+    loss = F.cross_entropy(out, y)
+    if t_out is not None:
+        t = cfg.temperature
+        kl = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(t_out / t, -1), log_target=True,
+                      reduction="batchmean")
+        loss = (1 - cfg.kd) * loss + cfg.kd * t * t * kl
+    return loss
 
 
 @torch.no_grad()

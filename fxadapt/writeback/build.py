@@ -1,6 +1,7 @@
 """``write_back``: the verified graph's plan applied to a deep copy of the user's own module tree.
 
-    recipe  = width ops (widths.py) + depth ops (depth.py) [+ HF config ops (hf.py)]
+    recipe  = width ops (widths.py) + depth ops (depth.py) [+ HF config ops (hf.py) + per-module config
+              views where a layer's attention sizes differ from the shared config (layer_config.py)]
     model'  = apply(recipe[width], deepcopy(model)); tensors <- the graph's, by name;
               apply(recipe[depth]); zero the repeated copies' branch outputs; config fields
     verify  : model'(x) == graph(x) at the example inputs (rtol/atol of the verifier, scaled to the outputs'
@@ -35,6 +36,8 @@ from fxadapt.ir.capture import as_called
 from fxadapt.pipeline import verify
 from fxadapt.writeback import hf
 from fxadapt.writeback.depth import NotExpressible, depth_ops
+from fxadapt.writeback.layer_config import module_config_ops, original_paths
+from fxadapt.writeback.probe import first_divergence, graph_inputs
 from fxadapt.writeback.recipe import Recipe, apply
 from fxadapt.writeback.widths import graph_tensor, tensors_of, twin_attrs, width_ops
 
@@ -89,6 +92,7 @@ def _attempt(model: nn.Module, plan, inputs, ref: Reference, prefer: str) -> Wri
     recipe = Recipe(tuple(ops) + tuple(depth.ops))
     apply(recipe, work, phases=("width",))
     _fill(work, ref.graph)
+    paths = original_paths(work)
     apply(recipe, work, phases=("depth",))
     slots = Recipe(tuple(_fill_slots(work, ref.graph, depth.fill)))
     recipe = recipe + slots
@@ -96,13 +100,7 @@ def _attempt(model: nn.Module, plan, inputs, ref: Reference, prefer: str) -> Wri
         for name in depth.zero:
             work.get_parameter(name).zero_()
     if hf.is_hf(work):
-        final = Recipe(tuple(hf.config_ops(work, model, depth.order, evidence)))
-        apply(final, work, phases=("final",))
-        recipe = recipe + final
-        hf.keep_valid(work.config, model.config, list(final.ops))
-        if not hf.stock_rebuilds(work):
-            work.config.fxadapt_recipe = {"base": hf.base_values(model, list(final.ops)),
-                                          "ops": list(recipe.ops)}
+        recipe = _hf_final(work, model, recipe, depth.order, (paths, evidence))
     else:
         final = Recipe(tuple(o for o in _layer_ops(work, depth.order)))
         apply(final, work, phases=("final",))
@@ -111,13 +109,38 @@ def _attempt(model: nn.Module, plan, inputs, ref: Reference, prefer: str) -> Wri
     try:
         shapes = check(work, model, inputs, ref)
     except _Mismatch as e:
-        return WriteBack(None, recipe, str(e) + _uniform_hint(work))
+        return WriteBack(None, recipe, str(e) + _divergence(work, inputs, ref, str(e)) + _uniform_hint(work))
     return WriteBack(work, recipe, None, shapes)
+
+
+def _divergence(work: nn.Module, inputs, ref: Reference, reason: str) -> str:
+    """Where a written-back model that fails on the example inputs parts from the graph (``probe``)."""
+    if not reason.startswith("the written-back model fails on the example inputs"):
+        return ""
+    where = first_divergence(work, lambda: as_called(work, inputs).call(work), graph_inputs(ref.graph))
+    return (f"; {where}: the model's code computes that size at run time (from another tensor's shape or its "
+            f"config), where the graph holds a constant sized independently") if where else ""
+
+
+def _hf_final(work: nn.Module, model: nn.Module, recipe: Recipe, order: dict, found: tuple) -> Recipe:
+    """The config operations of a written-back HF model, then the per-module config views its layers need
+    (``layer_config``; ``found``: original paths by module identity, attention evidence); the recipe rides
+    in the config where the stock class cannot rebuild the result from its config alone."""
+    paths, evidence = found
+    final = Recipe(tuple(hf.config_ops(work, model, order, evidence)))
+    apply(final, work, phases=("final",))
+    hf.keep_valid(work.config, model.config, list(final.ops))
+    views = Recipe(tuple(module_config_ops(work, model, paths, evidence)))
+    apply(views, work, phases=("final",))
+    recipe = recipe + final + views
+    if views.ops or not hf.stock_rebuilds(work):
+        work.config.fxadapt_recipe = {"base": hf.base_values(model, list(final.ops)), "ops": list(recipe.ops)}
+    return recipe
 
 
 def _uniform_hint(work: nn.Module) -> str:
     """A Hugging Face model whose layers got different widths may read a size from its one config for every
-    layer (Phi-3's attention slices its fused qkv at ``config.num_attention_heads * head_dim``)."""
+    layer that no per-module view covers (``layer_config`` covers the attention sizes: Phi-3's fused qkv)."""
     if hf.is_hf(work) and hf.RECIPE_FIELD in vars(work.config):
         return ("; the layers got different widths and the model may read a size from its config, shared by "
                 "every layer: pass layers='uniform' to give repeated layers the same widths")

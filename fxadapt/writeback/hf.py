@@ -7,7 +7,8 @@ key/value heads and ``head_dim`` (from the attention modules' written-back attri
 agrees), intermediate (``intermediate_size``/``n_inner``/``d_ff``/``ffn_dim``: the output width of every
 layer whose old output width was that size, and the ``intermediate_dim`` of mixture-of-experts modules,
 when they agree) and layers (``num_hidden_layers``/``n_layer``/
-``num_layers``: the length of the layer list). ``head_dim`` is set explicitly where the new head size is no
+``num_layers``: the length of the layer list) and experts (``num_local_experts``/``num_experts``: the
+expert modules' count, ``fxadapt.writeback.experts``). ``head_dim`` is set explicitly where the new head size is no
 longer ``hidden / heads`` and the config has the field (Llama-style configs store it). A field the config
 class derives as a read-only property (Falcon's ``head_dim``) is never set.
 
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxadapt.writeback.experts import EXPERT_FIELDS, expert_count
+
 FIELDS = {
     "hidden": ("hidden_size", "n_embd", "d_model"),
     "heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads"),
@@ -32,6 +35,7 @@ FIELDS = {
     "head_dim": ("head_dim", "d_kv"),
     "intermediate": ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim"),
     "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "experts": EXPERT_FIELDS,
 }
 RECIPE_FIELD = "fxadapt_recipe"
 
@@ -55,6 +59,8 @@ def config_ops(model: nn.Module, original: nn.Module, order: dict, attention: di
     emb_new, emb_old = _emb(model), _emb(original)
     if emb_new and emb_old:
         new["hidden"] = (emb_old, emb_new)
+    if (experts := expert_count(model, original)) is not None:
+        new["experts"] = experts
     for kind in ("heads", "kv", "head_dim"):
         vals = {pairs[kind] for pairs in attention.values() if kind in pairs}
         if len(vals) == 1:

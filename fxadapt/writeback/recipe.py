@@ -13,10 +13,15 @@ A recipe is an ordered list of operations on a module tree, each a JSON-able dic
   ``transform``: a copy whose branch output is zeroed);
 - ``{"op": "zero", "module": path, "like": k}``: the module is replaced by ``ZeroBranch``, which returns
   zeros shaped like its ``k``-th tensor input (a removed residual branch: ``y = x + 0``);
-- ``{"op": "config", "field": f, "value": v}``: a Hugging Face config field (``hidden_size``...).
+- ``{"op": "config", "field": f, "value": v}``: a Hugging Face config field (``hidden_size``...);
+- ``{"op": "module_config", "module": path, "field": f, "value": v}``: the module's own view of the config it
+  shares with every layer (``ConfigView``) reads ``f`` as ``v``: a module that reads a size from that config
+  at run time (Phi-3 splits its fused ``qkv`` at ``config.num_attention_heads * head_dim``) when its layer got
+  other widths than the config can state for all of them.
 
 Widths come first (``resize``/``set`` name the original tree), depth after (``delete``/``insert``/``zero``),
-then attributes that follow the new depth (``layer_idx``) and config fields, as ``transform`` applies them.
+then attributes that follow the new depth (``layer_idx``), config fields and per-module config views, as
+``transform`` applies them.
 
 Example:
     >>> import torch
@@ -80,11 +85,45 @@ class ZeroBranch(nn.Module):
         return tuple(z if s == "tensor" else None for s in self.structure)
 
 
+class ConfigView:
+    """One module's view of a config shared by every layer: the fields in ``overrides`` read as given, every
+    other read and every write goes to the shared ``base`` (live: ``_attn_implementation`` set later on the
+    model's config is seen here too).
+
+    >>> from types import SimpleNamespace
+    >>> base = SimpleNamespace(num_attention_heads=4, hidden_size=64)
+    >>> v = ConfigView(base, {"num_attention_heads": 2})
+    >>> base.hidden_size = 48
+    >>> v.num_attention_heads, v.hidden_size, base.num_attention_heads
+    (2, 48, 4)
+    """
+
+    def __init__(self, base: Any, overrides: dict | None = None):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", dict(overrides or {}))
+
+    def __getattr__(self, name: str):   # only for names not found on the view itself
+        if name.startswith("__") or name in ("_base", "_overrides"):
+            raise AttributeError(name)
+        base, overrides = self.__dict__["_base"], self.__dict__["_overrides"]
+        name = (getattr(base, "attribute_map", None) or {}).get(name, name)   # GPT-2: num_attention_heads -> n_head
+        return overrides[name] if name in overrides else getattr(base, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._overrides:
+            self._overrides[name] = value
+        else:
+            setattr(self._base, name, value)
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._overrides}, base={type(self._base).__name__})"
+
+
 def phase(op: dict) -> str:
     """``width`` (names of the original tree), ``depth``, or ``final`` (after depth: ``layer_idx``, config)."""
     if op["op"] in DEPTH_OPS:
         return "depth"
-    return "final" if op["op"] == "config" or op.get("final") else "width"
+    return "final" if op["op"] in ("config", "module_config") or op.get("final") else "width"
 
 
 def apply(recipe: Recipe | str | dict, model: nn.Module, phases: tuple = ("width", "depth", "final")) -> nn.Module:
@@ -195,5 +234,17 @@ def _set_config(model: nn.Module, field: str, value: Any) -> None:
         setattr(cfg, field, value)
 
 
-_APPLY = {"set": _set, "delete": _delete, "insert": _insert, "zero": _zero,
+def _module_config(model: nn.Module, op: dict) -> None:
+    mod = _module(model, op["module"])
+    view = getattr(mod, "config", None)
+    if view is None:
+        raise RecipeError(f"{type(model).__name__}.{op['module']} holds no config: the recipe was made for another "
+                          f"architecture")
+    if not isinstance(view, ConfigView):
+        view = ConfigView(view)
+        mod.config = view
+    view._overrides[op["field"]] = op["value"]
+
+
+_APPLY = {"set": _set, "delete": _delete, "insert": _insert, "zero": _zero, "module_config": _module_config,
           "config": lambda m, op: _set_config(m, op["field"], op["value"])}

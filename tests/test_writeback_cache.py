@@ -76,20 +76,24 @@ def test_rwkv_shrunk_is_tied_and_generates():
     assert fxadapt.report(out).history[0]["ties"]
 
 
-def test_rwkv_grown_warns_that_the_cache_cannot_be_tied():
-    """At 1.5x the hidden size cannot grow under its LayerNorms, so attention widths tied to it cannot grow
-    either: the solver keeps them apart, and the result (still the user's class, at the budget, its uncached
-    forward equal to the original's) warns that generate will not work."""
+def test_rwkv_grown_pins_the_attention_to_the_hidden_size_and_generates():
+    """At 1.5x the hidden size cannot grow under its LayerNorms; the attention widths tied to it stay at its
+    width (``planning.uniform.pinned_by_ties``; was: the tie dropped and a warning that generate fails), the
+    MLP carries the growth, growth stays function-preserving and generate gives the original's tokens."""
     model = _rwkv()
     out, rec = _transform(model, 1.5)
-    assert type(out) is transformers.RwkvForCausalLM
-    msg, = _messages(rec, WriteBackWarning)
-    assert "cached path (use_cache=True, what generate runs) fails" in msg
-    assert "generate / use_cache=True will not work" in msg and "did not give them one width" in msg
+    assert type(out) is transformers.RwkvForCausalLM and not _messages(rec, WriteBackWarning)
+    tie, = _messages(rec, ReplanWarning)
+    hidden = out.config.hidden_size
+    assert hidden == model.config.hidden_size
+    assert all(b.attention.key.out_features == hidden for b in out.rwkv.blocks)
+    assert any(b.feed_forward.key.out_features > m.feed_forward.key.out_features
+               for b, m in zip(out.rwkv.blocks, model.rwkv.blocks))
     assert 1.5 <= _ratio(out, model) <= 1.01 * 1.5
     plain = as_called(model, X)
     with torch.no_grad():
         torch.testing.assert_close(plain.call(out).logits, plain.call(model).logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(_greedy(out), _greedy(model))
 
 
 def test_without_retries_the_result_warns(monkeypatch):

@@ -18,9 +18,10 @@ and ``{A, B}`` together with the layers repeating A or B (``fxadapt.planning.uni
 allocated alike for every layer) becomes a tie: re-planned (``fxadapt.pipeline.replan.retie``, reported
 like its ties), written back and checked again, at most ``RETRIES`` times. When it still fails the first
 result is kept with a ``WriteBackWarning`` naming the failure (``write_back="strict"``: a
-``WriteBackError``): ``generate`` / ``use_cache=True`` will not work on it. That includes a tie the solver
-cannot hold (a group it does not move, e.g. a hidden size that cannot grow under its norms, keeps its width
-while the others grow): at 1.5x a tiny RWKV keeps its grown attention and warns.
+``WriteBackError``): ``generate`` / ``use_cache=True`` will not work on it. A group the solver does not
+move (a hidden size that cannot grow under its norms) pins the groups tied to it at its width
+(``fxadapt.planning.uniform.pinned_by_ties``): at 1.5x a tiny RWKV keeps its attention at the hidden size
+and grows its MLP.
 """
 
 from __future__ import annotations

@@ -111,6 +111,9 @@ def shared_widths(a, units: dict[int, int], target: float, cfg: SolveConfig, bou
                   tying: Tying = Tying()) -> tuple[dict[int, int], float, bool]:
     """``uniform_widths`` without the verdict: the widths, their total and whether the target grows."""
     bounds = _checked_bounds(a, target, cfg) if bounds is None else bounds
+    pinned = pinned_by_ties(a, bounds, tying)
+    bounds = {g: b for g, b in bounds.items() if g not in pinned}
+    units = {**units, **pinned}
     grow = target > a.cost.macs()
     p = _problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
     pos = {g: k for k, g in enumerate(p.lad.gids)}
@@ -127,6 +130,27 @@ def shared_widths(a, units: dict[int, int], target: float, cfg: SolveConfig, bou
     for r, m, i in zip(rungs, members, idx):
         out.update({p.lad.gids[k]: int(r[i]) for k in m})
     return out, float(p.poly(_x(p, members, rungs, idx)[None])[0]), grow
+
+
+def pinned_by_ties(a, bounds: dict, tying: Tying) -> dict[int, int]:
+    """Movable groups tied (``tying.ties``) to a group the solver does not move (outside ``bounds``: frozen,
+    or unable to grow under a norm) with the same original width: each stays at that width, so the tie
+    holds instead of being dropped (RWKV's state: the attention tied to a hidden size that cannot grow).
+
+    >>> class G:
+    ...     def __init__(self, units): self.units = units
+    >>> class A: groups = [G(8), G(8), G(8)]
+    >>> pinned_by_ties(A(), {1: (1, 16), 2: (1, 16)}, Tying(False, (frozenset({0, 1}),)))
+    {1: 8}
+    """
+    out: dict[int, int] = {}
+    for tie in tying.ties:
+        fixed = {a.groups[g].units for g in tie if g not in bounds}
+        if len(fixed) != 1:
+            continue
+        width = fixed.pop()
+        out.update({g: width for g in tie if g in bounds and a.groups[g].units == width})
+    return out
 
 
 def _x(p, members, rungs, idx) -> np.ndarray:

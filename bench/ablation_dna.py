@@ -1,4 +1,5 @@
-"""Ablation of DNA on the quality protocol's digits task (issue 11, item 2): one SearchConfig change at a time.
+"""Ablation of DNA on the quality protocol's digits task (issue 11, item 2): one SearchConfig change at a
+time.
 
 Every row follows bench/quality.py's fair protocol for ``dna`` (quick settings: the cached bases,
 ``fxadapt.transform`` with BN kept and recalibrated, the search on the training split only, then a
@@ -66,10 +67,12 @@ VARIANTS = {
     "a": ("Markov gates (the defaults before g6)", {}),
     "b": ("sandwich", {"sandwich": True}),
     "c": ("alpha-entropy 0.5 ramp", {"entropy_weight": 0.5, "entropy_of": "alpha"}),
-    "c2": ("alpha-entropy 0.5 + harden last 25%", {"entropy_weight": 0.5, "entropy_of": "alpha", "harden": 0.25}),
+    "c2": ("alpha-entropy 0.5 + harden last 25%",
+           {"entropy_weight": 0.5, "entropy_of": "alpha", "harden": 0.25}),
     "c3": ("harden last 25%", {"harden": 0.25}),
     "c4": ("alpha-entropy 20 ramp", {"entropy_weight": 20.0, "entropy_of": "alpha"}),
-    "c5": ("alpha-entropy 20 + harden last 25%", {"entropy_weight": 20.0, "entropy_of": "alpha", "harden": 0.25}),
+    "c5": ("alpha-entropy 20 + harden last 25%",
+           {"entropy_weight": 20.0, "entropy_of": "alpha", "harden": 0.25}),
     "c6": ("marginal-entropy 20 ramp", {"entropy_weight": 20.0}),
     "c7": ("marginal-entropy 20 + harden last 25%", {"entropy_weight": 20.0, "harden": 0.25}),
     "d": ("240 steps", {"steps": 2 * STEPS}),
@@ -77,7 +80,8 @@ VARIANTS = {
     "f2": ("expected units + marginal-entropy 20", {"discretize_by": "expected", "entropy_weight": 20.0}),
     "e": ("a_lr 0.01", {"a_lr": 0.01}),
     "e2": ("budget weight 2", {"budget_weight": 2.0}),
-    "g": ("Gumbel gates (FBNetV2), uniform init", {"supernet": SupernetConfig(gates="gumbel"), "gate_init": "uniform"}),
+    "g": ("Gumbel gates (FBNetV2), uniform init",
+          {"supernet": SupernetConfig(gates="gumbel"), "gate_init": "uniform"}),
     "g2": ("Gumbel-top-2 gates (MSG-DAS), uniform init",
            {"supernet": SupernetConfig(gates="topk"), "gate_init": "uniform"}),
     "g3": ("Gumbel, uniform init, gate lr 0.2",
@@ -85,7 +89,8 @@ VARIANTS = {
     "g4": ("Gumbel-top-2, uniform init, gate lr 0.2",
            {"supernet": SupernetConfig(gates="topk"), "a_lr": 0.2, "gate_init": "uniform"}),
     "g5": ("Gumbel gates, init at the uniformly scaled widths", {"supernet": SupernetConfig(gates="gumbel")}),
-    "g6": ("Gumbel-top-2 gates, init at the uniformly scaled widths", {"supernet": SupernetConfig(gates="topk")}),
+    "g6": ("Gumbel-top-2 gates, init at the uniformly scaled widths",
+           {"supernet": SupernetConfig(gates="topk")}),
     "n0": ("FUR (Network Adjustment), Bernoulli DropChannel", {"strategy": "fur", "noise": "bernoulli"}),
     "n1": ("FUR, Gaussian DropChannel as published", {"strategy": "fur", "noise": "gaussian"}),
     "x1": ("no growth in the supernet (expand 1.0)", {"supernet": SupernetConfig(expand=1.0)}),
@@ -100,9 +105,11 @@ VARIANTS = {
     "w0": ("x3, gates only on the inherited weights: 120 gate steps, no weight step (W all to the fine-tune)",
            {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen"}),
     "w1": ("x3, gates only, 40 gate steps",
-           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen", "steps": 40}),
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen",
+            "steps": 40}),
     "w2": ("x3, gates only, 120 gate steps, gate lr 0.2",
-           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen", "a_lr": 0.2}),
+           {"supernet": SupernetConfig(gates="topk", expand=1.0, depth_slots=0), "weights": "frozen",
+            "a_lr": 0.2}),
     "df": ("fxadapt data-free widths (no search; W all to the fine-tune)", {"strategy": "datafree"}),
     "m3": ("Markov gates on the model itself (x3 with gates='markov')",
            {"supernet": SupernetConfig(gates="markov", expand=1.0, depth_slots=0)}),
@@ -129,7 +136,8 @@ def _config(variant: str, seed: int) -> tuple[str, fxadapt.TransformConfig]:
     if strategy == "datafree":
         return strategy, cfg
     if strategy == "fur":
-        over = dict(iterations=FUR_ITERATIONS, train_steps=STEPS // FUR_ITERATIONS, seed=seed, progress=False) | over
+        over = dict(iterations=FUR_ITERATIONS, train_steps=STEPS // FUR_ITERATIONS, seed=seed,
+                    progress=False) | over
         return strategy, dataclasses.replace(cfg, fur=dataclasses.replace(cfg.fur, **over))
     over = dict(steps=STEPS, seed=seed, progress=False) | over
     return strategy, dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **over))
@@ -142,8 +150,9 @@ def ft_config(variant: str, seed: int) -> FinetuneConfig:
 
 def config_hash(variant: str, base_epochs: int, search_val: str) -> str:
     strategy, cfg = _config(variant, 0)
-    payload = {"protocol": quality.PROTOCOL, "settings": QUICK, "base_epochs": base_epochs, "strategy": strategy,
-               "config": stable(cfg), "finetune": stable(ft_config(variant, 0)), "search_val": search_val}
+    payload = {"protocol": quality.PROTOCOL, "settings": QUICK, "base_epochs": base_epochs,
+               "strategy": strategy, "config": stable(cfg), "finetune": stable(ft_config(variant, 0)),
+               "search_val": search_val}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -164,8 +173,8 @@ def _search(variant: str, base, data, budget: float, seed: int, search_val: str)
     t0 = time.perf_counter()
     kw = {"val_data": data["val"]} if search_val == "val" else {}
     try:
-        model = fxadapt.transform(base, budget, (data["train"][0][:1],), data=data["train"], strategy=strategy,
-                                  config=cfg, **kw)
+        model = fxadapt.transform(base, budget, (data["train"][0][:1],), data=data["train"],
+                                  strategy=strategy, config=cfg, **kw)
     finally:
         setattr(strategies, strategy, original)
     return model, captured, time.perf_counter() - t0, strategy, cfg
@@ -185,11 +194,14 @@ def run_one(variant: str, base, data, budget: float, seed: int, base_epochs: int
     if epochs > 0:
         finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=ft_config(variant, seed))
     ft_s, x = time.perf_counter() - t0, data["train"][0][:1]
-    return {"variant": variant, "budget": budget, "seed": seed, "config_hash": config_hash(variant, base_epochs, search_val),
-            "val_acc": accuracy(model, data["val"]), "val_before_ft": before, "supernet_val_acc": supernet_acc,
-            "entropy": steps[-1].get("entropy", float("nan")), "marginal_entropy": steps[-1].get("marginal_entropy"),
-            "macs_ratio_expected": steps[-1].get("macs_ratio", float("nan")), "macs_ratio": count_macs(model, x) / count_macs(base, x),
-            "search_s": search_s, "finetune_s": ft_s, "search_steps": search_steps, "finetune_steps": epochs * spe}
+    return {"variant": variant, "budget": budget, "seed": seed,
+            "config_hash": config_hash(variant, base_epochs, search_val),
+            "val_acc": accuracy(model, data["val"]), "val_before_ft": before,
+            "supernet_val_acc": supernet_acc, "entropy": steps[-1].get("entropy", float("nan")),
+            "marginal_entropy": steps[-1].get("marginal_entropy"),
+            "macs_ratio_expected": steps[-1].get("macs_ratio", float("nan")),
+            "macs_ratio": count_macs(model, x) / count_macs(base, x), "search_s": search_s,
+            "finetune_s": ft_s, "search_steps": search_steps, "finetune_steps": epochs * spe}
 
 
 def load(hashes: dict[str, str]) -> list[dict]:
@@ -219,7 +231,8 @@ def _me(rs) -> str:
 
 
 def report(rows, ref: str = "x3") -> str:
-    """Validation accuracy (%), mean ± 95% t-interval; paired differences against row ``ref`` (the default)."""
+    """Validation accuracy (%), mean ± 95% t-interval; paired differences against row ``ref`` (the
+    default)."""
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
     head = ("| variant | budget | n | weight steps (search + FT) | val before FT | val after FT "
             f"| Δ after FT vs ({ref}), paired | Δ before FT vs ({ref}) | supernet val (soft gates) "
@@ -232,15 +245,17 @@ def report(rows, ref: str = "x3") -> str:
             if not rs:
                 continue
             paired = [r["val_acc"] - by_seed[r["seed"]]["val_acc"] for r in rs if r["seed"] in by_seed]
-            paired_b = [r["val_before_ft"] - by_seed[r["seed"]]["val_before_ft"] for r in rs if r["seed"] in by_seed]
+            paired_b = [r["val_before_ft"] - by_seed[r["seed"]]["val_before_ft"] for r in rs
+                        if r["seed"] in by_seed]
             gap = [r["supernet_val_acc"] - r["val_before_ft"] for r in rs]
             steps = ", ".join(sorted({f"{r['search_steps']} + {r['finetune_steps']}" for r in rs}))
-            out.append(f"| ({v}) {VARIANTS[v][0]} | {b} | {len(rs)} | {steps} | {_ci([r['val_before_ft'] for r in rs])} "
-                       f"| {_ci([r['val_acc'] for r in rs])} | {_ci(paired) if v != ref and paired else 'ref'} "
-                       f"| {_ci(paired_b) if v != ref and paired_b else 'ref'} "
-                       f"| {_ci([r['supernet_val_acc'] for r in rs])} "
-                       f"| {_ci(gap)} | {statistics.mean(r['entropy'] for r in rs):.3f} / {_me(rs)} "
-                       f"| {statistics.mean(r['search_s'] for r in rs):.0f} |")
+            out.append(f"| ({v}) {VARIANTS[v][0]} | {b} | {len(rs)} | {steps} | "
+                       f"{_ci([r['val_before_ft'] for r in rs])} | {_ci([r['val_acc'] for r in rs])} | "
+                       f"{_ci(paired) if v != ref and paired else 'ref'} | "
+                       f"{_ci(paired_b) if v != ref and paired_b else 'ref'} | "
+                       f"{_ci([r['supernet_val_acc'] for r in rs])} | {_ci(gap)} | "
+                       f"{statistics.mean(r['entropy'] for r in rs):.3f} / {_me(rs)} | "
+                       f"{statistics.mean(r['search_s'] for r in rs):.0f} |")
     return "\n".join(out)
 
 
@@ -277,9 +292,12 @@ def main(argv=None) -> int:
                         f.write(json.dumps(row) + "\n")
     seeds = {int(s) for s in args.seeds.split(",")}
     rows = [r for r in load(hashes) if r["seed"] in seeds]
-    text = report(ok(rows), args.ref) + "".join(f"\n\nfailed: ({r['variant']}) budget {r['budget']} seed {r['seed']}: {r['error']}"
+    text = report(ok(rows),
+                  args.ref) + "".join(f"\n\nfailed: ({r['variant']}) budget {r['budget']} seed {r['seed']}: "
+                                      f"{r['error']}"
                                       for r in rows if "error" in r)
-    name = "ablation_dna.md" if seeds == {0, 1, 2} else f"ablation_dna_s{'-'.join(map(str, sorted(seeds)))}.md"
+    name = "ablation_dna.md" if seeds == {0, 1, 2} \
+            else f"ablation_dna_s{'-'.join(map(str, sorted(seeds)))}.md"
     with open(os.path.join(CACHE, name), "w") as f:
         f.write(text + "\n")
     print(text)

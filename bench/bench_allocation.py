@@ -22,7 +22,8 @@ iterations of ``S * spe / 2`` steps, then ``F`` epochs. Every training after the
 (``fxadapt.finetune``, the protocol's recipe). The table reports test accuracy and the units each stream
 kept (read from the returned modules' conv shapes).
 
-    python bench/bench_allocation.py [--sensor poor|dead] [--seeds 0,1,2,3,4] [--budgets 0.1]   # cached, resumable
+    python bench/bench_allocation.py [--sensor poor|dead] [--seeds 0,1,2,3,4] [--budgets 0.1]   # cached,
+    resumable
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from fxadapt.train.finetune import FinetuneConfig, accuracy, finetune  # noqa: E
 NOISE_B, SPLIT, WIDTH = 1.0, (3000, 1000, 2000), 16
 SENSORS = ("poor", "dead")
 E, F_EPOCHS, S_EPOCHS = 24, 4, 3
-METHODS = ("uniform", "datafree", "dna", "dna-scratch", "dna-markov", "dna-markov-scratch", "fur", "fur-scratch")
+METHODS = ("uniform", "datafree", "dna", "dna-scratch", "dna-markov", "dna-markov-scratch", "fur",
+           "fur-scratch")
 PATH = os.path.join(CACHE, "allocation.jsonl")
 VERSION = "alloc-v1"   # with the sensor: "alloc-v1" (poor), "alloc-v1-dead"
 
@@ -132,7 +134,8 @@ def candidate(method: str, b: nn.Module, data: dict, budget: float, seed: int, s
         model = fxadapt.transform(b, budget, (x,), strategy="datafree")
     else:
         cfg = _config(name, seed, S_EPOCHS * spe)
-        model = fxadapt.transform(b, budget, (x,), data=data["train"], strategy=name.split("-")[0], config=cfg)
+        model = fxadapt.transform(b, budget, (x,), data=data["train"], strategy=name.split("-")[0],
+                                  config=cfg)
     s = time.perf_counter() - t0
     if method == "uniform" or method.endswith("-scratch"):
         return reinitialise(model, seed), s, 0
@@ -151,9 +154,10 @@ def run_row(method: str, b: nn.Module, data: dict, budget: float, seed: int, ver
     if epochs:
         finetune(model, data["train"], epochs, teacher=copy.deepcopy(b), cfg=FinetuneConfig(seed=seed))
     x = data["train"][0][:1]
-    return {"method": method, "budget": budget, "seed": seed, "version": version, "acc": accuracy(model, data["test"]),
-            "val_acc": accuracy(model, data["val"]), "units": units(model), "search_s": search_s,
-            "finetune_s": time.perf_counter() - t0, "search_steps": search_steps, "finetune_steps": epochs * spe,
+    return {"method": method, "budget": budget, "seed": seed, "version": version,
+            "acc": accuracy(model, data["test"]), "val_acc": accuracy(model, data["val"]),
+            "units": units(model), "search_s": search_s, "finetune_s": time.perf_counter() - t0,
+            "search_steps": search_steps, "finetune_steps": epochs * spe,
             "macs_ratio": count_macs(model, x) / count_macs(b, x)}
 
 
@@ -166,7 +170,8 @@ def report(rows: list[dict], seeds) -> str:
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
     cell = {(r["method"], r["budget"], r["seed"]): r for r in rows if r["seed"] in seeds}
     out = ["| method | weight steps (search + FT) | " + " | ".join(f"{b}x test % | {b}x − uniform, paired | "
-                                                           f"{b}x units a / b (seed 0)" for b in budgets) + " |",
+                                                           f"{b}x units a / b (seed 0)" for b in budgets)
+                                                           + " |",
            "|---" * (2 + 3 * len(budgets)) + "|"]
     for m in (m for m in METHODS if any(k[0] == m for k in cell)):
         parts, steps = [], set()
@@ -174,7 +179,8 @@ def report(rows: list[dict], seeds) -> str:
             rs = [cell[(m, b, s)] for s in seeds if (m, b, s) in cell]
             ref = [cell[("uniform", b, r["seed"])] for r in rs if ("uniform", b, r["seed"]) in cell]
             steps |= {f"{r['search_steps']} + {r['finetune_steps']}" for r in rs}
-            diff = _ci([r["acc"] - u["acc"] for r, u in zip(rs, ref)]) if m != "uniform" and len(ref) > 1 else "ref"
+            diff = _ci([r["acc"] - u["acc"] for r, u in zip(rs, ref)]) if m != "uniform" and len(ref) > 1 \
+                    else "ref"
             u0 = cell.get((m, b, min(seeds)), {}).get("units", "-")
             parts.append(f"{_ci([r['acc'] for r in rs]) if len(rs) > 1 else '-'} | {diff} | {u0}")
         out.append(f"| {m} | {', '.join(sorted(steps))} | " + " | ".join(parts) + " |")

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7, help="timed analysis / TP runs (median; default 7)")
     p.add_argument("--capture-repeats", type=int, default=3, help="timed capture runs (median; default 3)")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated subset of: " + ", ".join(MODELS))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     args = p.parse_args(argv)
     if args.threads:

@@ -10,8 +10,8 @@ way, with ``fxadapt.export_onnx`` (torch.onnx dynamo export + onnxsim + checker 
 - ``tp``:       Torch-Pruning 1.6.1 ``MagnitudePruner`` (L1, per-layer ratio, final classifier ignored) at the
   pruning ratio (bisection on the ratio) whose MACs are at most fxadapt's;
 - ``tp-r16``:   the same with TP's ``round_to=16`` (every pruned width a multiple of 16);
-- ``tp-r16+``:   TP ``round_to=16`` pruned 0.1 deeper, so that TP's MACs *at fxadapt's measured latency* can be
-  read off by linear interpolation between the measured TP-r16 points (original, tp-r16, tp-r16+): the
+- ``tp-r16+``:   TP ``round_to=16`` pruned 0.1 deeper, so that TP's MACs *at fxadapt's measured latency* can
+  be read off by linear interpolation between the measured TP-r16 points (original, tp-r16, tp-r16+): the
   column "TP-r16 MACs at equal latency" (MACs given up = 1 - that ratio; fxadapt gives up 1 - its MACs
   ratio).
 
@@ -98,15 +98,16 @@ def tp_ratio(name: str) -> float:
     return _RATIO[name]
 
 
-def tp_prune_at(model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: int | None) -> torch.nn.Module:
+def tp_prune_at(model: torch.nn.Module, x: torch.Tensor, ratio: float,
+                round_to: int | None) -> torch.nn.Module:
     import copy
 
     import torch_pruning as tp
 
     m = copy.deepcopy(model).eval()
     head = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))][-1:]
-    tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=min(ratio, 0.95),
-                              ignored_layers=head, round_to=round_to).step()
+    tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
+                              pruning_ratio=min(ratio, 0.95), ignored_layers=head, round_to=round_to).step()
     return m.eval()
 
 
@@ -122,8 +123,8 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, round_to: i
     def prune(ratio: float) -> torch.nn.Module:
         m = copy.deepcopy(model).eval()
         head = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))][-1:]
-        tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-                                  ignored_layers=head, round_to=round_to).step()
+        tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=ratio, ignored_layers=head, round_to=round_to).step()
         return m
 
     lo, hi, best = 0.0, 0.95, None
@@ -217,7 +218,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     -----  --------  -----  ----------  ----------  -------------  --------------------------  ---------  ----------------------------------
     m      original  2.000       1.000      20.000          1.000                       1.000       100%
     m      tp        1.000       0.500      15.000          0.750                       1.500        25%
-    """
+    """  # noqa: E501 - the table as printed
     from fxadapt.export.report import table
 
     rows = []
@@ -230,12 +231,14 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
                          f"{lr:.3f}", f"{lr / mr:.3f}", f"{100 * v['aligned']:.0f}%",
                          f"{eq / base['macs']:.3f}" if eq else ""])
     return table(["model", "variant", "GMACs", "MACs ratio", "latency ms", "latency ratio",
-                  "latency ratio / MACs ratio", f"convs %{ALIGN}", "TP-r16 MACs ratio at equal latency"], rows)
+                  "latency ratio / MACs ratio", f"convs %{ALIGN}", "TP-r16 MACs ratio at equal latency"],
+                  rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated subset of: " + ", ".join(MODELS))
     p.add_argument("--runs", type=int, default=50, help="timed runs per variant (median; default 50)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads while building (default 1)")
@@ -249,11 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         results[name] = measure(name, args.runs, args.warmup)
-        print(f"{name}: built, exported and timed in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(f"{name}: built, exported and timed in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+              flush=True)
     import onnxruntime as ort
 
-    print(f"onnxruntime {ort.__version__} CPU, 1 intra-op thread, batch 1, input {INPUT_SHAPE}, budget {BUDGET}, "
-          f"median of {args.runs} runs after {args.warmup} warm-up runs\n")
+    print(f"onnxruntime {ort.__version__} CPU, 1 intra-op thread, batch 1, input {INPUT_SHAPE}, budget "
+          f"{BUDGET}, median of {args.runs} runs after {args.warmup} warm-up runs\n")
     print(format_table(results))
     return 0
 

@@ -3,15 +3,15 @@
 For each model (pytorchcv, random init, eval, 1x3x224x224, batch 1) on ``fxadapt.hw.Target()``
 (onnxruntime CPU, one intra-op and one inter-op thread; runs timed by the thread's CPU time):
 
-1. **Latency budgets** 0.5 and 0.7: ``fxadapt.hw.latency.solve_latency`` (lookup table + remainder,
+1. **Latency budgets** 0.5 and 0.7: ``fxadapt.planning.latency.solve_latency`` (lookup table + remainder,
    bisection on the aligned global scale, greedy fill, measured repair), then the adapted models and the
    original are timed again in one interleaved run; the table gives the measured latency / budget (the
    goal: within [0.9, 1.0]), the MACs ratio and the repairs used.
 2. **Lookup table**: entries measured and the seconds spent measuring them, from an empty cache (a fresh
    ``FXADAPT_CACHE_DIR``), and the solve time.
-3. **Predictor**: ``--samples`` sub-networks (``fxadapt.hw.predictor.sample_units``, aligned) timed end to end;
-   relative error of the MLP predictor on held-out samples (5-fold), mean / 95th percentile / share within
-   10%; the MAC-ratio baseline (latency ratio = MACs ratio) beside it.
+3. **Predictor**: ``--samples`` sub-networks (``fxadapt.planning.predictor.sample_units``, aligned) timed end
+   to end; relative error of the MLP predictor on held-out samples (5-fold), mean / 95th percentile / share
+   within 10%; the MAC-ratio baseline (latency ratio = MACs ratio) beside it.
 
     python bench/bench_latency_budget.py [--models mobilenetv2_w1,resnet50] [--samples 24] [--runs 15]
     python bench/bench_latency_budget.py --models sepreresnet:sepreresnet18,spnasnet:spnasnet --samples 0
@@ -59,11 +59,11 @@ def load(name: str):
 
 def run_model(name: str, samples: int, runs: int) -> dict:
     import fxadapt
-    from fxadapt.hw import predictor as P
-    from fxadapt.hw.latency import Measurer, solve_latency
     from fxadapt.hw.lut import LUT
     from fxadapt.hw.target import Target, interleaved
+    from fxadapt.planning import predictor as P
     from fxadapt.planning.budget import Budget
+    from fxadapt.planning.latency import Measurer, solve_latency
 
     model, x = load(name)
     target = Target()
@@ -118,13 +118,15 @@ def main(argv=None) -> int:
     rows = []
     for name, r in res.items():
         for b, v in r["budgets"].items():
-            rows.append([name, f"{r['base_ms']:.2f}", b, f"{v['check_ratio'] / b:.3f}", f"{v['solver_ratio'] / b:.3f}",
-                         f"{v['macs_ratio']:.3f}", v["attempts"], f"{v['solve_s']:.1f}"])
+            rows.append([name, f"{r['base_ms']:.2f}", b, f"{v['check_ratio'] / b:.3f}",
+                         f"{v['solver_ratio'] / b:.3f}", f"{v['macs_ratio']:.3f}", v["attempts"],
+                         f"{v['solve_s']:.1f}"])
     print("Latency budgets (onnxruntime CPU, 1 thread, batch 1; ratios to the original, interleaved)\n")
     print(table(["model", "original ms", "budget", "measured / budget", "in-solver measured / budget",
                  "MACs ratio", "measurements", "solve s"], rows))
     print("\nLookup table (from an empty cache)\n")
-    print(table(["model", "entries", "measuring s"], [[n, r["lut_entries"], f"{r['lut_s']:.1f}"] for n, r in res.items()]))
+    print(table(["model", "entries", "measuring s"],
+                [[n, r["lut_entries"], f"{r['lut_s']:.1f}"] for n, r in res.items()]))
     if any("pred" in r for r in res.values()):
         print("\nLatency predictor, held-out relative error (5-fold)\n")
         print(table(["model", "samples", "MLP mean", "MLP p95", "MLP within 10%", "MACs-only mean",

@@ -89,15 +89,17 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     data = digits_task()
     budgets = [float(b) for b in args.budgets.split(",")]
-    print("| budget | DNA measured/b | DNA test % | data-free measured/b | data-free test % | paired diff | extra epochs |")
+    print("| budget | DNA measured/b | DNA test % | data-free measured/b | data-free test % | paired diff | "
+          "extra epochs |")
     print("|---|---|---|---|---|---|---|")
     for b in budgets:
         rows = [quality(int(s), b, data, args) for s in args.seeds.split(",")]
         m = statistics.mean
         diffs = [100 * (r["dna"]["acc"] - r["datafree"]["acc"]) for r in rows]
-        print(f"| {b} | {m(r['dna']['lat'] for r in rows):.3f} | {m(100 * r['dna']['acc'] for r in rows):.2f} | "
-              f"{m(r['datafree']['lat'] for r in rows):.3f} | {m(100 * r['datafree']['acc'] for r in rows):.2f} | "
-              f"{m(diffs):+.2f} ({', '.join(f'{d:+.2f}' for d in diffs)}) | {rows[0]['extra_epochs']} |", flush=True)
+        print(f"| {b} | {m(r['dna']['lat'] for r in rows):.3f} | "
+              f"{m(100 * r['dna']['acc'] for r in rows):.2f} | {m(r['datafree']['lat'] for r in rows):.3f} "
+              f"| {m(100 * r['datafree']['acc'] for r in rows):.2f} | {m(diffs):+.2f} "
+              f"({', '.join(f'{d:+.2f}' for d in diffs)}) | {rows[0]['extra_epochs']} |", flush=True)
     if not args.no_zoo:
         print("\n| pytorchcv model | budget | DNA measured / budget |\n|---|---|---|")
         for name in ZOO:

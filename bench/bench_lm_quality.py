@@ -71,7 +71,8 @@ PROTOCOL = "issue15-lm-equal-steps-v1"
 CACHE = Path(__file__).resolve().parent / ".cache"
 SEQ, BATCH, VOCAB = 64, 16, 256
 CONFIG = dict(n_layer=3, n_embd=96, n_head=4, n_positions=SEQ, vocab_size=VOCAB,
-              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0,
+              eos_token_id=0)
 METHODS = ("base-ft", "datafree", "datafree-heads", "magnitude", "scratch", "dna")
 BASELINES = ("datafree", "datafree-heads", "magnitude", "scratch")
 INHERITED = ("datafree", "datafree-heads", "magnitude")
@@ -133,7 +134,8 @@ class Logits(nn.Module):
 
 
 def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, seed: int) -> float:
-    """AdamW, linear warm-up (5%) then cosine to 0, batch ``BATCH``, offsets drawn from ``seed``; wall seconds."""
+    """AdamW, linear warm-up (5%) then cosine to 0, batch ``BATCH``, offsets drawn from ``seed``; wall
+    seconds."""
     torch.manual_seed(seed)
     offsets = random_offsets(data, steps * BATCH, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -204,7 +206,8 @@ def search_config(args, seed: int) -> SearchConfig:
 
 
 def adapt_dna(base, ex, train_data, args, seed):
-    """DNA on the model as is; if the search cannot take its output, record why and search ``Logits(base)``."""
+    """DNA on the model as is; if the search cannot take its output, record why and search
+    ``Logits(base)``."""
     x, y = windows(train_data, random_offsets(train_data, args.dna_windows, seed=10 * seed + 2))
     xv, yv = windows(train_data, random_offsets(train_data, 256, seed=10 * seed + 3))
     kw = dict(data=(x, y), val_data=(xv, yv), strategy="dna")
@@ -216,7 +219,8 @@ def adapt_dna(base, ex, train_data, args, seed):
         error = f"{type(e).__name__}: {e}"
         print(f"    DNA on GPT2LMHeadModel failed: {error}; retrying on Logits(model)", flush=True)
     ck = dataclasses.replace(search_config(args, seed), checkpoint=str(CACHE / f"lm_dna_logits_{tag}.ckpt"))
-    return fxadapt.transform(Logits(base), 0.5, ex, search=ck, **kw), f"searched on Logits(model); as is: {error}"
+    return fxadapt.transform(Logits(base), 0.5, ex, search=ck, **kw), \
+            f"searched on Logits(model); as is: {error}"
 
 
 def candidate(method: str, base, ex, train_data, args, seed) -> tuple[nn.Module, str | None, int]:
@@ -224,8 +228,10 @@ def candidate(method: str, base, ex, train_data, args, seed) -> tuple[nn.Module,
     if method == "base-ft":
         return copy.deepcopy(base), "reference: no adaptation", 0
     if method in ("datafree", "datafree-heads", "scratch"):
-        model = fxadapt.transform(base, 0.5, ex, **({"attention": "heads"} if method == "datafree-heads" else {}))
-        return (reinitialise(model, seed), "data-free widths, re-initialised", 0) if method == "scratch" else \
+        model = fxadapt.transform(base, 0.5, ex,
+                                  **({"attention": "heads"} if method == "datafree-heads" else {}))
+        return (reinitialise(model, seed), "data-free widths, re-initialised", 0) \
+                if method == "scratch" else \
             (model, None, 0)
     if method == "magnitude":
         model, p = magnitude_at(base, count_macs(fxadapt.transform(base, 0.5, ex), ex), ex)
@@ -238,7 +244,8 @@ def candidate(method: str, base, ex, train_data, args, seed) -> tuple[nn.Module,
 
 
 def moved(model: nn.Module) -> list | None:
-    """``[group, before, after]`` for every group fxadapt's report says moved (``None``: not an fxadapt result)."""
+    """``[group, before, after]`` for every group fxadapt's report says moved (``None``: not an fxadapt
+    result)."""
     try:
         rep = fxadapt.report(model)
     except Exception:  # noqa: BLE001  (no report attached)
@@ -254,15 +261,17 @@ def run_row(method, seed, base, ex, data, args) -> dict:
     model, note, search_steps = candidate(method, base, ex, train_data, args, seed)
     adapt_s, w = time.perf_counter() - start, args.search_steps + args.ft_steps
     ft_steps = args.base_steps + w if method == "scratch" else w - search_steps
-    row = {"macs": count_macs(model, ex), "params": sum(p.numel() for p in model.parameters()), "adapt_s": adapt_s,
-           "note": note, "moved": moved(model), "search_steps": search_steps, "finetune_steps": ft_steps,
+    row = {"macs": count_macs(model, ex), "params": sum(p.numel() for p in model.parameters()),
+           "adapt_s": adapt_s, "note": note, "moved": moved(model), "search_steps": search_steps,
+           "finetune_steps": ft_steps,
            "steps_after_base": w if method == "scratch" else search_steps + ft_steps,
            "val_before": perplexity(model, val, args.eval_windows),
            "test_before": perplexity(model, test, args.eval_windows)}
     print(f"[seed {seed}] [{method}] val ppl {row['val_before']:.2f}; training {ft_steps} steps", flush=True)
     lr = args.base_lr if method == "scratch" else args.ft_lr
     row["finetune_s"] = train(model, train_data, ft_steps, lr, seed=1000 + seed)
-    row["val"], row["test"] = perplexity(model, val, args.eval_windows), perplexity(model, test, args.eval_windows)
+    row["val"], row["test"] = perplexity(model, val, args.eval_windows), \
+            perplexity(model, test, args.eval_windows)
     return row
 
 
@@ -291,7 +300,8 @@ def run_seed(seed: int, data, args, path: Path) -> None:
     base, base_s = base_model(args, data[0], seed)
     for method in ("base",) + METHODS:
         h = config_hash(args, method)
-        if any(r["method"] == method and r["seed"] == seed and r["config_hash"] == h for r in load_rows(path)):
+        if any(r["method"] == method and r["seed"] == seed and r["config_hash"] == h
+               for r in load_rows(path)):
             continue
         row = {"method": method, "seed": seed, "config_hash": h}
         if method == "base":
@@ -331,7 +341,8 @@ def paired(test: dict, ref: str) -> dict:
 
 def report(rows: list[dict]) -> str:
     test, val = _by(rows, "test"), _by(rows, "val")
-    best = {name: min((m for m in pool if m in val), key=lambda m: statistics.mean(val[m].values()), default=None)
+    best = {name: min((m for m in pool if m in val), key=lambda m: statistics.mean(val[m].values()),
+                      default=None)
             for name, pool in (("all", BASELINES), ("inherited", INHERITED))}
     full = statistics.mean(r["macs"] for r in rows if r["method"] == "base")
     lines = ["| method | MACs ratio | weight steps after the base (search + fine-tune) | test ppl before | "
@@ -344,16 +355,20 @@ def report(rows: list[dict]) -> str:
             continue
         r0 = rs[0]
         steps = ("-" if m == "base" else f"from init {r0['finetune_steps']} = base + {r0['steps_after_base']}"
-                 if m == "scratch" else f"{r0['search_steps']} + {r0['finetune_steps']} = {r0['steps_after_base']}")
-        d = [("reference" if m == best[k] else _ci(diffs[k][m], "+") if diffs[k].get(m) and m != "base" else "")
+                 if m == "scratch"
+                 else f"{r0['search_steps']} + {r0['finetune_steps']} = {r0['steps_after_base']}")
+        d = [("reference" if m == best[k] else _ci(diffs[k][m], "+") if diffs[k].get(m) and m != "base"
+              else "")
              for k in ("all", "inherited")]
-        t = (f"{statistics.mean(r['adapt_s'] for r in rs):.1f} / {statistics.mean(r['finetune_s'] for r in rs):.1f}"
+        t = (f"{statistics.mean(r['adapt_s'] for r in rs):.1f} / "
+             f"{statistics.mean(r['finetune_s'] for r in rs):.1f}"
              if m != "base" else "")
         before = f"{statistics.mean(r['test_before'] for r in rs):.2f}" if m != "base" else ""
-        lines.append(f"| {LABELS.get(m, m)} | {statistics.mean(r['macs'] for r in rs) / full:.3f} | {steps} | "
-                     f"{before} | {_ci(list(val[m].values()))} | {_ci(list(test[m].values()))} ({len(rs)}) | "
-                     f"{d[0]} | {d[1]} | {t} |")
-    return (f"best baseline on val: {best['all']}; best inherited-weight baseline on val: {best['inherited']}\n\n"
+        lines.append(f"| {LABELS.get(m, m)} | {statistics.mean(r['macs'] for r in rs) / full:.3f} | {steps} "
+                     f"| {before} | {_ci(list(val[m].values()))} | {_ci(list(test[m].values()))} "
+                     f"({len(rs)}) | {d[0]} | {d[1]} | {t} |")
+    return (f"best baseline on val: {best['all']}; best inherited-weight baseline on val: "
+            f"{best['inherited']}\n\n"
             + "\n".join(lines))
 
 
@@ -383,7 +398,8 @@ def main(argv=None) -> None:
         data = corpus()
         for seed in seeds:
             run_seed(seed, data, args, path)
-    rows = [r for r in load_rows(path) if r["seed"] in seeds and r["config_hash"] == config_hash(args, r["method"])]
+    rows = [r for r in load_rows(path) if r["seed"] in seeds
+            and r["config_hash"] == config_hash(args, r["method"])]
     text = report(rows)
     (CACHE / "lm_quality.md").write_text(text + "\n")
     print(text)

@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     data = digits_task()
     res = [run_seed(int(s), data, args) for s in args.seeds.split(",")]
     mean = statistics.mean
-    print(f"search time: one search for {len(BUDGETS)} budgets {mean(r['search_many_s'] for r in res):.1f} s; "
-          f"single searches {mean(sum(r['search_single_s']) for r in res):.1f} s in all, "
+    print(f"search time: one search for {len(BUDGETS)} budgets {mean(r['search_many_s'] for r in res):.1f} "
+          f"s; single searches {mean(sum(r['search_single_s']) for r in res):.1f} s in all, "
           f"{mean(mean(r['search_single_s']) for r in res):.1f} s each -> ratio to one single search "
           f"{mean(r['search_many_s'] / mean(r['search_single_s']) for r in res):.2f}")
     print(f"whole transform: many {mean(r['many_s'] for r in res):.1f} s, singles "

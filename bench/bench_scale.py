@@ -1,4 +1,5 @@
-"""DNA search throughput at 1 and N processes (torch.distributed, Gloo on CPU / NCCL on GPU), same global batch.
+"""DNA search throughput at 1 and N processes (torch.distributed, Gloo on CPU / NCCL on GPU), same global
+batch.
 
 Run:  python bench/bench_scale.py                      (1 and 2 CPU processes, global batch 64, 8 steps)
       python bench/bench_scale.py --procs 1,2,4 --threads 2

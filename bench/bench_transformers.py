@@ -40,7 +40,8 @@ class TiedSDPA(nn.Module):
         self.wte, self.h = nn.Embedding(vocab, dim), heads
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(n1=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim),
                                                        o=nn.Linear(dim, dim), n2=nn.LayerNorm(dim),
-                                                       up=nn.Linear(dim, 4 * dim), down=nn.Linear(4 * dim, dim)))
+                                                       up=nn.Linear(dim, 4 * dim),
+                                                       down=nn.Linear(4 * dim, dim)))
                                     for _ in range(layers))
         self.norm, self.lm_head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -68,8 +69,10 @@ def _models():
         "bert": (lambda: T.BertModel(T.BertConfig(vocab_size=VOCAB, **SMALL)), tok),
         "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB,
                                                         n_positions=64)), tok),
-        "llama-gqa": (lambda: T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, num_key_value_heads=2, **SMALL)), tok),
-        "qwen2-gqa": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=VOCAB, num_key_value_heads=2, **SMALL)), tok),
+        "llama-gqa": (lambda: T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, num_key_value_heads=2,
+                                                               **SMALL)), tok),
+        "qwen2-gqa": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=VOCAB, num_key_value_heads=2,
+                                                               **SMALL)), tok),
         "vit": (lambda: T.ViTModel(T.ViTConfig(image_size=32, patch_size=8, **SMALL)), img),
         "swin": (lambda: T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
                                                   num_heads=[2, 4], window_size=4)), img),
@@ -84,7 +87,8 @@ def _models():
                              "decoder_input_ids": torch.randint(0, VOCAB, (1, 4))}),
         "wav2vec2": (lambda: T.Wav2Vec2Model(T.Wav2Vec2Config(conv_dim=(32, 32), conv_stride=(5, 4),
                                                               conv_kernel=(10, 8), num_conv_pos_embeddings=16,
-                                                              num_conv_pos_embedding_groups=4, **SMALL)), audio),
+                                                              num_conv_pos_embedding_groups=4, **SMALL)),
+                                                              audio),
         "tied-sdpa": (TiedSDPA, lambda: (torch.randint(0, VOCAB, (1, SEQ)),)),
     }
 
@@ -147,8 +151,8 @@ def table(recs) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in recs:
         if r["ok"]:
-            lines.append(f"| {r['model']} | {r['budget']} | yes | {r['ratio']:.4f} | {100 * r['error']:+.2f}% | "
-                         f"{r['seconds']} | {r['moved']} |")
+            lines.append(f"| {r['model']} | {r['budget']} | yes | {r['ratio']:.4f} | "
+                         f"{100 * r['error']:+.2f}% | {r['seconds']} | {r['moved']} |")
         else:
             lines.append(f"| {r['model']} | {r['budget']} | no | - | - | {r['seconds']} | {r['why']} |")
     n = sum(r["ok"] for r in recs)

@@ -33,8 +33,9 @@ def _models():
 
     T.logging.set_verbosity_error()
     cases = {k: v for k, v in bt._models().items() if k in ("bert", "gpt2", "llama-gqa", "qwen2-gqa", "vit")}
-    cases["mistral"] = (lambda: T.MistralForCausalLM(T.MistralConfig(vocab_size=bt.VOCAB, num_key_value_heads=2,
-                                                                     **bt.SMALL)), bt._tokens)
+    cases["mistral"] = (lambda: T.MistralForCausalLM(T.MistralConfig(vocab_size=bt.VOCAB,
+                                                                     num_key_value_heads=2, **bt.SMALL)),
+                                                                     bt._tokens)
     from pytorchcv.models.resnet import resnet18
 
     cases["resnet18"] = (lambda: resnet18(num_classes=10), lambda: (torch.randn(1, 3, 224, 224),))
@@ -42,7 +43,8 @@ def _models():
 
 
 def _logits(out):
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state \
+            if hasattr(out, "last_hidden_state") else out
 
 
 def _other(inputs, model):
@@ -77,8 +79,10 @@ def tp_prune(model, inputs, patch: bool):
             heads[mod.q_proj] = m.config.num_attention_heads
             heads[mod.k_proj] = heads[mod.v_proj] = m.config.num_key_value_heads
     head = getattr(m, "lm_head", None)
-    ignored = [head] if head is not None else [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
-    kw = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.3) if heads else {}
+    ignored = [head] if head is not None \
+            else [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
+    kw = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.3) if heads \
+            else {}
     tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.3,
                          ignored_layers=ignored, round_to=4,
                          output_transform=(lambda o: o.logits) if hasattr(m, "config") else None, **kw).step()
@@ -115,7 +119,8 @@ def checks(name, build, make, budget, method="fxadapt", layers="any") -> dict:
         row["generate"] = _try(lambda: out.generate(ids, max_new_tokens=6, do_sample=False).shape == (1, 11))
         if budget > 1:
             row["grown = original tokens"] = torch.equal(out.generate(ids, max_new_tokens=6, do_sample=False),
-                                                         model.generate(ids, max_new_tokens=6, do_sample=False))
+                                                         model.generate(ids, max_new_tokens=6,
+                                                                        do_sample=False))
         row["labels= loss"] = _try(lambda: _loss(out, other["input_ids"]))
     if hf:
         with tempfile.TemporaryDirectory() as d:
@@ -131,7 +136,8 @@ def checks(name, build, make, budget, method="fxadapt", layers="any") -> dict:
             else:
                 row["stock round trip"] = "n/a (heterogeneous)"
         emb = getattr(out.get_input_embeddings(), "weight", None)
-        emb = emb.shape[-1] if emb is not None else next(m.out_channels for m in out.modules() if hasattr(m, "out_channels"))
+        emb = emb.shape[-1] if emb is not None \
+                else next(m.out_channels for m in out.modules() if hasattr(m, "out_channels"))
         row["config fields"] = out.config.hidden_size == emb
     return row
 
@@ -153,8 +159,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.5])
     ap.add_argument("--models", nargs="+", default=None)
-    ap.add_argument("--tp", action="store_true", help="also Torch-Pruning (ratio 0.3), as is and hand-patched")
-    ap.add_argument("--layers", default="any", help="TransformConfig.layers: any (per-layer widths) or uniform")
+    ap.add_argument("--tp", action="store_true",
+                    help="also Torch-Pruning (ratio 0.3), as is and hand-patched")
+    ap.add_argument("--layers", default="any",
+                    help="TransformConfig.layers: any (per-layer widths) or uniform")
     args = ap.parse_args(argv)
     cases = _models()
     results = {}

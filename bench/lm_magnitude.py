@@ -48,7 +48,8 @@ def _prune_mlp(mlp: nn.Module, keep: int) -> None:
 
 @torch.no_grad()
 def magnitude_prune(model: nn.Module, p: float) -> nn.Module:
-    """Uniform ratio ``p`` per layer: heads kept ``max(1, round(H (1 - p)))``, MLP neurons ``round(4E (1 - p))``."""
+    """Uniform ratio ``p`` per layer: heads kept ``max(1, round(H (1 - p)))``, MLP neurons ``round(4E (1 -
+    p))``."""
     out = copy.deepcopy(model)
     for block in out.transformer.h:
         h, inner = block.attn.num_heads, block.mlp.c_fc.weight.shape[1]

@@ -24,13 +24,13 @@ one SGD learning rate for every weight step (base, fine-tunes, DNA's ``w_lr``, F
    epochs; the baselines with inherited weights (Torch-Pruning, data-free) take no step while choosing
    their widths and are fine-tuned F + S epochs; ``uniform`` and ``dna-scratch`` (re-initialised) get
    E + F + S epochs, the base's steps plus W. Fine-tuning is ``fxadapt.finetune`` (SGD 0.05, cosine,
-   distillation from the base, kd 0.5, T 4; sr: SGD 0.5, ``(1 - kd) L1(y) + kd L1(teacher)``). Every row records its search, fine-tune and total weight
-   steps (counted from the search history and the fine-tune schedule) and the tables print them.
-   ``--quick``: digits F 8 + S 8 epochs (15 steps each: W = 240), shapes on its first 3000 images F 4 +
-   S 3 (46 steps each: W = 322), base ladders capped at 60 / 32 epochs, FUR 2 iterations; full: digits
-   F 15 + S 20, shapes F 5 + S 2, FUR 4 iterations. sr (2000 training patches, 31 steps an epoch): quick
-   F 6 + S 6 (W = 372), base ladder 10 / 20 / 40 epochs (capped at 40 for the runtime; it was still
-   gaining: 29.69 / 29.86 / 30.25 dB, 80 epochs 30.53); full F 10 + S 10, ladder capped at 160.
+   distillation from the base, kd 0.5, T 4; sr: SGD 0.5, ``(1 - kd) L1(y) + kd L1(teacher)``). Every row
+   records its search, fine-tune and total weight steps (counted from the search history and the fine-tune
+   schedule) and the tables print them. ``--quick``: digits F 8 + S 8 epochs (15 steps each: W = 240), shapes
+   on its first 3000 images F 4 + S 3 (46 steps each: W = 322), base ladders capped at 60 / 32 epochs, FUR 2
+   iterations; full: digits F 15 + S 20, shapes F 5 + S 2, FUR 4 iterations. sr (2000 training patches, 31
+   steps an epoch): quick F 6 + S 6 (W = 372), base ladder 10 / 20 / 40 epochs (capped at 40 for the runtime;
+   it was still gaining: 29.69 / 29.86 / 30.25 dB, 80 epochs 30.53); full F 10 + S 10, ladder capped at 160.
 3. Test metric, mean ± the 95% t-interval over seeds; paired differences per seed (same base) against
    the reference: the equal-training baseline (uniform, tp-uniform, tp-global, datafree) with the highest
    mean *val* metric in that cell, mean ± the 95% t-interval of the differences; a second table against
@@ -39,9 +39,9 @@ one SGD learning rate for every weight step (base, fine-tunes, DNA's ``w_lr``, F
    (another task than digits / shapes: quality_<mode>_<tasks>.md).
 4. Cache rows carry ``config_hash`` (sha256 of every option of the method's TransformConfig, the fine-tune
    recipe, the task's constants, E, F, S and ``PROTOCOL``; a task beyond digits / shapes adds its
-   ``Kind``: loss, lr, constants; the classic tasks hash exactly as before), so a changed default produces new rows; the
-   last commit of the library and bench files (``commit``), ``git rev-parse HEAD`` (``head``) and a hash
-   of their uncommitted diff (``dirty``) are recorded for information.
+   ``Kind``: loss, lr, constants; the classic tasks hash exactly as before), so a changed default produces new
+   rows; the last commit of the library and bench files (``commit``), ``git rev-parse HEAD`` (``head``) and a
+   hash of their uncommitted diff (``dirty``) are recorded for information.
 
 Result (quick, 5 seeds, README "Quality"): with equal weight steps DNA beats no equal-training baseline.
 The uniform widths trained from scratch win all six (task, budget) cells (DNA −0.7 to −13.1 points, the
@@ -64,6 +64,8 @@ import warnings
 
 import torch
 
+import fxadapt
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality_tasks  # noqa: E402
 from quality_methods import GROW, SCRATCH, SEARCHES, SHRINK, candidate, count_macs, method_config  # noqa: E402
@@ -84,6 +86,11 @@ SETTINGS = {
               "shapes": dict(ft=4, search=3, ladder=(8, 32), train=3000),
               "sr": dict(ft=6, search=6, ladder=(10, 40), train=None),
               "fur_iterations": 2},
+    # issue 25: the users' question, a recovery budget far below the base's training (W = 30 steps on digits,
+    # 1/15 of the 450-step base): bases and ladder shared with "quick"
+    "recovery": {"digits": dict(ft=1, search=1, ladder=(15, 60), train=None),
+                 "shapes": dict(ft=1, search=1, ladder=(8, 32), train=3000),
+                 "fur_iterations": 1},
 }
 DEFAULT_METHODS = ("uniform", "tp-uniform", "tp-global", "datafree", "fur", "dna", "dna-scratch")
 LIBRARY_FILES = ("fxadapt", "bench/quality.py", "bench/quality_methods.py", "bench/quality_tasks.py",
@@ -104,7 +111,8 @@ def steps_per_epoch(data: dict) -> int:
 
 
 def search_opts(mode: str, task: str, spe: int, search_val: str) -> dict:
-    """The searches' options: their length, which split their gate steps read, and a task's own loss and lr."""
+    """The searches' options: their length, which split their gate steps read, and a task's own loss and
+    lr."""
     st, kind = SETTINGS[mode], KINDS[task]
     opts = {"search_steps": st[task]["search"] * spe, "fur_iterations": st["fur_iterations"],
             "search_val": search_val}
@@ -115,7 +123,11 @@ def search_opts(mode: str, task: str, spe: int, search_val: str) -> dict:
 # that value a field is left out of the hash (adding an option does not orphan the cache; any other value,
 # or a changed default, is hashed and re-runs the rows).
 ADDED_OPTIONS = {("SearchConfig", "weights"): "train", ("SearchConfig", "holdout"): 0.0,
-                 ("SearchConfig", "a_optimizer"): "adam"}
+                 ("SearchConfig", "a_optimizer"): "adam",
+                 ("TransformConfig", "importance"): fxadapt.ImportanceConfig(),
+                 ("TransformConfig", "keep"): (), ("TransformConfig", "only"): (),
+                 ("TransformConfig", "min_width"): {}, ("TransformConfig", "max_width"): {},
+                 ("ImportanceConfig", "floor"): 0.0}
 
 
 def stable(o):
@@ -183,13 +195,14 @@ def run_row(task, method, base, data, budget, seed, ctx) -> dict:
     epochs = finetune_epochs(method, st, epochs_base, search_steps, spe)
     t0 = time.perf_counter()
     if epochs > 0:
-        finetune(model, data["train"], epochs, teacher=copy.deepcopy(base), cfg=kind.finetune_config(seed=seed),
-                 loss_fn=kind.loss_fn)
+        finetune(model, data["train"], epochs, teacher=copy.deepcopy(base),
+                 cfg=kind.finetune_config(seed=seed), loss_fn=kind.loss_fn)
     ft_s, ft_steps = time.perf_counter() - t0, epochs * spe
     scratch, k = method in SCRATCH, kind.key
     return {k: kind.metric(model, data["test"]), f"val_{k}": kind.metric(model, data["val"]),
             f"{k}_before_ft": before, "val_before_ft": val_before, "macs_ratio": ratio, "search_s": search_s,
-            "finetune_s": ft_s, "finetune_epochs": epochs, "search_steps": search_steps, "finetune_steps": ft_steps,
+            "finetune_s": ft_s, "finetune_epochs": epochs, "search_steps": search_steps,
+            "finetune_steps": ft_steps,
             "steps_after_base": ft_steps - epochs_base * spe if scratch else search_steps + ft_steps,
             "steps_from_init": ft_steps if scratch else epochs_base * spe + search_steps + ft_steps}
 
@@ -216,7 +229,8 @@ def task_context(task: str, mode: str, search_val: str, train_base: bool = True)
     epochs, ladder = converged_epochs(task, data, *st["ladder"])
     spe = steps_per_epoch(data)
     opts = search_opts(mode, task, spe, search_val)
-    hashes = {m: config_hash(task, m, st, epochs, opts) for m in ("base",) + tuple(dict.fromkeys(SHRINK + GROW))}
+    hashes = {m: config_hash(task, m, st, epochs, opts)
+              for m in ("base",) + tuple(dict.fromkeys(SHRINK + GROW))}
     return {"task": task, "st": st, "data": data, "base_epochs": epochs, "ladder": ladder, "spe": spe,
             "opts": opts, "hashes": hashes}
 
@@ -225,19 +239,23 @@ def run_task(task: str, mode: str, seeds, budgets, methods, search_val: str) -> 
     ctx = task_context(task, mode, search_val)
     st, data, epochs, spe = ctx["st"], ctx["data"], ctx["base_epochs"], ctx["spe"]
     print(f"[{task}] base epochs {epochs} (ladder {ctx['ladder']}); {spe} steps/epoch; after the base "
-          f"W = ({st['ft']} + {st['search']}) x {spe} = {(st['ft'] + st['search']) * spe} weight steps", flush=True)
+          f"W = ({st['ft']} + {st['search']}) x {spe} = {(st['ft'] + st['search']) * spe} weight steps",
+          flush=True)
     for seed in seeds:
         base = trained_base(task, data, epochs, seed)
-        todo = [("base", 1.0)] + [(m, b) for b in budgets for m in (GROW if b > 1 else SHRINK) if m in methods]
+        todo = [("base", 1.0)] + [(m, b) for b in budgets for m in (GROW if b > 1 else SHRINK)
+                                  if m in methods]
         for method, budget in todo:
             h = ctx["hashes"][method]
-            done = {(r["method"], r["budget"], r["seed"], r.get("config_hash")) for r in load_rows(mode, [task])}
+            done = {(r["method"], r["budget"], r["seed"], r.get("config_hash"))
+                    for r in load_rows(mode, [task])}
             if (method, budget, seed, h) in done:
                 continue        # re-read every time: another process may run other seeds of this task
             row = {"task": task, "method": method, "budget": budget, "seed": seed, "config_hash": h}
             if method == "base":
                 kind = KINDS[task]
-                row |= {"base_epochs": epochs, "ladder": ctx["ladder"], kind.key: kind.metric(base, data["test"]),
+                row |= {"base_epochs": epochs, "ladder": ctx["ladder"],
+                        kind.key: kind.metric(base, data["test"]),
                         f"val_{kind.key}": kind.metric(base, data["val"]), "steps_from_init": epochs * spe}
             else:
                 row |= run_row(task, method, base, data, budget, seed, ctx)
@@ -259,12 +277,14 @@ def main(argv=None) -> int:
                    help="what the searches' gate / FUR probes read (default: the training split)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true", help="only print the tables from the cache")
+    p.add_argument("--recovery", action="store_true", help="issue 25's small recovery budget (W = 2 epochs)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    mode = "quick" if args.quick else "full"
+    mode = "recovery" if args.recovery else "quick" if args.quick else "full"
     seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.quick else "0,1,2,3,4")).split(",")]
-    budgets = [float(b) for b in (args.budgets or ("0.5,0.25,0.1,2.0" if args.quick else "0.5,0.25,0.1,1.5,2.0")).split(",")]
+    budgets = [float(b) for b in (args.budgets or ("0.5,0.25,0.1,2.0" if args.quick
+                                                   else "0.5,0.25,0.1,1.5,2.0")).split(",")]
     tasks = args.tasks.split(",")
     methods = [m for m in args.methods.split(",") if m]
     if not args.report:
@@ -273,7 +293,8 @@ def main(argv=None) -> int:
     ctxs = [c for t in tasks if (c := task_context(t, mode, args.search_val, train_base=False))]
     text = summary(load_rows(mode, tasks), ctxs, seeds)
     os.makedirs(CACHE, exist_ok=True)
-    name = f"quality_{mode}.md" if set(tasks) <= {"digits", "shapes"} else f"quality_{mode}_{'_'.join(tasks)}.md"
+    name = f"quality_{mode}.md" if set(tasks) <= {"digits", "shapes"} \
+            else f"quality_{mode}_{'_'.join(tasks)}.md"
     with open(os.path.join(CACHE, name), "w") as f:
         f.write(text + "\n")
     print(text)

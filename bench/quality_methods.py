@@ -42,13 +42,18 @@ from torch import nn
 
 import fxadapt
 
+IMPORTANCE = ("importance", "importance-oneshot", "importance-taylor", "importance-act", "importance-1it",
+              "importance-kd5", "importance-lr5", "importance-depth",
+              # the default and its ablation (issue 25)
+              "importance-ablation", "importance-ablation-depth", "importance-floor")
 SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna",
-          "dna-scratch")
+          "dna-scratch") + IMPORTANCE
 SCRATCH = ("uniform", "dna-scratch")   # weights re-initialised: trained for base + the protocol's steps
-SEARCHES = ("fur-bernoulli", "fur", "dna-markov", "dna")   # train weights while searching
+SEARCHES = ("fur-bernoulli", "fur", "dna-markov", "dna") + IMPORTANCE   # train weights while searching
 GROW = ("uniform", "datafree", "dna-markov", "dna")
 BASELINES = ("uniform", "tp-uniform", "tp-global", "datafree")   # the equal-training baselines
-_SEARCHED: dict = {}   # (id(base), budget, seed, config) -> DNA's candidate and seconds, reused by dna-scratch
+# (id(base), budget, seed, config) -> DNA's candidate and seconds, reused by dna-scratch
+_SEARCHED: dict = {}
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> float:
@@ -63,7 +68,8 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def tp_prune(model: nn.Module, x: torch.Tensor, target: float, global_pruning: bool) -> nn.Module:
-    """Torch-Pruning magnitude pruning at the largest ratio (bisection) whose result is within ``target`` MACs."""
+    """Torch-Pruning magnitude pruning at the largest ratio (bisection) whose result is within ``target``
+    MACs."""
     import torch_pruning as tp
 
     def prune(ratio: float) -> nn.Module:
@@ -84,7 +90,8 @@ def tp_prune(model: nn.Module, x: torch.Tensor, target: float, global_pruning: b
             best, hi = m, mid
         else:
             lo = mid
-    if best is None:    # global pruning is not monotone in the ratio near its maximum: scan for the largest fit
+    # global pruning is not monotone in the ratio near its maximum: scan for the largest fit
+    if best is None:
         fits = [m for r in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9) if count_macs(m := prune(r), x) <= target]
         best = max(fits, key=lambda m: count_macs(m, x)) if fits else None
     if best is None:
@@ -107,7 +114,8 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
 def method_config(method: str, seed: int, opts: dict) -> fxadapt.TransformConfig | dict:
     """Everything that defines ``method``'s candidate (hashed into the cache key by bench/quality.py)."""
     if method.startswith("tp-"):
-        return {"method": method, "bisection": 14, "max_pruning_ratio": 0.9, "p": 2 if method == "tp-global" else 1}
+        return {"method": method, "bisection": 14, "max_pruning_ratio": 0.9,
+                "p": 2 if method == "tp-global" else 1}
     cfg = fxadapt.TransformConfig(fold_bn=False)
     if method in ("uniform", "datafree"):
         return cfg
@@ -119,10 +127,30 @@ def method_config(method: str, seed: int, opts: dict) -> fxadapt.TransformConfig
         fur = dataclasses.replace(fur, noise="bernoulli")
     if method == "dna-markov":
         search = dataclasses.replace(search, supernet=dataclasses.replace(search.supernet, gates="markov"))
+    if method.startswith("importance"):
+        return dataclasses.replace(cfg, importance=importance_config(method, seed, steps, opts))
     if opts.get("loss_fn") is not None:   # a task with its own loss and lr (sr): both searches use them
         search = dataclasses.replace(search, loss_fn=opts["loss_fn"], w_lr=opts["lr"])
         fur = dataclasses.replace(fur, loss_fn=opts["loss_fn"], lr=opts["lr"])
     return dataclasses.replace(cfg, search=search, fur=fur)
+
+
+def importance_config(method: str, seed: int, steps: int, opts: dict) -> fxadapt.ImportanceConfig:
+    """``importance``: ``steps`` distillation steps over 3 prune iterations (Fisher scores, KL to the base,
+    widths only); the variants change one thing: ``-oneshot`` one prune and no search step (the fine-tune gets
+    all of W), ``-taylor`` / ``-act`` / ``-ablation`` the score, ``-1it`` one prune then the steps, ``-kd5``
+    half the loss on the labels, ``-lr5`` lr 0.05, ``-depth`` blocks scored and removed too, ``-floor`` every
+    group kept at >= half its uniformly scaled width. A task with its own loss (sr) distils by MSE."""
+    cfg = fxadapt.ImportanceConfig(seed=seed, steps=steps)
+    variant = {"importance-oneshot": dict(iterations=1, steps=0), "importance-taylor": dict(kind="taylor"),
+               "importance-act": dict(kind="activation"), "importance-1it": dict(iterations=1),
+               "importance-kd5": dict(kd=0.5), "importance-lr5": dict(lr=0.05),
+               "importance-depth": dict(depth=True), "importance-ablation": dict(kind="ablation"),
+               "importance-ablation-depth": dict(kind="ablation", depth=True),
+               "importance-floor": dict(floor=0.5)}.get(method, {})
+    if opts.get("loss_fn") is not None:
+        variant = variant | dict(loss="mse", loss_fn=opts["loss_fn"])
+    return dataclasses.replace(cfg, **variant)
 
 
 def weight_steps_of(method: str, model: nn.Module, cfg) -> int:
@@ -155,8 +183,8 @@ def candidate(method: str, base: nn.Module, data: dict, budget: float, seed: int
         model, s, steps = _SEARCHED[key]
         return copy.deepcopy(model), s, steps
     kw = {"val_data": data["val"]} if opts.get("search_val") == "val" and method != "datafree" else {}
-    model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=method.split("-")[0], config=cfg,
-                              **kw)
+    model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=method.split("-")[0],
+                              config=cfg, **kw)
     out = (model, time.perf_counter() - t0, weight_steps_of(method, model, cfg))
     if method == "dna":
         _SEARCHED.clear()

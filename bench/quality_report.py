@@ -47,7 +47,8 @@ def _scale(cell: tuple) -> float:
 
 def current(rows, ctxs, seeds) -> list[dict]:
     keep = {(c["task"], m): h for c in ctxs for m, h in c["hashes"].items()}
-    return [r for r in rows if r["seed"] in seeds and keep.get((r["task"], r["method"])) == r.get("config_hash")]
+    return [r for r in rows if r["seed"] in seeds
+            and keep.get((r["task"], r["method"])) == r.get("config_hash")]
 
 
 def _cells(rows, which: str = ""):
@@ -55,7 +56,8 @@ def _cells(rows, which: str = ""):
     out = {}
     for r in rows:
         if r["method"] != "base":
-            out.setdefault((r["task"], r["budget"]), {}).setdefault(r["method"], {})[r["seed"]] = score(r, which)
+            out.setdefault((r["task"], r["budget"]), {}).setdefault(r["method"],
+                                                                    {})[r["seed"]] = score(r, which)
     for r in rows:
         if r["method"] == "base":
             for (t, _), cell in out.items():
@@ -100,7 +102,8 @@ def paired_table(cells, val_cells, baselines) -> str:
         d = [a[s] - ref[s] for s in sorted(set(a) & set(ref))]
         return "reference" if m == refs[c] and d else (f"{_diff(d, _scale(c))} ({len(d)})" if d else "")
 
-    head = "method − reference; reference per cell: " + ", ".join(f"{t} {b}x {refs[(t, b)]}" for t, b in cells)
+    head = "method − reference; reference per cell: " + ", ".join(f"{t} {b}x {refs[(t, b)]}"
+                                                                  for t, b in cells)
     return head + "\n\n" + _table(f"method − reference (test; {_units(cells)})", cells, _methods(cells), cell)
 
 
@@ -113,7 +116,8 @@ def arch_table(cells) -> str:
 
 
 def steps_table(rows) -> str:
-    """Per task and method: search + fine-tune = weight steps after the base (scratch: from initialisation)."""
+    """Per task and method: search + fine-tune = weight steps after the base (scratch: from
+    initialisation)."""
     tasks = sorted({r["task"] for r in rows})
     out = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for m in _methods(_cells(rows))[1:]:
@@ -135,7 +139,8 @@ def _bases(rows, ctxs) -> list[str]:
         if b:
             ref = (f"; bicubic / reference: test {kind.reference(c['data']['test']):.2f} {kind.unit}"
                    if kind.reference else "")
-            lines.append(f"- {c['task']}: {c['base_epochs']} epochs x {c['spe']} steps (val {kind.unit} ladder "
+            lines.append(f"- {c['task']}: {c['base_epochs']} epochs x {c['spe']} steps (val {kind.unit} "
+                         "ladder "
                          + ", ".join(f"{e} ep: {kind.scale * a:.2f}" for e, a in c["ladder"])
                          + f"); test {_ci([score(r) for r in b], kind.scale)} over {len(b)} seeds{ref}")
     return lines
@@ -146,9 +151,9 @@ def summary(rows, ctxs, seeds) -> str:
     lines = ["## Bases"] + _bases(rows, ctxs)
     commits = sorted({r.get("commit", "")[:10] for r in rows})
     dirty = {r.get("dirty") for r in rows if r.get("dirty")}
-    lines.append(f"- rows from commit {', '.join(commits)} ({len(dirty)} distinct uncommitted diffs of the library "
-                 f"and protocol files among them); {stale} cached rows of these seeds have another config hash "
-                 f"(stale, or other options such as --search-val) and are left out")
+    lines.append(f"- rows from commit {', '.join(commits)} ({len(dirty)} distinct uncommitted diffs of the "
+                 f"library and protocol files among them); {stale} cached rows of these seeds have another "
+                 f"config hash (stale, or other options such as --search-val) and are left out")
     cells, val_cells = _cells(rows), _cells(rows, "val")
     inherited = tuple(m for m in BASELINES if m != "uniform")
     return "\n\n".join([
@@ -156,8 +161,8 @@ def summary(rows, ctxs, seeds) -> str:
         "## Test metric, mean ± 95% t-interval (n seeds)", metric_table(cells),
         "## Paired difference vs the best equal-training baseline (chosen on val), mean ± 95% t-interval",
         paired_table(cells, val_cells, BASELINES),
-        "## Paired difference vs the best inherited-weight baseline (tp-uniform, tp-global, datafree; on val)",
-        paired_table(cells, val_cells, inherited),
+        "## Paired difference vs the best inherited-weight baseline (tp-uniform, tp-global, datafree; on "
+        "val)", paired_table(cells, val_cells, inherited),
         "## Architecture only: DNA's widths vs uniform widths, both trained from scratch the same steps",
         arch_table(cells),
         "## Search wall time / one fine-tuning run's wall time", time_table(rows),
@@ -175,14 +180,17 @@ def _per_method(rows, title: str, methods, fmt) -> str:
 
 
 def time_table(rows) -> str:
-    return _per_method(rows, "search s / fine-tune s", ("tp-uniform", "tp-global", "datafree", "fur-bernoulli",
-                                                        "fur", "dna-markov", "dna"),
-                       lambda rs: f"{statistics.mean(r['search_s'] / max(r['finetune_s'], 1e-9) for r in rs):.2f} "
-                                  f"({statistics.mean(r['search_s'] for r in rs):.1f} s / "
-                                  f"{statistics.mean(r['finetune_s'] for r in rs):.1f} s)")
+    return _per_method(rows, "search s / fine-tune s",
+                       ("tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna"),
+                       lambda rs:
+                       f"{statistics.mean(r['search_s'] / max(r['finetune_s'], 1e-9) for r in rs):.2f} "
+                       f"({statistics.mean(r['search_s'] for r in rs):.1f} s / "
+                       f"{statistics.mean(r['finetune_s'] for r in rs):.1f} s)")
 
 
 def macs_table(rows) -> str:
     return _per_method(rows, "MACs / base (before FT metric)", tuple(dict.fromkeys(SHRINK + GROW)),
-                       lambda rs: f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} "
-                                  f"({KINDS[rs[0]['task']].scale * statistics.mean(score(r, 'before') for r in rs):.1f})")
+                       lambda rs:
+                       f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} "
+                       f"({KINDS[rs[0]['task']].scale * statistics.mean(score(r, 'before') for r in rs):.1f}"
+                       ")")

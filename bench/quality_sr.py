@@ -79,7 +79,8 @@ def _shape(grid: torch.Tensor, n: int, u) -> torch.Tensor:
     """A random disk, rectangle or triangle per image: its mask (N, H, W), soft-edged by the 2x render."""
     kind, centre = torch.floor(3 * u(n)).long(), (u(n, 2) - 0.5) * 1.4
     size, theta = 0.15 + 0.5 * u(n), 2 * math.pi * u(n)
-    rot = torch.stack([torch.stack([theta.cos(), -theta.sin()], -1), torch.stack([theta.sin(), theta.cos()], -1)], -2)
+    rot = torch.stack([torch.stack([theta.cos(), -theta.sin()], -1),
+                       torch.stack([theta.sin(), theta.cos()], -1)], -2)
     p = torch.einsum("nij,nhwj->nhwi", rot, (grid - centre[:, None, None]) / size[:, None, None, None])
     aspect = 0.4 + 0.6 * u(n)[:, None, None]
     disk = p.norm(dim=-1) < 1
@@ -97,7 +98,8 @@ def sr_images(n: int, seed: int) -> torch.Tensor:
     lin = torch.linspace(-1, 1, 2 * SR_HR)
     grid = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1).expand(n, -1, -1, -1)
     slope = (u(n, 2) - 0.5) * 0.6
-    img = 0.5 + (u(n, 1, 1) - 0.5) * 0.4 + slope[:, 0, None, None] * grid[..., 0] + slope[:, 1, None, None] * grid[..., 1]
+    img = 0.5 + (u(n, 1, 1) - 0.5) * 0.4 + slope[:, 0, None, None] * grid[..., 0] + slope[:, 1, None,
+                                                                                          None] * grid[..., 1]
     texture = _grating(grid, freq(), math.pi * u(n), 2 * math.pi * u(n))
     checker = texture * _grating(grid, freq(), math.pi * u(n), 2 * math.pi * u(n))
     img = img + 0.15 * u(n, 1, 1) * torch.where(u(n, 1, 1) < 0.5, texture, checker)
@@ -116,7 +118,8 @@ def downsample(hr: torch.Tensor) -> torch.Tensor:
 
 def sr_task(small: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (LR inputs, HR targets)}, standardised (``small``: 64 images a split)."""
-    hr = {k: sr_images(64 if small else n, s) for k, n, s in zip(("train", "val", "test"), SR_SPLIT, SR_SEEDS)}
+    hr = {k: sr_images(64 if small else n, s)
+          for k, n, s in zip(("train", "val", "test"), SR_SPLIT, SR_SEEDS)}
     return {k: ((downsample(v) - SR_MEAN) / SR_STD, (v - SR_MEAN) / SR_STD) for k, v in hr.items()}
 
 

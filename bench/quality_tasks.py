@@ -77,7 +77,8 @@ def digits_task() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _shape_masks(p: torch.Tensor) -> torch.Tensor:
-    """Masks (5, N, H, W) of disk, square, triangle, cross and ring in shape coordinates ``p`` (N, H, W, 2)."""
+    """Masks (5, N, H, W) of disk, square, triangle, cross and ring in shape coordinates ``p`` (N, H, W,
+    2)."""
     px, py = p[..., 0], p[..., 1]
     r = p.norm(dim=-1)
     normals = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
@@ -94,7 +95,8 @@ def _shapes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     lin = torch.linspace(-1, 1, 32)
     grid = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1)             # (32, 32, 2)
     centre, scale, theta = (u(n, 2) - 0.5) * 0.7, 0.4 + 0.3 * u(n), 2 * math.pi * u(n)
-    rot = torch.stack([torch.stack([theta.cos(), -theta.sin()], -1), torch.stack([theta.sin(), theta.cos()], -1)], -2)
+    rot = torch.stack([torch.stack([theta.cos(), -theta.sin()], -1),
+                       torch.stack([theta.sin(), theta.cos()], -1)], -2)
     p = torch.einsum("nij,nhwj->nhwi", rot, (grid - centre[:, None, None]) / scale[:, None, None, None])
     mask = _shape_masks(p)[shape, torch.arange(n)]                                # (n, 32, 32)
     phase, angle = 2 * math.pi * u(n), math.pi * u(n)
@@ -104,8 +106,10 @@ def _shapes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     b_angle, b_phase = math.pi * u(n), 2 * math.pi * u(n)
     b_along = grid[..., 0] * b_angle.cos()[:, None, None] + grid[..., 1] * b_angle.sin()[:, None, None]
     clutter = 0.15 * torch.sin(b_along * 2 * math.pi / (0.3 + 0.5 * u(n, 1, 1)) + b_phase[:, None, None])
-    dark = (u(n, 1, 1, 1) < 0.5).float()                                          # dark shape on light or v.v.
-    fg, bg = dark * 0.1 + (1 - dark) * 0.6 + 0.3 * u(n, 3, 1, 1), dark * 0.6 + (1 - dark) * 0.1 + 0.3 * u(n, 3, 1, 1)
+    # dark shape on light or v.v.
+    dark = (u(n, 1, 1, 1) < 0.5).float()
+    fg, bg = dark * 0.1 + (1 - dark) * 0.6 + 0.3 * u(n, 3, 1, 1), \
+            dark * 0.6 + (1 - dark) * 0.1 + 0.3 * u(n, 3, 1, 1)
     img = bg + (fg - bg) * fill[:, None] + clutter[:, None]
     img = F.avg_pool2d(img, 2) + SHAPES_NOISE * torch.randn(n, 3, 16, 16, generator=g)
     return img, y
@@ -148,8 +152,8 @@ class Kind:
 
 CLASSIFY = Kind()
 KINDS = {"digits": CLASSIFY, "shapes": CLASSIFY,
-         "sr": Kind(model=sr_model, metric=psnr, name="PSNR", key="psnr", unit="dB", scale=1.0, loss_fn=l1, lr=SR_LR,
-                    plateau=SR_PLATEAU, reference=psnr_bicubic, constants=SR_CONSTANTS)}
+         "sr": Kind(model=sr_model, metric=psnr, name="PSNR", key="psnr", unit="dB", scale=1.0, loss_fn=l1,
+                    lr=SR_LR, plateau=SR_PLATEAU, reference=psnr_bicubic, constants=SR_CONSTANTS)}
 
 
 def recipe_hash(task: str = "digits") -> str:
@@ -186,7 +190,8 @@ def _cached_train(task: str, data: dict, epochs: int, seed: int) -> torch.nn.Mod
 
 
 def converged_epochs(task: str, data: dict, start: int, cap: int) -> tuple[int, list]:
-    """Smallest E in start, 2*start, ... (<= cap) whose doubling gains < the plateau in val metric (seed 0)."""
+    """Smallest E in start, 2*start, ... (<= cap) whose doubling gains < the plateau in val metric (seed
+    0)."""
     path = ladder_path(task, start, cap)
     if os.path.exists(path):
         with open(path) as f:

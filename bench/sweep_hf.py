@@ -55,7 +55,8 @@ KINDS = (("ssm", ("mixer", "ssm", "x_proj", "dt_proj")),
          ("channels", ("convolution", "conv_layers", "downsample", "shortcut", "embedder", ".conv", "convs")),
          ("experts", ("expert", "moe", "router", "gate.weight")),
          ("attention", ("attn", "attention", "query", "q_proj", "qkv", "self", "k_proj", "v_proj")),
-         ("mlp", ("mlp", "intermediate", "fc", "ffn", "feed_forward", "gate_proj", "up_proj", "wi", "dense_h_to_4h",
+         ("mlp",
+          ("mlp", "intermediate", "fc", "ffn", "feed_forward", "gate_proj", "up_proj", "wi", "dense_h_to_4h",
                   "pwconv", "ff")),
          ("hidden", ("embed", "wte", "word_embeddings", "patch", "shared", "feature_projection", "stem",
                      "encoder.", "decoder.", "lm_head", "pooler")))
@@ -142,7 +143,8 @@ def adapt(fam, model, budget: float, base_macs: float) -> dict:
     bw = [str(w.message) for w in caught if issubclass(w.category, fxadapt.BudgetWarning)]
     rec.update(status="adapted", returned=rep.returned, cls=type(out).__name__, ratio=ratio,
                report_ratio=rep.macs_after / rep.macs_before, moved=moved(rep),
-               in_window=abs(ratio / budget - 1) <= TOL and abs(rep.macs_after / rep.macs_before / budget - 1) <= TOL,
+               in_window=abs(ratio / budget - 1) <= TOL
+               and abs(rep.macs_after / rep.macs_before / budget - 1) <= TOL,
                writeback_warning=wb[0][:300] if wb else "", budget_warning=bw[0][:300] if bw else "")
     if fam.gen is not None:
         rec["generate"] = _check_generate(fam, model, out, budget)
@@ -251,7 +253,8 @@ def table(rows: list[dict], budgets) -> str:
 
 
 def summary(rows: list[dict]) -> dict:
-    count = {s: sum(r["status"] == s for r in rows) for s in ("adapted", "refused", "crashed", "timeout", "skipped")}
+    count = {s: sum(r["status"] == s for r in rows)
+             for s in ("adapted", "refused", "crashed", "timeout", "skipped")}
     count["out_of_window"] = sum(r["status"] == "adapted" and not r["in_window"] for r in rows)
     count["graph_fallback"] = sum(r["status"] == "adapted" and r["returned"] != "module" for r in rows)
     count["generate_failed"] = sum(not r.get("generate", "ok").startswith("ok") for r in rows)

@@ -145,7 +145,8 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         by_budget[r["budget"]].append(r)
     rates = {str(b): {"ok": sum(r["ok"] for r in rs), "total": len(rs),
-                      "transformed": sum(r["transformed"] for r in rs)} for b, rs in sorted(by_budget.items())}
+                      "transformed": sum(r["transformed"] for r in rs)}
+                      for b, rs in sorted(by_budget.items())}
     measured = [r for r in rows if r["transformed"] and r.get("macs_after")]
     worst = max(measured, key=lambda r: abs(r["rel_err"]), default=None)
     wrong_side = [f"{r['model']}@{r['budget']}" for r in measured if not r["budget_ok"]]
@@ -158,7 +159,8 @@ def summarize(rows: list[dict]) -> dict:
     return {"rates": rates, "models": len({r["model"] for r in rows}),
             "worst_rel_err": None if worst is None else
             {"model": worst["model"], "budget": worst["budget"], "rel_err": worst["rel_err"]},
-            "max_abs_rel_err_shrink": max((abs(r["rel_err"]) for r in measured if r["budget"] < 1), default=0),
+            "max_abs_rel_err_shrink": max((abs(r["rel_err"]) for r in measured if r["budget"] < 1),
+                                          default=0),
             "max_abs_rel_err_grow": max((abs(r["rel_err"]) for r in measured if r["budget"] > 1), default=0),
             "outside_window": wrong_side,
             "onnx": {"ok": sum(r["onnx"] == "ok" for r in tried), "tried": len(tried)},
@@ -179,7 +181,8 @@ def print_summary(s: dict) -> None:
     print(f"ONNX export + onnxruntime match: {o['ok']}/{o['tried']}")
     print("failures by reason:")
     for reason, where in s["failures"].items():
-        print(f"  [{len(where)}] {reason}\n        {', '.join(where[:12])}{' ...' if len(where) > 12 else ''}")
+        print(f"  [{len(where)}] {reason}\n        "
+              f"{', '.join(where[:12])}{' ...' if len(where) > 12 else ''}")
 
 
 def write_outputs(rows: list[dict], s: dict, stem: Path) -> None:
@@ -208,13 +211,15 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in the workers")
     p.add_argument("--out", default=str(CACHE / "zoo_transform"), help="output stem (.jsonl/.json/.tsv)")
     p.add_argument("--resume", action="store_true", help="skip models already in the .jsonl")
-    p.add_argument("--retry-failed", action="store_true", help="with --resume: rerun models with a failed row")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: rerun models with a failed row")
     p.add_argument("--summary", action="store_true", help="only summarize the existing .jsonl")
     return p.parse_args(argv)
 
 
 def _load(jsonl: Path) -> list[dict]:
-    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() \
+            else []
 
 
 def main(argv: list[str] | None = None) -> int:

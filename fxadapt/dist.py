@@ -19,9 +19,10 @@ The scheme, identical for DNA, FUR and ``fxadapt.finetune``:
   depend on the samples (the budget penalty) has the same gradient on every rank and passes unchanged.
   For the same inputs to a BN, the same weights make its averaged ``running_mean`` equal the 1-process
   one (it is linear in the batch mean); ``running_var`` becomes the weighted mean of the per-rank
-  variances (the spread between shards is missing). Every rank then applies the identical update to an identical state, so the
-  supernet, its gates and its BN buffers stay **bit-identical** on all ranks at every step (the state is
-  broadcast from rank 0 once at the start); architectures and returned weights are the same everywhere;
+  variances (the spread between shards is missing). Every rank then applies the identical update to an
+  identical state, so the supernet, its gates and its BN buffers stay **bit-identical** on all ranks at every
+  step (the state is broadcast from rank 0 once at the start); architectures and returned weights are the same
+  everywhere;
 - **compared with one process** on the same global batch: without BatchNorm the loss of a sample does
   not depend on the other samples, so N ranks compute the 1-process step up to float reduction order
   (weights agree to ~1e-7). A training-mode BatchNorm normalises with the statistics of the *local* shard,
@@ -44,6 +45,7 @@ Example (one process: nothing to do, every helper is a no-op):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -127,7 +129,7 @@ def broadcast_state(model: nn.Module, ctx: DistContext) -> None:
                 t.data.copy_(buf)
 
 
-def sync_step(params: list[torch.Tensor], model: nn.Module, ctx: DistContext,
+def sync_step(params: Sequence[torch.Tensor], model: nn.Module, ctx: DistContext,
               weight: float | None = None) -> None:
     """Average (in one all_reduce) the gradients of ``params`` and the BN running statistics of ``model``
     over the ranks, each rank weighted by ``weight`` (its number of samples; equal weights when ``None``);
@@ -155,11 +157,6 @@ def sync_step(params: list[torch.Tensor], model: nn.Module, ctx: DistContext,
             n = b.numel()
             b.copy_(flat[pos:pos + n].view_as(b))
             pos += n
-
-
-def sync_bn(model: nn.Module, ctx: DistContext) -> None:
-    """Average the BN running statistics over the ranks (after forward passes without a ``sync_step``)."""
-    sync_step([], model, ctx)
 
 
 def mean(value: float, weight: float, ctx: DistContext) -> float:

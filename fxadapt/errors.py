@@ -94,7 +94,7 @@ class InternalError(FxAdaptError):
     (``__cause__``)."""
 
 
-def warn(message, category: type = UserWarning) -> None:
+def warn(message: str | Warning, category: type = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside fxadapt (the user's line, at any call depth:
     a pipeline step, a many-budget call, a CLI), so filters and messages point at the user's code.
 
@@ -107,11 +107,13 @@ def warn(message, category: type = UserWarning) -> None:
     """
     import os
     import sys
+    import types
     import warnings
 
     here = os.path.dirname(os.path.abspath(__file__))
     roots = (here, os.path.join(os.path.dirname(here), "passes"))
-    frame, level = sys._getframe(1), 1
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)

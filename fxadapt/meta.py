@@ -21,7 +21,5 @@ INPUTS = "fxadapt.inputs"        # Inputs: the example inputs the graph was capt
 LIFTED = "fxadapt.lifted"        # int: how many ATen calls ``lift_modules`` turned into modules
 FOLDED_BN = "fxadapt.folded_bn"  # int: how many batch norms ``fold_bn`` folded
 DYNAMIC = "fxadapt.dynamic"      # tuple[(input name, axes)]: the input axes capture left symbolic
-ATTENTION = "fxadapt.attention"  # str: the attention mode the graph was analysed with ("heads", "head_dim", "auto")
-
-ALL_KEYS = (ATEN, TRACK, RULE, GROUP, BLOCK, SOURCE, REPEAT_OF, GATE, BATCH, INPUTS, LIFTED, FOLDED_BN, ATTENTION,
-            DYNAMIC)
+# str: the attention mode the graph was analysed with ("heads", "head_dim", "auto")
+ATTENTION = "fxadapt.attention"

@@ -33,7 +33,8 @@ import torch
 
 from fxadapt.errors import FxAdaptError, InputError
 
-# SearchConfig / FurConfig keywords that live on the transform: one source, TransformConfig.device / .precision
+# SearchConfig / FurConfig keywords that live on the transform: one source, TransformConfig.device /
+# .precision
 RUN_OPTIONS = {
     "device": "where a search runs is set once, on the transform: fxadapt.transform(..., device={value!r}) "
               "or fxadapt.TransformConfig(device={value!r}) (dna()/fur() called directly: "
@@ -52,14 +53,14 @@ class Options:
     hints: ClassVar[dict[str, str]] = {}     # field -> what its values mean, appended to a refusal
 
     def __new__(cls, *args: Any, **kwargs: Any):
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = [f.name for f in dataclasses.fields(typing.cast(Any, cls))]   # a dataclass subclass
         if set(kwargs) - set(valid):
             raise cls.error(unknown_options(cls.__name__, kwargs, valid, cls.moved))
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
-        cls = type(self)
-        for name, allowed in literal_fields(cls).items():
+        cls: type[Options] = type(self)
+        for name, allowed in literal_fields(typing.cast(type, cls)).items():
             value = getattr(self, name)
             if value not in allowed:
                 hint = cls.hints.get(name)
@@ -69,7 +70,8 @@ class Options:
     def check(self, ok: bool, field: str, requirement: str) -> None:
         """Raise ``error`` naming ``field``, its value and ``requirement`` unless ``ok``."""
         if not ok:
-            raise self.error(f"{type(self).__name__}.{field} must be {requirement}; got {getattr(self, field)!r}")
+            raise self.error(f"{type(self).__name__}.{field} must be {requirement}; got "
+                             f"{getattr(self, field)!r}")
 
 
 def check_device(owner: str, device: str, error: type[FxAdaptError] = InputError) -> None:

@@ -48,7 +48,8 @@ def fold_bn(gm: GraphModule, cfg: FoldConfig = FoldConfig()) -> PassResult:
     folded = 0
     for node in list(gm.graph.nodes):
         src = node.args[0] if node.args else None
-        if not (_is(node, "affine") and isinstance(src, Node) and _is(src, "absorbs") and len(src.users) == 1):
+        if not (_is(node, "affine") and isinstance(src, Node) and _is(src, "absorbs")
+                and len(src.users) == 1):
             continue
         bn = _norm_tensors(gm, node)
         if bn is None:
@@ -73,11 +74,12 @@ def _is(node: Node, fold: str) -> bool:
 
 def _norm_tensors(gm: GraphModule, node: Node):
     """``(gamma, beta, mean, var, eps)`` of a lifted batch norm with running statistics (else None)."""
-    a = node.meta[meta.ATEN].args  # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ..)
+    # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ..)
+    a = node.meta[meta.ATEN].args
     if not isinstance(a[3], ParamRef) or not isinstance(a[4], ParamRef):
         return None
     get = lambda r: getattr_path(gm, r.target) if isinstance(r, ParamRef) else None  # noqa: E731
-    mean, var = get(a[3]), get(a[4])
+    mean, var = getattr_path(gm, a[3].target), getattr_path(gm, a[4].target)
     gamma = get(a[1]) if a[1] is not None else torch.ones_like(var)
     beta = get(a[2]) if a[2] is not None else torch.zeros_like(mean)
     return gamma, beta, mean, var, a[7]
@@ -87,6 +89,7 @@ def _norm_tensors(gm: GraphModule, node: Node):
 def _fold(gm: GraphModule, src: Node, bn) -> None:
     gamma, beta, mean, var, eps = bn
     spec, tpl = spec_of(src), src.meta[meta.ATEN]
+    assert spec is not None, src.target   # only registered convs and linears are folded into
     w_ref, b_ref = tpl.args[1], tpl.args[2]
     w = getattr_path(gm, w_ref.target)
     s = gamma / torch.sqrt(var + eps)
@@ -97,7 +100,7 @@ def _fold(gm: GraphModule, src: Node, bn) -> None:
     else:
         new_w = w * s.view(-1, *([1] * (w.dim() - 1)))
     b = getattr_path(gm, b_ref.target) if isinstance(b_ref, ParamRef) else torch.zeros_like(mean)
-    path = src.target
+    path = str(src.target)   # a call_module's target is its dotted name
     module = gm.get_submodule(path)
     module.weight = nn.Parameter(new_w.detach().clone(), requires_grad=w.requires_grad)
     module.bias = nn.Parameter(((b - mean) * s + beta).detach().clone())

@@ -23,11 +23,12 @@ Before every step the search draws Gumbel noise ``g`` (``resample``); the gate t
 (``y_hard + tau * (y - y.detach())``: the forward is one discrete width, the gradient the relaxed one,
 times ``tau`` so its scale does not grow as ``tau`` anneals and swamp the budget loss, whose gradient is
 taken at ``tau = 1``); for ``"topk"`` the ``k`` largest perturbed choices with their relaxed weights
-renormalised (multi-path; gradient also times ``tau``). Bin ``k``'s mask is ``P_k = sum_{j >= k} y_j``. Expected units use the noise-free ``pi`` — by the Gumbel-max
-trick exactly the mean of the sampled width: ``E[n] = n_min + sum_k |B_k| sum_{j >= k} pi_j``. In eval
-mode (no noise) the mask is the argmax choice; ``theta`` starts uniform with a 1e-3 tie-break toward the
-original width, so the gated supernet in eval mode still computes the original function. Sampled depth
-gates: ``d = 1[u < b] + b - b.detach()`` (straight-through Bernoulli) for noise ``u ~ U(0, 1)``.
+renormalised (multi-path; gradient also times ``tau``). Bin ``k``'s mask is ``P_k = sum_{j >= k} y_j``.
+Expected units use the noise-free ``pi`` — by the Gumbel-max trick exactly the mean of the sampled width:
+``E[n] = n_min + sum_k |B_k| sum_{j >= k} pi_j``. In eval mode (no noise) the mask is the argmax choice;
+``theta`` starts uniform with a 1e-3 tie-break toward the original width, so the gated supernet in eval mode
+still computes the original function. Sampled depth gates: ``d = 1[u < b] + b - b.detach()`` (straight-through
+Bernoulli) for noise ``u ~ U(0, 1)``.
 
 ``strip_gates`` removes every gate node again (``x * m -> x``), leaving the plain graph with whatever
 weights training gave it.
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -61,6 +63,9 @@ def _bin_index(order: torch.Tensor, n_min: int, bins: list[int]) -> torch.Tensor
 
 class WidthGate(nn.Module):
     """Ordered Markov gate over ``units`` (see module docstring); ``forward()`` returns the unit mask."""
+
+    bin_of: torch.Tensor    # buffers
+    bin_size: torch.Tensor
 
     def __init__(self, order: torch.Tensor, n_min: int, bins: list[int], n_on: int):
         super().__init__()
@@ -91,6 +96,9 @@ class WidthGate(nn.Module):
 
 class SampledWidthGate(nn.Module):
     """Categorical width gate, Gumbel (one path) or Gumbel-top-k (``k`` paths); see module docstring."""
+
+    bin_of: torch.Tensor    # buffers
+    bin_size: torch.Tensor
 
     def __init__(self, order: torch.Tensor, n_min: int, bins: list[int], n_on: int, top_k: int = 1):
         super().__init__()
@@ -167,12 +175,15 @@ class _MaskMul(torch.autograd.Function):
         gm = None
         if keep is not None:
             dims = [d for d in range(g.dim()) if m.shape[d] == 1 and g.shape[d] != 1]
-            gm = (g * keep.to(g.dtype)).sum(dims, keepdim=True).to(m.dtype) if dims else (g * keep.to(g.dtype))
+            gm = (g * keep.to(g.dtype)).sum(dims, keepdim=True).to(m.dtype) if dims \
+                    else (g * keep.to(g.dtype))
         return gx, gm
 
 
 class SiteMask(nn.Module):
     """``x * mask[index]`` broadcast on ``axis``; index -1 (another group's position) multiplies by 1."""
+
+    index: torch.Tensor     # a buffer
 
     def __init__(self, index: torch.Tensor, axis: int, ndim: int):
         super().__init__()
@@ -244,7 +255,8 @@ def _width_gate(w, cfg: GateConfig) -> nn.Module:
     if cfg.kind == "markov":
         return WidthGate(w.order, w.n_min, list(w.bins), w.n_on)
     if cfg.kind in ("gumbel", "topk"):
-        return SampledWidthGate(w.order, w.n_min, list(w.bins), w.n_on, 1 if cfg.kind == "gumbel" else cfg.top_k)
+        return SampledWidthGate(w.order, w.n_min, list(w.bins), w.n_on,
+                                1 if cfg.kind == "gumbel" else cfg.top_k)
     raise ValueError(f"gate kind must be 'markov', 'gumbel' or 'topk', got {cfg.kind!r}")
 
 
@@ -260,7 +272,16 @@ def _after_norm(node: Node, gm: GraphModule) -> Node:
     return node
 
 
-def insert_gates(gm: GraphModule, analysis, spec: GateSpec, cfg: GateConfig = GateConfig()) -> PassResult:
+class Analyzed(Protocol):
+    """What the gates are placed from: ``fxadapt.analysis.Analysis`` is one (passes sit below analysis, so
+    they name the shape they read rather than import it)."""
+
+    groups: list   # Group: ``.members`` with ``.site`` (kind, role, node_name)
+    blocks: list   # Block
+
+
+def insert_gates(gm: GraphModule, analysis: Analyzed, spec: GateSpec,
+                 cfg: GateConfig = GateConfig()) -> PassResult:
     """Insert width/depth gates (``gm`` is the analysed graph of ``analysis``; node names are shared)."""
     gm = copy.deepcopy(gm) if cfg.copy else gm
     gm.add_submodule(GATE_ROOT, nn.Module())

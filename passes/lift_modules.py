@@ -20,7 +20,8 @@ placeholders) so the op-rule table, keyed by ATen overloads, still applies.
 Example:
     >>> import torch
     >>> from fxadapt import capture
-    >>> gm = capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), (torch.randn(2, 3, 8, 8),))
+    >>> gm = capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+    ...              (torch.randn(2, 3, 8, 8),))
     >>> [type(m).__name__ for m in gm.children()]
     ['Conv2d', 'BatchNorm2d']
 """
@@ -28,6 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +53,7 @@ class LiftConfig:
 
 def fill_args(node: Node) -> list:
     """Schema-complete positional args (defaults filled in)."""
-    schema = node.target._schema
+    schema = node.target._schema  # type: ignore[union-attr]  # an OpOverload
     args = list(node.args)
     for arg in schema.arguments[len(args):]:
         args.append(node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else None))
@@ -76,9 +78,10 @@ def _tied_path(node: Node, gm: GraphModule, args: list, params: tuple, aliases: 
     for i in params:
         a = args[i]
         if isinstance(a, Node) and a.op == "get_attr":
-            names = aliases.get(id(getattr_path(gm, a.target)), ())
-            if any(n.rpartition(".")[0] == path and n != a.target for n in names) and \
-                    _module_or_none(origin, path) is not _module_or_none(origin, a.target.rpartition(".")[0]):
+            target = str(a.target)   # a get_attr's target is its dotted name
+            names = aliases.get(id(getattr_path(gm, target)), ())
+            if any(n.rpartition(".")[0] == path and n != target for n in names) and \
+                    _module_or_none(origin, path) is not _module_or_none(origin, target.rpartition(".")[0]):
                 return path
     return ""
 
@@ -111,13 +114,15 @@ def _plan_param_op(node: Node, gm: GraphModule, taken: set, aliases: dict, origi
     """(module name, module, ATen template, new args) for a parametric call, or None to keep it ATen."""
     args = fill_args(node)
     lift = OPS[node.target].lift
+    assert lift is not None, node.target
     builder, act_idx, par_idx = lift.build, lift.acts, lift.params
     if any(not isinstance(args[i], Node) or args[i].op != "get_attr" for i in par_idx if args[i] is not None):
         return None
-    tensors = {a.target: getattr_path(gm, a.target) for i in par_idx if isinstance(a := args[i], Node)}
+    tensors: dict[Any, Any] = {a.target: getattr_path(gm, str(a.target))
+                               for i in par_idx if isinstance(a := args[i], Node)}
     for a in (args[i] for i in par_idx):
-        if isinstance(a, Node) and a.target.endswith("running_mean"):
-            nbt = a.target.rpartition(".")[0] + ".num_batches_tracked"
+        if isinstance(a, Node) and str(a.target).endswith("running_mean"):
+            nbt = str(a.target).rpartition(".")[0] + ".num_batches_tracked"
             if _has(gm, nbt):
                 tensors[("nbt", a.target)] = getattr_path(gm, nbt)
     built_args = [len(a.meta["val"].shape) if i in act_idx and isinstance(a, Node) and "val" in a.meta
@@ -130,13 +135,14 @@ def _plan_param_op(node: Node, gm: GraphModule, taken: set, aliases: dict, origi
     name = _module_name(node, gm, args, par_idx, taken, aliases, origin)
 
     def known(a: Node) -> bool:  # the module would hold the tensor under its own name, or a tied alias
-        own = f"{name}.{_attr(built, a.target, gm)}"
-        return own == a.target or own in aliases.get(id(getattr_path(gm, a.target)), ())
+        target = str(a.target)
+        own = f"{name}.{_attr(built, target, gm)}"
+        return own == target or own in aliases.get(id(getattr_path(gm, target)), ())
 
     if any(isinstance(a, Node) and not known(a) for a in (args[i] for i in par_idx)):
         return None  # lifting would rename a parameter (top-level, not called "weight", or tied): keep ATen
     template = AtenCall(node.target, tuple(
-        Input(act_idx.index(i)) if i in act_idx else (ParamRef(a.target) if isinstance(a, Node) else a)
+        Input(act_idx.index(i)) if i in act_idx else (ParamRef(str(a.target)) if isinstance(a, Node) else a)
         for i, a in enumerate(args)))
     return name, built, template, tuple(args[i] for i in act_idx)
 
@@ -176,21 +182,38 @@ def relift(gm: GraphModule, node: Node) -> nn.Module:
     """Rebuild the module of a lifted node from its ATen template and its current (e.g. sliced) tensors,
     keeping the non-tensor state (training flag, BatchNorm momentum); installs and returns it."""
     tpl: AtenCall = node.meta[meta.ATEN]
-    old = getattr_path(gm, node.target)
-    tensors = {}
+    path = str(node.target)   # a call_module's target is its dotted name
+    old = getattr_path(gm, path)
+    tensors: dict[Any, Any] = {}
     for a in tpl.params():
         tensors[a.target] = getattr_path(gm, a.target)
-        if a.target.endswith("running_mean") and _has(gm, (nbt := a.target.rpartition(".")[0] + ".num_batches_tracked")):
+        if a.target.endswith("running_mean") \
+                and _has(gm, (nbt := a.target.rpartition(".")[0] + ".num_batches_tracked")):
             tensors[("nbt", a.target)] = getattr_path(gm, nbt)
     val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], Node) else None
     args = [(val.dim() if val is not None else 4) if isinstance(a, Input) else
             (a.target if isinstance(a, ParamRef) else a) for a in tpl.args]
-    new = OPS[tpl.op].lift.build(args, tensors)
+    lift = OPS[tpl.op].lift
+    assert lift is not None, tpl.op
+    new = lift.build(args, tensors)
     for key in ("momentum", "training"):
         if hasattr(old, key):
             setattr(new, key, getattr(old, key))
-    set_path(gm, node.target, new)
+    _keep_extras(old, new)
+    set_path(gm, path, new)
     return new
+
+
+def _keep_extras(old: nn.Module, new: nn.Module) -> None:
+    """Tensors and submodules the graph keeps under the lifted module's path that are not the op's own
+    (Gemma's ``embed_tokens.embed_scale``, read by a ``get_attr`` beside the lifted embedding) move over to
+    the rebuilt module."""
+    for name, t in [*old.named_parameters(recurse=False), *old.named_buffers(recurse=False)]:
+        if not hasattr(new, name):
+            set_path(new, name, t)
+    for name, child in old.named_children():
+        if not hasattr(new, name):
+            new.add_module(name, child)
 
 
 def _copy_hparams(built: nn.Module, origin: nn.Module | None, name: str) -> None:
@@ -207,7 +230,7 @@ def _copy_hparams(built: nn.Module, origin: nn.Module | None, name: str) -> None
 
 def _attr(module: nn.Module, target: str, gm: GraphModule) -> str:
     tensor = getattr_path(gm, target)
-    for name, value in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+    for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         if value is tensor:
             return name
     return target.rpartition(".")[2]
@@ -228,7 +251,7 @@ def getattr_path(root: nn.Module, target: str):
     return obj
 
 
-def set_path(root: nn.Module, target: str, value) -> None:
+def set_path(root: nn.Module, target: str, value: Any) -> None:
     *parents, leaf = target.split(".")
     obj = root
     for part in parents:

@@ -14,12 +14,11 @@ For a site edit with source positions ``idx`` and grown-copy mask ``new`` (see `
   its attributes (``in_channels``, ``num_features``...) agree with its tensors.
 
 Depth (``passes.rewire_blocks``) is applied after widths, so repeated blocks copy the new widths.
-The caller's graph module is deep-copied, never mutated.
+The caller's graph module is copied (copy-on-write, ``fxadapt.ir.share``), never mutated.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +31,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxadapt import meta
 from fxadapt.ir.atencall import AtenCall
+from fxadapt.ir.plan_types import Plan, SiteEdit
+from fxadapt.ir.share import shared_copy
 from fxadapt.ops.registry import op_of, spec_of
-from fxadapt.planning.plan import Plan, SiteEdit
 
 NODE_SITES = ("shape_arg", "groups", "split", "slice")
 
@@ -55,17 +55,17 @@ def materialize(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = Materializ
     >>> small.get_submodule("0").out_channels, small.get_submodule("1").in_channels
     (5, 5)
     """
-    out = _copy_but(gm, {e.site.ref.target for e in plan.edits if e.site.kind == "param"})
+    out = _copy_but(gm, {e.site.param for e in plan.edits if e.site.kind == "param"})
     gen = torch.Generator().manual_seed(cfg.seed)
     nodes = {n.name: n for n in out.graph.nodes}
     done: set = set()
     changed: set[str] = set()
     for edit in plan.edits:
         s = edit.site
-        if s.kind == "param" and (s.ref.target, s.axis) not in done:
-            done.add((s.ref.target, s.axis))
+        if s.kind == "param" and (s.param, s.axis) not in done:
+            done.add((s.param, s.axis))
             _edit_param(out, edit, cfg, gen)
-            changed.add(s.ref.target)
+            changed.add(s.param)
         elif s.kind in NODE_SITES:
             _edit_node(nodes[s.node_name], edit)
             changed.add(s.node_name)
@@ -87,18 +87,19 @@ def apply_plan(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = Materialize
 
 
 def _copy_but(gm: GraphModule, replaced: set[str]) -> GraphModule:
-    """A deep copy of ``gm`` that does not copy the tensors about to be replaced (they are only read: the
-    copy gets new tensors in their place, so the caller's graph module is never touched)."""
-    memo = {}
+    """A copy of ``gm`` (new modules, its other tensors copy-on-write clones: ``fxadapt.ir.share``) that keeps
+    the tensors about to be replaced as they are (they are only read: the copy gets new tensors in their
+    place, so the caller's graph module is never touched)."""
+    keep = {}
     for name in replaced:
         t = getattr_path(gm, name)
-        memo[id(t)] = t
-    return copy.deepcopy(gm, memo)
+        keep[id(t)] = t
+    return shared_copy(gm, keep)
 
 
 def _edit_param(gm: GraphModule, edit: SiteEdit, cfg: MaterializeConfig, gen: torch.Generator) -> None:
     s = edit.site
-    old = getattr_path(gm, s.ref.target)
+    old = getattr_path(gm, s.param)
     idx = torch.as_tensor(edit.index, device=old.device)
     new = old.detach().index_select(s.axis, idx)  # a new tensor: the original is only read
     if edit.new.any():
@@ -109,10 +110,11 @@ def _edit_param(gm: GraphModule, edit: SiteEdit, cfg: MaterializeConfig, gen: to
         elif s.role == "out" and cfg.noise and new.is_floating_point():
             src = view[grown]
             noise = torch.randn(src.shape, generator=gen).to(src.device, torch.float32)
-            scale = src.float().std(correction=0).nan_to_num(0.0).clamp_min(1e-8)  # one element: std 0, not NaN
+            # one element: std 0, not NaN
+            scale = src.float().std(correction=0).nan_to_num(0.0).clamp_min(1e-8)
             view[grown] = (src.float() + cfg.noise * scale * noise).to(src.dtype)
     value = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-    set_path(gm, s.ref.target, value)
+    set_path(gm, s.param, value)
 
 
 def _edit_node(node: Node, edit: SiteEdit) -> None:
@@ -120,7 +122,8 @@ def _edit_node(node: Node, edit: SiteEdit) -> None:
     is rewritten instead; the module is rebuilt from it afterwards)."""
     spec, op = spec_of(node), op_of(node)
     if spec is None or spec.edit is None:
-        raise ValueError(f"{node.name}: {op} recorded a {edit.site.kind} site but its registry entry has no edit")
+        raise ValueError(f"{node.name}: {op} recorded a {edit.site.kind} site but its registry entry has no "
+                         "edit")
     if node.op == "call_module":
         tpl = node.meta[meta.ATEN]
         new_op, args = spec.edit(tpl.op, list(tpl.args), edit.site, edit.index, node.meta.get("val"))

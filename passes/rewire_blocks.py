@@ -24,6 +24,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxadapt import meta
 from fxadapt.ir.atencall import AtenCall
 from fxadapt.ir.channels import ParamRef
+from fxadapt.ir.plan_types import Plan
 from fxadapt.ops.registry import spec_of
 
 aten = torch.ops.aten
@@ -71,7 +72,7 @@ class RewireConfig:
     copy: bool = True   # work on a deep copy (the default) or in place (the caller's own copy)
 
 
-def rewire_blocks(gm: GraphModule, plan, cfg: RewireConfig = RewireConfig()) -> PassResult:
+def rewire_blocks(gm: GraphModule, plan: Plan, cfg: RewireConfig = RewireConfig()) -> PassResult:
     """Apply ``plan.remove`` and ``plan.repeat`` (block ids of ``plan.blocks``).
 
     >>> import torch, fxadapt
@@ -119,9 +120,10 @@ def _remove(nodes: dict, removed: list) -> None:
         alias[b.exit] = entry
 
 
-def _impure(node) -> bool:
+def _impure(node: Node) -> bool:
     """In-place activations on dead intermediates (``relu_``) are dead too; keep I/O and assertions."""
-    return node.op in ("placeholder", "output") or (node.op == "call_function" and "assert" in str(node.target))
+    return node.op in ("placeholder", "output") \
+            or (node.op == "call_function" and "assert" in str(node.target))
 
 
 def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
@@ -140,7 +142,7 @@ def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
             new.target = target
         new.meta = {key: v for key, v in old.meta.items() if key != meta.BLOCK}
         if old.op == "call_module" and meta.ATEN in old.meta:
-            new.meta[meta.ATEN] = _retarget(old.meta[meta.ATEN], old.target, new.target)
+            new.meta[meta.ATEN] = _retarget(old.meta[meta.ATEN], str(old.target), str(new.target))
         env[old] = new
         anchor = new
         created.append(new)
@@ -160,7 +162,8 @@ def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
 
 def _retarget(call: AtenCall, old: str, new: str) -> AtenCall:
     """The copied module's ATen template must name the copy's parameters, not the original's."""
-    args = tuple(ParamRef(new + a.target[len(old):]) if isinstance(a, ParamRef) and a.target.startswith(old + ".")
+    args = tuple(ParamRef(new + a.target[len(old):]) if isinstance(a, ParamRef)
+                 and a.target.startswith(old + ".")
                  else a for a in call.args)
     return AtenCall(call.op, args)
 

@@ -31,7 +31,8 @@ SLICED = ("param", "shape_arg", "groups", "split", "slice")
 
 
 def owners(analysis) -> dict[int, tuple]:
-    """``id(site) -> (site, group_of_position, unit_of_position)``; asserts the groups partition every site."""
+    """``id(site) -> (site, group_of_position, unit_of_position)``; asserts the groups partition every
+    site."""
     out: dict[int, tuple] = {}
     for g in analysis.groups:
         for m in g.members:
@@ -51,7 +52,8 @@ def owners(analysis) -> dict[int, tuple]:
 
 
 def site_masks(analysis, keep: dict[int, set[int]]) -> dict[int, tuple]:
-    """``id(site) -> (site, bool mask of surviving positions)`` for keep-sets (in units) of prunable groups."""
+    """``id(site) -> (site, bool mask of surviving positions)`` for keep-sets (in units) of prunable
+    groups."""
     masks = {}
     for key, (s, gof, uof) in owners(analysis).items():
         mask = np.ones(len(gof), dtype=bool)

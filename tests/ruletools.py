@@ -81,7 +81,8 @@ def check_slicing(a, inputs: tuple, trials: int = 4, exact: bool = True, fixed=N
             if exact:
                 torch.testing.assert_close(y, refslicer.masked(a, keep)(*inputs), rtol=0, atol=1e-10)
             w = refslicer.widths(a, keep)
-            assert a.macs(channels=w) == half_flops(sliced, *first)  # the cost model counts the analysed batch (1)
+            # the cost model counts the analysed batch (1)
+            assert a.macs(channels=w) == half_flops(sliced, *first)
             assert a.params(channels=w) == n_params(sliced)
 
 

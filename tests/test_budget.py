@@ -74,7 +74,8 @@ def test_solver_names_stay_importable_from_budget():
     assert issubclass(budget.BudgetWarning, UserWarning) and budget.TOL == 0.01
 
 
-@pytest.mark.parametrize("kwargs", [{"tol": -0.1}, {"tol": 1.0}, {"tol": "1%"}, {"align": 0}, {"align": "fast"},
+@pytest.mark.parametrize("kwargs",
+                         [{"tol": -0.1}, {"tol": 1.0}, {"tol": "1%"}, {"align": 0}, {"align": "fast"},
                                     {"align": 2.5}, {"align": True}])
 def test_solve_config_rejects(kwargs):
     with pytest.raises(BudgetError):

@@ -49,9 +49,9 @@ class _CNN(torch.nn.Module):
 
 @needs_moe
 def test_macs_and_params_both_hold_on_mixtral():
-    """``Budget(macs=0.5, params=0.3)``: the MACs alone would leave ~0.45x of the parameters, so the parameters
-    bind: experts are removed (never below top_k) and the channels shrink within the MAC solution, landing the
-    parameters in ``[0.99, 1] * 0.3`` and the MACs at or below 0.5, both counted independently."""
+    """``Budget(macs=0.5, params=0.3)``: the MACs alone would leave ~0.45x of the parameters, so the
+    parameters bind: experts are removed (never below top_k) and the channels shrink within the MAC solution,
+    landing the parameters in ``[0.99, 1] * 0.3`` and the MACs at or below 0.5, both counted independently."""
     model, ids = _mixtral(), _ids()
     small = _quiet(model, fxadapt.Budget(macs=0.5, params=0.3), {"input_ids": ids})
     assert isinstance(small, transformers.MixtralForCausalLM)
@@ -79,11 +79,13 @@ def test_macs_bind_when_params_are_loose():
 @needs_moe
 def test_impossible_pair_names_the_reachable_params():
     model, ids = _mixtral(), _ids()
-    with pytest.raises(BudgetError, match=r"at the MAC budget of [\d,]+ the reachable parameters are \[[\d,]+, "
+    with pytest.raises(BudgetError,
+                       match=r"at the MAC budget of [\d,]+ the reachable parameters are \[[\d,]+, "
                                           r"[\d,]+\] = \[0\.\d+x, 0\.\d+x\] of the original") as info:
         _quiet(model, fxadapt.Budget(macs=0.5, params=0.01), {"input_ids": ids})
     assert "\n" not in str(info.value) and str(info.value).endswith("give a larger params=")
-    with pytest.raises(BudgetError, match=r"growing to [\d,]+ MACs takes [\d,]+ parameters, above the params"):
+    with pytest.raises(BudgetError,
+                       match=r"growing to [\d,]+ MACs takes [\d,]+ parameters, above the params"):
         _quiet(model, fxadapt.Budget(macs=1.5, params=0.5), {"input_ids": ids})
 
 

@@ -215,9 +215,11 @@ class DictNet(nn.Module):
 def test_pytree_inputs_and_outputs():
     torch.manual_seed(0)
     net = DictNet().eval()
-    ex = ({"image": torch.randn(1, 3, 6, 6), "features": torch.randn(1, 5)}, (torch.randn(1, 4), torch.randn(1, 4)))
+    ex = ({"image": torch.randn(1, 3, 6, 6), "features": torch.randn(1, 5)},
+          (torch.randn(1, 4), torch.randn(1, 4)))
     gm = fxadapt.capture(net, ex)
-    run = ({"image": torch.randn(3, 3, 6, 6), "features": torch.randn(3, 5)}, (torch.randn(3, 4), torch.randn(3, 4)))
+    run = ({"image": torch.randn(3, 3, 6, 6), "features": torch.randn(3, 5)},
+           (torch.randn(3, 4), torch.randn(3, 4)))
     out, ref = gm(*run), net(*run)
     assert isinstance(out, dict) and list(out) == ["sum", "prod", "diff"]
     assert isinstance(out["diff"], tuple) and len(out["diff"]) == 1

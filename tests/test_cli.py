@@ -34,7 +34,8 @@ def test_inspect_example_table(example_run):
     rc, out, err, _ = example_run
     assert rc == 0, err
     assert out.startswith("model example  input 1x3x32x32")
-    for text in ("MACs elasticity", "% change of the model's MACs per 1% change", "stem.0", "stage2.1.se.fc1", "frozen: output: reaches the model output",
+    for text in ("MACs elasticity", "% change of the model's MACs per 1% change", "stem.0", "stage2.1.se.fc1",
+                 "frozen: output: reaches the model output",
                  "skip path is not the identity (projection shortcut)", "totals: MACs 18,268,992",
                  "groups 8: 7 prunable, 1 frozen", "blocks 4: 3 removable", "time: capture"):
         assert text in out, text
@@ -66,7 +67,8 @@ def test_inspect_example_json(example_run):
 
 def test_inspect_pytorchcv_resnet20():
     pytest.importorskip("pytorchcv")
-    rc, out, err = _run(["inspect", "pytorchcv.models.resnet_cifar:resnet20_cifar10", "--input-shape", "1,3,32,32"])
+    rc, out, err = _run(["inspect", "pytorchcv.models.resnet_cifar:resnet20_cifar10", "--input-shape",
+                         "1,3,32,32"])
     assert rc == 0, err
     assert "features.init_block.conv" in out and "features.stage3.unit1.identity_conv.conv" in out
     assert "groups 13: 12 prunable, 1 frozen" in out
@@ -103,13 +105,15 @@ def test_inspect_json_stdout_is_pure_json(factory_file):
     rc, out, _ = _run(["inspect", f"{factory_file}:build", "--input-shape", "1,3,16,16", "--json", "-"])
     assert rc == 0
     data = json.loads(out)
-    assert [(g["name"], g["width"], g["prunable"]) for g in data["groups"]] == [("0", 8, True), ("3", 4, False)]
+    assert [(g["name"], g["width"], g["prunable"]) for g in data["groups"]] \
+            == [("0", 8, True), ("3", 4, False)]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["nocolon", "--input-shape", "1,3,8,8"], "bad model spec 'nocolon': expected MODULE:FACTORY"),
     (["fxadapt.examples:", "--input-shape", "1,3,8,8"], "bad model spec"),
-    (["no_such_module_xyz:f", "--input-shape", "1,3,8,8"], "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
+    (["no_such_module_xyz:f", "--input-shape", "1,3,8,8"],
+     "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
     (["/no/such/file.py:f", "--input-shape", "1,3,8,8"], "cannot import '/no/such/file.py': no such file"),
     (["fxadapt.examples:nope", "--input-shape", "1,3,8,8"], "'fxadapt.examples' has no attribute 'nope'"),
     (["fxadapt.examples:EXAMPLE_INPUT_SHAPE", "--input-shape", "1,3,8,8"], "is not callable"),

@@ -46,7 +46,8 @@ def test_sdpa_with_float_mask_and_different_lengths():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     b, h, L, S, E, Ev = 2, 3, 5, 7, 8, 4
-    args = (torch.randn(b, h, L, E), torch.randn(b, h, S, E), torch.randn(b, h, S, Ev), torch.zeros(b, 1, L, S))
+    args = (torch.randn(b, h, L, E), torch.randn(b, h, S, E), torch.randn(b, h, S, Ev),
+            torch.zeros(b, 1, L, S))
     assert count_macs(Cross(), args) == b * h * L * S * (E + Ev)
 
 

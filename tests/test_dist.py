@@ -32,6 +32,7 @@ from fxadapt.pipeline.transform import SearchInterrupted, TransformConfig
 from fxadapt.search.dna import SearchConfig
 from fxadapt.search.fur import FurConfig
 from fxadapt.train.data import Batches
+from fxadapt.train.probe import PROBE
 
 X1 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 WORLD = 2
@@ -87,7 +88,7 @@ def _compared() -> dict:
                                                   cfg=fxadapt.FinetuneConfig(batch_size=16)).state_dict()}}
     train = Recorded(*data)
     plain = _dna(_model(PlainNet), train, dataclasses.replace(FAST, batch_size=ODD), val_data=data)
-    res["dna_plain"] = _summary(plain) | {"read": train.read}
+    res["dna_plain"] = _summary(plain) | {"read": train.read[PROBE:]}   # after the data check's first samples
     train, model = Recorded(*data), _model(PlainNet)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     tuned = fxadapt.finetune(model, train, epochs=2, cfg=fxadapt.FinetuneConfig(batch_size=ODD))

@@ -37,7 +37,8 @@ def test_fold_conv_variants(layer):
 
 
 def test_fold_linear_and_skip_unfoldable():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.BatchNorm1d(6))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.BatchNorm1d(6))
     randomize_bn(model)
     model.eval()
     gm = capture(model, (X,))

@@ -47,7 +47,8 @@ def programs(draw):
             op = "conv"  # the input has fixed channels: start from a producer
         if op == "conv":
             cout = draw(st.sampled_from([2, 4, 6, 8, 12, 16]))
-            prog.append(("conv", src, cout, draw(st.sampled_from([1, 3])), draw(st.booleans()), draw(st.booleans())))
+            prog.append(("conv", src, cout, draw(st.sampled_from([1, 3])), draw(st.booleans()),
+                         draw(st.booleans())))
             chans.append(cout)
         elif op == "dw":
             mult = draw(st.sampled_from([1, 2])) if 2 * c <= MAX_C else 1
@@ -260,7 +261,8 @@ def test_random_dag_analysis_and_reference_slicing(spec, seed):
             assert g.width == g.granularity * g.units, g
         for m in g.members:
             assert set(np.unique(m.index[m.index >= 0]).tolist()) <= set(range(g.units)), (g, m)
-    head_groups = [g for g in a.groups if any(m.target == "fc.weight" and m.site.role == "out" for m in g.members)]
+    head_groups = [g for g in a.groups
+                   if any(m.target == "fc.weight" and m.site.role == "out" for m in g.members)]
     assert len(head_groups) == 1 and not head_groups[0].prunable  # the logits reach the output
     refslicer.owners(a)  # every position of every site belongs to exactly one group
 

@@ -111,5 +111,6 @@ def test_explicit_use_cache_true_says_what_to_do():
 def test_gpt2_full_default_config():
     model = _model(lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config()))
     ids = {"input_ids": torch.randint(0, 50257, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    ids3 = {"input_ids": torch.randint(0, 50257, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
+    ids3 = {"input_ids": torch.randint(0, 50257, (3, 8)),
+            "attention_mask": torch.ones(3, 8, dtype=torch.long)}
     _captured_matches(model, ids, ids3)

@@ -10,11 +10,12 @@ from torch import nn
 
 import fxadapt
 from fxadapt.errors import BudgetError, FxAdaptError
-from fxadapt.hw.latency import LatencyModel
-from fxadapt.hw.lut import LUT, layer_onnx
+from fxadapt.hw.layers import layer_onnx
+from fxadapt.hw.lut import LUT
 from fxadapt.hw.sim import fake_lut, step_timer
 from fxadapt.hw.target import Target, TargetError
 from fxadapt.planning.budget import Budget, parse_budget
+from fxadapt.planning.latency import LatencyModel
 from fxadapt.planning.solver import SolveConfig, in_window, solve_widths
 
 
@@ -119,7 +120,8 @@ def test_layer_onnx_builds_every_kind():
     conv = ("conv", 1, 8, 16, 1, (6, 6), (3, 3), (2, 2), (1, 1), (1, 1), False, (0, 0), True, "float32")
     dw = ("conv", 1, 8, 8, 8, (6, 6), (3, 3), (1, 1), ("same",), (1, 1), False, (0, 0), False, "float32")
     tr = ("conv", 1, 8, 4, 1, (6, 6), (2, 2), (2, 2), (0, 0), (1, 1), True, (0, 0), True, "float32")
-    for key, op in ((conv, "Conv"), (dw, "Conv"), (tr, "ConvTranspose"), (("linear", 2, 8, 4, True, "float32"), "Gemm")):
+    for key, op in ((conv, "Conv"), (dw, "Conv"), (tr, "ConvTranspose"),
+                    (("linear", 2, 8, 4, True, "float32"), "Gemm")):
         proto, feed = layer_onnx(key)
         assert [n.op_type for n in proto.graph.node] == [op]
 
@@ -155,19 +157,20 @@ def test_groups_narrower_than_the_alignment_are_left_alone():
 
 def test_benchmark_and_cli(tmp_path, monkeypatch):
     from fxadapt.cli import main
-    from fxadapt.hw.bench import benchmark
+    from fxadapt.export.bench import benchmark
 
     monkeypatch.chdir(tmp_path)
     m = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
                       nn.LazyLinear(5))
     x = torch.randn(1, 3, 12, 12)
     m(x)
-    res = benchmark(m.eval(), (x,), [0.5], targets=[Target(), Target(runtime="torch")], runs=2, progress=False)
+    res = benchmark(m.eval(), (x,), [0.5], targets=[Target(), Target(runtime="torch")], runs=2,
+                    progress=False)
     assert [r["budget"] for r in res.rows] == ["original", "0.5"]
     assert set(res.rows[1]["latency"]) == {"onnxruntime-cpu-1t", "torch-cpu-1t"}
     assert "onnxruntime-cpu-1t ms" in res.table()
     assert res.plot(str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
-    assert main(["bench", "--example", "--budgets", "0.75", "--targets", "torch-cpu", "--runs", "2", "--quiet",
-                 "--json", "b.json", "--plot", "b.png"]) == 0
+    assert main(["bench", "--example", "--budgets", "0.75", "--targets", "torch-cpu", "--runs", "2",
+                 "--quiet", "--json", "b.json", "--plot", "b.png"]) == 0
     assert (tmp_path / "b.json").exists() and (tmp_path / "b.png").exists()
     assert main(["bench", "--example", "--targets", "tvm-cpu", "--quiet"]) == 2

@@ -1,5 +1,6 @@
 """``fxadapt.ir.inputs``: every accepted form of example inputs becomes one ``Inputs(args, kwargs)``;
-``capture`` and ``shape_check`` take keyword inputs (dynamic batch included); wrong forms are ``InputError``."""
+``capture`` and ``shape_check`` take keyword inputs (dynamic batch included); wrong forms are
+``InputError``."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ M = torch.ones(2, 3, dtype=torch.long)
 def test_accepted_forms(given, args, keys):
     inp = as_inputs(given)
     assert isinstance(inp, Inputs)
-    assert len(inp.args) == len(args) and all(a is b for a, b in zip(inp.args, args) if isinstance(a, torch.Tensor))
+    assert len(inp.args) == len(args) \
+            and all(a is b for a, b in zip(inp.args, args) if isinstance(a, torch.Tensor))
     assert list(inp.kwargs) == keys
 
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import fxadapt
 from fxadapt.errors import BudgetError
-from fxadapt.hw.latency import LatencyModel
 from fxadapt.hw.sim import SimulatedTarget, fake_lut
+from fxadapt.planning.latency import LatencyModel
 from fxadapt.search.dna import SearchConfig
 from fxadapt.search.latency_loss import ExpectedLatency, width_probs
 from fxadapt.search.supernet import SupernetConfig, build_supernet

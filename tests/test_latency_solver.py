@@ -20,11 +20,11 @@ from models import LatencyNet
 
 import fxadapt
 from fxadapt.errors import BudgetError
-from fxadapt.hw.latency import Measurer, solve_latency
 from fxadapt.hw.lut import LUT
 from fxadapt.hw.sim import SimulatedTarget
 from fxadapt.hw.target import Target, interleaved
 from fxadapt.planning.budget import Budget, BudgetWarning
+from fxadapt.planning.latency import Measurer, solve_latency
 from fxadapt.planning.plan import make_plan
 from fxadapt.planning.solver import SolveConfig, in_window
 
@@ -139,15 +139,17 @@ def test_absolute_latency_budget(net):
 def test_unreachable_budgets_state_the_range(net):
     _, a = net
     t = SimulatedTarget(seed=0)
-    with pytest.raises(BudgetError, match=r"outside the reachable range \[[0-9.]+, [0-9.]+\] ms = \[0\.[0-9]+x, 1\.000x\]"):
+    with pytest.raises(BudgetError,
+                       match=r"outside the reachable range \[[0-9.]+, [0-9.]+\] ms = \[0\.[0-9]+x, "
+                             r"1\.000x\]"):
         solve(a, Budget(latency=0.001), t)
     with pytest.raises(BudgetError, match="do not grow models"):
         solve(a, Budget(latency=1.5), t)
 
 
 def test_coarse_alignment_warns_with_the_closest_below():
-    """One group of 128 aligned to 64 has two rungs (about 0.5x and 1x): a budget of 0.8 gets the closest below
-    it, with a warning naming the window."""
+    """One group of 128 aligned to 64 has two rungs (about 0.5x and 1x): a budget of 0.8 gets the closest
+    below it, with a warning naming the window."""
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 128, 3), torch.nn.ReLU(), torch.nn.Conv2d(128, 8, 3)).eval()
     a = fxadapt.analyze(m, (X,))
     t = SimulatedTarget(seed=0)
@@ -159,7 +161,7 @@ def test_coarse_alignment_warns_with_the_closest_below():
 def test_predictor_held_out_error_on_simulated_latencies(net):
     """The MLP predictor, trained on sub-networks timed by the simulator's formula, predicts held-out ones
     within 10% on average (the latency-aware search paper's bar)."""
-    from fxadapt.hw import predictor as P
+    from fxadapt.planning import predictor as P
 
     _, a = net
     t = SimulatedTarget(seed=11)

@@ -59,7 +59,8 @@ def test_dna_trains_one_supernet_for_every_budget(model, monkeypatch):
         assert type(out) is ResNetTiny and 0.95 * b <= ratio(out, model) <= b
         hist = fxadapt.report(out).history
         assert any("shared_budget" in h for h in hist) and any("gate_step" in h for h in hist)
-    assert [c.after for c in fxadapt.report(outs[0]).groups] != [c.after for c in fxadapt.report(outs[1]).groups]
+    assert [c.after for c in fxadapt.report(outs[0]).groups] \
+            != [c.after for c in fxadapt.report(outs[1]).groups]
 
 
 def test_mixed_latency_and_mac_budgets_datafree(model):
@@ -77,14 +78,17 @@ def test_bad_lists_are_clear_errors(model):
 
 
 def test_bench_with_data_shows_searched_and_datafree_models(model, tmp_path):
-    from fxadapt.hw.bench import BenchData, benchmark
+    from fxadapt.export.bench import BenchData, benchmark
     from fxadapt.hw.target import Target
 
-    data = BenchData(DATA, (DATA[0][:64], DATA[1][:64]), {"strategy": "dna", "search": FAST}, finetune_epochs=1)
+    data = BenchData(DATA, (DATA[0][:64], DATA[1][:64]), {"strategy": "dna", "search": FAST},
+                     finetune_epochs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = benchmark(model, (X,), [0.25, 0.5], [Target(runtime="torch")], runs=3, progress=False, data=data)
-    assert [r["budget"] for r in res.rows] == ["original", "datafree 0.25", "datafree 0.5", "dna 0.25", "dna 0.5"]
+        res = benchmark(model, (X,), [0.25, 0.5], [Target(runtime="torch")], runs=3, progress=False,
+                        data=data)
+    assert [r["budget"] for r in res.rows] \
+            == ["original", "datafree 0.25", "datafree 0.5", "dna 0.25", "dna 0.5"]
     assert [r["method"] for r in res.rows] == ["original", "datafree", "datafree", "dna", "dna"]
     for r in res.rows[1:]:
         b = float(r["budget"].split()[-1])
@@ -98,7 +102,8 @@ def test_bench_with_data_shows_searched_and_datafree_models(model, tmp_path):
 
 
 def test_dna_list_mixing_mac_and_latency_budgets(model, monkeypatch):
-    """MAC budgets share one supernet; the latency budget gets its own search (expected latency in the loss)."""
+    """MAC budgets share one supernet; the latency budget gets its own search (expected latency in the
+    loss)."""
     calls = []
     real = many.run_search
     monkeypatch.setattr(many, "run_search", lambda *a, **k: calls.append(1) or real(*a, **k))

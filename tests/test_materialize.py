@@ -68,7 +68,8 @@ def test_width_growth_preserves_function(res):
 def test_depth_growth_and_removal(res):
     m, a = res
     removable = [b for b in a.blocks if b.removable]
-    assert [(b.entry, b.exit) for b in a.blocks] == [("relu", "add"), ("relu_2", "add_1"), ("relu_4", "add_2")]
+    assert [(b.entry, b.exit) for b in a.blocks] \
+            == [("relu", "add"), ("relu_2", "add_1"), ("relu_4", "add_2")]
     assert len(removable) == 2 and not a.blocks[2].removable
     assert all(repeat_blocker(a.gm, b) is None for b in removable)
     plan = make_plan(a, {}, repeat={removable[0].id: 2})

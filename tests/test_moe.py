@@ -39,21 +39,23 @@ def _by_name(a, name):
 
 def test_router_experts_are_one_group(analysis):
     """Router rows, both expert tensors' axis 0 and histc's bins are one group of E whole experts, kept out of
-    the MAC solvers (``Analysis.prunable``) and moved by a params solve (``counting_params``)."""
+    the MAC solvers (``Analysis.prunable``) and moved by a params solve (``params_as_macs``)."""
     a = analysis
     hidden, = _by_name(a, "model.embed_tokens")
     assert (hidden.width, hidden.prunable, hidden.granularity) == (H, True, 4)   # 16-byte runs of fp32
     experts = [g for g in a.groups if g.name.endswith("mlp.experts")]
-    assert [(g.width, g.prunable, g.granularity) for g in experts] == [(2 * I, True, 8)] * 2  # gate|up runs of 4
+    # gate|up runs of 4
+    assert [(g.width, g.prunable, g.granularity) for g in experts] == [(2 * I, True, 8)] * 2
     routers = [g for g in a.groups if g.name.endswith("mlp.gate")]
     assert [(g.width, g.units, g.prunable, g.top_k) for g in routers] == [(E, E, True, K)] * 2
     for i, g in enumerate(routers):
         axis0 = {(m.target, m.axis) for m in g.members if m.kind == "param"}
         assert axis0 == {(f"model.layers.{i}.mlp.{t}", 0) for t in
                          ("gate.weight", "experts.gate_up_proj", "experts.down_proj")}
-        assert [m.site.node_name for m in g.members if m.kind == "shape_arg"] == ["histc" if i == 0 else "histc_1"]
+        assert [m.site.node_name for m in g.members if m.kind == "shape_arg"] \
+                == ["histc" if i == 0 else "histc_1"]
     assert a.experts == routers and not set(map(id, routers)) & set(map(id, a.prunable))
-    assert {g.id for g in a.counting_params().prunable} == {g.id for g in a.prunable} | {g.id for g in routers}
+    assert {g.id for g in a.params_as_macs().prunable} == {g.id for g in a.prunable} | {g.id for g in routers}
     assert a.fired["topk"] == 4 and a.fired["histc"] == 2 and a.fired["grouped_mm"] == 4
     assert a.fired["gather_like"] >= 6
     assert a.uncosted == ()
@@ -159,7 +161,8 @@ def _route_to_experts_0_and_1(model, batches):
     picked (layer by layer: a router changes the hidden states of the layers after it)."""
     for layer in model.model.layers:
         seen = []
-        hook = layer.mlp.gate.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].reshape(-1, H)))
+        hook = layer.mlp.gate.register_forward_pre_hook(lambda m, args,
+                                                        seen=seen: seen.append(args[0].reshape(-1, H)))
         with torch.no_grad():
             for b in batches:
                 model(b)
@@ -201,7 +204,8 @@ def test_removing_unrouted_experts_is_exact():
                     Reference(gm, a.gm, count_macs(gm, (ids,)), False))
     small = wb.module
     assert wb.reason is None and isinstance(small, transformers.MixtralForCausalLM)
-    assert [(m.mlp.experts.num_experts, m.mlp.gate.num_experts, m.mlp.gate.top_k) for m in small.model.layers] \
+    assert [(m.mlp.experts.num_experts, m.mlp.gate.num_experts, m.mlp.gate.top_k)
+            for m in small.model.layers] \
         == [(2, 2, K)] * 2
     assert small.config.num_local_experts == 2
     with torch.no_grad():
@@ -248,10 +252,10 @@ def test_params_budget_removes_experts(layers, tmp_path):
 
 
 def test_experts_floor_is_top_k(analysis):
-    """The narrowest params solve keeps exactly top_k experts per layer (``solver._bounds``)."""
+    """The narrowest params solve keeps exactly top_k experts per layer (``solver.unit_bounds``)."""
     from fxadapt.planning.solver import SolveConfig, reachable, solve_widths
 
-    view = analysis.counting_params()
+    view = analysis.params_as_macs()
     lo, _ = reachable(view, SolveConfig(align=1))
     n = solve_widths(view, lo, SolveConfig(align=1))
     assert [n[g.id] for g in analysis.experts] == [K, K]

@@ -34,9 +34,11 @@ def test_steps_on_transform_says_to_pass_a_search_config():
     msg = _one_line(e)
     assert msg.startswith("unknown transform option 'steps': the step count is the search's: pass "
                           "search=fxadapt.SearchConfig(steps=300)")
-    assert msg.endswith("valid: strategy, attention, fold_bn, solve, search, fur, grow_depth, device, precision, "
-                        "recalibrate_bn, output, write_back, layers, atol, rtol, output_check, progress")
-    with pytest.raises(InputError, match=r"unknown TransformConfig option 'steps': .*SearchConfig\(steps=3\)"):
+    assert msg.endswith("valid: strategy, attention, fold_bn, solve, search, fur, importance, grow_depth, "
+                        "device, precision, recalibrate_bn, output, write_back, layers, atol, rtol, "
+                        "output_check, progress, keep, only, min_width, max_width")
+    with pytest.raises(InputError,
+                       match=r"unknown TransformConfig option 'steps': .*SearchConfig\(steps=3\)"):
         fxadapt.TransformConfig(steps=3)
 
 
@@ -86,21 +88,25 @@ def test_dna_called_directly_takes_its_context():
 
 @pytest.mark.parametrize("make, error, message", [
     (lambda: fxadapt.TransformConfig(strategy="magic"), InputError,
-     "TransformConfig.strategy must be one of 'auto', 'datafree', 'dna', 'fur'; got 'magic'"),
+     "TransformConfig.strategy must be one of 'auto', 'datafree', 'dna', 'fur', 'importance'; got 'magic'"),
     (lambda: fxadapt.TransformConfig(precision="fp16"), InputError,
      "TransformConfig.precision must be one of 'auto', 'bf16', 'fp32'; got 'fp16'"),
-    (lambda: fxadapt.TransformConfig(device="tpu9"), InputError, "TransformConfig.device: unknown device 'tpu9'"),
-    (lambda: fxadapt.TransformConfig(recalibrate_bn=-1), InputError, "TransformConfig.recalibrate_bn must be at least 0"),
+    (lambda: fxadapt.TransformConfig(device="tpu9"), InputError,
+     "TransformConfig.device: unknown device 'tpu9'"),
+    (lambda: fxadapt.TransformConfig(recalibrate_bn=-1), InputError,
+     "TransformConfig.recalibrate_bn must be at least 0"),
     (lambda: fxadapt.TransformConfig(search={"steps": 3}), InputError,
      "TransformConfig.search must be a fxadapt.SearchConfig, got dict"),
     (lambda: fxadapt.FurConfig(noise="uniform"), SearchConfigError,
      "FurConfig.noise must be one of 'gaussian', 'bernoulli'; got 'uniform'"),
-    (lambda: fxadapt.FurConfig(iterations=0), SearchConfigError, "FurConfig.iterations must be at least 1; got 0"),
+    (lambda: fxadapt.FurConfig(iterations=0), SearchConfigError,
+     "FurConfig.iterations must be at least 1; got 0"),
     (lambda: fxadapt.FurConfig(supernet=fxadapt.SupernetConfig(gates="topk")), SearchConfigError,
      "FurConfig.supernet.gates must be 'markov'"),
     (lambda: fxadapt.SupernetConfig(gates="bernoulli"), SearchConfigError,
      "SupernetConfig.gates must be one of 'markov', 'gumbel', 'topk'; got 'bernoulli'"),
-    (lambda: fxadapt.SupernetConfig(expand=0.5), SearchConfigError, "SupernetConfig.expand must be at least 1.0"),
+    (lambda: fxadapt.SupernetConfig(expand=0.5), SearchConfigError,
+     "SupernetConfig.expand must be at least 1.0"),
     (lambda: fxadapt.SearchConfig(gate_init="zeros"), SearchConfigError,
      "SearchConfig.gate_init must be one of 'budget', 'uniform'; got 'zeros'"),
     (lambda: fxadapt.FinetuneConfig(precision="fp16"), InputError,

@@ -67,8 +67,8 @@ def test_wheel_carries_every_source_file(tmp_path):
         copy = shutil.copytree if (ROOT / item).is_dir() else shutil.copy
         copy(ROOT / item, src / item, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                           if (ROOT / item).is_dir() else {}))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
-                           str(src)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                           str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("fxadapt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

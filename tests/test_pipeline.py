@@ -21,10 +21,11 @@ X = torch.randn(EXAMPLE_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
 
 def test_pipeline_reads_as_documented():
     assert [s.name for s in tr.PIPELINE] == ["capture", "analyze", "plan", "materialize", "rewire_blocks",
-                                              "recalibrate_bn", "fold_bn", "verify", "write_back", "dynamic_graph",
-                                              "export"]
+                                              "recalibrate_bn", "fold_bn", "verify", "write_back",
+                                              "dynamic_graph", "export"]
     rep = fxadapt.report(fxadapt.transform(example_model(), 0.5, (X,)))
-    assert [n for n, _ in rep.timings] == ["capture", "analyze", "plan", "materialize", "rewire_blocks", "verify",
+    assert [n for n, _ in rep.timings] \
+            == ["capture", "analyze", "plan", "materialize", "rewire_blocks", "verify",
                                            "write_back"]
 
 
@@ -80,7 +81,8 @@ def test_missing_overload_is_named_and_uncosted_op_reported(monkeypatch):
         a = fxadapt.analyze(m, (torch.randn(1, 3, 8, 8),))
     assert [u.op for u in a.uncosted] == ["aten.conv2d.padding"]
     assert a.uncosted[0].torch_macs == 3 * 8 * 9 * 64 and a.uncosted[0].model_macs == 0
-    blocked = [n.meta[meta.RULE].blocked for n in a.gm.graph.nodes if meta.RULE in n.meta and n.meta[meta.RULE].blocked]
+    blocked = [n.meta[meta.RULE].blocked for n in a.gm.graph.nodes if meta.RULE in n.meta
+               and n.meta[meta.RULE].blocked]
     assert blocked == ["no channel rule for aten.conv2d.padding: this overload has no registry entry "
                        "(registered: default)"]
 
@@ -108,7 +110,8 @@ def test_default_alignment_falls_back_to_reach_the_budget():
     out = fxadapt.transform(example_model(), 0.5, (X,))
     r = fxadapt.report(out)
     align = r.history[0]["align"]
-    assert align in {auto_align() // 2 ** k for k in range(5)} and 0.495 <= r.macs_after / r.macs_before <= 0.5
+    assert align in {auto_align() // 2 ** k for k in range(5)} \
+            and 0.495 <= r.macs_after / r.macs_before <= 0.5
     assert all(c.after % align == 0 for c in r.groups if c.after != c.before)
 
 
@@ -152,17 +155,20 @@ def test_lstm_transforms_and_is_counted_independently():
 
 def test_attention_mode_option_reaches_the_analysis():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=100)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=100)
     torch.manual_seed(0)
     m = transformers.BertModel(cfg).eval()
     ids = torch.randint(0, 100, (1, 8))
-    heads = fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="heads", solve=fxadapt.planning.solver.SolveConfig(align=1))
-    dims = fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="head_dim", solve=fxadapt.planning.solver.SolveConfig(align=1))
+    heads = fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="heads",
+                              solve=fxadapt.planning.solver.SolveConfig(align=1))
+    dims = fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="head_dim",
+                             solve=fxadapt.planning.solver.SolveConfig(align=1))
     q = "encoder.layer.0.attention.self.query"
     gran = {mode: next(g.granularity for g in fxadapt.analyze(m, {"input_ids": ids}, attention=mode).groups
                        if g.name == q) for mode in ("heads", "head_dim")}
-    assert gran == {"heads": 8, "head_dim": 4}                              # a unit: one head / one position x 4 heads
+    # a unit: one head / one position x 4 heads
+    assert gran == {"heads": 8, "head_dim": 4}
     assert heads.get_submodule(q).out_features % 8 == 0 and dims.get_submodule(q).out_features % 4 == 0
     with pytest.raises(fxadapt.FxAdaptError, match="attention must be one of"):
         fxadapt.transform(m, 0.5, {"input_ids": ids}, attention="rows")
@@ -186,4 +192,5 @@ def test_removing_any_blocks_of_a_deepened_graph_costs_what_the_model_predicts()
     for k in range(1, len(removable) + 1):
         for remove in itertools.combinations(removable, k):
             out = apply_plan(a2.gm, make_plan(a2, {}, remove=set(remove))).graph_module
-            assert fxadapt.analysis.count.count_macs(out, (X,)) == a2.cost.macs(None, {b: 0.0 for b in remove}), remove
+            assert fxadapt.analysis.count.count_macs(out, (X,)) \
+                    == a2.cost.macs(None, {b: 0.0 for b in remove}), remove

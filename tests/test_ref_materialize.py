@@ -63,15 +63,18 @@ def check_materialize(a, xb: torch.Tensor, units: dict[int, int], scores: dict |
     gm = materialize(a.gm, plan).graph_module.eval()
     if scores is not None:
         select = refslicer.selections(units, scores)
-        keep = {gid: set(sel[:n].tolist()) for gid, sel in select.items() if (n := a.groups[gid].units) > units[gid]}
+        keep = {gid: set(sel[:n].tolist()) for gid, sel in select.items()
+                if (n := a.groups[gid].units) > units[gid]}
         kept = refslicer.kept_from_plan(a, plan)
         assert {gid: kept.get(gid) for gid in keep} == keep, "kept units differ from the top scores"
         shapes = refslicer.param_shapes(a, select)
         got = {k: tuple(v.shape) for k, v in gm.state_dict().items() if k in shapes}
         assert got == shapes
     else:
-        keep = {gid: k for gid, k in refslicer.kept_from_plan(a, plan).items() if len(k) < a.groups[gid].units}
-        assert {gid: len(k) for gid, k in keep.items()} == {g: n for g, n in units.items() if n < a.groups[g].units}
+        keep = {gid: k for gid, k in refslicer.kept_from_plan(a, plan).items()
+                if len(k) < a.groups[gid].units}
+        assert {gid: len(k) for gid, k in keep.items()} \
+                == {g: n for g, n in units.items() if n < a.groups[g].units}
     with torch.no_grad():
         y = gm(xb)
         refslicer.assert_same_function(y, refslicer.slice_module(a, keep)(xb), "materialized vs reference")
@@ -81,7 +84,8 @@ def check_materialize(a, xb: torch.Tensor, units: dict[int, int], scores: dict |
         res = fold_bn_mod.fold_bn(gm)
         bns = [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
         left = [m for m in res.graph_module.modules() if isinstance(m, nn.BatchNorm2d)]
-        assert len(bns) - len(left) == res.graph_module.meta[meta.FOLDED_BN] and res.modified == (len(left) < len(bns))
+        assert len(bns) - len(left) == res.graph_module.meta[meta.FOLDED_BN] \
+                and res.modified == (len(left) < len(bns))
         refslicer.assert_same_function(res.graph_module(xb), y, "fold_bn(materialized) vs materialized")
     return len(bns) - len(left)
 
@@ -180,7 +184,8 @@ def test_mutation_of_the_plan_selection_is_caught(monkeypatch):
 
 
 def test_growing_one_weight_per_channel_by_one_unit():
-    """Regression: the growth noise used std() of one element (NaN), and NaN * a zero consumer weight is NaN."""
+    """Regression: the growth noise used std() of one element (NaN), and NaN * a zero consumer weight is
+    NaN."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).double().eval()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Attention heads: ``heads`` mode (whole heads, grouped-query attention in whole kv groups, rotary kept
-intact), ``head_dim`` mode, and ``auto`` (heads where rotary embeddings are applied); residual blocks with side
-inputs; growth of heads function-preserving; tied embedding / LM head."""
+intact), ``head_dim`` mode, and ``auto`` (heads where rotary embeddings are applied); residual blocks with
+side inputs; growth of heads function-preserving; tied embedding / LM head."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ def test_layer_blocks_with_side_inputs_and_growth_of_heads():
     assert "normalises over these channels" in growth_blocker(a, hidden)
     plan = make_plan(a, {g.id: 4, mlp.id: 30}, repeat={a.blocks[0].id: 1})
     big = apply_plan(a.gm, plan).graph_module
-    assert big.q.weight.shape == (32, 16) and big.k.weight.shape == (16, 16) and big.up.weight.shape == (30, 16)
+    assert big.q.weight.shape == (32, 16) and big.k.weight.shape == (16, 16) \
+            and big.up.weight.shape == (30, 16)
     torch.testing.assert_close(big(_x(2)), m(_x(2)), rtol=0, atol=1e-10)
     small = apply_plan(a.gm, make_plan(a, {g.id: 1}, remove={a.blocks[1].id})).graph_module
     assert small.q.weight.shape == (8, 16) and small(_x(2)).shape == (2, 5, 3)

@@ -291,10 +291,11 @@ class Einsum(nn.Module):
         return torch.einsum(self.eq, self.a(x).flatten(2), self.w).sum(1)
 
 
-@pytest.mark.parametrize("eq, macs", [("bcl,cd->bld", 8 * 16 * 6), ("bcl,cd->bd", 8 * 6), ("bcl,cd", 8 * 16 * 6)])
-def test_einsum_has_no_rule_but_is_costed(eq, macs):
+@pytest.mark.parametrize("eq, macs",
+                         [("bcl,cd->bld", 8 * 16 * 6), ("bcl,cd->bd", 8 * 6), ("bcl,cd", 8 * 16 * 6)])
+def test_einsum_with_a_weight_is_costed_and_sliced(eq, macs):  # the rule itself: tests/test_rules_einsum.py
     m, x = seeded(Einsum, eq), x4(1, 3, 4, 4)
     a = analyze(m, x)
     g = group_with(a, "a.weight", 0)
-    assert not g.prunable and "no channel rule for aten.einsum.default" in g.reason
+    assert g.prunable and ("w", 0, "in") in param_members(g)
     assert a.macs() == half_flops(m, x) == 3 * 8 * 16 + macs  # l is summed before the product in bcl,cd->bd

@@ -136,13 +136,15 @@ def test_grouped_conv_granularity_is_groups():
     # input channels viewed as [4 groups, 2]: position k of every group is one unit
     assert (gin.width, gin.units, gin.granularity, gin.prunable) == (8, 2, 4, True)
     np.testing.assert_array_equal(member(gin, "c1.weight", 0).index, np.tile(np.arange(2), 4))
-    np.testing.assert_array_equal(member(gin, "g.weight", 1).index, np.arange(2))  # weight's in axis is per group
+    # weight's in axis is per group
+    np.testing.assert_array_equal(member(gin, "g.weight", 1).index, np.arange(2))
     assert (gout.width, gout.units, gout.granularity, gout.prunable) == (12, 3, 4, True)
     np.testing.assert_array_equal(member(gout, "g.weight", 0).index, np.tile(np.arange(3), 4))
     np.testing.assert_array_equal(member(gout, "c2.weight", 1).index, np.tile(np.arange(3), 4))
     assert not [mem for g in a.groups for mem in g.members if mem.site.kind == "groups"]  # groups stays 4
     assert a.macs() == half_flops(m, x)
-    assert a.macs(channels={gin.id: 4, gout.id: 8}) == 3 * 4 * 25 + 8 * 1 * 9 * 25 + 8 * 5 * 25  # g: 8 out x 1 in x 3x3
+    # g: 8 out x 1 in x 3x3
+    assert a.macs(channels={gin.id: 4, gout.id: 8}) == 3 * 4 * 25 + 8 * 1 * 9 * 25 + 8 * 5 * 25
     check_slicing(a, (x4(2, 3, 5, 5),))
 
 
@@ -202,7 +204,8 @@ def test_layer_norm_and_linear_over_permuted_channels():
     shape = [mem for mem in g.members if mem.site.kind == "shape_arg"]
     assert [(s.site.node_name, s.site.index) for s in shape] == [("ln", 0)]  # normalized_shape[0]
     hidden = group_with(a, "fc1.weight", 0)
-    assert param_members(hidden) == {("fc1.weight", 0, "out"), ("fc1.bias", 0, "bias"), ("fc2.weight", 1, "in")}
+    assert param_members(hidden) \
+            == {("fc1.weight", 0, "out"), ("fc1.bias", 0, "bias"), ("fc2.weight", 1, "in")}
     assert g.prunable and hidden.prunable and len(a.groups) == 3
     assert a.fired["permute"] == 2 and a.fired["layer_norm"] == 1 and a.fired["linear"] == 2
     [b] = a.blocks
@@ -251,8 +254,10 @@ def test_embedding_and_linear_on_sequences():
     m = seeded(Tokens)
     ids = torch.randint(0, 10, (1, 7), generator=torch.Generator().manual_seed(0))
     a = analyze(m, ids)
-    assert param_members(group_with(a, "emb.weight", 1)) == {("emb.weight", 1, "out"), ("fc1.weight", 1, "in")}
-    assert param_members(group_with(a, "fc1.weight", 0)) == {("fc1.weight", 0, "out"), ("fc1.bias", 0, "bias"),
+    assert param_members(group_with(a, "emb.weight", 1)) \
+            == {("emb.weight", 1, "out"), ("fc1.weight", 1, "in")}
+    assert param_members(group_with(a, "fc1.weight", 0)) \
+            == {("fc1.weight", 0, "out"), ("fc1.bias", 0, "bias"),
                                                            ("fc2.weight", 1, "in")}
     assert not group_with(a, "fc2.weight", 0).prunable
     assert a.fired["embedding"] == 1 and a.fired["linear"] == 2
@@ -310,7 +315,8 @@ def test_module_reused_twice_is_one_tensor_and_one_group():
     a = analyze(m, x)
     g = group_with(a, "stem.weight", 0)
     # u1's input, u1's output (= u2's input) and u2's output are one tensor's axes: all coupled
-    assert param_members(g) == {("stem.weight", 0, "out"), ("stem.bias", 0, "bias"), ("u1.0.weight", 0, "out"),
+    assert param_members(g) \
+            == {("stem.weight", 0, "out"), ("stem.bias", 0, "bias"), ("u1.0.weight", 0, "out"),
                                 ("u1.0.weight", 1, "in"), ("u1.0.bias", 0, "bias"), ("out.weight", 1, "in")}
     assert g.prunable and len(a.groups) == 2
     assert a.macs() == half_flops(m, x)

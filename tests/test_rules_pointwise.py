@@ -98,9 +98,12 @@ def test_projection_shortcut_is_a_block_that_cannot_be_removed():
     assert b.body == ("proj", "body_0", "relu_1", "body_2")
     g = group_with(a, "proj.weight", 0)
     assert groups_with(a, "body.2.weight", 0) == [g]  # both branches' outputs are added: one group
-    assert {("proj.weight", 0, "out"), ("body.2.weight", 0, "out"), ("out.weight", 1, "in")} <= param_members(g)
-    assert param_members(group_with(a, "stem.weight", 0)) == {("stem.weight", 0, "out"), ("stem.bias", 0, "bias"),
-                                                            ("proj.weight", 1, "in"), ("body.0.weight", 1, "in")}
+    assert {("proj.weight", 0, "out"), ("body.2.weight", 0, "out"), ("out.weight", 1, "in")} \
+            <= param_members(g)
+    assert param_members(group_with(a, "stem.weight", 0)) \
+            == {("stem.weight", 0, "out"), ("stem.bias", 0, "bias"),
+                                                            ("proj.weight", 1, "in"),
+                                                            ("body.0.weight", 1, "in")}
     assert a.macs() == half_flops(m, x)
     assert a.macs(present={b.id: 0}) == a.macs()  # not removable: no presence variable
     check_slicing(a, (x4(2, 3, 5, 5),))
@@ -128,7 +131,8 @@ def test_se_multiply_couples_gate_and_trunk():
                                 ("fc2.weight", 0, "out"), ("fc2.bias", 0, "bias"), ("out.weight", 1, "in")}
     for mem in g.members:
         np.testing.assert_array_equal(mem.index, np.arange(8))
-    assert param_members(group_with(a, "fc1.weight", 0)) == {("fc1.weight", 0, "out"), ("fc1.bias", 0, "bias"),
+    assert param_members(group_with(a, "fc1.weight", 0)) \
+            == {("fc1.weight", 0, "out"), ("fc1.bias", 0, "bias"),
                                                            ("fc2.weight", 1, "in")}
     assert len(a.prunable) == 2
     assert a.fired["broadcast"] == 1 and a.fired["pool"] == 1 and a.fired["conv"] == 4
@@ -244,7 +248,8 @@ def test_reductions():
     check_slicing(a, (x4(2, 3, 4, 4),), exact=False)  # a mean over channels changes with their count
 
 
-# --- ops without a rule --------------------------------------------------------------------------------------
+# --- ops without a rule
+# --------------------------------------------------------------------------------------
 @torch.library.custom_op("fxadapt_test::channel_mix", mutates_args=())
 def channel_mix(x: torch.Tensor) -> torch.Tensor:
     return x.flip(1).clone()

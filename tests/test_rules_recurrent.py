@@ -27,8 +27,8 @@ class RNN(nn.Module):
 
 
 def seeded(*args):
-    """float32: the default zero state ``aten.zeros(..., dtype=float32)`` is rewritten only at the default dtype
-    (the materializer drops keyword arguments; see ``fxadapt.ops.edits.droppable``)."""
+    """float32: the default zero state ``aten.zeros(..., dtype=float32)`` is rewritten only at the default
+    dtype (the materializer drops keyword arguments; see ``fxadapt.ops.edits.droppable``)."""
     torch.manual_seed(0)
     return RNN(*args).eval()
 

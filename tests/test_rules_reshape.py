@@ -191,13 +191,15 @@ def test_attention_heads_keep_head_count_and_prune_head_dim():
         param_members(qk)
     assert (qk.width, qk.units, qk.granularity, qk.prunable) == (8, 4, 2, True)
     np.testing.assert_array_equal(member(qk, "q.weight", 0).index, np.tile(np.arange(4), 2))
-    assert sorted((mem.site.node_name, mem.site.index) for mem in qk.members if mem.site.kind == "shape_arg") == \
+    assert sorted((mem.site.node_name, mem.site.index) for mem in qk.members
+                  if mem.site.kind == "shape_arg") == \
         [("view", 3), ("view_1", 3)]
     v = group_with(a, "v.weight", 0)
     assert param_members(v) == {("v.weight", 0, "out"), ("v.bias", 0, "bias"), ("o.weight", 1, "in")}
     assert (v.width, v.units, v.granularity, v.prunable) == (8, 4, 2, True)
     np.testing.assert_array_equal(member(v, "o.weight", 1).index, np.tile(np.arange(4), 2))
-    assert sorted((mem.site.node_name, mem.site.index) for mem in v.members if mem.site.kind == "shape_arg") == \
+    assert sorted((mem.site.node_name, mem.site.index) for mem in v.members
+                  if mem.site.kind == "shape_arg") == \
         [("reshape", 2), ("view_2", 3)]
     assert not group_with(a, "o.weight", 0).prunable
     assert a.fired["matmul"] == 2 and a.fired["view"] == 4 and a.fired["linear"] == 4
@@ -245,7 +247,8 @@ class NHWCLinear(nn.Module):
 def test_permute_and_transpose_carry_channels():
     m, x = seeded(NHWCLinear), x4(1, 3, 4, 5)
     a = analyze(m, x)
-    assert param_members(group_with(a, "conv.weight", 0)) == {("conv.weight", 0, "out"), ("conv.bias", 0, "bias"),
+    assert param_members(group_with(a, "conv.weight", 0)) \
+            == {("conv.weight", 0, "out"), ("conv.bias", 0, "bias"),
                                                             ("fc.weight", 1, "in")}
     assert param_members(group_with(a, "fc.weight", 0)) == {("fc.weight", 0, "out"), ("fc.bias", 0, "bias"),
                                                           ("out.weight", 1, "in")}

@@ -51,8 +51,8 @@ def test_an_unexpected_error_is_an_internal_error_naming_the_step(library_only):
     with pytest.raises(InternalError) as e:
         run_steps(OK + (Step("plan", _raises(cause)), Step("verify", lambda j: j)), J())
     msg = str(e.value)
-    assert msg.startswith("step 'plan' failed (after capture, analyze): ValueError: widths disagree — a bug in "
-                          "fxadapt, not in your input; please report it")
+    assert msg.startswith("step 'plan' failed (after capture, analyze): ValueError: widths disagree — a bug "
+                          "in fxadapt, not in your input; please report it")
     assert "\n" not in msg and "verify" not in msg
     assert e.value.__cause__ is cause
     assert isinstance(e.value, fxadapt.FxAdaptError) and fxadapt.InternalError is InternalError
@@ -88,7 +88,8 @@ def test_transform_names_the_step_that_broke(monkeypatch, library_only):
     with pytest.raises(InternalError) as e:
         fxadapt.transform(example_model(), 0.5, (X,))
     assert str(e.value).startswith("step 'write_back' failed (after capture, analyze, plan, materialize, "
-                                   "rewire_blocks, verify): AttributeError: 'NoneType' object has no attribute")
+                                   "rewire_blocks, verify): AttributeError: 'NoneType' object has no "
+                                   "attribute")
     assert isinstance(e.value.__cause__, AttributeError)
 
 
@@ -108,7 +109,8 @@ def test_an_error_in_the_users_loss_fn_names_their_line():
     with pytest.raises(UserCodeError) as e:
         fxadapt.transform(example_model(), 0.5, (X,), data=(x, y), strategy="dna", config=cfg)
     msg = str(e.value)
-    assert "failed in your code (test_runner_errors.py:" in msg and "in loss_fn): ValueError: labels must be" in msg
+    assert "failed in your code (test_runner_errors.py:" in msg \
+            and "in loss_fn): ValueError: labels must be" in msg
     assert msg.startswith(f"step '{e.value.step}' failed in your code")
     assert isinstance(e.value, fxadapt.InputError) and isinstance(e.value.__cause__, ValueError)
     assert "\n" not in msg

@@ -107,7 +107,8 @@ def test_dna_with_sampled_gates_lands_on_budget(model, kind, budget):
 def test_sampled_search_resumes_exactly(model, tmp_path):
     ck = str(tmp_path / "search.pt")
     fast = _fast("gumbel")
-    straight = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=TransformConfig(search=fast))
+    straight = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna",
+                                 config=TransformConfig(search=fast))
     cut = dataclasses.replace(fast, checkpoint=ck, checkpoint_every=4, stop_after=6)
     with pytest.raises(SearchInterrupted):
         fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=TransformConfig(search=cut))

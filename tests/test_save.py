@@ -69,7 +69,8 @@ def test_mixed_modules_train_eval_and_structures(tmp_path):
     save(gm, tmp_path / "m.pt")
     again = load(tmp_path / "m.pt")
     kinds = {type(m).__name__ for m in again.modules()}
-    assert {"Embedding", "LayerNorm", "Conv2d", "BatchNorm2d", "GroupNorm", "ConvTranspose2d", "Linear"} <= kinds
+    assert {"Embedding", "LayerNorm", "Conv2d", "BatchNorm2d", "GroupNorm", "ConvTranspose2d", "Linear"} \
+            <= kinds
     gm.eval(), again.eval()
     a, b = gm(ids), again(ids)
     assert set(b) == {"logits", "pooled"}

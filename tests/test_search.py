@@ -135,7 +135,8 @@ def test_checkpoint_resume_equals_uninterrupted(model, tmp_path):
                                                        fold_bn=False))
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(resumed.eval()(x), straight.eval()(x), rtol=0, atol=1e-6)
-    assert [c.after for c in fxadapt.report(resumed).groups] == [c.after for c in fxadapt.report(straight).groups]
+    assert [c.after for c in fxadapt.report(resumed).groups] \
+            == [c.after for c in fxadapt.report(straight).groups]
 
 
 def test_search_strategies_need_data(model):

@@ -21,7 +21,8 @@ def test_bad_data_specs_are_one_line_errors(capsys):
     base = ["adapt", "--example", "--quiet", "-o", "unused.pt"]
     assert main(base + ["--data", "fxadapt.examples:nope"]) == 2
     assert "has no attribute 'nope'" in capsys.readouterr().err
-    assert main(base + ["--data", "fxadapt.examples:example_model"]) == 2      # returns a model, not (train, val)
+    # returns a model, not (train, val)
+    assert main(base + ["--data", "fxadapt.examples:example_model"]) == 2
     assert "must return (train, val)" in capsys.readouterr().err
     assert main(base + ["--strategy", "fur"]) == 2
     assert "give --data" in capsys.readouterr().err

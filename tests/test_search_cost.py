@@ -37,13 +37,15 @@ def test_vectorised_equals_loop_exactly_on_hard_gates(supernet, seed):
     vec = cost.macs({g: torch.tensor(float(n)) for g, n in units.items()},
                     {b: torch.tensor(d) for b, d in present.items()})
     assert vec.dtype == torch.float64 and float(vec) == loop
-    assert float(cost.params({g: torch.tensor(float(n)) for g, n in units.items()}, present)) == cost.params(units, present)
+    assert float(cost.params({g: torch.tensor(float(n)) for g, n in units.items()}, present)) \
+            == cost.params(units, present)
 
 
 def test_vectorised_matches_loop_on_soft_values_and_gradient(supernet):
     cost = supernet.analysis.cost
     g = torch.Generator().manual_seed(3)
-    soft = {gid: lo + (hi - lo) * float(torch.rand(1, generator=g)) for gid, (lo, hi) in supernet.bounds().items()}
+    soft = {gid: lo + (hi - lo) * float(torch.rand(1, generator=g))
+            for gid, (lo, hi) in supernet.bounds().items()}
     n = {gid: torch.tensor(v, dtype=torch.float64, requires_grad=True) for gid, v in soft.items()}
     vec = cost.macs(n)
     torch.testing.assert_close(float(vec.detach()), cost.macs(soft), rtol=1e-12, atol=0)

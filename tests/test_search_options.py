@@ -73,8 +73,10 @@ def test_sandwich_rule_lands_on_budget_and_trains_weights(model):
     cfg = TransformConfig(search=dataclasses.replace(FAST, sandwich=True))
     out = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=cfg)
     assert 0.495 <= _ratio(out) <= 0.5
-    plain = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna", config=TransformConfig(search=FAST))
-    assert fxadapt.report(out).history[0]["loss"] == fxadapt.report(plain).history[0]["loss"]  # max net = init net
+    plain = fxadapt.transform(model, 0.5, (X1,), data=DATA, strategy="dna",
+                              config=TransformConfig(search=FAST))
+    # max net = init net
+    assert fxadapt.report(out).history[0]["loss"] == fxadapt.report(plain).history[0]["loss"]
     assert fxadapt.report(out).history[-2]["loss"] != fxadapt.report(plain).history[-2]["loss"]
 
 

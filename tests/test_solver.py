@@ -17,8 +17,9 @@ from torch import nn
 
 import fxadapt
 from fxadapt.errors import BudgetError
-from fxadapt.planning import align as align_mod
-from fxadapt.planning.align import auto_align, ladder, unit_step
+from fxadapt.hw import align as align_mod
+from fxadapt.hw.align import auto_align
+from fxadapt.planning.align import ladder, unit_step
 from fxadapt.planning.budget import BudgetWarning, SolveConfig, fit, in_window, reachable, solve_widths
 from fxadapt.planning.solver import MacsPoly
 
@@ -88,7 +89,8 @@ def test_chain_formula_matches_the_original(chain):
 def assert_aligned(a, units: dict, align: int) -> None:
     for g, n in units.items():
         grp = a.groups[g]
-        assert n == grp.units or (n * grp.granularity) % math.lcm(align, grp.granularity) == 0, (grp, n, align)
+        assert n == grp.units \
+                or (n * grp.granularity) % math.lcm(align, grp.granularity) == 0, (grp, n, align)
 
 
 @pytest.mark.parametrize("align", [1, 4, 8, 16])
@@ -290,7 +292,9 @@ def test_growth_refusal_names_the_op_that_forbids_it():
     from fxadapt.analysis.count import count_macs
 
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(BudgetError, match=r"1\.000x\].*1 of 1 groups cannot grow.*group_norm.*no repeatable block to copy either; "
+    with pytest.raises(BudgetError,
+                       match=r"1\.000x\].*1 of 1 groups cannot grow.*group_norm.*no repeatable block to "
+                             r"copy either; "
                                           r"solve=SolveConfig\(preserve=False\) widens them anyway"):
         fxadapt.transform(Normed(), 1.5, (x,))
     with pytest.raises(BudgetError, match=r"cannot grow function-preservingly.*grow_depth=True") as err:
@@ -300,7 +304,8 @@ def test_growth_refusal_names_the_op_that_forbids_it():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grown = fxadapt.transform(model, offered, (x,), grow_depth=True)
-    assert sum(isinstance(m, nn.Conv2d) for m in grown.modules()) == 4                                  # the block's conv copied once (3 + 1)
+    # the block's conv copied once (3 + 1)
+    assert sum(isinstance(m, nn.Conv2d) for m in grown.modules()) == 4
     assert count_macs(grown, (x,)) >= offered * count_macs(model, (x,)) * 0.99
     torch.testing.assert_close(grown(x), model(x))      # the copy is zero-initialised: function kept
 
@@ -330,7 +335,8 @@ def test_non_preserving_growth_on_request_reports_the_function_error():
 
     torch.manual_seed(0)
     model, x = Normed().eval(), torch.randn(2, 3, 8, 8)
-    with pytest.warns(GrowthWarning, match=r"c1 widened; outputs differ from the original by ([0-9.e+-]+)") as w:
+    with pytest.warns(GrowthWarning,
+                      match=r"c1 widened; outputs differ from the original by ([0-9.e+-]+)") as w:
         grown = fxadapt.transform(model, 1.5, (x,), solve=fxadapt.SolveConfig(preserve=False))
     msg = next(str(r.message) for r in w if issubclass(r.category, GrowthWarning))
     reported = float(re.search(r"differ from the original by ([0-9.e+-]+) ", msg).group(1))

@@ -1,7 +1,7 @@
 """State-space models: the selective scan's channels (``d_inner``) form one prunable group.
 
-Hugging Face Mamba (slow path on CPU) computes ``dt = dt_proj.weight @ time_step^T`` (a weight on the *left* of
-a matmul), ``A = -exp(A_log.float())`` (a parameter read element-wise), the outer products
+Hugging Face Mamba (slow path on CPU) computes ``dt = dt_proj.weight @ time_step^T`` (a weight on the *left*
+of a matmul), ``A = -exp(A_log.float())`` (a parameter read element-wise), the outer products
 ``delta[:, :, :, None] * B[:, None, :, :]`` (``d_inner`` on axis 1, ``d_state`` on axis 3) and an initial
 state ``zeros([B, d_inner, d_state])``. The rules under test: the left-weight matmul produces channels,
 element-wise parameters and factories follow the channels (``const`` / ``shape_arg`` sites), and an outer

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 transformers = pytest.importorskip("transformers")
 import bench_transformers as bt  # noqa: E402
 
-MODELS = ("tied-sdpa", "gpt2", "llama-gqa", "bert", "qwen2-gqa", "vit", "swin", "whisper", "wav2vec2", "mobilevit")
+MODELS = ("tied-sdpa", "gpt2", "llama-gqa", "bert", "qwen2-gqa", "vit", "swin", "whisper", "wav2vec2",
+          "mobilevit")
 
 
 def _models():
@@ -56,7 +57,8 @@ def _check(name, budget):
     model, inputs = _case(name)
     out = fxadapt.transform(model, budget, inputs)
     as_call = (lambda m: _called(m, inputs)[0] if isinstance(inputs, dict) else _called(m, inputs))  # noqa: E731
-    macs, base = count_macs(out, as_call(out)), count_macs(model, as_call(model))   # independent of the report
+    # independent of the report
+    macs, base = count_macs(out, as_call(out)), count_macs(model, as_call(model))
     assert abs(macs / base - budget) <= 0.011 * budget
     if budget > 1:   # growth is function-preserving: the original's outputs, compared here
         torch.testing.assert_close(_run(out, inputs), _run(model, inputs), rtol=1e-4, atol=1e-4)

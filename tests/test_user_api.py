@@ -69,7 +69,8 @@ def test_every_float_dtype_transforms(dtype, budget):
     assert next(out.parameters()).dtype == dtype
     if budget > 1:  # growth is function-preserving at the dtype's resolution
         tol = 8 * torch.finfo(dtype).eps
-        torch.testing.assert_close(out(x), m(x), rtol=max(tol, 1e-4), atol=max(tol, 1e-5) * float(m(x).abs().max().clamp_min(1)))
+        torch.testing.assert_close(out(x), m(x), rtol=max(tol, 1e-4),
+                                   atol=max(tol, 1e-5) * float(m(x).abs().max().clamp_min(1)))
 
 
 def test_transform_takes_at_most_six_parameters():
@@ -78,9 +79,11 @@ def test_transform_takes_at_most_six_parameters():
 
 
 def test_no_dispatch_on_module_types_outside_lifting():
-    """Passes look ops up in the registry from the node; only lifting (and the lift builders) name nn classes."""
-    allowed = {"passes/lift_modules.py", "fxadapt/ops/lifts.py", "fxadapt/train/recalibrate.py", "fxadapt/dist.py",
-               "fxadapt/writeback/recipe.py", "fxadapt/writeback/depth.py"}   # containers of the user's tree
+    """Passes look ops up in the registry from the node; only lifting (and the lift builders) name nn
+    classes."""
+    allowed = {"passes/lift_modules.py", "fxadapt/ops/lifts.py", "fxadapt/train/recalibrate.py",
+               # containers of the user's tree
+               "fxadapt/dist.py", "fxadapt/writeback/recipe.py", "fxadapt/writeback/depth.py"}
     pattern = re.compile(r"isinstance\([^)]*,\s*\(?\s*nn\.(?!Module\b|Parameter\b)")
     offenders = [str(p.relative_to(ROOT)) for p in [*ROOT.glob("fxadapt/**/*.py"), *ROOT.glob("passes/*.py")]
                  if str(p.relative_to(ROOT)) not in allowed and pattern.search(p.read_text())]

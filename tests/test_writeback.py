@@ -50,8 +50,10 @@ def test_cnn_keeps_its_class_and_runs_at_other_shapes_like_the_graph():
     assert small(big).shape == model(big).shape
     assert count_macs(small, (x,)) == fxadapt.report(small).macs_after
     convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
-    assert all(c.weight.shape[0] == c.out_channels and c.weight.shape[1] * c.groups == c.in_channels for c in convs)
-    assert sum(c.out_channels for c in convs) < sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert all(c.weight.shape[0] == c.out_channels and c.weight.shape[1] * c.groups == c.in_channels
+               for c in convs)
+    assert sum(c.out_channels for c in convs) \
+            < sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 @pytest.mark.parametrize("budget", [0.5, 1.5])
@@ -133,7 +135,8 @@ def test_config_states_the_new_sizes():
     for layer in small.model.layers:
         attn = layer.self_attn
         assert attn.q_proj.out_features == attn.o_proj.in_features
-        assert attn.q_proj.out_features // attn.head_dim == attn.k_proj.out_features // attn.head_dim * attn.num_key_value_groups
+        assert attn.q_proj.out_features // attn.head_dim \
+                == attn.k_proj.out_features // attn.head_dim * attn.num_key_value_groups
 
 
 def test_fxadapt_save_load_of_a_module_result(tmp_path):
@@ -263,10 +266,12 @@ def test_depth_growth_of_a_cnn_adds_units_to_its_stages():
     ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"CUDA device"),
     ({"device": "tpu9"}, r"TransformConfig.device: unknown device 'tpu9'"),
     ({"layers": "same"}, r"TransformConfig.layers must be one of 'any', 'uniform'; got 'same'"),
-    ({"output": "onnx"}, r"TransformConfig.output must be one of 'module', 'graph', 'exported_program'; got 'onnx'"),
+    ({"output": "onnx"},
+     r"TransformConfig.output must be one of 'module', 'graph', 'exported_program'; got 'onnx'"),
     ({"write_back": "maybe"}, r"TransformConfig.write_back must be one of 'auto', 'strict'; got 'maybe'"),
     ({"precision": "fp16"}, r"TransformConfig.precision must be one of 'auto', 'bf16', 'fp32'; got 'fp16'"),
-    ({"attention": "rows"}, r"TransformConfig.attention must be one of 'auto', 'heads', 'head_dim'; got 'rows'"),
+    ({"attention": "rows"},
+     r"TransformConfig.attention must be one of 'auto', 'heads', 'head_dim'; got 'rows'"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     data = options.pop("data", None)
@@ -302,5 +307,5 @@ def test_fur_with_a_latency_only_budget_is_a_clear_error():
     tests/test_latency_search.py)."""
     x = torch.randn(8, 3, 32, 32)
     with pytest.raises(fxadapt.BudgetError, match="strategy='dna'.*'datafree'"):
-        fxadapt.transform(example_model(), fxadapt.Budget(latency=0.5), (x[:1],), data=(x, torch.zeros(8).long()),
-                          strategy="fur")
+        fxadapt.transform(example_model(), fxadapt.Budget(latency=0.5), (x[:1],),
+                          data=(x, torch.zeros(8).long()), strategy="fur")

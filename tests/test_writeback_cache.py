@@ -23,8 +23,8 @@ X = {"input_ids": torch.randint(3, 96, (1, 8), generator=torch.Generator().manua
 
 
 def _rwkv():
-    cfg = transformers.RwkvConfig(vocab_size=96, hidden_size=64, attention_hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, context_length=64, **IDS)
+    cfg = transformers.RwkvConfig(vocab_size=96, hidden_size=64, attention_hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, context_length=64, **IDS)
     torch.manual_seed(0)
     model = transformers.RwkvForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -34,7 +34,8 @@ def _rwkv():
 
 def _gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64, **IDS)
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64,
+                                  **IDS)
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -64,7 +65,8 @@ def test_rwkv_shrunk_is_tied_and_generates():
     out, rec = _transform(model, 0.5)
     assert type(out) is transformers.RwkvForCausalLM
     tie, = _messages(rec, ReplanWarning)
-    assert "rwkv.embeddings" in tie and "rwkv.blocks.0.attention.key" in tie and "rwkv.blocks.1.attention.key" in tie
+    assert "rwkv.embeddings" in tie and "rwkv.blocks.0.attention.key" in tie \
+            and "rwkv.blocks.1.attention.key" in tie
     assert "the cached path fails" in tie and "size of tensor a" in tie
     assert not _messages(rec, WriteBackWarning)
     assert 0.99 * 0.5 <= _ratio(out, model) <= 0.5 or _messages(rec, fxadapt.BudgetWarning)
@@ -131,8 +133,9 @@ def test_models_without_a_cache_are_skipped():
 
 
 def test_sizes_are_read_from_the_error():
-    assert cache_check._two_sizes("RuntimeError: The size of tensor a (48) must match the size of tensor b (32) "
-                                  "at non-singleton dimension 1") == (48, 32)
+    assert cache_check._two_sizes("RuntimeError: The size of tensor a (48) must match the size of tensor b "
+                                  "(32) at non-singleton dimension 1") == (48, 32)
     assert cache_check._two_sizes("RuntimeError: expected (48) channels, got (32)") == (48, 32)
-    assert cache_check._two_sizes("RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x48 and 32x48)") is None
+    assert cache_check._two_sizes("RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x48 and "
+                                  "32x48)") is None
     assert cache_check._two_sizes("ValueError: bad") is None

@@ -67,6 +67,7 @@ def test_roberta_masked_lm_keeps_its_tied_bias(budget):
     assert type(out) is type(model)
     assert out.lm_head.bias is out.lm_head.decoder.bias                 # one tensor, both names
     assert out.lm_head.decoder.weight is out.roberta.embeddings.word_embeddings.weight
-    assert abs(count_macs(out, {"input_ids": IDS}) / count_macs(model, {"input_ids": IDS}) - budget) <= 0.011 * budget
+    assert abs(count_macs(out, {"input_ids": IDS}) / count_macs(model, {"input_ids": IDS}) - budget) \
+            <= 0.011 * budget
     if budget > 1:
         torch.testing.assert_close(out(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)

@@ -50,7 +50,9 @@ def _transform(model, budget):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         out = fxadapt.transform(model, budget, (_x(),))
-    return out, [w for w in rec if issubclass(w.category, (ReplanWarning, WriteBackWarning, fxadapt.BudgetWarning))]
+    return out, \
+            [w for w in rec
+             if issubclass(w.category, (ReplanWarning, WriteBackWarning, fxadapt.BudgetWarning))]
 
 
 def _net(mlp=True):
@@ -78,7 +80,9 @@ def test_tied_replan_returns_the_users_class_at_the_budget(budget):
     assert "stem and reduce.sr tied to one width" in tie and "reduce.norm (LayerNorm) receives shape" in tie
     assert not [w for w in rec if w.category is WriteBackWarning]
     c = out.stem.out_channels
-    assert c < 32 and out.reduce.sr.in_channels == out.reduce.sr.out_channels == out.reduce.norm.normalized_shape[0] == c
+    assert c < 32 \
+            and out.reduce.sr.in_channels == out.reduce.sr.out_channels \
+            == out.reduce.norm.normalized_shape[0] == c
     r = fxadapt.report(out)
     assert r.returned == "module" and r.history[0]["ties"] == [["reduce.sr", "stem"]]
     assert "re-planned: stem and reduce.sr tied to one width" in str(r)
@@ -101,9 +105,9 @@ def test_segformer_writes_back_after_the_tie():
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "SegformerConfig"):
         pytest.skip("this transformers has no SegFormer")
-    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
-                                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
-                                       mlp_ratios=[2, 2])
+    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                       hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                                       num_attention_heads=[1, 2], mlp_ratios=[2, 2])
     torch.manual_seed(0)
     model = transformers.SegformerModel(cfg).eval()
     x = {"pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}

@@ -92,7 +92,8 @@ def _assert_oracle(factory: str) -> None:
         assert not o.ok and TP_FAILS[factory] in o.failure, "Torch-Pruning builds now: compare it"
         return
     assert o.ok, o.failure
-    assert o.category == KNOWN_DIFFERENCES.get(factory, "agree"), (o.only_ours[:3], o.only_tp[:3], o.unmatched)
+    assert o.category \
+            == KNOWN_DIFFERENCES.get(factory, "agree"), (o.only_ours[:3], o.only_tp[:3], o.unmatched)
 
 
 @pytest.mark.parametrize("factory", QUICK)

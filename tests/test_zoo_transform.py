@@ -30,7 +30,8 @@ SMOKE = (zh.ZooEntry("resnet_cifar", "resnet20_cifar10", (1, 3, 32, 32), ""),
 _INTERLEAVED = "grouped convs / shuffles lay channels out interleaved, so those groups do not grow"
 KNOWN_FAILURES: dict[tuple[str, float | None], tuple[str, str]] = {
     ("octresnet10_ad2", None): ("BudgetError", "no prunable group: OctConv slices its weights at run time"),
-    ("shufflenet_g3_w1", None): ("BudgetError", "grouped 1x1 convs + shuffles couple 97% of the MACs into one "
+    ("shufflenet_g3_w1", None): ("BudgetError",
+                                 "grouped 1x1 convs + shuffles couple 97% of the MACs into one "
                                                 "group of 8 units: no widths within 1%; no growth either"),
     ("ghostnet", 1.5): ("BudgetError", "growth reaches 1.35x: " + _INTERLEAVED),
     ("ghostnet", 2.0): ("BudgetError", "growth reaches 1.35x: " + _INTERLEAVED),

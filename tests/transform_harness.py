@@ -52,7 +52,8 @@ def hand_macs(model: nn.Module, x: torch.Tensor) -> int:
     def hook(m, _, out):
         nonlocal total
         w = m.weight
-        total += out.numel() * (w.shape[1] * math.prod(w.shape[2:]) if isinstance(m, nn.Conv2d) else w.shape[1])
+        total += out.numel() * (w.shape[1] * math.prod(w.shape[2:]) if isinstance(m, nn.Conv2d)
+                                else w.shape[1])
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:

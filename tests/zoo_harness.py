@@ -120,7 +120,8 @@ def check_model(name: str, model: nn.Module, x: torch.Tensor) -> ZooResult:
         r.n_groups, r.n_prunable = len(a.groups), len(a.prunable)
         r.groups_ok = all(g.prunable or (g.reason or "").strip() for g in a.groups)
     except Exception as e:  # noqa: BLE001 - recorded as the failure reason
-        r.failure = f"{'analyze' if r.captured else 'capture'}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        r.failure = (f"{'analyze' if r.captured else 'capture'}: {type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200] if str(e) else ''}")
     r.seconds = time.perf_counter() - t0
     r.untouched = _same(model, snap)
     if r.analyzed:

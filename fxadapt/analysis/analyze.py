@@ -40,11 +40,12 @@ from fxadapt.analysis.cost_build import build_cost
 from fxadapt.analysis.crosscheck import Uncosted, crosscheck
 from fxadapt.analysis.groups import Group, form_groups
 from fxadapt.analysis.propagate import labels_of, propagate
+from fxadapt.analysis.summary import analysis_table
 from fxadapt.errors import (
     UncostedWarning,  # noqa: F401  (defined in fxadapt.errors)
     warn,
 )
-from fxadapt.ir.capture import capture
+from fxadapt.passes.capture import capture
 
 
 @dataclass
@@ -57,16 +58,18 @@ class Analysis:
     cost: CostModel
     graph: nx.DiGraph = field(repr=False)
     fired: Counter = field(default_factory=Counter)
-    group_of: np.ndarray = field(default=None, repr=False)
-    unit_of: np.ndarray = field(default=None, repr=False)
-    roots: np.ndarray = field(default=None, repr=False)
+    group_of: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]  # set by analyze()
+    unit_of: np.ndarray = field(default=None, repr=False)   # type: ignore[arg-type]
+    roots: np.ndarray = field(default=None, repr=False)     # type: ignore[arg-type]
     uncosted: tuple[Uncosted, ...] = ()
     with_experts: bool = False
-    counting: str = "MACs"      # what ``cost.macs`` counts, as messages name it ("parameters" in ``counting_params``)
+    # what ``cost.macs`` counts, as messages name it ("parameters" in ``params_as_macs``)
+    counting: str = "MACs"
+    hold: Any = None            # the user's ``fxadapt.analysis.hold.Hold`` applied to the groups (None: none)
 
     @property
     def prunable(self) -> list[Group]:
-        """The groups the solvers and searches move: channel groups, and expert groups in ``counting_params``
+        """The groups the solvers and searches move: channel groups, and expert groups in ``params_as_macs``
         (under top-k routing removing experts saves parameters, not MACs per token)."""
         return [g for g in self.groups if g.prunable and (self.with_experts or g.top_k is None)]
 
@@ -75,9 +78,10 @@ class Analysis:
         """Prunable expert groups (whole experts of a mixture-of-experts layer; ``fxadapt.ops.routing``)."""
         return [g for g in self.groups if g.prunable and g.top_k is not None]
 
-    def counting_params(self) -> Analysis:
-        """This analysis as a params budget is solved on it: the cost the width solvers read as ``macs`` is the
-        parameter count, and the expert groups are prunable (at least ``top_k`` experts stay)."""
+    def params_as_macs(self) -> Analysis:
+        """A copy whose ``macs()`` (and ``cost.macs``) count *parameters*, not MACs: the view a params budget
+        is solved on, since the width solvers read ``macs``; its expert groups are prunable (at least
+        ``top_k`` experts stay) and its ``counting`` is "parameters", so messages name what they count."""
         cost = CostModel(self.cost.params_terms, self.cost.params_terms, self.cost.units)
         return dataclasses.replace(self, cost=cost, with_experts=True, counting="parameters")
 
@@ -88,7 +92,8 @@ class Analysis:
 
     def _units(self, channels: dict | None, units: dict | None) -> dict | None:
         if channels is not None and units is not None:
-            raise ValueError("give channels= (widths in channels) or units= (solver output: kept units), not both")
+            raise ValueError("give channels= (widths in channels) or units= (solver output: kept units), not "
+                             "both")
         return units if units is not None else self.units_for(channels)
 
     def macs(self, *, channels: dict[int, int] | None = None, units: dict[int, int] | None = None,
@@ -104,8 +109,6 @@ class Analysis:
         return self.cost.params(self._units(channels, units), present)
 
     def summary(self) -> str:
-        from fxadapt.export.report import analysis_table
-
         return analysis_table(self)
 
 

@@ -25,26 +25,15 @@ below 2**53).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from fxadapt.ops.forms import LinearForm
 
-@dataclass(frozen=True)
-class LinearForm:
-    """``const + sum(coef * n[g])``: the size of one tensor axis as a function of kept units."""
-
-    const: float
-    coefs: tuple[tuple[int, float], ...] = ()
-
-    def value(self, n: dict[int, float]) -> float:
-        return self.const + sum(c * n[g] for g, c in self.coefs)
-
-    def __add__(self, other: LinearForm) -> LinearForm:
-        merged: dict[int, float] = dict(self.coefs)
-        for g, c in other.coefs:
-            merged[g] = merged.get(g, 0.0) + c
-        return LinearForm(self.const + other.const, tuple(sorted(merged.items())))
+Sizes = Mapping[int, Any]   # group (or block) -> kept units (or presence): a number, or a 0-d tensor
 
 
 @dataclass(frozen=True)
@@ -56,7 +45,7 @@ class Term:
     blocks: tuple[int, ...]
     node: str
 
-    def value(self, n: dict[int, float], present: dict[int, float] | None = None) -> float:
+    def value(self, n: Sizes, present: Sizes | None = None) -> float:
         v = self.coef
         for f in self.factors:
             v *= f.value(n)
@@ -64,7 +53,7 @@ class Term:
             v *= math.prod(present.get(b, 1.0) for b in self.blocks)
         return v
 
-    def grad(self, g: int, n: dict[int, float], present: dict[int, float] | None = None) -> float:
+    def grad(self, g: int, n: Sizes, present: Sizes | None = None) -> float:
         """d value / d n_g (product rule over factors)."""
         vals = [f.value(n) for f in self.factors]
         total = 0.0
@@ -94,20 +83,20 @@ class CostModel:
 
     _compiled: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
-    def _n(self, n: dict[int, float] | None) -> dict[int, float]:
+    def _n(self, n: Sizes | None) -> dict[int, Any]:
         base = dict(self.units)
         if n:
             base.update(n)
         return base
 
-    def macs(self, n: dict[int, float] | None = None, present: dict[int, float] | None = None):
+    def macs(self, n: Sizes | None = None, present: Sizes | None = None):
         """Total MACs (a float; a float64 tensor, differentiable, when any width or presence is a tensor)."""
         if _has_tensor(n, present):
             return self.compiled("macs")(self._n(n), present)
         full = self._n(n)
         return sum(t.value(full, present) for t in self.macs_terms)
 
-    def params(self, n: dict[int, float] | None = None, present: dict[int, float] | None = None):
+    def params(self, n: Sizes | None = None, present: Sizes | None = None):
         if _has_tensor(n, present):
             return self.compiled("params")(self._n(n), present)
         full = self._n(n)
@@ -119,9 +108,10 @@ class CostModel:
             self._compiled[kind] = Compiled.build(self.macs_terms if kind == "macs" else self.params_terms)
         return self._compiled[kind]
 
-    def macs_grad(self, g: int, n: dict[int, float] | None = None) -> float:
+    def macs_grad(self, g: int, n: Sizes | None = None) -> float:
         full = self._n(n)
-        return sum(t.grad(g, full) for t in self.macs_terms if any(g == k for f in t.factors for k, _ in f.coefs))
+        return sum(t.grad(g, full) for t in self.macs_terms
+                   if any(g == k for f in t.factors for k, _ in f.coefs))
 
     def shares(self, kind: str = "macs") -> dict[int, float]:
         """``share(g)`` for every group in one pass over the terms."""
@@ -155,7 +145,8 @@ class Compiled:
 
     >>> t = Term(2.0, (LinearForm(1.0, ((0, 3.0),)), LinearForm(0.0, ((1, 1.0),))), (5,), "x")
     >>> c = Compiled.build((t,))
-    >>> float(c({0: torch.tensor(2.0), 1: torch.tensor(4.0)}, {5: torch.tensor(1.0)})) == t.value({0: 2, 1: 4})
+    >>> float(c({0: torch.tensor(2.0), 1: torch.tensor(4.0)}, {5: torch.tensor(1.0)})) == t.value({0: 2,
+    ...                                                                                            1: 4})
     True
     """
 
@@ -168,7 +159,7 @@ class Compiled:
     block_idx: torch.Tensor  # (T, J) long, len(blocks) = padding (value 1)
 
     @staticmethod
-    def build(terms) -> Compiled:
+    def build(terms: Sequence[Term]) -> Compiled:
         groups = sorted({g for t in terms for f in t.factors for g, _ in f.coefs})
         blocks = sorted({b for t in terms for b in t.blocks})
         gcol, bcol = {g: i for i, g in enumerate(groups)}, {b: i for i, b in enumerate(blocks)}
@@ -192,7 +183,7 @@ class Compiled:
         coef = torch.tensor([t.coef for t in terms], dtype=torch.float64)
         return Compiled(tuple(groups), tuple(blocks), const, a, coef, fidx, bidx)
 
-    def __call__(self, n: dict, present: dict | None = None) -> torch.Tensor:
+    def __call__(self, n: Sizes, present: Sizes | None = None) -> torch.Tensor:
         ref = next((v for d in (n, present) if d for v in d.values() if isinstance(v, torch.Tensor)), None)
         dev = ref.device if ref is not None else torch.device("cpu")
         one = torch.ones(1, dtype=torch.float64, device=dev)

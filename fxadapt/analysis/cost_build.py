@@ -3,12 +3,16 @@ cost formula (``fxadapt.ops.costs``), one parameter term per parameter (see ``fx
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from torch.fx import GraphModule, Node
 
-from fxadapt.analysis.cost import CostModel, LinearForm, Term
+from fxadapt.analysis.cost import CostModel, Term
 from fxadapt.analysis.propagate import normalize
 from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops.core import Ctx
+from fxadapt.ops.forms import LinearForm
 from fxadapt.ops.registry import spec_of
 
 
@@ -45,7 +49,7 @@ def axis_labels(t, axis: int):
 class CostCtx:
     """What a cost formula sees: shapes, tracks, and axis sizes as linear forms in the group widths."""
 
-    def __init__(self, ctx, sites: dict, form: FormMaker):
+    def __init__(self, ctx: Ctx, sites: dict, form: FormMaker):
         self.ctx, self.sites, self.form = ctx, sites, form
         self.node: Node | None = None
 
@@ -53,18 +57,19 @@ class CostCtx:
     def out_shape(self):
         return self.ctx.shapes.get(self.node.name)
 
-    def shape(self, x):
+    def shape(self, x: Any) -> tuple[int, ...] | None:
         return self.ctx.shape(x)
 
-    def track(self, x):
+    def track(self, x: Any) -> Track | None:
         return self.ctx.tracks.get(x.name) if isinstance(x, Node) else None
 
     @staticmethod
-    def const(size) -> LinearForm:
+    def const(size: float) -> LinearForm:
         return LinearForm(float(size))
 
-    def axis_form(self, t, axis: int, size: int, default: bool = False) -> LinearForm | None:
-        """The size of ``axis`` of a tensor with track ``t``; None (or constant with ``default``) if untracked."""
+    def axis_form(self, t: Track | None, axis: int, size: int, default: bool = False) -> LinearForm | None:
+        """The size of ``axis`` of a tensor with track ``t``; None (or constant with ``default``) if
+        untracked."""
         lab = axis_labels(t, axis)
         if lab is None:
             return LinearForm(float(size)) if default else None
@@ -72,9 +77,10 @@ class CostCtx:
 
     def weight_factors(self, ref: ParamRef) -> list[LinearForm]:
         shape = self.ctx.shape(ref)
+        assert shape is not None, ref   # a parameter's shape is always known
         return [self.form(self.sites.get((ref.target, ax)), shape[ax]) for ax in range(len(shape))]
 
-    def activation_factors(self, t, shape: tuple) -> tuple[float, list[LinearForm]]:
+    def activation_factors(self, t: Track | None, shape: tuple) -> tuple[float, list[LinearForm]]:
         """Constant part and variable factors of ``numel`` of a tensor with track ``t``."""
         coef, factors = 1.0, []
         free = t.axes[-1] if isinstance(t, Track) else None
@@ -86,14 +92,16 @@ class CostCtx:
         return coef, factors
 
 
-def build_cost(gm: GraphModule, ctx, groups: list, roots, group_of, node_blocks: dict) -> CostModel:
+def build_cost(gm: GraphModule, ctx: Ctx, groups: list, roots: np.ndarray, group_of: np.ndarray,
+               node_blocks: dict) -> CostModel:
     form = FormMaker(roots, group_of, groups)
-    sites = {}
+    sites: dict[tuple[str, int], np.ndarray] = {}
     for s in ctx.ledger.sites:
-        if s.kind == "param":
+        if s.kind == "param" and s.ref is not None:
             sites.setdefault((s.ref.target, s.axis), s.labels)
     cx = CostCtx(ctx, sites, form)
-    macs, owner = [], {}
+    macs: list = []
+    owner: dict = {}
     for node in gm.graph.nodes:
         call = normalize(node)
         if call is None:

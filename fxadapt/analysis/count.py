@@ -66,7 +66,8 @@ LIBRARY_FLOPS = {("transformers", "grouped_mm_fallback"): _grouped_mm_flops}
 
 
 def extra_flops() -> dict:
-    """``EXTRA_FLOPS`` and the ``LIBRARY_FLOPS`` whose op is registered in this process (packet -> formula)."""
+    """``EXTRA_FLOPS`` and the ``LIBRARY_FLOPS`` whose op is registered in this process (packet ->
+    formula)."""
     out = dict(EXTRA_FLOPS)
     for (namespace, name), formula in LIBRARY_FLOPS.items():
         packet = getattr(getattr(torch.ops, namespace), name, None) if _has_op(namespace, name) else None

@@ -25,6 +25,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
+from fxadapt.analysis.cost import CostModel
+from fxadapt.analysis.count import extra_flops  # the independent count's formulas torch lacks
+from fxadapt.analysis.propagate import normalize
 from fxadapt.ir.channels import ParamRef
 from fxadapt.ops.registry import op_of
 
@@ -41,7 +44,8 @@ class Uncosted:
     model_macs: float
 
     def __str__(self) -> str:
-        return f"{self.node} ({self.op}): torch counts {self.torch_macs:,.0f} MACs, the cost model {self.model_macs:,.0f}"
+        return (f"{self.node} ({self.op}): torch counts {self.torch_macs:,.0f} MACs, "
+                f"the cost model {self.model_macs:,.0f}")
 
 
 def _meta(node_val, shape):
@@ -52,8 +56,6 @@ def _meta(node_val, shape):
 
 def _args(node: Node, shapes: dict, tensors: dict):
     """Call arguments with activations and parameters as meta tensors (None if one is not a tensor)."""
-    from fxadapt.analysis.propagate import normalize
-
     call = normalize(node)
     if call is None:
         return None
@@ -83,8 +85,6 @@ class _Flops(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        from fxadapt.analysis.count import extra_flops  # the independent count's formulas torch lacks
-
         self.registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in extra_flops().items()
                                              if k not in flop_registry}}
 
@@ -100,15 +100,18 @@ class _Flops(TorchDispatchMode):
 
 def _signature(bound) -> tuple:
     leaves = torch.utils._pytree.tree_leaves((bound[1], bound[2]))
-    return (bound[0],) + tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
+    return (bound[0],
+            ) + tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
 
 
 def torch_macs(gm: GraphModule, shapes: dict) -> dict[str, float]:
-    """MACs of every ATen node by torch's FLOP formulas on meta tensors (nodes it cannot replay are left out)."""
+    """MACs of every ATen node by torch's FLOP formulas on meta tensors (nodes it cannot replay are left
+    out)."""
     out: dict[str, float] = {}
     seen: dict[tuple, float] = {}
     counter = _Flops()
-    tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    tensors = {**dict(gm.named_parameters(remove_duplicate=False)),
+               **dict(gm.named_buffers(remove_duplicate=False))}
     with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), counter:
         for node in gm.graph.nodes:
             if not isinstance(op_of(node), torch._ops.OpOverload):
@@ -129,7 +132,7 @@ def torch_macs(gm: GraphModule, shapes: dict) -> dict[str, float]:
     return out
 
 
-def crosscheck(gm: GraphModule, shapes: dict, cost) -> tuple[Uncosted, ...]:
+def crosscheck(gm: GraphModule, shapes: dict, cost: CostModel) -> tuple[Uncosted, ...]:
     """Nodes where torch's count and the cost model's (at the original widths) disagree."""
     ours: dict[str, float] = {}
     full = cost._n(None)

@@ -55,6 +55,8 @@ class Group:
     name: str = ""
     macs_share: float = 0.0
     params_share: float = 0.0
+    min_units: int | None = None    # the user's limits (``fxadapt.analysis.hold``): fewest / most units kept
+    max_units: int | None = None
 
     @property
     def top_k(self) -> int | None:
@@ -68,7 +70,7 @@ class Group:
         """The group's identity across graphs: its first producer's parameter name (with ``@axis`` when that
         is not axis 0: a tied embedding/LM-head tensor produces two groups, hidden on axis 1, vocab on 0)."""
         m = next((m for m in self.members if m.site.role in PRODUCER_ROLES and m.site.ref is not None), None)
-        if m is None:
+        if m is None or m.site.ref is None:
             return None
         return m.site.ref.target if m.axis == 0 else f"{m.site.ref.target}@{m.axis}"
 
@@ -93,7 +95,8 @@ def form_groups(ledger: Ledger) -> tuple[list[Group], np.ndarray, np.ndarray]:
     classes = _signature_classes(sites, roots)
     # two phases: unit order of every group first, then members (a site's group/unit map is computed once;
     # groups own disjoint roots, so reading the final group_of / unit_of is the same as reading them early)
-    orders = [_order_units(gid, key, rs, sites, roots, group_of, unit_of) for gid, (key, rs) in enumerate(classes)]
+    orders = [_order_units(gid, key, rs, sites, roots, group_of, unit_of)
+              for gid, (key, rs) in enumerate(classes)]
     mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for key, _ in classes:
         for i in key:
@@ -121,7 +124,8 @@ def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple
     class_sites: list[tuple[int, ...]] = [()]
     for si, site in enumerate(sites):
         r = roots[site.labels.reshape(-1)]
-        c = cls[r]  # split every class the site meets into (in site, not in site); sort-based (np.unique is slow)
+        # split every class the site meets into (in site, not in site); sort-based (np.unique is slow)
+        c = cls[r]
         # ... and by positions per root in the site: a cost must depend on the number of kept units only
         span = len(r) + 1
         by_root = np.argsort(r, kind="stable")

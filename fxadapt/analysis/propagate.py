@@ -1,15 +1,16 @@
 """Run the op-rule table over a captured graph: channel labels forward, unions and freezes into a ledger.
 
 Each node is normalized to an ATen call (a lifted ``call_module`` through ``node.meta[meta.ATEN]``,
-``get_attr`` arguments as ``ParamRef``), looked up in the op registry ``OPS`` and its channel rule run. A node with no rule, a rule
-that raises, or a rule whose answer does not fit the node's shape blocks: every channel flowing into it
-is frozen with the reason. Channels reaching the graph output are frozen (the output shape is the
-model's contract).
+``get_attr`` arguments as ``ParamRef``), looked up in the op registry ``OPS`` and its channel rule run. A node
+with no rule, a rule that raises, or a rule whose answer does not fit the node's shape blocks: every channel
+flowing into it is frozen with the reason. Channels reaching the graph output are frozen (the output shape is
+the model's contract).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from fxadapt.ops.reshape import ATTENTION_MODES
 from fxadapt.ops.routing import follow_ids
 
 
-def concrete_shape(val, batch: int):
+def concrete_shape(val: Any, batch: int):
     """Shape of a node's ``meta['val']`` at the example batch size (``4*s0`` -> ``4 * batch``)."""
     if isinstance(val, torch.Tensor):
         return tuple(int(d) if isinstance(d, int) else _at_batch(d, batch) for d in val.shape)
@@ -63,7 +64,7 @@ class _Params(dict):
         self.gm = gm
 
     def __missing__(self, key: str) -> torch.Tensor:
-        obj = self.gm
+        obj: Any = self.gm
         for part in key.split("."):
             obj = getattr(obj, part)
         self[key] = obj
@@ -136,13 +137,13 @@ def _tie_shared_params(ctx: Ctx) -> None:
     """A parameter used by several ops (tied weights) is sliced once: its sites on one axis are coupled."""
     first: dict[tuple[str, int], np.ndarray] = {}
     for s in ctx.ledger.sites:
-        if s.kind == "param":
+        if s.kind == "param" and s.ref is not None:
             labels = first.setdefault((s.ref.target, s.axis), s.labels)
             if labels is not s.labels and labels.shape == s.labels.shape:
                 ctx.couple(labels, s.labels)
 
 
-def labels_of(out) -> list[np.ndarray]:
+def labels_of(out: Any) -> list[np.ndarray]:
     if isinstance(out, Track):
         return [out.labels]
     if isinstance(out, tuple):

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-    >>> main(["inspect", "--example", "--input-shape", "1,3,x"])  # stderr: fxadapt inspect: error: bad input shape ...
+    >>> main(["inspect", "--example", "--input-shape",
+    ...       "1,3,x"])  # stderr: fxadapt inspect: error: bad input shape ...
     2
     """
     parser = build_parser()

@@ -56,7 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="adapt a model to a MAC budget (shrink or grow), export ONNX",
                        description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
-    p.add_argument("--budget", default="0.5", help="fraction of the original MACs (0.5, 1.5), '50%%', or MACs "
+    p.add_argument("--budget", default="0.5",
+                   help="fraction of the original MACs (0.5, 1.5), '50%%', or MACs "
                                                    "like '300M' (default 0.5)")
     p.add_argument("-o", "--output", help="where to save the adapted model (default: DIR/adapted.pt with "
                                           "--out-dir or --example, else <factory>-adapted.pt)")
@@ -84,7 +85,8 @@ def check_budget(text: str) -> float | str:
     >>> check_budget("abc")
     Traceback (most recent call last):
     ...
-    fxadapt.errors.BudgetError: cannot read budget 'abc': use a fraction (0.5), a percentage ('50%') or MACs with a suffix ('300M', '1.2G')
+    fxadapt.errors.BudgetError: cannot read budget 'abc': use a fraction (0.5), a percentage ('50%') or MACs
+    with a suffix ('300M', '1.2G')
     """
     try:
         budget: float | str = float(text)
@@ -120,7 +122,8 @@ def output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate, adapt, report, write; returns the exit status (errors raise ``CliError``/``FxAdaptError``)."""
+    """Validate, adapt, report, write; returns the exit status (errors raise
+    ``CliError``/``FxAdaptError``)."""
     budget = check_budget(args.budget)
     model, inputs, label = load_model(args)
     train, val, search = load_data(args)
@@ -181,10 +184,11 @@ class Progress:
     """
 
     def __init__(self, desc: str, extra_steps: int, enabled: bool = True):
-        self.extra, self.done, self.total = extra_steps, 0, None
+        self.extra, self.done = extra_steps, 0
+        self.total: int | None = None
         self.bar = None
         if enabled:
-            from tqdm import tqdm
+            from tqdm import tqdm  # deferred: progress bars load only when shown
 
             self.bar = tqdm(total=None, desc=desc, unit="step", leave=True)
 

@@ -10,7 +10,7 @@ Usage::
 
 With ``--data MODULE:FUNCTION`` (as ``fxadapt adapt --data``) the MAC budgets are also adapted by one search
 for all of them, beside the data-free models; every row gets its top-1 accuracy on the validation data and
-the plot adds accuracy against latency (``fxadapt.hw.bench.BenchData``).
+the plot adds accuracy against latency (``fxadapt.export.bench.BenchData``).
 
 ``--budgets`` is a comma-separated list; each item is a MAC budget as ``fxadapt adapt --budget`` takes it
 (``0.5``, ``50%``, ``300M``) or ``latency=X`` with ``X`` a fraction of the original's latency on the first
@@ -19,12 +19,13 @@ target or a duration (``latency=3.2ms``). ``--targets`` lists ``RUNTIME-DEVICE``
 CPU, plus torch CUDA when a GPU is present); ``--threads`` applies to all. Prints the table (budget, MACs,
 params, latency and latency ratio per target), and writes JSON and a latency-vs-MACs Pareto PNG
 (defaults ``<label>-bench.json`` / ``<label>-bench.png`` in the current directory). See
-``fxadapt.hw.bench.benchmark``.
+``fxadapt.export.bench.benchmark``.
 
 Example:
     >>> from fxadapt.cli.bench import parse_budgets, parse_targets
     >>> parse_budgets("0.5,latency=0.7,latency=3ms")
-    [0.5, Budget(macs=None, params=None, latency=0.7, target=None, macs_abs=None, params_abs=None), Budget(macs=None, params=None, latency='3ms', target=None, macs_abs=None, params_abs=None)]
+    [0.5, Budget(macs=None, params=None, latency=0.7, target=None, macs_abs=None, params_abs=None),
+    Budget(macs=None, params=None, latency='3ms', target=None, macs_abs=None, params_abs=None)]
     >>> [t.name() for t in parse_targets("onnxruntime-cpu,torch-cpu", 1)]
     ['onnxruntime-cpu-1t', 'torch-cpu-1t']
 """
@@ -34,21 +35,28 @@ from __future__ import annotations
 import argparse
 import re
 
+from fxadapt.cli.adapt import check_budget
 from fxadapt.cli.common import CliError, add_model_arguments, load_model
 from fxadapt.cli.data import add_data_arguments, load_data
+from fxadapt.export.bench import BenchData, benchmark, default_targets
+from fxadapt.hw.target import Target
+from fxadapt.planning.budget import Budget
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` on the subparsers object of the top-level parser."""
-    p = sub.add_parser("bench", help="adapt to several budgets and measure latency, MACs and params per target",
+    p = sub.add_parser("bench",
+                       help="adapt to several budgets and measure latency, MACs and params per target",
                        description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--budgets", default="0.5,0.75", help="comma-separated budgets: MAC fractions (0.5), "
                    "'300M', or latency=0.5 / latency=3.2ms (default 0.5,0.75)")
-    p.add_argument("--targets", default=None, help="comma-separated RUNTIME-DEVICE: onnxruntime-cpu, torch-cpu, "
+    p.add_argument("--targets", default=None,
+                   help="comma-separated RUNTIME-DEVICE: onnxruntime-cpu, torch-cpu, "
                    "onnxruntime-cuda, torch-cuda (default: both CPU runtimes, + torch-cuda with a GPU)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of every target (default 1)")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per model and target (median; default 20)")
+    p.add_argument("--runs", type=int, default=20,
+                   help="timed runs per model and target (median; default 20)")
     p.add_argument("--json", help="write the results as JSON here (default <label>-bench.json)")
     p.add_argument("--plot", help="write the latency-vs-MACs Pareto plot here (default <label>-bench.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -60,10 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def parse_budgets(text: str) -> list:
-    from fxadapt.cli.adapt import check_budget
-    from fxadapt.planning.budget import Budget
-
-    out = []
+    out: list[Budget | float | str] = []
     for item in (i.strip() for i in text.split(",") if i.strip()):
         if item.startswith("latency="):
             lat = item.partition("=")[2]
@@ -76,9 +81,6 @@ def parse_budgets(text: str) -> list:
 
 
 def parse_targets(text: str | None, threads: int) -> list:
-    from fxadapt.hw.bench import default_targets
-    from fxadapt.hw.target import Target
-
     if not text:
         return [Target(t.runtime, t.device, threads) for t in default_targets()]
     out = []
@@ -89,8 +91,6 @@ def parse_targets(text: str | None, threads: int) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fxadapt.hw.bench import BenchData, benchmark
-
     budgets = parse_budgets(args.budgets)
     targets = parse_targets(args.targets, args.threads)
     model, inputs, label = load_model(args)

@@ -1,4 +1,5 @@
-"""Shared pieces of the ``fxadapt`` command line: model loading, input shapes, the error every subcommand raises.
+"""Shared pieces of the ``fxadapt`` command line: model loading, input shapes, the error every subcommand
+raises.
 
 A subcommand that works on a model calls ``add_model_arguments(parser)`` when it builds its parser and
 ``load_model(args)`` when it runs; both ``inspect`` and a later ``adapt`` accept the same model options:
@@ -55,7 +56,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     """
     parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
     if not text.strip() or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise CliError(f"bad input shape {text!r}: expected positive integers separated by commas, e.g. 1,3,224,224")
+        raise CliError(f"bad input shape {text!r}: expected positive integers separated by commas, e.g. "
+                       "1,3,224,224")
     return tuple(int(p) for p in parts)
 
 
@@ -91,13 +93,15 @@ _NUMBER = r"-?[0-9]+(?:\.[0-9]*)?"
 def parse_input(text: str) -> InputSpec:
     """``"SHAPE[:DTYPE[:LOW-HIGH]]"`` -> ``InputSpec`` (see the module docstring).
 
-    >>> str(parse_input("1,128:int64:0-30522")), str(parse_input("1x3x8x8")), str(parse_input("2,4:float16:-1-1"))
+    >>> (str(parse_input("1,128:int64:0-30522")), str(parse_input("1x3x8x8")),
+    ...  str(parse_input("2,4:float16:-1-1")))
     ('1x128:int64:0-30522', '1x3x8x8', '2x4:float16:-1-1')
     >>> try:
     ...     parse_input("1,128:int64")
     ... except CliError as e:
     ...     print(e)
-    bad input '1,128:int64': an integer input needs a value range, e.g. 1,128:int64:0-30522 (token ids below 30522)
+    bad input '1,128:int64': an integer input needs a value range, e.g. 1,128:int64:0-30522 (token ids below
+    30522)
     """
     shape_text, _, rest = text.partition(":")
     dtype_text, _, range_text = rest.partition(":")
@@ -130,6 +134,7 @@ def _import_module(where: str) -> Any:
         if not path.is_file():
             raise CliError(f"cannot import {where!r}: no such file")
         spec = importlib.util.spec_from_file_location(f"fxadapt_user_{path.stem}", path)
+        assert spec is not None and spec.loader is not None, path   # a .py file always has a spec and loader
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(path.parent))  # the file may import its neighbours
         try:
@@ -157,7 +162,8 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 def load_factory(spec: str) -> nn.Module:
-    """Call the factory named by ``spec`` (``pkg.module:factory`` or ``file.py:factory``) and check the result.
+    """Call the factory named by ``spec`` (``pkg.module:factory`` or ``file.py:factory``) and check the
+    result.
 
     >>> type(load_factory("fxadapt.examples:example_model")).__name__
     'ExampleResNet'

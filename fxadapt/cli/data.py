@@ -41,8 +41,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="MODULE:FUNCTION",
                         help="function returning (train, val) datasets, tensors or DataLoaders: searches "
                              "widths/depths on them (works under torchrun)")
-    parser.add_argument("--strategy", choices=["auto", "datafree", "dna", "fur"], default="auto",
-                        help="auto: dna with --data, else datafree")
+    parser.add_argument("--strategy", choices=["auto", "datafree", "dna", "fur", "importance"],
+                        default="auto", help="auto: dna with --data, else datafree")
     parser.add_argument("--steps", type=int, help="DNA search steps (default 300)")
     parser.add_argument("--device", default="cpu", help="where the search runs: cpu or cuda (cuda:LOCAL_RANK "
                                                         "under torchrun)")
@@ -53,7 +53,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     """``(train, val, transform options)`` from the options of ``add_data_arguments``."""
     if not getattr(args, "data", None):
-        if getattr(args, "strategy", "auto") in ("dna", "fur"):
+        if getattr(args, "strategy", "auto") in ("dna", "fur", "importance"):
             raise CliError(f"--strategy {args.strategy} searches on data: give --data MODULE:FUNCTION")
         return None, None, {}
     where, name = split_spec(args.data)
@@ -76,6 +76,7 @@ def _options(args: argparse.Namespace) -> dict:
     ``--device``, ``--precision``: ``TransformConfig``)."""
     from fxadapt.search.dna import SearchConfig
     from fxadapt.search.fur import FurConfig
+    from fxadapt.search.importance import ImportanceConfig  # deferred: only when the flags are read
 
     strategy = "dna" if args.strategy == "auto" else args.strategy
     if strategy == "fur" and args.steps is not None:
@@ -83,6 +84,9 @@ def _options(args: argparse.Namespace) -> dict:
                        "train_steps: leave --steps out")
     show = not getattr(args, "quiet", False)
     steps = {} if args.steps is None else {"steps": args.steps}
+    if strategy == "importance":   # --steps: its distillation steps (ImportanceConfig.steps)
+        return {"strategy": strategy, "device": args.device, "precision": args.precision,
+                "importance": ImportanceConfig(**steps)}
     return {"strategy": strategy, "device": args.device, "precision": args.precision,
             "search": SearchConfig(progress=show, **steps), "fur": FurConfig(progress=show)}
 

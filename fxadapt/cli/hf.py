@@ -16,7 +16,8 @@ model's own ``save_pretrained`` into ``-o`` (default ``<dir>-adapted``).
 Example:
     >>> import tempfile, transformers, torch
     >>> d = tempfile.mkdtemp()
-    >>> transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(d)
+    >>> transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2,
+    ...                                                      vocab_size=50)).save_pretrained(d)
     >>> model, inputs = load_dir(d, [])
     >>> type(model).__name__, {k: tuple(v.shape) for k, v in inputs.items()}
     ('GPT2LMHeadModel', {'input_ids': (2, 16)})
@@ -34,13 +35,14 @@ from fxadapt.cli.common import CliError
 
 
 def is_checkpoint(path: str | None) -> bool:
-    return bool(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+    return path is not None and bool(path) and os.path.isdir(path) and \
+        os.path.isfile(os.path.join(path, "config.json"))
 
 
 def load_dir(path: str, tensors: list[torch.Tensor]) -> tuple[nn.Module, Any]:
     """The checkpoint's model (eval mode) and its example inputs (see the module docstring)."""
     try:
-        import transformers
+        import transformers  # deferred: optional dependency, Hugging Face checkpoints only
     except ImportError as e:
         raise CliError(f"{path} is a Hugging Face checkpoint: pip install transformers to read it") from e
     transformers.logging.set_verbosity_error()
@@ -58,7 +60,8 @@ def load_dir(path: str, tensors: list[torch.Tensor]) -> tuple[nn.Module, Any]:
             model = cls.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - a broken checkpoint
         raise CliError(f"cannot load {path} with {getattr(cls, '__name__', cls)}.from_pretrained: "
-                       f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+                       f"{type(e).__name__}: "
+                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     return model.eval(), (tuple(tensors) if tensors else config_inputs(config, path))
 
 
@@ -75,4 +78,5 @@ def config_inputs(config, path: str = "the checkpoint") -> dict[str, torch.Tenso
         if getattr(config, "is_encoder_decoder", False):
             out["decoder_input_ids"] = ids[:, :8].clone()
         return out
-    raise CliError(f"cannot tell {path}'s inputs from its config: give --input-shape (e.g. 1,16000 for audio)")
+    raise CliError(f"cannot tell {path}'s inputs from its config: give --input-shape (e.g. 1,16000 for "
+                   "audio)")

@@ -39,6 +39,7 @@ from collections import Counter
 from typing import Any
 
 import fxadapt
+from fxadapt.analysis.hold import module_names
 from fxadapt.cli.common import CliError, add_model_arguments, describe_inputs, load_model
 from fxadapt.export.report import human
 
@@ -48,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a model's coupled channel groups and residual blocks",
                        description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
-    p.add_argument("--json", metavar="FILE", help="also write groups and blocks as JSON to FILE ('-': stdout)")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write groups and blocks as JSON to FILE ('-': stdout)")
     p.set_defaults(run=run)
     return p
 
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(a.summary())
         print()
         print(totals_line(a))
+        print(names_line(a))
         print(f"time: capture {timing['capture']:.3f} s, analysis {timing['analysis']:.3f} s")
     if args.json:
         tensors = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
@@ -89,13 +92,28 @@ def _write(path: str, text: str) -> None:
         raise CliError(f"cannot write {path!r}: {e.strerror or e}") from e
 
 
+def names_line(a: fxadapt.Analysis) -> str:
+    """The module names ``transform``'s ``keep=`` / ``only=`` / ``min_width=`` / ``max_width=`` take (or
+    fnmatch patterns over them, ``fxadapt.analysis.hold``), in graph order.
+
+    >>> import torch
+    >>> print(names_line(fxadapt.analyze(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 2)),
+    ...                                  (torch.randn(1, 2),))))
+    modules (keep= / only= / min_width= / max_width= take these names or patterns such as '*.mlp.*'): 0, 1
+    """
+    return ("modules (keep= / only= / min_width= / max_width= take these names or patterns such as "
+            "'*.mlp.*'): "
+            + ", ".join(module_names(a)))
+
+
 def totals_line(a: fxadapt.Analysis) -> str:
     """One line of totals: MACs, parameters, groups by state (frozen ones by reason), blocks.
 
     >>> import torch
     >>> from fxadapt.examples import example_model
     >>> print(totals_line(fxadapt.analyze(example_model(), (torch.randn(1, 3, 32, 32),))))
-    totals: MACs 18,268,992 (18.269M)  params 43,778 (43.778K)  groups 8: 7 prunable, 1 frozen (output: reaches the model output: 1)  blocks 4: 3 removable, 3 repeatable
+    totals: MACs 18,268,992 (18.269M)  params 43,778 (43.778K)  groups 8: 7 prunable, 1 frozen (output:
+    reaches the model output: 1)  blocks 4: 3 removable, 3 repeatable
     """
     macs, params = a.macs(), a.params()
     reasons = Counter(g.reason for g in a.groups if not g.prunable)
@@ -115,7 +133,9 @@ def analysis_to_dict(a: fxadapt.Analysis, label: str = "", input_shapes: list | 
     >>> from fxadapt.examples import example_model
     >>> d = analysis_to_dict(fxadapt.analyze(example_model(), (torch.randn(1, 3, 32, 32),)))
     >>> sorted(d), sorted(d["groups"][0])
-    (['blocks', 'groups', 'input_shapes', 'macs', 'model', 'params', 'timing_s'], ['granularity', 'id', 'macs_elasticity', 'macs_share', 'members', 'name', 'params_share', 'prunable', 'reason', 'units', 'width'])
+    (['blocks', 'groups', 'input_shapes', 'macs', 'model', 'params', 'timing_s'], ['granularity', 'id',
+    'macs_elasticity', 'macs_share', 'members', 'name', 'params_share', 'prunable', 'reason', 'units',
+    'width'])
     """
     groups = [{
         "id": g.id, "name": g.name, "width": g.width, "units": g.units, "granularity": g.granularity,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def plot_widths(report, path: str) -> str:
+if TYPE_CHECKING:
+    from fxadapt.pipeline.report import Report
+
+
+def plot_widths(report: Report, path: str) -> str:
     """Bar chart of every group's width, original vs adapted; returns ``path``.
 
     >>> import tempfile, os, torch, fxadapt
@@ -12,10 +17,10 @@ def plot_widths(report, path: str) -> str:
     >>> os.path.exists(plot_widths(fxadapt.report(m), os.path.join(tempfile.mkdtemp(), "w.png")))
     True
     """
-    import matplotlib
+    import matplotlib  # deferred: optional dependency, plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: optional dependency, plots only
 
     groups = report.groups
     xs = range(len(groups))
@@ -25,7 +30,8 @@ def plot_widths(report, path: str) -> str:
     ax.set_xlabel("channel group (network order)")
     ax.set_ylabel("width (channels)")
     ratio = report.macs_after / report.macs_before
-    ax.set_title(f"fxadapt {report.strategy}: MACs x{ratio:.3f} (target x{report.macs_target / report.macs_before:.3f})")
+    ax.set_title(f"fxadapt {report.strategy}: MACs x{ratio:.3f} (target "
+                 f"x{report.macs_target / report.macs_before:.3f})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

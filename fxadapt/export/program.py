@@ -1,4 +1,5 @@
-"""``torch.export.ExportedProgram`` handoff, both ways, for model compilers (AOTInductor, ExecuTorch, TensorRT).
+"""``torch.export.ExportedProgram`` handoff, both ways, for model compilers (AOTInductor, ExecuTorch,
+TensorRT).
 
 - ``to_exported_program(model, example_inputs)``: ``torch.export`` (non-strict) of an eval-mode copy of an
   adapted model, with a dynamic batch axis where the model allows it (static shapes otherwise), checked:
@@ -38,13 +39,16 @@ from torch.utils import _pytree as pytree
 from fxadapt import meta
 from fxadapt.errors import InputError
 from fxadapt.export.onnx import ATOL, ExportError, float_dtype
-from fxadapt.ir.capture import from_program, normalize_inputs
+from fxadapt.ir.capture import normalize_inputs
+from fxadapt.passes.capture import from_program
 
-TRAINING_OPS = {"aten.batch_norm.default": 5, "aten.dropout.default": 2}   # op -> index of its ``training`` arg
+# op -> index of its ``training`` arg
+TRAINING_OPS = {"aten.batch_norm.default": 5, "aten.dropout.default": 2}
 
 
 def to_exported_program(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """``torch.export`` of an eval-mode copy of ``model`` (dynamic batch where possible), checked against it."""
+    """``torch.export`` of an eval-mode copy of ``model`` (dynamic batch where possible), checked against
+    it."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
@@ -71,7 +75,8 @@ def captured_from_program(ep: torch.export.ExportedProgram, example_inputs: Any 
     gm = from_program(ep, model)
     gm.eval()
     _check(gm, ep.module(), inputs, "the lifted graph")
-    batch = next((v.shape[0] for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim()), 1)
+    batch = next((v.shape[0] for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim()),
+                 1)
     gm.meta[meta.BATCH] = int(batch)
     return gm
 
@@ -124,13 +129,15 @@ def _rebatch(inputs: tuple, n: int) -> tuple:
 
 
 def _check(got_model: nn.Module, ref_model: nn.Module, inputs: tuple, what: str) -> None:
-    """``got_model`` matches ``ref_model`` on ``inputs`` to ``ATOL`` of the dtype times the output magnitude."""
+    """``got_model`` matches ``ref_model`` on ``inputs`` to ``ATOL`` of the dtype times the output
+    magnitude."""
     with torch.no_grad():
         ref, got = ref_model(*inputs), got_model(*inputs)
     ref_leaves, ref_spec = pytree.tree_flatten(ref)
     got_leaves, got_spec = pytree.tree_flatten(got)
     if ref_spec != got_spec:
-        raise ExportError(f"{what} returns a different output structure than the model: {got_spec} vs {ref_spec}")
+        raise ExportError(f"{what} returns a different output structure than the model: {got_spec} vs "
+                          f"{ref_spec}")
     tensors = [t for t in ref_leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     scale = max([1.0] + [float(t.abs().max()) for t in tensors])
     tol = ATOL.get(float_dtype(ref_model, inputs), 1e-4)
@@ -159,5 +166,6 @@ def _program_inputs(ep: torch.export.ExportedProgram, example_inputs: Any) -> tu
         raise InputError("this ExportedProgram records no example inputs; pass example_inputs=(x,)")
     args, kwargs = recorded
     if kwargs:
-        raise InputError("the ExportedProgram was exported with keyword inputs; pass example_inputs as a tuple")
+        raise InputError("the ExportedProgram was exported with keyword inputs; pass example_inputs as a "
+                         "tuple")
     return normalize_inputs(tuple(args))

@@ -1,4 +1,5 @@
-"""Save and load an adapted ``torch.fx.GraphModule`` as plain data that ``torch.load`` reads with its defaults.
+"""Save and load an adapted ``torch.fx.GraphModule`` as plain data that ``torch.load`` reads with its
+defaults.
 
 ``torch.save(gm)`` pickles the module's classes and its generated Python code, so ``torch.load`` needs
 ``weights_only=False`` (which runs arbitrary code). ``save`` instead writes one dict of strings, numbers,
@@ -80,7 +81,7 @@ def save(model: fx.GraphModule, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
-def load(path: str | os.PathLike, map_location: Any = None, model: nn.Module | None = None) -> fx.GraphModule:
+def load(path: str | os.PathLike, map_location: Any = None, model: nn.Module | None = None) -> nn.Module:
     """Read a file written by ``save`` (with ``torch.load``'s default ``weights_only=True``); a model saved in
     its own class is rebuilt on ``model`` (a fresh instance; default: the class called with no arguments).
 
@@ -110,14 +111,15 @@ def to_dict(model: fx.GraphModule) -> dict[str, Any]:
 
         return modules.to_dict(model, _report(model))
     if not isinstance(model, fx.GraphModule):
-        raise SaveError(f"fxadapt.save stores a torch.fx.GraphModule or a model fxadapt.transform returned in its "
-                        f"own class, got {type(model).__name__}; save its state_dict() with torch.save instead")
+        raise SaveError("fxadapt.save stores a torch.fx.GraphModule or a model fxadapt.transform returned "
+                        f"in its own class, got {type(model).__name__}; save its state_dict() with "
+                        "torch.save instead")
     return {"format": FORMAT, "training": model.training, "modules": _modules(model),
             "tensors": _tensors(model), "graph": [_node(n) for n in model.graph.nodes],
             "codegen": _codegen(model.graph), "report": _report(model)}
 
 
-def from_dict(data: Any, where: str = "<dict>", model: nn.Module | None = None) -> fx.GraphModule:
+def from_dict(data: Any, where: str = "<dict>", model: nn.Module | None = None) -> nn.Module:
     """The model described by ``to_dict``'s output (``model``: a fresh instance for a module file)."""
     from fxadapt.export import modules
 
@@ -152,7 +154,8 @@ def from_dict(data: Any, where: str = "<dict>", model: nn.Module | None = None) 
 
 def _modules(gm: nn.Module) -> list[dict]:
     base = set(nn.Module().__dict__)
-    out, seen = [], {}
+    out: list[dict] = []
+    seen: dict = {}
     for path, mod in gm.named_modules(remove_duplicate=False):
         if not path:
             continue
@@ -207,7 +210,8 @@ def _set_module(root: nn.Module, path: str, mod: nn.Module) -> None:
 
 
 def _tensors(gm: nn.Module) -> list[dict]:
-    out, seen = [], {}
+    out: list[dict] = []
+    seen: dict = {}
     for path, mod in gm.named_modules(remove_duplicate=True):
         for name, p in mod._parameters.items():
             key = f"{path}.{name}" if path else name
@@ -226,7 +230,7 @@ def _tensors(gm: nn.Module) -> list[dict]:
 
 
 def _restore_tensors(gm: nn.Module, entries: list[dict]) -> None:
-    params: dict[str, nn.Parameter] = {}
+    params: dict[str, nn.Parameter | None] = {}
     for e in entries:
         mod = gm.get_submodule(e["owner"])
         key = f"{e['owner']}.{e['name']}" if e["owner"] else e["name"]
@@ -258,7 +262,8 @@ def _function_name(n: fx.Node) -> str:
                  f"torch.nn.functional.{short}"):
         if _resolve(name) is t:
             return name
-    raise SaveError(f"cannot save node {n.name!r}: its target {t!r} is not a torch, operator or math function")
+    raise SaveError(f"cannot save node {n.name!r}: its target {t!r} is not a torch, operator or math "
+                    "function")
 
 
 def _resolve(name: str) -> Any:
@@ -280,13 +285,15 @@ _UNSAFE_OPERATORS = {"attrgetter", "itemgetter", "methodcaller", "call"}
 
 def _callable(obj: Any) -> bool:
     """Tensor math only: ATen ops, ``torch``'s C functions and ``torch.functional``, ``torch.nn.functional``,
-    ``torch.sym_*``, ``operator`` (no getters/callers) and ``math`` -- nothing that reads files or calls back."""
+    ``torch.sym_*``, ``operator`` (no getters/callers) and ``math`` -- nothing that reads files or calls
+    back."""
     if isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return True
     module, name = getattr(obj, "__module__", None), getattr(obj, "__name__", "")
     if module in ("operator", "_operator", "math"):
         return callable(obj) and name not in _UNSAFE_OPERATORS
-    if module in ("torch.functional", "torch.nn.functional") or (module == "torch" and name.startswith("sym_")):
+    if module in ("torch.functional", "torch.nn.functional") \
+            or (module == "torch" and name.startswith("sym_")):
         return callable(obj)
     return type(obj).__name__ == "builtin_function_or_method" and getattr(torch, name, None) is obj
 
@@ -332,7 +339,7 @@ def _dec(v: Any, env: dict[str, fx.Node]) -> Any:
 
 
 def _graph(nodes: list[dict], codegen: dict | None) -> fx.Graph:
-    graph, env = fx.Graph(), {}
+    graph, env = fx.Graph(), dict[str, fx.Node]()
     for d in nodes:
         target = d["target"]
         if d["op"] == "call_function":
@@ -341,7 +348,8 @@ def _graph(nodes: list[dict], codegen: dict | None) -> fx.Graph:
                 raise SaveError(f"cannot load node {d['name']!r}: unknown function {d['target']!r}")
         elif d["op"] == "call_method" and target.startswith("_"):
             raise SaveError(f"cannot load node {d['name']!r}: refusing private method {target!r}")
-        node = graph.create_node(d["op"], target, _dec(d["args"], env), _dec(d["kwargs"], env), name=d["name"])
+        node = graph.create_node(d["op"], target, _dec(d["args"], env), _dec(d["kwargs"], env),
+                                 name=d["name"])
         env[d["name"]] = node
     if codegen is not None:
         info = fx.graph._PyTreeInfo(codegen["orig_args"], pytree.treespec_loads(codegen["in_spec"]),
@@ -363,4 +371,6 @@ def _codegen(graph: fx.Graph) -> dict | None:
 
 def _report(gm: nn.Module) -> dict | None:
     rep = getattr(gm, "fxadapt_report", None)
-    return None if rep is None or not dataclasses.is_dataclass(rep) else rep.to_dict()
+    if rep is None or not dataclasses.is_dataclass(rep) or isinstance(rep, type):
+        return None
+    return rep.to_dict()

@@ -1,4 +1,5 @@
-"""Hardware-aware adaptation: targets, per-layer latency lookup tables, latency prediction, latency
-budgets and benchmarking (``fxadapt.hw.target``, ``lut``, ``latency``, ``predictor``, ``bench``).
+"""Hardware measurement: targets (``fxadapt.hw.target``), per-layer latency lookup tables (``lut``), a
+simulated target (``sim``), latency prediction (``predictor``) and benchmarking (``bench``).
 
-Kept import-free so the op registry can import ``fxadapt.hw.keys`` without a cycle."""
+The latency keys live with the ops (``fxadapt.ops.latency_keys``) and the latency solve with planning
+(``fxadapt.planning.latency``); ``hw`` sits beside ``planning`` and imports nothing above it."""

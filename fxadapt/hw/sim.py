@@ -40,14 +40,18 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fxadapt.hw.layers import layer_module
+from fxadapt.hw.lut import LUT
 from fxadapt.hw.target import Target
+from fxadapt.ir.inputs import Inputs
 
 aten = torch.ops.aten
 PEAK = 2e10
 _MM = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
-_FREE = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int, aten.permute.default,
-         aten.expand.default, aten.detach.default, aten.alias.default, aten.unsqueeze.default,
-         aten.squeeze.dim, aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.lift_fresh.default}
+_FREE = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int,
+         aten.permute.default, aten.expand.default, aten.detach.default, aten.alias.default,
+         aten.unsqueeze.default, aten.squeeze.dim, aten.slice.Tensor, aten.select.int, aten.split.Tensor,
+         aten.lift_fresh.default}
 
 
 @dataclass(frozen=True)
@@ -72,21 +76,24 @@ class _Consts:
     def pad(self, c: int) -> float:
         return 1.0 if c % self.block == 0 else 1.0 + (self.block - c % self.block) / self.block
 
-    def conv(self, x, w, out, transposed: bool, groups: int) -> float:
+    def conv(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, transposed: bool,
+             groups: int) -> float:
         k = w.shape[2:]
         macs = (x.numel() if transposed else out.numel()) * w.shape[1] * math.prod(k)
-        cin, cout = (x.shape[1] // groups, out.shape[1]) if not transposed else (x.shape[1], w.shape[1] * groups)
+        cin, cout = (x.shape[1] // groups, out.shape[1]) if not transposed \
+                else (x.shape[1], w.shape[1] * groups)
         e = self.eff.get((max(k) if len(k) else 1, groups > 1 and groups == x.shape[1]), 1.0)
         cache = 1.3 if w.numel() * w.element_size() > 65536 else 1.0
         return macs / (PEAK * e) * self.pad(cin) * self.pad(cout) * cache + self.o_conv
 
-    def matmul(self, a, b) -> float:
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> float:
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
         batch = math.prod(a.shape[:-2])
         return batch * m * k * n / (PEAK * self.e_mm) * self.pad(k) * self.pad(n) + self.o_mm
 
     def other(self, out) -> float:
-        numel = sum(t.numel() for t in out) if isinstance(out, (tuple, list)) else getattr(out, "numel", lambda: 0)()
+        numel = sum(t.numel() for t in out) if isinstance(out, (tuple, list)) \
+                else getattr(out, "numel", lambda: 0)()
         return self.q * numel ** 0.9 + self.o_op
 
 
@@ -110,8 +117,9 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def simulated_seconds(model: torch.nn.Module, inputs, consts: _Consts) -> float:
-    """Noise-free simulated seconds of one run of ``model`` on ``inputs`` (an ``Inputs``), ``o_run`` left out."""
+def simulated_seconds(model: torch.nn.Module, inputs: Inputs, consts: _Consts) -> float:
+    """Noise-free simulated seconds of one run of ``model`` on ``inputs`` (an ``Inputs``), ``o_run`` left
+    out."""
     rec = _Recorder(consts)
     with torch.no_grad(), rec:
         inputs.call(model)
@@ -120,7 +128,8 @@ def simulated_seconds(model: torch.nn.Module, inputs, consts: _Consts) -> float:
 
 @dataclass(frozen=True)
 class SimulatedTarget(Target):
-    """A seeded synthetic target (module docstring): ``Budget(latency=0.5, target=SimulatedTarget(seed=3))``."""
+    """A seeded synthetic target (module docstring): ``Budget(latency=0.5,
+    target=SimulatedTarget(seed=3))``."""
 
     seed: int = 0
     noise: float = 0.02
@@ -154,9 +163,6 @@ class SimulatedTarget(Target):
         return self._runner(self.seconds(model, example_inputs))
 
     def layer(self, key: tuple):
-        from fxadapt.hw.lut import layer_module
-        from fxadapt.ir.inputs import Inputs
-
         mod, x = layer_module(key)
         return self._runner(simulated_seconds(mod, Inputs((x,), {}), self._state["c"]))
 
@@ -193,7 +199,5 @@ def fake_lut(timer: Callable = step_timer):
     """A lookup table over ``timer`` cached in a fresh temporary folder (no measurement)."""
     import tempfile
     from pathlib import Path
-
-    from fxadapt.hw.lut import LUT
 
     return LUT(Target(), timer=timer, path=Path(tempfile.mkdtemp()) / "lut.json", progress=False)

@@ -10,8 +10,9 @@
 ``batch=None`` runs at the example input's batch; another batch repeats the example along axis 0.
 Latencies are medians of interleaved runs (``interleaved``): every round runs every candidate once, so
 load on a shared machine hits them alike; single-threaded CPU runs are timed by the thread's CPU time
-(``Target.clock``), which preemption by other processes does not inflate. ``Target.align()`` is the width alignment that suits the target
-(``fxadapt.planning.align.auto_align``: onnxruntime's NCHWc block on this CPU, 8 on CUDA).
+(``Target.clock``), which preemption by other processes does not inflate. ``Target.align()`` is the width
+alignment that suits the target (``fxadapt.hw.align.auto_align``: onnxruntime's NCHWc block on this CPU, 8 on
+CUDA).
 
 >>> t = Target()
 >>> t.runtime, t.device, t.threads, t.align() in (4, 8, 16)
@@ -36,14 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fxadapt.errors import (
     TargetError,  # noqa: F401  (defined in fxadapt.errors)
 )
+from fxadapt.hw.align import auto_align
+from fxadapt.hw.layers import layer_module, layer_onnx
+from fxadapt.hw.onnx import export_onnx, prepare
 from fxadapt.ir.inputs import Inputs, as_inputs
-from fxadapt.planning.align import auto_align
 
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
@@ -118,10 +120,9 @@ class Target:
         return onnx_runner(onnx_bytes(model, inp), inp, self)
 
     def layer(self, key: tuple) -> Callable[[], Any]:
-        """A no-argument callable that runs the single layer ``key`` (``fxadapt.hw.keys``) on this target: a
-        one-node ONNX graph for onnxruntime, the ``torch.nn`` module for torch."""
-        from fxadapt.hw.lut import layer_module, layer_onnx
-
+        """A no-argument callable that runs the single layer ``key`` (``fxadapt.ops.latency_keys``) on this
+        target: a one-node ONNX graph for onnxruntime, the ``torch.nn`` module for torch
+        (``fxadapt.hw.layers``)."""
         if self.runtime == "onnxruntime":
             proto, feed = layer_onnx(key)
             return onnx_runner(proto.SerializeToString(), feed, self)
@@ -132,7 +133,7 @@ class Target:
 def _version(runtime: str) -> str:
     if runtime == "torch":
         return torch.__version__
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: optional dependency, onnxruntime targets only
 
     return ort.__version__
 
@@ -142,11 +143,11 @@ def _check_cuda(runtime: str) -> None:
         raise TargetError("a CUDA target needs a GPU, and torch sees none here (torch.cuda.is_available() is "
                           "False); use Target(device='cpu')")
     if runtime == "onnxruntime":
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: optional dependency, onnxruntime targets only
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise TargetError("onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu), or use "
-                              "Target(runtime='torch', device='cuda')")
+            raise TargetError("onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu), or "
+                              "use Target(runtime='torch', device='cuda')")
 
 
 @functools.cache
@@ -168,8 +169,6 @@ def cpu_name() -> str:
 def onnx_bytes(model: torch.nn.Module, inputs: Inputs) -> bytes:
     """ONNX of an eval-mode copy of ``model`` with BatchNorm folded (fxadapt graphs): the TorchScript exporter
     (fast), or ``fxadapt.export_onnx`` (dynamo, simplified, checked) when that one fails."""
-    from fxadapt.export.onnx import prepare
-
     work, args, _ = prepare(model, inputs.args, fold_bn=True)
     buf = io.BytesIO()
     try:
@@ -180,8 +179,6 @@ def onnx_bytes(model: torch.nn.Module, inputs: Inputs) -> bytes:
     except Exception:  # noqa: BLE001 - the checked exporter is slower but handles more models
         import tempfile
 
-        from fxadapt.export.onnx import export_onnx
-
         with tempfile.TemporaryDirectory() as d:
             path = str(Path(d) / "m.onnx")
             export_onnx(model, (inputs.args, inputs.kwargs), path)
@@ -190,7 +187,7 @@ def onnx_bytes(model: torch.nn.Module, inputs: Inputs) -> bytes:
 
 def session(model_bytes: bytes, target: Target):
     """An onnxruntime session with the target's threads (one inter-op thread, sequential execution)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: optional dependency, onnxruntime targets only
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = target.threads
@@ -264,6 +261,3 @@ def median_time(fn: Callable[[], Any], runs: int = 20, warmup: int = 3, budget_s
     """Median seconds per call of one function (``interleaved`` with one entry)."""
     return interleaved({"x": fn}, runs, warmup, budget_s, clock)["x"]
 
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch.fx import Node
 
@@ -23,7 +24,8 @@ class Input:
 
 @dataclass(frozen=True)
 class AtenCall:
-    """The ATen call a lifted module computes, with parameters as ``ParamRef`` and activations as ``Input``."""
+    """The ATen call a lifted module computes, with parameters as ``ParamRef`` and activations as
+    ``Input``."""
 
     op: object
     args: tuple
@@ -34,7 +36,7 @@ class AtenCall:
     def params(self) -> tuple[ParamRef, ...]:
         return tuple(a for a in self.args if isinstance(a, ParamRef))
 
-    def replace(self, index: int, value) -> AtenCall:
+    def replace(self, index: int, value: Any) -> AtenCall:
         args = list(self.args)
         args[index] = value
         return AtenCall(self.op, tuple(args))

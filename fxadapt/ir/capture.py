@@ -1,13 +1,16 @@
 """Capture: lift any ``nn.Module`` to a trainable ATen-level ``torch.fx.GraphModule``.
 
 Steps: normalise the example inputs (``fxadapt.ir.inputs``: a tensor, a positional tuple, a dict of
-keyword inputs or an ``(args, kwargs)`` pair); deep-copy the model in eval mode (the caller's model is
-never touched); ``torch.export.export(strict=False)`` with a dynamic batch axis on every tensor input,
-positional or keyword (a size-1 batch is traced at size 2, which export would otherwise specialise;
-static shapes if that fails); drop export's guard module; lift parametric ATen calls back into ``nn``
-modules (``passes/lift_modules``) so ``.train()``/``.eval()`` work; lint. The model runs eagerly only when
-export fails, to tell wrong inputs (``InputError``) from untraceable code (``CaptureError``, naming the
-user's source line) and to register dataclass outputs as pytree nodes.
+keyword inputs or an ``(args, kwargs)`` pair); copy the model in eval mode (new modules over
+copy-on-write clones of its tensors, ``fxadapt.ir.share``: the caller's model is never touched);
+``torch.export.export(strict=False)`` with a dynamic batch axis on every tensor input, positional or keyword
+(a size-1 batch is traced at size 2, which export would otherwise specialise; static shapes if that fails);
+drop export's guard module; then ``fxadapt.passes.capture`` lifts parametric ATen calls back into ``nn``
+modules (``passes/lift_modules``) so ``.train()``/``.eval()`` work, and lints. This module holds the steps
+below the passes (``export_model``, ``tidied``, ``stamp``); ``capture`` itself is
+``fxadapt.passes.capture.capture`` (``fxadapt.capture``). The model runs eagerly only when export fails, to
+tell wrong inputs (``InputError``) from untraceable code (``CaptureError``, naming the user's source line) and
+to register dataclass outputs as pytree nodes.
 
 KV caches: when ``forward`` takes ``use_cache`` (by name, or through ``**kwargs`` of a model whose config has
 ``use_cache=True``) and the example inputs do not set it, the copy is called
@@ -34,14 +37,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import inspect
 import io
 import logging
 import re
-import traceback
 import warnings
 from typing import Any
 
@@ -50,10 +51,11 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from fxadapt import meta
+from fxadapt import frames, meta
 from fxadapt.errors import CaptureError, InputError, warn
 from fxadapt.ir.inputs import Inputs, as_inputs
-from fxadapt.passes.lift_modules import LiftConfig, lift_modules
+from fxadapt.ir.model_hints import latent_kv_hint
+from fxadapt.ir.share import shared_copy
 
 INPUTS_KEY = meta.INPUTS             # "fxadapt.inputs": the Inputs the graph was captured with
 BATCH_KEY = meta.BATCH               # "fxadapt.batch": their batch size (the size of symbolic batch dims)
@@ -122,7 +124,8 @@ def _register_dataclasses(out: Any) -> bool:
     found = False
     for _ in range(8):
         new = {type(v) for v in pytree.tree_leaves(out)
-               if dataclasses.is_dataclass(v) and not isinstance(v, type) and type(v) not in pytree.SUPPORTED_NODES}
+               if dataclasses.is_dataclass(v) and not isinstance(v, type)
+               and type(v) not in pytree.SUPPORTED_NODES}
         if not new:
             return found
         for cls in new:
@@ -140,7 +143,8 @@ def free_axes(v: torch.Tensor, dynamic: str = "auto") -> tuple[int, ...]:
     """The axes of an input tensor capture (and ONNX export) leaves free: the batch; with ``"auto"`` also
     the sequence axis of token / feature inputs (2-D and 3-D) and the spatial axes of float images (4-D).
 
-    >>> free_axes(torch.zeros(2, 16, dtype=torch.long)), free_axes(torch.zeros(2, 3, 8, 8)), free_axes(torch.zeros(2, 3, 8, 8), "batch")
+    >>> (free_axes(torch.zeros(2, 16, dtype=torch.long)), free_axes(torch.zeros(2, 3, 8, 8)),
+    ...  free_axes(torch.zeros(2, 3, 8, 8), "batch"))
     ((0, 1), (0, 2, 3), (0,))
     """
     if not v.dim():
@@ -178,11 +182,9 @@ def _where(e: BaseException, model: nn.Module) -> str:
     if user:
         f = user[-1]
         return f"{f[0]}:{f[1]} in {f[2]}: {f[3].strip()}"
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename
-              and "fxadapt" not in f.filename]
-    if frames:
-        f = frames[-1]
-        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    frame = frames.user_frame(e.__traceback__, packages=True)
+    if frame is not None:
+        return frames.where(frame, source=True)
     op = re.search(r"(aten\.\w+(?:\.\w+)?)", text)
     return op.group(1) if op else type(model).__name__
 
@@ -194,13 +196,15 @@ def _hint(text: str) -> str:
                 f"leave use_cache unset (capture then passes use_cache=False) or set use_cache=False")
     swap = re.search(r"Couldn't swap (\w+)\.(\w+)", text)
     if swap:   # Module._apply swaps every parameter, which the fake parameters of a trace refuse
-        return (f"forward converts a {swap.group(1)} module (module.to(...) / .float() / .half()), which torch.export "
-                f"cannot trace: convert the model once before transform and remove the conversion from forward")
+        return (f"forward converts a {swap.group(1)} module (module.to(...) / .float() / .half()), which "
+                "torch.export cannot trace: convert the model once before transform and remove the "
+                "conversion from forward")
     if "data-dependent" in text:
-        return ("forward branches or loops on tensor values (a data-dependent shape: .nonzero(), .item(), a loop "
-                "over a tensor, boolean-mask routing), which torch.export cannot trace with fixed control flow: "
-                "make that code value-independent (for a mixture of experts, an implementation that runs the "
-                "experts on fixed shapes, as transformers' experts_implementation='grouped_mm' does for Mixtral)")
+        return ("forward branches or loops on tensor values (a data-dependent shape: .nonzero(), .item(), a "
+                "loop over a tensor, boolean-mask routing), which torch.export cannot trace with fixed "
+                "control flow: make that code value-independent (for a mixture of experts, an implementation "
+                "that runs the experts on fixed shapes, as transformers' experts_implementation='grouped_mm' "
+                "does for Mixtral)")
     return ""
 
 
@@ -270,12 +274,14 @@ def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> tor
     ``free_axes``), falling back to static shapes (see module docstring)."""
     inputs = as_inputs(example_inputs)
     dyn = _batch2(inputs)
-    with warnings.catch_warnings(), quiet_torch_logs(), noop_conversions():  # RNNs warn: export reassigns _flat_weights
+    # RNNs warn: export reassigns _flat_weights
+    with warnings.catch_warnings(), quiet_torch_logs(), noop_conversions():
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
             if dynamic != "static":
                 return torch.export.export(model, dyn.args, dyn.kwargs,
-                                           dynamic_shapes=_dynamic_spec(dyn, dynamic), strict=False)
+                                           dynamic_shapes=_dynamic_spec(dyn, dynamic),  # type: ignore[arg-type]
+                                           strict=False)  # export takes ShapesCollection; its stub omits it
         except Exception:  # noqa: BLE001 - retried statically; that error is the one reported
             pass
         try:
@@ -283,11 +289,11 @@ def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> tor
         except Exception as e:  # noqa: BLE001
             err = e
     text = str(err).strip()
-    first = text.splitlines()[0] if text else type(err).__name__
-    where = f"at {_where(err, model)}"
-    hint = _hint(text)
-    raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph: {type(err).__name__}: "
-                       f"{first}\n  {hint + chr(10) + '  ' + where if hint else where}") from err
+    first = text.splitlines()[0].split("  (Size-like")[0].strip() if text else type(err).__name__
+    hint = _hint(text)   # one line: the user's source line, then torch's reason, then what to change
+    hint = hint or latent_kv_hint(model, text)
+    raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph at {_where(err, model)}: "
+                       f"{type(err).__name__}: {first}" + (f"; {hint}" if hint else "")) from err
 
 
 def _first_names(gm: GraphModule) -> None:
@@ -309,8 +315,9 @@ def _first_names(gm: GraphModule) -> None:
 
 
 def _working_copy(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, dict]:
-    """An eval-mode deep copy of ``model`` whose ``forward`` has capture's fixed keyword arguments bound."""
-    work = copy.deepcopy(model).eval()
+    """An eval-mode copy of ``model`` (new modules; its tensors copy-on-write clones of the user's,
+    ``ir.share``: no memory until written) whose ``forward`` has capture's fixed keyword arguments bound."""
+    work = shared_copy(model).eval()
     fixed = fixed_kwargs(work, inputs)
     if fixed:
         warn(f"fxadapt.capture: calling {type(model).__name__} with use_cache=False: the KV cache is "
@@ -319,7 +326,8 @@ def _working_copy(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, dict]:
     return work, fixed
 
 
-def _export_or_explain(work: nn.Module, inputs: Inputs, dynamic: str = "batch") -> torch.export.ExportedProgram:
+def _export_or_explain(work: nn.Module, inputs: Inputs,
+                       dynamic: str = "batch") -> torch.export.ExportedProgram:
     """``export``; on failure run eagerly: wrong inputs are an ``InputError``, unregistered dataclass
     outputs are registered and export retried, anything else is the ``CaptureError``."""
     try:
@@ -343,32 +351,38 @@ def _tidy(gm: GraphModule) -> None:
             node.meta[meta.SOURCE] = trace.strip().splitlines()[-1].strip()
 
 
-def capture(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> GraphModule:
-    """Lift ``model`` to a trainable ATen-level ``GraphModule`` (see module docstring); ``dynamic="auto"``
-    also leaves sequence / image axes free where the model allows (``meta[DYNAMIC_KEY]`` says which).
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What ``export_model`` gives: the ``ExportedProgram``, the eval-mode working copy it was exported from
+    (its ``forward`` bound to the fixed keyword arguments), the example inputs and those fixed arguments."""
 
-    >>> gm = capture(torch.nn.Linear(4, 2), {"input": torch.randn(1, 4)})
-    >>> gm(input=torch.randn(3, 4)).shape
-    torch.Size([3, 2])
-    """
+    program: torch.export.ExportedProgram
+    work: nn.Module
+    inputs: Inputs
+    fixed: dict
+
+
+def export_model(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> Exported:
+    """The ``torch.export`` steps of capture (see module docstring): inputs normalised, a working copy,
+    exported with free axes per ``dynamic``, wrong inputs and untraceable code explained."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
     work, fixed = _working_copy(model, inputs)
-    result = from_program(_export_or_explain(work, inputs, dynamic), work)
-    result.train(model.training)
-    result.meta.update({INPUTS_KEY: inputs, BATCH_KEY: inputs.batch, FIXED_KEY: fixed,
-                        meta.DYNAMIC: dynamic_axes(result)})
-    return result
+    return Exported(_export_or_explain(work, inputs, dynamic), work, inputs, fixed)
 
 
-def from_program(ep: torch.export.ExportedProgram, origin: nn.Module | None = None) -> GraphModule:
-    """The steps of ``capture`` after ``torch.export``: the program's module, tidied (guards dropped, shared
-    tensors under one name, source lines recorded) and lifted to ``nn`` modules (BatchNorm momentum read
-    from ``origin``, the exported module, when given)."""
+def tidied(ep: torch.export.ExportedProgram) -> GraphModule:
+    """The program's module, tidied: guards dropped, shared tensors under one name, source lines recorded."""
     gm = ep.module()
     _tidy(gm)
-    result = lift_modules(gm, LiftConfig(origin=origin)).graph_module
-    result.graph.lint()
-    result.recompile()
-    return result
+    return gm
+
+
+def stamp(gm: GraphModule, model: nn.Module, exported: Exported, dynamic: str) -> GraphModule:
+    """``gm`` in ``model``'s train/eval mode with what capture records: the inputs, their batch, the fixed
+    keyword arguments and the free axes (``dynamic``: the mode that was asked for)."""
+    gm.train(model.training)
+    gm.meta.update({INPUTS_KEY: exported.inputs, BATCH_KEY: exported.inputs.batch, FIXED_KEY: exported.fixed,
+                    meta.DYNAMIC: dynamic_axes(gm)})
+    return gm

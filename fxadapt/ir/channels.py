@@ -108,8 +108,9 @@ class Site:
     ``"split"``/``"slice"`` (sizes / bounds of a split or slice on the channel axis). Informational kinds
     change nothing but separate groups: ``"piece"`` (one output of a split, the kept run of a slice: a
     group never spans two pieces, so a kept unit leaves no piece empty) and ``"mix"`` (channels mixed by a
-    reduction, norm or contraction). ``labels`` gives, for every position along the axis, its channel label. ``role`` tells the cost model
-    and reports what the site is (``"out"``, ``"in"``, ``"norm"``, ``"bias"``, ``"const"``, ``"shape"``).
+    reduction, norm or contraction). ``labels`` gives, for every position along the axis, its channel label.
+    ``role`` tells the cost model and reports what the site is (``"out"``, ``"in"``, ``"norm"``, ``"bias"``,
+    ``"const"``, ``"shape"``).
     """
 
     kind: str
@@ -121,6 +122,11 @@ class Site:
     arg: int = 0
     index: int = 0
 
+    @property
+    def param(self) -> str:
+        """The parameter a ``"param"`` site slices (its ``ref.target``; every param site has a ``ref``)."""
+        assert self.ref is not None, f"{self.kind} site of {self.node_name} has no parameter"
+        return self.ref.target
 
 @dataclass
 class Ledger:

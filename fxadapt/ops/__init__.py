@@ -9,7 +9,7 @@ grouped expert matmuls).
 'produces'
 """
 
-from fxadapt.ops import indexing, layers, pointwise, recurrent, reshape, routing  # noqa: F401  (registration)
+from fxadapt.ops import einsum, grouped, indexing, layers, pointwise, recurrent, reshape, routing  # noqa: F401  (registration)
 from fxadapt.ops.core import Blocked, Call, Ctx, RuleRecord
 from fxadapt.ops.registry import OPS, Lift, OpSpec, missing_reason, op_of, register, rule, spec_of
 

@@ -1,4 +1,5 @@
-"""What a channel rule sees and records (the ``channels`` field of a registry entry, ``fxadapt.ops.registry``).
+"""What a channel rule sees and records (the ``channels`` field of a registry entry,
+``fxadapt.ops.registry``).
 
 A rule is a function ``(call, ctx) -> out``: it returns the output ``Track`` (or a tuple of them for
 multi-output ops, or ``None`` when the output carries no channels) and records on ``ctx`` what it learned:
@@ -10,6 +11,7 @@ without an entry are blocked the same way — nothing ever defaults to element-w
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +68,7 @@ class Ctx:
         self.fired: Counter = Counter()
         self.node: Node | None = None
         self.ids: dict[str, Any] = {}  # node -> labels whose *positions* its values are (expert ids)
+        self.attention = "auto"        # the analysis' attention mode (fxadapt.ops.reshape)
 
     # --- reading ---------------------------------------------------------------------------------
     def track(self, x: Any) -> Track | None:
@@ -84,7 +87,12 @@ class Ctx:
         return None
 
     def out_shape(self) -> tuple[int, ...] | None:
-        return self.shapes.get(self.node.name)
+        return self.shapes.get(self.at())
+
+    def at(self) -> str:
+        """The name of the node whose rule is running."""
+        assert self.node is not None, "Ctx.at() outside a rule"
+        return self.node.name
 
     # --- recording -------------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
@@ -97,10 +105,10 @@ class Ctx:
         if x is None:
             return
         labels = x.labels if isinstance(x, Track) else x
-        self.ledger.freeze(np.asarray(labels), f"{self.node.name}: {reason}")
+        self.ledger.freeze(np.asarray(labels), f"{self.at()}: {reason}")
 
     def site(self, kind: str, labels: np.ndarray, role: str, **kw: Any) -> None:
-        self.ledger.sites.append(Site(kind, np.asarray(labels).reshape(-1), role, self.node.name, **kw))
+        self.ledger.sites.append(Site(kind, np.asarray(labels).reshape(-1), role, self.at(), **kw))
 
     def param_site(self, ref: Any, axis: int, labels: np.ndarray, role: str) -> None:
         if isinstance(ref, ParamRef):
@@ -149,7 +157,7 @@ def only_axis(ctx: Ctx, t: Track | None, axis: int, what: str) -> np.ndarray | N
 _SHAPE_ONLY = aten_ops("squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default")
 
 
-def param_behind_squeezes(x: Any, shape) -> Any:
+def param_behind_squeezes(x: Any, shape: Callable[[Any], tuple[int, ...] | None]) -> Any:
     """``x``, or the parameter a chain of squeeze/unsqueeze calls reads when the chain gives back the
     parameter's own shape (Mamba hands its kernel ``conv1d.weight.squeeze(1)``, which the kernel's fallback
     unsqueezes again): the layer reads that parameter, position for position. ``shape``: ``Ctx.shape``."""
@@ -158,9 +166,5 @@ def param_behind_squeezes(x: Any, shape) -> Any:
         node = node.args[0]
     if node is x or not (isinstance(node, Node) and node.op == "get_attr"):
         return x
-    ref = ParamRef(node.target)
+    ref = ParamRef(str(node.target))   # a get_attr's target is its dotted name
     return ref if shape(ref) == shape(x) else x
-
-
-def passthrough(t: Track | None) -> Track | None:
-    return t

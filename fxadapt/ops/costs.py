@@ -10,7 +10,7 @@ counts what ``torch.utils.flop_counter`` counts, divided by 2:
 - matmul family ``a[..., n, k] @ b[..., k, m]``: ``numel(out) * k``;
 - scaled-dot-product attention: ``b*h*L*S*(E + Ev)`` (``q k^T`` and ``attn v``; ``h`` the query heads,
   a factor in ``heads`` mode);
-- einsum (two operands): the product of the sizes of every letter used (kept or contracted).
+- einsum: in ``fxadapt.ops.einsum`` beside its channel rule.
 
 ``cx`` (``fxadapt.analysis.cost_build.CostCtx``) gives shapes, tracks and the forms of axes and weights.
 
@@ -23,19 +23,21 @@ counts what ``torch.utils.flop_counter`` counts, divided by 2:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fxadapt.ir.channels import ParamRef
-from fxadapt.ops.core import param_behind_squeezes
+from fxadapt.ops.core import Call, param_behind_squeezes
+from fxadapt.ops.forms import CostView
 
 
-def conv_macs(call, cx):
+def conv_macs(call: Call, cx: CostView):
     w, out = param_behind_squeezes(call.arg(1, "weight"), cx.shape), cx.out_shape
     if not isinstance(w, ParamRef):  # weight computed at run time (a slice): the rule froze it, fixed size
         return math.prod(out) / out[1], [cx.const(s) for s in cx.shape(w)]
     return math.prod(out) / out[1], cx.weight_factors(w)
 
 
-def conv_transpose_macs(call, cx):
+def conv_transpose_macs(call: Call, cx: CostView):
     x, w = call.arg(0, "input"), call.arg(1, "weight")
     src = cx.shape(x)
     if not isinstance(w, ParamRef):
@@ -43,23 +45,24 @@ def conv_transpose_macs(call, cx):
     return math.prod(src) / src[1], cx.weight_factors(w)
 
 
-def convolution_macs(call, cx):
+def convolution_macs(call: Call, cx: CostView):
     return (conv_transpose_macs if call.arg(6, "transposed", False) else conv_macs)(call, cx)
 
 
-def linear_macs(call, cx):
+def linear_macs(call: Call, cx: CostView):
     """Channels may sit on a leading axis of the output (a linear over the width of an NCHW tensor)."""
     w, out = call.arg(1, "weight"), cx.out_shape
     if not isinstance(w, ParamRef):
         return math.prod(out[:-1]), [cx.const(s) for s in cx.shape(w)]
-    t, coef, rows = cx.track(cx.node), 1.0, []
+    t, coef = cx.track(cx.node), 1.0
+    rows: list = []
     for ax, size in enumerate(out[:-1]):
         form = cx.axis_form(t, ax, size)
         coef, rows = (coef * size, rows) if form is None else (coef, rows + [form])
     return coef, rows + cx.weight_factors(w)
 
 
-def _matmul_term(cx, a, b):
+def _matmul_term(cx: CostView, a: Any, b: Any):   # operands: nodes or parameters
     """``numel(out) * k``; ``k`` is tracked on ``a``'s last axis or, for ``W @ x``, on ``b``'s second-last."""
     k = cx.shape(a)[-1]
     coef, factors = cx.activation_factors(cx.track(cx.node), cx.out_shape)
@@ -69,15 +72,15 @@ def _matmul_term(cx, a, b):
     return coef, factors + [form if form is not None else cx.const(k)]
 
 
-def matmul_macs(call, cx):
+def matmul_macs(call: Call, cx: CostView):
     return _matmul_term(cx, call.args[0], call.args[1])
 
 
-def addmm_macs(call, cx):
+def addmm_macs(call: Call, cx: CostView):
     return _matmul_term(cx, call.args[1], call.args[2])
 
 
-def sdpa_macs(call, cx):
+def sdpa_macs(call: Call, cx: CostView):
     q, k, v = call.args[:3]
     qs, ks, vs = cx.shape(q), cx.shape(k), cx.shape(v)
     e = cx.axis_form(cx.track(q), len(qs) - 1, qs[-1], default=True)
@@ -86,25 +89,9 @@ def sdpa_macs(call, cx):
     return coef * ks[-2], heads + [e + ev]
 
 
-def einsum_macs(call, cx):
-    """Einsum has no channel rule (its channels are frozen): a constant term."""
-    eq, shapes = call.arg(0, "equation"), [cx.shape(t) for t in call.arg(1, "tensors")]
-    ins, arrow, out = eq.replace(" ", "").partition("->")
-    ins = ins.split(",")
-    if len(ins) != 2 or "." in eq or any(s is None for s in shapes):
-        return None
-    if not arrow:  # implicit output: the letters used once
-        out = "".join(sorted(c for c in set(ins[0] + ins[1]) if (ins[0] + ins[1]).count(c) == 1))
-    size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape)}
-    if not [c for c in size if c in ins[0] and c in ins[1] and c not in out]:
-        return None  # nothing contracted: an element-wise product, no MACs
-    used = [c for c in size if c in out or (c in ins[0] and c in ins[1])]
-    return float(math.prod(size[c] for c in used)), []
-
-
 def recurrent_macs(gates: int):
     """LSTM (4 gates) / GRU (3): ``T*B*D*G*H*(I_0 + H + (L-1)*(D*H + H))`` (see ``fxadapt.ops.recurrent``)."""
-    def macs(call, cx):
+    def macs(call: Call, cx: CostView):
         x, params = call.args[0], list(call.args[2])
         layers, dirs = call.args[4], 2 if call.args[7] else 1
         xs = cx.shape(x)

@@ -19,13 +19,19 @@ and returns the (possibly different) op and new arguments:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+from torch._ops import OpOverload
+
+from fxadapt.ir.channels import Site
 
 aten = torch.ops.aten
 
 
-def set_shape_entry(op, args: list, site, index: np.ndarray, val):
+def set_shape_entry(op: OpOverload, args: list, site: Site, index: np.ndarray,
+                    val: Any) -> tuple[OpOverload, list]:
     args = list(args)
     shape = list(args[site.arg])
     shape[site.index] = int(len(index))
@@ -33,7 +39,7 @@ def set_shape_entry(op, args: list, site, index: np.ndarray, val):
     return op, positional(op, args)
 
 
-def positional(op, args: list) -> list:
+def positional(op: OpOverload, args: list) -> list:
     """The positional part of schema-complete ``args`` (keyword-only ones, such as ``expand``'s
     ``implicit``, cannot be passed by position; they are dropped when they hold their default).
 
@@ -53,7 +59,7 @@ _EFFECTIVE = {"dtype": lambda v: v == torch.get_default_dtype(), "layout": lambd
               "device": lambda v: torch.device(v).type == "cpu", "pin_memory": lambda v: v is False}
 
 
-def droppable(op, args: list) -> bool:
+def droppable(op: OpOverload, args: list) -> bool:
     """Whether the keyword-only part of schema-complete ``args`` equals what the op does without it (its
     defaults; a factory's default dtype, strided layout, CPU device, no pinned memory).
 
@@ -66,20 +72,20 @@ def droppable(op, args: list) -> bool:
                _EFFECTIVE.get(a.name, lambda _: False)(v) for a, v in zip(schema.arguments[n:], args[n:]))
 
 
-def set_count(op, args: list, site, index: np.ndarray, val):
+def set_count(op: OpOverload, args: list, site: Site, index: np.ndarray, val: Any) -> tuple[OpOverload, list]:
     args = list(args)
     args[site.arg] = int(len(index))
     return op, args
 
 
-def resplit(op, args: list, site, index: np.ndarray, val):
+def resplit(op: OpOverload, args: list, site: Site, index: np.ndarray, val: Any) -> tuple[OpOverload, list]:
     dim = site.arg
     bounds = np.cumsum([0] + [v.shape[dim] for v in val])
     counts = [int(((index >= lo) & (index < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
     return aten.split_with_sizes.default, [args[0], counts, dim]
 
 
-def _kept_run(site, index: np.ndarray, name: str) -> tuple[int, int]:
+def _kept_run(site: Site, index: np.ndarray, name: str) -> tuple[int, int]:
     lo, hi = site.arg, site.index
     inside = np.flatnonzero((index >= lo) & (index < hi))
     if inside.size and np.any(np.diff(inside) != 1):
@@ -87,13 +93,13 @@ def _kept_run(site, index: np.ndarray, name: str) -> tuple[int, int]:
     return (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
 
 
-def reslice(op, args: list, site, index: np.ndarray, val):
+def reslice(op: OpOverload, args: list, site: Site, index: np.ndarray, val: Any) -> tuple[OpOverload, list]:
     start, end = _kept_run(site, index, site.node_name)
     args = list(args) + [None] * (4 - len(args))
     return op, [args[0], args[1] if args[1] is not None else 0, start, end] + list(args[4:])
 
 
-def renarrow(op, args: list, site, index: np.ndarray, val):
+def renarrow(op: OpOverload, args: list, site: Site, index: np.ndarray, val: Any) -> tuple[OpOverload, list]:
     start, end = _kept_run(site, index, site.node_name)
     args = list(args)
     args[2], args[3] = start, end - start

@@ -15,19 +15,21 @@ parameter ``a`` (``W[n, k] @ x[..., k, m]``: Mamba's ``dt_proj.weight @ time_ste
 
 from __future__ import annotations
 
+import math
 import operator
+from typing import Any
 
 import numpy as np
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import costs, edits
-from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, only_axis, rule
+from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, axis_labels, norm_dim, only_axis, rule
 from fxadapt.ops.pointwise import _expand, _reduced
 from fxadapt.ops.registry import op_of
 
 
-def _align_all(ctx, tracks: list[Track | None], what: str) -> Track | None:
+def _align_all(ctx: Ctx, tracks: list[Track | None], what: str) -> Track | None:
     """Couple tensors that must carry the same channels on the same axes; return the reference."""
     ref = next((t for t in tracks if t is not None), None)
     if ref is None:
@@ -44,12 +46,12 @@ def _align_all(ctx, tracks: list[Track | None], what: str) -> Track | None:
 
 
 @rule(*aten_ops("cat.default", "concat.default", "concatenate.default"), kind="reindexes", zero="preserves")
-def cat(call, ctx):
+def cat(call: Call, ctx: Ctx):
     xs = [x for x in call.arg(0, "tensors") if ctx.shape(x) and len(ctx.shape(x)) == len(ctx.out_shape())]
     dim = norm_dim(call.arg(1, "dim", 0), len(ctx.out_shape()))
     tracks = [ctx.track(x) for x in xs]
     if not any(t is not None and dim in t.axes for t in tracks):
-        return _align_all(ctx, _param_tokens(ctx, xs, tracks), "concatenation")
+        return _align_all(ctx, _per_channel_params(ctx, xs, _param_tokens(ctx, xs, tracks)), "concatenation")
     parts = []
     for x, t in zip(xs, tracks):
         if t is not None and t.axes == (dim,):
@@ -65,7 +67,7 @@ def cat(call, ctx):
 _BROADCASTS = aten_ops("expand.default", "clone.default", "_to_copy.default", "to.dtype")
 
 
-def _param_tokens(ctx, xs, tracks):
+def _param_tokens(ctx: Ctx, xs, tracks):
     """A parameter broadcast to the batch and concatenated along the sequence (ViT's CLS token,
     ``cls.expand(B, -1, -1)``) carries the channels of its last axis: it is sliced with them (``const``)."""
     ref = next((t for t in tracks if t is not None), None)
@@ -76,7 +78,8 @@ def _param_tokens(ctx, xs, tracks):
         src = x
         while t is None and isinstance(src, Node) and src.op != "get_attr" and op_of(src) in _BROADCASTS:
             src = src.args[0]
-        if t is None and isinstance(src, Node) and src.op == "get_attr" and ctx.shape(ParamRef(src.target)) and \
+        if t is None and isinstance(src, Node) and src.op == "get_attr" \
+                and ctx.shape(ParamRef(src.target)) and \
                 ctx.shape(ParamRef(src.target))[-1] == ref.labels.shape[0]:
             lab = ctx.new(ref.labels.shape[0])
             ctx.param_site(ParamRef(src.target), len(ctx.shape(ParamRef(src.target))) - 1, lab, "const")
@@ -84,8 +87,37 @@ def _param_tokens(ctx, xs, tracks):
     return out
 
 
+_VIEWS = aten_ops("view.default", "reshape.default", "_unsafe_view.default")
+
+
+def _per_channel_params(ctx: Ctx, xs, tracks):
+    """A 1-D parameter with one value per channel, viewed onto the channel axis and broadcast
+    (gpt-oss's attention sinks ``sinks.reshape(1, -1, 1, 1).expand(B, -1, L, -1)``, concatenated to the scores
+    along the keys): it is sliced with the channels (``const``)."""
+    ref = next((t for t in tracks if t is not None), None)
+    if ref is None or len(ref.axes) != 1:
+        return tracks
+    axis, n = ref.axes[0], ref.labels.shape[0]
+    out = list(tracks)
+    for i, (x, t) in enumerate(zip(xs, tracks)):
+        src = x
+        while t is None and isinstance(src, Node) and op_of(src) in (*_BROADCASTS, *_VIEWS):
+            shape = ctx.shape(src)
+            if len(shape) != len(ctx.out_shape()) or shape[axis] != n or \
+                    (op_of(src) in _VIEWS and math.prod(shape) != n):
+                break
+            src = src.args[0]
+        else:
+            if t is None and isinstance(src, Node) and src.op == "get_attr" \
+                    and ctx.shape(ParamRef(src.target)) == (n,):
+                lab = ctx.new(n)
+                ctx.param_site(ParamRef(src.target), 0, lab, "const")
+                out[i] = Track(ref.axes, lab)
+    return out
+
+
 @rule(*aten_ops("stack.default"), kind="reindexes", zero="preserves")
-def stack(call, ctx):
+def stack(call: Call, ctx: Ctx):
     xs = list(call.arg(0, "tensors"))
     dim = norm_dim(call.arg(1, "dim", 0), len(ctx.out_shape()))
     tracks = [ctx.track(x) for x in xs]
@@ -93,16 +125,17 @@ def stack(call, ctx):
     return _align_all(ctx, tracks, "stack")
 
 
-def _out_shapes(ctx) -> list[tuple]:
+def _out_shapes(ctx: Ctx) -> list[tuple]:
     shapes = ctx.out_shape()
     return list(shapes) if shapes and isinstance(shapes[0], tuple) else [shapes]
 
 
 @rule(*aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default", "tensor_split.sections",
                 "tensor_split.indices",
-                "split_with_sizes_copy.default", "unsafe_split.Tensor", "unsafe_chunk.default"), kind="reindexes",
+                "split_with_sizes_copy.default", "unsafe_split.Tensor", "unsafe_chunk.default"),
+                kind="reindexes",
       zero="preserves", edit=edits.resplit)
-def split(call, ctx):
+def split(call: Call, ctx: Ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
     shapes = _out_shapes(ctx)
@@ -119,7 +152,7 @@ def split(call, ctx):
 
 
 @rule(*aten_ops("unbind.int"), kind="reindexes", zero="preserves")
-def unbind(call, ctx):
+def unbind(call: Call, ctx: Ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
     dim = norm_dim(call.arg(1, "dim", 0), len(ctx.shape(x)))
@@ -131,7 +164,7 @@ def unbind(call, ctx):
     return tuple(out for _ in range(n))
 
 
-def _sliced(call, ctx, bounds):
+def _sliced(call: Call, ctx: Ctx, bounds):
     """``bounds() -> (start, end, step)`` of a slice along ``dim`` (argument 1)."""
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -145,7 +178,7 @@ def _sliced(call, ctx, bounds):
     if not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
         return Blocked("slice bounds computed at run time on the channel axis")
     if step not in (1, None):
-        return Blocked(f"strided slice (step {step}) of the channel axis")
+        return _strided(ctx, t, dim, ctx.shape(x)[dim], start, end, step)
     lo, hi, _ = slice(start, end).indices(ctx.shape(x)[dim])
     if (lo, hi) != (0, ctx.shape(x)[dim]):
         ctx.site("slice", t.labels, "slice", arg=lo, index=hi)
@@ -153,20 +186,32 @@ def _sliced(call, ctx, bounds):
     return Track((dim,), t.labels[lo:hi])
 
 
+def _strided(ctx: Ctx, t, dim: int, n: int, start, end, step: int):
+    """``x[..., r::s]`` over the whole axis (gpt-oss's interleaved gate/up ``[..., ::2]``, ``[..., 1::2]``):
+    every run of ``s`` consecutive positions is one unit (kept or dropped together), so the kept tensor keeps
+    its interleave and the same slice of it picks the kept channels. Other strided slices block."""
+    lo, hi, _ = slice(start, end).indices(n)
+    if not (0 <= lo < step and hi == n and n % step == 0):
+        return Blocked(f"strided slice (step {step}) of the channel axis")
+    runs = t.labels.reshape(-1, step)
+    ctx.couple(runs, runs[:, :1])
+    return Track((dim,), np.ascontiguousarray(t.labels[lo::step]))
+
+
 @rule(*aten_ops("slice.Tensor", "slice_copy.Tensor"), kind="reindexes", zero="preserves", edit=edits.reslice)
-def slice_(call, ctx):
+def slice_(call: Call, ctx: Ctx):
     return _sliced(call, ctx, lambda: (call.arg(2, "start"), call.arg(3, "end"), call.arg(4, "step", 1)))
 
 
 @rule(*aten_ops("narrow.default"), kind="reindexes", zero="preserves", name="slice_", edit=edits.renarrow)
-def narrow(call, ctx):
+def narrow(call: Call, ctx: Ctx):
     start, length = call.arg(2, "start"), call.arg(3, "length")
     end = start + length if isinstance(start, int) and isinstance(length, int) else length
     return _sliced(call, ctx, lambda: (start, end, 1))
 
 
 @rule(*aten_ops("select.int", "select_copy.int"), kind="reindexes", zero="preserves")
-def select(call, ctx):
+def select(call: Call, ctx: Ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
     dim = norm_dim(call.arg(1, "dim"), len(ctx.shape(x)))
@@ -179,7 +224,7 @@ def select(call, ctx):
 
 
 @rule(operator.getitem, kind="reindexes", zero="preserves")
-def getitem(call, ctx):
+def getitem(call: Call, ctx: Ctx):
     src, idx = call.args[0], call.args[1]
     tracks = ctx.tracks.get(src.name) if isinstance(src, Node) else None
     if isinstance(tracks, tuple) and isinstance(idx, int) and idx < len(tracks):
@@ -191,7 +236,7 @@ _TRANSPOSE_DIMS = aten_ops("transpose.int")
 _TRANSPOSES = aten_ops("t.default", "numpy_T.default") + _TRANSPOSE_DIMS
 
 
-def _weight(ctx, b, sb: tuple) -> tuple[ParamRef, int, int] | None:
+def _weight(ctx: Ctx, b, sb: tuple) -> tuple[ParamRef, int, int] | None:
     """The right operand as a 2-D weight: ``(param, contracted axis, column axis)`` of the parameter itself
     (``x @ W``), or of the parameter a transpose reads (``x @ W.T``: FalconLinear, hand-written layers)."""
     if isinstance(b, ParamRef):
@@ -199,14 +244,15 @@ def _weight(ctx, b, sb: tuple) -> tuple[ParamRef, int, int] | None:
     if len(sb) != 2 or not isinstance(b, Node) or b.target not in _TRANSPOSES or not b.args:
         return None
     src = b.args[0]
-    if not (isinstance(src, Node) and src.op == "get_attr") or len(ctx.shape(ParamRef(src.target)) or ()) != 2:
+    if not (isinstance(src, Node) and src.op == "get_attr") \
+            or len(ctx.shape(ParamRef(str(src.target))) or ()) != 2:
         return None
     if b.target in _TRANSPOSE_DIMS and {norm_dim(d, 2) for d in b.args[1:3]} != {0, 1}:
         return None
-    return ParamRef(src.target), 1, 0
+    return ParamRef(str(src.target)), 1, 0
 
 
-def _matmul(ctx, a, b, out_nd: int):
+def _matmul(ctx: Ctx, a: Any, b: Any, out_nd: int):   # operands: nodes or parameters
     sa, sb = ctx.shape(a), ctx.shape(b)
     if len(sa) < 2 or len(sb) < 2:
         return Blocked("matrix product with a 1-D operand")
@@ -249,7 +295,7 @@ def _matmul(ctx, a, b, out_nd: int):
     return _align_all(ctx, outs, "matrix product") if len(outs) > 1 else (outs[0] if outs else None)
 
 
-def _fixed_batch(ctx, out: Track, other: tuple, t_other: Track | None, out_nd: int) -> None:
+def _fixed_batch(ctx: Ctx, out: Track, other: tuple, t_other: Track | None, out_nd: int) -> None:
     """Freeze channels one operand carries on a batch axis (any axis but the last two) where the other
     operand has the same axis at a size above one but carries no channels there: the two batch axes are
     paired element by element (``bmm(attn_probs, v)`` with heads merged into the batch axis, the probs'
@@ -258,28 +304,31 @@ def _fixed_batch(ctx, out: Track, other: tuple, t_other: Track | None, out_nd: i
     fixed = [o for o in out.axes if o < out_nd - 2 and 0 <= o - off < len(other) - 2 and other[o - off] > 1
              and (t_other is None or o - off not in t_other.axes)]
     if fixed:
-        ctx.freeze(out, f"matmul batch axis {fixed[0]} paired with an operand of fixed size {other[fixed[0] - off]}")
+        ctx.freeze(out,
+                   f"matmul batch axis {fixed[0]} paired with an operand of fixed size "
+                   f"{other[fixed[0] - off]}")
 
 
 @rule(*aten_ops("matmul.default", "mm.default", "bmm.default"), kind="couples", cost=costs.matmul_macs,
       zero="preserves")
-def matmul(call, ctx):
+def matmul(call: Call, ctx: Ctx):
     return _matmul(ctx, call.arg(0, "self"), call.arg(1, "other"), len(ctx.out_shape()))
 
 
 @rule(*aten_ops("addmm.default", "baddbmm.default"), kind="couples", cost=costs.addmm_macs)
-def addmm(call, ctx):
+def addmm(call: Call, ctx: Ctx):
     out = _matmul(ctx, call.arg(1, "mat1"), call.arg(2, "mat2"), len(ctx.out_shape()))
     bias_t = ctx.track(call.arg(0, "self"))
     if isinstance(out, Track) and bias_t is not None and bias_t.axes == out.axes:
         ctx.couple(out.labels, bias_t.labels)
-    elif isinstance(out, Track) and isinstance(call.arg(0, "self"), ParamRef) and out.axes[-1] == len(ctx.out_shape()) - 1:
+    elif isinstance(out, Track) and isinstance(call.arg(0, "self"), ParamRef) \
+            and out.axes[-1] == len(ctx.out_shape()) - 1:
         ctx.param_site(call.arg(0, "self"), 0, axis_labels(ctx, out, out.axes[-1]), "bias")
     return out
 
 
 @rule(*aten_ops("scaled_dot_product_attention.default"), kind="couples", cost=costs.sdpa_macs)
-def sdpa(call, ctx):
+def sdpa(call: Call, ctx: Ctx):
     """softmax(q k^T) v over ``[.., H, L, E]``. Channels on the last axis (``head_dim`` mode): q/k coupled
     (a contraction: ``mix``), the output carries v's. Channels on the head axis (``heads`` mode): the heads of
     q, k and v are coupled (with grouped-query attention, kv head ``j`` with query heads
@@ -303,7 +352,7 @@ def sdpa(call, ctx):
     return tv
 
 
-def _sdpa_heads(ctx, tracks, axis: int):
+def _sdpa_heads(ctx: Ctx, tracks, axis: int):
     if any(t is None or t.axes != (axis,) for t in tracks):
         for t in tracks:
             ctx.freeze(t, "attention heads tracked on some of query/key/value only")
@@ -317,7 +366,7 @@ def _sdpa_heads(ctx, tracks, axis: int):
     return tq
 
 
-def _head_mask(ctx, mask, out, nd: int):
+def _head_mask(ctx: Ctx, mask, out, nd: int):
     """An additive mask / bias with one slice per head (Swin's relative position bias) must follow the heads:
     a tracked one is coupled, a fixed-size one freezes them."""
     shape = ctx.shape(mask) if mask is not None else None
@@ -332,15 +381,9 @@ def _head_mask(ctx, mask, out, nd: int):
     return None
 
 
-def couple_heads(ctx, q: np.ndarray, kv: np.ndarray) -> bool:
+def couple_heads(ctx: Ctx, q: np.ndarray, kv: np.ndarray) -> bool:
     """Union query heads with their key/value head (grouped-query attention when there are fewer kv heads)."""
     if len(q) % len(kv):
         return False
     ctx.couple(q.reshape(len(kv), -1), kv[:, None])
     return True
-
-
-@rule(*aten_ops("einsum.default"), kind="blocks", cost=costs.einsum_macs)
-def einsum(call, ctx):
-    """Costed (a contraction of fixed size) but not analysed: the channels it touches are frozen."""
-    return Blocked("no channel rule for aten.einsum.default: costed as a fixed-size contraction, channels kept")

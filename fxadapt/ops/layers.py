@@ -20,21 +20,22 @@ from __future__ import annotations
 import numpy as np
 from torch.fx import Node
 
-from fxadapt.hw import keys
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import costs, edits, lifts
-from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, param_behind_squeezes, rule
+from fxadapt.ops import latency_keys as keys
+from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, norm_dim, only_axis, param_behind_squeezes, rule
+from fxadapt.ops.norm_params import norm_param_site
 from fxadapt.ops.registry import Lift
 
 
-def _grouped(ctx, labels: np.ndarray, groups: int) -> np.ndarray:
+def _grouped(ctx: Ctx, labels: np.ndarray, groups: int) -> np.ndarray:
     """Union labels of the same intra-group position across ``groups`` equal blocks; return one block."""
     blocks = labels.reshape(groups, -1)
     ctx.couple(blocks, blocks[:1])
     return blocks[0]
 
 
-def _bias_site(ctx, b, out: np.ndarray, what: str) -> None:
+def _bias_site(ctx: Ctx, b, out: np.ndarray, what: str) -> None:
     """The bias ``b`` of a layer whose output channels are ``out`` (see the module docstring)."""
     if not isinstance(b, Node):
         ctx.param_site(b, 0, out, "bias")
@@ -47,10 +48,11 @@ def _bias_site(ctx, b, out: np.ndarray, what: str) -> None:
     ctx.freeze(t, f"{what} bias is computed at run time ({b.name}) and does not follow its output channels")
 
 
-def _conv(call, ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
+def _conv(call: Call, ctx: Ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
     """Shared conv logic; ``w_axes`` = (weight axis of output channels, weight axis of input channels);
     ``groups_arg``: the argument position of ``groups`` (rewritten when a depthwise conv is sliced)."""
-    x, w, b = call.arg(0, "input"), param_behind_squeezes(call.arg(1, "weight"), ctx.shape), call.arg(2, "bias")
+    x, w, b = call.arg(0, "input"), param_behind_squeezes(call.arg(1, "weight"), ctx.shape), \
+            call.arg(2, "bias")
     if not isinstance(w, ParamRef):
         return Blocked("convolution weight is computed at run time")
     out_ax, in_ax = w_axes
@@ -77,27 +79,28 @@ def _conv(call, ctx, w_axes: tuple[int, int], groups: int, groups_arg: int = 6):
 @rule(*aten_ops("conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding", "conv2d.padding",
                 "conv3d.padding"), kind="produces", cost=costs.conv_macs, zero="params", fold="absorbs",
       lift=Lift(lifts.build_conv, (0,), (1, 2)), edit=edits.set_count, latency_key=keys.conv_key)
-def conv(call, ctx):
+def conv(call: Call, ctx: Ctx):
     return _conv(call, ctx, (0, 1), call.arg(6, "groups", 1))
 
 
-@rule(*aten_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"), kind="produces",
-      cost=costs.conv_transpose_macs, zero="params", fold="absorbs", out_axis=1,
-      lift=Lift(lifts.build_conv_transpose, (0,), (1, 2)), edit=edits.set_count, latency_key=keys.conv_transpose_key)
-def conv_transpose(call, ctx):
+@rule(*aten_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"),
+      kind="produces", cost=costs.conv_transpose_macs, zero="params", fold="absorbs", out_axis=1,
+      lift=Lift(lifts.build_conv_transpose, (0,), (1, 2)), edit=edits.set_count,
+      latency_key=keys.conv_transpose_key)
+def conv_transpose(call: Call, ctx: Ctx):
     return _conv(call, ctx, (1, 0), call.arg(6, "groups", 1))
 
 
 @rule(*aten_ops("convolution.default"), kind="produces", cost=costs.convolution_macs, zero="params",
       edit=edits.set_count, latency_key=keys.convolution_key)
-def convolution(call, ctx):
+def convolution(call: Call, ctx: Ctx):
     axes = (1, 0) if call.arg(6, "transposed", False) else (0, 1)
     return _conv(call, ctx, axes, call.arg(8, "groups", 1), groups_arg=8)
 
 
 @rule(*aten_ops("linear.default"), kind="produces", cost=costs.linear_macs, zero="params", fold="absorbs",
       lift=Lift(lifts.build_linear, (0,), (1, 2)), latency_key=keys.linear_key)
-def linear(call, ctx):
+def linear(call: Call, ctx: Ctx):
     """``y = x W^T + b`` over the last axis; other tracked axes of ``x`` pass through."""
     x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
     if not isinstance(w, ParamRef):
@@ -116,7 +119,7 @@ def linear(call, ctx):
 
 
 @rule(*aten_ops("embedding.default"), kind="produces", lift=Lift(lifts.build_embedding, (1,), (0,)))
-def embedding(call, ctx):
+def embedding(call: Call, ctx: Ctx):
     w = call.arg(0, "weight")
     if not isinstance(w, ParamRef):
         return Blocked("embedding table is computed at run time")
@@ -125,14 +128,14 @@ def embedding(call, ctx):
     return Track((len(ctx.out_shape()) - 1,), new)
 
 
-def _norm_sites(ctx, call, lab, names: tuple[tuple[int, str], ...]):
+def _norm_sites(ctx: Ctx, call: Call, lab, names: tuple[tuple[int, str], ...]):
     for idx, name in names:
-        ctx.param_site(call.arg(idx, name), 0, lab, "norm")
+        norm_param_site(ctx, call.arg(idx, name), 0, lab, f"norm {name}")
 
 
 @rule(*aten_ops("batch_norm.default"), kind="passes", zero="params", fold="affine",
       lift=Lift(lifts.build_batch_norm, (0,), (1, 2, 3, 4)))
-def batch_norm(call, ctx):
+def batch_norm(call: Call, ctx: Ctx):
     """Per-channel affine + statistics over axis 1: every parameter/buffer is sliced with the channel."""
     lab = only_axis(ctx, ctx.track(call.arg(0, "input")), 1, "a batch norm")
     if lab is None:
@@ -144,8 +147,9 @@ def batch_norm(call, ctx):
 rule(*aten_ops("instance_norm.default"), kind="passes", name="batch_norm", zero="params")(batch_norm)
 
 
-@rule(*aten_ops("group_norm.default"), kind="passes", zero="params", lift=Lift(lifts.build_group_norm, (0,), (2, 3)))
-def group_norm(call, ctx):
+@rule(*aten_ops("group_norm.default"), kind="passes", zero="params",
+      lift=Lift(lifts.build_group_norm, (0,), (2, 3)))
+def group_norm(call: Call, ctx: Ctx):
     """Statistics over ``[groups, C/groups]`` blocks: intra-group positions are unioned across groups."""
     lab = only_axis(ctx, ctx.track(call.arg(0, "input")), 1, "a group norm")
     if lab is None:
@@ -160,7 +164,7 @@ def group_norm(call, ctx):
 
 @rule(*aten_ops("layer_norm.default"), kind="passes", zero="params", edit=edits.set_shape_entry,
       lift=Lift(lifts.build_layer_norm, (0,), (2, 3)))
-def layer_norm(call, ctx):
+def layer_norm(call: Call, ctx: Ctx):
     """Normalises over the trailing ``len(normalized_shape)`` axes; a tracked one among them is sliced."""
     x = call.arg(0, "input")
     t = ctx.track(x)
@@ -176,20 +180,20 @@ def layer_norm(call, ctx):
     ctx.site("mix", t.labels, "mix")
     _axis_site = ax - (nd - k)
     for idx, name in ((2, "weight"), (3, "bias")):
-        ctx.param_site(call.arg(idx, name), _axis_site, t.labels, "norm")
+        norm_param_site(ctx, call.arg(idx, name), _axis_site, t.labels, f"layer norm {name}")
     ctx.site("shape_arg", t.labels, "shape", arg=1, index=_axis_site)
     return t
 
 
 @rule(*aten_ops("rms_norm.default"), kind="passes", edit=edits.set_shape_entry)
-def rms_norm(call, ctx):
+def rms_norm(call: Call, ctx: Ctx):
     x = call.arg(0, "input")
     t = ctx.track(x)
     nd = len(ctx.shape(x))
     if t is None or t.axes != (nd - 1,) or len(call.arg(1, "normalized_shape")) != 1:
         return t if t is None or nd - 1 not in t.axes else Blocked("rms norm over several axes")
     ctx.site("mix", t.labels, "mix")  # the mean of squares over channels: growth changes it
-    ctx.param_site(call.arg(2, "weight"), 0, t.labels, "norm")
+    norm_param_site(ctx, call.arg(2, "weight"), 0, t.labels, "rms norm weight")
     ctx.site("shape_arg", t.labels, "shape", arg=1, index=0)
     return t
 

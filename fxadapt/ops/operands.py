@@ -25,7 +25,7 @@ from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Site
 from fxadapt.ops import edits
-from fxadapt.ops.core import norm_dim
+from fxadapt.ops.core import Ctx, norm_dim
 
 aten = torch.ops.aten
 FACTORY_SIZE_ARG = {aten.zeros.default: 0, aten.ones.default: 0, aten.full.default: 0,
@@ -34,22 +34,22 @@ FACTORY_SIZE_ARG = {aten.zeros.default: 0, aten.ones.default: 0, aten.full.defau
 _MAX_CHAIN = 16
 
 
-def shape_of(ctx, x: Any) -> tuple:
+def shape_of(ctx: Ctx, x: Any) -> tuple:
     return tuple(ctx.shape(x) or ())
 
 
-def param_source(ctx, x: Any, elementwise: frozenset) -> tuple[ParamRef, list[int | None]] | None:
+def param_source(ctx: Ctx, x: Any, elementwise: frozenset) -> tuple[ParamRef, list[int | None]] | None:
     """The parameter ``x`` reads element-wise and, for every axis of ``x``, the parameter axis it reads
     (``None`` where an ``unsqueeze`` inserted it); ``None`` when ``x`` is anything else.
     ``elementwise``: the one-tensor element-wise ops (casts, ``exp``, ``neg``, ...)."""
-    node, axes = x, list(range(len(shape_of(ctx, x))))
+    node, axes = x, list[int | None](range(len(shape_of(ctx, x))))
     for _ in range(_MAX_CHAIN):
         if isinstance(node, ParamRef):
             return node, axes
         if not isinstance(node, Node):
             return None
         if node.op == "get_attr":
-            return ParamRef(node.target), axes
+            return ParamRef(str(node.target)), axes   # a get_attr's target is its dotted name
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
             return None
         if any(isinstance(a, Node) for a in [*node.args[1:], *node.kwargs.values()]):
@@ -61,7 +61,7 @@ def param_source(ctx, x: Any, elementwise: frozenset) -> tuple[ParamRef, list[in
     return None
 
 
-def _through(ctx, node: Node, axes: list, elementwise: frozenset) -> list | None:
+def _through(ctx: Ctx, node: Node, axes: list[int | None], elementwise: frozenset) -> list[int | None] | None:
     """``axes`` (x's axis -> this node's axis) re-expressed on the node's input, or None if not a view."""
     t, args = node.target, node.args
     if t in elementwise:
@@ -82,7 +82,7 @@ def _through(ctx, node: Node, axes: list, elementwise: frozenset) -> list | None
     return None
 
 
-def param_axis_site(ctx, a: Any, axis: int, labels: np.ndarray, elementwise: frozenset) -> bool:
+def param_axis_site(ctx: Ctx, a: Any, axis: int, labels: np.ndarray, elementwise: frozenset) -> bool:
     """A ``const`` site on the parameter ``a`` reads element-wise, along the parameter axis behind ``a``'s
     ``axis``; False when there is none (or its size differs from the channels')."""
     src = param_source(ctx, a, elementwise)
@@ -95,7 +95,7 @@ def param_axis_site(ctx, a: Any, axis: int, labels: np.ndarray, elementwise: fro
     return True
 
 
-def factory_site(ctx, a: Any, axis: int, labels: np.ndarray) -> bool:
+def factory_site(ctx: Ctx, a: Any, axis: int, labels: np.ndarray) -> bool:
     """A ``shape_arg`` site on a factory node for entry ``axis`` of its size list (default dtype/layout/device
     keyword arguments only, so the edit can pass the rest by position); False for anything else."""
     if not isinstance(a, Node) or a.op != "call_function" or a.target not in FACTORY_SIZE_ARG:

@@ -16,21 +16,23 @@ smaller one is frozen with a reason naming both; reductions and contractions tha
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import edits, lifts, operands
-from fxadapt.ops.core import Blocked, aten_ops, axis_labels, norm_dim, rule
+from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, axis_labels, norm_dim, rule
 from fxadapt.ops.registry import SYM_ARITH, Lift, register
 
 ZERO_UNARY = aten_ops(  # f(0) == 0
-    "relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default", "hardtanh_.default",
-    "tanh.default", "tanh_.default", "gelu.default", "gelu_.default", "silu.default", "silu_.default",
-    "hardswish.default", "hardswish_.default", "leaky_relu.default", "leaky_relu_.default", "elu.default",
-    "elu_.default", "selu.default", "selu_.default", "celu.default", "mish.default", "mish_.default",
-    "neg.default", "sqrt.default", "abs.default", "erf.default", "sin.default", "square.default",
-    "sign.default", "mul.Scalar", "div.Scalar", "contiguous.default", "clone.default",
+    "relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default",
+    "hardtanh_.default", "tanh.default", "tanh_.default", "gelu.default", "gelu_.default", "silu.default",
+    "silu_.default", "hardswish.default", "hardswish_.default", "leaky_relu.default", "leaky_relu_.default",
+    "elu.default", "elu_.default", "selu.default", "selu_.default", "celu.default", "mish.default",
+    "mish_.default", "neg.default", "sqrt.default", "abs.default", "erf.default", "sin.default",
+    "square.default", "sign.default", "mul.Scalar", "div.Scalar", "contiguous.default", "clone.default",
     "detach.default", "detach_.default", "alias.default", "lift_fresh_copy.default", "_to_copy.default",
     "to.dtype", "to.device", "to.dtype_layout", "type_as.default", "floor.default", "ceil.default",
     "round.default", "dropout_.default", "feature_alpha_dropout.default",
@@ -46,10 +48,15 @@ OTHER_UNARY = aten_ops(
 ELEMENTWISE = frozenset(ZERO_UNARY + OTHER_UNARY) - frozenset(aten_ops(
     "zeros_like.default", "ones_like.default", "empty_like.default", "full_like.default", "rand_like.default",
     "randn_like.default", "bernoulli.p", "fill.Scalar"))  # read their input's values, one element each
-MIXING = aten_ops("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default", "cumsum.default")
+PARAM_READS = ELEMENTWISE | frozenset(aten_ops("add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor",
+                                               "rsub.Tensor"))
+"""Ops through which an operand still reads a parameter element by element when every other argument is a
+scalar (``operands.param_source`` refuses tensor arguments): ``1.0 + weight`` (zero-centred norm weights)."""
+MIXING = aten_ops("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default",
+                  "cumsum.default")
 
 
-def unary(call, ctx):
+def unary(call: Call, ctx: Ctx):
     """Shape-preserving op of one tensor (extra arguments are scalars or dims): labels pass through."""
     return ctx.track(call.arg(0, "self"))
 
@@ -64,18 +71,19 @@ for _names, _build in ((("dropout.default",), lifts.build_dropout),
 
 
 @rule(*MIXING, kind="passes", name="unary")
-def mixing(call, ctx):
+def mixing(call: Call, ctx: Ctx):
     """softmax/cumsum along a channel axis mixes the channels (no function-preserving growth there);
     labels pass through."""
     x = call.arg(0, "self")
     t = ctx.track(x)
-    if t is not None and isinstance(call.arg(1, "dim"), int) and norm_dim(call.arg(1, "dim"), len(ctx.shape(x))) in t.axes:
+    if t is not None and isinstance(call.arg(1, "dim"), int) \
+            and norm_dim(call.arg(1, "dim"), len(ctx.shape(x))) in t.axes:
         ctx.site("mix", t.labels, "mix")
     return t
 
 
 @rule(*aten_ops("prelu.default"), kind="passes", name="unary", zero="preserves")
-def prelu(call, ctx):
+def prelu(call: Call, ctx: Ctx):
     """A per-channel slope (more than one) is sliced with the channels."""
     x, w = call.arg(0, "self"), call.arg(1, "weight")
     t = ctx.track(x)
@@ -91,13 +99,14 @@ BINARY = aten_ops(
     "div_.Tensor", "div.Tensor_mode", "maximum.default", "minimum.default", "max.other", "min.other",
     "pow.Tensor_Tensor",
     "eq.Tensor", "ne.Tensor", "gt.Tensor", "lt.Tensor", "ge.Tensor", "le.Tensor", "atan2.default",
-    "where.self", "where.ScalarOther", "where.ScalarSelf", "where.Scalar", "masked_fill.Scalar", "masked_fill.Tensor", "rsub.Tensor", "clamp.Tensor",
-    "copy.default", "copy_.default", "logical_and.default", "logical_or.default", "bitwise_and.Tensor",
-    "addcmul.default", "addcdiv.default", "lerp.Tensor", "lerp.Scalar", "hardtanh_backward.default",
+    "where.self", "where.ScalarOther", "where.ScalarSelf", "where.Scalar", "masked_fill.Scalar",
+    "masked_fill.Tensor", "rsub.Tensor", "clamp.Tensor", "copy.default", "copy_.default",
+    "logical_and.default", "logical_or.default", "bitwise_and.Tensor", "addcmul.default", "addcdiv.default",
+    "lerp.Tensor", "lerp.Scalar", "hardtanh_backward.default",
 )
 
 
-def _aligned(ctx, x, nd: int) -> tuple[tuple, Track | None]:
+def _aligned(ctx: Ctx, x, nd: int) -> tuple[tuple, Track | None]:
     """Operand shape right-aligned to ``nd`` dims, and its track moved to output axes."""
     shape = ctx.shape(x) or ()
     off = nd - len(shape)
@@ -107,7 +116,7 @@ def _aligned(ctx, x, nd: int) -> tuple[tuple, Track | None]:
     return (1,) * off + tuple(shape), t
 
 
-def broadcast(call, ctx):
+def broadcast(call: Call, ctx: Ctx):
     out_shape = ctx.out_shape()
     if out_shape is None:
         return None
@@ -131,7 +140,7 @@ def broadcast(call, ctx):
     return ref
 
 
-def _join(ctx, ref: Track, t: Track) -> Track:
+def _join(ctx: Ctx, ref: Track, t: Track) -> Track:
     """Couple two operands' channels; returns the track the output carries.
 
     Channels on disjoint axes are two channel spaces meeting in an outer product (Mamba's selective scan:
@@ -157,13 +166,13 @@ def _join(ctx, ref: Track, t: Track) -> Track:
     return keep
 
 
-def _fixed_operand(ctx, a, shape: tuple, ref: Track, nd: int) -> bool:
+def _fixed_operand(ctx: Ctx, a: Any, shape: tuple, ref: Track, nd: int) -> bool:
     """An untracked operand of full size along the (one) tracked axis follows the channels when it is a
     parameter read element-wise or a factory (``fxadapt.ops.operands``)."""
     if len(ref.axes) != 1:
         return False
     axis = ref.axes[0] - (nd - len(operands.shape_of(ctx, a)))
-    return (operands.param_axis_site(ctx, a, axis, ref.labels, ELEMENTWISE)
+    return (operands.param_axis_site(ctx, a, axis, ref.labels, PARAM_READS)
             or operands.factory_site(ctx, a, axis, ref.labels))
 
 
@@ -187,7 +196,7 @@ REDUCE_PAIR = aten_ops("max.dim", "min.dim")  # (values, indices)
 
 
 @rule(*REDUCE, kind="consumes")
-def reduce(call, ctx):
+def reduce(call: Call, ctx: Ctx):
     """Reducing a tracked axis consumes its channels (fewer summands, same shape); others pass through."""
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -197,18 +206,19 @@ def reduce(call, ctx):
     dims = list(range(nd)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
     dims = sorted({norm_dim(d, nd) for d in dims})
     if t is not None and set(dims) & set(t.axes):
-        ctx.site("mix", t.labels, "mix")  # the reduction mixes channels: growing them is not function-preserving
+        # the reduction mixes channels: growing them is not function-preserving
+        ctx.site("mix", t.labels, "mix")
     return _reduced(ctx, t, dims, keep)
 
 
 @rule(*REDUCE_PAIR, kind="consumes", name="reduce")
-def reduce_pair(call, ctx):
+def reduce_pair(call: Call, ctx: Ctx):
     """``max.dim``/``min.dim``: values and indices both carry the reduced layout."""
     out = reduce(call, ctx)
     return (out, out)
 
 
-def _reduced(ctx, t: Track | None, dims: list[int], keep: bool) -> Track | None:
+def _reduced(ctx: Ctx, t: Track | None, dims: list[int], keep: bool) -> Track | None:
     if t is None:
         return None
     remaining = [a for a in t.axes if a not in dims]
@@ -239,7 +249,7 @@ POOL_TUPLE = aten_ops(
 )
 
 
-def _spatial(ctx, x, tail: int):
+def _spatial(ctx: Ctx, x, tail: int):
     t = ctx.track(x)
     if t is None:
         return None
@@ -250,7 +260,7 @@ def _spatial(ctx, x, tail: int):
 
 
 @rule(*POOL, kind="passes", zero="preserves")
-def pool(call, ctx):
+def pool(call: Call, ctx: Ctx):
     """Spatial op on the trailing (1-3) axes: labels on the leading axes pass through."""
     x = call.arg(0, "input")
     nd = len(ctx.shape(x))
@@ -258,14 +268,14 @@ def pool(call, ctx):
 
 
 @rule(*POOL_TUPLE, kind="passes", zero="preserves")
-def pool_tuple(call, ctx):
+def pool_tuple(call: Call, ctx: Ctx):
     x = call.arg(0, "input")
     out = _spatial(ctx, x, max(1, len(ctx.shape(x)) - 2))
     return out if isinstance(out, Blocked) else (out, out)
 
 
 @rule(*aten_ops("pad.default", "constant_pad_nd.default"), kind="passes", zero="preserves")
-def pad(call, ctx):
+def pad(call: Call, ctx: Ctx):
     """Padding of untracked axes passes; padding the channel axis adds fixed channels, so it blocks."""
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -294,13 +304,13 @@ SIZE_QUERY = aten_ops("sym_size.int", "size.int")
 
 
 @rule(*FACTORY, *NO_TENSOR, kind="ignores", edit=edits.set_shape_entry)  # edit: an LSTM's zero state
-def no_channels(call, ctx):
+def no_channels(call: Call, ctx: Ctx):
     """Factories and shape queries: no channels flow in or out."""
     return None
 
 
 @rule(*SIZE_QUERY, kind="ignores", name="no_channels")
-def size_query(call, ctx):
+def size_query(call: Call, ctx: Ctx):
     """``x.size(d)``: reading the size of a channel axis as a number freezes it (a batch dim is fine)."""
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -310,7 +320,7 @@ def size_query(call, ctx):
 
 
 @rule(*SYM_ARITH, kind="ignores")
-def sym_arith(call, ctx):
+def sym_arith(call: Call, ctx: Ctx):
     """Python arithmetic on symbolic sizes (``4 * batch``): export emits it only for ``SymInt`` values."""
     if any(ctx.track(a) is not None for a in call.args):
         return Blocked(f"{call.op.__name__} applied to a tensor that carries channels")

@@ -1,11 +1,12 @@
-"""Rules for recurrent layers: ``aten.lstm.input`` (gates ``[i, f, g, o]``) and ``aten.gru.input`` (``[r, z, n]``).
+"""Rules for recurrent layers: ``aten.lstm.input`` (gates ``[i, f, g, o]``) and ``aten.gru.input`` (``[r, z,
+n]``).
 
 ``params`` holds, per layer ``l`` and direction ``d``: ``W_ih[G*H, I_l]``, ``W_hh[G*H, H]`` (and, with biases,
 ``b_ih[G*H]``, ``b_hh[G*H]``); ``I_0`` is the input size, ``I_l = D*H`` after the first layer (the directions'
 outputs concatenated). ``nn.LSTM``/``nn.GRU`` have one ``hidden_size``, so the hidden channels of every layer
-and direction are one group of ``H`` units: unit ``h`` is row ``h`` of every gate block (rows ``k*H + h``), column
-``h`` of ``W_hh`` and of the next layer's ``W_ih`` (per direction block), and channel ``h`` (per direction) of
-the output and the states. The input size comes from the producer (``W_ih`` of layer 0, axis 1).
+and direction are one group of ``H`` units: unit ``h`` is row ``h`` of every gate block (rows ``k*H + h``),
+column ``h`` of ``W_hh`` and of the next layer's ``W_ih`` (per direction block), and channel ``h`` (per
+direction) of the output and the states. The input size comes from the producer (``W_ih`` of layer 0, axis 1).
 
 Growth is function-preserving: a new unit's gate rows copy an old unit's, and every weight reading it
 (``W_hh`` columns, the next layer's ``W_ih`` columns, the consumer of the output) is zero. The default zero
@@ -22,12 +23,12 @@ from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Site, Track
 from fxadapt.ops import costs, edits
-from fxadapt.ops.core import Blocked, aten_ops, only_axis, rule
+from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, only_axis, rule
 
 _FACTORY = aten_ops("zeros.default")
 
 
-def _recurrent(call, ctx, gates: int, states: int):
+def _recurrent(call: Call, ctx: Ctx, gates: int, states: int):
     x, hx, params = call.arg(0, "input"), call.arg(1, "hx"), list(call.arg(2, "params"))
     has_b, layers, bidir = call.arg(3, "has_biases"), call.arg(4, "num_layers"), call.arg(7, "bidirectional")
     dirs = 2 if bidir else 1
@@ -58,7 +59,7 @@ def _recurrent(call, ctx, gates: int, states: int):
     return (Track((h_axis,), np.tile(hid, dirs)),) + (state,) * (states - 1)
 
 
-def _zero_state_site(ctx, h, hid) -> bool:
+def _zero_state_site(ctx: Ctx, h, hid) -> bool:
     """The default initial state ``zeros([L*D, B, H])``: its size entry 2 follows the hidden width."""
     t = ctx.track(h)
     if t is not None:
@@ -74,10 +75,10 @@ def _zero_state_site(ctx, h, hid) -> bool:
 
 
 @rule(*aten_ops("lstm.input"), kind="produces", cost=costs.recurrent_macs(4), zero=None)
-def lstm(call, ctx):
+def lstm(call: Call, ctx: Ctx):
     return _recurrent(call, ctx, gates=4, states=3)
 
 
 @rule(*aten_ops("gru.input"), kind="produces", cost=costs.recurrent_macs(3), zero=None)
-def gru(call, ctx):
+def gru(call: Call, ctx: Ctx):
     return _recurrent(call, ctx, gates=3, states=2)

@@ -15,7 +15,9 @@ An entry holds
   holds its output channels), ``"affine"`` for the per-channel affine that folds (batch norm);
 - ``sums``: ``out = a + b`` (a residual join);
 - ``edit``: how the node's own arguments change when the channels it indexes are sliced
-  (``(node, site, index) -> None``, ``fxadapt.ops.edits``);
+  (``(op, args, site, index, val) -> (op, args)``: the op, its schema-ordered arguments, the ``Site``, the
+  kept positions and the node's original output value in; the op, possibly another, and its new arguments
+  out; ``fxadapt.ops.edits``);
 - ``latency_key``: what a latency lookup table is keyed by (``(call, cx) -> tuple``).
 
 Overloads of one op must each be registered (usually in one ``register`` call sharing the entry). An
@@ -103,8 +105,8 @@ def register(*targets: Any, **fields: Any) -> OpSpec:
     """Register one entry under every target (the overloads of one op share it); returns the entry."""
     spec = OpSpec(**fields)
     if spec.kind not in KINDS or spec.zero not in ZERO or spec.fold not in FOLD:
-        raise ValueError(f"registry entry {spec.name!r}: kind {spec.kind!r} (one of {KINDS}), zero {spec.zero!r} "
-                         f"(one of {ZERO}), fold {spec.fold!r} (one of {FOLD})")
+        raise ValueError(f"registry entry {spec.name!r}: kind {spec.kind!r} (one of {KINDS}), zero "
+                         f"{spec.zero!r} (one of {ZERO}), fold {spec.fold!r} (one of {FOLD})")
     for t in targets:
         if dict.__contains__(OPS, t):
             raise ValueError(f"two registry entries for {t}")
@@ -149,7 +151,8 @@ def missing_reason(op: Any) -> str:
                       if getattr(packet, o, None) in OPS)
     name = op if isinstance(op, torch._ops.OpOverload) else getattr(op, "__name__", str(op))
     if siblings:
-        return f"no channel rule for {name}: this overload has no registry entry (registered: {', '.join(siblings)})"
+        return (f"no channel rule for {name}: this overload has no registry entry "
+                f"(registered: {', '.join(siblings)})")
     return f"no channel rule for {name}: no registry entry"
 
 

@@ -27,12 +27,17 @@ stays tracked:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from fxadapt.ir.channels import Track
 from fxadapt.ops import edits
-from fxadapt.ops.core import Blocked, aten_ops, norm_dim, rule
+from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, norm_dim, rule
 from fxadapt.ops.registry import OPS, op_of
+
+if TYPE_CHECKING:
+    from torch.fx import Node
 
 ATTENTION_MODES = ("auto", "heads", "head_dim")
 DEFAULT_ATTENTION = "auto"
@@ -61,7 +66,8 @@ def _runs(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
     return runs
 
 
-def relayout(ctx, t: Track, in_shape: tuple, out_shape: tuple, heads: bool = False) -> Track | Blocked | None:
+def relayout(ctx: Ctx, t: Track, in_shape: tuple, out_shape: tuple,
+             heads: bool = False) -> Track | Blocked | None:
     """Labels of a tensor of ``in_shape`` after ``reshape(out_shape)``.
 
     The runs from the first to the last one holding a tracked axis form one contiguous span of dims, so
@@ -96,7 +102,7 @@ def relayout(ctx, t: Track, in_shape: tuple, out_shape: tuple, heads: bool = Fal
     return Track(tuple(outs[k] for k in keep), np.ascontiguousarray(lab))
 
 
-def attention_mode(ctx) -> str:
+def attention_mode(ctx: Ctx) -> str:
     """The analysis' attention mode: ``"heads"``, ``"head_dim"`` or ``"auto"``."""
     return getattr(ctx, "attention", DEFAULT_ATTENTION)
 
@@ -107,17 +113,18 @@ AUTO_WITHOUT_ROTARY = "head_dim"
 _ATTENTION_OPS = aten_ops("scaled_dot_product_attention.default")
 _PRODUCTS = aten_ops("matmul.default", "bmm.default")
 _LAST_AXIS_SPLITS = {**{op: 1 for op in aten_ops("slice.Tensor", "narrow.default")},
-                     **{op: 2 for op in aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default")}}
+                     **{op: 2
+                        for op in aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default")}}
 _CATS = aten_ops("cat.default")
 
 
-def attention_split(node, depth: int = 12) -> tuple[bool, bool]:
+def attention_split(node: Node, depth: int = 12) -> tuple[bool, bool]:
     """(reaches attention, rotary): whether ``node``'s value reaches an attention (sdpa, or a product of two
     activations) through layout and element-wise ops only, and whether on the way its last axis
     (``head_dim``) is both sliced and concatenated, as rotary embeddings' ``rotate_half`` does."""
-    frontier, seen, touched = list(node.users), set(), set()
+    frontier, seen, touched = list(node.users), set(), set[str]()
     for _ in range(depth):
-        nxt = []
+        nxt: list[Node] = []
         for u in frontier:
             if u in seen:
                 continue
@@ -135,7 +142,7 @@ def attention_split(node, depth: int = 12) -> tuple[bool, bool]:
     return False, touched == {"slice", "cat"}
 
 
-def _touches_last_axis(node, op) -> bool:
+def _touches_last_axis(node: Node, op) -> bool:
     if op in _LAST_AXIS_SPLITS or op in _CATS:
         pos = _LAST_AXIS_SPLITS.get(op, 1)
         dim = node.args[pos] if len(node.args) > pos else node.kwargs.get("dim", 0)
@@ -145,20 +152,21 @@ def _touches_last_axis(node, op) -> bool:
     return False
 
 
-def _heads_split(call, ctx) -> bool:
+def _heads_split(call: Call, ctx: Ctx) -> bool:
     """Whether this view splits attention heads that are to be kept whole (see module docstring)."""
     mode = attention_mode(ctx)   # a view that keeps the rank can split heads too: GPT-BigCode's multi-query
     # attention views its query [B, 1, S, H*D] (an unsqueeze before the split) as [B, S, H, D]
     if mode == "head_dim" or len(ctx.out_shape()) < len(ctx.shape(call.arg(0, "self"))):
         return False
     reaches, _ = attention_split(call.node)
-    return reaches and (mode == "heads" or AUTO_WITHOUT_ROTARY == "heads" or _model_rotary(ctx, call.node.graph))
+    return reaches \
+            and (mode == "heads" or AUTO_WITHOUT_ROTARY == "heads" or _model_rotary(ctx, call.node.graph))
 
 
 _VIEWS = aten_ops("view.default", "reshape.default", "_unsafe_view.default", "unflatten.int")
 
 
-def _model_rotary(ctx, graph) -> bool:
+def _model_rotary(ctx: Ctx, graph) -> bool:
     """Whether any attention of the model applies rotary embeddings (cached on ``ctx``): ``auto`` then keeps
     every attention's heads whole (q, k and v of one attention must agree)."""
     if not hasattr(ctx, "_rotary"):
@@ -170,7 +178,7 @@ def _constant_along(a: np.ndarray, k: int) -> bool:
     return bool(np.all(a == a.take([0], axis=k)))
 
 
-def _shape_sites(ctx, t: Track, sizes) -> None:
+def _shape_sites(ctx: Ctx, t: Track, sizes) -> None:
     """Int entries of a shape list at tracked axes change with the channel count: record them. An entry
     computed at run time (a symbolic size: the channel count multiplied into the batch, as patch unfolding
     does) cannot be rewritten: those channels are frozen."""
@@ -181,12 +189,12 @@ def _shape_sites(ctx, t: Track, sizes) -> None:
         return
     for k, a in enumerate(t.axes):
         if a < len(sizes) and isinstance(sizes[a], int) and sizes[a] != -1 and k == len(t.axes) - 1:
-            idx = [0] * t.labels.ndim
+            idx: list[int | slice] = [0] * t.labels.ndim
             idx[k] = slice(None)
             ctx.site("shape_arg", t.labels[tuple(idx)], "shape", arg=1, index=a)
 
 
-def _relaid(call, ctx):
+def _relaid(call: Call, ctx: Ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
     if t is None:
@@ -196,7 +204,7 @@ def _relaid(call, ctx):
 
 @rule(*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "view_copy.default"),
       kind="reindexes", zero="preserves", edit=edits.set_shape_entry)
-def view(call, ctx):
+def view(call: Call, ctx: Ctx):
     """A view to an explicit shape list: its entry at the channel axis is a site (it follows the width)."""
     out = _relaid(call, ctx)
     if isinstance(out, Track):
@@ -205,12 +213,12 @@ def view(call, ctx):
 
 
 @rule(*aten_ops("flatten.using_ints"), kind="reindexes", zero="preserves", name="view")
-def flatten(call, ctx):
+def flatten(call: Call, ctx: Ctx):
     return _relaid(call, ctx)
 
 
 @rule(*aten_ops("unflatten.int"), kind="reindexes", zero="preserves", name="view", edit=edits.set_shape_entry)
-def unflatten(call, ctx):
+def unflatten(call: Call, ctx: Ctx):
     """``unflatten(x, dim, sizes)``: ``sizes`` (argument 2) start at ``dim``."""
     x = call.arg(0, "self")
     out = _relaid(call, ctx)
@@ -225,11 +233,11 @@ def unflatten(call, ctx):
 
 @rule(*aten_ops("squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default", "squeeze_.dim",
                 "unsqueeze_.default"), kind="reindexes", zero="preserves")
-def squeeze(call, ctx):
+def squeeze(call: Call, ctx: Ctx):
     return _relaid(call, ctx)
 
 
-def _permuted(call, ctx, perm_of) -> Track | None:
+def _permuted(call: Call, ctx: Ctx, perm_of) -> Track | None:
     """Labels follow the axes: ``perm_of(nd)`` lists, for every output axis, the input axis it reads."""
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -240,13 +248,13 @@ def _permuted(call, ctx, perm_of) -> Track | None:
 
 
 @rule(*aten_ops("permute.default", "permute_copy.default"), kind="reindexes", zero="preserves")
-def permute(call, ctx):
+def permute(call: Call, ctx: Ctx):
     return _permuted(call, ctx, lambda nd: [norm_dim(d, nd) for d in call.arg(1, "dims")])
 
 
-@rule(*aten_ops("transpose.int", "swapaxes.default", "transpose_copy.int"), kind="reindexes", zero="preserves",
-      name="permute")
-def transpose(call, ctx):
+@rule(*aten_ops("transpose.int", "swapaxes.default", "transpose_copy.int"), kind="reindexes",
+      zero="preserves", name="permute")
+def transpose(call: Call, ctx: Ctx):
     def perm(nd):
         p, i, j = list(range(nd)), norm_dim(call.arg(1, "dim0"), nd), norm_dim(call.arg(2, "dim1"), nd)
         p[i], p[j] = p[j], p[i]
@@ -256,9 +264,10 @@ def transpose(call, ctx):
 
 
 @rule(*aten_ops("movedim.int"), kind="reindexes", zero="preserves", name="permute")
-def movedim(call, ctx):
+def movedim(call: Call, ctx: Ctx):
     def perm(nd):
-        p, s, d = list(range(nd)), norm_dim(call.arg(1, "source"), nd), norm_dim(call.arg(2, "destination"), nd)
+        p, s, d = list(range(nd)), norm_dim(call.arg(1, "source"), nd), \
+                norm_dim(call.arg(2, "destination"), nd)
         p.remove(s)
         p.insert(d, s)
         return p
@@ -267,13 +276,13 @@ def movedim(call, ctx):
 
 
 @rule(*aten_ops("t.default", "numpy_T.default"), kind="reindexes", zero="preserves", name="permute")
-def reverse_axes(call, ctx):
+def reverse_axes(call: Call, ctx: Ctx):
     return _permuted(call, ctx, lambda nd: list(range(nd))[::-1])
 
 
-@rule(*aten_ops("expand.default", "expand_as.default", "expand_copy.default"), kind="reindexes", zero="preserves",
-      edit=edits.set_shape_entry)
-def expand(call, ctx):
+@rule(*aten_ops("expand.default", "expand_as.default", "expand_copy.default"), kind="reindexes",
+      zero="preserves", edit=edits.set_shape_entry)
+def expand(call: Call, ctx: Ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
     if t is None:
@@ -287,7 +296,7 @@ def expand(call, ctx):
 
 
 @rule(*aten_ops("pixel_shuffle.default"), kind="reindexes", zero="preserves")
-def pixel_shuffle(call, ctx):
+def pixel_shuffle(call: Call, ctx: Ctx):
     """``[C*r^2, H, W] -> [C, H*r, W*r]``: the r^2 sub-channels of a channel are unioned (granularity r^2)."""
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -303,7 +312,7 @@ def pixel_shuffle(call, ctx):
 
 
 @rule(*aten_ops("pixel_unshuffle.default"), kind="reindexes", zero="preserves")
-def pixel_unshuffle(call, ctx):
+def pixel_unshuffle(call: Call, ctx: Ctx):
     """``[C, H, W] -> [C*r^2, H/r, W/r]``: every channel becomes r^2 consecutive channels (same label)."""
     x = call.arg(0, "self")
     t = ctx.track(x)
@@ -316,7 +325,7 @@ def pixel_unshuffle(call, ctx):
 
 @rule(*aten_ops("channel_shuffle.default", "native_channel_shuffle.default"), kind="reindexes",
       zero="preserves")
-def channel_shuffle(call, ctx):
+def channel_shuffle(call: Call, ctx: Ctx):
     x = call.arg(0, "self")
     t = ctx.track(x)
     if t is None:
@@ -329,8 +338,9 @@ def channel_shuffle(call, ctx):
     return Track((1,), blocks.T.reshape(-1).copy())
 
 
-def _reindexed(call, ctx, dims_of) -> Track | Blocked | None:
-    """An op that re-indexes or repeats the axes ``dims_of(nd)``: fine on untracked axes, blocking on channels."""
+def _reindexed(call: Call, ctx: Ctx, dims_of) -> Track | Blocked | None:
+    """An op that re-indexes or repeats the axes ``dims_of(nd)``: fine on untracked axes, blocking on
+    channels."""
     x = call.arg(0, "self")
     t = ctx.track(x)
     if t is None:
@@ -343,24 +353,24 @@ def _reindexed(call, ctx, dims_of) -> Track | Blocked | None:
 
 @rule(*aten_ops("index_select.default", "gather.default", "take_along_dim.default"), kind="reindexes",
       name="gather_like")
-def gather(call, ctx):
+def gather(call: Call, ctx: Ctx):
     dim = call.arg(1, "dim")
     return _reindexed(call, ctx, lambda nd: [norm_dim(dim, nd)] if isinstance(dim, int) else None)
 
 
 @rule(*aten_ops("flip.default"), kind="reindexes", name="gather_like", zero="preserves")
-def flip(call, ctx):
+def flip(call: Call, ctx: Ctx):
     return _reindexed(call, ctx, lambda nd: [norm_dim(d, nd) for d in call.arg(1, "dims") or []])
 
 
 @rule(*aten_ops("roll.default"), kind="reindexes", name="gather_like", zero="preserves")
-def roll(call, ctx):
+def roll(call: Call, ctx: Ctx):
     dims = call.arg(2, "dims")
     return _reindexed(call, ctx, lambda nd: [norm_dim(d, nd) for d in dims] if dims else None)
 
 
 @rule(*aten_ops("repeat.default", "tile.default"), kind="reindexes", name="gather_like", zero="preserves")
-def repeat(call, ctx):
+def repeat(call: Call, ctx: Ctx):
     """Repeating along axes with a factor other than 1 (the output keeps the input's rank)."""
     reps = list(call.arg(1, "repeats"))
 
@@ -370,8 +380,3 @@ def repeat(call, ctx):
         return [a for a in range(nd) if a >= nd - len(reps) and reps[a - (nd - len(reps))] != 1]
 
     return _reindexed(call, ctx, dims)
-
-
-@rule(*aten_ops("repeat_interleave.self_int"), kind="reindexes", name="gather_like")
-def index_by_data(call, ctx):
-    return _reindexed(call, ctx, lambda nd: None)

@@ -52,11 +52,15 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any
 
+import numpy as np
+from torch._ops import OpOverload
 from torch.fx import Node
 
-from fxadapt.ir.channels import ParamRef, Track
-from fxadapt.ops.core import Blocked, aten_ops, norm_dim, only_axis, rule
+from fxadapt.ir.channels import ParamRef, Site, Track
+from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, norm_dim, only_axis, rule
+from fxadapt.ops.forms import CostView
 from fxadapt.ops.indexing import _TRANSPOSE_DIMS, _TRANSPOSES
 
 EXPERTS_FLOOR = "a token is routed to top_k distinct experts: at least top_k experts stay"
@@ -68,21 +72,22 @@ _IDS_REASON = ("topk along the channel axis names channel positions as data (rou
                "reach {what}; only a histc with one bin per expert (transformers' grouped_mm experts) is "
                "renumbered when experts are removed")
 
-_CARRY_IDS = (*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "to.dtype", "_to_copy.default",
-                        "clone.default", "contiguous.default", "alias.default", "flatten.using_ints"),)
+_CARRY_IDS = (*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "to.dtype",
+                        "_to_copy.default", "clone.default", "contiguous.default", "alias.default",
+                        "flatten.using_ints"),)
 _READ_IDS = (*aten_ops("sort.default", "sort.stable", "histc.default", "_assert_tensor_metadata.default"),)
 
 
-def _ids_of(ctx, x):
+def _ids_of(ctx: Ctx, x):
     return ctx.ids.get(x.name) if isinstance(x, Node) else None
 
 
-def _freeze_ids(ctx, ids, what: str) -> None:
+def _freeze_ids(ctx: Ctx, ids, what: str) -> None:
     for labels in ids if isinstance(ids, tuple) else (ids,):
         ctx.freeze(labels, _IDS_REASON.format(what=what))
 
 
-def follow_ids(node: Node, ctx) -> None:
+def follow_ids(node: Node, ctx: Ctx) -> None:
     """Before ``node``'s rule: carry expert ids through value-preserving ops and ``getitem``; freeze them
     where anything else reads them (module docstring). ``sort`` and ``histc`` read them in their rules."""
     srcs = [n for n in node.all_input_nodes if n.name in ctx.ids]
@@ -94,18 +99,19 @@ def follow_ids(node: Node, ctx) -> None:
             ctx.ids[node.name] = ids[node.args[1]]
         return
     first = node.args[0] if node.args else None
-    if node.op == "call_function" and node.target in _CARRY_IDS and srcs == [first] \
+    if node.op == "call_function" and node.target in _CARRY_IDS and isinstance(first, Node) \
+            and srcs == [first] \
             and not isinstance(ctx.ids[first.name], tuple):
         ctx.ids[node.name] = ctx.ids[first.name]
         return
-    if node.op == "call_function" and node.target in _READ_IDS:
+    if node.op == "call_function" and (node.target in _READ_IDS or _reads_expert_rows(node, ctx)):
         return
     what = "the model output" if node.op == "output" else str(getattr(node, "target", node.op))
     for n in srcs:
         _freeze_ids(ctx, ctx.ids[n.name], what)
 
 
-def _by_value(call, ctx, what: str):
+def _by_value(call: Call, ctx: Ctx, what: str):
     """``topk`` / ``sort`` along ``dim``: channels on the other axes pass to both outputs. ``topk`` along the
     only channel axis with a constant ``k`` makes expert ids (module docstring); ``sort`` of expert ids keeps
     them in its values; any other sort or topk along a channel axis freezes those channels."""
@@ -127,24 +133,24 @@ def _by_value(call, ctx, what: str):
 
 
 @rule(*aten_ops("topk.default"), kind="reindexes")
-def topk(call, ctx):
+def topk(call: Call, ctx: Ctx):
     return _by_value(call, ctx, "topk")
 
 
 @rule(*aten_ops("sort.default", "sort.stable"), kind="reindexes", name="topk")
-def sort(call, ctx):
+def sort(call: Call, ctx: Ctx):
     return _by_value(call, ctx, "sort")
 
 
 @rule(*aten_ops("nonzero.default", "argwhere.default", "bincount.default"), kind="reindexes")
-def positions(call, ctx):
+def positions(call: Call, ctx: Ctx):
     """Counts and positions computed from values: nothing of the input's channel layout survives."""
     if ctx.track(call.arg(0, "self")) is not None:
         return Blocked(f"{call.op} turns the values of a tensor with channels into positions or counts")
     return None
 
 
-def rebin(op, args: list, site, index, val):
+def rebin(op: OpOverload, args: list, site: Site, index: np.ndarray, val: Any) -> tuple[OpOverload, list]:
     """``histc(ids, bins=E, min=0, max=E-1)`` -> ``bins=E'``, ``max=E'-1`` (``OpSpec.edit``)."""
     args = list(args) + [None] * (4 - len(args))
     args[1], args[2], args[3] = int(len(index)), 0, int(len(index)) - 1
@@ -152,7 +158,7 @@ def rebin(op, args: list, site, index, val):
 
 
 @rule(*aten_ops("histc.default"), kind="reindexes", edit=rebin)
-def histc(call, ctx):
+def histc(call: Call, ctx: Ctx):
     """Tokens per expert: ``histc`` of expert ids with one bin per expert has the expert axis as axis 0."""
     x = call.arg(0, "self")
     ids = _ids_of(ctx, x)
@@ -167,14 +173,14 @@ def histc(call, ctx):
 
 
 @rule(*aten_ops("one_hot.default"), kind="reindexes")
-def one_hot(call, ctx):
+def one_hot(call: Call, ctx: Ctx):
     """``[...] -> [..., C]``: channels on the input's axes stay where they are."""
     return ctx.track(call.arg(0, "self"))
 
 
 @rule(*aten_ops("floor_divide.default", "remainder.Scalar", "fmod.Scalar", "floor_divide.Scalar"),
       kind="passes", name="unary")
-def integer_arith(call, ctx):
+def integer_arith(call: Call, ctx: Ctx):
     """Element-wise integer arithmetic with a scalar (``perm // top_k``)."""
     if isinstance(call.arg(1, "other"), Node):
         return Blocked(f"{call.op} with a tensor operand has no channel rule")
@@ -182,7 +188,8 @@ def integer_arith(call, ctx):
 
 
 def _indexed_axes(indices) -> tuple[int, int] | None:
-    """``(first, last + 1)`` of the axes a consecutive run of index tensors indexes (None: not consecutive)."""
+    """``(first, last + 1)`` of the axes a consecutive run of index tensors indexes (None: not
+    consecutive)."""
     used = [i for i, ix in enumerate(indices) if ix is not None]
     if not used or used != list(range(used[0], used[-1] + 1)):
         return None
@@ -190,12 +197,12 @@ def _indexed_axes(indices) -> tuple[int, int] | None:
 
 
 @rule(*aten_ops("index.Tensor", "_unsafe_index.Tensor"), kind="reindexes", name="gather_like")
-def index(call, ctx):
+def index(call: Call, ctx: Ctx):
     """``x[..., idx, ...]``: the indexed axes become the index tensor's axes; channels elsewhere follow."""
     x, indices = call.arg(0, "self"), list(call.arg(1, "indices"))
     t = ctx.track(x)
     if t is None:
-        return None
+        return _expert_rows(ctx, x, indices)
     span = _indexed_axes(indices)
     if span is None:
         return Blocked("index.Tensor with non-consecutive index tensors (the indexed axes move to the front)")
@@ -206,8 +213,33 @@ def index(call, ctx):
     return t.moved({a: a + shift if a >= hi else a for a in t.axes})
 
 
+def _expert_rows(ctx: Ctx, x, indices):
+    """``b[ids]``: a 2-D parameter ``[E, N]`` gathered by expert ids (gpt-oss's per-expert biases, one row per
+    routed token): axis 0 is the expert axis (sliced with the experts), axis 1 a new channel space (a bias
+    of the grouped product it is added to)."""
+    shape = ctx.shape(x)
+    ids = _ids_of(ctx, indices[0]) if len(indices) == 1 else None
+    if not isinstance(x, ParamRef) or ids is None or isinstance(ids, tuple) or len(shape) != 2 \
+            or len(ids) != shape[0]:
+        return None
+    ctx.param_site(x, 0, ids, "out")
+    new = ctx.new(shape[1])
+    ctx.param_site(x, 1, new, "bias")
+    return Track((len(ctx.out_shape()) - 1,), new)
+
+
+def _reads_expert_rows(node: Node, ctx: Ctx) -> bool:
+    """``param[ids]`` by expert ids alone (``_expert_rows`` renumbers it with the experts)."""
+    return (node.op == "call_function" and node.target in _INDEX and isinstance(node.args[0], Node)
+            and node.args[0].op == "get_attr" and len(node.args[1]) == 1 and isinstance(node.args[1][0], Node)
+            and node.args[1][0].name in ctx.ids and not isinstance(ctx.ids[node.args[1][0].name], tuple))
+
+
+_INDEX = (*aten_ops("index.Tensor", "_unsafe_index.Tensor"),)
+
+
 @rule(*aten_ops("index_put_.default", "index_put.default"), kind="reindexes", name="gather_like")
-def index_put(call, ctx):
+def index_put(call: Call, ctx: Ctx):
     """``out = x; out[idx] = values`` along untracked axes: values carry the destination's channels."""
     x, indices, values = call.arg(0, "self"), list(call.arg(1, "indices")), call.arg(2, "values")
     t, tv = ctx.track(x), ctx.track(values)
@@ -224,7 +256,7 @@ def index_put(call, ctx):
     return Blocked("index_put_ of values whose channels differ from the destination's")
 
 
-def _expert_weight(ctx, w) -> tuple[ParamRef, int, int] | None:
+def _expert_weight(ctx: Ctx, w) -> tuple[ParamRef, int, int] | None:
     """The grouped weight ``[E, K, N]`` as ``(param, K axis, N axis)`` of the parameter itself, or of the
     parameter a ``transpose(-2, -1)`` reads."""
     if isinstance(w, ParamRef):
@@ -232,14 +264,15 @@ def _expert_weight(ctx, w) -> tuple[ParamRef, int, int] | None:
     if not (isinstance(w, Node) and w.target in _TRANSPOSES and w.args):
         return None
     src = w.args[0]
-    if not (isinstance(src, Node) and src.op == "get_attr") or len(ctx.shape(ParamRef(src.target)) or ()) != 3:
+    if not (isinstance(src, Node) and src.op == "get_attr") \
+            or len(ctx.shape(ParamRef(str(src.target))) or ()) != 3:
         return None
     if w.target not in _TRANSPOSE_DIMS or {norm_dim(d, 3) for d in w.args[1:3]} != {1, 2}:
         return None
-    return ParamRef(src.target), 2, 1
+    return ParamRef(str(src.target)), 2, 1
 
 
-def grouped_mm_macs(call, cx):
+def grouped_mm_macs(call: Call, cx: CostView):
     """``S * K * N`` whatever ``E`` (see the module docstring): the weight's factors but its expert axis."""
     x, w = call.args[0], _expert_weight(cx.ctx, call.args[1])
     rows = cx.shape(x)[0]
@@ -250,7 +283,7 @@ def grouped_mm_macs(call, cx):
 
 @rule(*aten_ops("_grouped_mm.default"), "transformers.grouped_mm_fallback.default", kind="couples",
       cost=grouped_mm_macs)
-def grouped_mm(call, ctx):
+def grouped_mm(call: Call, ctx: Ctx):
     x, w = call.args[0], call.args[1]
     if len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3:
         return Blocked("grouped matrix product other than rows [S, K] by experts [E, K, N]")
@@ -275,7 +308,7 @@ def grouped_mm(call, ctx):
     return Track((1,), new)
 
 
-def _experts_axis(call, ctx, ref: ParamRef) -> None:
+def _experts_axis(call: Call, ctx: Ctx, ref: ParamRef) -> None:
     """Offsets with the expert channels (``cumsum(histc(ids))``) put them on the weight's axis 0."""
     offs = ctx.track(call.arg(2, "offs"))
     if offs is None:
@@ -296,7 +329,7 @@ def _itemsize(x) -> int:
     return val.dtype.itemsize if val is not None and hasattr(val, "dtype") else 4
 
 
-def _in_runs(ctx, labels, step: int) -> None:
+def _in_runs(ctx: Ctx, labels, step: int) -> None:
     """Channels kept or removed ``step`` at a time: consecutive runs of ``step`` positions are one unit."""
     if step > 1 and len(labels) % step == 0:
         runs = labels.reshape(-1, step)

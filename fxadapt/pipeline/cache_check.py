@@ -15,8 +15,9 @@ first two sizes in parentheses), the groups involved are
            module running when it raised (``fxadapt.writeback.probe.failure``)
 
 and ``{A, B}`` together with the layers repeating A or B (``fxadapt.planning.uniform.classes``: the state is
-allocated alike for every layer) becomes a tie: re-planned (``fxadapt.pipeline.replan.retie``, reported
-like its ties), written back and checked again, at most ``RETRIES`` times. When it still fails the first
+allocated alike for every layer) becomes a tie: the orchestrator (``fxadapt.pipeline.transform``)
+re-plans, writes back and checks again with it (reported like the write-back ties), at most ``RETRIES``
+times. When it still fails the first
 result is kept with a ``WriteBackWarning`` naming the failure (``write_back="strict"``: a
 ``WriteBackError``): ``generate`` / ``use_cache=True`` will not work on it. A group the solver does not
 move (a hidden size that cannot grow under its norms) pins the groups tied to it at its width
@@ -28,72 +29,56 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from fxadapt import meta
-from fxadapt.errors import FxAdaptError, warn
+from fxadapt.checks import verify
+from fxadapt.errors import FxAdaptError
+from fxadapt.ir.capture import fixed_kwargs
+from fxadapt.ir.inputs import Inputs
+from fxadapt.planning.uniform import classes
+from fxadapt.writeback.probe import failure
 from fxadapt.writeback.widths import module_stack
 
 if TYPE_CHECKING:
+    from torch.fx import GraphModule
+
     from fxadapt.pipeline.transform import Job
 
 RETRIES = 2
 _SIZES = re.compile(r"size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\)")
 
 
-def cache_checked(job: Job) -> Job:
-    """``job`` (its result a written-back module) with the cached path checked, re-planned with ties where
-    it fails (module docstring)."""
-    from fxadapt.pipeline.replan import retie
-    from fxadapt.pipeline.transform import module_job, written
-    from fxadapt.writeback import WriteBackError, WriteBackWarning
+@dataclass(frozen=True)
+class CacheFailure:
+    """The cached run failed: ``message`` (the warning's sentence), the two sizes torch's error named where it
+    raised (read once from torch's own text: ``_two_sizes``) and the modules running then (``probe``)."""
 
-    if not has_cache(job.result, job.inputs):
-        return job
-    first, reason, running = job, *cached_failure(job.result, job)
-    for _ in range(RETRIES if job.cfg.strategy == "datafree" else 0):
-        if reason is None:
-            return job
-        tie = cache_tie(job, reason, running)
-        if tie is None or tie in job.ties:
-            break
-        job = retie(job, tie, f"the cached path fails: {reason}; the model's cache reads that size")
-        wb = written(job) if job is not None else None
-        if wb is None or wb.module is None or not _one_width(job, tie):
-            reason += "; re-planning with those widths tied did not give them one width"
-            break
-        job = module_job(job, wb)
-        reason, running = cached_failure(job.result, job)
-    if reason is None:
-        return job
-    msg = (f"{type(first.model).__name__}: the written-back model's cached path (use_cache=True, what generate "
-           f"runs) fails: {reason}; generate / use_cache=True will not work on the returned model (call it "
-           f"with use_cache=False)")
-    if job.cfg.write_back == "strict":
-        raise WriteBackError(msg)
-    warn(msg, WriteBackWarning)
-    return first
+    message: str
+    sizes: tuple[int, int] | None = None
+    running: tuple = ()
+
+    def __str__(self) -> str:
+        return self.message
 
 
-def has_cache(model, inputs) -> bool:
+def has_cache(model: nn.Module, inputs: Inputs) -> bool:
     """Whether ``model`` generates and its ``forward`` takes ``use_cache`` (that capture turned off)."""
-    from fxadapt.ir.capture import fixed_kwargs
-
     gen = getattr(model, "can_generate", None)
     generates = gen() if callable(gen) else callable(getattr(model, "generate", None))
     return bool(generates) and "use_cache" in fixed_kwargs(model, inputs)
 
 
-def cached_failure(model, job: Job) -> tuple[str | None, list]:
-    """``(why, modules running when it raised)`` for the cached forward at the example inputs, or
-    ``(None, [])`` when its logits match the uncached ones."""
-    from fxadapt.ir.capture import as_called
-    from fxadapt.pipeline import verify
-    from fxadapt.writeback.probe import failure
-
-    plain = as_called(model, job.inputs)
+def cached_failure(model: nn.Module, job: Job) -> CacheFailure | None:
+    """How the cached forward fails at the example inputs (``CacheFailure``), or None when it runs and its
+    logits match the uncached ones (or the model has no cache)."""
+    plain = job.called    # how the original (the same class) is called: built once by capture
+    if plain is None or not has_cache(model, job.inputs):
+        return None
     cached = dataclasses.replace(plain, kwargs={**plain.kwargs, "use_cache": True})
     was = model.training
     model.eval()
@@ -101,12 +86,13 @@ def cached_failure(model, job: Job) -> tuple[str | None, list]:
         out = []
         running, err = failure(model, lambda: out.append(cached.call(model)))
         if err is not None:
-            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", running or []
+            line = str(err).splitlines()[0] if str(err) else ""
+            return CacheFailure(f"{type(err).__name__}: {line}", _two_sizes(line), tuple(running or ()))
         ref = verify.outputs(model, plain)
         verify.check_close(_logits(ref), _logits(out[0]), job.cfg, "the cached path (use_cache=True)")
-        return None, []
+        return None
     except FxAdaptError as e:
-        return str(e), []
+        return CacheFailure(str(e))
     finally:
         model.train(was)
 
@@ -116,14 +102,13 @@ def _logits(out):
     got = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
     if isinstance(got, torch.Tensor):
         return got
-    return next((t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)), out)
+    return next((t for t in (out if isinstance(out, (tuple, list)) else (out,))
+                 if isinstance(t, torch.Tensor)), out)
 
 
-def cache_tie(job: Job, reason: str, running: list) -> frozenset[int] | None:
+def cache_tie(job: Job, failed: CacheFailure) -> frozenset[int] | None:
     """The tie for a cached run that raised with two sizes (module docstring), or None."""
-    from fxadapt.planning.uniform import classes
-
-    sizes = _two_sizes(reason)
+    sizes, running = failed.sizes, failed.running
     if sizes is None:
         return None
     a, plan = job.analysis, job.outcome.plan
@@ -143,14 +128,15 @@ def cache_tie(job: Job, reason: str, running: list) -> frozenset[int] | None:
     return frozenset(tie)
 
 
-def _one_width(job: Job, tie: frozenset[int]) -> bool:
+def one_width(job: Job, tie: frozenset[int]) -> bool:
     """Whether the plan gives the tied groups one width (a group the solver cannot move keeps its own)."""
     plan, groups = job.outcome.plan, job.analysis.groups
     return len({plan.units.get(g, groups[g].units) * groups[g].granularity for g in tie}) == 1
 
 
 def _two_sizes(reason: str) -> tuple[int, int] | None:
-    """The two sizes a shape error names (``tensor a (s) ... tensor b (t)``, else its first two ``(n)``)."""
+    """The two sizes torch's shape error names (``tensor a (s) ... tensor b (t)``, else its first two
+    ``(n)``): torch raises them as text only."""
     m = _SIZES.search(reason)
     nums = (m.group(1), m.group(2)) if m else re.findall(r"\((\d+)\)", reason)[:2]
     if len(nums) < 2 or nums[0] == nums[1]:
@@ -158,7 +144,7 @@ def _two_sizes(reason: str) -> tuple[int, int] | None:
     return int(nums[0]), int(nums[1])
 
 
-def _scope(gm, gid: int, path: str) -> int:
+def _scope(gm: GraphModule, gid: int, path: str) -> int:
     """How many leading module-path parts the deepest scope ``gid`` is traced in shares with ``path``."""
     parts, best = path.split(".") if path else [], 0
     for n in gm.graph.nodes:

@@ -9,6 +9,7 @@ loss), while the data-free solver (MAC and latency budgets mixed) and FUR plan e
 analysis. Then every budget runs the remaining steps on its own (materialize, rewire_blocks,
 recalibrate_bn, fold_bn, verify, write_back, ...), so each result is verified exactly as a single
 ``transform``'s, with its own ``fxadapt.report``. The results come back as a list in the budgets' order.
+This module plans the budgets (``outcomes``); ``fxadapt.pipeline.transform.transform_many`` runs the steps.
 
 >>> import torch, fxadapt
 >>> from fxadapt.examples import example_model, EXAMPLE_INPUT_SHAPE
@@ -22,38 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fxadapt import dist
-from fxadapt.errors import InputError
-from fxadapt.pipeline.config import transform_config
-from fxadapt.pipeline.runner import run_steps
-from fxadapt.pipeline.strategies import STRATEGIES, Outcome, _search_solve
-from fxadapt.pipeline.transform import PIPELINE, Job, finish, resolve
+from fxadapt.pipeline.strategies import STRATEGIES, Outcome, search_solve
+from fxadapt.planning.budget import Goal
+from fxadapt.search.many import dna_many
 
-SHARED = ("capture", "analyze")
-
-
-def transform_many(model, budgets, example_inputs, data=None, val_data=None, config=None, **options: Any) -> list:
-    """One adapted model per budget (module docstring); ``options`` as for ``fxadapt.transform``."""
-    if not budgets:
-        raise InputError("give at least one budget (a list of budgets returns one model per budget)")
-    cfg = transform_config(config, options, data, val_data)
-    start = time.perf_counter()
-    shared = [s for s in PIPELINE if s.name in SHARED]
-    rest = [s for s in PIPELINE if s.name not in SHARED + ("plan",)]
-    job = run_steps(tuple(shared), Job(model, example_inputs, budgets[0], cfg, data, val_data), cfg.progress)
-    goals = [resolve(b, job.analysis) for b in budgets]
-    outcomes = _outcomes(job, budgets, goals)
-    results = []
-    for budget, goal, outcome in zip(budgets, goals, outcomes):
-        one = dataclasses.replace(job, budget=budget, goal=goal, outcome=outcome, gm=outcome.base,
-                                  timings=job.timings + (("plan", 0.0),))
-        results.append(finish(run_steps(tuple(rest), one, cfg.progress), start))
-    return results
+if TYPE_CHECKING:
+    from fxadapt.pipeline.transform import Job
 
 
-def _outcomes(job: Job, budgets: list, goals: list) -> list[Outcome]:
+def outcomes(job: Job, budgets: list[Any], goals: list[Goal]) -> list[Outcome]:
     """One plan per budget: one DNA search for all pure MAC budgets (a latency budget gets its own search,
     the expected latency in its loss), else the strategy per budget."""
     shared = [i for i, g in enumerate(goals) if g.latency is None and g.macs is not None]
@@ -67,11 +48,9 @@ def _outcomes(job: Job, budgets: list, goals: list) -> list[Outcome]:
     return [out[i] for i in range(len(goals))]
 
 
-def _shared_dna(job: Job, goals: list) -> list[Outcome]:
+def _shared_dna(job: Job, goals: list[Goal]) -> list[Outcome]:
     """The MAC budgets' plans from one supernet (``fxadapt.search.many.dna_many``)."""
-    from fxadapt.search.many import dna_many
-
-    scfg = dataclasses.replace(job.cfg.search, solve=_search_solve(job.cfg.solve))
+    scfg = dataclasses.replace(job.cfg.search, solve=search_solve(job.cfg.solve))
     ctx = dist.setup(job.cfg.device, job.cfg.precision)
     t0 = time.perf_counter()
     runs = dna_many(job.analysis, [g.macs for g in goals], job.data, job.val_data, scfg, ctx)
@@ -79,5 +58,6 @@ def _shared_dna(job: Job, goals: list) -> list[Outcome]:
     out = []
     for base, plan, sn, history in runs:
         slots = frozenset(b for b, on in sn.spec.depths.items() if not on)
-        out.append(Outcome(base, plan, sn.analysis, tuple(history) + ({"search_s": seconds},), slots))
+        out.append(Outcome(base=base, plan=plan, analysis=sn.analysis,
+                           history=tuple(history) + ({"search_s": seconds},), slots=slots))
     return out

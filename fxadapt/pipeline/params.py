@@ -5,7 +5,7 @@ non-negative coefficients, so non-decreasing in every ``n_g``), targets ``M_T`` 
 ``[(1 - tol) P_T, P_T]``. Channel groups move MACs and parameters; expert groups (whole experts,
 ``Analysis.experts``) move parameters and, under top-k routing, only the router's ``T * H`` MACs per expert.
 
-- ``params=`` alone (``params_only``): the width solver on ``P`` (``Analysis.counting_params``: experts
+- ``params=`` alone (``params_only``): the width solver on ``P`` (``Analysis.params_as_macs``: experts
   move too, at least ``top_k`` each).
 - ``macs=`` and ``params=`` (``with_params``): ``n_M`` is the MAC solve (experts kept). If ``P(n_M) <= P_T``
   the MACs bind and ``n_M`` is the plan. Otherwise the parameters bind, and no width exceeds ``n_M``, so
@@ -40,54 +40,62 @@ from typing import TYPE_CHECKING
 
 from fxadapt.analysis.cost import CostModel
 from fxadapt.errors import BudgetError
-from fxadapt.planning.solver import SolveConfig, _bounds, _ladder, check_window, fit, in_window
+from fxadapt.planning.solver import SolveConfig, check_window, fit, group_ladder, in_window, unit_bounds
 from fxadapt.planning.uniform import shared_widths
 
 if TYPE_CHECKING:
+    from fxadapt.analysis.analyze import Analysis
     from fxadapt.pipeline.transform import Job
 
 
-def params_only(job: Job, solve) -> tuple[dict[int, int], dict]:
+def params_only(job: Job, solve) -> tuple[dict[int, int], int, float]:
     """A params budget alone: ``solve(view, target, SolveConfig) -> (widths, alignment)`` on the parameter
-    count. Returns the widths and the history entry."""
-    view = job.analysis.counting_params()
+    count. Returns the widths, the alignment and the parameter count they reach."""
+    view = job.analysis.params_as_macs()
     units, align = solve(view, job.goal.params, job.cfg.solve)
-    return units, {"align": align, "params": view.macs(units=units)}
+    return units, align, view.macs(units=units)
 
 
-def with_params(job: Job, a, units: dict[int, int], cfg: SolveConfig) -> tuple[dict[int, int], dict]:
+def with_params(job: Job, a: Analysis, units: dict[int, int],
+                cfg: SolveConfig) -> tuple[dict[int, int], float | None]:
     """The MAC solve's ``units`` (solved with ``cfg``, its alignment) brought under the params budget too
-    (module docstring); the widths and what to add to the history entry (empty when the MACs bind)."""
+    (module docstring); the widths and, where the parameters bind, the parameter count reached (None where
+    the MACs bind)."""
     target, goal = job.goal.params, job.goal
     if a.params(units=units) <= target * (1 + 1e-9):
-        return units, {}
+        return units, None
     if goal.macs > a.macs():
-        raise BudgetError(f"growing to {goal.macs:,.0f} MACs takes {a.params(units=units):,.0f} parameters, above "
-                          f"the params budget of {target:,.0f}: give a larger params= or a MAC budget below 1.0x")
-    view, align = a.counting_params(), cfg.alignment()
-    caps = {g: (lo, max(lo, min(hi, units.get(g, hi)))) for g, (lo, hi) in _bounds(view, False, cfg).items()}
-    lowest = view.cost.macs({g: int(_ladder(a.groups[g], b, align)[0]) for g, b in caps.items()})
+        raise BudgetError(f"growing to {goal.macs:,.0f} MACs takes {a.params(units=units):,.0f} parameters, "
+                          f"above the params budget of {target:,.0f}: give a larger params= or a MAC budget "
+                          "below 1.0x")
+    view, align = a.params_as_macs(), cfg.alignment()
+    caps = {g: (lo, max(lo, min(hi, units.get(g, hi))))
+            for g, (lo, hi) in unit_bounds(view, False, cfg).items()}
+    lowest = view.cost.macs({g: int(group_ladder(a.groups[g], b, align)[0]) for g, b in caps.items()})
     if target < lowest * (1 - 1e-9):
         base = a.params()
-        raise BudgetError(f"at the MAC budget of {goal.macs:,.0f} the reachable parameters are [{lowest:,.0f}, "
-                          f"{a.params(units=units):,.0f}] = [{lowest / base:.3f}x, {a.params(units=units) / base:.3f}x] "
-                          f"of the original {base:,.0f}; the params budget of {target:,.0f} ({target / base:.3f}x) "
-                          f"is below: give a larger params=")
+        raise BudgetError(f"at the MAC budget of {goal.macs:,.0f} the reachable parameters are "
+                          f"[{lowest:,.0f}, {a.params(units=units):,.0f}] = [{lowest / base:.3f}x, "
+                          f"{a.params(units=units) / base:.3f}x] of the original {base:,.0f}; the params "
+                          f"budget of {target:,.0f} ({target / base:.3f}x) is below: give a larger params=")
     uniform = job.cfg.layers == "uniform"
     n = _experts_alone(view, units, target, cfg, caps, uniform)
     if n is None:
         n = _together(a, view, units, target, cfg, caps, uniform)
     check_window(view, n, target, False, cfg, base=a.params())
-    return n, {"binding": "params", "params": view.macs(units=n)}
+    return n, view.macs(units=n)
 
 
-def _experts_alone(view, units: dict, target: float, cfg: SolveConfig, caps: dict, uniform: bool) -> dict | None:
+def _experts_alone(view, units: dict, target: float, cfg: SolveConfig, caps: dict,
+                   uniform: bool) -> dict | None:
     """Step 1: channels at ``units``, experts solved on the parameters; None when that misses the window."""
     experts = {e.id: caps[e.id] for e in view.experts if e.id in caps}
     if not experts:
         return None
     at = _fixed(view, units)
-    if at.cost.macs({e: int(_ladder(view.groups[e], b, cfg.alignment())[0]) for e, b in experts.items()}) > target:
+    if at.cost.macs({e: int(group_ladder(view.groups[e], b, cfg.alignment())[0])
+                     for e, b in experts.items()}) \
+            > target:
         return None
     n = fit(at, target, experts, {e: view.groups[e].units for e in experts}, False, cfg)
     if uniform:
@@ -96,13 +104,15 @@ def _experts_alone(view, units: dict, target: float, cfg: SolveConfig, caps: dic
     return n if in_window(view.macs(units=n), target, False, cfg.tol) else None
 
 
-def _together(a, view, units: dict, target: float, cfg: SolveConfig, caps: dict, uniform: bool) -> dict:
+def _together(a: Analysis, view, units: dict, target: float, cfg: SolveConfig, caps: dict,
+              uniform: bool) -> dict:
     """Step 2: every group solved on the parameters within its caps, scaled down from ``units``, and for each
     expert count ``k`` (every expert group at ``k`` within its bounds) the channels alone; the candidate in
     the window with the most MACs, else the one closest below ``P_T``."""
     experts = [e for e in view.experts if e.id in caps]
     channels = {g: b for g, b in caps.items() if view.groups[g].top_k is None}
-    ks = range(min((caps[e.id][0] for e in experts), default=0), max((e.units for e in experts), default=0) + 1)
+    ks = range(min((caps[e.id][0] for e in experts), default=0),
+               max((e.units for e in experts), default=0) + 1)
     found = []
     for k in [None, *ks] if experts else [None]:   # None: experts scaled with the channels
         ek = {} if k is None else {e.id: min(max(k, caps[e.id][0]), caps[e.id][1]) for e in experts}
@@ -121,4 +131,5 @@ def _together(a, view, units: dict, target: float, cfg: SolveConfig, caps: dict,
 def _fixed(view, units: dict):
     """``view`` with ``units`` as its base widths (groups a solve leaves free take them)."""
     cost = view.cost
-    return dataclasses.replace(view, cost=CostModel(cost.macs_terms, cost.params_terms, {**cost.units, **units}))
+    return dataclasses.replace(view,
+                               cost=CostModel(cost.macs_terms, cost.params_terms, {**cost.units, **units}))

@@ -15,8 +15,10 @@ two differ:
         nearest before it in graph order
 
 ``{A, B}`` becomes a tie (``fxadapt.planning.uniform.Tying``: tied groups take one width), and the plan is
-made again with every tie so far, materialised, verified and written back, at most ``RETRIES`` times; each
-tie is reported in a ``ReplanWarning`` and in the report (history: ``ties``, ``note``). Nothing is tied when
+made again with every tie so far, materialised, verified and written back, at most ``RETRIES`` times (the
+orchestrator's loop, ``fxadapt.pipeline.transform``; this module diagnoses: ``write_back_tie`` reads the
+typed failure, ``SizeConflict.divergence``); each tie is reported in a ``ReplanWarning`` and in the report
+(``Outcome.ties`` and ``notes``: history ``ties``, ``note``). Nothing is tied when
 no such pair exists, the strategy is a search (its plan is not re-made), or the retries are spent: then the
 verified graph of the first plan is returned, as before.
 """
@@ -24,68 +26,46 @@ verified graph of the first plan is returned, as before.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fxadapt import meta
-from fxadapt.errors import FxAdaptError, ReplanWarning, warn
-from fxadapt.writeback.probe import Divergence
+from fxadapt.writeback.build import SizeConflict
+from fxadapt.writeback.probe import Divergence, running_at_failure
+from fxadapt.writeback.recipe import apply
 from fxadapt.writeback.widths import module_stack
 
 if TYPE_CHECKING:
+    from torch.fx import GraphModule, Node
+
+    from fxadapt.analysis.analyze import Analysis
     from fxadapt.pipeline.transform import Job
 
 RETRIES = 2
-_REPLAN = ("plan", "materialize", "rewire_blocks", "recalibrate_bn", "verify")
 
 
-def replanned(job: Job, wb):
-    """The job with the user's module as its result after re-planning with ties (module docstring), or None;
-    ``wb``: the failed ``WriteBack``."""
-    from fxadapt.pipeline.transform import module_job, written
-
-    if job.cfg.strategy != "datafree":
-        return None
-    for _ in range(RETRIES):
-        where = Divergence.find(wb.reason)
-        tie, why = find_tie(job, where), str(where)
-        if tie is None:
-            tie, why = read_size_tie(job, wb.recipe)
-        if tie is None or tie in job.ties:
-            return None
-        job = retie(job, tie, f"{why}: the model's code reads that size at run time")
-        if job is None:
-            return None
-        wb = written(job)
-        if wb.module is not None:
-            return module_job(job, wb)
-    return None
+def write_back_tie(job: Job) -> tuple[frozenset[int], str] | None:
+    """The tie for the job's failed write-back (``job.written``, a typed failure; module docstring) and why,
+    or None."""
+    failed = job.written.failure
+    where = failed.divergence if isinstance(failed, SizeConflict) else None
+    tie, why = find_tie(job, where), str(where)
+    if tie is None:
+        tie, why = read_size_tie(job, job.written.recipe)
+    return (tie, f"{why}: the model's code reads that size at run time") if tie is not None else None
 
 
-def retie(job: Job, tie: frozenset[int], why: str) -> Job | None:
-    """The job re-planned, materialised and verified with ``tie`` added to its ties (the tie warned as a
-    ``ReplanWarning`` and recorded in the report with the earlier ones), or None when that fails."""
-    from fxadapt.pipeline.runner import run_steps
-    from fxadapt.pipeline.transform import PIPELINE
-
+def tie_note(job: Job, tie: frozenset[int], why: str) -> str:
+    """The sentence a tie is reported with (``ReplanWarning``, the report's ``note``)."""
     names = [job.analysis.groups[g].name for g in sorted(tie)]
-    note = f"{', '.join(names[:-1])} and {names[-1]} tied to one width ({why})"
-    warn(f"{type(job.model).__name__}: re-planned with {note}", ReplanWarning)
-    head = job.outcome.history[0] if job.outcome.history and isinstance(job.outcome.history[0], dict) else {}
-    notes = [*(head["note"].removeprefix("re-planned: ").split("; ") if head.get("ties") else ()), note]
-    steps = tuple(s for s in PIPELINE if s.name in _REPLAN)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ReplanWarning)
-            job = run_steps(steps, dataclasses.replace(job, ties=(*job.ties, tie), gm=job.analysis.gm))
-    except FxAdaptError:
-        return None
-    _record(job, notes)
-    return job
+    return f"{', '.join(names[:-1])} and {names[-1]} tied to one width ({why})"
+
+
+def tie_names(job: Job) -> tuple[tuple[str, ...], ...]:
+    """The job's ties as group names (the report's ``ties``)."""
+    return tuple(tuple(sorted(job.analysis.groups[g].name for g in t)) for t in job.ties)
 
 
 def find_tie(job: Job, where: Divergence | None) -> frozenset[int] | None:
@@ -100,7 +80,8 @@ def find_tie(job: Job, where: Divergence | None) -> frozenset[int] | None:
         for b in (_axis_groups(a, node, k) if got != want else ()):
             g = a.groups[b]
             cands = [c for c in a.prunable if c.id != b and c.width == g.width and c.units == g.units
-                     and c.granularity == g.granularity and plan.units.get(c.id, c.units) * c.granularity == got]
+                     and c.granularity == g.granularity
+                     and plan.units.get(c.id, c.units) * c.granularity == got]
             if cands:
                 return frozenset({b, _nearest(a.gm, cands, where.path, node).id})
     return None
@@ -111,17 +92,14 @@ def read_size_tie(job: Job, recipe) -> tuple[frozenset[int] | None, str]:
     reshape by a size read from the module's input): the plan's sizes replayed on a copy of the model
     (``recipe``), and for the modules running when it fails, innermost first, ``A`` = a group on that
     module's input and ``B`` = a group with a size argument (a reshape's constant) inside it, of the same
-    original width, units and granularity, planned wider or narrower than ``A``. ``(tie, where)`` or ``(None, "")``."""
-    from fxadapt.ir.capture import as_called
-    from fxadapt.writeback.probe import running_at_failure
-    from fxadapt.writeback.recipe import apply
-
+    original width, units and granularity, planned wider or narrower than ``A``. ``(tie, where)`` or ``(None,
+    "")``."""
     try:
         work = apply(recipe, copy.deepcopy(job.model))
         with torch.no_grad():
             for t in [*work.parameters(), *work.buffers()]:
                 t.zero_()
-        running = running_at_failure(work, lambda: as_called(work, job.inputs).call(work)) or []
+        running = running_at_failure(work, lambda: job.called.call(work)) or []
     except Exception:  # noqa: BLE001 - a recipe that does not replay: nothing to learn from it
         return None, ""
     a, plan, gm = job.analysis, job.outcome.plan, job.planned if job.planned is not None else job.analysis.gm
@@ -138,15 +116,16 @@ def read_size_tie(job: Job, recipe) -> tuple[frozenset[int] | None, str]:
     return None, ""
 
 
-def _sized_inside(a, gm, path: str) -> list:
+def _sized_inside(a: Analysis, gm: GraphModule, path: str) -> list:
     """Groups with a size-argument site (a reshape's constant) on a node traced inside module ``path``."""
     inside = {n.name for n in gm.graph.nodes if path in module_stack(n)}
-    return [g for g in a.groups if any(m.kind == "shape_arg" and m.site.node_name in inside for m in g.members)]
+    return [g for g in a.groups
+            if any(m.kind == "shape_arg" and m.site.node_name in inside for m in g.members)]
 
 
-def _entry(gm, path: str, inner: bool = False):
-    """The first tensor operand from outside module ``path`` of the first node traced in it (``inner``: or in a
-    module inside it)."""
+def _entry(gm: GraphModule, path: str, inner: bool = False):
+    """The first tensor operand from outside module ``path`` of the first node traced in it (``inner``: or in
+    a module inside it)."""
     for node in gm.graph.nodes:
         stack = module_stack(node)
         here = path in stack if inner else bool(stack) and stack[-1] == path
@@ -157,7 +136,7 @@ def _entry(gm, path: str, inner: bool = False):
     return None
 
 
-def _axis_groups(a, node, k: int) -> list[int]:
+def _axis_groups(a: Analysis, node: Node, k: int) -> list[int]:
     """The groups whose channel labels lie on axis ``k`` of ``node``'s output."""
     track = node.meta.get(meta.TRACK)
     if track is None or not hasattr(track, "axes") or k not in track.axes:
@@ -167,7 +146,7 @@ def _axis_groups(a, node, k: int) -> list[int]:
     return [int(i) for i in ids if i >= 0]
 
 
-def _nearest(gm, cands: list, path: str, node):
+def _nearest(gm: GraphModule, cands: list, path: str, node: Node):
     """Of ``cands``, the group traced in the innermost module scope shared with ``path``, then the one whose
     last node before ``node`` is nearest to it."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -179,16 +158,9 @@ def _nearest(gm, cands: list, path: str, node):
             if c.id in n.meta.get(meta.GROUP, ()) and order[n] <= order[node]:
                 stack = module_stack(n)
                 inner = stack[-1].split(".") if stack else []
-                shared = next((i for i, (x, y) in enumerate(zip(parts, inner)) if x != y), min(len(parts), len(inner)))
+                shared = next((i for i, (x, y) in enumerate(zip(parts, inner)) if x != y),
+                              min(len(parts), len(inner)))
                 best = max(best, (shared, order[n]))
         return best
 
     return max(cands, key=score)
-
-
-def _record(job: Job, notes: list[str]) -> None:
-    """The ties in the report: the history entry's ``ties`` (group names) and ``note``."""
-    head = job.outcome.history[0] if job.outcome.history and isinstance(job.outcome.history[0], dict) else None
-    if head is not None:
-        head["ties"] = [sorted(job.analysis.groups[g].name for g in t) for t in job.ties]
-        head["note"] = "re-planned: " + "; ".join(notes)

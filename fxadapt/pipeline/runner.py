@@ -24,45 +24,60 @@ Example:
     ...     gm: object = None
     ...     inputs: object = None
     ...     timings: tuple = ()
-    >>> steps = (Step("double", lambda j: replace(j, n=2 * j.n)), Step("inc", lambda j: replace(j, n=j.n + 1)))
+    >>> steps = (Step("double", lambda j: replace(j, n=2 * j.n)),
+    ...          Step("inc", lambda j: replace(j, n=j.n + 1)))
     >>> out = run_steps(steps, J(n=3))
     >>> out.n, [name for name, _ in out.timings]
     (7, ['double', 'inc'])
     >>> run_steps(steps + (Step("oops", lambda j: j.missing),), J(n=3))
     Traceback (most recent call last):
-    fxadapt.errors.InternalError: step 'oops' failed (after double, inc): AttributeError: 'J' object has no attribute 'missing' — a bug in fxadapt, not in your input; please report it with the model (the original exception is chained)
+    fxadapt.errors.InternalError: step 'oops' failed (after double, inc): AttributeError: 'J' object has no
+    attribute 'missing' — a bug in fxadapt, not in your input; please report it with the model (the original
+    exception is chained)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
-import torch
-
-import fxadapt
-import fxadapt.passes as _passes
+from fxadapt import frames
 from fxadapt.errors import FxAdaptError, InternalError, SearchInterrupted, UserCodeError
 from fxadapt.passes.shape_check import shape_check
 
 
+def _always(job: Any) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Step:
+    """A named pure function ``Job -> Job``, run when ``when(job)`` holds."""
+
     name: str
-    run: Callable
-    when: Callable = lambda job: True
+    run: Callable[[Any], Any]
+    when: Callable[[Any], bool] = _always
 
 
-def run_steps(steps: tuple[Step, ...], job, progress: Callable | None = None):
-    """Run the steps whose ``when`` holds; lint and shape-check every new graph (see module docstring)."""
+def run_steps(steps: tuple[Step, ...], job: Any, progress: Callable[[str, int, int], object] | None = None,
+              then: Mapping[Step, Callable[[Any], Any]] | None = None) -> Any:
+    """Run the steps whose ``when`` holds; lint and shape-check every new graph (see module docstring).
+
+    ``then``: the orchestrator's follow-up after a step (``fxadapt.pipeline.transform``: after ``write_back``,
+    its retry loop: diagnose, re-plan, write back again), run as part of that step (its errors name it)
+    and free to run steps itself; steps never do."""
     active = [s for s in steps if s.when(job)]
     for i, step in enumerate(active, 1):
         t0 = time.perf_counter()
-        job = _run_step(step, job, [s.name for s in active[:i - 1]])
+        done = [s.name for s in active[:i - 1]]
+        job = _run_step(step, job, done)
         job = dataclasses.replace(job, timings=job.timings + ((step.name, time.perf_counter() - t0),))
+        if then is not None and step in then:
+            job = _run_step(Step(step.name, then[step]), job, done)
         if progress is not None:
             progress(step.name, i, len(active))
     return job
@@ -88,33 +103,24 @@ def _run_step(step: Step, job, done: list[str]):
         what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
         where = user_frame(e.__traceback__)
         if where is not None:
-            err = UserCodeError(f"step '{step.name}' failed in your code ({where}): {what} — fix the function "
-                                f"you passed (loss_fn, the data, a callback); the original exception is chained")
+            err = UserCodeError(f"step '{step.name}' failed in your code ({where}): {what} — fix the "
+                                "function you passed (loss_fn, the data, a callback); the original exception "
+                                "is chained")
         else:
-            err = InternalError(f"step '{step.name}' failed ({_after(done)}): {what} — a bug in fxadapt, not in "
-                                f"your input; please report it with the model (the original exception is chained)")
+            err = InternalError(f"step '{step.name}' failed ({_after(done)}): {what} — a bug in fxadapt, not "
+                                "in your input; please report it with the model (the original exception is "
+                                "chained)")
         err.step = step.name
         raise err from e
     return job
 
 
-_LIBRARY = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                 for m in (fxadapt, torch, os)) + (os.path.dirname(os.path.abspath(_passes.__file__)) + os.sep,)
-
-
-def user_frame(tb) -> str | None:
-    """``file:line in function`` of the innermost frame of ``tb`` when it lies outside fxadapt, torch, the
-    standard library and installed packages (the user's own callable raised), else None."""
-    last = None
-    while tb is not None:
-        last, tb = tb, tb.tb_next
-    if last is None:
-        return None
-    code = last.tb_frame.f_code
-    path = os.path.abspath(code.co_filename)
-    if path.startswith(_LIBRARY) or "site-packages" in path or path.startswith("<") or not os.path.exists(path):
-        return None
-    return f"{os.path.basename(path)}:{last.tb_lineno} in {code.co_name}"
+def user_frame(tb: TracebackType | None) -> str | None:
+    """``file:line in function`` of the innermost frame of ``tb`` when it is the user's (``fxadapt.frames``:
+    outside fxadapt, torch, the standard library and installed packages: the user's own callable raised),
+    else None."""
+    f = frames.user_frame(tb, innermost=True)
+    return frames.where(f) if f is not None else None
 
 
 def _after(done: list[str]) -> str:

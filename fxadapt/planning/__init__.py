@@ -1,1 +1,2 @@
-"""Planning: budgets, the data-free width solver and width/depth plans."""
+"""Planning: budgets, the data-free width solver, width/depth plans, and the latency solve and predictor
+(measured on ``fxadapt.hw`` targets)."""

@@ -5,10 +5,11 @@ original MACs: 0.5 halves, 1.5 grows), a string (``"50%"``, ``"300M"``, ``"1.2G"
 ``Budget(macs=..., params=..., latency=..., target=...)``: a MAC or parameter *number* is a fraction of the
 original (``macs=0.5``), a *string* is a count (``macs="300M"``, ``params="1.2M"``) or a percentage
 (``"50%"``), and ``macs_abs=`` / ``params_abs=`` take counts as numbers; a number above ``FRACTION_MAX``
-in ``macs=``/``params=`` is refused (it would be a ``300000000x`` budget: write ``"300M"``); ``latency`` is a fraction of the original's latency
-measured on ``target`` (a number, e.g. ``0.5``) or a duration string (``"3.2ms"``, ``"800us"``, ``"0.01s"``),
-``target`` a ``fxadapt.hw.Target`` (default: onnxruntime CPU, one thread). Every constraint given must hold;
-latency budgets are solved by ``fxadapt.hw.latency.solve_latency``.
+in ``macs=``/``params=`` is refused (it would be a ``300000000x`` budget: write ``"300M"``); ``latency`` is a
+fraction of the original's latency measured on ``target`` (a number, e.g. ``0.5``) or a duration string
+(``"3.2ms"``, ``"800us"``, ``"0.01s"``), ``target`` a ``fxadapt.hw.Target`` (default: onnxruntime CPU, one
+thread). Every constraint given must hold; latency budgets are solved by
+``fxadapt.planning.latency.solve_latency``.
 
 The width solver lives in ``fxadapt.planning.solver`` (re-exported here: ``SolveConfig``, ``solve_widths``,
 ``fit``, ``reachable``, ``in_window``, ``check_window``, ``TOL``): MACs land in ``[(1 - tol) T, T]`` when
@@ -29,8 +30,8 @@ from fxadapt.errors import (
 )
 from fxadapt.planning.solver import TOL, SolveConfig, check_window, fit, in_window, reachable, solve_widths
 
-__all__ = ["FRACTION_MAX", "TOL", "Budget", "Goal", "BudgetWarning", "SolveConfig", "check_window", "fit", "in_window",
-           "latency_seconds", "parse_budget", "reachable", "solve_widths"]
+__all__ = ["FRACTION_MAX", "TOL", "Budget", "Goal", "BudgetWarning", "SolveConfig", "check_window", "fit",
+           "in_window", "latency_seconds", "parse_budget", "reachable", "solve_widths"]
 
 FRACTION_MAX = 16.0
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -49,7 +50,8 @@ class Budget:
     >>> Budget(macs=3e8)
     Traceback (most recent call last):
     ...
-    fxadapt.errors.BudgetError: Budget(macs=300000000.0): a number is a fraction of the original (300000000x); for a count write macs='300000000' (or '300M') or macs_abs=300000000.0
+    fxadapt.errors.BudgetError: Budget(macs=300000000.0): a number is a fraction of the original (300000000x);
+    for a count write macs='300000000' (or '300M') or macs_abs=300000000.0
     """
 
     macs: float | str | None = None
@@ -65,8 +67,9 @@ class Budget:
             if v is not None and a is not None:
                 raise BudgetError(f"give {what}= or {what}_abs=, not both")
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > FRACTION_MAX:
-                raise BudgetError(f"Budget({what}={v!r}): a number is a fraction of the original ({v:.0f}x); for a "
-                                  f"count write {what}='{v:.0f}' (or '{_human(v)}') or {what}_abs={float(v)!r}")
+                raise BudgetError(f"Budget({what}={v!r}): a number is a fraction of the original ({v:.0f}x); "
+                                  f"for a count write {what}='{v:.0f}' (or '{_human(v)}') or "
+                                  f"{what}_abs={float(v)!r}")
         if self.latency is not None:
             latency_seconds(self.latency, 1.0)  # validates the form
         if self.target is not None and not hasattr(self.target, "align"):
@@ -74,7 +77,8 @@ class Budget:
 
     def resolve(self, base_macs: float, base_params: float) -> Goal:
         """The counts this budget asks for, given the original's MACs and parameters."""
-        macs = _number(self.macs_abs, "macs_abs") if self.macs_abs is not None else _absolute(self.macs, base_macs, "macs")
+        macs = _number(self.macs_abs, "macs_abs") if self.macs_abs is not None \
+                else _absolute(self.macs, base_macs, "macs")
         params = (_number(self.params_abs, "params_abs") if self.params_abs is not None
                   else _absolute(self.params, base_params, "params"))
         return Goal(macs, params, self.latency, self.target)
@@ -101,7 +105,7 @@ def _human(v: float) -> str:
 _TIME = {"S": 1.0, "MS": 1e-3, "US": 1e-6, "µS": 1e-6, "NS": 1e-9}
 
 
-def latency_seconds(value, base: float) -> float:
+def latency_seconds(value: float | str, base: float) -> float:
     """Seconds of a latency budget: a number is a fraction of ``base`` (the original's latency), a string a
     duration with unit ``s``, ``ms``, ``us`` or ``ns``.
 
@@ -109,10 +113,11 @@ def latency_seconds(value, base: float) -> float:
     (0.01, 0.0032, 0.00025)
     """
     if isinstance(value, str):
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)(S|MS|US|µS|NS)", value.strip().upper().replace(" ", ""))
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)(S|MS|US|µS|NS)",
+                         value.strip().upper().replace(" ", ""))
         if not m:
-            raise BudgetError(f"cannot read latency budget {value!r}: use a fraction of the original's latency "
-                              f"(0.5) or a duration ('3.2ms', '800us', '0.01s')")
+            raise BudgetError(f"cannot read latency budget {value!r}: use a fraction of the original's "
+                              f"latency (0.5) or a duration ('3.2ms', '800us', '0.01s')")
         return _number(float(m.group(1)), "latency") * _TIME[m.group(2)]
     v = _number(value, "latency")
     if v > FRACTION_MAX:
@@ -130,7 +135,8 @@ def _number(v, what: str) -> float:
 
 
 def _absolute(v, base: float, what: str) -> float | None:
-    """A fraction times ``base``; a string as ``parse_budget`` reads it with ``base`` (counts, percentages)."""
+    """A fraction times ``base``; a string as ``parse_budget`` reads it with ``base`` (counts,
+    percentages)."""
     if v is None:
         return None
     if isinstance(v, str):
@@ -139,18 +145,21 @@ def _absolute(v, base: float, what: str) -> float | None:
             return _number(float(m.group(1)) / 100, what) * base
         if m := re.fullmatch(r"([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)([KMGT]?)(?:MACS?|PARAMS?)?", text):
             return _number(float(m.group(1)), what) * _SUFFIX[m.group(2)]
-        raise BudgetError(f"cannot read {what}={v!r}: use a count ('300M', '1.2G', '250000') or a percentage ('50%')")
+        raise BudgetError(f"cannot read {what}={v!r}: use a count ('300M', '1.2G', '250000') or a percentage "
+                          "('50%')")
     return _number(v, what) * base
 
 
-def parse_budget(budget, base_macs: float, base_params: float) -> Goal:
+def parse_budget(budget: Budget | str | float, base_macs: float, base_params: float) -> Goal:
     """Absolute targets from any accepted budget form (see module docstring).
 
-    >>> parse_budget("50%", 2e9, 1e6).macs, parse_budget("300M", 2e9, 1e6).macs, parse_budget(1.5, 2e9, 1e6).macs
+    >>> parse_budget("50%", 2e9, 1e6).macs, parse_budget("300M", 2e9, 1e6).macs, parse_budget(1.5, 2e9,
+    ...                                                                                       1e6).macs
     (1000000000.0, 300000000.0, 3000000000.0)
     """
     if isinstance(budget, Budget):
-        if all(v is None for v in (budget.macs, budget.params, budget.latency, budget.macs_abs, budget.params_abs)):
+        if all(v is None
+               for v in (budget.macs, budget.params, budget.latency, budget.macs_abs, budget.params_abs)):
             raise BudgetError("Budget needs macs=, params= or latency= (or macs_abs= / params_abs= counts)")
         return budget.resolve(base_macs, base_params)
     if isinstance(budget, str):
@@ -159,7 +168,8 @@ def parse_budget(budget, base_macs: float, base_params: float) -> Goal:
             return Goal(_number(float(m.group(1)) / 100, "percentage") * base_macs)
         if m := re.fullmatch(r"([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)([KMGT]?)(?:MACS?)?", text):
             value = _number(float(m.group(1)), "string")
-            return Goal(value * _SUFFIX[m.group(2)] if m.group(2) or value > FRACTION_MAX else value * base_macs)
+            return Goal(value * _SUFFIX[m.group(2)] if m.group(2) or value > FRACTION_MAX
+                        else value * base_macs)
         raise BudgetError(f"cannot read budget {budget!r}: use a fraction (0.5), a percentage ('50%') "
                           f"or MACs with a suffix ('300M', '1.2G')")
     return Goal(_number(budget, "fraction") * base_macs)

@@ -21,43 +21,30 @@ producer site normalised by its mean so convs of different fan-in weigh alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fxadapt.ir.channels import Site
+from fxadapt.ir.plan_types import Plan, SiteEdit
 from fxadapt.ops.registry import spec_of
 from fxadapt.ops.routing import EXPERTS_NO_GROWTH
+from fxadapt.planning.l1 import l1
+
+if TYPE_CHECKING:
+    from fxadapt.analysis.analyze import Analysis
+    from fxadapt.analysis.groups import Group
 
 
-@dataclass(frozen=True, eq=False)
-class SiteEdit:
-    """New positions of one site: ``index[k]`` is the source position, ``new[k]`` marks a grown copy."""
-
-    site: Site
-    index: np.ndarray
-    new: np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class Plan:
-    """Everything ``passes.materialize`` needs; built by ``make_plan`` from an ``Analysis``."""
-
-    edits: tuple[SiteEdit, ...]
-    units: dict[int, int]
-    remove: frozenset = frozenset()
-    repeat: dict = field(default_factory=dict)
-    blocks: tuple = ()
-
-
-def positions(a, site: Site) -> tuple[np.ndarray, np.ndarray]:
+def positions(a: Analysis, site: Site) -> tuple[np.ndarray, np.ndarray]:
     """Group id and unit index of every position of a site (-1 where none)."""
     r = a.roots[site.labels]
     return a.group_of[r], a.unit_of[r]
 
 
-def growth_blocker(a, group, preserve: bool = True) -> str | None:
+def growth_blocker(a: Analysis, group: Group, preserve: bool = True) -> str | None:
     """Why a group cannot grow function-preservingly (``preserve=False``: why it cannot grow at all: a norm or
     reduction over its channels no longer blocks), or None."""
     if not group.prunable:
@@ -74,7 +61,7 @@ def growth_blocker(a, group, preserve: bool = True) -> str | None:
     return None
 
 
-def _mix_reason(a, node_name: str) -> str:
+def _mix_reason(a: Analysis, node_name: str) -> str:
     node = next((n for n in a.gm.graph.nodes if n.name == node_name), None)
     what = getattr(spec_of(node), "name", "") if node is not None else ""
     if "norm" in what:
@@ -105,18 +92,15 @@ def unit_runs(index: np.ndarray) -> list[np.ndarray] | None:
     return runs if ok else None
 
 
-def importance(a, group) -> np.ndarray:
+def importance(a: Analysis, group: Group) -> np.ndarray:
     """Per-unit L1 importance of a group (see module docstring)."""
     score = np.zeros(group.units)
     gm = a.gm
     for m in group.members:
         s = m.site
-        if s.kind != "param" or s.role not in ("out", "dw"):
+        if s.kind != "param" or s.role not in ("out", "dw") or s.ref is None:
             continue
-        w = _get(gm, s.ref.target).detach()
-        other = [d for d in range(w.dim()) if d != s.axis]
-        per_pos = (w.abs().float().sum(other) / max(1, w.numel() // w.shape[s.axis]) if other
-                   else w.abs().float()).double().numpy()
+        per_pos = l1(_get(gm, s.ref.target), s.axis)   # in bounded memory (``planning.l1``)
         pos = m.index >= 0
         sums = np.bincount(m.index[pos], weights=per_pos[pos], minlength=group.units)
         score += sums / max(sums.mean(), 1e-12)
@@ -130,7 +114,7 @@ def _get(root, target: str) -> torch.Tensor:
     return obj
 
 
-def select_units(a, group, n: int, score: np.ndarray | None = None) -> np.ndarray:
+def select_units(a: Analysis, group: Group, n: int, score: np.ndarray | None = None) -> np.ndarray:
     """Selection of ``n`` units: the top-``n`` by importance (shrink), or all plus copies (grow)."""
     score = importance(a, group) if score is None else score
     order = np.argsort(-score, kind="stable")
@@ -140,12 +124,14 @@ def select_units(a, group, n: int, score: np.ndarray | None = None) -> np.ndarra
     return np.concatenate([np.arange(group.units), extra])
 
 
-def make_plan(a, units: dict[int, int], remove=(), repeat=None, scores: dict | None = None,
+def make_plan(a: Analysis, units: dict[int, int], remove: Iterable[int] = (),
+              repeat: dict[int, int] | None = None, scores: dict | None = None,
               preserve: bool = True) -> Plan:
     """Resolve a plan from kept-unit counts per group (groups left out keep all their units).
 
     ``scores`` (group id -> per-unit score, higher is kept first) overrides the L1 importance, e.g. with
-    the order a searched gate used; ``preserve=False`` lets groups under a norm grow (not function-preserving)."""
+    the order a searched gate used; ``preserve=False`` lets groups under a norm grow (not
+    function-preserving)."""
     select = {}
     for g in a.groups:
         n = units.get(g.id, g.units)
@@ -164,7 +150,7 @@ def make_plan(a, units: dict[int, int], remove=(), repeat=None, scores: dict | N
                 dict(repeat or {}), tuple(a.blocks))
 
 
-def _sites(a) -> list[Site]:
+def _sites(a: Analysis) -> list[Site]:
     seen, out = set(), []
     for g in a.groups:
         for m in g.members:
@@ -174,12 +160,12 @@ def _sites(a) -> list[Site]:
     return out
 
 
-def _touched(a, site: Site, select: dict) -> bool:
+def _touched(a: Analysis, site: Site, select: dict) -> bool:
     g, _ = positions(a, site)
     return bool(np.isin(g, list(select)).any())
 
 
-def _site_edit(a, site: Site, select: dict) -> SiteEdit:
+def _site_edit(a: Analysis, site: Site, select: dict) -> SiteEdit:
     """Kept positions in order (vectorised per group), with every grown copy inserted right after the run of
     its group it copies from."""
     g, u = positions(a, site)
@@ -202,7 +188,8 @@ def _site_edit(a, site: Site, select: dict) -> SiteEdit:
     for end in sorted(run_end):
         part = kept[(kept >= start) & (kept <= end)]
         run, extra = run_end[end]
-        copies = np.concatenate([run[u[run] == src] for src in extra]) if len(extra) else np.zeros(0, np.int64)
+        copies = np.concatenate([run[u[run] == src] for src in extra]) if len(extra) \
+                else np.zeros(0, np.int64)
         index += [part, copies]
         new += [np.zeros(len(part), dtype=bool), np.ones(len(copies), dtype=bool)]
         start = end + 1

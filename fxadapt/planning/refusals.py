@@ -13,13 +13,18 @@ True
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fxadapt.planning.plan import growth_blocker
 
+if TYPE_CHECKING:
+    from fxadapt.analysis.analyze import Analysis
 
-def growth_note(a) -> str:
+
+def growth_note(a: Analysis) -> str:
     """Why growth stops where it does: the ops that forbid function-preserving growth (most MACs first), and
     what can still grow a model that widths cannot."""
-    blocked = {}
+    blocked: dict[str, list] = {}
     for g in sorted(a.prunable, key=lambda g: -getattr(g, "macs_share", 0.0)):
         why = growth_blocker(a, g)
         if why is not None:
@@ -30,15 +35,16 @@ def growth_note(a) -> str:
                     for why, names in list(blocked.items())[:2])
     rep = [b.id for b in a.blocks if b.repeatable]
     deeper = a.cost.macs({}, {b: 2.0 for b in rep}) / a.cost.macs() if rep else 1.0
-    return (f"; {sum(map(len, blocked.values()))} of {len(a.prunable)} groups cannot grow function-preservingly "
-            f"({top}); " + (f"grow_depth=True with a budget of about {deeper:.2f}x copies its {len(rep)} repeatable "
+    return (f"; {sum(map(len, blocked.values()))} of {len(a.prunable)} groups cannot grow "
+            f"function-preservingly ({top}); "
+            + (f"grow_depth=True with a budget of about {deeper:.2f}x copies its {len(rep)} repeatable "
                             f"block(s) (zero-initialised, function-preserving)" if rep else
                             "it has no repeatable block to copy either")
             + "; solve=SolveConfig(preserve=False) widens them anyway (not function-preserving; the output "
               "error is reported)")
 
 
-def floor_note(a) -> str:
+def floor_note(a: Analysis) -> str:
     """What keeps the narrowest model from being smaller: the frozen groups' reasons (most common first)."""
     reasons: dict[str, list[str]] = {}
     for g in a.groups:

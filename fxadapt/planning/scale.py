@@ -1,5 +1,5 @@
 """Scale and repair on aligned ladders: the one search both width solvers run (MACs in
-``fxadapt.planning.solver``, latency in ``fxadapt.hw.latency``).
+``fxadapt.planning.solver``, latency in ``fxadapt.planning.latency``).
 
 A problem is a set of ladders (``fxadapt.planning.align.Ladders``: per group ``g`` the sorted rungs ``R_g``)
 and a cost ``c(idx)`` of the rung indices that does not decrease when any group moves up a rung (MACs, a
@@ -41,7 +41,8 @@ class LoopCost:
     """A cost evaluated one assignment at a time: ``total(idx)``; ``singles``/``pairs`` loop over it. A
     ``feasible(idx)`` predicate turns refused candidates into ``nan`` (never taken)."""
 
-    def __init__(self, total: Callable[[np.ndarray], float], feasible: Callable[[np.ndarray], bool] | None = None):
+    def __init__(self, total: Callable[[np.ndarray], float],
+                 feasible: Callable[[np.ndarray], bool] | None = None):
         self._total, self.feasible = total, feasible
 
     def total(self, idx: np.ndarray) -> float:
@@ -74,7 +75,8 @@ class LoopCost:
         return out
 
 
-def bisect(lad: Ladders, ok: Callable[[np.ndarray], bool], above: bool = False, iters: int = 50) -> np.ndarray:
+def bisect(lad: Ladders, ok: Callable[[np.ndarray], bool], above: bool = False,
+           iters: int = 50) -> np.ndarray:
     """Rungs at the largest scale with ``ok`` (``above``: the smallest); ``ok`` must be monotone in ``s``."""
     lo, hi = 0.0, lad.top
     if not above and ok(lad.at_scale(hi)):

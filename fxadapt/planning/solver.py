@@ -11,9 +11,9 @@ can grow). Its *ladder* ``R_g`` is the sorted set of unit counts in the bounds t
    finds the largest ``s`` with ``M <= T`` (shrink) or the smallest with ``M >= T`` (grow).
 2. **Repair.** While ``M`` is outside the window ``W = [(1 - tol) T, T]`` (shrink) or ``[T, (1 + tol) T]``
    (grow), take the smallest one-rung move (up when shrinking, down when growing) that does not cross
-   ``T``; when none fits, the swap landing closest to ``T``. Steps 1 and 2 are ``fxadapt.planning.scale`` (shared with the
-   latency solver); here every round's candidates are evaluated at once: with factor values ``V = c + F n``
-   (one row per linear form) a move of group ``g`` by ``dn`` adds ``dn * F[:, g]``, and
+   ``T``; when none fits, the swap landing closest to ``T``. Steps 1 and 2 are ``fxadapt.planning.scale``
+   (shared with the latency solver); here every round's candidates are evaluated at once: with factor values
+   ``V = c + F n`` (one row per linear form) a move of group ``g`` by ``dn`` adds ``dn * F[:, g]``, and
    ``M = sum_t coef_t * prod_{j in t} V_j``.
 3. **Verdict.** In ``W``: done. Otherwise the groups are too coarse (or too coarsely aligned) for ``W``:
    ``strict`` raises ``BudgetError`` with the nearest totals found on both sides of ``T``; else the closest on
@@ -27,14 +27,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fxadapt.errors import BudgetError, warn
+from fxadapt.errors import BudgetError, BudgetWarning, warn
 from fxadapt.planning.align import Ladders, ladder, resolve_align
 from fxadapt.planning.plan import growth_blocker
 from fxadapt.planning.refusals import floor_note, growth_note
 from fxadapt.planning.scale import approach, bisect
+
+if TYPE_CHECKING:
+    from fxadapt.analysis.analyze import Analysis
+    from fxadapt.analysis.cost import CostModel
+    from fxadapt.analysis.groups import Group
 
 TOL = 0.01
 _CHUNK = 2048
@@ -87,11 +93,14 @@ class MacsPoly:
     ...                     (torch.randn(1, 3, 10, 10),))
     >>> p = MacsPoly(a.cost)
     >>> x = p.row({})
-    >>> bool(p(x[None])[0] == a.cost.macs()), bool(p.singles(x, np.array([0]), np.array([4.0]))[0] == a.cost.macs({0: 4}))
+    >>> bool(p(x[None])[0] == a.cost.macs()), bool(p.singles(x, np.array([0]),
+    ...                                                      np.array([4.0]))[0] == a.cost.macs({0: 4}))
     (True, True)
     """
 
-    def __init__(self, cost, present: dict | None = None):
+    F: np.ndarray | None   # the factor matrix; None for an unfamiliar cost model (evaluated term by term)
+
+    def __init__(self, cost: CostModel, present: dict | None = None):
         self.cost, self.present = cost, present
         self.cols = sorted(cost.units)
         self.col = {g: i for i, g in enumerate(self.cols)}
@@ -102,7 +111,8 @@ class MacsPoly:
             self.F = None
 
     def _compile(self, terms, present) -> None:
-        forms, rows = [], []
+        forms: list = []
+        rows: list[list[int]] = []
         for t in terms:
             rows.append(list(range(len(forms), len(forms) + len(t.factors))))
             forms.extend(t.factors)
@@ -114,7 +124,8 @@ class MacsPoly:
             self.c[i] = f.const
             for g, v in f.coefs:
                 self.F[i, self.col[g]] += v
-        self.idx = np.array([r + [pad] * (width - len(r)) for r in rows], dtype=np.int64).reshape(len(rows), width)
+        self.idx = np.array([r + [pad] * (width - len(r)) for r in rows], dtype=np.int64).reshape(len(rows),
+                                                                                                  width)
         scale = [math.prod(present.get(b, 1.0) for b in t.blocks) if present else 1.0 for t in terms]
         self.coef = np.array([t.coef * s for t, s in zip(terms, scale)], dtype=float)
 
@@ -154,7 +165,8 @@ class MacsPoly:
         v0 = x @ self.F.T + self.c
         A = (va - x[ca])[:, None] * self.F[:, ca].T
         B = (vb - x[cb])[:, None] * self.F[:, cb].T
-        return self._total((v0 + A[:, None, :] + B[None, :, :]).reshape(-1, len(v0))).reshape(len(ca), len(cb))
+        return self._total((v0 + A[:, None, :] + B[None, :, :]).reshape(-1, len(v0))).reshape(len(ca),
+                                                                                              len(cb))
 
 
 class _Problem:
@@ -171,14 +183,15 @@ class _Problem:
         return x
 
 
-def _ladder(g, bounds: tuple[int, int], align: int):
+def group_ladder(g: Group, bounds: tuple[int, int], align: int):
     """A group's rungs; whole experts are no SIMD width: an expert axis is never aligned."""
     return ladder(g.units, g.granularity, *bounds, align if g.top_k is None else 1)
 
 
-def _problem(a, target: float, bounds: dict, base: dict, cfg: SolveConfig, present=None) -> _Problem:
+def ladder_problem(a: Analysis, target: float, bounds: dict, base: dict, cfg: SolveConfig,
+                   present=None) -> _Problem:
     align, gids = cfg.alignment(), sorted(bounds)
-    rungs = [_ladder(a.groups[g], bounds[g], align) for g in gids]
+    rungs = [group_ladder(a.groups[g], bounds[g], align) for g in gids]
     lad = Ladders(gids, rungs, np.array([max(base[g], 1) for g in gids], dtype=float))
     return _Problem(MacsPoly(a.cost, present), lad, target)
 
@@ -203,7 +216,8 @@ class _MacCost:
 
 
 def _scaled(p: _Problem, above: bool, tol: float | None) -> np.ndarray:
-    """Steps 1 and 2 of the module docstring (``fxadapt.planning.scale``): ``tol=None`` = as close as it gets."""
+    """Steps 1 and 2 of the module docstring (``fxadapt.planning.scale``): ``tol=None`` = as close as it
+    gets."""
     cost = _MacCost(p)
     ok = (lambda i: cost.total(i) >= p.target) if above else (lambda i: cost.total(i) <= p.target)
     done = None if tol is None else (lambda m: in_window(m, p.target, above, tol))
@@ -243,19 +257,37 @@ def _solve(p: _Problem, above: bool, tol: float | None) -> np.ndarray:
     return alt if abs(m_alt - p.target) < abs(m - p.target) or (m >= p.target) != above else idx
 
 
-def _bounds(a, grow: bool, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
+def unit_bounds(a: Analysis, grow: bool, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
+    """Units each prunable group may keep, shrinking or growing, within the user's ``min_units`` /
+    ``max_units`` (``fxadapt.analysis.hold``)."""
     out = {}
     for g in a.prunable:
         lo = max(1, g.top_k or 1, math.ceil(cfg.min_ratio * g.units))   # experts: at least top_k stay
         if grow:
             if growth_blocker(a, g, cfg.preserve) is None:
-                out[g.id] = (g.units, max(g.units, int(cfg.max_expand * g.units)))
+                out[g.id] = limited(g, g.units, max(g.units, int(cfg.max_expand * g.units)))
         else:
-            out[g.id] = (min(lo, g.units), g.units)
+            out[g.id] = limited(g, min(lo, g.units), g.units)
     return out
 
 
-def reachable(a, cfg: SolveConfig = SolveConfig()) -> tuple[float, float]:
+def limited(g: Group, lo: int, hi: int) -> tuple[int, int]:
+    """``(lo, hi)`` within the group's ``min_units`` / ``max_units`` (a minimum never above ``hi``; a maximum
+    wins over the solver's floor).
+
+    >>> from types import SimpleNamespace as G
+    >>> limited(G(min_units=6, max_units=None), 2, 8), limited(G(min_units=None, max_units=3), 4, 8)
+    ((6, 8), (3, 3))
+    """
+    if g.min_units is not None:
+        lo = min(max(lo, g.min_units), hi)
+    if g.max_units is not None:
+        hi = min(hi, g.max_units)
+        lo = min(lo, hi)
+    return lo, hi
+
+
+def reachable(a: Analysis, cfg: SolveConfig = SolveConfig()) -> tuple[float, float]:
     """MACs at the narrowest and widest (aligned) widths the solver may use.
 
     >>> import torch, fxadapt
@@ -264,17 +296,17 @@ def reachable(a, cfg: SolveConfig = SolveConfig()) -> tuple[float, float]:
     >>> reachable(a, SolveConfig(max_expand=2.0)), reachable(a, SolveConfig(align=8, max_expand=2.0))
     ((14.0, 280.0), (56.0, 280.0))
     """
-    return _reach(a, cfg, _bounds(a, False, cfg), _bounds(a, True, cfg))
+    return _reach(a, cfg, unit_bounds(a, False, cfg), unit_bounds(a, True, cfg))
 
 
-def _reach(a, cfg: SolveConfig, shrink: dict, grow: dict) -> tuple[float, float]:
+def _reach(a: Analysis, cfg: SolveConfig, shrink: dict, grow: dict) -> tuple[float, float]:
     align = cfg.alignment()
-    lo = {g: int(_ladder(a.groups[g], b, align)[0]) for g, b in shrink.items()}
-    hi = {g: int(_ladder(a.groups[g], b, align)[-1]) for g, b in grow.items()}
+    lo = {g: int(group_ladder(a.groups[g], b, align)[0]) for g, b in shrink.items()}
+    hi = {g: int(group_ladder(a.groups[g], b, align)[-1]) for g, b in grow.items()}
     return a.cost.macs(lo), a.cost.macs(hi)
 
 
-def fit(a, target: float, bounds: dict, base: dict, grow: bool, cfg: SolveConfig = SolveConfig(),
+def fit(a: Analysis, target: float, bounds: dict, base: dict, grow: bool, cfg: SolveConfig = SolveConfig(),
         present: dict | None = None) -> dict[int, int]:
     """Scale ``base`` widths by one factor within ``bounds`` (on ``cfg``'s aligned ladders), then repair
     toward the window ``[T, (1 + tol) T]`` (``grow``) or ``[(1 - tol) T, T]``; ``present`` fixes block
@@ -286,7 +318,7 @@ def fit(a, target: float, bounds: dict, base: dict, grow: bool, cfg: SolveConfig
     >>> fit(a, 70.0, {0: (1, 20)}, {0: 20}, grow=False)          # 7 MACs per unit of group 0
     {0: 10}
     """
-    p = _problem(a, target, bounds, base, cfg, present)
+    p = ladder_problem(a, target, bounds, base, cfg, present)
     return p.lad.units(_solve(p, grow, cfg.tol))
 
 
@@ -295,13 +327,13 @@ def _side(m: float, target: float, base: float) -> str:
     return f"{m:,.0f} ({m / base:.3f}x, {abs(m - target) / target:.1%} {where})"
 
 
-def counted(a) -> str:
+def counted(a: Analysis) -> str:
     """What ``a.cost.macs`` counts, as messages name it: "MACs", or "parameters" for a params solve
-    (``Analysis.counting_params``)."""
+    (``Analysis.params_as_macs``)."""
     return getattr(a, "counting", "MACs")
 
 
-def _coarse(a, align: int) -> str:
+def _coarse(a: Analysis, align: int) -> str:
     share, what = ("params_share", "params") if counted(a) == "parameters" else ("macs_share", "MACs")
     top = sorted(a.prunable, key=lambda g: -getattr(g, share, 0.0))[:2]
     aligned = f" for widths aligned to {align}" if align > 1 else ""
@@ -309,7 +341,7 @@ def _coarse(a, align: int) -> str:
         f"{g.name} has {g.units} units ({what} elasticity {getattr(g, share, 0.0):.2f})" for g in top)
 
 
-def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = SolveConfig(),
+def check_window(a: Analysis, n: dict, target: float, grow: bool, cfg: SolveConfig = SolveConfig(),
                  present: dict | None = None, base: float | None = None) -> float:
     """MACs of ``n``; when they miss the window: a ``BudgetWarning`` saying how far, or with ``cfg.strict`` a
     ``BudgetError`` naming the nearest totals found on both sides of ``target`` (module docstring, step 3).
@@ -327,18 +359,17 @@ def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = Solve
         return m
     note = _coarse(a, cfg.alignment())
     if cfg.strict:
-        bounds = _bounds(a, grow, cfg)
+        bounds = unit_bounds(a, grow, cfg)
         bounds = {g: bounds.get(g, (v, v)) for g, v in n.items()}
-        p = _problem(a, t, bounds, {g: a.groups[g].units for g in bounds}, cfg, present)
+        p = ladder_problem(a, t, bounds, {g: a.groups[g].units for g in bounds}, cfg, present)
         found = (m, a.cost.macs(p.lad.units(_solve(p, not grow, None)), present))
         below, above = [v for v in found if v <= t], [v for v in found if v >= t]
         near = (f"{_side(max(below), t, base) if below else 'none below'} and "
                 f"{_side(min(above), t, base) if above else 'none above'}")
-        raise BudgetError(f"no widths within {cfg.tol:.0%} of the budget of {t:,.0f} {counted(a)} ({t / base:.3f}x): the "
-                          f"nearest feasible totals are {near}; {note}; SolveConfig(strict=False) takes the "
-                          f"closest {'at or above' if grow else 'at or below'} the budget")
-    from fxadapt.planning.budget import BudgetWarning
-
+        raise BudgetError(f"no widths within {cfg.tol:.0%} of the budget of {t:,.0f} {counted(a)} "
+                          f"({t / base:.3f}x): the nearest feasible totals are {near}; {note}; "
+                          "SolveConfig(strict=False) takes the closest "
+                          f"{'at or above' if grow else 'at or below'} the budget")
     warn(BudgetWarning(
         f"{counted(a)} landed at {m / base:.3f}x for a budget of {t / base:.3f}x: {abs(m - t) / t:.1%} "
         f"{'above' if grow else 'below'}, outside the {cfg.tol:.0%} window; {note}; SolveConfig(strict=True) "
@@ -346,17 +377,17 @@ def check_window(a, n: dict, target: float, grow: bool, cfg: SolveConfig = Solve
     return m
 
 
-def _checked_bounds(a, target: float, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
+def checked_bounds(a: Analysis, target: float, cfg: SolveConfig) -> dict[int, tuple[int, int]]:
     """Bounds for ``target``'s direction, after checking that ``target`` is in the reachable range (growth
     bounds, whose blockers are slow to find, only when they matter)."""
     base = a.cost.macs()
-    shrink = _bounds(a, False, cfg)
-    growth = _bounds(a, True, cfg) if target > base else None
+    shrink = unit_bounds(a, False, cfg)
+    growth = unit_bounds(a, True, cfg) if target > base else None
     lo_r = _reach(a, cfg, shrink, {})[0]
     hi_r = _reach(a, cfg, {}, growth)[1] if growth is not None else base
     if lo_r * (1 - 1e-9) <= target <= hi_r * (1 + 1e-9):
         return shrink if growth is None else growth
-    lo_r, hi_r = _reach(a, cfg, shrink, _bounds(a, True, cfg) if growth is None else growth)
+    lo_r, hi_r = _reach(a, cfg, shrink, unit_bounds(a, True, cfg) if growth is None else growth)
     align = cfg.alignment()
     aligned = f", widths aligned to {align}" if align > 1 else ""
     what = counted(a)
@@ -367,7 +398,7 @@ def _checked_bounds(a, target: float, cfg: SolveConfig) -> dict[int, tuple[int, 
         + (growth_note(a) if target > base else floor_note(a)))
 
 
-def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int, int]:
+def solve_widths(a: Analysis, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int, int]:
     """Kept units per prunable group so that MACs land within ``cfg.tol`` of ``target`` on its right side
     (never above when shrinking, never below when growing), every adapted width aligned to ``cfg.align``.
     When the groups are too coarse for the window: the closest on the right side with a ``BudgetWarning``,
@@ -379,9 +410,9 @@ def solve_widths(a, target: float, cfg: SolveConfig = SolveConfig()) -> dict[int
     >>> solve_widths(a, 0.5 * a.macs()), solve_widths(a, 0.5 * a.macs(), SolveConfig(align=8))
     ({0: 16}, {0: 16})
     """
-    bounds = _checked_bounds(a, target, cfg)
+    bounds = checked_bounds(a, target, cfg)
     grow = target > a.cost.macs()
-    p = _problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
+    p = ladder_problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
     n = p.lad.units(_solve(p, grow, cfg.tol))
     check_window(a, n, target, grow, cfg)
     return n

@@ -41,11 +41,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fxadapt.errors import BudgetError, warn
-from fxadapt.planning.solver import SolveConfig, _checked_bounds, _problem, counted, in_window
+from fxadapt.errors import BudgetError, BudgetWarning, warn
+from fxadapt.planning.solver import SolveConfig, checked_bounds, counted, in_window, ladder_problem
+
+if TYPE_CHECKING:
+    from fxadapt.analysis.analyze import Analysis
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
@@ -62,7 +66,7 @@ class Tying:
         return "layers='uniform'" if self.repeated else "tied widths"
 
 
-def classes(a, gids: list[int]) -> list[list[int]]:
+def classes(a: Analysis, gids: list[int]) -> list[list[int]]:
     """Groups of ``gids`` that repeat across layers, as lists of group ids (singletons included)."""
     out: dict[tuple, list[int]] = {}
     for g in gids:
@@ -74,7 +78,7 @@ def classes(a, gids: list[int]) -> list[list[int]]:
     return list(out.values())
 
 
-def tied_classes(a, gids: list[int], tying: Tying = Tying()) -> list[list[int]]:
+def tied_classes(a: Analysis, gids: list[int], tying: Tying = Tying()) -> list[list[int]]:
     """``classes`` (or singletons, ``repeated=False``) merged along ``tying.ties`` (ids outside ``gids``
     are ignored), in the order of ``gids``.
 
@@ -99,23 +103,23 @@ def tied_classes(a, gids: list[int], tying: Tying = Tying()) -> list[list[int]]:
     return list(out.values())
 
 
-def uniform_widths(a, units: dict[int, int], target: float, cfg: SolveConfig, bounds: dict | None = None,
-                   tying: Tying = Tying()) -> dict[int, int]:
+def uniform_widths(a: Analysis, units: dict[int, int], target: float, cfg: SolveConfig,
+                   bounds: dict | None = None, tying: Tying = Tying()) -> dict[int, int]:
     """``units`` (a solver's widths) with every class of tied groups at one width (module docstring)."""
     out, m, grow = shared_widths(a, units, target, cfg, bounds, tying)
     _verdict(m, target, grow, cfg, tying, counted(a))
     return out
 
 
-def shared_widths(a, units: dict[int, int], target: float, cfg: SolveConfig, bounds: dict | None = None,
-                  tying: Tying = Tying()) -> tuple[dict[int, int], float, bool]:
+def shared_widths(a: Analysis, units: dict[int, int], target: float, cfg: SolveConfig,
+                  bounds: dict | None = None, tying: Tying = Tying()) -> tuple[dict[int, int], float, bool]:
     """``uniform_widths`` without the verdict: the widths, their total and whether the target grows."""
-    bounds = _checked_bounds(a, target, cfg) if bounds is None else bounds
+    bounds = checked_bounds(a, target, cfg) if bounds is None else bounds
     pinned = pinned_by_ties(a, bounds, tying)
     bounds = {g: b for g, b in bounds.items() if g not in pinned}
     units = {**units, **pinned}
     grow = target > a.cost.macs()
-    p = _problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
+    p = ladder_problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
     pos = {g: k for k, g in enumerate(p.lad.gids)}
     cls = []
     for c in tied_classes(a, p.lad.gids, tying):   # a class whose ladders differ: one class per group
@@ -132,7 +136,7 @@ def shared_widths(a, units: dict[int, int], target: float, cfg: SolveConfig, bou
     return out, float(p.poly(_x(p, members, rungs, idx)[None])[0]), grow
 
 
-def pinned_by_ties(a, bounds: dict, tying: Tying) -> dict[int, int]:
+def pinned_by_ties(a: Analysis, bounds: dict, tying: Tying) -> dict[int, int]:
     """Movable groups tied (``tying.ties``) to a group the solver does not move (outside ``bounds``: frozen,
     or unable to grow under a norm) with the same original width: each stays at that width, so the tie
     holds instead of being dropped (RWKV's state: the attention tied to a hidden size that cannot grow).
@@ -205,8 +209,6 @@ def _moves(idx: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
 
 
 def _verdict(m: float, target: float, grow: bool, cfg: SolveConfig, tying: Tying, what: str) -> None:
-    from fxadapt.planning.budget import BudgetWarning
-
     if in_window(m, target, grow, cfg.tol):
         return
     how, who = tying.what(), "every layer" if tying.repeated else "the tied groups"
@@ -216,7 +218,8 @@ def _verdict(m: float, target: float, grow: bool, cfg: SolveConfig, tying: Tying
                           f"(closest {m:,.0f}, {m / target:.3f}x)"
                           + ("; use layers='any' for per-layer widths" if tying.repeated else ""))
     msg = (f"{how}: the closest widths shared by {who} give {m:,.0f} {what} "
-           f"({m / target:.3f}x the target {target:,.0f}), outside the {cfg.tol:.0%} window; {other} reach it")
+           f"({m / target:.3f}x the target {target:,.0f}), outside the {cfg.tol:.0%} window; {other} reach "
+           "it")
     if cfg.strict:
         raise BudgetError(msg)
     warn(msg, BudgetWarning)

@@ -12,8 +12,9 @@ Budget loss (DMCP/TAS form) with a dead zone: ``r = E[MACs] / T``; zero when ``r
 Afterwards the gates are discretised (Markov: a bin is kept when its marginal exceeds 0.5; sampled: the
 most likely width; a block when its gate exceeds 0.5), repaired to the exact budget by one global rescale
 of the searched widths (bisection, as Network Adjustment does, then single-unit repair into the 1% window)
-and materialised from the supernet with its trained weights. ``SearchConfig.checkpoint`` saves everything every ``checkpoint_every`` steps;
-calling again with the same path resumes and gives the same result as an uninterrupted run.
+and materialised from the supernet with its trained weights. ``SearchConfig.checkpoint`` saves everything
+every ``checkpoint_every`` steps; calling again with the same path resumes and gives the same result as an
+uninterrupted run.
 
 Under ``torchrun`` (see ``fxadapt.dist``) each rank takes its slice of every global batch, gradients of
 weights and gates and BN statistics are averaged after each backward, so all ranks hold bit-identical
@@ -65,10 +66,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fxadapt import dist
 from fxadapt.errors import SearchConfigError
@@ -76,10 +78,14 @@ from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
 from fxadapt.search.loop import gate_optimizer, gate_search, noise, prepare, tau_at, teacher_of, train_step
-from fxadapt.search.losses import _penalty, arch_penalty, budget_loss, gate_entropy, harden_gates  # noqa: F401
+from fxadapt.search.losses import arch_penalty, budget_loss, gate_entropy, harden_gates, penalty  # noqa: F401
 from fxadapt.search.sandwich import sandwich_step
 from fxadapt.search.supernet import Supernet, SupernetConfig
 from fxadapt.train.data import Batches
+
+if TYPE_CHECKING:
+
+    from fxadapt.analysis.analyze import Analysis
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,8 @@ def weight_optimizer(sn: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Optim
         attention = any(n.target in ATTENTION_OPS for n in sn.analysis.gm.graph.nodes)
         kind = "adamw" if attention else "sgd"
     if kind == "adamw":
-        return torch.optim.AdamW(sn.weight_parameters(), lr=cfg.adamw_lr, weight_decay=cfg.weight_decay), cfg.adamw_lr
+        return torch.optim.AdamW(sn.weight_parameters(), lr=cfg.adamw_lr, weight_decay=cfg.weight_decay), \
+                cfg.adamw_lr
     return torch.optim.SGD(sn.weight_parameters(), lr=cfg.w_lr, momentum=cfg.w_momentum,
                            weight_decay=cfg.weight_decay), cfg.w_lr
 
@@ -273,17 +280,20 @@ class _Loop:
         if sn.sampled:
             sn.resample(noise(cfg, s, 0), tau)
         if cfg.sandwich and self.teacher is not None:
-            loss = sandwich_step(sn, self.train.batch(s), self.w_opt, cfg, self.ctx, self.teacher, s)
+            loss = sandwich_step(sn, self.train.get(s, self.ctx.device), self.w_opt, cfg, self.ctx,
+                                 self.teacher, s)
         else:
-            loss = train_step(sn, self.train.batch(s), self.w_opt, cfg, self.ctx, sn.arch_parameters())
+            loss = train_step(sn, self.train.get(s, self.ctx.device), self.w_opt, cfg, self.ctx,
+                              sn.arch_parameters())
         arch = float("nan")
         w = self.warmup
         if self.a_opt is not None and w <= s < self.hard_from and (s - w) % cfg.arch_every == 0:
             ramp = (s - w + 1) / max(self.hard_from - w, 1)
             if sn.sampled:
                 sn.resample(noise(cfg, s, 1), tau)
-            arch = train_step(sn, self.val.batch(s), self.a_opt, cfg, self.ctx, sn.weight_parameters(),
-                              lambda ramp=ramp: _penalty(sn, self.target, self.grow, cfg, ramp, self.extra))
+            arch = train_step(sn, self.val.get(s, self.ctx.device), self.a_opt, cfg, self.ctx,
+                              sn.weight_parameters(),
+                              lambda ramp=ramp: penalty(sn, self.target, self.grow, cfg, ramp, self.extra))
             sn.project()
         with torch.no_grad():
             ratio = float(sn.expected_macs()) / self.target if self.target else float("nan")
@@ -295,8 +305,6 @@ class _Loop:
 def _bar(cfg, start: int, desc: str):
     if not cfg.progress or not dist.is_main():
         return None
-    from tqdm import tqdm
-
     return tqdm(total=cfg.steps, initial=start, desc=desc, unit="step")
 
 
@@ -332,7 +340,7 @@ def gate_moves(sn: Supernet, units: dict[int, int], present: dict[int, float]) -
     return {"gates": widths, "depth_gates": depths}
 
 
-def dna(a0, target: float, data, val_data, cfg: SearchConfig = SearchConfig(),
+def dna(a0: Analysis, target: float, data: Any, val_data: Any, cfg: SearchConfig = SearchConfig(),
         ctx: dist.DistContext | None = None):
     """DNA on an analysed model (``a0``): supernet, search, discretise, on ``ctx``'s device and precision
     (default ``fxadapt.dist.setup()``: CPU). Returns ``(supernet graph without gates, plan, supernet,
@@ -347,7 +355,8 @@ def dna(a0, target: float, data, val_data, cfg: SearchConfig = SearchConfig(),
         state = SearchState(cfg.steps, gate_search(sn, val, target, grow, cfg, ctx, anneal=True))
         note = None
     else:
-        state = run_search(sn, train, val, target, grow, cfg, ctx, teacher_of(a0, ctx) if cfg.sandwich else None)
+        state = run_search(sn, train, val, target, grow, cfg, ctx,
+                           teacher_of(a0, ctx) if cfg.sandwich else None)
     if state.step < cfg.steps:
         return None, None, sn, state
     units, present = discretize(sn, target, grow, cfg.solve, cfg.discretize_by)

@@ -4,8 +4,9 @@ For each group ``g`` at widths ``n`` (hard, bin-aligned masks in the supernet):
 
     F_g   = n_g * dMACs/dn_g                 (the group's share of MACs; MACs are a polynomial in n)
     p_g   = min(p_max, p_base * mean(F) / F_g)   (FLOPs-normalised drop rate: each draw removes ~equal MACs)
-    dL_g  = mean over R draws of L_val(drop a Bernoulli(p_g) subset of g's units, survivors * 1/(1-p_g)) - L_val
-    FUR_g = dL_g / (p_g * F_g)               (loss increase per MAC removed: how well the group uses its MACs)
+    dL_g  = mean over R draws of L_val(drop a Bernoulli(p_g) subset of g's units, survivors * 1/(1-p_g)) -
+    L_val FUR_g = dL_g / (p_g * F_g)               (loss increase per MAC removed: how well the group uses its
+    MACs)
 
 Each iteration trains the weights briefly at the current widths, measures FUR, grows the groups with the
 highest FUR and shrinks the lowest by an adjusting rate (``rate`` x the original width, decaying linearly
@@ -24,20 +25,27 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fxadapt import dist
 from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window, in_window
 from fxadapt.search.dna import SearchConfigError
+from fxadapt.search.loop import batches_of
 from fxadapt.search.supernet import Supernet, SupernetConfig, build_supernet
-from fxadapt.train.data import Batches, prediction
+from fxadapt.train.data import Batch, Batches, prediction, task_loss
+
+if TYPE_CHECKING:
+
+    from fxadapt.analysis.analyze import Analysis
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class FurConfig(Options):
     progress: bool = True
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(depth_slots=0))
     solve: SolveConfig = field(default_factory=SolveConfig)   # every global rescale: tol, strict, align
-    loss_fn: object = nn.functional.cross_entropy
+    loss_fn: Callable = nn.functional.cross_entropy
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,8 +82,8 @@ class FurConfig(Options):
         self.check(self.p_base > 0.0, "p_base", "above 0")
         self.check(0.0 < self.p_max < 1.0, "p_max", "in (0, 1) (survivors are scaled by 1/(1-p))")
         if self.supernet.gates != "markov":
-            raise SearchConfigError(f"FurConfig.supernet.gates must be 'markov' (FUR opens bins by hand), got "
-                                    f"{self.supernet.gates!r}")
+            raise SearchConfigError("FurConfig.supernet.gates must be 'markov' (FUR opens bins by hand), "
+                                    f"got {self.supernet.gates!r}")
 
 
 def set_hard_widths(sn: Supernet, units: dict[int, int]) -> dict[int, int]:
@@ -95,15 +103,15 @@ def set_hard_widths(sn: Supernet, units: dict[int, int]) -> dict[int, int]:
 
 
 @torch.no_grad()
-def _val_loss(sn: Supernet, val: tuple, cfg: FurConfig, ctx: dist.DistContext | None = None) -> float:
+def _val_loss(sn: Supernet, val: Batch, cfg: FurConfig, ctx: dist.DistContext | None = None) -> float:
     ctx = ctx or dist.DistContext()
-    x, y = (t.to(ctx.device) for t in val[:2])
+    val = val.to(ctx.device)
     with dist.autocast(ctx.device, ctx.precision):
-        out = sn.gm(x)
-    return dist.mean(float(cfg.loss_fn(prediction(out).float(), y)), len(y), ctx)
+        out = val.call(sn.gm)
+    return dist.mean(float(task_loss(prediction(out).float(), val, cfg.loss_fn)), val.size, ctx)
 
 
-def _dropped_loss(sn: Supernet, gid: int, p: float, val: tuple, cfg: FurConfig, gen, ctx=None) -> float:
+def _dropped_loss(sn: Supernet, gid: int, p: float, val: Batch, cfg: FurConfig, gen, ctx=None) -> float:
     gate = sn.width_gates()[gid]
     n = len(gate.bin_of)
     if cfg.noise == "gaussian":  # Network Adjustment's Gaussian DropChannel: same mean and variance
@@ -117,7 +125,7 @@ def _dropped_loss(sn: Supernet, gid: int, p: float, val: tuple, cfg: FurConfig, 
         handle.remove()
 
 
-def measure_fur(sn: Supernet, units: dict[int, int], val: tuple, cfg: FurConfig, gen,
+def measure_fur(sn: Supernet, units: dict[int, int], val: Batch, cfg: FurConfig, gen,
                 ctx: dist.DistContext | None = None) -> dict[int, float]:
     a = sn.analysis
     share = {g: units[g] * max(a.cost.macs_grad(g, units), 1e-12) for g in units}
@@ -152,19 +160,20 @@ def _train(sn: Supernet, train: Batches, start: int, cfg: FurConfig, ctx: dist.D
         p.requires_grad_(False)
     try:
         for s in range(start, start + cfg.train_steps):
-            x, y = (t.to(ctx.device) for t in train.batch(s)[:2])
+            batch = train.get(s, ctx.device)
             opt.zero_grad(set_to_none=True)
             with dist.autocast(ctx.device, ctx.precision):
-                out = sn.gm(x)
-            cfg.loss_fn(prediction(out).float(), y).backward()
-            dist.sync_step(weights, sn.gm, ctx, len(x))
+                out = batch.call(sn.gm)
+            task_loss(prediction(out).float(), batch, cfg.loss_fn).backward()
+            dist.sync_step(weights, sn.gm, ctx, batch.size)
             opt.step()
     finally:
         for p in sn.arch_parameters():
             p.requires_grad_(True)
 
 
-def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig(), ctx: dist.DistContext | None = None):
+def fur(a0: Analysis, target: float, data: Any, val_data: Any, cfg: FurConfig = FurConfig(),
+        ctx: dist.DistContext | None = None):
     """FUR on an analysed model (``a0``) on ``ctx``'s device and precision (default ``fxadapt.dist.setup()``:
     CPU); returns ``(supernet graph without gates, plan, supernet, history)``."""
     t0 = time.perf_counter()
@@ -175,9 +184,9 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig(), ctx: di
     sn.gm.to(ctx.device)
     dist.broadcast_state(sn.gm, ctx)
     a, grow = sn.analysis, target > sn.original.macs()
-    train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
-    val = Batches(val_data if val_data is not None else data, cfg.val_samples, cfg.seed + 7919,
-                  ctx.rank, ctx.world).batch(0)
+    train = batches_of(a0, data, cfg.batch_size, cfg.seed, ctx)
+    val = batches_of(a0, val_data if val_data is not None else data, cfg.val_samples, cfg.seed + 7919, ctx,
+                     train.teacher).get(0, ctx.device)
     bounds = sn.bounds()
     ref = {g: w.n_on for g, w in sn.spec.widths.items()}
     present = {b: 1.0 if on else 0.0 for b, on in sn.spec.depths.items()}
@@ -201,13 +210,14 @@ def fur(a0, target: float, data, val_data, cfg: FurConfig = FurConfig(), ctx: di
     check_window(a, units, target, grow, cfg.solve, present, sn.original.macs())   # warns off the window
     sn.gm.to("cpu")
     plain, plan = sn.finalize(units, present)
-    moves = [{"group": int(g), "initial": int(ref[g]), "start": int(start[g]), "final": int(units[g])} for g in units]
+    moves = [{"group": int(g), "initial": int(ref[g]), "start": int(start[g]), "final": int(units[g])}
+             for g in units]
     history.append({"seconds": time.perf_counter() - t0, "widths": moves})
     return plain, plan, sn, history
 
 
-def fit_near(a, target: float, bounds: dict, widths: dict, ref: dict, grow: bool, solve: SolveConfig,
-             present: dict) -> dict[int, int]:
+def fit_near(a: Analysis, target: float, bounds: dict, widths: dict, ref: dict, grow: bool,
+             solve: SolveConfig, present: dict) -> dict[int, int]:
     """``fit`` from the FUR widths; when its greedy repair cannot reach the window from there (groups pinned
     at their bounds), from widths blended toward the uniform ones, ``w^(1-t) ref^t`` for t = 1/4 .. 1: the
     first blend that lands in the window keeps as much of FUR's allocation as the budget allows (the same
@@ -226,6 +236,4 @@ def fit_near(a, target: float, bounds: dict, widths: dict, ref: dict, grow: bool
 def _bar(cfg: FurConfig):
     if not cfg.progress or not dist.is_main():
         return None
-    from tqdm import tqdm
-
     return tqdm(total=cfg.iterations, desc="fur search", unit="iter")

@@ -4,23 +4,25 @@ Per gated group ``g``: candidate widths ``c_j = n_min + sum(bins[:j])`` (units) 
 ``pi_j = P_j - P_{j+1}`` (``P`` the gate's keep marginals, ``P_0 = 1``, ``P_{K+1} = 0``; for sampled gates
 the noise-free choice probabilities). A grid of at most ``G`` widths ``u_0 < ... < u_{G-1}`` per group
 (aligned to the target's block where the group allows, from the narrowest to the widest candidate) and
-linear interpolation weights ``W`` (a candidate between ``u_i`` and ``u_{i+1}`` puts ``(u_{i+1} - c) / (u_{i+1}
+linear interpolation weights ``W`` (a candidate between ``u_i`` and ``u_{i+1}`` puts ``(u_{i+1} - c) /
+(u_{i+1}
 - u_i)`` on ``u_i``, the rest on ``u_{i+1}``) give the group's mass on its grid, ``q_g = W^T pi_g``.
 
-Every layer with a latency key (``fxadapt.hw.latency.templates``) whose key depends on groups ``D`` (the
+Every layer with a latency key (``fxadapt.planning.latency.templates``) whose key depends on groups ``D`` (the
 first two by share of the key; any others at their current expected units, rounded) gets a table
 ``T[i, k]`` = lookup-table seconds at grid widths ``(u_{g1, i}, u_{g2, k})``, and
 
-    E[t] = q_{g1}^T T q_{g2}        (exact for the multilinear interpolant of the table: the gates are independent)
+    E[t] = q_{g1}^T T q_{g2}        (exact for the multilinear interpolant of the table: the gates are
+    independent)
 
 times the presence of the blocks the layer sits in (depth gates). The remainder scales with the expected
 activation volume (linear in the units, so its expectation is its value at ``E[n]``), and the sum is
-calibrated exactly as ``fxadapt.hw.latency.LatencyModel`` (original measured end to end):
+calibrated exactly as ``fxadapt.planning.latency.LatencyModel`` (original measured end to end):
 
     E[L] = c * (sum_l E[t_l] + r0 * V(E[n]) / V(n0)) + d.
 
 >>> import torch, fxadapt
->>> from fxadapt.hw.latency import LatencyModel
+>>> from fxadapt.planning.latency import LatencyModel
 >>> from fxadapt.hw.sim import SimulatedTarget, fake_lut
 >>> from fxadapt.search.supernet import SupernetConfig, build_supernet
 >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 3))
@@ -37,12 +39,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fxadapt import meta
-from fxadapt.analysis.cost import LinearForm
+from fxadapt import dist, meta
+from fxadapt.hw.lut import LUT
+from fxadapt.hw.target import Target
+from fxadapt.ops.forms import LinearForm
+from fxadapt.planning.latency import LatencyModel, Measurer, parse_latency
+from fxadapt.search.dna import run_search
+from fxadapt.search.loop import prepare
+from fxadapt.search.losses import budget_loss
+
+if TYPE_CHECKING:
+
+    from fxadapt.analysis.analyze import Analysis
 
 GRID = 6
 
@@ -152,21 +165,14 @@ class LatencySearch:
     measure: object
 
 
-def search_latency(a0, goal, data, val_data, cfg, ctx=None) -> LatencySearch:
+def search_latency(a0: Analysis, goal, data: Any, val_data: Any, cfg, ctx=None) -> LatencySearch:
     """DNA for a latency budget (``goal.latency``, with ``goal.macs`` when given too): the search minimises
     ``L_task + lambda * L_budget(E[L], T)`` (plus the MAC budget loss when there is one) with ``E[L]`` of
     the module docstring. The searched widths are then the reference of the measured latency solve
-    (``fxadapt.hw.latency.solve_latency(..., widths=searched)``: the global scale of the searched allocation,
-    re-timed interleaved with the original and repaired into ``[0.9 T, T]``; ``fxadapt.pipeline.strategies``
-    runs it). Every block is kept (the latency term counts widths; depth follows MAC budgets)."""
-    from fxadapt import dist
-    from fxadapt.hw.latency import LatencyModel, Measurer, parse_latency
-    from fxadapt.hw.lut import LUT
-    from fxadapt.hw.target import Target
-    from fxadapt.search.dna import run_search
-    from fxadapt.search.loop import prepare
-    from fxadapt.search.losses import budget_loss
-
+    (``fxadapt.planning.latency.solve_latency(..., widths=searched)``: the global scale of the searched
+    allocation, re-timed interleaved with the original and repaired into ``[0.9 T, T]``;
+    ``fxadapt.pipeline.strategies`` runs it). Every block is kept (the latency term counts widths; depth
+    follows MAC budgets)."""
     ctx = ctx if ctx is not None else dist.setup()
     hw = goal.target or Target()
     cfg = dataclasses.replace(cfg, elastic_when_shrinking=False)   # the model itself: latency shrinks

@@ -34,21 +34,30 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from fxadapt import dist
+from fxadapt import dist, meta
 from fxadapt.search.losses import arch_penalty
 from fxadapt.search.supernet import Supernet, build_supernet
-from fxadapt.train.data import Batches, _map_style, as_tensors, prediction
+from fxadapt.train.data import Batch, Batches, Data, Layout, _map_style, as_tensors, prediction, task_loss
+
+if TYPE_CHECKING:
+
+    from fxadapt.analysis.analyze import Analysis
+    from fxadapt.search.dna import SearchConfig
 
 
-def holdout(data, fraction: float, seed: int):
+def holdout(data: Any, fraction: float, seed: int):
     """``(rest, held)``: a seeded ``fraction`` of ``data`` (tensors or a map-style dataset) held out, or
     ``(data, None)`` when ``data`` cannot be split (a ``DataLoader``, an iterable) or ``fraction`` is 0."""
     from torch.utils.data import Subset
 
+    if isinstance(data, Data):
+        rest, held = holdout(data.source, fraction, seed)
+        return (data, None) if held is None else (data.with_source(rest), data.with_source(held))
     tensors = as_tensors(data)
     n = len(tensors[0]) if tensors is not None else (len(data) if _map_style(data) else 0)
     k = int(round(fraction * n))
@@ -61,7 +70,8 @@ def holdout(data, fraction: float, seed: int):
     return Subset(data, rest.tolist()), Subset(data, held.tolist())
 
 
-def prepare(a0, center: float, data, val_data, cfg, ctx: dist.DistContext | None = None):
+def prepare(a0: Analysis, center: float, data: Any, val_data: Any, cfg: SearchConfig,
+            ctx: dist.DistContext | None = None):
     """``(supernet, train batches, val batches)`` of a search toward ``center`` MACs (module docstring)."""
     ctx = ctx or dist.DistContext()
     if val_data is None and cfg.holdout > 0:
@@ -72,14 +82,27 @@ def prepare(a0, center: float, data, val_data, cfg, ctx: dist.DistContext | None
     if center <= base and not cfg.elastic_when_shrinking:
         sn_cfg = dataclasses.replace(sn_cfg, expand=1.0, depth_slots=0)
     sn = build_supernet(a0, None, sn_cfg)
-    train = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
-    val = Batches(val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx.rank, ctx.world)
+    train = batches_of(a0, data, cfg.batch_size, cfg.seed, ctx)
+    val = batches_of(a0, val_data if val_data is not None else data, cfg.batch_size, cfg.seed + 7919, ctx,
+                     train.teacher)
     if sn.sampled and cfg.gate_init == "budget":
         sn.center(math.sqrt(center / base))
     return sn, train, val
 
 
-def teacher_of(a0, ctx: dist.DistContext) -> nn.Module:
+def batches_of(a0: Analysis, data: Any, batch_size: int, seed: int, ctx: dist.DistContext,
+               teacher: nn.Module | None = None) -> Batches:
+    """This rank's batches of ``data`` for a search on ``a0``'s graph: split as the graph is called (the
+    layout ``transform`` checked, or the graph's example inputs); without labels they distil from the original
+    (``Batches.teacher``)."""
+    layout = None if isinstance(data, Data) else Layout(a0.gm.meta.get(meta.INPUTS))
+    batches = Batches(data, batch_size, seed, ctx.rank, ctx.world, layout=layout)
+    if not batches.has_labels:
+        batches.teacher = teacher if teacher is not None else teacher_of(a0, ctx)
+    return batches
+
+
+def teacher_of(a0: Analysis, ctx: dist.DistContext) -> nn.Module:
     """A frozen copy of the original graph on ``ctx``'s device (the sandwich rule distils from it)."""
     return copy.deepcopy(a0.gm).to(ctx.device).eval()
 
@@ -89,23 +112,23 @@ def _trainable(params, on: bool) -> None:
         p.requires_grad_(on)
 
 
-def train_step(sn: Supernet, batch, opt, cfg, ctx: dist.DistContext, frozen,
+def train_step(sn: Supernet, batch, opt, cfg: SearchConfig, ctx: dist.DistContext, frozen,
                extra: Callable[[], torch.Tensor] | None = None) -> float:
-    """One optimiser step on ``opt``'s parameters; ``frozen`` get no gradient (less compute and memory).
-    Returns the task loss (without ``extra``)."""
+    """One optimiser step on ``opt``'s parameters on ``batch`` (a ``Batch``, or an ``(x, y)`` tuple);
+    ``frozen`` get no gradient (less compute and memory). Returns the task loss (without ``extra``)."""
     stepped = [p for g in opt.param_groups for p in g["params"]]
-    x, y = (t.to(ctx.device) for t in batch[:2])
+    batch = (batch if isinstance(batch, Batch) else Layout().batch(batch)).to(ctx.device)
     opt.zero_grad(set_to_none=True)
     _trainable(frozen, False)
     try:
         with dist.autocast(ctx.device, ctx.precision):
-            out = sn.gm(x)
-        loss = cfg.loss_fn(prediction(out).float(), y)
+            out = batch.call(sn.gm)
+        loss = task_loss(prediction(out).float(), batch, cfg.loss_fn)
         total = loss + extra() if extra is not None else loss
         total.backward()
     finally:
         _trainable(frozen, True)
-    dist.sync_step(stepped, sn.gm, ctx, len(x))
+    dist.sync_step(stepped, sn.gm, ctx, batch.size)
     opt.step()
     return float(loss.detach())
 
@@ -124,7 +147,8 @@ class SharedAdam(torch.optim.Optimizer):
     [-0.141, -0.014]
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.state["shared"] = {"v": 0.0, "t": 0}
 
@@ -149,7 +173,7 @@ class SharedAdam(torch.optim.Optimizer):
         return None
 
 
-def gate_optimizer(sn: Supernet, cfg) -> torch.optim.Optimizer | None:
+def gate_optimizer(sn: Supernet, cfg: SearchConfig) -> torch.optim.Optimizer | None:
     """The architecture steps' optimizer (``SearchConfig.a_optimizer``), or None without gates."""
     if not sn.arch_parameters():
         return None
@@ -157,19 +181,20 @@ def gate_optimizer(sn: Supernet, cfg) -> torch.optim.Optimizer | None:
     return kind(sn.arch_parameters(), lr=cfg.a_lr)
 
 
-def noise(cfg, step: int, phase: int) -> torch.Generator:
+def noise(cfg: SearchConfig, step: int, phase: int) -> torch.Generator:
     """The noise of one step's weight (0) or gate (1) forward: the same on every rank and after a resume."""
     return torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 2 + phase)
 
 
-def tau_at(cfg, step: int, first: int, end: int) -> float:
-    """Gumbel temperature, exponential from ``temperature[0]`` at gate step ``first`` to ``[1]`` at ``end``."""
+def tau_at(cfg: SearchConfig, step: int, first: int, end: int) -> float:
+    """Gumbel temperature, exponential from ``temperature[0]`` at gate step ``first`` to ``[1]`` at
+    ``end``."""
     t0, t1 = cfg.temperature
     frac = min(max((step - first) / max(end - first - 1, 1), 0.0), 1.0)
     return float(t0 * (t1 / t0) ** frac)
 
 
-def gate_search(sn: Supernet, batches: Batches, target: float, grow: bool, cfg,
+def gate_search(sn: Supernet, batches: Batches, target: float, grow: bool, cfg: SearchConfig,
                 ctx: dist.DistContext | None = None, steps: int | None = None, offset: int = 0,
                 anneal: bool = False) -> list[dict]:
     """``steps`` (default ``cfg.steps``) gate-only steps toward ``target`` from the current state (module
@@ -185,10 +210,11 @@ def gate_search(sn: Supernet, batches: Batches, target: float, grow: bool, cfg,
         ramp = (s + 1) / steps if anneal else 1.0
         if sn.sampled:
             sn.resample(noise(cfg, offset + s, 1), tau_at(cfg, s, 0, steps) if anneal else cfg.temperature[1])
-        loss = train_step(sn, batches.batch(offset + s), opt, cfg, ctx, sn.weight_parameters(),
+        loss = train_step(sn, batches.get(offset + s, ctx.device), opt, cfg, ctx, sn.weight_parameters(),
                           lambda ramp=ramp: arch_penalty(sn, target, grow, cfg, ramp))
         sn.project()
         with torch.no_grad():
-            history.append({"gate_step": s, "val_loss": loss, "macs_ratio": float(sn.expected_macs()) / target})
+            history.append({"gate_step": s, "val_loss": loss,
+                            "macs_ratio": float(sn.expected_macs()) / target})
     sn.resample(None)
     return history

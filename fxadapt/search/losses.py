@@ -14,15 +14,25 @@ marginal keep probabilities (or of the Markov chains' conditional parameters) an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from fxadapt.errors import SearchConfigError
 from fxadapt.search.supernet import Supernet
 
-if TYPE_CHECKING:
-    from fxadapt.search.dna import SearchConfig
+
+class PenaltyConfig(Protocol):
+    """The options the penalty reads (``fxadapt.search.dna.SearchConfig`` has them)."""
+
+    @property
+    def budget_weight(self) -> float: ...
+    @property
+    def band(self) -> float: ...
+    @property
+    def entropy_weight(self) -> float: ...
+    @property
+    def entropy_of(self) -> str: ...
 
 
 def gate_entropy(sn: Supernet, of: str = "marginals") -> torch.Tensor:
@@ -47,13 +57,15 @@ def harden_gates(sn: Supernet) -> None:
         g.harden()
 
 
-def arch_penalty(sn: Supernet, target: float, grow: bool, cfg: SearchConfig, ramp: float) -> torch.Tensor:
+def arch_penalty(sn: Supernet, target: float, grow: bool, cfg: PenaltyConfig, ramp: float) -> torch.Tensor:
     """What an architecture step adds to the task loss: the budget loss and the ramped gate entropy."""
     loss = cfg.budget_weight * budget_loss(sn.expected_macs(), target, grow, cfg.band)
     return loss + cfg.entropy_weight * ramp * gate_entropy(sn, cfg.entropy_of) if cfg.entropy_weight else loss
 
 
-def _penalty(sn: Supernet, target: float | None, grow: bool, cfg: SearchConfig, ramp: float, extra) -> torch.Tensor:
+def penalty(sn: Supernet, target: float | None, grow: bool, cfg: PenaltyConfig, ramp: float,
+            extra) -> torch.Tensor:
+    """``arch_penalty`` when there is a MAC target (zero otherwise), plus ``extra()`` when given."""
     loss = arch_penalty(sn, target, grow, cfg, ramp) if target else sn.expected_macs() * 0.0
     return loss + extra() if extra is not None else loss
 

@@ -10,7 +10,10 @@ For MAC budgets ``T_1 .. T_k`` of one model (all shrinking, or all growing):
    (Adam on the gates, projected after every step; sampled gates at the final temperature), then the gates
    are discretised, rescaled into ``T_i``'s window and the model is materialised from the shared weights,
    exactly as a single search ends (``fxadapt.search.dna.discretize``, ``Supernet.finalize``). The shared
-   state (weights, gates, BatchNorm statistics) is restored before the next budget.
+   state (weights, gates, BatchNorm statistics) is restored before the next budget. Budget ``i`` reads the
+   validation batches from index ``1e6 (i + 1)`` on: fresh permutations of tensors and datasets; for a
+   ``DataLoader`` the batch at that index modulo its length, reached without loading the batches before it
+   (``fxadapt.train.data.Batches``), so three budgets read only ``k * gate_steps`` batches more than one.
 
 Cost in forward/backward passes: ``steps * (1 + 1 / arch_every) + k * gate_steps``; with the default
 ``gate_steps = steps // 8`` three budgets cost about 1.2x one single-budget search.
@@ -32,14 +35,19 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import TYPE_CHECKING, Any
 
 from fxadapt import dist
 from fxadapt.errors import BudgetError
 from fxadapt.search.dna import SearchConfig, discretize, effective_warmup, gate_moves, run_search
 from fxadapt.search.loop import gate_search, prepare, teacher_of
 
+if TYPE_CHECKING:
 
-def dna_many(a0, targets: list[float], data, val_data, cfg: SearchConfig = SearchConfig(),
+    from fxadapt.analysis.analyze import Analysis
+
+
+def dna_many(a0: Analysis, targets: list[float], data: Any, val_data: Any, cfg: SearchConfig = SearchConfig(),
              ctx: dist.DistContext | None = None, gate_steps: int | None = None) -> list[tuple]:
     """One DNA supernet for every MAC target in ``targets`` (module docstring): per target
     ``(supernet graph without gates, plan, supernet, history)`` in the order given (the plans refer to the
@@ -47,11 +55,11 @@ def dna_many(a0, targets: list[float], data, val_data, cfg: SearchConfig = Searc
     t0 = time.perf_counter()
     ctx = ctx if ctx is not None else dist.setup()
     base = a0.macs()
-    grow = {t > base for t in targets}
-    if len(grow) > 1:
+    directions = {t > base for t in targets}
+    if len(directions) > 1:
         raise BudgetError("budgets for one search must all shrink or all grow the model; got "
                           + ", ".join(f"{t / base:.3f}x" for t in targets) + ": pass them in two calls")
-    grow = grow.pop()
+    grow = directions.pop()
     mid = math.exp(sum(math.log(t) for t in targets) / len(targets))
     effective_warmup(cfg)
     sn, train, val = prepare(a0, mid, data, val_data, cfg, ctx)

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from fxadapt import dist
-from fxadapt.train.data import prediction
+from fxadapt.train.data import Batch, Layout, prediction, task_loss
 
 
 @torch.no_grad()
@@ -41,12 +41,12 @@ def _set(sn, kind: str, gen: torch.Generator) -> None:
 
 def sandwich_step(sn, batch, opt, cfg, ctx, teacher, step: int) -> float:
     """One sandwich weight step (see module docstring); returns the largest sub-network's task loss."""
-    x, y = (t.to(ctx.device) for t in batch[:2])
+    batch = (batch if isinstance(batch, Batch) else Layout().batch(batch)).to(ctx.device)
     arch = sn.arch_parameters()
     saved = [p.detach().clone() for p in arch]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     with torch.no_grad(), dist.autocast(ctx.device, ctx.precision):
-        soft = F.log_softmax(prediction(teacher(x)).float() / cfg.kd_temperature, -1)
+        soft = F.log_softmax(prediction(batch.call(teacher)).float() / cfg.kd_temperature, -1)
     opt.zero_grad(set_to_none=True)
     for p in arch:
         p.requires_grad_(False)
@@ -55,19 +55,21 @@ def sandwich_step(sn, batch, opt, cfg, ctx, teacher, step: int) -> float:
         for kind in ("max", "min", "rand"):
             _set(sn, kind, gen)
             with dist.autocast(ctx.device, ctx.precision):
-                out = prediction(sn.gm(x)).float()
+                out = prediction(batch.call(sn.gm)).float()
             if kind == "max":
-                loss = cfg.loss_fn(out, y)
+                loss = task_loss(out, batch, cfg.loss_fn)
                 task = float(loss.detach())
             else:
                 t = cfg.kd_temperature
-                loss = t * t * F.kl_div(F.log_softmax(out / t, -1), soft, log_target=True, reduction="batchmean")
+                rows = out.reshape(-1, out.shape[-1]) / t
+                loss = t * t * F.kl_div(F.log_softmax(rows, -1), soft.reshape(rows.shape), log_target=True,
+                                        reduction="batchmean")
             loss.backward()
     finally:
         with torch.no_grad():
             for p, v in zip(arch, saved):
                 p.copy_(v)
                 p.requires_grad_(True)
-    dist.sync_step([p for g in opt.param_groups for p in g["params"]], sn.gm, ctx, len(x))
+    dist.sync_step([p for g in opt.param_groups for p in g["params"]], sn.gm, ctx, batch.size)
     opt.step()
     return task

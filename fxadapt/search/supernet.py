@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from fxadapt import meta
 from fxadapt.analysis import Analysis, analyze
+from fxadapt.analysis.hold import apply_hold
 from fxadapt.errors import SearchConfigError
 from fxadapt.options import Options
 from fxadapt.passes.insert_gates import (
@@ -42,11 +43,16 @@ from fxadapt.passes.materialize import apply_plan
 from fxadapt.passes.rewire_blocks import repeat_blocker
 from fxadapt.passes.shape_check import shape_check
 from fxadapt.planning.plan import growth_blocker, importance, make_plan
+from fxadapt.planning.solver import limited
+
+if TYPE_CHECKING:
+    from torch.fx import GraphModule
 
 
 @dataclass(frozen=True)
 class SupernetConfig(Options):
-    """The search space: how far groups grow, how many block slots, bins and gates; checked at construction."""
+    """The search space: how far groups grow, how many block slots, bins and gates; checked at
+    construction."""
 
     error = SearchConfigError
     hints = {"gates": "'markov': DMCP bins, 'gumbel': FBNetV2, 'topk': MSG-DAS"}
@@ -70,7 +76,8 @@ class SupernetConfig(Options):
 class Supernet:
     """A gated, grown copy of a model (see module docstring). ``gm`` trains like any module."""
 
-    def __init__(self, gm, analysis: Analysis, original: Analysis, spec: GateSpec, inputs: tuple):
+    def __init__(self, gm: GraphModule, analysis: Analysis, original: Analysis, spec: GateSpec,
+                 inputs: tuple):
         self.gm, self.analysis, self.original, self.spec, self.inputs = gm, analysis, original, spec, inputs
 
     def width_gates(self) -> dict[int, WidthGate]:
@@ -110,8 +117,8 @@ class Supernet:
 
     @torch.no_grad()
     def center(self, scale: float, spread: float = 0.25) -> None:
-        """Sampled gates: logits ``theta_j = -((w_j - c) / (spread * n_on))^2 / 2`` around ``c = scale * n_on``
-        (``w_j`` the width of choice ``j``, ``n_on`` the original width), so the search starts at the
+        """Sampled gates: logits ``theta_j = -((w_j - c) / (spread * n_on))^2 / 2`` around ``c = scale *
+        n_on`` (``w_j`` the width of choice ``j``, ``n_on`` the original width), so the search starts at the
         uniformly scaled widths (``scale = sqrt(target / MACs)`` meets the budget) instead of everywhere."""
         for gid, g in self.width_gates().items():
             if not hasattr(g, "theta"):
@@ -147,8 +154,14 @@ class Supernet:
         return out
 
     def bounds(self) -> dict[int, tuple[int, int]]:
-        """Units each gated group may take: from its always-on minimum to everything the supernet holds."""
-        return {gid: (w.n_min, w.units) for gid, w in self.spec.widths.items()}
+        """Units each gated group may take: from its always-on minimum to everything the supernet holds,
+        within the user's limits on the original group (``fxadapt.analysis.hold``)."""
+        orig = {g.producer: g for g in self.original.groups}
+        out = {}
+        for gid, w in self.spec.widths.items():
+            g0 = orig.get(self.analysis.groups[gid].producer)
+            out[gid] = limited(g0, w.n_min, w.units) if g0 is not None else (w.n_min, w.units)
+        return out
 
     def finalize(self, units: dict[int, int], present: dict[int, float]):
         """The gate-free supernet graph (with the weights training gave it) and the plan selecting the given
@@ -168,14 +181,15 @@ def build_supernet(a0: Analysis, inputs=None, cfg: SupernetConfig = SupernetConf
     >>> torch.allclose(sn.gm(x), m(x), atol=1e-6), sn.spec.widths[0].units
     (True, 12)
     """
-    grow = {g.id: math.ceil(cfg.expand * g.units) for g in a0.prunable
-            if cfg.expand > 1 and growth_blocker(a0, g) is None}
+    grow = {g.id: max(g.units,
+                      min(math.ceil(cfg.expand * g.units), g.max_units or math.ceil(cfg.expand * g.units)))
+            for g in a0.prunable if cfg.expand > 1 and growth_blocker(a0, g) is None}
     repeat = {b.id: cfg.depth_slots for b in a0.blocks
               if cfg.depth_slots and b.repeatable and repeat_blocker(a0.gm, b) is None}
     inputs = a0.gm.meta.get(meta.INPUTS, inputs)
     grown = apply_plan(a0.gm, make_plan(a0, grow, repeat=repeat)).graph_module
     shape_check(grown, inputs)
-    a1 = analyze(grown)
+    a1 = apply_hold(analyze(grown), a0.hold)   # the user's held modules stay held in the supernet
     spec = _gate_spec(a0, a1, cfg)
     gm = insert_gates(a1.gm, a1, spec, GateConfig(kind=cfg.gates, top_k=cfg.top_k)).graph_module
     shape_check(gm, inputs)
@@ -184,12 +198,13 @@ def build_supernet(a0: Analysis, inputs=None, cfg: SupernetConfig = SupernetConf
 
 def _gate_spec(a0: Analysis, a1: Analysis, cfg: SupernetConfig) -> GateSpec:
     orig = {g.producer: g.units for g in a0.groups}
+    floor = {g.producer: g.min_units for g in a0.groups if g.min_units is not None}
     per_unit = {g.id: max(a1.cost.macs_grad(g.id), 1e-9) for g in a1.prunable}
     c = float(np.median([per_unit[g.id] * g.units for g in a1.prunable])) / cfg.bins if a1.prunable else 1.0
     widths = {}
     for g in a1.prunable:
         n_on = min(orig.get(g.producer, g.units), g.units)
-        n_min = min(n_on, max(1, math.ceil(cfg.min_ratio * n_on)))
+        n_min = min(n_on, max(1, math.ceil(cfg.min_ratio * n_on), floor.get(g.producer, 1)))
         size = int(min(max(1, round(c / per_unit[g.id])), max(1, g.units // 2)))
         bins = _chunks(n_on - n_min, size) + _chunks(g.units - n_on, size)
         score = importance(a1, g)

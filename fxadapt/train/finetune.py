@@ -5,8 +5,11 @@ with a ``teacher`` (e.g. the original model) the loss is ``(1 - kd) * CE + kd * 
 p_T(student))`` at temperature ``T`` (Hinton distillation). ``loss_fn`` replaces cross-entropy (a
 regression loss such as ``F.mse_loss``): the loss is then ``loss_fn(out, y)``, and with a teacher
 ``(1 - kd) * loss_fn(out, y) + kd * loss_fn(out, teacher(x))`` (distillation of a regression: the
-teacher's output is a second target; ``temperature`` is not used). Batches come from ``fxadapt.data.Batches``
-(deterministic per seed). The model is trained in place and returned in eval mode.
+teacher's output is a second target; ``temperature`` is not used). Batches come from
+``fxadapt.train.data.Batches`` (deterministic per seed); lists of Hugging Face batches, dicts of tensors and
+DataLoaders are read as the model takes them (``fxadapt.train.probe.checked_batches``: per-token labels scored
+as the model's own loss does); data without labels trains on the teacher's term alone. The model is trained in
+place and returned in eval mode.
 
 Under ``torchrun`` (``fxadapt.dist``): ``batch_size`` is the global batch, each rank trains on its slice,
 gradients and BN statistics are averaged after every backward (one all_reduce), and the model is
@@ -27,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +38,10 @@ from torch.nn import functional as F
 
 from fxadapt import dist
 from fxadapt.dist import Precision
+from fxadapt.errors import InputError
 from fxadapt.options import Options, check_device
-from fxadapt.train.data import Batches, prediction
+from fxadapt.train.data import Batch, Batches, prediction, task_loss
+from fxadapt.train.probe import checked_batches
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class FinetuneConfig(Options):
         self.check(self.temperature > 0.0, "temperature", "above 0")
 
 
-def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = None,
+def finetune(model: nn.Module, data: Any, epochs: int, teacher: nn.Module | None = None,
              cfg: FinetuneConfig = FinetuneConfig(), loss_fn: Callable | None = None) -> nn.Module:
     """Train ``model`` for ``epochs`` passes over ``data`` (see module docstring; ``loss_fn(out, y)``: a loss
     other than cross-entropy, e.g. ``torch.nn.functional.mse_loss``).
@@ -76,7 +82,8 @@ def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = No
     True
     """
     ctx = dist.setup(cfg.device, cfg.precision)
-    batches = Batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    batches = Batches(checked_batches(model, data, loss_fn or F.cross_entropy), cfg.batch_size, cfg.seed,
+                      ctx.rank, ctx.world)
     steps = max(1, epochs * max(1, len(batches) // min(cfg.batch_size, len(batches))))
     model.to(ctx.device).train()
     dist.broadcast_state(model, ctx)
@@ -87,40 +94,46 @@ def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = No
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     torch.manual_seed(cfg.seed)
     for step in range(steps):
-        x, y = (t.to(ctx.device) for t in batches.batch(step)[:2])
+        batch = batches.get(step, ctx.device)
+        distil = teacher is not None and (cfg.kd > 0 or batch.targets is None)
         with dist.autocast(ctx.device, ctx.precision):
-            logits = prediction(model(x)).float()
+            logits = prediction(batch.call(model)).float()
             with torch.no_grad():
-                t_logits = prediction(teacher(x)).float() if teacher is not None and cfg.kd > 0 else None
-        loss = _loss(logits, y, t_logits, cfg, loss_fn)
+                t_logits = prediction(batch.call(teacher)).float() if distil else None
+        loss = _loss(logits, batch, t_logits, cfg, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        dist.sync_step(params, model, ctx, len(x))
+        dist.sync_step(params, model, ctx, batch.size)
         opt.step()
         sched.step()
     return model.eval()
 
 
-def _loss(out: torch.Tensor, y: torch.Tensor, t_out: torch.Tensor | None, cfg: FinetuneConfig,
+def _loss(out: torch.Tensor, batch: Batch, t_out: torch.Tensor | None, cfg: FinetuneConfig,
           loss_fn: Callable | None) -> torch.Tensor:
-    """Cross-entropy (+ KL at temperature T from the teacher), or ``loss_fn`` (+ ``loss_fn`` to the teacher)."""
+    """Cross-entropy (+ KL at temperature T from the teacher), or ``loss_fn`` (+ ``loss_fn`` to the teacher);
+    data without labels: the teacher's term alone."""
+    if batch.targets is None and t_out is None:
+        raise InputError("finetune: data without labels needs a teacher (teacher=the original model)")
+    loss = task_loss(out, batch, loss_fn or F.cross_entropy) if batch.targets is not None else None
+    if t_out is None:
+        return loss
     if loss_fn is not None:
-        loss = loss_fn(out, y)
-        return loss if t_out is None else (1 - cfg.kd) * loss + cfg.kd * loss_fn(out, t_out)
-    loss = F.cross_entropy(out, y)
-    if t_out is not None:
+        kd = loss_fn(out, t_out)
+    else:
         t = cfg.temperature
-        kl = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(t_out / t, -1), log_target=True,
-                      reduction="batchmean")
-        loss = (1 - cfg.kd) * loss + cfg.kd * t * t * kl
-    return loss
+        rows = out.reshape(-1, out.shape[-1]) / t
+        kd = t * t * F.kl_div(F.log_softmax(rows, -1), F.log_softmax(t_out.reshape(rows.shape) / t, -1),
+                              log_target=True, reduction="batchmean")
+    return kd if loss is None else (1 - cfg.kd) * loss + cfg.kd * kd
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data, batch_size: int = 256, device: str = "cpu") -> float:
+def accuracy(model: nn.Module, data: Any, batch_size: int = 256, device: str = "cpu") -> float:
     """Top-1 accuracy of ``model`` (eval mode) on ``(inputs, targets)``."""
     x, y = Batches(data, batch_size).all()[:2]
     model.to(device).eval()
-    correct = sum(int((model(x[i:i + batch_size].to(device)).argmax(-1) == y[i:i + batch_size].to(device)).sum())
+    correct = sum(int((model(x[i:i + batch_size].to(device)).argmax(-1)
+                       == y[i:i + batch_size].to(device)).sum())
                   for i in range(0, len(x), batch_size))
     return correct / len(x)

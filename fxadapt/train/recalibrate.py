@@ -16,6 +16,8 @@ For each BN, ``momentum = None`` makes the running statistics a cumulative avera
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,11 +26,12 @@ from fxadapt.train.data import Batches
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data, batches: int = 20, batch_size: int = 64, seed: int = 0,
+def recalibrate_bn(model: nn.Module, data: Any, batches: int = 20, batch_size: int = 64, seed: int = 0,
                    device: str = "cpu") -> int:
     """Reset and re-estimate every BatchNorm's statistics on ``batches`` batches of ``data``; returns how
     many batches were used (0 when the model has no BatchNorm). The model's train/eval mode is kept."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
     if not norms or batches <= 0:
         return 0
     saved = [(m, m.momentum) for m in norms]
@@ -41,7 +44,7 @@ def recalibrate_bn(model: nn.Module, data, batches: int = 20, batch_size: int = 
     model.train()
     try:
         for k in range(n):
-            model(src.batch(k)[0].to(device))
+            src.get(k, device).call(model)
     finally:
         for m, mom in saved:
             m.momentum = mom

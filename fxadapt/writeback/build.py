@@ -1,8 +1,9 @@
-"""``write_back``: the verified graph's plan applied to a deep copy of the user's own module tree.
+"""``write_back``: the verified graph's plan applied to a copy of the user's own module tree (new modules,
+unchanged tensors shared copy-on-write: ``fxadapt.ir.share``).
 
     recipe  = width ops (widths.py) + depth ops (depth.py) [+ HF config ops (hf.py) + per-module config
               views where a layer's attention sizes differ from the shared config (layer_config.py)]
-    model'  = apply(recipe[width], deepcopy(model)); tensors <- the graph's, by name;
+    model'  = apply(recipe[width], copy(model)); tensors <- the graph's, by name (copy-on-write, ir.share);
               apply(recipe[depth]); zero the repeated copies' branch outputs; config fields
     verify  : model'(x) == graph(x) at the example inputs (rtol/atol of the verifier, scaled to the outputs'
               magnitude) and MACs(model') == MACs(graph) by the independent count; at another batch size
@@ -19,10 +20,9 @@ user's model is never touched.
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,24 +30,85 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from fxadapt import frames
 from fxadapt.analysis.count import run_counted
+from fxadapt.checks import verify
 from fxadapt.errors import FxAdaptError, WriteBackError, WriteBackWarning  # noqa: F401  (defined in fxadapt.errors)
 from fxadapt.ir.capture import as_called
-from fxadapt.pipeline import verify
-from fxadapt.writeback import hf
+from fxadapt.ir.share import share_into, shared_copy
+from fxadapt.writeback import hf, stock
 from fxadapt.writeback.depth import NotExpressible, depth_ops
 from fxadapt.writeback.layer_config import module_config_ops, original_paths
-from fxadapt.writeback.probe import first_divergence, graph_inputs
+from fxadapt.writeback.probe import Divergence, first_divergence, graph_inputs
 from fxadapt.writeback.recipe import Recipe, apply
+from fxadapt.writeback.shapes_at import original_outputs, runs_for_real, worth_meta
 from fxadapt.writeback.widths import graph_tensor, tensors_of, twin_attrs, width_ops
+
+if TYPE_CHECKING:
+    from fxadapt.ir.inputs import Inputs
+    from fxadapt.planning.plan import Plan
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a plan could not be written back (``str``: the sentence a warning carries)."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class NotExpressed(Failure):
+    """The plan has no expression in the model's modules (a depth change its code cannot take, a plan node
+    the planned graph does not hold)."""
+
+
+@dataclass(frozen=True)
+class Mismatch(Failure):
+    """The written-back model differs from the verified graph (outputs, MACs, output axes at another input
+    shape); ``uniform_hint``: its layers got different widths and it may read one size from its config."""
+
+    uniform_hint: bool = False
+
+    def __str__(self) -> str:
+        return self.message + _UNIFORM_HINT * self.uniform_hint
+
+
+@dataclass(frozen=True)
+class SizeConflict(Mismatch):
+    """The written-back model fails on the example inputs: its code reads a size the plan changed;
+    ``divergence``: the first module that receives another shape than the graph gives it (``probe``), where
+    one does (re-planning reads it: ``fxadapt.pipeline.replan``)."""
+
+    divergence: Divergence | None = None
+
+    def __str__(self) -> str:
+        where = (f"; {self.divergence}: the model's code computes that size at run time (from another "
+                 f"tensor's shape or its config), where the graph holds a constant sized independently"
+                 if self.divergence is not None else "")
+        return self.message + where + _UNIFORM_HINT * self.uniform_hint
+
+
+_UNIFORM_HINT = ("; the layers got different widths and the model may read a size from its config, shared by "
+                 "every layer: pass layers='uniform' to give repeated layers the same widths")
 
 
 @dataclass(frozen=True)
 class WriteBack:
+    """The written-back module, or the typed ``failure`` that kept it from being one; the recipe either
+    way."""
+
     module: nn.Module | None
     recipe: Recipe
-    reason: str | None = None
+    failure: Failure | None = None
     shapes: tuple = ()          # the input shapes the written-back module was checked at
+
+    @property
+    def reason(self) -> str | None:
+        """The failure as a sentence (None when the module came back)."""
+        return str(self.failure) if self.failure is not None else None
 
 
 @dataclass(frozen=True)
@@ -64,7 +125,7 @@ class Reference:
     original: Any = None        # the original's outputs (or their recorded shapes) at the example inputs
 
 
-def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
+def write_back(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference) -> WriteBack:
     """Apply ``plan`` (already applied to ``ref.graph``) to a deep copy of ``model`` and verify it.
 
     A hidden-named attribute of an attention module equal to both its input width and its all-head size
@@ -73,22 +134,23 @@ def write_back(model: nn.Module, plan, inputs, ref: Reference) -> WriteBack:
     first = _attempt(model, plan, inputs, ref, "all")
     if first.module is not None or first.recipe == Recipe():
         return first
-    if width_ops(model, ref.graph, ref.planned, "hidden")[0] == width_ops(model, ref.graph, ref.planned, "all")[0]:
+    if width_ops(model, ref.graph, ref.planned, "hidden")[0] \
+            == width_ops(model, ref.graph, ref.planned, "all")[0]:
         return first    # no attribute reads differently: nothing else to try
     second = _attempt(model, plan, inputs, ref, "hidden")
     return second if second.module is not None else first
 
 
-def _attempt(model: nn.Module, plan, inputs, ref: Reference, prefer: str) -> WriteBack:
-    work = copy.deepcopy(model)
+def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefer: str) -> WriteBack:
+    work = shared_copy(model)   # new modules; unchanged tensors stay the user's storage, copy-on-write
     try:
         ops, evidence = width_ops(work, ref.graph, ref.planned, prefer)
         depth = depth_ops(work, ref.planned, plan, inputs)
     except NotExpressible as e:
-        return WriteBack(None, Recipe(), str(e))
+        return WriteBack(None, Recipe(), NotExpressed(str(e)))
     except KeyError as e:   # a plan block whose nodes the planned graph does not hold: a guard, not a path
-        return WriteBack(None, Recipe(), f"the plan names graph node {e.args[0]!r}, which the planned graph "
-                                         f"does not hold")
+        return WriteBack(None, Recipe(), NotExpressed(f"the plan names graph node {e.args[0]!r}, which the "
+                                                      f"planned graph does not hold"))
     recipe = Recipe(tuple(ops) + tuple(depth.ops))
     apply(recipe, work, phases=("width",))
     _fill(work, ref.graph)
@@ -100,7 +162,7 @@ def _attempt(model: nn.Module, plan, inputs, ref: Reference, prefer: str) -> Wri
         for name in depth.zero:
             work.get_parameter(name).zero_()
     if hf.is_hf(work):
-        recipe = _hf_final(work, model, recipe, depth.order, (paths, evidence))
+        recipe = _hf_final(work, model, recipe, depth.order, (paths, evidence, stock.runner(work, inputs)))
     else:
         final = Recipe(tuple(o for o in _layer_ops(work, depth.order)))
         apply(final, work, phases=("final",))
@@ -109,47 +171,44 @@ def _attempt(model: nn.Module, plan, inputs, ref: Reference, prefer: str) -> Wri
     try:
         shapes = check(work, model, inputs, ref)
     except _Mismatch as e:
-        return WriteBack(None, recipe, str(e) + _divergence(work, inputs, ref, str(e)) + _uniform_hint(work))
+        hint = _uniform_hint(work)
+        if e.fails:   # where it parts from the graph (``probe``)
+            where = first_divergence(work, lambda: as_called(work, inputs).call(work),
+                                     graph_inputs(ref.graph))
+            return WriteBack(None, recipe, SizeConflict(str(e), hint, where))
+        return WriteBack(None, recipe, Mismatch(str(e), hint))
     return WriteBack(work, recipe, None, shapes)
-
-
-def _divergence(work: nn.Module, inputs, ref: Reference, reason: str) -> str:
-    """Where a written-back model that fails on the example inputs parts from the graph (``probe``)."""
-    if not reason.startswith("the written-back model fails on the example inputs"):
-        return ""
-    where = first_divergence(work, lambda: as_called(work, inputs).call(work), graph_inputs(ref.graph))
-    return (f"; {where}: the model's code computes that size at run time (from another tensor's shape or its "
-            f"config), where the graph holds a constant sized independently") if where else ""
 
 
 def _hf_final(work: nn.Module, model: nn.Module, recipe: Recipe, order: dict, found: tuple) -> Recipe:
     """The config operations of a written-back HF model, then the per-module config views its layers need
     (``layer_config``; ``found``: original paths by module identity, attention evidence); the recipe rides
     in the config where the stock class cannot rebuild the result from its config alone."""
-    paths, evidence = found
+    paths, evidence, runs = found
     final = Recipe(tuple(hf.config_ops(work, model, order, evidence)))
     apply(final, work, phases=("final",))
     hf.keep_valid(work.config, model.config, list(final.ops))
     views = Recipe(tuple(module_config_ops(work, model, paths, evidence)))
     apply(views, work, phases=("final",))
-    recipe = recipe + final + views
-    if views.ops or not hf.stock_rebuilds(work):
-        work.config.fxadapt_recipe = {"base": hf.base_values(model, list(final.ops)), "ops": list(recipe.ops)}
+    # read right or refused
+    marked = Recipe(tuple(stock.refuse_misreads(work, model, list(final.ops), evidence, runs)))
+    recipe = recipe + final + views + marked
+    if views.ops or marked.ops or not hf.stock_rebuilds(work):
+        work.config.fxadapt_recipe = {"base": hf.base_values(model, list(final.ops + marked.ops)),
+                                      "ops": list(recipe.ops)}
     return recipe
 
 
-def _uniform_hint(work: nn.Module) -> str:
-    """A Hugging Face model whose layers got different widths may read a size from its one config for every
+def _uniform_hint(work: nn.Module) -> bool:
+    """A Hugging Face model whose layers got different widths may read a size from its config for every
     layer that no per-module view covers (``layer_config`` covers the attention sizes: Phi-3's fused qkv)."""
-    if hf.is_hf(work) and hf.RECIPE_FIELD in vars(work.config):
-        return ("; the layers got different widths and the model may read a size from its config, shared by "
-                "every layer: pass layers='uniform' to give repeated layers the same widths")
-    return ""
+    return hf.is_hf(work) and hf.RECIPE_FIELD in vars(work.config)
 
 
 def _fill_slots(work: nn.Module, gm: GraphModule, pairs: list) -> list[dict]:
     """A kept depth slot (trained by a search, or widened by the plan): the unit's copy takes the graph
-    copy's shapes, size attributes and values; the ``resize``/``set`` operations, after depth, for the recipe."""
+    copy's shapes, size attributes and values; the ``resize``/``set`` operations, after depth, for the
+    recipe."""
     ops = []
     for path, gpath in pairs:
         mod, twin = work.get_submodule(path), gm.get_submodule(gpath)
@@ -175,34 +234,40 @@ def _layer_ops(model: nn.Module, order: dict) -> list[dict]:
 
 
 def _fill(work: nn.Module, gm: GraphModule) -> None:
-    """Copy every tensor the graph holds under a name of the user's model (tied ones once)."""
+    """Give every tensor the graph holds under a name of the user's model the graph's values (tied ones
+    once): re-pointed at a copy-on-write clone of the graph's tensor (``ir.share.share_into``), no copy."""
     user, graph = tensors_of(work), tensors_of(gm)
     done = set()
     with torch.no_grad():
         for name, t in user.items():
             g = graph_tensor(graph, user, name)
             if g is not None and id(t) not in done and tuple(g.shape) == tuple(t.shape):
-                t.copy_(g.to(t.dtype))
+                share_into(t, g)
                 done.add(id(t))
 
 
 class _Mismatch(Exception):
-    pass
+    """A failed check; ``fails``: the written-back model raised on the example inputs."""
+
+    def __init__(self, message: str, fails: bool = False):
+        super().__init__(message)
+        self.fails = fails
 
 
-def check(work: nn.Module, original: nn.Module, inputs, ref: Reference) -> tuple:
+def check(work: nn.Module, original: nn.Module, inputs: Inputs, ref: Reference) -> tuple:
     """Verify ``work`` against the graph (see the module docstring); the input shapes it was checked at."""
     cfg = SimpleNamespace(rtol=ref.rtol, atol=ref.atol)
     try:
         macs, got = run_counted(work, as_called(work, inputs))
     except Exception as e:  # noqa: BLE001 - the user's forward failed with the new sizes
         raise _Mismatch(f"the written-back model fails on the example inputs: {type(e).__name__}: "
-                        f"{_first(e)}") from e
+                        f"{_first(e)}", fails=True) from e
     expected = ref.expected if ref.expected is not None else verify.outputs(ref.graph, inputs)
     _close(expected, got, cfg, "at the example inputs")
     if abs(macs - ref.macs) > 1e-3 * max(macs, ref.macs, 1.0):
         raise _Mismatch(f"the written-back model runs {macs:,.0f} MACs where the graph runs {ref.macs:,.0f}")
-    original_shapes = ref.original if ref.original is not None else verify.outputs(original, as_called(original, inputs))
+    original_shapes = ref.original if ref.original is not None \
+            else verify.outputs(original, as_called(original, inputs))
     with kept_attributes(original), kept_attributes(work):
         alt = _other_shape(work, original, inputs, got, original_shapes, ref, cfg)
     return (_shapes(inputs),) + ((alt,) if alt else ())
@@ -224,20 +289,27 @@ def kept_attributes(model: nn.Module):
                     object.__setattr__(m, k, v)
 
 
-def _other_shape(work, original, inputs, got, original_shapes, ref: Reference, cfg) -> list | None:
+def _other_shape(work, original, inputs: Inputs, got, original_shapes, ref: Reference, cfg) -> list | None:
     """One more input shape (another batch size and sequence length / image size; the batch alone where the
     original only runs at the example's length or size): the first the original runs at."""
+    real = ref.preserving or not worth_meta(ref.graph, ref.macs)   # else the original's shapes: a meta run
     for alt in variants(inputs):
-        try:
-            orig_alt = verify.outputs(original, as_called(original, alt))
-        except Exception:  # noqa: BLE001 - the original does not run there either: nothing to compare
+        orig_alt, exact = original_outputs(original, as_called(original, alt), exact=real)
+        if orig_alt is None:   # the original does not run there either: nothing to compare
             continue
         try:
             mine = verify.outputs(work, as_called(work, alt))
         except Exception as e:  # noqa: BLE001
+            if not (exact or runs_for_real(original, as_called(original, alt))):
+                continue
             raise _Mismatch(f"the written-back model fails at input shapes {_shapes(alt)} where the original "
                             f"runs: {type(e).__name__}: {_first(e)}") from e
-        _axes(orig_alt, mine, original_shapes, got, _shapes(alt))
+        try:
+            _axes(orig_alt, mine, original_shapes, got, _shapes(alt))
+        except _Mismatch:
+            if not (exact or runs_for_real(original, as_called(original, alt))):
+                continue
+            raise
         if ref.preserving:
             _close(orig_alt, mine, cfg, f"(function-preserving) at input shapes {_shapes(alt)}")
         return _shapes(alt)
@@ -246,16 +318,10 @@ def _other_shape(work, original, inputs, got, original_shapes, ref: Reference, c
 
 def _first(e: BaseException) -> str:
     """The error's first line and the user's source line it was raised at (a size in their ``forward``)."""
-    import traceback
-
     text = str(e).strip()
     line = text.splitlines()[0][:300] if text else type(e).__name__
-    user = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename
-            and "/fxadapt/" not in f.filename]
-    if user:
-        f = user[-1]
-        line += f" (at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()})"
-    return line
+    user = frames.user_frame(e.__traceback__, packages=True)
+    return line + (f" (at {frames.where(user, source=True)})" if user is not None else "")
 
 
 def _close(ref: Any, got: Any, cfg, where: str) -> None:
@@ -276,15 +342,17 @@ def _axes(orig_alt, mine, orig, got, where) -> None:
                             f"expected {want}")
 
 
-def _shapes(inputs) -> list:
+def _shapes(inputs: Inputs) -> list:
     return [tuple(t.shape) for t in inputs.tensors()]
 
 
-def variants(inputs) -> list:
+def variants(inputs: Inputs) -> list:
     """Other inputs to check at, most different first: one more in the batch together with a longer sequence
-    (tokens, features, audio: every input sharing that axis' size) or a smaller image; then the batch alone."""
+    (tokens, features, audio: every input sharing that axis' size) or a smaller image; then the batch
+    alone."""
     batch = inputs.batch
-    more = (lambda t: torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == batch else t) if batch else (lambda t: t)
+    more = (lambda t: torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == batch else t) if batch \
+            else (lambda t: t)
     out = [inputs.map(more)]
     first = next((t for t in inputs.tensors() if t.dim() >= 2), None)
     if first is None:

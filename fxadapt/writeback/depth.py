@@ -30,7 +30,8 @@ Example:
     >>> from fxadapt.planning.plan import make_plan
     >>> m = torch.nn.Sequential(Unit(), Unit())
     >>> a = fxadapt.analyze(m, (torch.randn(2, 4),))
-    >>> d = depth_ops(m, a.gm, make_plan(a, {}, remove=[0]), fxadapt.ir.inputs.as_inputs((torch.randn(2, 4),)))
+    >>> d = depth_ops(m, a.gm, make_plan(a, {}, remove=[0]),
+    ...               fxadapt.ir.inputs.as_inputs((torch.randn(2, 4),)))
     >>> [(o["op"], o["module"]) for o in d.ops], d.order
     ([('delete', '0')], {'': [1]})
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -49,6 +51,10 @@ from fxadapt.meta import REPEAT_OF
 from fxadapt.ops.registry import spec_of
 from fxadapt.passes.rewire_blocks import _body_output, _zero_params, _zero_source
 from fxadapt.writeback.widths import module_stack as _stack
+
+if TYPE_CHECKING:
+    from fxadapt.ir.inputs import Inputs
+    from fxadapt.planning.plan import Plan
 
 _REP = re.compile(r"__rep\d+_\d+$")
 
@@ -83,7 +89,7 @@ def _weighted(node: Node) -> bool:
     return node.op == "call_module" and getattr(spec_of(node), "zero", None) == "params"
 
 
-def _effective(plan, nodes: dict) -> tuple[SimpleNamespace, dict, set]:
+def _effective(plan: Plan, nodes: dict) -> tuple[SimpleNamespace, dict, set]:
     """The plan on the model's own blocks: a graph deepened before planning (``grow_depth``, DNA's depth
     slots) holds copies (their exit records ``REPEAT_OF``); a removed copy is no change to the model, a kept
     one repeats its original (filled from the graph). Returns that plan, the kept copies per original block
@@ -105,7 +111,7 @@ def _effective(plan, nodes: dict) -> tuple[SimpleNamespace, dict, set]:
     return eff, alive, copy_nodes
 
 
-def depth_ops(model: nn.Module, gm: GraphModule, plan, inputs) -> DepthPlan:
+def depth_ops(model: nn.Module, gm: GraphModule, plan, inputs: Inputs) -> DepthPlan:
     """Depth operations for ``plan.remove``/``plan.repeat`` (block ids of ``plan.blocks`` on ``gm``)."""
     out = DepthPlan()
     if not (plan.remove or plan.repeat or any(REPEAT_OF in n.meta for n in gm.graph.nodes)):
@@ -124,7 +130,8 @@ def depth_ops(model: nn.Module, gm: GraphModule, plan, inputs) -> DepthPlan:
         except NotExpressible:
             if b.id in plan.remove or b.id in plan.repeat:
                 raise
-    changed = {u: bs for u, bs in units.items() if any(b.id in plan.remove or b.id in plan.repeat for b in bs)}
+    changed = {u: bs for u, bs in units.items()
+               if any(b.id in plan.remove or b.id in plan.repeat for b in bs)}
     io = _record(model, inputs, changed, nodes, blocks)
     containers: dict[str, list] = {}
     for u in changed:
@@ -179,12 +186,13 @@ def _unit(ctx: _Ctx, u: str, bs: list, order: list, keys: list) -> None:
                 out.fill += [((parent, i, j, key), rest, g) for rest, g in
                              _fill_pairs(u, b, slots[j - 1], nodes[b.exit].graph.owning_module)]
             elif plan.repeat.get(b.id, 0) >= j and b.id not in plan.remove:
-                out.zero += [((parent, i, j, key), n[len(u):]) for n in _zeroed(b, nodes) if n.startswith(u + ".")]
+                out.zero += [((parent, i, j, key), n[len(u):]) for n in _zeroed(b, nodes)
+                             if n.startswith(u + ".")]
             else:
                 out.ops.append(_zero_op(u, new, b, nodes, io))
 
 
-def _fill_pairs(u: str, b, slot, gm) -> list[tuple[str, str]]:
+def _fill_pairs(u: str, b, slot, gm: GraphModule) -> list[tuple[str, str]]:
     """(path inside the unit, module of the graph's kept copy) for every module of the slot: a copy's module
     is named ``<original path>__rep<block>_<k>`` (``rewire_blocks``)."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -233,7 +241,8 @@ def _branch(u: str, b, nodes: dict) -> str:
     for path in below:
         if all(n.name in body for n in nodes.values() if path in _stack(n)):
             gm = out_node.graph.owning_module
-            stray = [n.name for n in nodes.values() if n.name in body and _weighted(n) and path not in _stack(n)
+            stray = [n.name for n in nodes.values() if n.name in body and _weighted(n)
+                     and path not in _stack(n)
                      and any(p.dim() >= 2 for p in _zero_params(gm, n))]
             if stray:
                 raise NotExpressible(f"the branch of block {b.exit} spans weighted layers outside {path} "
@@ -247,11 +256,13 @@ def _zero_op(u: str, unit_path: str, b, nodes: dict, io: dict) -> dict:
     branch = _branch(u, b, nodes)
     rec = io.get(branch)
     if rec is None or rec.get("like") is None:
-        raise NotExpressible(f"{branch}'s output is not shaped like one of its inputs, so it cannot be zeroed")
-    return {"op": "zero", "module": unit_path + branch[len(u):], "like": rec["like"], "structure": rec["structure"]}
+        raise NotExpressible(f"{branch}'s output is not shaped like one of its inputs, so it cannot be "
+                             "zeroed")
+    return {"op": "zero", "module": unit_path + branch[len(u):], "like": rec["like"],
+            "structure": rec["structure"]}
 
 
-def _record(model: nn.Module, inputs, units: dict, nodes: dict, blocks: dict) -> dict:
+def _record(model: nn.Module, inputs: Inputs, units: dict, nodes: dict, blocks: dict) -> dict:
     """Run the model once with hooks on the units and branch modules: which tensor input each output is
     shaped like, and the output structure (for ``ZeroBranch``)."""
     paths = set(units)
@@ -278,7 +289,8 @@ def _record(model: nn.Module, inputs, units: dict, nodes: dict, blocks: dict) ->
 def _hook(io: dict, path: str):
     def hook(mod, args, kwargs, output):
         ins = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple) else []
+        outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple) \
+                else []
         first = next((o for o in outs if isinstance(o, torch.Tensor)), None)
         like = next((i for i, t in enumerate(ins) if first is not None and t.shape == first.shape), None)
         ok = all(o is None or (isinstance(o, torch.Tensor) and first is not None and o.shape == first.shape

@@ -8,9 +8,9 @@ agrees), intermediate (``intermediate_size``/``n_inner``/``d_ff``/``ffn_dim``: t
 layer whose old output width was that size, and the ``intermediate_dim`` of mixture-of-experts modules,
 when they agree) and layers (``num_hidden_layers``/``n_layer``/
 ``num_layers``: the length of the layer list) and experts (``num_local_experts``/``num_experts``: the
-expert modules' count, ``fxadapt.writeback.experts``). ``head_dim`` is set explicitly where the new head size is no
-longer ``hidden / heads`` and the config has the field (Llama-style configs store it). A field the config
-class derives as a read-only property (Falcon's ``head_dim``) is never set.
+expert modules' count, ``fxadapt.writeback.experts``). ``head_dim`` is set explicitly where the new head size
+is no longer ``hidden / heads`` and the config has the field (Llama-style configs store it). A field the
+config class derives as a read-only property (Falcon's ``head_dim``) is never set.
 
 *Uniform*: a fresh ``type(model)(config)`` on the meta device has exactly the written-back state-dict
 shapes; then stock ``save_pretrained``/``from_pretrained`` round-trip. Otherwise the config keeps what it
@@ -29,11 +29,13 @@ from torch import nn
 from fxadapt.writeback.experts import EXPERT_FIELDS, expert_count
 
 FIELDS = {
-    "hidden": ("hidden_size", "n_embd", "d_model"),
-    "heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads"),
+    "hidden": ("hidden_size", "n_embd", "d_model", "dim"),
+    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads",
+              "decoder_attention_heads"),
     "kv": ("num_key_value_heads",),
     "head_dim": ("head_dim", "d_kv"),
-    "intermediate": ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim"),
+    "intermediate": ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+                     "hidden_dim"),
     "layers": ("num_hidden_layers", "n_layer", "num_layers"),
     "experts": EXPERT_FIELDS,
 }
@@ -45,7 +47,7 @@ def is_hf(model: nn.Module) -> bool:
     return cfg is not None and hasattr(cfg, "to_dict") and hasattr(model, "save_pretrained")
 
 
-def _raw(cfg, name: str):
+def raw(cfg, name: str):
     """A config field without its ``attribute_map`` alias (GPT-2's ``hidden_size`` is ``n_embd``)."""
     return cfg.__dict__.get(name, None)
 
@@ -62,24 +64,44 @@ def config_ops(model: nn.Module, original: nn.Module, order: dict, attention: di
     if (experts := expert_count(model, original)) is not None:
         new["experts"] = experts
     for kind in ("heads", "kv", "head_dim"):
-        vals = {pairs[kind] for pairs in attention.values() if kind in pairs}
+        vals = {pairs[kind] for pairs in attention.values() if kind in pairs} \
+                or _attr_pairs(model, original, kind)
         if len(vals) == 1:
             new[kind] = next(iter(vals))
     ops = []
     for parent, seq in order.items():
         n_old = len(original.get_submodule(parent)) if parent else len(original)
         new.setdefault("layers", (n_old, len(seq)))
-        types = _raw(cfg, "layer_types")
+        types = raw(cfg, "layer_types")
         if isinstance(types, list) and len(types) == n_old:
             ops.append({"op": "config", "field": "layer_types", "value": [types[i] for i in seq]})
         ops += _layer_idx(model, parent)
     for kind, (old, value) in new.items():
         for name in FIELDS[kind]:
-            if _raw(cfg, name) == old and old != value:
+            if raw(cfg, name) == old and old != value:
                 ops.append({"op": "config", "field": name, "value": value})
     ops += _intermediate(model, original, cfg)
     ops += _explicit_head_dim(cfg, new)
     return [o for o in ops if o["op"] != "config" or settable(cfg, o["field"])]
+
+
+ATTRS = {"heads": ("num_heads", "num_attention_heads", "n_heads"),
+         "kv": ("num_key_value_heads", "num_kv_heads"),
+         "head_dim": ("head_dim", "attention_head_size", "head_size")}
+"""Attention modules' size attributes, read where the graph gave no attention evidence (GPT-Neo, BioGPT)."""
+
+
+def _attr_pairs(model: nn.Module, original: nn.Module, kind: str) -> set[tuple[int, int]]:
+    """``{(old, new)}`` of the ``kind`` attributes of the modules at the same path in both trees."""
+    old = dict(original.named_modules())
+    out = set()
+    for path, mod in model.named_modules():
+        was = old.get(path)
+        for attr in ATTRS[kind] if type(was) is type(mod) else ():
+            a, b = getattr(was, attr, None), mod.__dict__.get(attr)
+            if type(a) is int and type(b) is int and attr in was.__dict__:
+                out.add((a, b))
+    return out
 
 
 def settable(cfg, name: str) -> bool:
@@ -101,7 +123,7 @@ def _explicit_head_dim(cfg, new: dict) -> list[dict]:
     """A config that derives ``head_dim`` as ``hidden / heads`` (Qwen2) gets it explicitly once the hidden
     size changed without the head size (its attention and rotary modules read ``config.head_dim`` first)."""
     heads_old = getattr(cfg, "num_attention_heads", None)
-    if "hidden" not in new or _raw(cfg, "head_dim") is not None or type(heads_old) is not int or not heads_old:
+    if "hidden" not in new or raw(cfg, "head_dim") is not None or type(heads_old) is not int or not heads_old:
         return []
     hidden_old, hidden_new = new["hidden"]
     hd = new.get("head_dim", (None, hidden_old // heads_old))[1]
@@ -131,19 +153,58 @@ def _layer_idx(model: nn.Module, parent: str) -> list[dict]:
 
 def _intermediate(model: nn.Module, original: nn.Module, cfg) -> list[dict]:
     ops = []
-    olds = {n: p.shape for n, p in original.named_parameters()}
-    for name in FIELDS["intermediate"]:
-        old = _raw(cfg, name)
-        if type(old) is not int:
-            continue
-        vals = set()
-        for n, p in model.named_parameters():
-            if n.endswith("weight") and n in olds and len(olds[n]) == 2 and olds[n][0] == old != olds[n][1]:
-                vals.add(int(p.shape[0]))
-        vals |= _expert_widths(model, original, old)
-        if len(vals) == 1 and old not in vals:
+    derived = _emb(model) != _emb(original)   # a None field reads 4 x hidden: state it once hidden moved
+    for name, (old, per_layer) in intermediate_widths(model, original).items():
+        vals = set(per_layer)
+        if len(vals) == 1 and (old not in vals or (derived and raw(cfg, name) is None)):
             ops.append({"op": "config", "field": name, "value": vals.pop()})
     return ops
+
+
+def intermediate_widths(model: nn.Module, original: nn.Module) -> dict[str, tuple[int, list[int]]]:
+    """Intermediate field -> (its old size, the new width of every layer that had it, in order). A field
+    the config leaves ``None`` is derived as 4 x hidden (GPT-2's ``n_inner``, GPT-Neo's
+    ``intermediate_size``): its old size is 4 x the original embedding width."""
+    out, cfg = {}, original.config
+    olds = {n: p.shape for n, p in original.named_parameters()}
+    for name in FIELDS["intermediate"]:
+        old = raw(cfg, name)
+        if old is None and name in cfg.__dict__ and _emb(original):
+            old = 4 * _emb(original)
+        if type(old) is not int:
+            continue
+        per_layer = _layer_widths(model, olds, old, 1) or _layer_widths(model, olds, old, 0)
+        side = name.split("_")[0] if name.startswith(("encoder_", "decoder_")) else None   # BART's two fields
+        if side:
+            per_layer = {k: v for k, v in per_layer.items() if side in k}
+        widths = [*per_layer.values(), *sorted(_expert_widths(model, original, old))]
+        if widths:
+            out[name] = (old, widths)
+    return out
+
+
+def _layer_widths(model: nn.Module, olds: dict, old: int, axis: int) -> dict[str, int]:
+    """Layer -> the new size on ``axis`` of its first 2-D weight whose old size was ``old`` on that axis (and
+    not on the other). The input axis first (``axis=1``): an MLP's down projection reads the intermediate
+    width (Linear ``[H, I]``; GPT-2's Conv1D ``c_fc`` is ``[H, I]``), where a fused gate/up ``[2I, H]`` or
+    a qkv projection whose output happens to be ``I`` wide would mislead the output axis."""
+    out: dict[str, int] = {}
+    for n, p in model.named_parameters():
+        o = olds.get(n)
+        if n.endswith("weight") and o is not None and len(o) == 2 and o[axis] == old != o[1 - axis]:
+            out.setdefault(layer_of(n), int(p.shape[axis]))
+    return out
+
+
+def layer_of(name: str) -> str:
+    """The layer a tensor or module name belongs to: the name up to its first container index.
+
+    >>> layer_of("model.layers.3.mlp.up_proj.weight"), layer_of("lm_head.weight")
+    ('model.layers.3', 'lm_head.weight')
+    """
+    parts = name.split(".")
+    k = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+    return ".".join(parts[:k + 1])
 
 
 EXPERT_WIDTH_ATTRS = ("intermediate_dim",)
@@ -164,7 +225,7 @@ def keep_valid(cfg, original_cfg, ops: list[dict]) -> list[str]:
     has them. The fields are set again one at a time, in order, each kept only if the config stays valid.
     Returns the fields left at their old values."""
     fields = [o for o in ops if o["op"] == "config"]
-    if _valid(cfg):
+    if valid(cfg):
         return []
     for op in fields:
         setattr(cfg, op["field"], copy.deepcopy(getattr(original_cfg, op["field"], None)))
@@ -172,7 +233,7 @@ def keep_valid(cfg, original_cfg, ops: list[dict]) -> list[str]:
     for op in fields:
         old = getattr(cfg, op["field"], None)
         setattr(cfg, op["field"], copy.deepcopy(op["value"]))
-        if not _valid(cfg):
+        if not valid(cfg):
             setattr(cfg, op["field"], old)
             undone.append(op["field"])
     heads = {*FIELDS["heads"], *FIELDS["kv"]}
@@ -184,7 +245,7 @@ def keep_valid(cfg, original_cfg, ops: list[dict]) -> list[str]:
     return undone
 
 
-def _valid(cfg) -> bool:
+def valid(cfg) -> bool:
     check = getattr(cfg, "validate", None)
     try:
         if check is not None:
@@ -208,4 +269,5 @@ def stock_rebuilds(model: nn.Module) -> bool:
 
 def base_values(original: nn.Module, ops: list[dict]) -> dict[str, Any]:
     """The original values of the config fields ``ops`` change."""
-    return {o["field"]: copy.deepcopy(getattr(original.config, o["field"], None)) for o in ops if o["op"] == "config"}
+    return {o["field"]: copy.deepcopy(getattr(original.config, o["field"], None)) for o in ops
+            if o["op"] == "config"}

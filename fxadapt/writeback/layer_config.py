@@ -31,7 +31,8 @@ def original_paths(model: nn.Module) -> dict[int, str]:
     return {id(m): p for p, m in model.named_modules()}
 
 
-def module_config_ops(work: nn.Module, original: nn.Module, paths: dict[int, str], evidence: dict) -> list[dict]:
+def module_config_ops(work: nn.Module, original: nn.Module, paths: dict[int, str],
+                      evidence: dict) -> list[dict]:
     """``module_config`` operations for the modules of ``work`` (final tree) that hold the model's config and
     whose attention sizes (``evidence``: original path -> {kind: (old, new)}) differ from what that config
     states now (``original``: the unchanged model, whose config says what a field meant)."""

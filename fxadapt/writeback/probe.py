@@ -8,7 +8,8 @@ another tensor (SegFormer's sequence reduction reshapes a conv's output by its *
 which the static graph holds as a constant and sized independently. ``running_at_failure`` gives the modules
 still running when the forward raised (``fxadapt.pipeline.replan`` reads them when no input differs: the
 failing op is inside the innermost one; ``failure`` adds the exception, whose sizes
-``fxadapt.pipeline.cache_check`` reads); ``Divergence.find`` reads a divergence back from a failure reason.
+``fxadapt.pipeline.cache_check`` reads). A write-back failure carries the ``Divergence`` itself
+(``fxadapt.writeback.build.SizeConflict``), which re-planning reads as data.
 
 Example:
     >>> import torch
@@ -23,13 +24,12 @@ Example:
     >>> d = first_divergence(m, lambda: m(torch.ones(1, 2)), {"norm": [(1, 4)]})
     >>> str(d)
     'norm (LayerNorm) receives shape (1, 2) where the graph gives it (1, 4)'
-    >>> Divergence.find(f"the written-back model fails ...; {d}: the model's code computes ...") == d
-    True
+    >>> d.got, d.want
+    ((1, 2), (1, 4))
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,8 +43,7 @@ from fxadapt.writeback.widths import module_stack
 @dataclass(frozen=True)
 class Divergence:
     """The first module whose input shape differs from the graph's: its path and class, the shape it
-    receives and the one the graph gives it. ``str`` is the sentence a write-back failure carries; ``find``
-    reads it back from such a reason."""
+    receives and the one the graph gives it. ``str`` is the sentence a write-back failure carries."""
 
     path: str
     module: str
@@ -53,18 +52,6 @@ class Divergence:
 
     def __str__(self) -> str:
         return f"{self.path} ({self.module}) receives shape {self.got} where the graph gives it {self.want}"
-
-    @staticmethod
-    def find(reason: str | None) -> Divergence | None:
-        m = _SENTENCE.search(reason or "")
-        if m is None:
-            return None
-        shape = lambda s: tuple(int(v) for v in re.findall(r"-?\d+", s))  # noqa: E731
-        return Divergence(m["path"], m["module"], shape(m["got"]), shape(m["want"]))
-
-
-_SENTENCE = re.compile(r"(?P<path>[\w.]+) \((?P<module>\w+)\) receives shape (?P<got>\([\d, ]*\)) where the "
-                       r"graph gives it (?P<want>\([\d, ]*\))")
 
 
 def graph_inputs(gm: GraphModule) -> dict[str, list[tuple]]:
@@ -91,14 +78,15 @@ def first_divergence(model: nn.Module, run: Callable[[], object],
     return None
 
 
-def running_at_failure(model: nn.Module, run: Callable[[], object]) -> list[tuple[str, nn.Module, list]] | None:
+def running_at_failure(model: nn.Module,
+                       run: Callable[[], object]) -> list[tuple[str, nn.Module, list]] | None:
     """The modules still running (outermost first: path, module, its tensor inputs' shapes) when ``run()``
     raised; None when it runs."""
     return failure(model, run)[0]
 
 
-def failure(model: nn.Module, run: Callable[[], object]) -> tuple[list[tuple[str, nn.Module, list]] | None,
-                                                                   Exception | None]:
+def failure(model: nn.Module,
+            run: Callable[[], object]) -> tuple[list[tuple[str, nn.Module, list]] | None, Exception | None]:
     """``(running_at_failure, the exception)``; ``(None, None)`` when ``run()`` runs."""
     running: list[tuple[str, nn.Module, list[tuple]]] = []
     paths = {id(m): p for p, m in model.named_modules()}

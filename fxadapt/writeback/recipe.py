@@ -25,7 +25,8 @@ then attributes that follow the new depth (``layer_idx``), config fields and per
 
 Example:
     >>> import torch
-    >>> r = Recipe((dict(op="resize", name="0.weight", shape=[5, 3]), dict(op="resize", name="0.bias", shape=[5]),
+    >>> r = Recipe((dict(op="resize", name="0.weight", shape=[5, 3]),
+    ...             dict(op="resize", name="0.bias", shape=[5]),
     ...             dict(op="set", module="0", attr="out_features", value=5)))
     >>> m = apply(r, torch.nn.Sequential(torch.nn.Linear(3, 8)))
     >>> m[0].weight.shape, m[0].out_features, m(torch.ones(2, 3)).shape
@@ -106,7 +107,8 @@ class ConfigView:
         if name.startswith("__") or name in ("_base", "_overrides"):
             raise AttributeError(name)
         base, overrides = self.__dict__["_base"], self.__dict__["_overrides"]
-        name = (getattr(base, "attribute_map", None) or {}).get(name, name)   # GPT-2: num_attention_heads -> n_head
+        # GPT-2: num_attention_heads -> n_head
+        name = (getattr(base, "attribute_map", None) or {}).get(name, name)
         return overrides[name] if name in overrides else getattr(base, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -120,19 +122,22 @@ class ConfigView:
 
 
 def phase(op: dict) -> str:
-    """``width`` (names of the original tree), ``depth``, or ``final`` (after depth: ``layer_idx``, config)."""
+    """``width`` (names of the original tree), ``depth``, or ``final`` (after depth: ``layer_idx``,
+    config)."""
     if op["op"] in DEPTH_OPS:
         return "depth"
     return "final" if op["op"] in ("config", "module_config") or op.get("final") else "width"
 
 
-def apply(recipe: Recipe | str | dict, model: nn.Module, phases: tuple = ("width", "depth", "final")) -> nn.Module:
+def apply(recipe: Recipe | str | dict, model: nn.Module,
+          phases: tuple = ("width", "depth", "final")) -> nn.Module:
     """Replay ``recipe`` on ``model`` (a fresh instance of the adapted model's class, changed in place and
     returned), then load the adapted weights (``load_state_dict``). ``phases`` selects operations (see
     ``phase``): ``transform`` fills in the weights between the width and the depth operations."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_json(recipe)
     names: dict[int, list[str]] = {}   # every name of every tensor, found once (ties: several names)
-    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+    for n, t in [*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)]:
         names.setdefault(id(t), []).append(n)
     for op in recipe.ops:
         if phase(op) not in phases:
@@ -174,8 +179,8 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
         try:
             return model.get_buffer(name)
         except AttributeError as e:
-            raise RecipeError(f"{type(model).__name__} has no parameter or buffer {name!r}: the recipe was made "
-                              f"for another architecture") from e
+            raise RecipeError(f"{type(model).__name__} has no parameter or buffer {name!r}: the recipe was "
+                              f"made for another architecture") from e
 
 
 def _set(model: nn.Module, op: dict) -> None:
@@ -188,8 +193,8 @@ def _module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path) if path else model
     except AttributeError as e:
-        raise RecipeError(f"{type(model).__name__} has no submodule {path!r}: the recipe was made for another "
-                          f"architecture") from e
+        raise RecipeError(f"{type(model).__name__} has no submodule {path!r}: the recipe was made for "
+                          f"another architecture") from e
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -216,7 +221,8 @@ def _insert(model: nn.Module, op: dict) -> None:
 
 
 def _rebuild(parent: nn.Module, items: list) -> None:
-    """Re-key a container's children in order; a ``ModuleList`` is renumbered 0..n-1 (its indexing needs it)."""
+    """Re-key a container's children in order; a ``ModuleList`` is renumbered 0..n-1 (its indexing needs
+    it)."""
     parent._modules.clear()
     for i, (k, m) in enumerate(items):
         parent._modules[str(i) if isinstance(parent, nn.ModuleList) else k] = m
@@ -225,12 +231,15 @@ def _rebuild(parent: nn.Module, items: list) -> None:
 def _zero(model: nn.Module, op: dict) -> None:
     parent, key = _parent(model, op["module"])
     structure = op.get("structure", "tensor")
-    setattr(parent, key, ZeroBranch(op.get("like", 0), tuple(structure) if isinstance(structure, list) else structure))
+    setattr(parent, key,
+            ZeroBranch(op.get("like", 0), tuple(structure) if isinstance(structure, list) else structure))
 
 
 def _set_config(model: nn.Module, field: str, value: Any) -> None:
     cfg = getattr(model, "config", None)
-    if cfg is not None:
+    if cfg is not None and isinstance(value, list) and type(cfg.__dict__.get(field)) is not list:
+        cfg.__dict__[field] = list(value)   # a marked size (``writeback.stock``): the layers' values
+    elif cfg is not None:
         setattr(cfg, field, value)
 
 
@@ -238,8 +247,8 @@ def _module_config(model: nn.Module, op: dict) -> None:
     mod = _module(model, op["module"])
     view = getattr(mod, "config", None)
     if view is None:
-        raise RecipeError(f"{type(model).__name__}.{op['module']} holds no config: the recipe was made for another "
-                          f"architecture")
+        raise RecipeError(f"{type(model).__name__}.{op['module']} holds no config: the recipe was made for "
+                          f"another architecture")
     if not isinstance(view, ConfigView):
         view = ConfigView(view)
         mod.config = view

@@ -25,7 +25,8 @@ Attributes a module derives from its shapes, from three kinds of evidence (the f
 Example:
     >>> import torch, fxadapt
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    >>> g = fxadapt.transform(m, 0.5, (torch.randn(2, 4),), output="graph", solve=fxadapt.SolveConfig(align=1))
+    >>> g = fxadapt.transform(m, 0.5, (torch.randn(2, 4),), output="graph",
+    ...                       solve=fxadapt.SolveConfig(align=1))
     >>> ops, _ = width_ops(m, g, g)
     >>> sorted((o["module"], o["attr"], o["value"]) for o in ops if o["op"] == "set")
     [('0', 'out_features', 4), ('2', 'in_features', 4)]
@@ -46,12 +47,14 @@ NAMES = {
     "groups": ("num_key_value_groups", "n_rep", "num_kv_groups", "num_queries_per_kv"),
     "all": ("all_head_size", "inner_dim", "split_size", "inner_size"),
     "hidden": ("hidden_size", "embed_dim", "d_model", "n_embd", "dim"),
+    "latent": ("kv_lora_rank", "q_lora_rank"),   # low-rank latent widths (multi-head latent attention)
 }
 
 
 def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer under every name it has (tied tensors repeat)."""
-    return dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+    return dict([*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)])
 
 
 def graph_tensor(graph_tensors: dict, user: dict, name: str) -> torch.Tensor | None:
@@ -62,7 +65,8 @@ def graph_tensor(graph_tensors: dict, user: dict, name: str) -> torch.Tensor | N
     return next((graph_tensors[n] for n, u in user.items() if u is t and n in graph_tensors), None)
 
 
-def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule, prefer: str = "all") -> tuple[list[dict], dict]:
+def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule,
+              prefer: str = "all") -> tuple[list[dict], dict]:
     """``resize`` and ``set`` operations taking ``model`` to the widths of ``gm`` (``base``: the graph before
     materialize, for the old shapes the attention evidence compares with), and that evidence (module path
     -> {kind: (old, new)}). ``prefer``: what a hidden-named attribute of an attention module equal to both its
@@ -85,7 +89,8 @@ def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule, prefer: str 
     for path, pairs in evidence.items():
         attrs.update({k: v for k, v in _named(model, path, pairs, prefer).items() if k not in attrs})
     for (path, attr), value in sorted(attrs.items()):
-        op = {"op": "set", "module": path, "attr": attr, "value": list(value) if isinstance(value, tuple) else value}
+        op = {"op": "set", "module": path, "attr": attr,
+              "value": list(value) if isinstance(value, tuple) else value}
         ops.append({**op, "tuple": True} if isinstance(value, tuple) else op)
     return ops, evidence
 
@@ -131,14 +136,22 @@ def _leaf_attrs(model: nn.Module, gm: GraphModule, owner: str, changed: dict) ->
                 vectors.setdefault(a, set()).add(b)
     out = {}
     for k, v in _int_attrs(mod).items():
-        if type(v) is not int:
+        if type(v) is not int:   # a tuple of sizes (a LayerNorm subclass' normalized_shape), entry by entry
+            new = tuple(_new_size(x, sizes, vectors) for x in v)
+            if new != v:
+                out[(owner, k)] = new
             continue
-        for table in (sizes, vectors):   # an old size with one new size (an unchanged axis counts as one)
-            if len(table.get(v, ())) == 1:
-                if v not in table[v]:
-                    out[(owner, k)] = next(iter(table[v]))
-                break
+        if _new_size(v, sizes, vectors) != v:
+            out[(owner, k)] = _new_size(v, sizes, vectors)
     return out
+
+
+def _new_size(v: int, sizes: dict, vectors: dict) -> int:
+    """An old axis size with one new size (an unchanged axis counts as one) becomes it; else ``v``."""
+    for table in (sizes, vectors):
+        if len(table.get(v, ())) == 1:
+            return next(iter(table[v]))
+    return v
 
 
 def module_stack(node: Node) -> list[str]:
@@ -148,7 +161,7 @@ def module_stack(node: Node) -> list[str]:
 
 
 
-def _shape(node) -> tuple | None:
+def _shape(node: Node) -> tuple | None:
     v = node.meta.get("val") if isinstance(node, Node) else None
     return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
@@ -247,13 +260,16 @@ def _named(model: nn.Module, path: str, pairs: dict, prefer: str = "all") -> dic
     for attr, value in _int_attrs(mod).items():
         if type(value) is not int:
             continue
+        if _sized_name(attr) and value in views and value not in kept:
+            out[(path, attr)] = views[value]   # a size the module's own view/split arguments changed
         for kind, names in NAMES.items():
             if attr not in names:
                 continue
             pair = pairs.get(kind)
             if kind == "hidden" and prefer == "all" and "all" in pairs and pairs["all"][0] == value:
                 pair = pairs["all"]     # an attention module reshapes its heads' output by it (CodeGen)
-            if kind in SIZES and value in views and value not in kept and (pair is None or pair[0] == pair[1]):
+            if kind in SIZES and value in views and value not in kept \
+                    and (pair is None or pair[0] == pair[1]):
                 out[(path, attr)] = views[value]
             elif kind in SIZES and value in kept and value not in views:
                 continue
@@ -262,6 +278,17 @@ def _named(model: nn.Module, path: str, pairs: dict, prefer: str = "all") -> dic
             elif pair is None and value in views:
                 out[(path, attr)] = views[value]
     return out
+
+
+def _sized_name(attr: str) -> bool:
+    """A size attribute named by no kind in ``NAMES`` (a Mamba-2 mixer's ``intermediate_size``/``conv_dim``, a
+    gated norm's ``group_size``): it follows an edited size of the module's own view/split arguments.
+
+    >>> _sized_name("conv_dim"), _sized_name("group_size"), _sized_name("layer_idx"), _sized_name("head_dim")
+    (True, True, False, False)
+    """
+    named = {n for names in NAMES.values() for n in names}
+    return attr not in named and (attr.endswith("_size") or attr.endswith("_dim"))
 
 
 # Sizes that coincide when a model is built (hidden == heads * head_dim), so the name alone does not say

@@ -1,12 +1,12 @@
 """``benchmark``: adapt a model to several budgets and measure every result on several targets.
 
 For each budget the model is adapted (``fxadapt.transform`` for MAC/params budgets, with the first target's
-alignment, falling back to finer ones where the budget needs them; latency budgets too), then the original and every adapted
-model are compiled for every target (onnxruntime CPU, torch CPU, and CUDA when present by default) and
-timed there in interleaved rounds (``fxadapt.hw.target.interleaved``, the target's clock). Each row holds
-the budget, MACs (``FlopCounterMode``), parameters, the latency per target and its ratio to the original,
-and the top-1 accuracy when ``eval_data=(inputs, labels)`` (tensors, or an iterable of such batches) is
-given. ``BenchResult.table()`` prints them, ``.to_json(path)`` writes them, ``.plot(path)`` draws latency
+alignment, falling back to finer ones where the budget needs them; latency budgets too), then the original and
+every adapted model are compiled for every target (onnxruntime CPU, torch CPU, and CUDA when present by
+default) and timed there in interleaved rounds (``fxadapt.hw.target.interleaved``, the target's clock). Each
+row holds the budget, MACs (``FlopCounterMode``), parameters, the latency per target and its ratio to the
+original, and the top-1 accuracy when ``eval_data=(inputs, labels)`` (tensors, or an iterable of such batches)
+is given. ``BenchResult.table()`` prints them, ``.to_json(path)`` writes them, ``.plot(path)`` draws latency
 against MACs per target with the original, every adapted point and their Pareto front, and, with accuracy,
 accuracy against latency per target.
 
@@ -26,15 +26,21 @@ original as teacher) so the comparison is at equal training after the search.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from fxadapt.analysis.count import count_macs
+from fxadapt.export.report import table
 from fxadapt.hw.target import Target, interleaved
+from fxadapt.pipeline.transform import transform
 from fxadapt.planning.budget import Budget
+from fxadapt.train.finetune import finetune
 
 
 @dataclass
@@ -43,8 +49,6 @@ class BenchResult:
     targets: list = field(default_factory=list)
 
     def table(self) -> str:
-        from fxadapt.export.report import table
-
         heads = ["budget", "GMACs", "MACs ratio", "params"]
         for t in self.targets:
             heads += [f"{t} ms", f"{t} ratio"]
@@ -65,14 +69,14 @@ class BenchResult:
         return path
 
     def plot(self, path: str) -> str:
-        import matplotlib
+        import matplotlib  # deferred: optional dependency, plots only
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: optional dependency, plots only
 
         acc = all("accuracy" in r for r in self.rows)
-        fig, axes = plt.subplots(2 if acc else 1, len(self.targets), figsize=(5 * len(self.targets), 8 if acc else 4),
-                                 squeeze=False)
+        fig, axes = plt.subplots(2 if acc else 1, len(self.targets),
+                                 figsize=(5 * len(self.targets), 8 if acc else 4), squeeze=False)
         if acc:
             for ax, t in zip(axes[1], self.targets):
                 _accuracy_panel(ax, self.rows, t)
@@ -100,7 +104,8 @@ def _accuracy_panel(ax, rows: list, t: str) -> None:
     marks = {"original": "*", "datafree": "s"}
     for r in rows:
         kind = r.get("method", "original" if r["budget"] == "original" else "adapted")
-        ax.plot(r["latency"][t] * 1e3, 100 * r["accuracy"], marks.get(kind, "o"), ms=10 if kind == "original" else 6)
+        ax.plot(r["latency"][t] * 1e3, 100 * r["accuracy"], marks.get(kind, "o"),
+                ms=10 if kind == "original" else 6)
         ax.annotate(r["budget"], (r["latency"][t] * 1e3, 100 * r["accuracy"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.set(xlabel="latency (ms)", ylabel="top-1 (%)", title=f"accuracy vs latency, {t}")
@@ -125,20 +130,17 @@ def _label(b) -> str:
 def _adapt(model, budget, inputs, target: Target, progress: bool):
     """``fxadapt.transform`` with the budget on ``target`` (its alignment, falling back to finer ones where
     the budget needs them; latency measured there)."""
-    import dataclasses
-
-    import fxadapt
-
     if isinstance(budget, Budget):
         budget = dataclasses.replace(budget, target=budget.target or target)
     elif isinstance(budget, (int, float)):
         budget = Budget(macs=budget, target=target)
-    return fxadapt.transform(model, budget, inputs)
+    return transform(model, budget, inputs)
 
 
 def accuracy(model, eval_data) -> float:
     """Top-1 accuracy on ``(inputs, labels)`` or an iterable of such batches."""
-    batches = [eval_data] if isinstance(eval_data, (tuple, list)) and torch.is_tensor(eval_data[0]) else eval_data
+    batches = [eval_data] if isinstance(eval_data, (tuple, list)) and torch.is_tensor(eval_data[0]) \
+            else eval_data
     right = total = 0
     model.eval()
     with torch.no_grad():
@@ -163,19 +165,18 @@ class BenchData:
 def _adapt_all(model, budgets: list, inputs, target: Target, data: BenchData | None, progress: bool) -> dict:
     """Every budget adapted: data-free; with ``data`` the MAC budgets also by one search for all of them
     (``fxadapt.transform`` with a list), the data-free models kept beside them for comparison."""
-    import fxadapt
-
     out = {}
     for b in budgets:
-        out[_label(b) if data is None else f"datafree {_label(b)}"] = ("datafree", _adapt(model, b, inputs, target, progress))
+        out[_label(b) if data is None
+            else f"datafree {_label(b)}"] = ("datafree", _adapt(model, b, inputs, target, progress))
     macs = [b for b in budgets if not (isinstance(b, Budget) and b.latency is not None)]
     if data is not None and macs:
-        searched = fxadapt.transform(model, macs, inputs, data=data.train, val_data=data.val, **data.options)
+        searched = transform(model, macs, inputs, data=data.train, val_data=data.val, **data.options)
         strategy = data.options.get("strategy", "dna")
         out |= {f"{strategy} {_label(b)}": (strategy, m) for b, m in zip(macs, searched)}
     if data is not None and data.finetune_epochs:
         for name, (kind, m) in out.items():
-            out[name] = (kind, fxadapt.finetune(m, data.train, data.finetune_epochs, teacher=model))
+            out[name] = (kind, finetune(m, data.train, data.finetune_epochs, teacher=model))
     return {"original": ("original", model.eval())} | {k: (kind, m.eval()) for k, (kind, m) in out.items()}
 
 
@@ -184,10 +185,6 @@ def benchmark(model, example_inputs: Any, budgets: list, targets: list[Target] |
               ) -> BenchResult:
     """Adapt ``model`` to every budget and measure all results on every target (module docstring); with
     ``data`` also searched models (and accuracy on ``data.val`` unless ``eval_data`` is given)."""
-    from tqdm.auto import tqdm
-
-    from fxadapt.analysis.count import count_macs
-
     targets = targets or default_targets()
     models = _adapt_all(model, budgets, example_inputs, targets[0], data, progress)
     if eval_data is None and data is not None:

@@ -50,16 +50,27 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fxadapt import meta
-from fxadapt.errors import BudgetError, warn
-from fxadapt.hw.keys import resolve
+from fxadapt.analysis.cost_build import CostCtx, FormMaker
+from fxadapt.analysis.groups import form_groups
+from fxadapt.analysis.propagate import normalize, propagate
+from fxadapt.errors import BudgetError, BudgetWarning, warn
 from fxadapt.hw.lut import LUT
 from fxadapt.hw.target import Target, interleaved, median_time
+from fxadapt.ops.latency_keys import resolve
+from fxadapt.ops.registry import spec_of
+from fxadapt.passes.materialize import apply_plan
+from fxadapt.planning.budget import Goal, latency_seconds, parse_budget
+from fxadapt.planning.plan import make_plan
 from fxadapt.planning.scale import LoopCost, approach, bisect
-from fxadapt.planning.solver import SolveConfig, _bounds, _problem, solve_widths
+from fxadapt.planning.solver import SolveConfig, ladder_problem, solve_widths, unit_bounds
+
+if TYPE_CHECKING:
+    from fxadapt.analysis.analyze import Analysis
 
 TOL = 0.10     # a latency budget T lands in [(1 - TOL) T, T], measured; the solver aims at (1 - TOL / 2) T
 
@@ -73,17 +84,13 @@ class Entry:
     blocks: tuple
 
 
-def templates(a) -> list[Entry]:
+def templates(a: Analysis) -> list[Entry]:
     """The latency-key template of every node of ``a.gm`` whose registry entry has one."""
-    from fxadapt.analysis.cost_build import CostCtx, FormMaker
-    from fxadapt.analysis.groups import form_groups
-    from fxadapt.analysis.propagate import normalize, propagate
-    from fxadapt.ops.registry import spec_of
-
     ctx = propagate(a.gm)
     groups, group_of, _ = form_groups(ctx.ledger)
     if [g.width for g in groups] != [g.width for g in a.groups]:
-        raise RuntimeError("latency keys: re-propagating the graph formed other channel groups than its analysis")
+        raise RuntimeError("latency keys: re-propagating the graph formed other channel groups than its "
+                           "analysis")
     sites = {}
     for s in ctx.ledger.sites:
         if s.kind == "param":
@@ -111,7 +118,7 @@ def _val(f, n: dict) -> float:
 class LatencyModel:
     """``L(n)`` of the module docstring: lookup table + scaled remainder, calibrated on measurements."""
 
-    def __init__(self, a, lut: LUT, base_latency: float, batch_scale: float = 1.0):
+    def __init__(self, a: Analysis, lut: LUT, base_latency: float, batch_scale: float = 1.0):
         self.a, self.lut, self.base = a, lut, float(base_latency)
         self.entries = templates(a)
         self.batch_scale = batch_scale
@@ -171,7 +178,7 @@ class Measurer:
     compiled and timed interleaved with the original, then scaled by ``base / original now`` so machine
     load drift cancels. ``Measurer(a, target)({})`` is the original's latency ``base``."""
 
-    def __init__(self, a, target: Target, runs: int = 15, budget_s: float = 4.0):
+    def __init__(self, a: Analysis, target: Target, runs: int = 15, budget_s: float = 4.0):
         self.a, self.target, self.runs, self.budget_s = a, target, runs, budget_s
         self.inputs = a.gm.meta[meta.INPUTS]
         self.orig = target.compile(a.gm, self.inputs)
@@ -179,9 +186,6 @@ class Measurer:
         self.calls = 0
 
     def model(self, units: dict):
-        from fxadapt.passes.materialize import apply_plan
-        from fxadapt.planning.plan import make_plan
-
         return apply_plan(self.a.gm, make_plan(self.a, units)).graph_module
 
     def __call__(self, units: dict) -> float:
@@ -212,24 +216,22 @@ class LatencySolution:
         return self.latency / self.base
 
 
-def parse_latency(value, base: float) -> float:
-    """Seconds from a fraction of ``base`` (a number) or a duration string (``"3.2ms"``, ``"800us"``, ``"0.1s"``).
+def parse_latency(value: float | str, base: float) -> float:
+    """Seconds from a fraction of ``base`` (a number) or a duration string (``"3.2ms"``, ``"800us"``,
+    ``"0.1s"``).
 
     >>> parse_latency(0.5, 0.01), parse_latency("3.2ms", 1.0), parse_latency("250us", 1.0)
     (0.005, 0.0032, 0.00025)
     """
-    from fxadapt.planning.budget import latency_seconds
-
     return latency_seconds(value, base)
 
 
-def _limits(a, budget) -> tuple[float, float]:
+def _limits(a: Analysis, budget) -> tuple[float, float]:
     """The MAC and params limits of ``budget`` as counts (a ``Goal`` holds them resolved already)."""
-    from fxadapt.planning.budget import Goal, parse_budget
-
     if budget.macs is None and budget.params is None:
         return math.inf, math.inf
-    b = budget if isinstance(budget, Goal) else parse_budget(dataclasses.replace(budget, latency=None), a.macs(),
+    b = budget if isinstance(budget, Goal) \
+            else parse_budget(dataclasses.replace(budget, latency=None), a.macs(),
                                                              a.params())
     return (b.macs or math.inf), (b.params or math.inf)
 
@@ -263,7 +265,7 @@ def _targets(lm: LatencyModel, history: list, T: float, tol: float) -> list[floa
     return [min(max(t, t0), t1)] + [t0 + f * (t1 - t0) for f in (0.5, 0.25, 0.75, 0.9)]
 
 
-def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = SolveConfig(), *,
+def solve_latency(a: Analysis, budget, target: Target | None = None, cfg: SolveConfig = SolveConfig(), *,
                   lut: LUT | None = None, measure: Callable | None = None, max_repairs: int = 5,
                   tol: float = TOL, progress: bool = True, widths: dict | None = None) -> LatencySolution:
     """Kept units per prunable group meeting ``budget`` (a ``Budget`` with ``latency=``, optionally with
@@ -281,7 +283,7 @@ def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = So
     batch_scale = (target.batch / a.gm.meta[meta.INPUTS].batch) if target.batch else 1.0
     lm = LatencyModel(a, lut, base, batch_scale)
     ref = {g.id: max(int((widths or {}).get(g.id, g.units)), 1) for g in a.prunable}
-    p = _problem(a, 0.0, _bounds(a, False, cfg), ref, cfg)
+    p = ladder_problem(a, 0.0, unit_bounds(a, False, cfg), ref, cfg)
     _check_reachable(lm.predict(p.lad.units(p.lad.at_scale(0.0))), T, base, target, cfg)
     macs_t, params_t = _limits(a, budget)
     macs_ok = lambda n: a.cost.macs(n) <= macs_t * (1 + 1e-9) and a.cost.params(n) <= params_t * (1 + 1e-9)
@@ -296,7 +298,8 @@ def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = So
         if n is None or tuple(sorted(n.items())) in tried:
             n, binding = _step_up(p, lm, sol.history, tried, T, tol, macs_ok), "latency"
         if n is None:
-            break                        # nothing untried between the measurements: the ladders are too coarse
+            # nothing untried between the measurements: the ladders are too coarse
+            break
         tried.add(tuple(sorted(n.items())))
         pred, m = lm.predict(n), float(measure(n))
         sol.history.append({"units": n, "predicted": pred, "measured": m, "binding": binding, "aim": Tp})
@@ -304,7 +307,8 @@ def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = So
             best = (n, m, binding)
         if m <= T and (binding == "macs" or m >= (1 - tol) * T):
             break
-        if attempt == 0:                 # the table's scale, once; then the target is searched on a fixed model
+        # the table's scale, once; then the target is searched on a fixed model
+        if attempt == 0:
             lm.calibrate(n, m)
         plans = ([(1 - tol / 2) * T] if attempt == 0 else []) + _targets(lm, sol.history, T, tol)
     sol.lut_measured, sol.lut_s = lut.measured, lut.measure_s
@@ -312,7 +316,7 @@ def solve_latency(a, budget, target: Target | None = None, cfg: SolveConfig = So
     return sol
 
 
-def _attempt(a, p, lm: LatencyModel, Tp: float, macs: tuple, macs_ok: Callable) -> tuple[dict, str]:
+def _attempt(a: Analysis, p, lm: LatencyModel, Tp: float, macs: tuple, macs_ok: Callable) -> tuple[dict, str]:
     """The widths for predicted target ``Tp``; the MAC solver's exact widths when a MAC budget binds first
     (one rung wider would still be predicted under ``Tp`` but breaks the MAC budget)."""
     macs_t, cfg = macs
@@ -345,9 +349,10 @@ def _check_reachable(fastest: float, T: float, base: float, target: Target, cfg:
     if T < fastest or T > base * (1 + 1e-9):
         raise BudgetError(
             f"latency budget of {T * 1e3:.3f} ms ({T / base:.3f}x) is outside the reachable range "
-            f"[{fastest * 1e3:.3f}, {base * 1e3:.3f}] ms = [{fastest / base:.3f}x, 1.000x] of the original on "
-            f"{target.name()} (predicted; min width {cfg.min_ratio:.0%} of each group, widths aligned to "
-            f"{cfg.alignment()}{'; latency budgets do not grow models: use a MAC budget' if T > base else ''})")
+            f"[{fastest * 1e3:.3f}, {base * 1e3:.3f}] ms = [{fastest / base:.3f}x, 1.000x] of the original "
+            f"on {target.name()} (predicted; min width {cfg.min_ratio:.0%} of each group, widths aligned to "
+            f"{cfg.alignment()}"
+            f"{'; latency budgets do not grow models: use a MAC budget' if T > base else ''})")
 
 
 def _verdict(history: list, best, T: float, base: float, tol: float) -> tuple[dict, float, str]:
@@ -355,33 +360,14 @@ def _verdict(history: list, best, T: float, base: float, tol: float) -> tuple[di
     (or, when every attempt was above ``T``, the fastest one)."""
     if best is None:
         h = min(history, key=lambda h: h["measured"])
-        warn(_miss(h["measured"], T, base, "above", tol), _budget_warning())
+        warn(_miss(h["measured"], T, base, "above", tol), BudgetWarning)
         return h["units"], h["measured"], h["binding"]
     if best[2] == "latency" and best[1] < (1 - tol) * T:
-        warn(_miss(best[1], T, base, "below", tol), _budget_warning())
+        warn(_miss(best[1], T, base, "below", tol), BudgetWarning)
     return best
-
-
-def _budget_warning():
-    from fxadapt.planning.budget import BudgetWarning
-
-    return BudgetWarning
 
 
 def _miss(m: float, T: float, base: float, side: str, tol: float) -> str:
     return (f"measured latency {m * 1e3:.3f} ms ({m / base:.3f}x) for a budget of {T * 1e3:.3f} ms "
             f"({T / base:.3f}x): {abs(m - T) / T:.1%} {side}, outside the {tol:.0%} window after the repairs "
             f"(aligned widths too coarse, or timing noise)")
-
-
-def adapt_latency(model, budget, example_inputs, cfg: SolveConfig = SolveConfig(), **kw):
-    """Capture, analyse, ``solve_latency`` and materialise: the adapted ``GraphModule`` (BatchNorm kept)
-    and the ``LatencySolution``. ``kw`` go to ``solve_latency`` (``target``, ``lut``, ``measure``, ...).
-    ``fxadapt.transform`` does the same once its data-free strategy is wired to ``solve_latency``."""
-    from fxadapt.analysis import analyze
-    from fxadapt.passes.materialize import apply_plan
-    from fxadapt.planning.plan import make_plan
-
-    a = analyze(model, example_inputs)
-    sol = solve_latency(a, budget, cfg=cfg, **kw)
-    return apply_plan(a.gm, make_plan(a, sol.units)).graph_module, sol

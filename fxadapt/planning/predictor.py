@@ -9,10 +9,10 @@ follows MACs) plus a two-layer tanh MLP (32 units) for what MACs miss (alignment
 inputs standardised, Adam with weight decay, full batch. It is differentiable in the ratios
 (``LatencyPredictor.torch_predict``), so a search can use it as a latency loss.
 
-**Data.** ``sample_units`` draws a global scale ``s ~ U(s_min, 1)`` and per group a jitter ``U(1 - j, 1 + j)``,
-snapped to the group's aligned ladder; ``collect`` materialises and times each sample on the target
-(``fxadapt.hw.latency.Measurer``). ``cross_validate`` reports the relative error ``|L_hat / L - 1|`` of every
-sample when held out (k-fold): its mean, 95th percentile and the share within 10%.
+**Data.** ``sample_units`` draws a global scale ``s ~ U(s_min, 1)`` and per group a jitter ``U(1 - j, 1 +
+j)``, snapped to the group's aligned ladder; ``collect`` materialises and times each sample on the target
+(``fxadapt.planning.latency.Measurer``). ``cross_validate`` reports the relative error ``|L_hat / L - 1|``
+of every sample when held out (k-fold): its mean, 95th percentile and the share within 10%.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -26,10 +26,16 @@ True
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fxadapt.planning.align import ladder
+
+if TYPE_CHECKING:
+    from fxadapt.analysis.analyze import Analysis
 
 
 class LatencyPredictor:
@@ -66,7 +72,8 @@ class LatencyPredictor:
     def predict(self, X: np.ndarray, log_macs: np.ndarray) -> np.ndarray:
         """Predicted ``log(L / L0)``."""
         with torch.no_grad():
-            return self._forward(self._inputs(X, log_macs), torch.as_tensor(log_macs, dtype=torch.float32)).numpy()
+            return self._forward(self._inputs(X, log_macs),
+                                 torch.as_tensor(log_macs, dtype=torch.float32)).numpy()
 
     def torch_predict(self, ratios: torch.Tensor, log_macs: torch.Tensor) -> torch.Tensor:
         """Differentiable ``log(L / L0)`` from width ratios and the log MAC ratio (tensors)."""
@@ -82,7 +89,8 @@ def cross_validate(X: np.ndarray, log_macs: np.ndarray, y: np.ndarray, folds: in
     for f in range(folds):
         test = idx[f::folds]
         train = np.setdiff1d(idx, test)
-        pred = LatencyPredictor(**kw).fit(X[train], log_macs[train], y[train]).predict(X[test], log_macs[test])
+        pred = LatencyPredictor(**kw).fit(X[train], log_macs[train], y[train]).predict(X[test],
+                                                                                       log_macs[test])
         err[test] = np.abs(np.exp(pred - y[test]) - 1)
     return err
 
@@ -97,7 +105,7 @@ def summary(err: np.ndarray) -> dict:
             "within_10": float((err <= 0.10).mean()), "n": int(len(err))}
 
 
-def sample_units(a, k: int, align: int = 1, s_min: float = 0.3, jitter: float = 0.25, seed: int = 0,
+def sample_units(a: Analysis, k: int, align: int = 1, s_min: float = 0.3, jitter: float = 0.25, seed: int = 0,
                  min_ratio: float = 0.1) -> list[dict]:
     """``k`` random sub-networks (kept units per prunable group) on the aligned ladders (module docstring).
 
@@ -120,19 +128,18 @@ def sample_units(a, k: int, align: int = 1, s_min: float = 0.3, jitter: float = 
     return out
 
 
-def encode(a, units: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def encode(a: Analysis, units: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Width ratios per prunable group and the log MAC ratio of every sample."""
     gids = [g.id for g in a.prunable]
-    X = np.array([[u.get(g, a.groups[g].units) / a.groups[g].units for g in gids] for u in units], dtype=float)
+    X = np.array([[u.get(g, a.groups[g].units) / a.groups[g].units for g in gids] for u in units],
+                 dtype=float)
     base = a.cost.macs()
     lm = np.log(np.array([a.cost.macs(u) / base for u in units]))
     return X, lm
 
 
-def collect(a, units: list[dict], measure, progress: bool = True) -> np.ndarray:
+def collect(a: Analysis, units: list[dict], measure, progress: bool = True) -> np.ndarray:
     """``log(L / L0)`` of every sample, timed by ``measure(units) -> seconds`` (``measure({})`` = ``L0``)."""
-    from tqdm.auto import tqdm
-
     base = measure({})
     return np.log(np.array([measure(u) / base for u in tqdm(units, desc="sub-networks", disable=not progress,
                                                                 leave=False)]))

@@ -3,7 +3,11 @@
 - it runs on the example inputs and returns the original output structure and shapes;
 - its MACs, counted independently (``fxadapt.analysis.count``: FlopCounterMode, attention counted), equal
   what the cost model predicted for the plan (within 0.1%: the cost model is not silently wrong) and lie on
-  the right side of the target — within ``tol`` of it when the solver was asked to be strict;
+  the right side of the target — within ``tol`` of it when the solver was asked to be strict (only the side
+  where the parameters bind: ``Binding.PARAMS``);
+- the whole ``Goal`` holds (``check_goal``): the parameter count at most a params budget, and a latency
+  budget, resolved again from the goal, against what the solver measured on the target: a measurement
+  exists and is the same budget; with ``strict`` at or below it and (latency binding) within ``tol``;
 - a change meant to preserve the function (identity, pure growth, BatchNorm folding) matches the reference
   outputs: ``assert_close`` at ``rtol`` and ``atol`` times the outputs' magnitude (at least 1), loosened
   to the dtype's resolution for half precisions; when float32 rounding is the issue the check is repeated
@@ -16,11 +20,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxadapt import meta
@@ -28,10 +34,20 @@ from fxadapt.analysis.propagate import concrete_shape
 from fxadapt.errors import (
     VerificationError,  # noqa: F401  (defined in fxadapt.errors)
 )
-from fxadapt.planning.solver import in_window
+from fxadapt.ir.inputs import Inputs
+from fxadapt.planning.budget import Goal, latency_seconds
+from fxadapt.planning.outcome import Binding, Outcome
+from fxadapt.planning.solver import SolveConfig, in_window
 
 
-def outputs(model: nn.Module, inputs) -> Any:
+class Tolerances(Protocol):
+    """What ``check_close`` reads from a config (``TransformConfig``, or the write-back's reference)."""
+
+    rtol: float
+    atol: float
+
+
+def outputs(model: nn.Module, inputs: Inputs) -> Any:
     """The model's outputs in eval mode, without grad (its mode is restored)."""
     was = model.training
     try:
@@ -46,16 +62,17 @@ def outputs(model: nn.Module, inputs) -> Any:
         model.train(was)
 
 
-def recorded_outputs(gm) -> Any:
+def recorded_outputs(gm: GraphModule) -> Any:
     """The captured graph's outputs as export recorded them (tensors of the right shape and dtype, no
     data), in the model's output structure."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in pytree.tree_leaves(out.args[0])]
     batch = gm.meta.get(meta.BATCH, 1)
-    leaves = [torch.empty(concrete_shape(v, batch), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor)
+    leaves = [torch.empty(concrete_shape(v, batch), dtype=v.dtype, device="meta")
+              if isinstance(v, torch.Tensor)
               else v for v in vals]
-    spec = getattr(gm, "_out_spec", None) or (gm.graph._codegen.pytree_info.out_spec
-                                              if getattr(gm.graph._codegen, "pytree_info", None) else None)
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(gm, "_out_spec", None) or (info.out_spec if info else None)
     return pytree.tree_unflatten(leaves, spec) if spec is not None else tuple(leaves)
 
 
@@ -82,14 +99,47 @@ def check_params(model: nn.Module, limit: float) -> None:
         raise VerificationError(f"adapted model has {n:,} parameters, above the params budget {limit:,.0f}")
 
 
-def check_budget(macs: float, target: float, base: float, solve) -> None:
+def check_budget(macs: float, target: float, base: float, solve: SolveConfig) -> None:
     """The counted MACs lie on the right side of the target (and within ``tol`` of it when strict)."""
     grow = target > base
     side = macs >= target if grow else macs <= target * (1 + 1e-9)
     if not side or (solve.strict and not in_window(macs, target, grow, solve.tol)):
         want = f"within {solve.tol:.1%} " if solve.strict else ""
-        raise VerificationError(f"adapted model has {macs:,.0f} MACs, not {want}{'at or above' if grow else 'at or below'}"
-                                f" the target {target:,.0f}")
+        raise VerificationError(f"adapted model has {macs:,.0f} MACs, not "
+                                f"{want}{'at or above' if grow else 'at or below'} the target {target:,.0f}")
+
+
+def check_goal(goal: Goal, outcome: Outcome, macs: float, base_macs: float, model: nn.Module,
+               solve: SolveConfig) -> None:
+    """Every budget of ``goal`` holds for ``model``, which runs ``macs`` (counted) where the original ran
+    ``base_macs`` (module docstring)."""
+    if goal.macs is not None:   # where the params bind, the MACs lie below their window: only the side holds
+        side = dataclasses.replace(solve, strict=False) if outcome.binding is Binding.PARAMS else solve
+        check_budget(macs, goal.macs, base_macs, side)
+    if goal.params is not None:
+        check_params(model, goal.params)
+    if goal.latency is not None:
+        check_latency(goal, outcome, solve)
+
+
+def check_latency(goal: Goal, outcome: Outcome, solve: SolveConfig) -> None:
+    """A latency budget against the solver's measurement (``Outcome.latency``, seconds on the target)."""
+    got = outcome.latency
+    if got is None:
+        raise VerificationError(f"a latency budget ({goal.latency!r}) but no latency measured on the target: "
+                                f"the strategy did not solve it")
+    assert goal.latency is not None, "check_latency is for latency budgets"
+    budget = latency_seconds(goal.latency, got.base)
+    if abs(budget - got.budget) > 1e-9 * max(budget, got.budget):
+        raise VerificationError(f"the latency budget {goal.latency!r} is {budget * 1e3:.4f} ms on the "
+                                f"target, but the solver measured against {got.budget * 1e3:.4f} ms")
+    if not solve.strict:   # a miss is the solver's BudgetWarning (the fastest widths it measured)
+        return
+    low = (1 - solve.tol) * budget if outcome.binding is Binding.LATENCY else 0.0
+    if not low <= got.measured <= budget * (1 + 1e-9):
+        raise VerificationError(f"the adapted model measured {got.measured * 1e3:.4f} ms on the target, not "
+                                f"within {solve.tol:.1%} at or below the latency budget {budget * 1e3:.4f} "
+                                "ms")
 
 
 def _tolerances(rtol: float, atol: float, dtype: torch.dtype) -> tuple[float, float]:
@@ -102,7 +152,8 @@ def _scale(ref: Any) -> float:
     return max([1.0] + [float(t.detach().abs().max()) for t in leaves if t.is_floating_point()])
 
 
-def check_close(ref: Any, got: Any, cfg, what: str, pair: tuple = (), inputs=None) -> None:
+def check_close(ref: Any, got: Any, cfg: Tolerances, what: str, pair: tuple = (),
+                inputs: Inputs | None = None) -> None:
     """``got`` matches ``ref`` (the outputs of ``pair``'s models; see module docstring)."""
     leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     rtol, atol = _tolerances(cfg.rtol, cfg.atol, leaves[0].dtype if leaves else torch.float32)
@@ -113,9 +164,11 @@ def check_close(ref: Any, got: Any, cfg, what: str, pair: tuple = (), inputs=Non
             raise VerificationError(f"{what} changed the model's outputs: {str(e).splitlines()[0]}") from e
 
 
-def _close64(a: nn.Module, b: nn.Module | Callable, inputs, cfg) -> bool:
+def _close64(a: nn.Module, b: nn.Module | Callable, inputs: Inputs | None, cfg: Tolerances) -> bool:
     """Whether float64 copies of ``a`` and ``b`` agree (False if they cannot run); a callable ``b`` (a pass)
     is applied to a float64 copy of ``a``."""
+    if inputs is None:
+        return False
     try:
         ins = inputs.map(lambda t: t.double() if t.is_floating_point() else t)
         ref = outputs(copy.deepcopy(a).double(), ins)

@@ -12,7 +12,7 @@ bias and dtype):
 - linear: ``("linear", rows, in_features, out_features, bias, dtype)`` with ``rows`` the product of the
   leading axes (a form when channels sit on one of them).
 
->>> from fxadapt.analysis.cost import LinearForm
+>>> from fxadapt.ops.forms import LinearForm
 >>> resolve(("conv", 1, LinearForm(0.0, ((3, 2.0),)), 8), {3: 4})
 ('conv', 1, 8, 8)
 """
@@ -20,8 +20,12 @@ bias and dtype):
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from fxadapt.analysis.cost import LinearForm
+from fxadapt.ops.forms import CostView, LinearForm
+
+if TYPE_CHECKING:
+    from fxadapt.ops.core import Call
 
 
 def _tuple(v, nd: int) -> tuple:
@@ -31,13 +35,13 @@ def _tuple(v, nd: int) -> tuple:
     return v * nd if len(v) == 1 else v
 
 
-def _dtype(cx, x) -> str:
+def _dtype(cx: CostView, x) -> str:
     meta = getattr(x, "meta", {}) or {}
     val = meta.get("val")
     return str(getattr(val, "dtype", "torch.float32")).removeprefix("torch.")
 
 
-def _conv_key(call, cx, transposed: bool, pos: dict):
+def _conv_key(call: Call, cx: CostView, transposed: bool, pos: dict):
     x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
     xs, ws, out = cx.shape(x), cx.shape(w), cx.out_shape
     if xs is None or ws is None or out is None:
@@ -55,25 +59,25 @@ def _conv_key(call, cx, transposed: bool, pos: dict):
             stride, padding, dilation, transposed, opad, b is not None, _dtype(cx, x))
 
 
-def conv_key(call, cx):
+def conv_key(call: Call, cx: CostView):
     """``conv{1,2,3}d`` (``.default`` and ``.padding``)."""
     return _conv_key(call, cx, False, {"dilation": 5, "groups": 6, "output_padding": None})
 
 
-def conv_transpose_key(call, cx):
+def conv_transpose_key(call: Call, cx: CostView):
     """``conv_transpose{1,2,3}d.input``: ``(input, weight, bias, stride, padding, output_padding, groups,
     dilation)``."""
     return _conv_key(call, cx, True, {"dilation": 7, "groups": 6, "output_padding": 5})
 
 
-def convolution_key(call, cx):
+def convolution_key(call: Call, cx: CostView):
     """``convolution.default``: ``(input, weight, bias, stride, padding, dilation, transposed,
     output_padding, groups)``."""
     tr = bool(call.arg(6, "transposed", False))
     return _conv_key(call, cx, tr, {"dilation": 5, "groups": 8, "output_padding": 7})
 
 
-def linear_key(call, cx):
+def linear_key(call: Call, cx: CostView):
     x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
     xs, ws, out = cx.shape(x), cx.shape(w), cx.out_shape
     if xs is None or ws is None or out is None:

@@ -1,0 +1,173 @@
+"""strategy="importance": data-scored units, allocation under one price, distillation (issue 25)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxadapt
+from fxadapt.planning.allocate import allocate
+from fxadapt.search.importance import ImportanceConfig, Masks, drawn_targets, importance, sample_loss, score
+from fxadapt.search.loop import teacher_of
+from fxadapt.search.supernet import SupernetConfig, build_supernet
+from fxadapt.train.data import Batches
+
+FACTORS = (4.0, 2.0, 1.0, 0.5)   # how much each branch moves the logits: the planted importance order
+
+
+class Branches(nn.Module):
+    """Four branches, each reading its own 6 of the 24 inputs; branch k's logits are scaled by FACTORS[k].
+    Its weights are the same up to that scale, so the weights alone (L1) cannot tell them apart."""
+
+    def __init__(self, hidden: int = 16, classes: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.inner = nn.ModuleList(nn.Linear(6, hidden) for _ in FACTORS)
+        self.outer = nn.ModuleList(nn.Linear(hidden, classes, bias=False) for _ in FACTORS)
+        with torch.no_grad():
+            for a, b in zip(self.inner, self.outer):
+                a.weight.copy_(torch.randn(hidden, 6, generator=g) / 6 ** 0.5)
+                a.bias.zero_()
+                b.weight.copy_(torch.randn(classes, hidden, generator=g) / hidden ** 0.5)
+        self.register_buffer("scale", torch.tensor(FACTORS))
+
+    def forward(self, x):
+        parts = x.split(6, dim=1)
+        return sum(self.scale[k] * self.outer[k](torch.relu(self.inner[k](p))) for k, p in enumerate(parts))
+
+
+def _flops(model, x):
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()(x)
+    return fc.get_total_flops()
+
+
+def _branch_widths(model):
+    return [lin.out_features for lin in model.inner]
+
+
+@pytest.mark.filterwarnings("ignore::fxadapt.BudgetWarning")    # 4 x 16 units: too coarse for a 1% window
+def test_planted_branches_keep_widths_in_order_of_importance():
+    torch.manual_seed(0)
+    model, x = Branches(), torch.randn(512, 24)
+    cfg = ImportanceConfig(steps=0, iterations=2, batch_size=128, calib_batches=4)
+    small = fxadapt.transform(model, 0.4, (x[:1],), data=(x,), strategy="importance", importance=cfg, solve=
+                              fxadapt.SolveConfig(align=1))
+    widths = _branch_widths(small)
+    rho = spearmanr(widths, FACTORS)[0]
+    assert rho >= 0.8, widths
+    free = _branch_widths(fxadapt.transform(model, 0.4, (x[:1],), strategy="datafree"))
+    assert max(free) - min(free) <= 1     # data-free: one global scale, blind to which branch matters
+    assert widths[0] > widths[-1] + 4
+
+
+def _convnet():
+    torch.manual_seed(1)
+
+    class Res(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                   nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return torch.relu(x + self.f(x))
+
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), Res(16), Res(16),
+                         nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+
+
+@pytest.mark.parametrize("budget, depth", [(0.5, False), (0.25, True)])
+def test_budget_met_by_independent_count(budget, depth):
+    model, x = _convnet(), torch.randn(192, 3, 12, 12)
+    cfg = ImportanceConfig(steps=6, iterations=2, batch_size=64, calib_batches=2, depth=depth)
+    small = fxadapt.transform(model, budget, (x[:1],), data=(x,), strategy="importance", importance=cfg)
+    ratio = _flops(small, x[:2]) / _flops(model, x[:2])
+    assert 0.85 * budget <= ratio <= budget * (1 + 1e-6), ratio
+    hist = fxadapt.report(small).history
+    assert sum("step" in h for h in hist) == 6                   # every weight step counted
+
+
+def test_kept_units_are_the_top_scored_ones():
+    """The scores through the gates equal an independent autograd computation on the plain model (per-sample
+    masks after each BatchNorm), and the pruned model keeps exactly the top-scored channels."""
+    model, x = _convnet(), torch.randn(128, 3, 12, 12)
+    cfg = ImportanceConfig(steps=0, iterations=1, batch_size=64, calib_batches=2, depth=False)
+    calib = [Batches((x,), cfg.batch_size, cfg.seed + 7919).batch(k)[0] for k in range(cfg.calib_batches)]
+    a = fxadapt.analyze(model, (x[:1],))
+    sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
+    masks = Masks({g: np.ones(w.units, dtype=bool) for g, w in sn.spec.widths.items()}, {})
+    got, _ = score(sn, masks, teacher_of(a, fxadapt.dist.DistContext()), calib, cfg, 0)
+
+    # independent: d(loss_i)/d(mask[i, c]) with a per-sample mask after the stem's BatchNorm (group of 16
+    # channels coupled through the residual adds) and after the last BatchNorm (24 channels)
+    bns = {16: [model[1], model[3].f[4], model[4].f[4]], 24: [model[6]]}
+    ref = {}
+    for width, mods in bns.items():
+        total = torch.zeros(width, dtype=torch.float64)
+        for k, xb in enumerate(calib):
+            mask = torch.ones(len(xb), width, 1, 1, requires_grad=True)
+            hs = [m.register_forward_hook(lambda _m, _i, o, mask=mask: o * mask) for m in mods]
+            out = model(xb)
+            for h in hs:
+                h.remove()
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            y = drawn_targets(model(xb).detach(), "kl", gen)
+            (g,) = torch.autograd.grad(sample_loss(out, y, "kl"), mask)
+            total += g.view(len(xb), width).double().pow(2).sum(0)
+        ref[width] = (0.5 * total / len(x)).numpy()
+    coupled = max((g for g in a.prunable if g.units == 16), key=lambda g: len(g.members))   # stem + residuals
+    mine = {16: got[coupled.id], 24: next(got[g.id] for g in a.prunable if g.units == 24)}
+    for width in ref:
+        np.testing.assert_allclose(mine[width], ref[width], rtol=1e-3, atol=1e-9)
+
+    small = fxadapt.transform(model, 0.5, (x[:1],), data=(x,), strategy="importance", importance=cfg,
+                              recalibrate_bn=0)
+    kept_stem = [int(torch.nonzero((model[0].weight == w).flatten(1).all(1))[0]) for w in small[0].weight]
+    top = np.argsort(-ref[16], kind="stable")[:len(kept_stem)]
+    assert sorted(kept_stem) == sorted(top.tolist())
+
+
+def test_label_free_calibration_data_works():
+    model, x = _convnet(), torch.randn(128, 3, 12, 12)
+    cfg = ImportanceConfig(steps=4, iterations=2, batch_size=32, calib_batches=1)
+    loader = DataLoader(TensorDataset(x), batch_size=32)          # inputs only, no labels anywhere
+    for data in ((x,), loader):
+        small = fxadapt.transform(model, 0.5, (x[:1],), data=data, strategy="importance", importance=cfg)
+        assert small(x[:2]).shape == (2, 10)
+
+
+def test_allocation_prices_depth_and_width_together():
+    model, x = _convnet(), torch.randn(2, 3, 12, 12)
+    a = fxadapt.analyze(model, (x[:1],))
+    scores = {g.id: np.ones(g.units) for g in a.prunable}
+    blocks = {b.id: 1e-9 for b in a.blocks if b.removable}          # worthless blocks go first
+    bounds = {g.id: (1, g.units) for g in a.prunable}
+    units, present = allocate(a, 0.7 * a.macs(), scores, blocks, bounds)
+    assert blocks and all(v == 0.0 for v in present.values())
+    assert a.cost.macs(units, present) <= 0.7 * a.macs()
+
+
+def test_importance_refuses_growth_and_missing_data():
+    model, x = _convnet(), torch.randn(8, 3, 12, 12)
+    a = fxadapt.analyze(model, (x[:1],))
+    with pytest.raises(fxadapt.SearchConfigError, match="shrinks"):
+        importance(a, 1.5 * a.macs(), (x,))
+    with pytest.raises(fxadapt.InputError, match="searches on data"):
+        fxadapt.transform(model, 0.5, (x[:1],), strategy="importance")
+    with pytest.raises(fxadapt.SearchConfigError, match="iterations"):
+        ImportanceConfig(iterations=0)
+
+
+@pytest.mark.filterwarnings("ignore::fxadapt.BudgetWarning")
+def test_floor_holds_every_group_at_its_uniform_share():
+    model, x = Branches(), torch.randn(256, 24)
+    cfg = ImportanceConfig(steps=0, iterations=1, batch_size=128, calib_batches=1, floor=1.0)
+    small = fxadapt.transform(model, 0.4, (x[:1],), data=(x,), strategy="importance", importance=cfg,
+                              solve=fxadapt.SolveConfig(align=1))
+    widths = _branch_widths(small)
+    assert max(widths) - min(widths) <= 1, widths     # floor 1: nothing left to move between the branches

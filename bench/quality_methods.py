@@ -45,7 +45,8 @@ import fxadapt
 IMPORTANCE = ("importance", "importance-oneshot", "importance-taylor", "importance-act", "importance-1it",
               "importance-kd5", "importance-lr5", "importance-depth",
               # the default and its ablation (issue 25)
-              "importance-ablation", "importance-ablation-depth", "importance-floor")
+              "importance-ablation", "importance-ablation-depth", "importance-floor", "importance-hybrid",
+              "importance-fisher")
 SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna",
           "dna-scratch") + IMPORTANCE
 SCRATCH = ("uniform", "dna-scratch")   # weights re-initialised: trained for base + the protocol's steps
@@ -136,9 +137,11 @@ def method_config(method: str, seed: int, opts: dict) -> fxadapt.TransformConfig
 
 
 def importance_config(method: str, seed: int, steps: int, opts: dict) -> fxadapt.ImportanceConfig:
-    """``importance``: ``steps`` distillation steps over 3 prune iterations (Fisher scores, KL to the base,
-    widths only); the variants change one thing: ``-oneshot`` one prune and no search step (the fine-tune gets
-    all of W), ``-taylor`` / ``-act`` / ``-ablation`` the score, ``-1it`` one prune then the steps, ``-kd5``
+    """``importance``: ``steps`` distillation steps over 3 prune iterations (hybrid scores: exact in groups of
+    <= 16 units, Fisher in wider ones; KL to the base, widths only); the variants change one thing:
+    ``-fisher`` Fisher scores everywhere (the default before; ``-hybrid`` the default spelled out),
+    ``-oneshot`` one prune and no search step (the fine-tune gets all of W), ``-taylor`` / ``-act`` /
+    ``-ablation`` the score, ``-1it`` one prune then the steps, ``-kd5``
     half the loss on the labels, ``-lr5`` lr 0.05, ``-depth`` blocks scored and removed too, ``-floor`` every
     group kept at >= half its uniformly scaled width. A task with its own loss (sr) distils by MSE."""
     cfg = fxadapt.ImportanceConfig(seed=seed, steps=steps)
@@ -147,7 +150,8 @@ def importance_config(method: str, seed: int, steps: int, opts: dict) -> fxadapt
                "importance-kd5": dict(kd=0.5), "importance-lr5": dict(lr=0.05),
                "importance-depth": dict(depth=True), "importance-ablation": dict(kind="ablation"),
                "importance-ablation-depth": dict(kind="ablation", depth=True),
-               "importance-floor": dict(floor=0.5)}.get(method, {})
+               "importance-floor": dict(floor=0.5), "importance-hybrid": dict(kind="hybrid"),
+               "importance-fisher": dict(kind="fisher")}.get(method, {})
     if opts.get("loss_fn") is not None:
         variant = variant | dict(loss="mse", loss_fn=opts["loss_fn"])
     return dataclasses.replace(cfg, **variant)

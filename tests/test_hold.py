@@ -21,6 +21,7 @@ X = torch.randn(32, 3, 8, 8, generator=G)
 Y = torch.randint(0, 5, (32,), generator=G)
 IDS = torch.randint(3, 96, (2, 8), generator=G)
 DNA = fxadapt.SearchConfig(steps=4, warmup=1, batch_size=8, progress=False)
+IMP = fxadapt.ImportanceConfig(steps=2, iterations=2, batch_size=8, calib_batches=1)
 FUR = fxadapt.FurConfig(iterations=1, train_steps=2, batch_size=8, val_samples=16, draws=1, progress=False)
 
 
@@ -78,10 +79,10 @@ def test_only_mlps_keeps_hidden_size_and_attention():
     assert changed and all(".mlp." in k for k in changed)
 
 
-@pytest.mark.parametrize("strategy", ["datafree", "dna", "fur"])
+@pytest.mark.parametrize("strategy", ["datafree", "dna", "fur", "importance"])
 def test_every_strategy_honours_keep_and_min_width(strategy):
     model = _net()
-    opts = {"data": (X, Y), "search": DNA, "fur": FUR} if strategy != "datafree" else {}
+    opts = {"data": (X, Y), "search": DNA, "fur": FUR, "importance": IMP} if strategy != "datafree" else {}
     out = _quiet(fxadapt.transform, model, 0.4, X[:1], strategy=strategy, keep=["conv1"],
                  min_width={"conv3": 12}, **opts)
     assert out.conv1.out_channels == 16 and out.conv3.out_channels >= 12

@@ -96,7 +96,7 @@ def test_kept_units_are_the_top_scored_ones():
     """The scores through the gates equal an independent autograd computation on the plain model (per-sample
     masks after each BatchNorm), and the pruned model keeps exactly the top-scored channels."""
     model, x = _convnet(), torch.randn(128, 3, 12, 12)
-    cfg = ImportanceConfig(steps=0, iterations=1, batch_size=64, calib_batches=2, depth=False)
+    cfg = ImportanceConfig(steps=0, iterations=1, batch_size=64, calib_batches=2, depth=False, kind="fisher")
     calib = [Batches((x,), cfg.batch_size, cfg.seed + 7919).batch(k)[0] for k in range(cfg.calib_batches)]
     a = fxadapt.analyze(model, (x[:1],))
     sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
@@ -171,3 +171,70 @@ def test_floor_holds_every_group_at_its_uniform_share():
                               solve=fxadapt.SolveConfig(align=1))
     widths = _branch_widths(small)
     assert max(widths) - min(widths) <= 1, widths     # floor 1: nothing left to move between the branches
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind, labels", [("fisher", False), ("hybrid", True)])
+def test_hugging_face_dict_batches(kind, labels):
+    """A causal LM on ``{"input_ids", "attention_mask"}`` batches (no labels: the original's predictions are
+    the targets; with ``labels``, half the weight-step loss is next-token cross-entropy) meets the budget by
+    an independent count and still generates."""
+    from fxadapt.analysis.count import count_macs
+
+    model = _tiny_gpt2()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (32, 16), generator=g)
+    data = [{"input_ids": ids[k:k + 8], "attention_mask": torch.ones_like(ids[k:k + 8])}
+            for k in range(0, 32, 8)]
+    if labels:
+        data = [{**b, "labels": b["input_ids"].clone()} for b in data]
+    example = {"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2])}
+    cfg = ImportanceConfig(steps=4, iterations=2, batch_size=8, calib_batches=2, kind=kind,
+                           kd=0.5 if labels else 1.0)
+    small = fxadapt.transform(model, 0.5, example, data=data, strategy="importance", importance=cfg)
+    ratio = count_macs(small, example) / count_macs(model, example)
+    assert 0.4 <= ratio <= 0.5 * (1 + 1e-3), ratio
+    assert sum("step" in h for h in fxadapt.report(small).history) == 4
+    out = small.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
+
+
+@pytest.mark.filterwarnings("ignore::fxadapt.BudgetWarning")
+def test_min_and_max_width_hold():
+    model, x = _convnet(), torch.randn(128, 3, 12, 12)
+    cfg = ImportanceConfig(steps=2, iterations=2, batch_size=64, calib_batches=1)
+    small = fxadapt.transform(model, 0.3, (x[:1],), data=(x,), strategy="importance", importance=cfg,
+                              min_width={"5": 20})
+    assert small[5].out_channels >= 20
+    assert _flops(small, x[:2]) <= 0.3 * _flops(model, x[:2]) * (1 + 1e-3)
+    wide = fxadapt.transform(model, 0.6, (x[:1],), data=(x,), strategy="importance", importance=cfg,
+                             max_width={"5": 6})
+    assert wide[5].out_channels <= 6
+
+
+def test_hybrid_scores_narrow_groups_exactly():
+    """kind="hybrid": groups of at most EXACT_UNITS units get the exact ablation scores, wider ones fisher's;
+    both estimate the same KL increase (on the wide group fisher and ablation agree in scale)."""
+    from fxadapt.search.importance import EXACT_UNITS
+
+    model, x = _convnet(), torch.randn(128, 3, 12, 12)
+    a = fxadapt.analyze(model, (x[:1],))
+    sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
+    masks = Masks({g: np.ones(w.units, dtype=bool) for g, w in sn.spec.widths.items()}, {})
+    teacher = teacher_of(a, fxadapt.dist.DistContext())
+    calib = [x[:64], x[64:]]
+    got = {k: score(sn, masks, teacher, calib, ImportanceConfig(kind=k), 0)[0]
+           for k in ("fisher", "ablation", "hybrid")}
+    for g, keep in masks.units.items():
+        want = got["ablation"] if keep.sum() <= EXACT_UNITS else got["fisher"]
+        np.testing.assert_allclose(got["hybrid"][g], want[g], rtol=1e-6)
+    wide = next(g for g, k in masks.units.items() if k.sum() > EXACT_UNITS)
+    ratio = got["fisher"][wide].sum() / got["ablation"][wide].sum()
+    assert 0.2 <= ratio <= 5, ratio

@@ -48,8 +48,8 @@ def marginal_costs(a: Analysis, units: dict[int, int],
     return {g: grad(t) for g, t in n.items()}, {b: grad(t) for b, t in d.items()}
 
 
-def _at_price(lam: float, ranked: dict, cost_g: dict, lo: dict, blocks: dict, cost_b: dict):
-    units = {g: max(lo[g], int(np.count_nonzero(s >= lam * max(cost_g[g], 1e-12))))
+def _at_price(lam: float, ranked: dict, cost_g: dict, lo: dict, blocks: dict, cost_b: dict, hi: dict):
+    units = {g: min(hi[g], max(lo[g], int(np.count_nonzero(s >= lam * max(cost_g[g], 1e-12)))))
              for g, s in ranked.items()}
     present = {b: float(s >= lam * max(cost_b[b], 1e-12)) for b, s in blocks.items()}
     return units, present
@@ -58,14 +58,16 @@ def _at_price(lam: float, ranked: dict, cost_g: dict, lo: dict, blocks: dict, co
 def allocate(a: Analysis, target: float, scores: dict[int, np.ndarray], block_scores: dict[int, float],
              bounds: dict[int, tuple[int, int]], alive: dict[int, np.ndarray] | None = None,
              rounds: int = 3) -> tuple[dict[int, int], dict[int, float]]:
-    """``(units, present)``: kept units per group in ``bounds`` (``lo`` always kept, at most the ``alive``
-    ones) and block presences (1: kept) under ``target`` MACs, by importance per unit of cost (module
-    docstring). ``scores[g]`` holds one score per unit of group ``g``; blocks absent from ``block_scores``
-    stay. When even ``lambda = inf`` misses ``target`` the narrowest allocation is returned."""
+    """``(units, present)``: kept units per group in ``bounds`` (``lo`` always kept, at most ``hi`` and
+    the ``alive`` ones) and block presences (1: kept) under ``target`` MACs, by importance per unit of cost
+    (module docstring). ``scores[g]`` holds one score per unit of group ``g``; blocks absent from
+    ``block_scores`` stay. When even ``lambda = inf`` misses ``target`` the narrowest allocation is
+    returned."""
     alive = alive or {g: np.ones(len(s), dtype=bool) for g, s in scores.items()}
     ranked = {g: np.asarray(scores[g], dtype=float)[alive[g]] for g in bounds}
-    lo = {g: min(bounds[g][0], int(alive[g].sum())) for g in bounds}
-    units = {g: int(alive[g].sum()) for g in bounds}
+    hi = {g: min(bounds[g][1], int(alive[g].sum())) for g in bounds}
+    lo = {g: min(bounds[g][0], hi[g]) for g in bounds}
+    units = dict(hi)
     present = {b: 1.0 for b in block_scores}
     for _ in range(rounds):
         cost_g, cost_b = marginal_costs(a, units, present)
@@ -74,16 +76,16 @@ def allocate(a: Analysis, target: float, scores: dict[int, np.ndarray], block_sc
         flat = np.concatenate(ratios) if ratios else np.zeros(0)
         pos = flat[flat > 0]
         if pos.size == 0:
-            return _at_price(np.inf, ranked, cost_g, lo, block_scores, cost_b)
+            return _at_price(np.inf, ranked, cost_g, lo, block_scores, cost_b, hi)
         lo_l, hi_l = np.log(pos.min()) - 1.0, np.log(pos.max()) + 1.0
         for _ in range(60):   # smallest price whose allocation fits
             mid = 0.5 * (lo_l + hi_l)
-            u, d = _at_price(float(np.exp(mid)), ranked, cost_g, lo, block_scores, cost_b)
+            u, d = _at_price(float(np.exp(mid)), ranked, cost_g, lo, block_scores, cost_b, hi)
             if a.cost.macs(u, d) <= target:
                 hi_l = mid
             else:
                 lo_l = mid
-        units, present = _at_price(float(np.exp(hi_l)), ranked, cost_g, lo, block_scores, cost_b)
+        units, present = _at_price(float(np.exp(hi_l)), ranked, cost_g, lo, block_scores, cost_b, hi)
     return units, present
 
 

@@ -30,24 +30,24 @@ from fxadapt.ops.registry import spec_of
 aten = torch.ops.aten
 
 
-def _body_output(nodes: dict, block) -> Node:
+def body_output(nodes: dict, block) -> Node:
     exit_ = nodes[block.exit]
     return next(a for a in exit_.args[:2] if isinstance(a, Node) and a.name != block.entry)
 
 
-def _zero_params(gm: GraphModule, node: Node) -> list[nn.Parameter]:
+def zeroed_params(gm: GraphModule, node: Node) -> list[nn.Parameter]:
     """The parameters a lifted node reads (zeroing them all makes a ``zero == "params"`` op output zero)."""
     refs = node.meta[meta.ATEN].params() if node.op == "call_module" and meta.ATEN in node.meta else ()
     return [t for t in (getattr_path(gm, r.target) for r in refs) if isinstance(t, nn.Parameter)]
 
 
-def _zero_source(gm: GraphModule, node: Node, body: set[str]) -> Node | str:
+def zero_source(gm: GraphModule, node: Node, body: set[str]) -> Node | str:
     """The parametric node whose zeroing makes the body output ``node`` zero, or why there is none: walk
     back through ops whose registry entry says ``zero == "preserves"`` to one that says ``"params"``."""
     while True:
         spec = spec_of(node)
         zero = spec.zero if spec is not None else None
-        if zero == "params" and _zero_params(gm, node):
+        if zero == "params" and zeroed_params(gm, node):
             return node
         if zero == "preserves":
             ins = [a for a in node.all_input_nodes if a.name in body]
@@ -63,7 +63,7 @@ def repeat_blocker(gm: GraphModule, block) -> str | None:
     if not block.repeatable:
         return block.reason or "not repeatable"
     nodes = {n.name: n for n in gm.graph.nodes}
-    found = _zero_source(gm, _body_output(nodes, block), set(block.body))
+    found = zero_source(gm, body_output(nodes, block), set(block.body))
     return found if isinstance(found, str) else None
 
 
@@ -147,16 +147,16 @@ def _insert_copy(gm: GraphModule, nodes: dict, block, k: int) -> None:
         anchor = new
         created.append(new)
     with graph.inserting_after(anchor):
-        add = graph.call_function(aten.add.Tensor, (cur, env[_body_output(nodes, block)]))
+        add = graph.call_function(aten.add.Tensor, (cur, env[body_output(nodes, block)]))
     add.meta["val"] = exit_.meta.get("val")
     add.meta[meta.REPEAT_OF] = block.exit
     created_set = set(created) | {add}
     cur.replace_all_uses_with(add, delete_user_cb=lambda u: u not in created_set)
-    src = _zero_source(gm, env[_body_output(nodes, block)], {n.name for n in created})
+    src = zero_source(gm, env[body_output(nodes, block)], {n.name for n in created})
     if isinstance(src, str):
         raise ValueError(f"block {block.id} ({block.exit}) cannot be repeated: {src}")
     with torch.no_grad():
-        for p in _zero_params(gm, src):
+        for p in zeroed_params(gm, src):
             p.zero_()
 
 

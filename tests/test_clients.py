@@ -2,11 +2,11 @@
 with a checkpoint reloaded, ``torch.compile``, ``resize_token_embeddings`` then save / reload, a
 ``pipeline`` with a tokenizer trained here, and stock loaders (``from_pretrained`` / ``from_config``).
 
-Models: a GQA Llama, GPT-2 and BERT (masked LM), tiny configs; per-layer (``layers="any"``) and uniform
-widths at 0.5 and 1.5. Every client runs on the original first: a check the original fails does not count
-(skipped). The default run covers each model and each mode once (``torch.compile`` through dynamo with
-the ``aot_eager`` backend on one case: 5-15 s a compile); the whole matrix and inductor's compile are
-``slow`` (``pytest -m slow``).
+Models: a GQA Llama, GPT-2, BERT (masked LM) and a GQA Qwen2, tiny configs; per-layer
+(``layers="any"``) and uniform widths at 0.5 and 1.5. Every client runs on the original first: a check
+the original fails does not count (skipped). The default run covers each model and each mode once
+(``torch.compile`` through dynamo with the ``aot_eager`` backend on one case: 5-15 s a compile); the
+whole matrix and inductor's compile are ``slow`` (``pytest -m slow``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ MODELS = {
     "bert": (lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=V, hidden_size=128, num_attention_heads=8,
                                                     intermediate_size=256, num_hidden_layers=2,
                                                     max_position_embeddings=64)), T.AutoModelForMaskedLM),
+    "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2)), T.AutoModelForCausalLM),
 }
-LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
+                "qwen2": ["q_proj", "v_proj"]}
 DEFAULT = {("llama", "any", 0.5), ("llama", "uniform", 1.5), ("gpt2", "uniform", 0.5), ("bert", "any", 1.5),
-           ("bert", "uniform", 0.5)}
+           ("bert", "uniform", 0.5), ("qwen2", "uniform", 0.5)}
 CASES = [pytest.param(c, id="-".join(map(str, c)), marks=() if c in DEFAULT else pytest.mark.slow)
          for c in [(m, layers, b) for m in MODELS for layers in ("any", "uniform") for b in (0.5, 1.5)]]
 

@@ -63,7 +63,7 @@ HEAVY = {"onnx", "onnxscript", "onnxsim", "onnxruntime", "transformers", "matplo
 
 # (a) upward imports that exist today, (from_module, to_module). Only ever delete entries.
 UPWARD_ALLOWED: set[tuple[str, str]] = {
-    ("fxadapt.pipeline.transform", "fxadapt.export.program"),  # ExportedProgram in and out: move to ir
+    # (empty: every entry was removed; never add one)
 }
 
 # (b) import-time edges that close a cycle today (both ends in one strongly connected set).
@@ -72,36 +72,12 @@ CYCLE_ALLOWED: set[tuple[str, str]] = {
 
 # (c) private names imported across modules today: (from_module, to_module, name).
 PRIVATE_ALLOWED: set[tuple[str, str, str]] = {
-    ("fxadapt.cli.data", "fxadapt.cli.common", "_first_line"),  # shared helper: make it public
-    ("fxadapt.cli.data", "fxadapt.cli.common", "_import_module"),  # shared helper: make it public
-    ("fxadapt.ops.indexing", "fxadapt.ops.pointwise", "_expand"),  # shared helper: make it public
-    ("fxadapt.ops.indexing", "fxadapt.ops.pointwise", "_reduced"),  # shared helper: make it public
-    ("fxadapt.ops.routing", "fxadapt.ops.indexing", "_TRANSPOSES"),  # shared helper: make it public
-    ("fxadapt.ops.routing", "fxadapt.ops.indexing", "_TRANSPOSE_DIMS"),  # shared helper: make it public
-    ("fxadapt.search.loop", "fxadapt.train.data", "_map_style"),  # shared helper: make it public
-    ("fxadapt.train.probe", "fxadapt.train.data", "_map_style"),  # shared helper: make it public
-    # shared helper: make it public
-    ("fxadapt.writeback.depth", "fxadapt.passes.rewire_blocks", "_body_output"),
-    # shared helper: make it public
-    ("fxadapt.writeback.depth", "fxadapt.passes.rewire_blocks", "_zero_params"),
-    # shared helper: make it public
-    ("fxadapt.writeback.depth", "fxadapt.passes.rewire_blocks", "_zero_source"),
+    # (empty: every entry was removed; never add one)
 }
 
 # (d) function-level imports without a ``# deferred:`` reason today: (from_module, to_module).
 DEFERRED_ALLOWED: set[tuple[str, str]] = {
-    ("fxadapt.cli", "fxadapt"),  # hides a cycle or needs its reason
-    ("fxadapt.cli.adapt", "fxadapt.cli.hf"),  # hides a cycle or needs its reason
-    ("fxadapt.cli.common", "fxadapt.cli.hf"),  # hides a cycle or needs its reason
-    ("fxadapt.cli.common", "fxadapt.examples"),  # hides a cycle or needs its reason
-    ("fxadapt.cli.data", "fxadapt.search.dna"),  # hides a cycle or needs its reason
-    ("fxadapt.cli.data", "fxadapt.search.fur"),  # hides a cycle or needs its reason
-    ("fxadapt.cli.hf", "fxadapt"),  # hides a cycle or needs its reason
-    ("fxadapt.export.program", "fxadapt.ir.capture"),  # hides a cycle or needs its reason
-    ("fxadapt.export.save", "fxadapt.export.modules"),  # hides a cycle or needs its reason
-    ("fxadapt.export.save", "fxadapt.export.report"),  # hides a cycle or needs its reason
-    ("fxadapt.pipeline.transform", "fxadapt.export.program"),  # hides an upward import
-    ("fxadapt.writeback.depth", "fxadapt.ir.capture"),  # hides a cycle or needs its reason
+    # (empty: every entry was removed; never add one)
 }
 
 

@@ -25,6 +25,7 @@ import importlib
 import sys
 import warnings
 
+from fxadapt import __version__
 from fxadapt.cli.common import CliError, one_line
 from fxadapt.errors import FxAdaptError, InternalError
 
@@ -39,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     >>> sorted(build_parser()._subparsers._group_actions[0].choices)
     ['adapt', 'bench', 'inspect']
     """
-    from fxadapt import __version__
-
     parser = argparse.ArgumentParser(
         prog="fxadapt", description="Adapt a PyTorch model's widths and depths to a compute budget.")
     parser.add_argument("--version", action="version", version=f"fxadapt {__version__}")

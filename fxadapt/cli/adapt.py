@@ -44,6 +44,7 @@ from collections.abc import Callable
 import fxadapt
 from fxadapt.cli.common import CliError, add_model_arguments, load_model, split_spec
 from fxadapt.cli.data import add_data_arguments, load_data
+from fxadapt.cli.hf import is_checkpoint
 from fxadapt.dist import is_main
 from fxadapt.export.plot import plot_widths
 from fxadapt.export.save import save
@@ -104,8 +105,6 @@ def output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
     >>> output_paths(ns)
     [('pt', 'resnet8-adapted.pt'), ('png', 'w.png')]
     """
-    from fxadapt.cli.hf import is_checkpoint
-
     if is_checkpoint(args.model):   # a save_pretrained directory in, one out
         given = {"hf": args.output or args.out_dir or os.path.normpath(args.model) + "-adapted",
                  "onnx": args.onnx, "png": args.plot}

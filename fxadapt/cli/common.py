@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class CliError(Exception):
-    """A usage problem the command line reports in one line (exit status 2), without a traceback."""
+from fxadapt.cli import hf
+from fxadapt.cli.usage import CliError  # noqa: F401  (re-export: raised by every subcommand)
+from fxadapt.examples import EXAMPLE_INPUT_SHAPE, example_model
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -122,7 +122,7 @@ def parse_input(text: str) -> InputSpec:
     return InputSpec(shape, dtype, low, high)
 
 
-def _import_module(where: str) -> Any:
+def import_user_module(where: str) -> Any:
     """Import ``pkg.module`` (the current directory is importable) or load ``path/to/file.py``."""
     is_file = where.endswith(".py") or os.sep in where or "/" in where
     try:
@@ -145,7 +145,7 @@ def _import_module(where: str) -> Any:
     except CliError:
         raise
     except BaseException as e:  # noqa: BLE001 - any import-time failure (SystemExit included) is the user's
-        raise CliError(f"cannot import {where!r}: {type(e).__name__}: {_first_line(e)}") from e
+        raise CliError(f"cannot import {where!r}: {type(e).__name__}: {first_line(e)}") from e
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -169,7 +169,7 @@ def load_factory(spec: str) -> nn.Module:
     'ExampleResNet'
     """
     where, name = split_spec(spec)
-    obj = _import_module(where)
+    obj = import_user_module(where)
     for attr in name.split("."):
         if not hasattr(obj, attr):
             raise CliError(f"{where!r} has no attribute {name!r}")
@@ -179,7 +179,7 @@ def load_factory(spec: str) -> nn.Module:
     try:
         model = obj()
     except Exception as e:  # noqa: BLE001 - the user's factory failed
-        raise CliError(f"factory {spec!r} raised {type(e).__name__}: {_first_line(e)}") from e
+        raise CliError(f"factory {spec!r} raised {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise CliError(f"factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -206,8 +206,6 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor,
     if not args.example and not args.model:
         raise CliError("no model: give MODEL (pkg.module:factory, file.py:factory or a save_pretrained "
                        "directory) or --example")
-    from fxadapt.cli import hf
-
     if hf.is_checkpoint(args.model):   # a local Hugging Face checkpoint: inputs from its config
         specs = [parse_input(s) for s in args.input_shape or ()]
         gen = torch.Generator().manual_seed(args.seed)
@@ -217,8 +215,6 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor,
         split_spec(args.model)
     specs = input_specs(args)  # malformed specs and inputs fail before the factory runs
     if args.example:
-        from fxadapt.examples import example_model
-
         model, label = example_model(), "example"
     else:
         model, label = load_factory(args.model), args.model
@@ -235,8 +231,6 @@ def input_specs(args: argparse.Namespace) -> list[InputSpec]:
     if args.input_shape:
         return [parse_input(s) for s in args.input_shape]
     if args.example:
-        from fxadapt.examples import EXAMPLE_INPUT_SHAPE
-
         return [InputSpec(tuple(EXAMPLE_INPUT_SHAPE))]
     raise CliError("--input-shape is required with MODEL, e.g. --input-shape 1,3,224,224 "
                    "(or 1,128:int64:0-30522 for token ids)")
@@ -255,7 +249,7 @@ def describe_inputs(inputs: tuple[torch.Tensor, ...] | dict) -> str:
                      for x in inputs)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"
 

@@ -33,7 +33,10 @@ from typing import Any
 
 import torch
 
-from fxadapt.cli.common import CliError, _first_line, _import_module, split_spec
+from fxadapt.cli.common import CliError, first_line, import_user_module, split_spec
+from fxadapt.search.dna import SearchConfig
+from fxadapt.search.fur import FurConfig
+from fxadapt.search.importance import ImportanceConfig
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +60,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
             raise CliError(f"--strategy {args.strategy} searches on data: give --data MODULE:FUNCTION")
         return None, None, {}
     where, name = split_spec(args.data)
-    fn = _import_module(where)
+    fn = import_user_module(where)
     for attr in name.split("."):
         if not hasattr(fn, attr):
             raise CliError(f"{where!r} has no attribute {name!r}")
@@ -65,7 +68,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 - the user's data function failed
-        raise CliError(f"data function {args.data!r} raised {type(e).__name__}: {_first_line(e)}") from e
+        raise CliError(f"data function {args.data!r} raised {type(e).__name__}: {first_line(e)}") from e
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise CliError(f"data function {args.data!r} must return (train, val), got {type(out).__name__}")
     return out[0], out[1], _options(args)
@@ -74,10 +77,6 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
 def _options(args: argparse.Namespace) -> dict:
     """The ``transform`` options of the flags: each flag has one place (``--steps``: ``SearchConfig.steps``;
     ``--device``, ``--precision``: ``TransformConfig``)."""
-    from fxadapt.search.dna import SearchConfig
-    from fxadapt.search.fur import FurConfig
-    from fxadapt.search.importance import ImportanceConfig  # deferred: only when the flags are read
-
     strategy = "dna" if args.strategy == "auto" else args.strategy
     if strategy == "fur" and args.steps is not None:
         raise CliError("--steps sets the DNA search's steps; --strategy fur runs FurConfig's iterations and "

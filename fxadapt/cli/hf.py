@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxadapt.cli.common import CliError
+import fxadapt
+from fxadapt.cli.usage import CliError
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -53,8 +54,6 @@ def load_dir(path: str, tensors: list[torch.Tensor]) -> tuple[nn.Module, Any]:
         raise CliError(f"{path}/config.json names architecture {arch!r}, which transformers does not have")
     try:
         if getattr(config, "fxadapt_recipe", None):
-            import fxadapt
-
             model = fxadapt.from_pretrained(path)
         else:
             model = cls.from_pretrained(path)

@@ -51,6 +51,8 @@ from torch.utils import _pytree as pytree
 from fxadapt.errors import (
     SaveError,  # noqa: F401  (defined in fxadapt.errors)
 )
+from fxadapt.export import modules
+from fxadapt.export.report import Report, attach
 
 FORMAT = "fxadapt.graph_module/1"
 _MODULE_PREFIXES = ("torch.nn.",)
@@ -107,8 +109,6 @@ def to_dict(model: fx.GraphModule) -> dict[str, Any]:
     """The plain-data form of ``model`` that ``save`` writes (a model ``transform`` returned in its own class:
     ``fxadapt.export.modules``)."""
     if not isinstance(model, fx.GraphModule) and hasattr(model, "fxadapt_recipe"):
-        from fxadapt.export import modules
-
         return modules.to_dict(model, _report(model))
     if not isinstance(model, fx.GraphModule):
         raise SaveError("fxadapt.save stores a torch.fx.GraphModule or a model fxadapt.transform returned "
@@ -121,13 +121,9 @@ def to_dict(model: fx.GraphModule) -> dict[str, Any]:
 
 def from_dict(data: Any, where: str = "<dict>", model: nn.Module | None = None) -> nn.Module:
     """The model described by ``to_dict``'s output (``model``: a fresh instance for a module file)."""
-    from fxadapt.export import modules
-
     if isinstance(data, dict) and data.get("format") == modules.FORMAT:
         out = modules.from_dict(data, where, model)
         if data.get("report") is not None:
-            from fxadapt.export.report import Report, attach
-
             attach(out, Report.from_dict(data["report"]))
         return out
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -143,8 +139,6 @@ def from_dict(data: Any, where: str = "<dict>", model: nn.Module | None = None) 
     for entry in data["modules"]:  # train() above reset every child; restore each module's own flag
         gm.get_submodule(entry["path"]).training = entry["training"]
     if data.get("report") is not None:
-        from fxadapt.export.report import Report, attach
-
         attach(gm, Report.from_dict(data["report"]))
     return gm
 

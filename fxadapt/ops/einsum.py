@@ -41,7 +41,7 @@ from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, register
 from fxadapt.ops.forms import CostView
 
 
-def _expand(term: str, rank: int | None, width: int) -> list[str]:
+def broadcast_track(term: str, rank: int | None, width: int) -> list[str]:
     """Letters of one term; ``...`` becomes ``width`` letters ``…k`` (``k`` counted from the right)."""
     head, dots, tail = term.partition("...")
     if not dots:
@@ -56,9 +56,9 @@ def parse(eq: str, ranks: list[int]) -> tuple[list[str], ...]:
     lhs, arrow, rhs = eq.replace(" ", "").partition("->")
     terms = lhs.split(",")
     width = max([r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t] or [0])
-    ins = [_expand(t, r, width) for t, r in zip(terms, ranks)]
+    ins = [broadcast_track(t, r, width) for t, r in zip(terms, ranks)]
     if arrow:
-        out = _expand(rhs, None, width)
+        out = broadcast_track(rhs, None, width)
     else:
         flat = [c for term in ins for c in term]
         out = [f"…{k}" for k in reversed(range(width))] + sorted(c for c in set(flat)

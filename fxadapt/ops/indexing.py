@@ -25,7 +25,7 @@ from torch.fx import Node
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import costs, edits
 from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, axis_labels, norm_dim, only_axis, rule
-from fxadapt.ops.pointwise import _expand, _reduced
+from fxadapt.ops.pointwise import broadcast_track, reduced_track
 from fxadapt.ops.registry import op_of
 
 
@@ -232,8 +232,8 @@ def getitem(call: Call, ctx: Ctx):
     return None
 
 
-_TRANSPOSE_DIMS = aten_ops("transpose.int")
-_TRANSPOSES = aten_ops("t.default", "numpy_T.default") + _TRANSPOSE_DIMS
+TRANSPOSE_DIMS = aten_ops("transpose.int")
+TRANSPOSES = aten_ops("t.default", "numpy_T.default") + TRANSPOSE_DIMS
 
 
 def _weight(ctx: Ctx, b, sb: tuple) -> tuple[ParamRef, int, int] | None:
@@ -241,13 +241,13 @@ def _weight(ctx: Ctx, b, sb: tuple) -> tuple[ParamRef, int, int] | None:
     (``x @ W``), or of the parameter a transpose reads (``x @ W.T``: FalconLinear, hand-written layers)."""
     if isinstance(b, ParamRef):
         return (b, 0, 1) if len(sb) == 2 else None
-    if len(sb) != 2 or not isinstance(b, Node) or b.target not in _TRANSPOSES or not b.args:
+    if len(sb) != 2 or not isinstance(b, Node) or b.target not in TRANSPOSES or not b.args:
         return None
     src = b.args[0]
     if not (isinstance(src, Node) and src.op == "get_attr") \
             or len(ctx.shape(ParamRef(str(src.target))) or ()) != 2:
         return None
-    if b.target in _TRANSPOSE_DIMS and {norm_dim(d, 2) for d in b.args[1:3]} != {0, 1}:
+    if b.target in TRANSPOSE_DIMS and {norm_dim(d, 2) for d in b.args[1:3]} != {0, 1}:
         return None
     return ParamRef(str(src.target)), 1, 0
 
@@ -273,8 +273,8 @@ def _matmul(ctx: Ctx, a: Any, b: Any, out_nd: int):   # operands: nodes or param
         other = b if la is not None else a
         ctx.freeze(la if la is not None else lb, f"contracted with {getattr(other, 'name', other)}, whose "
                                                  "contracted axis carries no channels (a fixed size)")
-    rest_a = _reduced(ctx, ta, [ka], keep=True) if ta is not None else None
-    rest_b = _reduced(ctx, tb, [kb], keep=True) if tb is not None else None
+    rest_a = reduced_track(ctx, ta, [ka], keep=True) if ta is not None else None
+    rest_b = reduced_track(ctx, tb, [kb], keep=True) if tb is not None else None
     outs = []
     for rest, nd, other, t_other in ((rest_a, len(sa), sb, tb), (rest_b, len(sb), sa, ta)):
         if rest is not None:
@@ -290,7 +290,7 @@ def _matmul(ctx: Ctx, a: Any, b: Any, out_nd: int):   # operands: nodes or param
     if len(outs) > 1 and outs[0].axes != outs[1].axes and set(outs[0].axes) <= set(outs[1].axes):
         # attn @ v: batch/head axes of both operands carry the same channels, v adds its columns
         small, big = outs
-        ctx.couple(big.labels, _expand(small, big))
+        ctx.couple(big.labels, broadcast_track(small, big))
         return big
     return _align_all(ctx, outs, "matrix product") if len(outs) > 1 else (outs[0] if outs else None)
 

@@ -152,7 +152,7 @@ def _join(ctx: Ctx, ref: Track, t: Track) -> Track:
         return ref
     if set(t.axes) <= set(ref.axes) or set(ref.axes) <= set(t.axes):
         big, small = (ref, t) if set(t.axes) <= set(ref.axes) else (t, ref)
-        ctx.couple(big.labels, _expand(small, big))
+        ctx.couple(big.labels, broadcast_track(small, big))
         return big
     if set(t.axes) & set(ref.axes):
         why = f"operands carry channels on overlapping but different axes {t.axes} vs {ref.axes}"
@@ -176,7 +176,7 @@ def _fixed_operand(ctx: Ctx, a: Any, shape: tuple, ref: Track, nd: int) -> bool:
             or operands.factory_site(ctx, a, axis, ref.labels))
 
 
-def _expand(small: Track, big: Track) -> np.ndarray:
+def broadcast_track(small: Track, big: Track) -> np.ndarray:
     """``small``'s labels broadcast over the axes of ``big`` (``small.axes`` is a subset)."""
     shape = [big.labels.shape[k] if a in small.axes else 1 for k, a in enumerate(big.axes)]
     return np.broadcast_to(small.labels.reshape(shape), big.labels.shape)
@@ -208,7 +208,7 @@ def reduce(call: Call, ctx: Ctx):
     if t is not None and set(dims) & set(t.axes):
         # the reduction mixes channels: growing them is not function-preserving
         ctx.site("mix", t.labels, "mix")
-    return _reduced(ctx, t, dims, keep)
+    return reduced_track(ctx, t, dims, keep)
 
 
 @rule(*REDUCE_PAIR, kind="consumes", name="reduce")
@@ -218,7 +218,7 @@ def reduce_pair(call: Call, ctx: Ctx):
     return (out, out)
 
 
-def _reduced(ctx: Ctx, t: Track | None, dims: list[int], keep: bool) -> Track | None:
+def reduced_track(ctx: Ctx, t: Track | None, dims: list[int], keep: bool) -> Track | None:
     if t is None:
         return None
     remaining = [a for a in t.axes if a not in dims]

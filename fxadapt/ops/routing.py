@@ -61,7 +61,7 @@ from torch.fx import Node
 from fxadapt.ir.channels import ParamRef, Site, Track
 from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, norm_dim, only_axis, rule
 from fxadapt.ops.forms import CostView
-from fxadapt.ops.indexing import _TRANSPOSE_DIMS, _TRANSPOSES
+from fxadapt.ops.indexing import TRANSPOSE_DIMS, TRANSPOSES
 
 EXPERTS_FLOOR = "a token is routed to top_k distinct experts: at least top_k experts stay"
 EXPERTS_NO_GROWTH = ("duplicating an expert is not function-preserving under softmax-then-top-k routing: the "
@@ -261,13 +261,13 @@ def _expert_weight(ctx: Ctx, w) -> tuple[ParamRef, int, int] | None:
     parameter a ``transpose(-2, -1)`` reads."""
     if isinstance(w, ParamRef):
         return (w, 1, 2) if len(ctx.shape(w)) == 3 else None
-    if not (isinstance(w, Node) and w.target in _TRANSPOSES and w.args):
+    if not (isinstance(w, Node) and w.target in TRANSPOSES and w.args):
         return None
     src = w.args[0]
     if not (isinstance(src, Node) and src.op == "get_attr") \
             or len(ctx.shape(ParamRef(str(src.target))) or ()) != 3:
         return None
-    if w.target not in _TRANSPOSE_DIMS or {norm_dim(d, 3) for d in w.args[1:3]} != {1, 2}:
+    if w.target not in TRANSPOSE_DIMS or {norm_dim(d, 3) for d in w.args[1:3]} != {1, 2}:
         return None
     return ParamRef(str(src.target)), 2, 1
 

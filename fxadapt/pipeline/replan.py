@@ -107,20 +107,21 @@ def read_size_tie(job: Job, recipe) -> tuple[frozenset[int] | None, str]:
     for path, mod, _ in reversed(running):
         entry = _entry(gm, path, inner=True) if path else None
         ins = [a.groups[g] for g in (entry.meta.get(meta.GROUP, ()) if entry is not None else ())]
-        for b in _sized_inside(a, gm, path):
-            for g in ins:
-                if g.id != b.id and g.prunable and (g.width, g.units, g.granularity) == (b.width, b.units,
-                                                                                          b.granularity) \
-                        and width(g) != width(b):
-                    return frozenset({g.id, b.id}), f"{path} ({type(mod).__name__}) fails inside"
+        sized = _sized_inside(a, gm, path)
+        for g in ins:
+            same = [b for b in sized if g.id != b.id and g.prunable
+                    and (g.width, g.units, g.granularity) == (b.width, b.units, b.granularity)]
+            if any(width(g) != width(b) for b in same):   # every size read from g's width, all at once
+                return frozenset({g.id, *(b.id for b in same)}), f"{path} ({type(mod).__name__}) fails inside"
     return None, ""
 
 
 def _sized_inside(a: Analysis, gm: GraphModule, path: str) -> list:
-    """Groups with a size-argument site (a reshape's constant) on a node traced inside module ``path``."""
+    """Groups with a size-argument site (a reshape's constant, a split's piece sizes) on a node traced inside
+    module ``path``."""
     inside = {n.name for n in gm.graph.nodes if path in module_stack(n)}
     return [g for g in a.groups
-            if any(m.kind == "shape_arg" and m.site.node_name in inside for m in g.members)]
+            if any(m.kind in ("shape_arg", "split") and m.site.node_name in inside for m in g.members)]
 
 
 def _entry(gm: GraphModule, path: str, inner: bool = False):

@@ -80,6 +80,7 @@ from fxadapt.pipeline import cache_check, many, replan
 from fxadapt.pipeline.cache_check import CacheFailure, cached_failure
 from fxadapt.pipeline.config import TransformConfig, checked_data, hold_of, transform_config
 from fxadapt.pipeline.eager_check import warn_eager_gap
+from fxadapt.pipeline.program import captured_from_program, to_exported_program
 from fxadapt.pipeline.report import Report, attach
 from fxadapt.pipeline.runner import Step, run_steps
 from fxadapt.pipeline.strategies import STRATEGIES, Outcome, SearchInterrupted  # noqa: F401  (re-export)
@@ -118,7 +119,6 @@ class Job:
 
 def _capture(job: Job) -> Job:
     if isinstance(job.model, ExportedProgram):
-        from fxadapt.export.program import captured_from_program
 
         gm = captured_from_program(job.model, job.example_inputs)
         gm.meta.setdefault(meta.INPUTS, as_inputs(job.example_inputs))
@@ -386,7 +386,6 @@ def _dynamic_graph(job: Job) -> Job:
 
 
 def _export(job: Job) -> Job:
-    from fxadapt.export.program import to_exported_program
 
     return dataclasses.replace(job, result=to_exported_program(job.gm, job.inputs))
 

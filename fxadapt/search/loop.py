@@ -42,7 +42,7 @@ from torch import nn
 from fxadapt import dist, meta
 from fxadapt.search.losses import arch_penalty
 from fxadapt.search.supernet import Supernet, build_supernet
-from fxadapt.train.data import Batch, Batches, Data, Layout, _map_style, as_tensors, prediction, task_loss
+from fxadapt.train.data import Batch, Batches, Data, Layout, as_tensors, is_map_style, prediction, task_loss
 
 if TYPE_CHECKING:
 
@@ -59,7 +59,7 @@ def holdout(data: Any, fraction: float, seed: int):
         rest, held = holdout(data.source, fraction, seed)
         return (data, None) if held is None else (data.with_source(rest), data.with_source(held))
     tensors = as_tensors(data)
-    n = len(tensors[0]) if tensors is not None else (len(data) if _map_style(data) else 0)
+    n = len(tensors[0]) if tensors is not None else (len(data) if is_map_style(data) else 0)
     k = int(round(fraction * n))
     if k < 1 or k >= n:
         return data, None

@@ -100,7 +100,7 @@ def is_batch_list(data: Any) -> bool:
             and all(isinstance(b, (Mapping, tuple, list)) for b in data))
 
 
-def _map_style(data: Any) -> bool:
+def is_map_style(data: Any) -> bool:
     return isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
 
 
@@ -245,9 +245,10 @@ class Batches:
         self.tensors, self.mapping = as_tensors(data), as_mapping(data)
         self.dataset, self.collate, self.loader, self.items = None, default_collate, None, None
         if self.tensors is None and self.mapping is None:
-            if _map_style(data):
+            if is_map_style(data):
                 self.dataset = data
-            elif isinstance(data, DataLoader) and world > 1 and _map_style(data.dataset) and data.batch_size:
+            elif (isinstance(data, DataLoader) and world > 1 and is_map_style(data.dataset)
+                  and data.batch_size):
                 self.dataset, self.collate, batch_size = data.dataset, data.collate_fn, data.batch_size
             elif isinstance(data, DataLoader):
                 self.loader = data
@@ -344,7 +345,7 @@ class Batches:
     def _fast(self) -> bool:
         """Reach a batch by walking the loader's sampler (index lists), loading only that batch."""
         loader = self.loader
-        return loader.batch_sampler is not None and _map_style(loader.dataset) and loader.num_workers == 0
+        return loader.batch_sampler is not None and is_map_style(loader.dataset) and loader.num_workers == 0
 
     def _walk(self):
         return iter(self.loader.batch_sampler) if self._fast() else iter(self.loader)

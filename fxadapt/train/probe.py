@@ -44,10 +44,10 @@ from fxadapt.train.data import (
     Batches,
     Data,
     Layout,
-    _map_style,
     as_mapping,
     as_tensors,
     is_batch_list,
+    is_map_style,
     prediction,
     task_loss,
 )
@@ -100,7 +100,7 @@ def checked_batches(model: nn.Module, data: Any, loss_fn: Callable | None = F.cr
     >>> checked_batches(torch.nn.Linear(3, 2), [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]).layout.task
     'labels'
     """
-    if isinstance(data, Data) or as_tensors(data) is not None or _map_style(data):
+    if isinstance(data, Data) or as_tensors(data) is not None or is_map_style(data):
         return data
     first = Batches(data, PROBE, 0).batch(0)
     return check_data(model, Layout().batch(first).inputs, data, "data", loss_fn)
@@ -115,10 +115,10 @@ def _samples(name: str, data: Any) -> int | None:
             raise InputError(f"{name}: its tensors have different lengths ({', '.join(map(str, lengths))}): "
                              f"give one target per input (every tensor with the same first dimension)")
         n = lengths[0]
-    elif _map_style(data):
+    elif is_map_style(data):
         n = len(data)
     elif isinstance(data, torch.utils.data.DataLoader):
-        n = len(data.dataset) if _map_style(data.dataset) else None
+        n = len(data.dataset) if is_map_style(data.dataset) else None
     elif is_batch_list(data):
         n = None
     else:

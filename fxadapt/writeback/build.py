@@ -39,7 +39,7 @@ from fxadapt.ir.share import share_into, shared_copy
 from fxadapt.writeback import hf, stock
 from fxadapt.writeback.depth import NotExpressible, depth_ops
 from fxadapt.writeback.layer_config import module_config_ops, original_paths
-from fxadapt.writeback.probe import Divergence, first_divergence, graph_inputs
+from fxadapt.writeback.probe import Divergence, first_divergence, graph_inputs, running_at_failure
 from fxadapt.writeback.recipe import Recipe, apply
 from fxadapt.writeback.shapes_at import original_outputs, runs_for_real, worth_meta
 from fxadapt.writeback.widths import graph_tensor, tensors_of, twin_attrs, width_ops
@@ -175,9 +175,43 @@ def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefe
         if e.fails:   # where it parts from the graph (``probe``)
             where = first_divergence(work, lambda: as_called(work, inputs).call(work),
                                      graph_inputs(ref.graph))
-            return WriteBack(None, recipe, SizeConflict(str(e), hint, where))
+            note = "" if where is not None else _inside_note(work, model, inputs, evidence)
+            return WriteBack(None, recipe, SizeConflict(str(e) + note, hint, where))
         return WriteBack(None, recipe, Mismatch(str(e), hint))
     return WriteBack(work, recipe, None, shapes)
+
+
+def _inside_note(work: nn.Module, model: nn.Module, inputs: Inputs, evidence: dict) -> str:
+    """Where the failing op is inside a module (no module receives another shape than the graph gives it):
+    that module and the sizes it cannot take, from the graph's edited view/split sizes there and its size
+    attributes that differed and coincide now (code that compares them takes another branch)."""
+    running = running_at_failure(work, lambda: as_called(work, inputs).call(work)) or []
+    path, mod = next(((p, m) for p, m, _ in reversed(running) if p not in ("", "?")), (None, None))
+    if mod is None:
+        return ""
+    pairs = evidence.get(path, {})
+    kept = {a for k, (a, _) in pairs.items() if isinstance(k, tuple) and k[0] == "kept"}
+    named = lambda a: "".join(f" ({k})" for k, v in sorted(vars(mod).items()) if v == a and type(v) is int)  # noqa: E731
+    sizes = [f"{a}{named(a)} -> {b}" + (f" (and {a} kept)" if a in kept else "")
+             for k, (a, b) in sorted(pairs.items(), key=str) if isinstance(k, tuple) and k[0] == "view"]
+    was = vars(model.get_submodule(path)) if _has(model, path) else {}
+    now = {k: v for k, v in vars(mod).items() if type(v) is int and type(was.get(k)) is int}
+    met = [f"{a} and {b} (were {was[a]} and {was[b]}, both {now[a]} now)"
+           for a in sorted(now) for b in sorted(now) if a < b and now[a] == now[b] and was[a] != was[b]]
+    if not sizes and not met:
+        return ""
+    what = "; ".join(x for x in (f"the graph's view/split sizes there {', '.join(sizes)}" if sizes else "",
+                                 f"its sizes {', '.join(met)}" if met else "") if x)
+    return (f"; it fails inside {path} ({type(mod).__name__}), whose code computes a size at run time (from "
+            f"another tensor's shape or by comparing its sizes) that it cannot take: {what}")
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _hf_final(work: nn.Module, model: nn.Module, recipe: Recipe, order: dict, found: tuple) -> Recipe:

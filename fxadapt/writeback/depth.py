@@ -47,9 +47,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxadapt.ir.capture import as_called
 from fxadapt.meta import REPEAT_OF
 from fxadapt.ops.registry import spec_of
-from fxadapt.passes.rewire_blocks import _body_output, _zero_params, _zero_source
+from fxadapt.passes.rewire_blocks import body_output, zero_source, zeroed_params
 from fxadapt.writeback.widths import module_stack as _stack
 
 if TYPE_CHECKING:
@@ -219,10 +220,10 @@ def _final(model: nn.Module, where: tuple, order: dict) -> str:
 def _zeroed(b, nodes: dict) -> list[str]:
     """Names of the parameters ``rewire_blocks`` zeroes in a copy of block ``b``."""
     gm = nodes[b.exit].graph.owning_module
-    src = _zero_source(gm, _body_output(nodes, b), set(b.body))
+    src = zero_source(gm, body_output(nodes, b), set(b.body))
     if isinstance(src, str):
         raise NotExpressible(f"block {b.exit} cannot be repeated: {src}")
-    zeroed = _zero_params(gm, src)
+    zeroed = zeroed_params(gm, src)
     return [n for n, p in gm.named_parameters(remove_duplicate=False) if any(p is z for z in zeroed)]
 
 
@@ -235,7 +236,7 @@ def _child(parent: str, index: int, key: str, model: nn.Module) -> str:
 def _branch(u: str, b, nodes: dict) -> str:
     """The outermost module below unit ``u`` that computes the block's branch output from body nodes only;
     weighted (matrix) layers of the body outside it make the block not expressible."""
-    out_node, body = _body_output(nodes, b), set(b.body)
+    out_node, body = body_output(nodes, b), set(b.body)
     stack = _stack(out_node)
     below = stack[stack.index(u) + 1:] if u in stack else []
     for path in below:
@@ -243,7 +244,7 @@ def _branch(u: str, b, nodes: dict) -> str:
             gm = out_node.graph.owning_module
             stray = [n.name for n in nodes.values() if n.name in body and _weighted(n)
                      and path not in _stack(n)
-                     and any(p.dim() >= 2 for p in _zero_params(gm, n))]
+                     and any(p.dim() >= 2 for p in zeroed_params(gm, n))]
             if stray:
                 raise NotExpressible(f"the branch of block {b.exit} spans weighted layers outside {path} "
                                      f"({', '.join(stray[:3])})")
@@ -276,8 +277,6 @@ def _record(model: nn.Module, inputs: Inputs, units: dict, nodes: dict, blocks: 
     for p in paths:
         handles.append(model.get_submodule(p).register_forward_hook(_hook(io, p), with_kwargs=True))
     try:
-        from fxadapt.ir.capture import as_called
-
         with torch.no_grad():
             as_called(model, inputs).call(model.eval())
     finally:

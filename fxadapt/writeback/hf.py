@@ -82,7 +82,41 @@ def config_ops(model: nn.Module, original: nn.Module, order: dict, attention: di
                 ops.append({"op": "config", "field": name, "value": value})
     ops += _intermediate(model, original, cfg)
     ops += _explicit_head_dim(cfg, new)
+    ops += size_lists(model, cfg, attention)
     return [o for o in ops if o["op"] != "config" or settable(cfg, o["field"])]
+
+
+def size_lists(model: nn.Module, cfg, attention: dict) -> list[dict]:
+    """Per-stage size lists of the config (``hidden_sizes``, ``embed_dims``: a list of ints named ``*_sizes``/
+    ``*_dims``/``dims``) that a module holding the config reads in its own view/split arguments (PVTv2's
+    head: ``reshape(b, -1, config.hidden_sizes[-1])``): an entry whose old value such an argument edited to
+    one new size (and no argument there kept) takes it.
+
+    >>> from types import SimpleNamespace as NS
+    >>> m = nn.Module(); m.config = NS(hidden_sizes=[16, 32, 64], mlp_ratios=[4, 4, 64])
+    >>> size_lists(m, m.config, {"": {("view", 64): (64, 32), "hidden": (64, 64)}})
+    [{'op': 'config', 'field': 'hidden_sizes', 'value': [16, 32, 32]}]
+    """
+    edits: dict[int, set] = {}
+    kept: set = set()
+    for path, mod in model.named_modules():
+        if getattr(mod, "config", None) is not cfg:
+            continue
+        for key, (a, b) in attention.get(path, {}).items():
+            if isinstance(key, tuple) and key[0] == "view":
+                edits.setdefault(a, set()).add(b)
+            elif isinstance(key, tuple) and key[0] == "kept":
+                kept.add(a)
+    new = {a: next(iter(bs)) for a, bs in edits.items() if len(bs) == 1 and a not in kept}
+    ops = []
+    for name, value in sorted(vars(cfg).items()):
+        if not (name.endswith(("_sizes", "_dims")) or name == "dims") or not isinstance(value, list) \
+                or not value or not all(type(v) is int for v in value):
+            continue
+        out = [new.get(v, v) for v in value]
+        if out != value:
+            ops.append({"op": "config", "field": name, "value": out})
+    return ops
 
 
 ATTRS = {"heads": ("num_heads", "num_attention_heads", "n_heads"),

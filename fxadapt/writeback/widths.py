@@ -85,6 +85,7 @@ def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule,
     attrs: dict[tuple[str, str], object] = {}
     for owner in sorted({n.rpartition(".")[0] for n in changed}):
         attrs.update(_leaf_attrs(model, gm, owner, changed))
+    attrs.update({k: v for k, v in _input_attrs(model, attrs).items() if k not in attrs})
     evidence = _attention_evidence(gm, base)
     for path, pairs in evidence.items():
         attrs.update({k: v for k, v in _named(model, path, pairs, prefer).items() if k not in attrs})
@@ -143,6 +144,26 @@ def _leaf_attrs(model: nn.Module, gm: GraphModule, owner: str, changed: dict) ->
             continue
         if _new_size(v, sizes, vectors) != v:
             out[(owner, k)] = _new_size(v, sizes, vectors)
+    return out
+
+
+CHANNELS = ("num_channels", "in_channels", "in_chans", "input_dim")
+"""A module's record of its input width (FocalNet's patch embedding checks ``x.shape[1] == num_channels``)."""
+
+
+def _input_attrs(model: nn.Module, attrs: dict) -> dict:
+    """Evidence 4: a module whose first child is a layer whose input width changed (``in_channels``/
+    ``in_features`` set above) gets its ``CHANNELS`` attribute equal to that old width set to the new one."""
+    out = {}
+    for path, mod in model.named_modules():
+        first = next(iter(mod._modules.items()), None)
+        if first is None or first[1] is None:
+            continue
+        child = f"{path}.{first[0]}" if path else first[0]
+        for key in ("in_channels", "in_features"):
+            old, new = getattr(first[1], key, None), attrs.get((child, key))
+            if type(old) is int and type(new) is int:
+                out.update({(path, a): new for a, v in _int_attrs(mod).items() if a in CHANNELS and v == old})
     return out
 
 
@@ -282,13 +303,17 @@ def _named(model: nn.Module, path: str, pairs: dict, prefer: str = "all") -> dic
 
 def _sized_name(attr: str) -> bool:
     """A size attribute named by no kind in ``NAMES`` (a Mamba-2 mixer's ``intermediate_size``/``conv_dim``, a
-    gated norm's ``group_size``): it follows an edited size of the module's own view/split arguments.
+    gated norm's ``group_size``, Hiera's ``hidden_size_output``: a ``size``/``dim`` word after the first): it
+    follows an edited size of the module's own view/split arguments.
 
     >>> _sized_name("conv_dim"), _sized_name("group_size"), _sized_name("layer_idx"), _sized_name("head_dim")
     (True, True, False, False)
+    >>> _sized_name("hidden_size_output"), _sized_name("sizes"), _sized_name("dim")
+    (True, False, False)
     """
     named = {n for names in NAMES.values() for n in names}
-    return attr not in named and (attr.endswith("_size") or attr.endswith("_dim"))
+    words = attr.split("_")
+    return attr not in named and len(words) > 1 and bool({"size", "dim"} & set(words[1:]))
 
 
 # Sizes that coincide when a model is built (hidden == heads * head_dim), so the name alone does not say

@@ -186,9 +186,10 @@ def _inside_note(work: nn.Module, model: nn.Module, inputs: Inputs, evidence: di
     that module and the sizes it cannot take, from the graph's edited view/split sizes there and its size
     attributes that differed and coincide now (code that compares them takes another branch)."""
     running = running_at_failure(work, lambda: as_called(work, inputs).call(work)) or []
-    path, mod = next(((p, m) for p, m, _ in reversed(running) if p not in ("", "?")), (None, None))
-    if mod is None:
+    found = next(((p, m) for p, m, _ in reversed(running) if p not in ("", "?")), None)
+    if found is None:
         return ""
+    path, mod = found
     pairs = evidence.get(path, {})
     kept = {a for k, (a, _) in pairs.items() if isinstance(k, tuple) and k[0] == "kept"}
     named = lambda a: "".join(f" ({k})" for k, v in sorted(vars(mod).items()) if v == a and type(v) is int)  # noqa: E731

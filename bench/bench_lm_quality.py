@@ -1,50 +1,46 @@
-"""LM quality row in the fair protocol of bench/quality.py (issue 8 item 7; issue 15 item 3): a small GPT-2
-trained on the standard library's sources, adapted to 0.5 of its MACs, every candidate given the same number
-of weight-update steps after the base; seeds, intervals and choices on a validation slice.
+"""LM quality in the users' protocol (issue 25 items 8 and 9c): a small GPT-2 trained on the standard
+library's sources, adapted to 0.5 and 0.25 of its MACs, every method given the same W weight steps after
+the base and the same distillation; seeds paired, intervals, choices on a validation slice.
 
     python bench/bench_lm_quality.py --seeds 0,1,2 --threads 1        # resumable (rows cached)
     python bench/bench_lm_quality.py --seeds 0,1,2 --report           # the tables from the cache only
 
 Corpus: ``Path(os.__file__).parent.glob("*.py")`` in sorted name order, concatenated as bytes (V = 256); the
-last 5% of the bytes are held out and split in halves: **val** (the first half) and **test** (the second).
-Perplexity is ``exp`` of the mean next-byte cross-entropy over ``--eval-windows`` non-overlapping windows
-of ``SEQ`` bytes spread evenly over a slice. Every choice reads val; test is only reported.
+last 10% of the bytes are held out and split in halves: **val** (the first half) and **test** (the second).
+Perplexity is ``exp`` of the mean next-byte cross-entropy over non-overlapping windows of ``SEQ`` bytes
+spread evenly over a slice: ``--eval-windows`` (2048) on test, ``--val-windows`` on val. Every choice
+reads val; test is only reported.
 
-Per seed ``s`` (0, 1, 2): a base GPT-2 (init seed ``s``) trained ``B`` steps (``--base-steps``), then the
-candidates at the MACs of fxadapt's data-free result (``fxadapt.analysis.count.count_macs`` on
-``{"input_ids": [1, SEQ]}``). Equal training: after the base every candidate gets ``W = S + F`` AdamW
-steps on its weights (``S = --search-steps``, ``F = --ft-steps``):
+Per seed ``s``: a base GPT-2 (init seed ``s``) trained ``B`` steps (``--base-steps``, at least 20 W) with
+cross-entropy; then per MACs ratio ``r`` (``--ratios``) every method gets ``W`` (``--w``) weight steps
+after the base, counted from the search history where a search takes weight steps:
 
-- ``dna``: fxadapt DNA (``SearchConfig(loss_fn=lm_loss, steps=S)``; its weight steps are AdamW at 1e-3,
-  ``w_optimizer="auto"``; gate steps read other training windows), then fine-tuned ``F`` steps; its weight
-  steps are counted from the search history. If the search cannot take the model's ``CausalLMOutput``,
-  the error is recorded and it runs on a wrapper returning logits.
-- ``datafree`` (default attention mode), ``datafree-heads`` (``attention="heads"``) and ``magnitude`` (the
-  Torch-Pruning LLM recipe by hand, bench/lm_magnitude.py, bisected to the data-free MACs): no weight step
-  choosing the widths; fine-tuned ``W`` steps.
-- ``scratch``: the data-free widths, weights re-initialised (GPT-2's init: N(0, 0.02), LayerNorm 1 / 0)
-  and trained ``B + W`` steps with the base's recipe (the base's steps plus W, as ``uniform`` in
-  bench/quality.py).
-- ``base-ft``: the unadapted base fine-tuned ``W`` steps (a reference at 1.0x MACs, not a baseline).
+- ``datafree``: ``fxadapt.transform(base, r)``, no data;
+- ``magnitude``: the Torch-Pruning LLM recipe by hand (bench/lm_magnitude.py: whole heads and MLP neurons by
+  L1, one ratio for both, hidden size kept), bisected to the data-free result's MACs;
+- ``importance``: ``strategy="importance"`` with ``ImportanceConfig(steps=S, batch_size=BATCH)`` on
+  ``--calib-windows`` training windows (inputs only; its weight steps distil from the base), then
+  ``W - S`` fine-tune steps;
+- ``importance-screen``: the same with ``screen=True`` (fxadapt.search.screen: axis candidates, S steps in
+  all), the axis it kept recorded;
+- ``base-ft`` (``--methods`` to add it): the unadapted base given the same fine-tune (1.0x reference).
 
-Training (base, fine-tunes, scratch): AdamW (betas 0.9 / 0.95, weight decay 0.01), linear warm-up (5%)
-then cosine to 0, batch ``BATCH``; in one seed every fine-tune reads the same windows in the same order.
-Report: test perplexity mean ± the 95% t-interval over seeds; paired differences (same base) against the
-baseline (datafree, datafree-heads, magnitude, scratch) with the lowest mean *val* perplexity, and
-against the best inherited-weight one (the first three). Rows are cached in
-``bench/.cache/lm_quality_rows.jsonl`` keyed by (method, seed, config hash: every setting, the model
-config, the method's options with defaults and ``PROTOCOL``); bases in ``bench/.cache/lm_base_*.pt``.
+Fine-tune (every method, the same recipe): AdamW (betas 0.9 / 0.95, weight decay 0.01, lr ``--ft-lr``),
+linear warm-up (5%) then cosine to 0, batch ``BATCH``, loss ``KL(base || student)`` on the logits (T = 1,
+the mean over tokens), the same windows in the same order for every method of a seed. Report per ratio:
+test perplexity mean ± the 95% t-interval over seeds; paired differences (same base) against the
+keep-weights baseline (datafree, magnitude) with the lowest mean val perplexity. Rows are cached in
+``bench/.cache/lm_quality25_rows.jsonl`` keyed by (method, ratio, seed, config hash); bases in
+``bench/.cache/lm_base_*.pt``.
 
-Sizes (issue 15 shrank them to fit 3 seeds in about 25 minutes on one thread): GPT-2 3 x 96 (4 heads),
-``SEQ`` 64, batch 16, B = 600, S = 150, F = 250, so W = 400 (the single-seed row before issue 15: 4 x 128,
-SEQ 128, base 900 steps, every candidate 400 fine-tune steps and DNA 300 more search steps).
+Sizes (3 seeds, one process per seed, one thread each, on 2 cores shared with other jobs): GPT-2 3 x 96
+(4 heads), ``SEQ`` 64, batch 16, B = 1000 = 20 W, W = 50, S = 24 (the screen: 4 candidates x 3 steps, the
+winner 12 more), 2048 test windows, 256 val windows, 2048 calibration windows.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -65,29 +61,28 @@ from quality import interval, provenance, stable  # noqa: E402
 
 import fxadapt  # noqa: E402
 from fxadapt.analysis.count import count_macs  # noqa: E402
-from fxadapt.search.dna import SearchConfig  # noqa: E402
+from fxadapt.search.importance import ImportanceConfig  # noqa: E402
 
-PROTOCOL = "issue15-lm-equal-steps-v1"
+PROTOCOL = "issue25-lm-equal-steps-distill-v1"
 CACHE = Path(__file__).resolve().parent / ".cache"
 SEQ, BATCH, VOCAB = 64, 16, 256
 CONFIG = dict(n_layer=3, n_embd=96, n_head=4, n_positions=SEQ, vocab_size=VOCAB,
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0,
               eos_token_id=0)
-METHODS = ("base-ft", "datafree", "datafree-heads", "magnitude", "scratch", "dna")
-BASELINES = ("datafree", "datafree-heads", "magnitude", "scratch")
-INHERITED = ("datafree", "datafree-heads", "magnitude")
+METHODS = ("datafree", "magnitude", "importance", "importance-screen")
+KEEP_WEIGHTS = ("datafree", "magnitude")
 LABELS = {"base-ft": "base + the same fine-tune (1.0x, reference)", "datafree": "fxadapt data-free",
-          "datafree-heads": "fxadapt data-free (heads)", "magnitude": "magnitude heads+MLP (TP LLM recipe)",
-          "scratch": "data-free widths, from scratch", "dna": "fxadapt DNA"}
+          "magnitude": "magnitude heads+MLP (TP LLM recipe)", "importance": "importance (screen off)",
+          "importance-screen": "importance (screen on)"}
 
 
 # ---------------------------------------------------------------- data
 def corpus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train, val, test) byte tensors: the stdlib's top-level ``*.py`` files, sorted; the last 5% held
+    """(train, val, test) byte tensors: the stdlib's top-level ``*.py`` files, sorted; the last 10% held
     out, its first half val, its second half test."""
     files = sorted(Path(os.__file__).parent.glob("*.py"), key=lambda p: p.name)
     data = torch.frombuffer(bytearray(b"\n".join(p.read_bytes() for p in files)), dtype=torch.uint8).long()
-    cut = int(len(data) * 0.95)
+    cut = int(len(data) * 0.90)
     mid = cut + (len(data) - cut) // 2
     return data[:cut], data[cut:mid], data[mid:]
 
@@ -122,20 +117,17 @@ def lm_loss(outputs, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_of(outputs).float().flatten(0, 1), y.flatten())
 
 
-class Logits(nn.Module):
-    """``lm(input_ids=...).logits``: the workaround when a search needs a tensor output."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids).logits
+def kd_loss(outputs, t_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` at T = 1, the mean over tokens."""
+    s = F.log_softmax(logits_of(outputs).float().flatten(0, 1), -1)
+    return F.kl_div(s, F.log_softmax(t_logits.float().flatten(0, 1), -1), log_target=True,
+                    reduction="batchmean")
 
 
-def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, seed: int) -> float:
-    """AdamW, linear warm-up (5%) then cosine to 0, batch ``BATCH``, offsets drawn from ``seed``; wall
-    seconds."""
+def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, seed: int,
+          teacher: nn.Module | None = None) -> float:
+    """AdamW, linear warm-up (5%) then cosine to 0, batch ``BATCH``, offsets drawn from ``seed``;
+    cross-entropy, or the KL to ``teacher``'s logits when given. Returns wall seconds."""
     torch.manual_seed(seed)
     offsets = random_offsets(data, steps * BATCH, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -147,12 +139,17 @@ def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, seed: int
         for g in opt.param_groups:
             g["lr"] = lr * f
         x, y = windows(data, offsets[s * BATCH:(s + 1) * BATCH])
-        loss = lm_loss(model(x), y)
+        if teacher is None:
+            loss = lm_loss(model(x), y)
+        else:
+            with torch.no_grad():
+                t = logits_of(teacher(x))
+            loss = kd_loss(model(x), t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if s % 200 == 0 or s == steps - 1:
+        if s % 500 == 0 or s == steps - 1:
             print(f"    step {s:5d}/{steps}  loss {loss.item():.3f}", flush=True)
     return time.perf_counter() - start
 
@@ -162,23 +159,11 @@ def perplexity(model: nn.Module, held: torch.Tensor, n_windows: int) -> float:
     model.eval()
     offsets = heldout_offsets(held, n_windows)
     total, count = 0.0, 0
-    for i in range(0, len(offsets), BATCH):
-        x, y = windows(held, offsets[i:i + BATCH])
+    for i in range(0, len(offsets), 64):
+        x, y = windows(held, offsets[i:i + 64])
         total += float(lm_loss(model(x), y)) * y.numel()
         count += y.numel()
     return math.exp(total / count)
-
-
-@torch.no_grad()
-def reinitialise(model: nn.Module, seed: int) -> nn.Module:
-    """GPT-2's initialisation on every parameter: matrices N(0, 0.02), biases 0, LayerNorm scales 1."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        else:
-            p.fill_(0.0 if name.endswith("bias") else 1.0)
-    return model
 
 
 def base_model(args, train_data: torch.Tensor, seed: int) -> tuple[nn.Module, float]:
@@ -199,118 +184,105 @@ def base_model(args, train_data: torch.Tensor, seed: int) -> tuple[nn.Module, fl
     return model, seconds
 
 
-# ---------------------------------------------------------------- candidates
-def search_config(args, seed: int) -> SearchConfig:
-    return SearchConfig(loss_fn=lm_loss, batch_size=BATCH, steps=args.search_steps,
-                        warmup=max(1, args.search_steps // 6), seed=seed, progress=False)
+# ---------------------------------------------------------------- methods
+def importance_config(args, seed: int, screen: bool) -> ImportanceConfig:
+    return ImportanceConfig(steps=args.search_steps, batch_size=BATCH, seed=seed, screen=screen)
 
 
-def adapt_dna(base, ex, train_data, args, seed):
-    """DNA on the model as is; if the search cannot take its output, record why and search
-    ``Logits(base)``."""
-    x, y = windows(train_data, random_offsets(train_data, args.dna_windows, seed=10 * seed + 2))
-    xv, yv = windows(train_data, random_offsets(train_data, 256, seed=10 * seed + 3))
-    kw = dict(data=(x, y), val_data=(xv, yv), strategy="dna")
-    tag = f"{config_hash(args, 'dna')}_s{seed}"
-    try:
-        ck = dataclasses.replace(search_config(args, seed), checkpoint=str(CACHE / f"lm_dna_raw_{tag}.ckpt"))
-        return fxadapt.transform(base, 0.5, ex, search=ck, **kw), None
-    except Exception as e:  # noqa: BLE001  (recorded in the row, then worked around)
-        error = f"{type(e).__name__}: {e}"
-        print(f"    DNA on GPT2LMHeadModel failed: {error}; retrying on Logits(model)", flush=True)
-    ck = dataclasses.replace(search_config(args, seed), checkpoint=str(CACHE / f"lm_dna_logits_{tag}.ckpt"))
-    return fxadapt.transform(Logits(base), 0.5, ex, search=ck, **kw), \
-            f"searched on Logits(model); as is: {error}"
+def screened(model: nn.Module) -> tuple[str | None, str | None]:
+    """(the axis candidate the screen kept, the report's note) from the result's history."""
+    last = fxadapt.report(model).history[-1]
+    return (last.get("chosen"), last.get("note")) if isinstance(last, dict) else (None, None)
 
 
-def candidate(method: str, base, ex, train_data, args, seed) -> tuple[nn.Module, str | None, int]:
-    """(model at 0.5 MACs, a note, weight steps taken choosing it)."""
+def candidate(method: str, ratio: float, base, ex, train_data, args, seed
+              ) -> tuple[nn.Module, str | None, int]:
+    """(model at ``ratio`` of the MACs, a note, weight steps taken choosing it)."""
+    import copy
+
     if method == "base-ft":
         return copy.deepcopy(base), "reference: no adaptation", 0
-    if method in ("datafree", "datafree-heads", "scratch"):
-        model = fxadapt.transform(base, 0.5, ex,
-                                  **({"attention": "heads"} if method == "datafree-heads" else {}))
-        return (reinitialise(model, seed), "data-free widths, re-initialised", 0) \
-                if method == "scratch" else \
-            (model, None, 0)
+    if method == "datafree":
+        return fxadapt.transform(base, ratio, ex), None, 0
     if method == "magnitude":
-        model, p = magnitude_at(base, count_macs(fxadapt.transform(base, 0.5, ex), ex), ex)
+        model, p = magnitude_at(base, count_macs(fxadapt.transform(base, ratio, ex), ex), ex)
         heads = [b.attn.num_heads for b in model.transformer.h]
         inner = [b.mlp.c_fc.weight.shape[1] for b in model.transformer.h]
-        return model, f"by hand (L1 magnitude), p={p:.4f}, heads/layer {heads}, MLP {inner}", 0
-    model, note = adapt_dna(base, ex, train_data, args, seed)
+        return model, f"L1 magnitude p={p:.4f}, heads/layer {heads}, MLP {inner}", 0
+    x, _ = windows(train_data, random_offsets(train_data, args.calib_windows, seed=10 * seed + 2))
+    cfg = importance_config(args, seed, method == "importance-screen")
+    model = fxadapt.transform(base, ratio, ex, data={"input_ids": x}, strategy="importance", importance=cfg)
     steps = sum(1 for h in fxadapt.report(model).history if isinstance(h, dict) and "step" in h)
-    return model, note, steps
+    chosen, note = screened(model)
+    return model, (f"screen kept {chosen}: {note}" if chosen else None), steps
 
 
-def moved(model: nn.Module) -> list | None:
-    """``[group, before, after]`` for every group fxadapt's report says moved (``None``: not an fxadapt
-    result)."""
-    try:
-        rep = fxadapt.report(model)
-    except Exception:  # noqa: BLE001  (no report attached)
-        return None
-    return [[c.name, c.before, c.after] for c in rep.groups if c.before != c.after]
+def widths(model: nn.Module) -> dict:
+    """Hidden size, heads and MLP inner width per layer, read from the modules."""
+    h = model.transformer.h
+    return {"hidden": int(model.transformer.wte.weight.shape[1]),
+            "qkv": [int(b.attn.c_attn.weight.shape[1]) for b in h],
+            "mlp": [int(b.mlp.c_fc.weight.shape[1]) for b in h]}
 
 
-def run_row(method, seed, base, ex, data, args) -> dict:
-    """Adapt, count, evaluate, train to W weight steps after the base, evaluate again."""
+def run_row(method, ratio, seed, base, ex, data, args) -> dict:
+    """Adapt, count, train to W weight steps after the base with the distillation recipe, evaluate."""
     train_data, val, test = data
-    print(f"[seed {seed}] [{method}] adapting", flush=True)
+    print(f"[seed {seed}] [{method} @ {ratio}] adapting", flush=True)
     start = time.perf_counter()
-    model, note, search_steps = candidate(method, base, ex, train_data, args, seed)
-    adapt_s, w = time.perf_counter() - start, args.search_steps + args.ft_steps
-    ft_steps = args.base_steps + w if method == "scratch" else w - search_steps
+    model, note, search_steps = candidate(method, ratio, base, ex, train_data, args, seed)
+    adapt_s = time.perf_counter() - start
+    ft_steps = args.w - search_steps
     row = {"macs": count_macs(model, ex), "params": sum(p.numel() for p in model.parameters()),
-           "adapt_s": adapt_s, "note": note, "moved": moved(model), "search_steps": search_steps,
-           "finetune_steps": ft_steps,
-           "steps_after_base": w if method == "scratch" else search_steps + ft_steps,
-           "val_before": perplexity(model, val, args.eval_windows),
-           "test_before": perplexity(model, test, args.eval_windows)}
-    print(f"[seed {seed}] [{method}] val ppl {row['val_before']:.2f}; training {ft_steps} steps", flush=True)
-    lr = args.base_lr if method == "scratch" else args.ft_lr
-    row["finetune_s"] = train(model, train_data, ft_steps, lr, seed=1000 + seed)
-    row["val"], row["test"] = perplexity(model, val, args.eval_windows), \
-            perplexity(model, test, args.eval_windows)
+           "adapt_s": adapt_s, "note": note, "widths": widths(model), "search_steps": search_steps,
+           "finetune_steps": ft_steps, "val_before": perplexity(model, val, args.val_windows)}
+    print(f"[seed {seed}] [{method} @ {ratio}] val ppl {row['val_before']:.3f}; {ft_steps} steps", flush=True)
+    row["finetune_s"] = train(model, train_data, ft_steps, args.ft_lr, seed=1000 + seed, teacher=base.eval())
+    row["val"], row["test"] = perplexity(model, val, args.val_windows), \
+        perplexity(model, test, args.eval_windows)
     return row
 
 
 # ---------------------------------------------------------------- cache
-SETTINGS = ("base_steps", "base_lr", "ft_steps", "ft_lr", "search_steps", "dna_windows", "eval_windows")
+SETTINGS = ("base_steps", "base_lr", "w", "ft_lr", "search_steps", "calib_windows", "eval_windows",
+            "val_windows")
 
 
 def config_hash(args, method: str) -> str:
     """Every setting that defines ``method``'s row (the base's settings for "base"), defaults included."""
     keys = ("base_steps", "base_lr") if method == "base" else SETTINGS
-    payload = {"protocol": PROTOCOL, "seq": SEQ, "batch": BATCH, "model": CONFIG, "method": method,
-               "settings": {k: getattr(args, k) for k in keys},
-               "search": stable(search_config(args, 0)) if method == "dna" else None}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    imp = stable(importance_config(args, 0, method == "importance-screen")) \
+        if method.startswith("importance") else None
+    payload = {"protocol": PROTOCOL, "seq": SEQ,
+               "batch": BATCH, "model": CONFIG, "method": method,
+               "settings": {k: getattr(args, k) for k in keys}, "importance": imp}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def load_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return list({(r["method"], r["seed"], r["config_hash"]): r for r in rows}.values())
+    return list({(r["method"], r.get("ratio"), r["seed"], r["config_hash"]): r for r in rows}.values())
 
 
 def run_seed(seed: int, data, args, path: Path) -> None:
     ex = {"input_ids": data[1][:SEQ][None]}
     base, base_s = base_model(args, data[0], seed)
-    for method in ("base",) + METHODS:
+    todo = [("base", 1.0)] + [(m, r) for r in args.ratio_list for m in args.method_list]
+    for method, ratio in todo:
         h = config_hash(args, method)
-        if any(r["method"] == method and r["seed"] == seed and r["config_hash"] == h
-               for r in load_rows(path)):
+        if any(r["method"] == method and r.get("ratio") == ratio and r["seed"] == seed
+               and r["config_hash"] == h for r in load_rows(path)):
             continue
-        row = {"method": method, "seed": seed, "config_hash": h}
+        row = {"method": method, "ratio": ratio, "seed": seed, "config_hash": h}
         if method == "base":
             row |= {"macs": count_macs(base, ex), "params": sum(p.numel() for p in base.parameters()),
-                    "val": perplexity(base, data[1], args.eval_windows), "train_s": base_s,
+                    "val": perplexity(base, data[1], args.val_windows), "train_s": base_s,
                     "test": perplexity(base, data[2], args.eval_windows)}
         else:
             try:
-                row |= run_row(method, seed, base, ex, data, args)
+                row |= run_row(method, ratio, seed, base, ex, data, args)
             except Exception as e:  # noqa: BLE001  (a failing method is a printed row, not a crash; not cached)
                 print(json.dumps(row | {"error": f"{type(e).__name__}: {e}"}), flush=True)
                 continue
@@ -326,66 +298,75 @@ def _ci(v: list[float], sign: str = "") -> str:
     return f"{m:{sign}.3f} ± {h:.3f}"
 
 
-def _by(rows, key: str) -> dict:
-    """{method: {seed: row[key]}}."""
-    out = {}
-    for r in rows:
-        out.setdefault(r["method"], {})[r["seed"]] = r[key]
-    return out
-
-
-def paired(test: dict, ref: str) -> dict:
-    """{method: [test ppl - ref's test ppl, seed by seed]}."""
-    return {m: [v[s] - test[ref][s] for s in sorted(set(v) & set(test[ref]))] for m, v in test.items()}
-
-
-def report(rows: list[dict]) -> str:
-    test, val = _by(rows, "test"), _by(rows, "val")
-    best = {name: min((m for m in pool if m in val), key=lambda m: statistics.mean(val[m].values()),
-                      default=None)
-            for name, pool in (("all", BASELINES), ("inherited", INHERITED))}
-    full = statistics.mean(r["macs"] for r in rows if r["method"] == "base")
-    lines = ["| method | MACs ratio | weight steps after the base (search + fine-tune) | test ppl before | "
-             "val ppl | test ppl (n) | − best baseline | − best inherited | search s / FT s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
-    diffs = {k: paired(test, b) if b else {} for k, b in best.items()}
-    for m in ("base",) + METHODS:
-        rs = [r for r in rows if r["method"] == m]
+def report_ratio(rows: list[dict], ratio: float, full: float) -> list[str]:
+    rows = [r for r in rows if r.get("ratio") == ratio and r["method"] != "base"]
+    test = {m: {r["seed"]: r["test"] for r in rows if r["method"] == m} for m in LABELS}
+    val = {m: {r["seed"]: r["val"] for r in rows if r["method"] == m} for m in LABELS}
+    ref = min((m for m in KEEP_WEIGHTS if val[m]), key=lambda m: statistics.mean(val[m].values()),
+              default=None)
+    lines = [f"\n### {ratio} of the MACs (best keep-weights baseline on val: {ref})\n",
+             "| method | MACs ratio | steps (search + FT) | widths (hidden / qkv / MLP, seed 0) | val ppl | "
+             "test ppl (n) | − best keep-weights (paired) | adapt s / FT s |",
+             "|---|---:|---|---|---:|---:|---:|---|"]
+    for m in LABELS:
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
         if not rs:
             continue
-        r0 = rs[0]
-        steps = ("-" if m == "base" else f"from init {r0['finetune_steps']} = base + {r0['steps_after_base']}"
-                 if m == "scratch"
-                 else f"{r0['search_steps']} + {r0['finetune_steps']} = {r0['steps_after_base']}")
-        d = [("reference" if m == best[k] else _ci(diffs[k][m], "+") if diffs[k].get(m) and m != "base"
-              else "")
-             for k in ("all", "inherited")]
-        t = (f"{statistics.mean(r['adapt_s'] for r in rs):.1f} / "
-             f"{statistics.mean(r['finetune_s'] for r in rs):.1f}"
-             if m != "base" else "")
-        before = f"{statistics.mean(r['test_before'] for r in rs):.2f}" if m != "base" else ""
-        lines.append(f"| {LABELS.get(m, m)} | {statistics.mean(r['macs'] for r in rs) / full:.3f} | {steps} "
-                     f"| {before} | {_ci(list(val[m].values()))} | {_ci(list(test[m].values()))} "
-                     f"({len(rs)}) | {d[0]} | {d[1]} | {t} |")
-    return (f"best baseline on val: {best['all']}; best inherited-weight baseline on val: "
-            f"{best['inherited']}\n\n"
-            + "\n".join(lines))
+        common = sorted(set(test[m]) & set(test[ref])) if ref else []
+        diff = ("reference" if m == ref else
+                _ci([test[m][s] - test[ref][s] for s in common], "+") if len(common) > 1 else "")
+        w = rs[0]["widths"]
+        lines.append(
+            f"| {LABELS[m]} | {statistics.mean(r['macs'] for r in rs) / full:.3f} | "
+            f"{rs[0]['search_steps']} + {rs[0]['finetune_steps']} | "
+            f"{w['hidden']} / {w['qkv']} / {w['mlp']} | "
+            f"{_ci(list(val[m].values()))} | {_ci(list(test[m].values()))} ({len(rs)}) | {diff} | "
+            f"{statistics.mean(r['adapt_s'] for r in rs):.1f} / "
+            f"{statistics.mean(r['finetune_s'] for r in rs):.1f} |")
+    chosen = [f"seed {r['seed']}: {r['note'].split(':')[0].removeprefix('screen kept ')}"
+              for r in sorted(rows, key=lambda r: r["seed"])
+              if r["method"] == "importance-screen" and r["note"]]
+    if chosen:
+        lines.append("\nscreen kept: " + "; ".join(chosen))
+    on, off = test["importance-screen"], test["importance"]
+    common = sorted(set(on) & set(off))
+    if len(common) > 1:
+        d = [on[s] - off[s] for s in common]
+        lines.append(f"screen on − screen off (test ppl, paired): {_ci(d, '+')}")
+    return lines
+
+
+def report(rows: list[dict], ratios: list[float]) -> str:
+    bases = [r for r in rows if r["method"] == "base"]
+    full = statistics.mean(r["macs"] for r in bases)
+    lines = [f"base: test ppl {_ci([r['test'] for r in bases])} ({len(bases)} seeds)"]
+    for ratio in ratios:
+        lines += report_ratio(rows, ratio, full)
+    return "\n".join(lines)
 
 
 def _args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--base-steps", type=int, default=600)
+    ap.add_argument("--ratios", default="0.5,0.25")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--base-steps", type=int, default=1000)
     ap.add_argument("--base-lr", type=float, default=3e-3)
-    ap.add_argument("--ft-steps", type=int, default=250, help="F: DNA's fine-tune; the others get S + F")
+    ap.add_argument("--w", type=int, default=50, help="W: weight steps after the base, every method")
     ap.add_argument("--ft-lr", type=float, default=1e-3)
-    ap.add_argument("--search-steps", type=int, default=150, help="S: DNA's search steps (weight steps)")
-    ap.add_argument("--dna-windows", type=int, default=4096)
-    ap.add_argument("--eval-windows", type=int, default=256)
+    ap.add_argument("--search-steps", type=int, default=24, help="S: the importance strategy's steps")
+    ap.add_argument("--calib-windows", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=2048)
+    ap.add_argument("--val-windows", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only print the table from the cache")
-    ap.add_argument("--out", default=str(CACHE / "lm_quality_rows.jsonl"))
-    return ap.parse_args(argv)
+    ap.add_argument("--out", default=str(CACHE / "lm_quality25_rows.jsonl"))
+    args = ap.parse_args(argv)
+    args.ratio_list = [float(r) for r in args.ratios.split(",")]
+    args.method_list = args.methods.split(",")
+    if args.base_steps < 20 * args.w:
+        ap.error(f"--base-steps must be at least 20 x W = {20 * args.w}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -400,8 +381,8 @@ def main(argv=None) -> None:
             run_seed(seed, data, args, path)
     rows = [r for r in load_rows(path) if r["seed"] in seeds
             and r["config_hash"] == config_hash(args, r["method"])]
-    text = report(rows)
-    (CACHE / "lm_quality.md").write_text(text + "\n")
+    text = report(rows, args.ratio_list)
+    (CACHE / "lm_quality25.md").write_text(text + "\n")
     print(text)
 
 

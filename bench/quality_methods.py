@@ -45,7 +45,8 @@ import fxadapt
 IMPORTANCE = ("importance", "importance-oneshot", "importance-taylor", "importance-act", "importance-1it",
               "importance-kd5", "importance-lr5", "importance-depth",
               # the default and its ablation (issue 25)
-              "importance-ablation", "importance-ablation-depth", "importance-floor", "importance-hybrid",
+              "importance-ablation", "importance-ablation-depth", "importance-floor", "importance-floor1",
+              "importance-hybrid",
               "importance-fisher")
 SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna",
           "dna-scratch") + IMPORTANCE
@@ -143,14 +144,16 @@ def importance_config(method: str, seed: int, steps: int, opts: dict) -> fxadapt
     ``-oneshot`` one prune and no search step (the fine-tune gets all of W), ``-taylor`` / ``-act`` /
     ``-ablation`` the score, ``-1it`` one prune then the steps, ``-kd5``
     half the loss on the labels, ``-lr5`` lr 0.05, ``-depth`` blocks scored and removed too, ``-floor`` every
-    group kept at >= half its uniformly scaled width. A task with its own loss (sr) distils by MSE."""
+    group kept at >= half its uniformly scaled width (``-floor1``: at it,
+    Minitron's homogeneous widths). A task with its own loss (sr) distils by MSE."""
     cfg = fxadapt.ImportanceConfig(seed=seed, steps=steps)
     variant = {"importance-oneshot": dict(iterations=1, steps=0), "importance-taylor": dict(kind="taylor"),
                "importance-act": dict(kind="activation"), "importance-1it": dict(iterations=1),
                "importance-kd5": dict(kd=0.5), "importance-lr5": dict(lr=0.05),
                "importance-depth": dict(depth=True), "importance-ablation": dict(kind="ablation"),
                "importance-ablation-depth": dict(kind="ablation", depth=True),
-               "importance-floor": dict(floor=0.5), "importance-hybrid": dict(kind="hybrid"),
+               "importance-floor": dict(floor=0.5), "importance-floor1": dict(floor=1.0),
+               "importance-hybrid": dict(kind="hybrid"),
                "importance-fisher": dict(kind="fisher")}.get(method, {})
     if opts.get("loss_fn") is not None:
         variant = variant | dict(loss="mse", loss_fn=opts["loss_fn"])

@@ -19,7 +19,11 @@ defaults and classified:
 Models with ``generate`` then run a greedy ``generate(max_new_tokens=3)`` on the adapted model; after a
 function-preserving growth (budget > 1) the tokens are also compared with the original's.
 
-    python bench/sweep_hf.py [--budgets 0.5 1.5] [--families llama bert ...] [--limit 120]
+    python bench/sweep_hf.py [--budgets 0.5 1.5] [--families llama bert ...] [--new] [--limit 120]
+
+``--new`` sweeps only the families of ``bench/hf_families_new.py`` (new in issue 27's second round); their
+rows are marked ``(new)`` in the table. ``--merge EARLIER.json LATER.json`` sweeps nothing and writes one
+table of two sweeps (the later one's rows win per family), with the totals of the new families and the rest.
 
 Writes ``bench/results/sweep_hf.json`` and ``bench/results/sweep_hf.md`` (the table) and prints the table.
 """
@@ -39,13 +43,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_families import FAMILIES  # noqa: E402
+from hf_families import FAMILIES as OLD_FAMILIES  # noqa: E402
+from hf_families_new import NEW_FAMILIES  # noqa: E402
 
 import fxadapt  # noqa: E402
 from fxadapt.analysis.count import count_macs  # noqa: E402
 from fxadapt.ir.capture import as_called  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FAMILIES = {**OLD_FAMILIES, **NEW_FAMILIES}
 TOL = 0.01
 # FxAdaptError classes that report fxadapt's own failure (a wrapper of an unexpected exception in a pipeline
 # step, a broken rewrite, a failed check of the result): counted as crashes, not refusals
@@ -247,7 +253,8 @@ def table(rows: list[dict], budgets) -> str:
             (moves[0][1] if moves else "")
         why = "; ".join(f"{r['budget']}: {w}" for r in rs for w in [_why(r)] if w)
         gen = "; ".join(f"{r['budget']}: {r['generate']}" for r in rs if "generate" in r) or "-"
-        lines.append("| " + " | ".join([fam, rs[0]["kind"]] + [_cell(r) for r in rs]
+        name = f"{fam} (new)" if fam in NEW_FAMILIES else fam
+        lines.append("| " + " | ".join([name, rs[0]["kind"]] + [_cell(r) for r in rs]
                                        + [mv or "-", why.replace("|", "/") or "-", gen]) + " |")
     return "\n".join(lines)
 
@@ -266,28 +273,53 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 1.5])
     p.add_argument("--families", nargs="*", default=list(FAMILIES))
+    p.add_argument("--new", action="store_true", help="only the families of bench/hf_families_new.py")
     p.add_argument("--limit", type=float, default=120.0, help="seconds per family and budget before skipping")
     p.add_argument("--out", default=str(RESULTS / "sweep_hf"), help="path stem of the .json and .md written")
+    p.add_argument("--merge", nargs=2, metavar=("EARLIER", "LATER"),
+                   help="sweep nothing: write the table of two sweeps' .json (LATER's rows win per family)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(*args.merge, out=Path(args.out), budgets=args.budgets)
     import transformers
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
     t0, rows = time.perf_counter(), []
-    for name in args.families:
+    for name in list(NEW_FAMILIES) if args.new else args.families:
         for r in sweep_family(name, args.budgets, args.limit):
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "trace"}), flush=True)
     counts = summary(rows)
     counts["seconds"] = round(time.perf_counter() - t0, 1)
-    md = (f"{table(rows, args.budgets)}\n\n{counts['families']} families: " + ", ".join(
-        f"{k} {v}" for k, v in counts.items() if k != "families") + "\n")
-    out = Path(args.out)
+    return _write(rows, args.budgets, Path(args.out), counts)
+
+
+def _totals(name: str, counts: dict) -> str:
+    return f"{name}{counts['families']} families: " + ", ".join(
+        f"{k} {v}" for k, v in counts.items() if k != "families")
+
+
+def _write(rows: list[dict], budgets, out: Path, counts: dict, lines: tuple = ()) -> dict:
+    md = f"{table(rows, budgets)}\n\n" + "\n".join([_totals("", counts), *lines]) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"summary": counts, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(md)
     print(md)
     return {"summary": counts, "rows": rows}
+
+
+def merge(earlier: str, later: str, out: Path, budgets) -> dict:
+    """One table of two sweeps (the later one's rows replace the earlier one's for the families it swept),
+    with the totals of all, of the families new in ``hf_families_new`` (marked ``(new)``) and of the rest."""
+    old, new = (json.loads(Path(p).read_text())["rows"] for p in (earlier, later))
+    swept = {r["family"] for r in new}
+    rows = [r for r in old if r["family"] not in swept] + new
+    rows.sort(key=lambda r: list(FAMILIES).index(r["family"]) if r["family"] in FAMILIES else len(FAMILIES))
+    fresh = [r for r in rows if r["family"] in NEW_FAMILIES]
+    rest = [r for r in rows if r["family"] not in NEW_FAMILIES]
+    return _write(rows, budgets, out, summary(rows),
+                  (_totals("new: ", summary(fresh)), _totals("earlier list: ", summary(rest))))
 
 
 if __name__ == "__main__":

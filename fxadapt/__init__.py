@@ -41,8 +41,10 @@ from fxadapt.export.onnx import export_onnx
 from fxadapt.export.program import captured_from_program, to_exported_program
 from fxadapt.export.report import Report, report
 from fxadapt.export.save import load, save
+from fxadapt.export.stream import adapt_checkpoint
 from fxadapt.hw.target import Target, TargetError  # noqa: F401  (TargetError lives in fxadapt.errors)
 from fxadapt.passes.capture import capture
+from fxadapt.pipeline.recovery import RecoveryConfig
 from fxadapt.pipeline.transform import TransformConfig, VerificationError, transform
 from fxadapt.planning.budget import Budget
 from fxadapt.planning.solver import SolveConfig
@@ -60,5 +62,6 @@ __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report
            "benchmark", "dist", "from_pretrained", "recipe_of", "apply", "Recipe", "WriteBackWarning",
            "WriteBackError", "SolveConfig", "SearchConfig", "FurConfig", "SupernetConfig", "ImportanceConfig",
            "BudgetWarning", "LoadError", "RecipeError", "SaveError", "SearchConfigError", "SearchInterrupted",
-           "ShapeCheckError", "UncostedWarning", "GrowthWarning"]
+           "ShapeCheckError", "UncostedWarning", "GrowthWarning", "adapt_checkpoint",
+           "RecoveryConfig"]
 __version__ = "0.2.0"

@@ -21,5 +21,6 @@ INPUTS = "fxadapt.inputs"        # Inputs: the example inputs the graph was capt
 LIFTED = "fxadapt.lifted"        # int: how many ATen calls ``lift_modules`` turned into modules
 FOLDED_BN = "fxadapt.folded_bn"  # int: how many batch norms ``fold_bn`` folded
 DYNAMIC = "fxadapt.dynamic"      # tuple[(input name, axes)]: the input axes capture left symbolic
+WEIGHTS = "fxadapt.weights"      # Callable[[str], Tensor]: reads a meta graph's tensor by its target
 # str: the attention mode the graph was analysed with ("heads", "head_dim", "auto")
 ATTENTION = "fxadapt.attention"

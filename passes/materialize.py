@@ -58,13 +58,15 @@ def materialize(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = Materializ
     out = _copy_but(gm, {e.site.param for e in plan.edits if e.site.kind == "param"})
     gen = torch.Generator().manual_seed(cfg.seed)
     nodes = {n.name: n for n in out.graph.nodes}
+    slices = _slices(plan)
     done: set = set()
     changed: set[str] = set()
     for edit in plan.edits:
         s = edit.site
         if s.kind == "param" and (s.param, s.axis) not in done:
-            done.add((s.param, s.axis))
-            _edit_param(out, edit, cfg, gen)
+            for e in slices.get(s.param, [edit]):   # a param that only shrinks: all its axes now, rows first
+                done.add((e.site.param, e.site.axis))
+                _edit_param(out, e, cfg, gen)
             changed.add(s.param)
         elif s.kind in NODE_SITES:
             _edit_node(nodes[s.node_name], edit)
@@ -84,6 +86,22 @@ def apply_plan(gm: GraphModule, plan: Plan, cfg: MaterializeConfig = Materialize
     wide = materialize(gm, plan, cfg)
     deep = rewire_blocks(wide.graph_module, plan, RewireConfig(copy=False))
     return PassResult(deep.graph_module, wide.modified or deep.modified)
+
+
+def _slices(plan: Plan) -> dict[str, list[SiteEdit]]:
+    """Per parameter that only shrinks (no grown position on any axis), its first edit of each axis, axis 0
+    first: selecting rows first (a contiguous copy) leaves the slower strided selection of the other axes
+    fewer rows. Selections along different axes commute, so the values are those of the plan's order;
+    a growing parameter keeps the plan's order (its noise is drawn in that order)."""
+    per: dict[str, dict[int, SiteEdit]] = {}
+    grows: set[str] = set()
+    for e in plan.edits:
+        if e.site.kind == "param":
+            per.setdefault(e.site.param, {}).setdefault(e.site.axis, e)
+            if e.new.any():
+                grows.add(e.site.param)
+    return {p: sorted(axes.values(), key=lambda e: e.site.axis != 0)
+            for p, axes in per.items() if p not in grows}
 
 
 def _copy_but(gm: GraphModule, replaced: set[str]) -> GraphModule:

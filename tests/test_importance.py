@@ -238,3 +238,114 @@ def test_hybrid_scores_narrow_groups_exactly():
     wide = next(g for g, k in masks.units.items() if k.sum() > EXACT_UNITS)
     ratio = got["fisher"][wide].sum() / got["ablation"][wide].sum()
     assert 0.2 <= ratio <= 5, ratio
+
+
+def _gpt2_supernet(model, length):
+    ids = torch.zeros(1, length, dtype=torch.long)
+    a = fxadapt.analyze(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
+    masks = Masks({g: np.ones(w.units, dtype=bool) for g, w in sn.spec.widths.items()}, {})
+    return sn, masks, teacher_of(a, fxadapt.dist.DistContext())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_padded_positions_do_not_count(monkeypatch):
+    """A batch of a 16-token and a 10-token sequence (right-padded, attention_mask 0 on the padding) scores
+    as the mean of the two sequences scored alone, unpadded (the 10-token one through its own capture):
+    padded positions count in no score (fisher, activation, ablation) and in no distillation loss."""
+    import fxadapt.search.scores as scores_module
+    from fxadapt.search.positions import distill
+    from fxadapt.train.data import Batch, Inputs
+
+    model = _tiny_gpt2()
+    monkeypatch.setattr(scores_module, "drawn_targets", lambda t, loss, gen: t.argmax(-1))  # no draw
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[1, 10:] = 0
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+
+    def batch(i, m):
+        return Batch(Inputs((), {"input_ids": i, "attention_mask": m}))
+
+    sn16, masks16, t16 = _gpt2_supernet(model, 16)
+    sn10, masks10, t10 = _gpt2_supernet(model, 10)
+    assert {g: len(k) for g, k in masks16.units.items()} == {g: len(k) for g, k in masks10.units.items()}
+    hidden = max(masks16.units, key=lambda g: len(sn16.analysis.groups[g].members))
+    for kind in ("fisher", "activation", "ablation"):
+        cfg = ImportanceConfig(kind=kind)
+        padded = score(sn16, masks16, t16, [batch(ids, mask)], cfg, 0)[0]
+        first = score(sn16, masks16, t16, [batch(ids[:1], mask[:1])], cfg, 0)[0]
+        second = score(sn10, masks10, t10, [batch(ids[1:, :10], mask[1:, :10])], cfg, 0)[0]
+        scale = max(float(v.max()) for v in padded.values())
+        # the hidden size's sites include the position embeddings, which have no batch axis: a per-sample
+        # gradient or activation is not defined there (ablation, exact, covers that group)
+        for g in padded if kind == "ablation" else set(padded) - {hidden}:
+            want = 0.5 * (first[g] + second[g])
+            np.testing.assert_allclose(padded[g], want, rtol=2e-2, atol=1e-3 * scale, err_msg=f"{kind} {g}")
+
+    s, t = torch.randn(2, 16, 50), torch.randn(2, 16, 50)
+    rows = torch.cat([s[0], s[1, :10]]), torch.cat([t[0], t[1, :10]])
+    torch.testing.assert_close(distill(s, t, "kl", 4.0, mask.float()), distill(*rows, "kl", 4.0))
+
+
+def test_data_errors_before_any_work():
+    """Fewer samples than one batch, a batch the model cannot take, labels that do not fit the output:
+    one-line errors from transform, before any search."""
+    model, x = _convnet(), torch.randn(100, 3, 12, 12)
+    cfg = ImportanceConfig(steps=2, iterations=1, batch_size=128, calib_batches=4)
+    with pytest.raises(fxadapt.InputError, match="data has 100 samples.*batch_size = 128") as e:
+        fxadapt.transform(model, 0.5, (x[:1],), data=(x,), strategy="importance", importance=cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(fxadapt.InputError, match="shape"):
+        fxadapt.transform(model, 0.5, (x[:1],), data=(torch.randn(128, 3, 10, 10),), strategy="importance")
+    with pytest.raises(fxadapt.InputError, match="classes"):
+        fxadapt.transform(model, 0.5, (x[:1],), data=(torch.randn(128, 3, 12, 12), torch.full((128,), 50)),
+                          strategy="importance")
+
+
+def test_scores_all_reduced_over_a_gloo_group():
+    """Under a process group the sums over samples are all-reduced before any division: on a gloo group of
+    one process (every rank alone) the scores equal the one-process ones, through the same code path."""
+    import socket
+
+    import torch.distributed as tdist
+
+    from fxadapt.search.scores import all_sum
+
+    model, x = _convnet(), torch.randn(128, 3, 12, 12)
+    a = fxadapt.analyze(model, (x[:1],))
+    sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
+    masks = Masks({g: np.ones(w.units, dtype=bool) for g, w in sn.spec.widths.items()},
+                  {b: True for b in sn.spec.depths})
+    teacher = teacher_of(a, fxadapt.dist.DistContext())
+    cfg = ImportanceConfig(kind="hybrid", depth=True)
+    alone = score(sn, masks, teacher, [x[:64], x[64:]], cfg, 0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ctx = fxadapt.dist.DistContext(0, 2, "cpu")       # active: takes the all-reduce path
+        assert all_sum([torch.tensor([1.0, 2.0])], ctx)[0].tolist() == [1.0, 2.0]
+        reduced = score(sn, masks, teacher, [x[:64], x[64:]], cfg, 0, "cpu", ctx)
+    finally:
+        tdist.destroy_process_group()
+    for g in alone[0]:
+        np.testing.assert_allclose(reduced[0][g], alone[0][g], rtol=1e-6)
+    assert alone[1] and reduced[1] == pytest.approx(alone[1], rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::fxadapt.BudgetWarning")
+def test_params_budget_met_by_counting_parameters():
+    """A params budget: units priced by their parameters; the result meets it by sum(p.numel())."""
+    model, x = _convnet(), torch.randn(192, 3, 12, 12)
+    cfg = ImportanceConfig(steps=4, iterations=2, batch_size=64, calib_batches=2)
+    small = fxadapt.transform(model, fxadapt.Budget(params=0.4), (x[:1],), data=(x,), strategy="importance",
+                              importance=cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())      # noqa: E731
+    ratio = count(small) / count(model)
+    assert 0.3 <= ratio <= 0.4 * (1 + 1e-6), ratio
+    assert small(x[:2]).shape == (2, 10)
+    with pytest.raises(fxadapt.BudgetError, match="latency"):
+        fxadapt.transform(model, fxadapt.Budget(macs=0.5, params=0.5), (x[:1],), data=(x,),
+                          strategy="importance", importance=cfg)

@@ -36,7 +36,7 @@ def test_steps_on_transform_says_to_pass_a_search_config():
                           "search=fxadapt.SearchConfig(steps=300)")
     assert msg.endswith("valid: strategy, attention, fold_bn, solve, search, fur, importance, grow_depth, "
                         "device, precision, recalibrate_bn, output, write_back, layers, atol, rtol, "
-                        "output_check, progress, keep, only, min_width, max_width")
+                        "output_check, progress, keep, only, min_width, max_width, recovery")
     with pytest.raises(InputError,
                        match=r"unknown TransformConfig option 'steps': .*SearchConfig\(steps=3\)"):
         fxadapt.TransformConfig(steps=3)
@@ -149,6 +149,9 @@ def test_cli_flags_map_to_the_one_place_of_each_option():
     data = ["--data", "fxadapt.cli.data:demo_data"]
     _, _, options = load_data(p.parse_args(data + ["--steps", "5", "--precision", "fp32"]))
     cfg = fxadapt.TransformConfig(**options)
-    assert (cfg.search.steps, cfg.device, cfg.precision, cfg.strategy) == (5, "cpu", "fp32", "dna")
-    with pytest.raises(CliError, match="--steps sets the DNA search's steps"):
+    assert (cfg.importance.steps, cfg.device, cfg.precision, cfg.strategy) == (5, "cpu", "fp32", "importance")
+    _, _, options = load_data(p.parse_args(data + ["--steps", "5", "--strategy", "dna"]))
+    cfg = fxadapt.TransformConfig(**options)
+    assert (cfg.search.steps, cfg.strategy) == (5, "dna")
+    with pytest.raises(CliError, match="--steps sets the importance or DNA search's steps"):
         load_data(p.parse_args(data + ["--strategy", "fur", "--steps", "5"]))

@@ -21,7 +21,7 @@ X = torch.randn(EXAMPLE_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
 
 def test_pipeline_reads_as_documented():
     assert [s.name for s in tr.PIPELINE] == ["capture", "analyze", "plan", "materialize", "rewire_blocks",
-                                              "recalibrate_bn", "fold_bn", "verify", "write_back",
+                                              "recalibrate_bn", "recover", "fold_bn", "verify", "write_back",
                                               "dynamic_graph", "export"]
     rep = fxadapt.report(fxadapt.transform(example_model(), 0.5, (X,)))
     assert [n for n, _ in rep.timings] \

@@ -80,9 +80,9 @@ def test_write_back_failures_are_typed_and_carry_their_data():
 
 
 def test_replan_steps_are_step_objects_of_the_pipeline():
-    assert tr.REPLAN == tr.PIPELINE[2:8] and tr.WRITE_BACK in tr.PIPELINE
+    assert tr.REPLAN == tr.PIPELINE[2:9] and tr.WRITE_BACK in tr.PIPELINE
     assert [s.name for s in tr.REPLAN] \
-            == ["plan", "materialize", "rewire_blocks", "recalibrate_bn", "fold_bn",
+            == ["plan", "materialize", "rewire_blocks", "recalibrate_bn", "recover", "fold_bn",
                                            "verify"]
     assert set(tr.RETRIES) == {tr.WRITE_BACK}
 

@@ -5,7 +5,7 @@ Usage::
     fxadapt adapt --example                       # bundled model, budget 0.5, outputs in fxadapt-example/
     fxadapt adapt pkg.module:factory --budget 0.5 --input-shape 1,3,224,224 [-o adapted.pt] \\
         [--onnx adapted.onnx] [--plot widths.png] [--out-dir DIR] [--fold-bn]
-    fxadapt adapt --example --data fxadapt.cli.data:demo_data --steps 20     # DNA search on data
+    fxadapt adapt --example --data fxadapt.cli.data:demo_data --steps 20     # importance on data
     torchrun --nproc_per_node=2 -m fxadapt adapt ... --data my_data.py:load  # distributed (fxadapt.cli.data)
     fxadapt adapt my_bert.py:build --input-shape 1,128:int64:0-30522    # token ids (see fxadapt.cli.common)
 
@@ -42,6 +42,7 @@ import os
 from collections.abc import Callable
 
 import fxadapt
+from fxadapt.cli import hf
 from fxadapt.cli.common import CliError, add_model_arguments, load_model, split_spec
 from fxadapt.cli.data import add_data_arguments, load_data
 from fxadapt.cli.hf import is_checkpoint
@@ -73,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--grow-depth", action="store_true",
                    help="when growing, also add one zero-initialised copy of every repeatable block")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report on stdout")
+    p.add_argument("--stream", action="store_true",
+                   help="a Hugging Face checkpoint: adapt it without loading it (meta model, tensors read "
+                        "one at a time, written shard by shard); automatic above half the available memory")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="shard size of a streamed checkpoint (default 5GB)")
     add_data_arguments(p)
     p.set_defaults(run=run)
     return p
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     """Validate, adapt, report, write; returns the exit status (errors raise
     ``CliError``/``FxAdaptError``)."""
     budget = check_budget(args.budget)
+    if is_checkpoint(args.model) and hf.streams(args):
+        return hf.adapt_streamed(args, budget, output_paths(args)[0][1])
     model, inputs, label = load_model(args)
     train, val, search = load_data(args)
     if args.fold_bn:

@@ -3,9 +3,9 @@
 ``--data pkg.module:function`` (or ``path/to/file.py:function``) names a function called with no arguments
 that returns ``(train, val)``: each a ``(inputs, targets)`` tuple of tensors, a ``Dataset`` or a
 ``DataLoader`` (``val`` may be ``None``: the search then validates on ``train``). With ``--data`` the
-default strategy is ``dna``; ``--strategy``, ``--steps``, ``--device`` and ``--precision`` tune the search
-(``--steps`` is ``SearchConfig.steps``, ``--device`` / ``--precision`` are ``TransformConfig.device`` /
-``.precision``)::
+default strategy is ``importance``; ``--strategy``, ``--steps``, ``--device`` and ``--precision`` tune the
+search (``--steps`` is ``ImportanceConfig.steps``, or ``SearchConfig.steps`` with ``--strategy dna``;
+``--device`` / ``--precision`` are ``TransformConfig.device`` / ``.precision``)::
 
     fxadapt adapt my_model.py:build --input-shape 1,3,224,224 --budget 0.5 --data my_data.py:load
     torchrun --nproc_per_node=4 -m fxadapt adapt my_model.py:build --input-shape 1,3,224,224 \\
@@ -20,8 +20,8 @@ Example:
     >>> add_data_arguments(p)
     >>> args = p.parse_args(["--data", "fxadapt.cli.data:demo_data", "--steps", "5"])
     >>> train, val, options = load_data(args)
-    >>> train[0].shape, options["strategy"], options["search"].steps, options["device"]
-    (torch.Size([64, 3, 32, 32]), 'dna', 5, 'cpu')
+    >>> train[0].shape, options["strategy"], options["importance"].steps, options["device"]
+    (torch.Size([64, 3, 32, 32]), 'importance', 5, 'cpu')
     >>> load_data(p.parse_args([]))
     (None, None, {})
 """
@@ -45,8 +45,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="function returning (train, val) datasets, tensors or DataLoaders: searches "
                              "widths/depths on them (works under torchrun)")
     parser.add_argument("--strategy", choices=["auto", "datafree", "dna", "fur", "importance"],
-                        default="auto", help="auto: dna with --data, else datafree")
-    parser.add_argument("--steps", type=int, help="DNA search steps (default 300)")
+                        default="auto", help="auto: importance with --data, else datafree")
+    parser.add_argument("--steps", type=int, help="the search's weight steps (importance: its distillation "
+                                                   "steps; dna: its search steps, default 300)")
     parser.add_argument("--device", default="cpu", help="where the search runs: cpu or cuda (cuda:LOCAL_RANK "
                                                         "under torchrun)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -77,10 +78,10 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
 def _options(args: argparse.Namespace) -> dict:
     """The ``transform`` options of the flags: each flag has one place (``--steps``: ``SearchConfig.steps``;
     ``--device``, ``--precision``: ``TransformConfig``)."""
-    strategy = "dna" if args.strategy == "auto" else args.strategy
+    strategy = "importance" if args.strategy == "auto" else args.strategy
     if strategy == "fur" and args.steps is not None:
-        raise CliError("--steps sets the DNA search's steps; --strategy fur runs FurConfig's iterations and "
-                       "train_steps: leave --steps out")
+        raise CliError("--steps sets the importance or DNA search's steps; --strategy fur runs FurConfig's "
+                       "iterations and train_steps: leave --steps out")
     show = not getattr(args, "quiet", False)
     steps = {} if args.steps is None else {"steps": args.steps}
     if strategy == "importance":   # --steps: its distillation steps (ImportanceConfig.steps)

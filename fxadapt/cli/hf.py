@@ -13,6 +13,13 @@ result with per-layer sizes). Example inputs, unless ``--input-shape`` names the
 ``--input-shape`` values are passed positionally, as for factories. The result is written with the
 model's own ``save_pretrained`` into ``-o`` (default ``<dir>-adapted``).
 
+Streaming (``fxadapt.adapt_checkpoint``, ``fxadapt.export.stream``): with ``--stream``, or automatically
+when the checkpoint's safetensors take more than ``STREAM_ABOVE`` (half) of the available memory (a model
+that size cannot be held twice), a Llama / Qwen2 / Mistral checkpoint is adapted without loading it: the
+model is built on the meta device, the weights are read one tensor at a time and the result is written shard
+by shard (a bar per shard). Automatic streaming of another architecture, or with ``--data``, ``--onnx`` or
+``--plot``, falls back to the in-memory path with a note; ``--stream`` refuses them.
+
 Example:
     >>> import tempfile, transformers, torch
     >>> d = tempfile.mkdtemp()
@@ -25,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -33,6 +41,7 @@ from torch import nn
 
 import fxadapt
 from fxadapt.cli.usage import CliError
+from fxadapt.export.stream import STREAMED, Checkpoint, adapt_checkpoint, available_memory
 
 
 def is_checkpoint(path: str | None) -> bool:
@@ -79,3 +88,47 @@ def config_inputs(config, path: str = "the checkpoint") -> dict[str, torch.Tenso
         return out
     raise CliError(f"cannot tell {path}'s inputs from its config: give --input-shape (e.g. 1,16000 for "
                    "audio)")
+
+
+STREAM_ABOVE = 0.5   # stream a checkpoint bigger than this fraction of the available memory
+
+
+def streams(args: argparse.Namespace) -> bool:
+    """Whether ``adapt`` streams this checkpoint (see the module docstring); a note says why it does or, when
+    it would have, why not."""
+    if args.stream:
+        if args.data or args.onnx or args.plot or args.fold_bn or args.input_shape:
+            raise CliError("--stream writes the adapted checkpoint only, data-free: drop --data, --onnx, "
+                           "--plot, --fold-bn and --input-shape")
+        return True
+    try:
+        size = Checkpoint(args.model).nbytes()
+    except fxadapt.FxAdaptError:
+        return False
+    have = available_memory()
+    if have is None or size <= STREAM_ABOVE * have:
+        return False
+    import transformers  # deferred: optional dependency, Hugging Face checkpoints only
+
+    arch = (getattr(transformers.AutoConfig.from_pretrained(args.model), "architectures", None) or ["?"])[0]
+    why = ("its architecture streams" if arch in STREAMED else f"but {arch} does not stream")
+    extra = args.data or args.onnx or args.plot or args.fold_bn or args.input_shape
+    ok = arch in STREAMED and not extra
+    print(f"note: the checkpoint ({size / 2**30:.1f} GiB) is over half the available memory "
+          f"({have / 2**30:.1f} GiB), {why}: "
+          + ("streaming it (--stream)" if ok else "adapting it in memory"
+             + (" (--data/--onnx/--plot/--fold-bn/--input-shape need the model)" if extra else "")))
+    return ok
+
+
+def adapt_streamed(args: argparse.Namespace, budget: Any, out: str) -> int:
+    """``fxadapt.adapt_checkpoint`` for the CLI: bars per step and per shard, then the MACs and the files."""
+    res = adapt_checkpoint(args.model, budget, out, max_shard_size=args.max_shard_size,
+                           progress=not args.quiet)
+    if not args.quiet:
+        print(f"MACs ratio {res.macs_after / res.macs_before:.4f} "
+              f"(target {res.macs_target / res.macs_before:.4f}), counted on the meta graph")
+        how = ("fxadapt.from_pretrained" if getattr(res.config, "fxadapt_recipe", None)
+               else "transformers' from_pretrained or fxadapt.from_pretrained")
+        print(f"saved {out} (streamed, {len(res.files)} files; load with {how})")
+    return 0

@@ -346,6 +346,11 @@ def _tidy(gm: GraphModule) -> None:
             gm.graph.erase_node(node)
     _first_names(gm)
     for node in gm.graph.nodes:
+        # a view of a transposed tensor relies on the layout the producer happened to have (AFMoE's
+        # ``sdpa(...).transpose(1, 2).view(b, s, -1)``); a rewrite may change it, a reshape does not care
+        if node.target == torch.ops.aten.view.default and getattr(node.args[0], "target", None) in (
+                torch.ops.aten.transpose.int, torch.ops.aten.permute.default):
+            node.target = torch.ops.aten.reshape.default
         trace = node.meta.get("stack_trace")
         if trace:
             node.meta[meta.SOURCE] = trace.strip().splitlines()[-1].strip()

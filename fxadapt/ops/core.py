@@ -69,6 +69,7 @@ class Ctx:
         self.node: Node | None = None
         self.ids: dict[str, Any] = {}  # node -> labels whose *positions* its values are (expert ids)
         self.attention = "auto"        # the analysis' attention mode (fxadapt.ops.reshape)
+        self.zero_axes: dict[tuple[str, int], Any] = {}  # (zeros node, axis) -> labels (ops.operands)
 
     # --- reading ---------------------------------------------------------------------------------
     def track(self, x: Any) -> Track | None:
@@ -155,6 +156,23 @@ def only_axis(ctx: Ctx, t: Track | None, axis: int, what: str) -> np.ndarray | N
 
 
 _SHAPE_ONLY = aten_ops("squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default")
+
+
+def unused(node: Node, limit: int = 64) -> bool:
+    """Whether ``node``'s value is thrown away: no chain of its users reaches the graph output or an op
+    with a side effect (an in-place write, an assert). Such a value cannot constrain channels: the shapes it
+    is computed at only have to agree among themselves (the dropped final state of a chunked scan).
+    ``limit``: the most users looked at before answering no."""
+    seen, todo = {node}, list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "output" or user.is_impure() or len(seen) > limit:
+            return False
+        todo.extend(user.users)
+    return True
 
 
 def param_behind_squeezes(x: Any, shape: Callable[[Any], tuple[int, ...] | None]) -> Any:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fxadapt.ir.channels import ParamRef
+from fxadapt.ir.channels import ParamRef, Track
+from fxadapt.ops import operands
 from fxadapt.ops.core import Call, param_behind_squeezes
 from fxadapt.ops.forms import CostView
 
@@ -65,7 +66,19 @@ def linear_macs(call: Call, cx: CostView):
 def _matmul_term(cx: CostView, a: Any, b: Any):   # operands: nodes or parameters
     """``numel(out) * k``; ``k`` is tracked on ``a``'s last axis or, for ``W @ x``, on ``b``'s second-last."""
     k = cx.shape(a)[-1]
-    coef, factors = cx.activation_factors(cx.track(cx.node), cx.out_shape)
+    out = cx.track(cx.node)
+    coef, factors = cx.activation_factors(out, cx.out_shape)
+    nd = len(cx.out_shape)
+    for x, own in ((a, -2), (b, -1)):   # rows of a, columns of b: the output space not carried on
+        sx = cx.shape(x) or ()          # (an outer product of two spaces keeps one; both sizes move)
+        if len(sx) >= 2 and not (out is not None and nd + own in out.axes):
+            t = cx.track(x)
+            if t is None and cx.ctx is not None:   # a zero operand whose size follows channels
+                zero = operands.zero_axis_labels(cx.ctx, x, len(sx) + own)
+                t = Track((len(sx) + own,), zero) if zero is not None else None
+            side = cx.axis_form(t, len(sx) + own, sx[own])
+            if side is not None and side.coefs:
+                coef, factors = coef / sx[own], factors + [side]
     form = cx.axis_form(cx.track(a), len(cx.shape(a)) - 1, k)
     if form is None and len(cx.shape(b) or ()) >= 2:
         form = cx.axis_form(cx.track(b), len(cx.shape(b)) - 2, k)

@@ -10,7 +10,13 @@ must carry the same channels, and are coupled.
 Matrix products ``a[..., n, k] @ b[..., k, m]``: the contracted ``k`` labels of both operands are
 coupled (a parameter operand is sliced instead); batch axes are coupled; ``n`` (from ``a``) or ``m`` (from
 ``b``) flows to the output. A parameter ``b`` makes ``m`` a new channel space, like ``linear``; a
-parameter ``a`` (``W[n, k] @ x[..., k, m]``: Mamba's ``dt_proj.weight @ time_step``) makes ``n`` one.
+parameter ``a`` (``W[n, k] @ x[..., k, m]``: Mamba's ``dt_proj.weight @ time_step``) makes ``n`` one; a
+parameter with batch axes (``bmm(x[E, T, k], W[E, k, n])``: Llama 4's experts) is sliced on its last two.
+A zero operand (``k @ S`` with ``S = zeros(..)``, ``fxadapt.ops.operands``) has its factory entries follow
+the contracted channels and, once coupled, gives the output's rows/columns. Two spaces on disjoint output
+axes (``k^T @ v``: a ``d_k x d_v`` state) keep the larger and freeze the smaller, unless the product is
+thrown away (``fxadapt.ops.core.unused``: a one-chunk scan's final state). ``addmm``/``baddbmm`` add a
+bias: it follows the product's channels (a parameter, also through views) or they are frozen.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import numpy as np
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
-from fxadapt.ops import costs, edits
-from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, axis_labels, norm_dim, only_axis, rule
-from fxadapt.ops.pointwise import broadcast_track, reduced_track
+from fxadapt.ops import costs, edits, operands
+from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, axis_labels, norm_dim, only_axis, rule, unused
+from fxadapt.ops.pointwise import PARAM_READS, broadcast_track, join, reduced_track
 from fxadapt.ops.registry import op_of
 
 
@@ -239,8 +245,8 @@ TRANSPOSES = aten_ops("t.default", "numpy_T.default") + TRANSPOSE_DIMS
 def _weight(ctx: Ctx, b, sb: tuple) -> tuple[ParamRef, int, int] | None:
     """The right operand as a 2-D weight: ``(param, contracted axis, column axis)`` of the parameter itself
     (``x @ W``), or of the parameter a transpose reads (``x @ W.T``: FalconLinear, hand-written layers)."""
-    if isinstance(b, ParamRef):
-        return (b, 0, 1) if len(sb) == 2 else None
+    if isinstance(b, ParamRef):   # [K, N], or one [K, N] per batch entry ([E, K, N]: Llama 4's experts)
+        return (b, len(sb) - 2, len(sb) - 1) if len(sb) >= 2 else None
     if len(sb) != 2 or not isinstance(b, Node) or b.target not in TRANSPOSES or not b.args:
         return None
     src = b.args[0]
@@ -269,6 +275,9 @@ def _matmul(ctx: Ctx, a: Any, b: Any, out_nd: int):   # operands: nodes or param
         ctx.param_site(weight[0], weight[1], la, "in")
     elif lb is not None and left is not None:
         ctx.param_site(left[0], left[2], lb, "in")
+    elif (la is not None and operands.zero_site(ctx, b, kb, la)
+          or lb is not None and operands.zero_site(ctx, a, ka, lb)):
+        pass   # contracted with a zero tensor: its size follows (fxadapt.ops.operands)
     elif la is not None or lb is not None:
         other = b if la is not None else a
         ctx.freeze(la if la is not None else lb, f"contracted with {getattr(other, 'name', other)}, whose "
@@ -276,10 +285,11 @@ def _matmul(ctx: Ctx, a: Any, b: Any, out_nd: int):   # operands: nodes or param
     rest_a = reduced_track(ctx, ta, [ka], keep=True) if ta is not None else None
     rest_b = reduced_track(ctx, tb, [kb], keep=True) if tb is not None else None
     outs = []
-    for rest, nd, other, t_other in ((rest_a, len(sa), sb, tb), (rest_b, len(sb), sa, ta)):
+    for rest, nd, other, t_other in ((rest_a, len(sa), b, tb), (rest_b, len(sb), a, ta)):
         if rest is not None:
             outs.append(rest.moved({x: x + out_nd - nd for x in rest.axes}))
             _fixed_batch(ctx, outs[-1], other, t_other, out_nd)
+    outs += _zero_sides(ctx, a, b, ta, tb, out_nd)
     for w, n, axis in ((weight, sb[-1], out_nd - 1), (left, sa[-2], out_nd - 2)):
         if w is not None:
             new = ctx.new(n)
@@ -292,17 +302,37 @@ def _matmul(ctx: Ctx, a: Any, b: Any, out_nd: int):   # operands: nodes or param
         small, big = outs
         ctx.couple(big.labels, broadcast_track(small, big))
         return big
+    if len(outs) == 2 and not set(outs[0].axes) & set(outs[1].axes):
+        # an outer product of two channel spaces: the larger follows, the smaller keeps its width unless
+        # the product is thrown away (both sizes then only have to agree with the zero state it is added to)
+        big = max(outs, key=lambda t: t.labels.size)
+        return big if unused(ctx.node) else join(ctx, outs[0], outs[1])
     return _align_all(ctx, outs, "matrix product") if len(outs) > 1 else (outs[0] if outs else None)
 
 
-def _fixed_batch(ctx: Ctx, out: Track, other: tuple, t_other: Track | None, out_nd: int) -> None:
+def _zero_sides(ctx: Ctx, a: Any, b: Any, ta: Track | None, tb: Track | None, out_nd: int) -> list[Track]:
+    """The output rows of a zero left operand or columns of a zero right one, where channels were coupled
+    with the zero tensor's factory entry before (``fxadapt.ops.operands.zero_axis_labels``)."""
+    out = []
+    for x, t, axis, own in ((a, ta, out_nd - 2, -2), (b, tb, out_nd - 1, -1)):
+        labels = operands.zero_axis_labels(ctx, x, len(ctx.shape(x)) + own) if t is None else None
+        if labels is not None:
+            out.append(Track((axis,), labels))
+    return out
+
+
+def _fixed_batch(ctx: Ctx, out: Track, operand: Any, t_other: Track | None, out_nd: int) -> None:
     """Freeze channels one operand carries on a batch axis (any axis but the last two) where the other
     operand has the same axis at a size above one but carries no channels there: the two batch axes are
     paired element by element (``bmm(attn_probs, v)`` with heads merged into the batch axis, the probs'
-    heads frozen upstream), so slicing one side alone leaves the batch sizes unequal."""
+    heads frozen upstream), so slicing one side alone leaves the batch sizes unequal — unless the other
+    operand is a zero tensor, whose size there follows (``fxadapt.ops.operands``)."""
+    other = ctx.shape(operand)
     off = out_nd - len(other)
     fixed = [o for o in out.axes if o < out_nd - 2 and 0 <= o - off < len(other) - 2 and other[o - off] > 1
              and (t_other is None or o - off not in t_other.axes)]
+    fixed = [o for o in fixed if not (t_other is None and len(out.axes) == 1
+                                      and operands.zero_site(ctx, operand, o - off, out.labels))]
     if fixed:
         ctx.freeze(out,
                    f"matmul batch axis {fixed[0]} paired with an operand of fixed size "
@@ -318,12 +348,36 @@ def matmul(call: Call, ctx: Ctx):
 @rule(*aten_ops("addmm.default", "baddbmm.default"), kind="couples", cost=costs.addmm_macs)
 def addmm(call: Call, ctx: Ctx):
     out = _matmul(ctx, call.arg(1, "mat1"), call.arg(2, "mat2"), len(ctx.out_shape()))
-    bias_t = ctx.track(call.arg(0, "self"))
-    if isinstance(out, Track) and bias_t is not None and bias_t.axes == out.axes:
-        ctx.couple(out.labels, bias_t.labels)
-    elif isinstance(out, Track) and isinstance(call.arg(0, "self"), ParamRef) \
-            and out.axes[-1] == len(ctx.out_shape()) - 1:
-        ctx.param_site(call.arg(0, "self"), 0, axis_labels(ctx, out, out.axes[-1]), "bias")
+    return out if isinstance(out, Blocked) else _with_bias(ctx, call.arg(0, "self"), out)
+
+
+def _with_bias(ctx: Ctx, bias: Any, out: Track | None) -> Track | None:
+    """``bias + mat1 @ mat2`` is a broadcast sum: a tracked bias is joined with the product's channels
+    (``fxadapt.ops.pointwise.join``); an untracked one of full size along the product's channel axis must
+    follow them — a parameter (``addmm(b, x, W)``, or read through views: RecurrentGemma's
+    ``baddbmm(b[:, None, :], x, W)`` with one ``W`` per head), a zero tensor or a factory — or the channels
+    are frozen; a tracked bias added to a product without channels is frozen."""
+    nd = len(ctx.out_shape())
+    shape = operands.shape_of(ctx, bias)
+    off = nd - len(shape)
+    t = ctx.track(bias)
+    t = t.moved({a: a + off for a in t.axes}) if t is not None and off else t
+    if t is not None and out is None:
+        ctx.freeze(t, "bias added to a matrix product whose size is fixed")
+        return None
+    if out is None or t is not None:
+        return out if t is None else join(ctx, out, t)
+    wide = [o for o in out.axes if o >= off and shape[o - off] > 1]
+    if not wide:
+        return out
+    axis = wide[0] - off
+    if len(wide) == 1 and isinstance(bias, ParamRef):
+        ctx.param_site(bias, axis, axis_labels(ctx, out, wide[0]), "bias")
+    elif not (len(out.axes) == 1 and (operands.param_axis_site(ctx, bias, axis, out.labels, PARAM_READS)
+                                      or operands.zero_site(ctx, bias, axis, out.labels)
+                                      or operands.factory_site(ctx, bias, axis, out.labels))):
+        ctx.freeze(out, f"matrix product added to {getattr(bias, 'name', bias)}, of fixed size {shape[axis]} "
+                        "along its channels (not a parameter seen through element-wise ops or views)")
     return out
 
 

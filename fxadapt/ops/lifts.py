@@ -48,6 +48,8 @@ def _conv(transposed: bool) -> Callable:
 def build_batch_norm(a: list, t: dict) -> nn.Module:
     x_rank = a[0]
     w, b, rm, rv = (t.get(r) if r is not None else None for r in a[1:5])
+    if all(v is None for v in (w, b, rm, rv)):   # no tensors: BiT standardises its conv weights
+        raise Skip
     n = next(v.shape[0] for v in (w, b, rm, rv) if v is not None)
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x_rank]
     m = cls(n, eps=a[7], momentum=a[6], affine=w is not None, track_running_stats=rm is not None,

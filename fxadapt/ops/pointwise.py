@@ -5,13 +5,19 @@ axis, an operand that has the full size there must carry the same channels — i
 the reference operand's (residual add, SE multiply). An operand of size 1 there is broadcast and does not
 couple (its own labels, if any, are frozen: a one-channel producer cannot shrink). A parameter or buffer
 of full size — directly or through element-wise ops (``-exp(A_log.float())``) — is sliced with the channels
-(a ``const`` site), a ``zeros``/``ones``/``full`` factory has its size entry rewritten (``shape_arg``); any
+(a ``const`` site), a ``zeros``/``ones``/``full`` factory has its size entry rewritten (``shape_arg``), so
+has the factory behind a zero tensor (``zeros`` seen through views and products: a scan's zero state); any
 other fixed-size tensor freezes them (``fxadapt.ops.operands``).
 
 Operands carrying channels on disjoint axes meet in an outer product of two channel spaces (Mamba's
 ``delta[:, :, :, None] * B[:, None, :, :]``: ``d_inner`` on axis 1, ``d_state`` on axis 3). A ``Track``'s
 labels are joint over its axes (one space per tensor), so the output carries the larger space and the
 smaller one is frozen with a reason naming both; reductions and contractions that follow see one space.
+When the smaller space's tensor spans the larger one's axes at full size (heads folded into rows, met by a
+gate with rows of its own), the larger space cannot follow either and freezes too.
+
+``tril``/``triu`` (a causal mask within a chunk) pass channels on other axes and freeze those on the two
+masked axes.
 """
 
 from __future__ import annotations
@@ -130,17 +136,23 @@ def broadcast(call: Call, ctx: Ctx):
         if any(shape[a] == 1 and out_shape[a] > 1 for a in t.axes):
             ctx.freeze(t, "one-channel tensor broadcast over channels")
         else:
-            ref = t if ref is None else _join(ctx, ref, t)
+            ref = t if ref is None else join(ctx, ref, t)
     if ref is None:
         return None
     for a, shape, t in aligned:
         if t is None and any(shape[ax] > 1 for ax in ref.axes) and not _fixed_operand(ctx, a, shape, ref, nd):
             ctx.freeze(ref, f"combined with fixed-size tensor {getattr(a, 'name', a)} (not a parameter seen "
                             "through element-wise ops, nor a zeros/ones/full factory)")
+        elif t is not None and not set(t.axes) & set(ref.axes) and any(shape[ax] > 1 for ax in ref.axes) \
+                and not _fixed_operand(ctx, a, shape, ref, nd):
+            # the other space of an outer product keeps its width; its tensor spans ref's axes at full size
+            # (heads folded into rows, met by a gate with its own rows): those cannot follow either
+            ctx.freeze(ref, f"combined with {getattr(a, 'name', a)}, whose channels lie on other axes and "
+                            f"whose axes {ref.axes} keep their size")
     return ref
 
 
-def _join(ctx: Ctx, ref: Track, t: Track) -> Track:
+def join(ctx: Ctx, ref: Track, t: Track) -> Track:
     """Couple two operands' channels; returns the track the output carries.
 
     Channels on disjoint axes are two channel spaces meeting in an outer product (Mamba's selective scan:
@@ -168,11 +180,12 @@ def _join(ctx: Ctx, ref: Track, t: Track) -> Track:
 
 def _fixed_operand(ctx: Ctx, a: Any, shape: tuple, ref: Track, nd: int) -> bool:
     """An untracked operand of full size along the (one) tracked axis follows the channels when it is a
-    parameter read element-wise or a factory (``fxadapt.ops.operands``)."""
+    parameter read element-wise, a zero tensor or a factory (``fxadapt.ops.operands``)."""
     if len(ref.axes) != 1:
         return False
     axis = ref.axes[0] - (nd - len(operands.shape_of(ctx, a)))
     return (operands.param_axis_site(ctx, a, axis, ref.labels, PARAM_READS)
+            or operands.zero_site(ctx, a, axis, ref.labels)
             or operands.factory_site(ctx, a, axis, ref.labels))
 
 
@@ -325,3 +338,14 @@ def sym_arith(call: Call, ctx: Ctx):
     if any(ctx.track(a) is not None for a in call.args):
         return Blocked(f"{call.op.__name__} applied to a tensor that carries channels")
     return None
+
+
+@rule(*aten_ops("tril.default", "triu.default"), kind="passes", zero="preserves")
+def triangle(call: Call, ctx: Ctx):
+    """``tril``/``triu`` keep a triangle of the last two axes (a causal mask within a chunk): channels on
+    the other axes pass; on those two, which element survives depends on its position, so they freeze."""
+    x = call.arg(0, "self")
+    t, nd = ctx.track(x), len(ctx.shape(x))
+    if t is not None and set(t.axes) & {nd - 2, nd - 1}:
+        return Blocked(f"{call.op.__name__.split('.')[0]} keeps a triangle of the channel axes")
+    return t

@@ -116,6 +116,7 @@ _LAST_AXIS_SPLITS = {**{op: 1 for op in aten_ops("slice.Tensor", "narrow.default
                      **{op: 2
                         for op in aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default")}}
 _CATS = aten_ops("cat.default")
+_COMPLEX = aten_ops("view_as_complex.default")
 
 
 def attention_split(node: Node, depth: int = 12) -> tuple[bool, bool]:
@@ -135,6 +136,8 @@ def attention_split(node: Node, depth: int = 12) -> tuple[bool, bool]:
                 return True, touched == {"slice", "cat"}
             if _touches_last_axis(u, op):
                 touched.add("cat" if op in _CATS else "slice")
+            if op in _COMPLEX:              # rotary as a complex product (Llama 4): pairs within head_dim
+                touched.update(("slice", "cat"))
             spec = OPS.get(op)
             if spec is not None and spec.kind in ("reindexes", "passes", "couples") and spec.cost is None:
                 nxt.extend(u.users)
@@ -293,6 +296,23 @@ def expand(call: Call, ctx: Ctx):
     if isinstance(sizes, (list, tuple)):
         _shape_sites(ctx, out, sizes)
     return out
+
+
+@rule(*aten_ops("view_as_complex.default"), kind="reindexes", zero="preserves")
+def view_as_complex(call: Call, ctx: Ctx):
+    """``[..., n, 2]`` real -> ``[..., n]`` complex (rotary as a complex product): channels on the other
+    axes pass; the pair axis is the number's real and imaginary part."""
+    x = call.arg(0, "self")
+    t = ctx.track(x)
+    if t is not None and len(ctx.shape(x)) - 1 in t.axes:
+        return Blocked("view_as_complex pairs the channel axis into complex numbers")
+    return t
+
+
+@rule(*aten_ops("view_as_real.default"), kind="reindexes", zero="preserves")
+def view_as_real(call: Call, ctx: Ctx):
+    """``[..., n]`` complex -> ``[..., n, 2]`` real: every axis keeps its place, a pair axis is added."""
+    return ctx.track(call.arg(0, "self"))
 
 
 @rule(*aten_ops("pixel_shuffle.default"), kind="reindexes", zero="preserves")

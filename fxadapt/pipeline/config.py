@@ -29,6 +29,7 @@ from fxadapt.analysis.hold import Hold
 from fxadapt.dist import Precision
 from fxadapt.errors import InputError
 from fxadapt.options import Options, check_device, unknown_options
+from fxadapt.pipeline.recovery import RecoveryConfig, as_recovery, checked_recovery
 from fxadapt.planning.solver import SolveConfig
 from fxadapt.search.dna import SearchConfig
 from fxadapt.search.fur import FurConfig
@@ -41,7 +42,9 @@ from fxadapt.train.probe import check_model
 Strategy = Literal["auto", "datafree", "dna", "fur", "importance"]
 
 MOVED = {"steps": "the step count is the search's: pass search=fxadapt.SearchConfig(steps={value!r}) "
-                  "(strategy='fur': fur=fxadapt.FurConfig(iterations=..., train_steps=...))"}
+                  "(strategy='fur': fur=fxadapt.FurConfig(iterations=..., train_steps=...)); "
+                  "recovery={value!r}: that many weight steps in all, the search's and a fine-tune distilled "
+                  "from the original"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class TransformConfig(Options):
     """Every option of ``transform``; any field can also be given to ``transform`` as a keyword."""
 
     moved = MOVED
-    hints = {"strategy": "'auto': dna with data, else datafree",
+    hints = {"strategy": "'auto': importance with data, else datafree",
              "attention": "'heads': whole heads, 'head_dim': the head count kept; 'auto': heads with rotary "
                           "embeddings or when written back into the model's modules",
              "precision": "'auto': bf16 autocast on CUDA, fp32 on CPU",
@@ -58,7 +61,7 @@ class TransformConfig(Options):
              "layers": "'any': per-layer widths, 'uniform': widths shared by repeated layers, so the model's "
                        "config can state them"}
 
-    # "datafree", "dna", "fur", "importance"; "auto": dna with data, else datafree
+    # "datafree", "dna", "fur", "importance"; "auto": importance with data, else datafree
     strategy: Strategy = "auto"
     attention: Literal["auto", "heads", "head_dim"] = "auto"   # whole heads / head_dim pruned
     fold_bn: bool = False           # fold BatchNorm into conv/linear (a deployable, not a trainable, model)
@@ -91,6 +94,9 @@ class TransformConfig(Options):
     min_width: dict = field(default_factory=dict)
     # pattern -> channels (int) or fraction of the width (float)
     max_width: dict = field(default_factory=dict)
+    # weight steps in all, the search's included, the rest a fine-tune distilled from the original (an int,
+    # or a RecoveryConfig: lr, kd, temperature, ...; fxadapt.pipeline.recovery); 0: none
+    recovery: RecoveryConfig | int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,6 +114,7 @@ class TransformConfig(Options):
                                                       for p, v in value.items()),
                        name, "a dict of pattern -> channels (int >= 1) or fraction of the width (float > 0)")
         self.check(self.recalibrate_bn >= 0, "recalibrate_bn", "at least 0 (0: no BatchNorm re-estimation)")
+        object.__setattr__(self, "recovery", as_recovery(self.recovery))
         for name in ("atol", "rtol"):
             self.check(getattr(self, name) >= 0, name, "at least 0")
         for name, cls in (("solve", SolveConfig), ("search", SearchConfig), ("fur", FurConfig),
@@ -131,14 +138,14 @@ def transform_config(config: TransformConfig | None, options: dict, data: Any, v
     if set(options) - set(valid):
         raise InputError(unknown_options("transform", options, valid, MOVED))
     cfg = dataclasses.replace(cfg, **options)
-    strategy = ("dna" if data is not None else "datafree") if cfg.strategy == "auto" else cfg.strategy
+    strategy = ("importance" if data is not None else "datafree") if cfg.strategy == "auto" else cfg.strategy
     if strategy in ("dna", "fur", "importance") and data is None:
         raise InputError(f"strategy {strategy!r} searches on data: pass data=(inputs, targets), a Dataset or "
                          f"a DataLoader (or strategy='datafree')")
     check_device_here(cfg.device)
     for name, value in (("data", data), ("val_data", val_data)):
         check_data(name, value)
-    return dataclasses.replace(cfg, strategy=strategy)
+    return checked_recovery(dataclasses.replace(cfg, strategy=strategy), data)
 
 
 def checked_data(model: Any, example_inputs: Any, data: Any, val_data: Any, cfg: TransformConfig) -> tuple:
@@ -149,6 +156,8 @@ def checked_data(model: Any, example_inputs: Any, data: Any, val_data: Any, cfg:
     loss = {"dna": cfg.search.loss_fn, "fur": cfg.fur.loss_fn}.get(cfg.strategy)
     if cfg.strategy not in ("dna", "fur", "datafree"):
         loss = getattr(getattr(cfg, cfg.strategy, None), "loss_fn", torch.nn.functional.cross_entropy)
+    if loss is None and as_recovery(cfg.recovery).steps > 0:    # the recovery's fine-tune reads the labels
+        loss = as_recovery(cfg.recovery).loss_fn or torch.nn.functional.cross_entropy
     return (check_data_against(model, example_inputs, data, "data", loss),
             check_data_against(model, example_inputs, val_data, "val_data", loss))
 

@@ -50,6 +50,8 @@ class Report:
     write_back: str = ""         # why the plan could not be written back into the user's modules, if not
     # what keep= / only= / min_width= / max_width= held: {"group", "width", "held"}
     held: tuple = ()
+    # transform(recovery=W): search_steps + recovery_steps = total, lr, schedule (fxadapt.pipeline.recovery)
+    recovery: dict | None = None
 
     @staticmethod
     def build(a: Analysis, outcome, out, goal, macs: float, strategy: str, seconds: float) -> Report:
@@ -103,6 +105,10 @@ class Report:
             lines.append(f"held ({len(self.held)} groups): " + ", ".join(
                 f"{h['group']} ({h['held']})" for h in self.held[:8])
                 + (" ..." if len(self.held) > 8 else ""))
+        if self.recovery:
+            r = self.recovery
+            lines.append(f"recovery: {r['total']} weight steps = search {r['search_steps']} + fine-tune "
+                         f"{r['recovery_steps']} (distilled from the original; {r['schedule']})")
         if self.blocks_removed or self.blocks_added:
             lines.append(f"blocks removed: {list(self.blocks_removed)}  added: {list(self.blocks_added)}")
         return "\n".join(lines)

@@ -24,6 +24,7 @@ under a norm). Construct it by keyword: ``Outcome(base=, plan=, analysis=, histo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ from fxadapt.search.dna import dna
 from fxadapt.search.fur import fur
 from fxadapt.search.importance import importance
 from fxadapt.search.latency_loss import search_latency
+from fxadapt.search.screen import screen
 
 if TYPE_CHECKING:
     from fxadapt.analysis.analyze import Analysis
@@ -216,17 +218,23 @@ def search_fur(job: Job) -> Outcome:
 
 
 def search_importance(job: Job) -> Outcome:
-    """Importance-driven pruning with distillation (``fxadapt.search.importance``); MAC budgets, shrinking.
-    The last prune step is aligned like the data-free solve (``halving`` from the target's alignment)."""
-    if job.goal.macs is None or job.goal.latency is not None or job.goal.params is not None:
-        raise BudgetError("strategy='importance' takes MAC budgets only: use strategy='datafree' for params "
-                          "or latency budgets, or strategy='dna' for Budget(latency=...) searched on data")
+    """Importance-driven pruning with distillation (``fxadapt.search.importance``); a MAC or a params budget
+    (units priced by that count's marginals), shrinking. The last prune step is aligned like the data-free
+    solve (``halving`` from the target's alignment)."""
+    params = job.goal.params is not None and job.goal.macs is None and job.goal.latency is None
+    if not params and (job.goal.macs is None or job.goal.latency is not None or job.goal.params is not None):
+        raise BudgetError("strategy='importance' takes a MAC or a params budget: use strategy='datafree' for "
+                          "latency budgets or MACs and params together, or strategy='dna' for "
+                          "Budget(latency=...) searched on data")
     hw, solve = job.goal.target, job.cfg.solve
     start = hw.align() if hw is not None and solve.align == "auto" else None
     cfg = dataclasses.replace(job.cfg.importance, solve=solve)
-    base, plan, sn, history = importance(job.analysis, job.goal.macs, job.data, job.val_data, cfg,
-                                         dist.setup(job.cfg.device, job.cfg.precision),
-                                         align=lambda attempt: halving(solve, start, attempt))
+    run = screen if cfg.screen and not params else importance   # axis candidates ranked on validation
+    if params:
+        run = functools.partial(importance, metric="params")
+    base, plan, sn, history = run(job.analysis, job.goal.params if params else job.goal.macs, job.data,
+                                  job.val_data, cfg, dist.setup(job.cfg.device, job.cfg.precision),
+                                  align=lambda attempt: halving(solve, start, attempt))
     return Outcome(base, plan, sn.analysis, tuple(history), align=history[-1]["align"],
                    searched=history[-1]["searched"])
 

@@ -4,13 +4,15 @@ The pipeline, as ``PIPELINE`` reads (``fxadapt.pipeline.runner`` lints and shape
 
     capture        model (or ExportedProgram) -> trainable ATen-level GraphModule     fxadapt.ir.capture
     analyze        channel groups, blocks, cost model (cross-checked); budget parsed   fxadapt.analysis
-    plan           strategy: datafree solve, or dna / fur search -> Plan
-    fxadapt.pipeline.strategies materialize    slice / widen every site
-    passes.materialize rewire_blocks  remove / repeat residual blocks
-    passes.rewire_blocks recalibrate_bn re-estimate BatchNorm statistics (only with data, when shrinking)
-    fxadapt.train.recalibrate fold_bn        fold BatchNorm into conv/linear (only with fold_bn=True)
-    passes.fold_bn verify         runs, shapes, MACs by an independent count, the whole Goal (MACs,
-                   fxadapt.checks.verify params, latency against the solver's measurement), function
+    plan           strategy: datafree solve, or a search on data -> Plan   fxadapt.pipeline.strategies
+    materialize    slice / widen every site                               passes.materialize
+    rewire_blocks  remove / repeat residual blocks                        passes.rewire_blocks
+    recalibrate_bn re-estimate BatchNorm statistics (data, shrinking)     fxadapt.train.recalibrate
+    recover        the rest of recovery=W weight steps, distilled from    fxadapt.pipeline.recovery
+                   the original (only with data and recovery=)
+    fold_bn        fold BatchNorm into conv/linear (only with fold_bn)    passes.fold_bn
+    verify         runs, shapes, MACs by an independent count, the whole Goal (MACs,  fxadapt.checks.verify
+                   params, latency against the solver's measurement), function
                    preservation
     write_back     the plan in a deep copy of the user's own modules, checked against   fxadapt.writeback
                    the graph (only with output="module", the default); a model with a
@@ -81,6 +83,7 @@ from fxadapt.pipeline.cache_check import CacheFailure, cached_failure
 from fxadapt.pipeline.config import TransformConfig, checked_data, hold_of, transform_config
 from fxadapt.pipeline.eager_check import warn_eager_gap
 from fxadapt.pipeline.program import captured_from_program, to_exported_program
+from fxadapt.pipeline.recovery import recover, recovering
 from fxadapt.pipeline.report import Report, attach
 from fxadapt.pipeline.runner import Step, run_steps
 from fxadapt.pipeline.strategies import STRATEGIES, Outcome, SearchInterrupted  # noqa: F401  (re-export)
@@ -114,6 +117,7 @@ class Job:
     written: WriteBack | None = None       # the write-back: the module, or a typed failure (write_back)
     cached: CacheFailure | None = None     # how the written-back module's cached path fails (write_back)
     ties: tuple[frozenset[int], ...] = ()   # groups the plan gives one width (``fxadapt.pipeline.replan``)
+    recovered: dict | None = None   # what the recovery did (``fxadapt.pipeline.recovery``; the report's)
     timings: tuple[tuple[str, float], ...] = ()
 
 
@@ -407,6 +411,7 @@ REPLAN = (                 # what a re-plan runs again (``_replanned``), from th
     Step("materialize", _materialize),
     Step("rewire_blocks", _rewire),
     Step("recalibrate_bn", _recalibrate, _with_data),
+    Step("recover", recover, recovering),
     Step("fold_bn", _fold, _fold_asked),
     Step("verify", _verify),
 )
@@ -474,6 +479,7 @@ def finish(job: Job, start: float):
     kind = ("exported_program" if isinstance(result, ExportedProgram)
             else "graph" if isinstance(result, GraphModule) else "module")
     rep = dataclasses.replace(rep, timings=job.timings, returned=kind, write_back=_not_written(job),
+                              recovery=job.recovered,
                               dynamic=tuple(job.gm.meta.get(meta.DYNAMIC, ())) if kind != "module" else ())
     attach(out, rep)
     if job.result is not None and job.result is not out:

@@ -7,7 +7,9 @@ a block saves, exact: ``M`` is multilinear in the presences). For a multiplier `
 
     n_g(lambda) = max(lo_g, #{j in alive_g : s_j >= lambda c_g}),   d_b(lambda) = [s_b >= lambda c_b]
 
-keeps exactly the units and blocks worth their cost at price ``lambda``. ``M(n(lambda), d(lambda))`` does
+keeps exactly the units and blocks worth their cost at price ``lambda``. ``M`` is whatever ``a.cost.macs``
+counts: MACs, or parameters on ``Analysis.params_as_macs()`` (a params budget prices every unit by the
+parameters it carries). ``M(n(lambda), d(lambda))`` does
 not increase with ``lambda``, so bisection (in ``log lambda``) finds the smallest price that meets the
 target ``T``: the Lagrangian relaxation of ``max sum s  s.t.  M <= T``, the common "wider" pull of every
 group cancelled by the one price. The marginals depend on the allocation (a conv's cost is ``n_in n_out``),

@@ -31,8 +31,13 @@ def l1(w: torch.Tensor, axis: int, one_shot: int = ONE_SHOT) -> np.ndarray:
         return w.abs().float().double().numpy()
     scale = max(1, w.numel() // w.shape[axis])
     if w.numel() <= one_shot or w.shape[0] < 2:
-        return (w.abs().float().sum(other) / scale).double().numpy()
+        return (_abs32(w).sum(other) / scale).double().numpy()
     rows = max(1, min(SLICE, one_shot) // max(1, w[0].numel()))
-    parts = [c.abs().float().sum(other) for c in w.split(rows, dim=0)]
+    parts = [_abs32(c).sum(other) for c in w.split(rows, dim=0)]
     total = torch.cat(parts) if axis == 0 else torch.stack(parts).sum(0)
     return (total / scale).double().numpy()
+
+
+def _abs32(w: torch.Tensor) -> torch.Tensor:
+    """``w.abs().float()`` with one temporary: a float32 copy, made absolute in place (exact either way)."""
+    return w.to(torch.float32, copy=True).abs_()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fxadapt import meta
 from fxadapt.ir.channels import Site
 from fxadapt.ir.plan_types import Plan, SiteEdit
 from fxadapt.ops.registry import spec_of
@@ -108,6 +109,11 @@ def importance(a: Analysis, group: Group) -> np.ndarray:
 
 
 def _get(root, target: str) -> torch.Tensor:
+    """The graph's tensor at ``target``; a graph captured on the meta device (a streamed checkpoint,
+    ``fxadapt.export.stream``) reads its values with ``root.meta[meta.WEIGHTS]``."""
+    read = getattr(root, "meta", {}).get(meta.WEIGHTS)
+    if read is not None:
+        return read(target)
     obj = root
     for part in target.split("."):
         obj = getattr(obj, part)

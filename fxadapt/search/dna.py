@@ -1,8 +1,14 @@
 """DNA-style differentiable search of widths and depths in the elastic supernet.
 
 Alternating optimisation after a weight-only warm-up:
-- weight step on a training batch: ``L_task(w)``, SGD with momentum (AdamW for graphs with attention,
-  ``w_optimizer``);
+- weight step on a training batch, distilled from the original model: ``(1 - kd) L_task(w) + kd T^2
+  KL(p_T(original) || p_T(w))`` (``kd`` 0.5, ``T = kd_temperature`` 4, as every fine-tune here; without
+  labels the KL term alone; ``kd=0``: the task loss alone, the default before issue 25; a user ``loss_fn``
+  with labels: that loss alone, since only its author knows whether it takes the original's output as a
+  target), SGD with momentum
+  (AdamW for graphs with attention, ``w_optimizer``) at a cosine learning rate over ``schedule_steps``
+  (default ``steps``; ``fxadapt.transform(..., recovery=W)`` sets ``W`` and its fine-tune continues the
+  cosine);
 - architecture step on a validation batch: ``L_task + lambda * L_budget(E[MACs])``, Adam on the gate
   parameters, which are then projected back to [0, 1].
 
@@ -23,7 +29,8 @@ supernets and return the same architecture; only rank 0 writes checkpoints and s
 With ``sandwich=True`` every weight step trains three hard sub-networks instead of the current soft one
 (slimmable networks / DMCP sandwich rule): the largest (all bins and blocks on; cross-entropy), the
 smallest (``n_min`` units, no removable block) and one sampled from the gates' Markov chains, the last
-two distilled in place from the original model (KL at ``kd_temperature``), see ``fxadapt.search.sandwich``.
+two distilled in place from the original model (KL at ``kd_temperature``, 4 since issue 25, was 1), see
+``fxadapt.search.sandwich``.
 
 Decisive gates (off by default): ``entropy_weight`` adds ``w * ramp * H(gates)`` to every architecture
 step, ``H`` the mean binary entropy of the bins' marginal keep probabilities (``entropy_of="alpha"``: of
@@ -77,7 +84,16 @@ from fxadapt.errors import SearchConfigError
 from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
-from fxadapt.search.loop import gate_optimizer, gate_search, noise, prepare, tau_at, teacher_of, train_step
+from fxadapt.search.loop import (
+    distil_step,
+    gate_optimizer,
+    gate_search,
+    noise,
+    prepare,
+    tau_at,
+    teacher_of,
+    train_step,
+)
 from fxadapt.search.losses import arch_penalty, budget_loss, gate_entropy, harden_gates, penalty  # noqa: F401
 from fxadapt.search.sandwich import sandwich_step
 from fxadapt.search.supernet import Supernet, SupernetConfig
@@ -121,7 +137,11 @@ class SearchConfig(Options):
     entropy_of: Literal["marginals", "alpha"] = "marginals"        # of each bin's P_k / of p_k
     discretize_by: Literal["threshold", "expected"] = "threshold"  # bins with P_k > 0.5 / round(E[units])
     harden: float = 0.0                     # last fraction of steps: gates frozen hard, weights only
-    kd_temperature: float = 1.0
+    # weight steps: (1 - kd) L_task + kd T^2 KL_T to the original (T = kd_temperature); 0: L_task alone
+    kd: float = 0.5
+    kd_temperature: float = 4.0             # the distillation's T (also the sandwich rule's)
+    # the weight steps' cosine runs over this many steps (None: steps); transform(recovery=W) sets W
+    schedule_steps: int | None = None
     temperature: tuple[float, float] = (1.0, 0.1)   # sampled gates: Gumbel tau, first -> last gate step
     gate_init: Literal["budget", "uniform"] = "budget"   # sampled gates: around uniform scaling to the target
     # grow the supernet (supernet.expand, depth slots) also for shrinking budgets (DNA's condense-and-expand
@@ -163,6 +183,10 @@ def validate(cfg: SearchConfig) -> None:
     cfg.check(cfg.checkpoint_every >= 1, "checkpoint_every", "at least 1")
     cfg.check(cfg.warmup >= 0, "warmup", "at least 0")
     cfg.check(0.0 <= cfg.holdout < 1.0, "holdout", "in [0, 1)")
+    cfg.check(0.0 <= cfg.kd <= 1.0, "kd", "in [0, 1] (the distillation loss's weight)")
+    cfg.check(cfg.kd_temperature > 0.0, "kd_temperature", "above 0")
+    cfg.check(cfg.schedule_steps is None or cfg.schedule_steps >= cfg.steps, "schedule_steps",
+              f"None or at least steps ({cfg.steps})")
     if cfg.weights == "frozen" and (cfg.sandwich or cfg.harden):
         raise SearchConfigError("SearchConfig(weights='frozen') takes no weight step: sandwich and harden "
                                 "train weights; pass weights='train' to use them")
@@ -217,6 +241,8 @@ def run_search(sn: Supernet, train: Batches, val: Batches, target: float | None,
     every architecture step's loss (a latency term); ``target=None``: no MAC budget loss."""
     ctx = ctx or dist.DistContext()
     warmup, _ = effective_warmup(cfg)
+    if teacher is None and (cfg.kd > 0 or cfg.sandwich):   # the original, frozen (a label-free run's own)
+        teacher = train.teacher if isinstance(train.teacher, nn.Module) else teacher_of(sn.original, ctx)
     sn.gm.to(ctx.device).train()
     w_opt, w_lr = weight_optimizer(sn, cfg)
     a_opt = gate_optimizer(sn, cfg)
@@ -275,7 +301,7 @@ class _Loop:
         if s == self.hard_from:
             harden_gates(sn)
         for g in self.w_opt.param_groups:
-            g["lr"] = self.w_lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+            g["lr"] = self.w_lr * 0.5 * (1 + math.cos(math.pi * s / (cfg.schedule_steps or cfg.steps)))
         tau = tau_at(cfg, s, self.warmup, self.hard_from)
         if sn.sampled:
             sn.resample(noise(cfg, s, 0), tau)
@@ -283,8 +309,8 @@ class _Loop:
             loss = sandwich_step(sn, self.train.get(s, self.ctx.device), self.w_opt, cfg, self.ctx,
                                  self.teacher, s)
         else:
-            loss = train_step(sn, self.train.get(s, self.ctx.device), self.w_opt, cfg, self.ctx,
-                              sn.arch_parameters())
+            loss = distil_step(sn, self.train.get(s, self.ctx.device), self.w_opt, cfg, self.ctx,
+                               self.teacher)
         arch = float("nan")
         w = self.warmup
         if self.a_opt is not None and w <= s < self.hard_from and (s - w) % cfg.arch_every == 0:
@@ -355,8 +381,7 @@ def dna(a0: Analysis, target: float, data: Any, val_data: Any, cfg: SearchConfig
         state = SearchState(cfg.steps, gate_search(sn, val, target, grow, cfg, ctx, anneal=True))
         note = None
     else:
-        state = run_search(sn, train, val, target, grow, cfg, ctx,
-                           teacher_of(a0, ctx) if cfg.sandwich else None)
+        state = run_search(sn, train, val, target, grow, cfg, ctx)   # its teacher: the original (a0)
     if state.step < cfg.steps:
         return None, None, sn, state
     units, present = discretize(sn, target, grow, cfg.solve, cfg.discretize_by)

@@ -8,6 +8,10 @@ of a step, and a gate-only search.
   fraction ``f`` of it that the weight steps never see (DARTS' split of the training set: a gate then
   pays for what generalises, not for what the weights memorised).
 - ``train_step``: one optimiser step on ``L_task + extra()``; the ``frozen`` parameters get no gradient.
+- ``distil_step``: one weight step distilled from the original (``teacher``): ``(1 - kd) L_task(s, y) + kd
+  T^2 KL(p_T(t) || p_T(s))`` (``SearchConfig.kd``, ``.kd_temperature``; ``fxadapt.train.finetune.kd_loss``),
+  without labels the KL term alone, with ``kd = 0`` the task loss (label-free: KL at T = 1 to the
+  ``Batches.teacher``'s reference) as before distillation was the default.
 - ``noise``: the generator of one step's weight (phase 0) or gate (phase 1) forward, a function of
   ``(seed, step)`` only, so every rank and a resumed run draw the same sub-networks.
 - ``gate_search``: ``steps`` architecture-only steps, ``L_task + lambda * L_budget(E[MACs], T)`` on the
@@ -38,11 +42,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fxadapt import dist, meta
 from fxadapt.search.losses import arch_penalty
 from fxadapt.search.supernet import Supernet, build_supernet
 from fxadapt.train.data import Batch, Batches, Data, Layout, as_tensors, is_map_style, prediction, task_loss
+from fxadapt.train.finetune import kd_loss
 
 if TYPE_CHECKING:
 
@@ -116,14 +122,38 @@ def train_step(sn: Supernet, batch, opt, cfg: SearchConfig, ctx: dist.DistContex
                extra: Callable[[], torch.Tensor] | None = None) -> float:
     """One optimiser step on ``opt``'s parameters on ``batch`` (a ``Batch``, or an ``(x, y)`` tuple);
     ``frozen`` get no gradient (less compute and memory). Returns the task loss (without ``extra``)."""
-    stepped = [p for g in opt.param_groups for p in g["params"]]
     batch = (batch if isinstance(batch, Batch) else Layout().batch(batch)).to(ctx.device)
+    return _optimise(sn, batch, opt, ctx, frozen, lambda pred: task_loss(pred, batch, cfg.loss_fn), extra)
+
+
+def distil_step(sn: Supernet, batch, opt, cfg: SearchConfig, ctx: dist.DistContext,
+                teacher: nn.Module | None) -> float:
+    """One weight step (the gates frozen) on the distillation loss from ``teacher`` (module docstring);
+    returns that loss."""
+    batch = (batch if isinstance(batch, Batch) else Layout().batch(batch)).to(ctx.device)
+    user = None if cfg.loss_fn is F.cross_entropy else cfg.loss_fn
+    if teacher is None or cfg.kd <= 0 or (user is not None and batch.targets is not None):
+        # a user loss with labels trains alone: whether it can take the original's output as its target
+        # (a regression) or not (a loss on token ids) is the user's to say, with their own loss
+        return train_step(sn, batch, opt, cfg, ctx, sn.arch_parameters())
+    ref = batch.reference
+    if ref is None:
+        with torch.no_grad(), dist.autocast(ctx.device, ctx.precision):
+            ref = prediction(batch.call(teacher))
+    return _optimise(sn, batch, opt, ctx, sn.arch_parameters(),
+                     lambda pred: kd_loss(pred, batch, ref.float(), cfg.kd, cfg.kd_temperature, user))
+
+
+def _optimise(sn: Supernet, batch: Batch, opt, ctx: dist.DistContext, frozen, loss_of: Callable,
+              extra: Callable[[], torch.Tensor] | None = None) -> float:
+    """``opt.step()`` on ``loss_of(prediction) + extra()``; returns the first term."""
+    stepped = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     _trainable(frozen, False)
     try:
         with dist.autocast(ctx.device, ctx.precision):
             out = batch.call(sn.gm)
-        loss = task_loss(prediction(out).float(), batch, cfg.loss_fn)
+        loss = loss_of(prediction(out).float())
         total = loss + extra() if extra is not None else loss
         total.backward()
     finally:

@@ -42,7 +42,7 @@ from fxadapt.writeback.layer_config import module_config_ops, original_paths
 from fxadapt.writeback.probe import Divergence, first_divergence, graph_inputs, running_at_failure
 from fxadapt.writeback.recipe import Recipe, apply
 from fxadapt.writeback.shapes_at import original_outputs, runs_for_real, worth_meta
-from fxadapt.writeback.widths import graph_tensor, tensors_of, twin_attrs, width_ops
+from fxadapt.writeback.widths import MEASURED, NAMES, graph_tensor, tensors_of, twin_attrs, width_ops
 
 if TYPE_CHECKING:
     from fxadapt.ir.inputs import Inputs
@@ -130,10 +130,16 @@ def write_back(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference) -> 
 
     A hidden-named attribute of an attention module equal to both its input width and its all-head size
     follows the all-head size first; when that fails the check and the input width reads differently, that
-    is tried too (``widths.SIZES``)."""
+    is tried too (``widths.SIZES``). Before that, a failed first attempt that set head counts is tried with
+    them left as they were: a module may read its head count for another tensor than the attention's (an
+    input split into heads before its projections), where the attention's own views infer it."""
     first = _attempt(model, plan, inputs, ref, "all")
     if first.module is not None or first.recipe == Recipe():
         return first
+    if heads := _head_counts(first.recipe):   # read for another size (Wav2Vec2-Conformer's rotary input)
+        kept = _attempt(model, plan, inputs, ref, "all", unset=heads)
+        if kept.module is not None:
+            return kept
     if width_ops(model, ref.graph, ref.planned, "hidden")[0] \
             == width_ops(model, ref.graph, ref.planned, "all")[0]:
         return first    # no attribute reads differently: nothing else to try
@@ -141,10 +147,25 @@ def write_back(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference) -> 
     return second if second.module is not None else first
 
 
-def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefer: str) -> WriteBack:
+def _head_counts(recipe: Recipe) -> frozenset:
+    """The head-count attributes a recipe sets (``widths.MEASURED``), as ``(module, attr)``."""
+    names = {n for kind in MEASURED for n in NAMES[kind]}
+    return frozenset((o["module"], o["attr"]) for o in recipe.ops if o["op"] == "set" and o["attr"] in names)
+
+
+def unchecked(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference) -> WriteBack:
+    """The plan in a copy of a model on the meta device (a streamed checkpoint: ``fxadapt.export.stream``):
+    the recipe, the sizes and the config ``write_back`` gives, with no values and no check (the model's
+    code is taken to run with them: its config reads are not probed)."""
+    return _attempt(model, plan, inputs, ref, "all", checked=False)
+
+
+def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefer: str,
+             checked: bool = True, unset: frozenset = frozenset()) -> WriteBack:
     work = shared_copy(model)   # new modules; unchanged tensors stay the user's storage, copy-on-write
     try:
         ops, evidence = width_ops(work, ref.graph, ref.planned, prefer)
+        ops = [o for o in ops if (o.get("module"), o.get("attr")) not in unset]
         depth = depth_ops(work, ref.planned, plan, inputs)
     except NotExpressible as e:
         return WriteBack(None, Recipe(), NotExpressed(str(e)))
@@ -153,7 +174,8 @@ def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefe
                                                       f"planned graph does not hold"))
     recipe = Recipe(tuple(ops) + tuple(depth.ops))
     apply(recipe, work, phases=("width",))
-    _fill(work, ref.graph)
+    if checked:
+        _fill(work, ref.graph)
     paths = original_paths(work)
     apply(recipe, work, phases=("depth",))
     slots = Recipe(tuple(_fill_slots(work, ref.graph, depth.fill)))
@@ -162,12 +184,15 @@ def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefe
         for name in depth.zero:
             work.get_parameter(name).zero_()
     if hf.is_hf(work):
-        recipe = _hf_final(work, model, recipe, depth.order, (paths, evidence, stock.runner(work, inputs)))
+        runs = stock.runner(work, inputs) if checked else lambda: True
+        recipe = _hf_final(work, model, recipe, depth.order, (paths, evidence, runs))
     else:
         final = Recipe(tuple(o for o in _layer_ops(work, depth.order)))
         apply(final, work, phases=("final",))
         recipe = recipe + final
     work.train(model.training)
+    if not checked:
+        return WriteBack(work, recipe)
     try:
         shapes = check(work, model, inputs, ref)
     except _Mismatch as e:

@@ -83,7 +83,41 @@ def config_ops(model: nn.Module, original: nn.Module, order: dict, attention: di
     ops += _intermediate(model, original, cfg)
     ops += _explicit_head_dim(cfg, new)
     ops += size_lists(model, cfg, attention)
-    return [o for o in ops if o["op"] != "config" or settable(cfg, o["field"])]
+    return [o for o in ops if o["op"] != "config" or (settable(cfg, o["field"]) and not rescales(cfg, o))]
+
+
+def rescales(cfg, op: dict) -> bool:
+    """Whether setting ``op``'s field changes a float the config derives from it (a ``property``: MiniCPM3's
+    ``logits_scaling = hidden_size / dim_model_base``, which its forward divides the hidden states by). The
+    graph keeps the original constant, so such a field keeps its old value and the recipe carries the
+    size (the stock class then cannot rebuild the result from its config alone).
+
+    >>> class Cfg:
+    ...     hidden_size, base = 64, 256
+    ...     @property
+    ...     def scale(self):
+    ...         return self.hidden_size / self.base
+    >>> rescales(Cfg(), {"field": "hidden_size", "value": 32})
+    True
+    >>> rescales(Cfg(), {"field": "base", "value": 256})
+    False
+    """
+    props = [n for n in dir(type(cfg)) if isinstance(getattr(type(cfg), n, None), property)]
+    if not props:
+        return False
+    new = copy.deepcopy(cfg)
+    try:
+        setattr(new, op["field"], copy.deepcopy(op["value"]))
+    except Exception:  # noqa: BLE001 - a field the config refuses is not set here either
+        return False
+    return any(type(a) is float and a != b for a, b in ((_prop(cfg, n), _prop(new, n)) for n in props))
+
+
+def _prop(cfg, name: str) -> Any:
+    try:
+        return getattr(cfg, name)
+    except Exception:  # noqa: BLE001 - a property that needs fields this config lacks
+        return None
 
 
 def size_lists(model: nn.Module, cfg, attention: dict) -> list[dict]:

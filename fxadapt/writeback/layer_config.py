@@ -37,6 +37,7 @@ def module_config_ops(work: nn.Module, original: nn.Module, paths: dict[int, str
     whose attention sizes (``evidence``: original path -> {kind: (old, new)}) differ from what that config
     states now (``original``: the unchanged model, whose config says what a field meant)."""
     cfg, base = work.config, original.config
+    alias = getattr(base, "attribute_map", None) or {}
     ops = []
     for path, mod in work.named_modules():
         held = mod.__dict__.get("config")
@@ -46,7 +47,9 @@ def module_config_ops(work: nn.Module, original: nn.Module, paths: dict[int, str
             continue
         for kind in KINDS:
             old, new = pairs.get(kind, (None, None))
-            for name in FIELDS[kind]:
+            # a field read under its alias (Moonshine's num_key_value_heads is decoder_num_key_value_heads)
+            # is stored, and viewed, under the name it maps to
+            for name in dict.fromkeys(alias.get(n, n) for n in FIELDS[kind]):
                 if old is not None and base.__dict__.get(name) == old and getattr(cfg, name, None) != new:
                     ops.append({"op": "module_config", "module": path, "field": name, "value": new})
     return ops

@@ -18,7 +18,8 @@ Attributes a module derives from its shapes, from three kinds of evidence (the f
    attention); for the hidden and all-head sizes (equal when the model is built) the module's own size
    arguments decide first: a size they changed follows them, a feature-axis size they kept stays; then a
    hidden-named attribute equal to the all-head size of the module's attention follows that size, or its
-   input width (``prefer``; ``write_back`` tries both when the first fails its check).
+   input width (``prefer``; ``write_back`` tries both when the first fails its check). A head count the
+   attention call measures (``MEASURED``) overrides evidence 2 for an attribute of that name.
 
 ``scaling`` is left alone: the graph keeps the original constant, and the verifier compares the two.
 
@@ -85,10 +86,14 @@ def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule,
     attrs: dict[tuple[str, str], object] = {}
     for owner in sorted({n.rpartition(".")[0] for n in changed}):
         attrs.update(_leaf_attrs(model, gm, owner, changed))
+    attrs.update({k: v for k, v in _tensorless_twins(model, gm).items() if k not in attrs})
     attrs.update({k: v for k, v in _input_attrs(model, attrs).items() if k not in attrs})
     evidence = _attention_evidence(gm, base)
     for path, pairs in evidence.items():
-        attrs.update({k: v for k, v in _named(model, path, pairs, prefer).items() if k not in attrs})
+        measured = _measured(model, path, pairs)
+        attrs = {k: v for k, v in attrs.items() if k not in measured}
+        attrs.update({k: v for k, v in _named(model, path, pairs, prefer).items()
+                      if k not in attrs or k in measured})
     for (path, attr), value in sorted(attrs.items()):
         op = {"op": "set", "module": path, "attr": attr,
               "value": list(value) if isinstance(value, tuple) else value}
@@ -117,6 +122,17 @@ def twin_attrs(mod: nn.Module, twin: nn.Module | None, path: str) -> dict | None
         return None
     theirs = _int_attrs(twin)
     return {(path, k): theirs[k] for k, v in _int_attrs(mod).items() if k in theirs and theirs[k] != v}
+
+
+def _tensorless_twins(model: nn.Module, gm: GraphModule) -> dict:
+    """Evidence 1 for modules without tensors (a ``LayerNorm(elementwise_affine=False)``): their graph twin's
+    differing int attributes (``normalized_shape``)."""
+    out = {}
+    for path, mod in model.named_modules():
+        if path and not mod._modules and not any(t is not None for t in (*mod._parameters.values(),
+                                                                           *mod._buffers.values())):
+            out.update(twin_attrs(mod, _submodule(gm, path), path) or {})
+    return out
 
 
 def _leaf_attrs(model: nn.Module, gm: GraphModule, owner: str, changed: dict) -> dict:
@@ -200,8 +216,8 @@ def _narrowest_heads(node: Node, head_dim: int) -> int | None:
         if len(s) == 5 and s[-1] == head_dim:
             best = s[1] if best is None else min(best, s[1])
         ins = [a for a in cur.all_input_nodes if a.op != "get_attr" and _shape(a) is not None]
-        if not ins:
-            break
+        if not ins or cur.target in (aten.transpose.int, aten.permute.default):
+            break   # before it, axis 1 is not the heads' (Moonshine's [b, s, h, d] of 4 tokens)
         cur = ins[0]
     return best
 
@@ -233,8 +249,9 @@ def _attention_evidence(gm: GraphModule, base: GraphModule) -> dict[str, dict]:
                 pairs["all"] = (h[0] * d[0], h[1] * d[1])
                 if kv[0] and kv[1] and h[0] % kv[0] == 0 and h[1] % kv[1] == 0:
                     pairs["groups"] = (h[0] // kv[0], h[1] // kv[1])
-        elif node.target in SIZED and len(node.args) > 1 and isinstance(old.args[1], (list, tuple)):
-            _size_evidence(pairs, node, old)
+        elif (k := SIZED.get(node.target)) is not None and len(node.args) > k \
+                and isinstance(old.args[k], (list, tuple)):
+            _size_evidence(pairs, node, old, k)
     for path, pairs in found.items():
         hidden = _hidden(gm, old_nodes, path)
         if hidden:
@@ -242,13 +259,16 @@ def _attention_evidence(gm: GraphModule, base: GraphModule) -> dict[str, dict]:
     return {p: v for p, v in found.items() if v}
 
 
-SIZED = (aten.view.default, aten.reshape.default, aten.split_with_sizes.default)
+SIZED = {aten.view.default: 1, aten.reshape.default: 1, aten.split_with_sizes.default: 1,
+         aten.zeros.default: 0, aten.ones.default: 0, aten.full.default: 0}
+"""Ops with a list of sizes, by its argument index: views and splits, and constructors (T5's cross-attention
+makes a zero position bias of ``(1, n_heads, q, k)``)."""
 
 
-def _size_evidence(pairs: dict, node: Node, old: Node) -> None:
+def _size_evidence(pairs: dict, node: Node, old: Node, at: int = 1) -> None:
     """Sizes in a module's own shape arguments: an edited one is ``("view", old) -> (old, new)``; one left as
     it was on the feature axis (the last entry of a view, every entry of a split) is ``("kept", old)``."""
-    olds, news = old.args[1], node.args[1]
+    olds, news = old.args[at], node.args[at]
     for k, (a, b) in enumerate(zip(olds, news)):
         if type(a) is not int or type(b) is not int:
             continue
@@ -299,6 +319,22 @@ def _named(model: nn.Module, path: str, pairs: dict, prefer: str = "all") -> dic
             elif pair is None and value in views:
                 out[(path, attr)] = views[value]
     return out
+
+
+MEASURED = ("heads", "kv", "head_dim", "groups")
+"""Head counts an attention call measures directly: its own (old, new) pair decides a module attribute of
+that name, over evidence 2 (Doge's ``num_key_value_groups`` 2 equals its ``A``'s old length, the key/value
+heads, 2 -> 3, while the groups stay 2)."""
+
+
+def _measured(model: nn.Module, path: str, pairs: dict) -> set:
+    """The ``(path, attr)`` keys of the module at ``path`` whose name is a ``MEASURED`` kind the attention
+    evidence holds with the attribute's value as its old size."""
+    mod = _submodule(model, path)
+    if mod is None:
+        return set()
+    return {(path, attr) for attr, value in _int_attrs(mod).items() for kind in MEASURED
+            if attr in NAMES[kind] and kind in pairs and pairs[kind][0] == value}
 
 
 def _sized_name(attr: str) -> bool:

@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from fxadapt import dist
 from fxadapt.errors import InputError, InternalError
 from fxadapt.options import Options
-from fxadapt.search.dna import ATTENTION_OPS
+from fxadapt.search.dna import optimizer_kind
 from fxadapt.search.loop import teacher_of
 from fxadapt.train.finetune import FinetuneConfig, Schedule, train_for
 
@@ -152,9 +152,7 @@ def recover(job: Job) -> Job:
 def _schedule(cfg: TransformConfig, a: Analysis, s: int, rc: RecoveryConfig) -> tuple[float, Schedule, str]:
     """The fine-tune's peak learning rate, its ``Schedule`` and a phrase saying what it continues."""
     r, search = rc.steps - s, cfg.search
-    kind = search.w_optimizer
-    if kind == "auto":     # DNA's choice: AdamW where the graph has attention (SGD wrecks transformers)
-        kind = "adamw" if any(n.target in ATTENTION_OPS for n in a.gm.graph.nodes) else "sgd"
+    kind = optimizer_kind(search, a.gm)     # DNA's choice
     if cfg.strategy == "dna" and search.weights == "train":
         peak = search.adamw_lr if kind == "adamw" else search.w_lr
         return (rc.lr or peak, Schedule(r, s, kind),

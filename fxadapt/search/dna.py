@@ -205,13 +205,17 @@ ATTENTION_OPS = (torch.ops.aten._softmax.default, torch.ops.aten.softmax.int,
                  torch.ops.aten.scaled_dot_product_attention.default)
 
 
+def optimizer_kind(cfg: SearchConfig, gm: torch.fx.GraphModule) -> Literal["sgd", "adamw"]:
+    """``SearchConfig.w_optimizer`` resolved: ``"auto"`` is AdamW where ``gm`` has attention (SGD wrecks
+    transformers), SGD elsewhere."""
+    if cfg.w_optimizer == "sgd" or cfg.w_optimizer == "adamw":
+        return cfg.w_optimizer
+    return "adamw" if any(n.target in ATTENTION_OPS for n in gm.graph.nodes) else "sgd"
+
+
 def weight_optimizer(sn: Supernet, cfg: SearchConfig) -> tuple[torch.optim.Optimizer, float]:
     """The weight steps' optimizer and its peak learning rate (see ``SearchConfig.w_optimizer``)."""
-    kind = cfg.w_optimizer
-    if kind == "auto":
-        attention = any(n.target in ATTENTION_OPS for n in sn.analysis.gm.graph.nodes)
-        kind = "adamw" if attention else "sgd"
-    if kind == "adamw":
+    if optimizer_kind(cfg, sn.analysis.gm) == "adamw":
         return torch.optim.AdamW(sn.weight_parameters(), lr=cfg.adamw_lr, weight_decay=cfg.weight_decay), \
                 cfg.adamw_lr
     return torch.optim.SGD(sn.weight_parameters(), lr=cfg.w_lr, momentum=cfg.w_momentum,

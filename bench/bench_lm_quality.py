@@ -23,6 +23,8 @@ after the base, counted from the search history where a search takes weight step
   ``W - S`` fine-tune steps;
 - ``importance-screen``: the same with ``screen=True`` (fxadapt.search.screen: axis candidates, S steps in
   all), the axis it kept recorded;
+- ``importance-floor`` (``--methods`` to add it): the same with ``floor=0.5`` (every group keeps at least half
+  its uniformly scaled width);
 - ``base-ft`` (``--methods`` to add it): the unadapted base given the same fine-tune (1.0x reference).
 
 Fine-tune (every method, the same recipe): AdamW (betas 0.9 / 0.95, weight decay 0.01, lr ``--ft-lr``),
@@ -73,7 +75,7 @@ METHODS = ("datafree", "magnitude", "importance", "importance-screen")
 KEEP_WEIGHTS = ("datafree", "magnitude")
 LABELS = {"base-ft": "base + the same fine-tune (1.0x, reference)", "datafree": "fxadapt data-free",
           "magnitude": "magnitude heads+MLP (TP LLM recipe)", "importance": "importance (screen off)",
-          "importance-screen": "importance (screen on)"}
+          "importance-screen": "importance (screen on)", "importance-floor": "importance (floor 0.5)"}
 
 
 # ---------------------------------------------------------------- data
@@ -185,8 +187,11 @@ def base_model(args, train_data: torch.Tensor, seed: int) -> tuple[nn.Module, fl
 
 
 # ---------------------------------------------------------------- methods
-def importance_config(args, seed: int, screen: bool) -> ImportanceConfig:
-    return ImportanceConfig(steps=args.search_steps, batch_size=BATCH, seed=seed, screen=screen)
+def importance_config(args, seed: int, method: str) -> ImportanceConfig:
+    """``importance``'s config; ``-screen`` screens the axes, ``-floor`` keeps >= 0.5 x the uniform widths."""
+    return ImportanceConfig(steps=args.search_steps, batch_size=BATCH, seed=seed,
+                            screen=method == "importance-screen",
+                            floor=0.5 if method == "importance-floor" else 0.0)
 
 
 def screened(model: nn.Module) -> tuple[str | None, str | None]:
@@ -210,7 +215,7 @@ def candidate(method: str, ratio: float, base, ex, train_data, args, seed
         inner = [b.mlp.c_fc.weight.shape[1] for b in model.transformer.h]
         return model, f"L1 magnitude p={p:.4f}, heads/layer {heads}, MLP {inner}", 0
     x, _ = windows(train_data, random_offsets(train_data, args.calib_windows, seed=10 * seed + 2))
-    cfg = importance_config(args, seed, method == "importance-screen")
+    cfg = importance_config(args, seed, method)
     model = fxadapt.transform(base, ratio, ex, data={"input_ids": x}, strategy="importance", importance=cfg)
     steps = sum(1 for h in fxadapt.report(model).history if isinstance(h, dict) and "step" in h)
     chosen, note = screened(model)
@@ -251,7 +256,7 @@ SETTINGS = ("base_steps", "base_lr", "w", "ft_lr", "search_steps", "calib_window
 def config_hash(args, method: str) -> str:
     """Every setting that defines ``method``'s row (the base's settings for "base"), defaults included."""
     keys = ("base_steps", "base_lr") if method == "base" else SETTINGS
-    imp = stable(importance_config(args, 0, method == "importance-screen")) \
+    imp = stable(importance_config(args, 0, method)) \
         if method.startswith("importance") else None
     payload = {"protocol": PROTOCOL, "seq": SEQ,
                "batch": BATCH, "model": CONFIG, "method": method,
@@ -333,7 +338,16 @@ def report_ratio(rows: list[dict], ratio: float, full: float) -> list[str]:
     if len(common) > 1:
         d = [on[s] - off[s] for s in common]
         lines.append(f"screen on − screen off (test ppl, paired): {_ci(d, '+')}")
-    return lines
+    return lines + paired(val, test, "importance-floor", "importance")
+
+
+def paired(val: dict, test: dict, a: str, b: str) -> list[str]:
+    """``a − b`` on val and test, paired by seed (empty under 2 common seeds)."""
+    common = sorted(set(test[a]) & set(test[b]) & set(val[a]) & set(val[b]))
+    if len(common) < 2:
+        return []
+    dv, dt = ([d[a][s] - d[b][s] for s in common] for d in (val, test))
+    return [f"{a} − {b} (paired, {len(common)} seeds): val {_ci(dv, '+')}, test {_ci(dt, '+')}"]
 
 
 def report(rows: list[dict], ratios: list[float]) -> str:
@@ -382,7 +396,7 @@ def main(argv=None) -> None:
     rows = [r for r in load_rows(path) if r["seed"] in seeds
             and r["config_hash"] == config_hash(args, r["method"])]
     text = report(rows, args.ratio_list)
-    (CACHE / "lm_quality25.md").write_text(text + "\n")
+    path.with_name(path.stem.removesuffix("_rows") + ".md").write_text(text + "\n")
     print(text)
 
 

@@ -4,6 +4,8 @@
     /usr/bin/time -v fxadapt adapt /tmp/llama7b --budget 0.5 -o /tmp/llama7b-half --stream
     python bench/bench_stream.py generate /tmp/llama7b-half          # load once (bf16), a few greedy tokens
     python bench/bench_stream.py compare [--shape 1b]           # streamed == in-memory transform, bit for bit
+    /usr/bin/time -v python bench/bench_stream.py adapt /tmp/llama7b -o /tmp/llama7b-data --data 4,8,128
+                    # streamed with calibration data: 4 batches of 8 x 128 random token ids (item 4)
 
 ``write`` never builds the model: every tensor of the config's state dict (names and shapes from a meta
 model) is drawn (normal, std 0.02; RMSNorm weights 1), written into its shard and freed. ``compare``
@@ -116,16 +118,38 @@ def compare(shape: str, layers: str = "any") -> bool:
     return same and ca == cb and logits
 
 
+def adapt(src: str, out: str, data: str | None, budget: float = 0.5) -> None:
+    """``adapt_checkpoint`` (``data``: ``"n,batch,seq"`` random token ids, seed 0): its wall time and this
+    process's peak RSS."""
+    import resource
+
+    ids = None
+    if data:
+        n, b, t = (int(x) for x in data.split(","))
+        vocab = transformers.AutoConfig.from_pretrained(src).vocab_size
+        ids = torch.randint(0, vocab, (n, b, t), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    res = fxadapt.adapt_checkpoint(src, budget, out, data=ids, progress=True)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"adapt {src} data={data}: MACs ratio {res.macs_after / res.macs_before:.4f}, wall {wall:.1f} s, "
+          f"peak RSS {rss:.2f} GiB, {len(res.files)} files in {out}")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["write", "generate", "compare"])
+    p.add_argument("what", choices=["write", "generate", "compare", "adapt"])
     p.add_argument("path", nargs="?")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None)
     p.add_argument("--layers", default="any")
+    p.add_argument("-o", "--out", help="adapt: the output folder")
+    p.add_argument("--data", help="adapt: calibration token ids 'batches,batch,seq' (e.g. 4,8,128)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "write":
         write(args.path, args.shape or "7b")
+    elif args.what == "adapt":
+        adapt(args.path, args.out, args.data)
     elif args.what == "generate":
         generate(args.path)
     else:

@@ -127,7 +127,7 @@ ADDED_OPTIONS = {("SearchConfig", "weights"): "train", ("SearchConfig", "holdout
                  ("TransformConfig", "importance"): fxadapt.ImportanceConfig(),
                  ("TransformConfig", "keep"): (), ("TransformConfig", "only"): (),
                  ("TransformConfig", "min_width"): {}, ("TransformConfig", "max_width"): {},
-                 ("ImportanceConfig", "floor"): 0.0}
+                 ("ImportanceConfig", "floor"): 0.0, ("ImportanceConfig", "floors"): ()}
 
 
 def stable(o):

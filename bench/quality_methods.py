@@ -41,13 +41,17 @@ import torch
 from torch import nn
 
 import fxadapt
+from fxadapt.hw.sim import SimulatedTarget
 
+# the "-lat" methods (datafree-lat, importance-lat) take Budget(latency=budget) on this synthetic processor:
+# latencies that do not depend on the machine's load, so runs on a shared machine are reproducible
+SIMULATED = SimulatedTarget(seed=0)
 IMPORTANCE = ("importance", "importance-oneshot", "importance-taylor", "importance-act", "importance-1it",
               "importance-kd5", "importance-lr5", "importance-depth",
               # the default and its ablation (issue 25)
               "importance-ablation", "importance-ablation-depth", "importance-floor", "importance-floor1",
               "importance-hybrid",
-              "importance-fisher")
+              "importance-fisher", "importance-screen-floors", "importance-lat")
 SHRINK = ("uniform", "tp-uniform", "tp-global", "datafree", "fur-bernoulli", "fur", "dna-markov", "dna",
           "dna-scratch") + IMPORTANCE
 SCRATCH = ("uniform", "dna-scratch")   # weights re-initialised: trained for base + the protocol's steps
@@ -119,7 +123,7 @@ def method_config(method: str, seed: int, opts: dict) -> fxadapt.TransformConfig
         return {"method": method, "bisection": 14, "max_pruning_ratio": 0.9,
                 "p": 2 if method == "tp-global" else 1}
     cfg = fxadapt.TransformConfig(fold_bn=False)
-    if method in ("uniform", "datafree"):
+    if method in ("uniform", "datafree", "datafree-lat"):
         return cfg
     steps, iterations = opts["search_steps"], opts["fur_iterations"]
     search = dataclasses.replace(cfg.search, seed=seed, progress=False, steps=steps)
@@ -154,7 +158,8 @@ def importance_config(method: str, seed: int, steps: int, opts: dict) -> fxadapt
                "importance-ablation-depth": dict(kind="ablation", depth=True),
                "importance-floor": dict(floor=0.5), "importance-floor1": dict(floor=1.0),
                "importance-hybrid": dict(kind="hybrid"),
-               "importance-fisher": dict(kind="fisher")}.get(method, {})
+               "importance-fisher": dict(kind="fisher"),
+               "importance-screen-floors": dict(screen=3, floors=(0.5, 1.0))}.get(method, {})
     if opts.get("loss_fn") is not None:
         variant = variant | dict(loss="mse", loss_fn=opts["loss_fn"])
     return dataclasses.replace(cfg, **variant)
@@ -190,7 +195,8 @@ def candidate(method: str, base: nn.Module, data: dict, budget: float, seed: int
         model, s, steps = _SEARCHED[key]
         return copy.deepcopy(model), s, steps
     kw = {"val_data": data["val"]} if opts.get("search_val") == "val" and method != "datafree" else {}
-    model = fxadapt.transform(base, budget, (x,), data=data["train"], strategy=method.split("-")[0],
+    goal = fxadapt.Budget(latency=budget, target=SIMULATED) if method.endswith("-lat") else budget
+    model = fxadapt.transform(base, goal, (x,), data=data["train"], strategy=method.split("-")[0],
                               config=cfg, **kw)
     out = (model, time.perf_counter() - t0, weight_steps_of(method, model, cfg))
     if method == "dna":

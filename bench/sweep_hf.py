@@ -9,7 +9,7 @@ defaults and classified:
   (``macs_after / macs_before``) agrees. ``returned`` says whether it is the user's class ("module") or the
   verified graph (a fallback with a ``WriteBackWarning``, whose message is kept).
 - **refused**: an ``fxadapt.FxAdaptError`` that is a deliberate refusal; the first 120 characters of the
-  message are kept.
+  message are kept, and ``one_line`` says whether the whole message is one line.
 - **crashed**: any other exception, or an ``FxAdaptError`` that only wraps an unexpected exception of a
   pipeline step, a rewritten graph that fails to run or a result that fails its checks (``_internal``), or
   the caller's model mutated (its ``state_dict`` changed), or the independent count failing on the original.
@@ -135,7 +135,8 @@ def adapt(fam, model, budget: float, base_macs: float) -> dict:
         raise
     except fxadapt.FxAdaptError as e:
         rec.update(status="crashed" if _internal(e) else "refused", error=type(e).__name__,
-                   reason=str(e).replace("\n", " ")[:120], trace=traceback.format_exc(limit=-6))
+                   reason=str(e).replace("\n", " ")[:120], one_line=len(str(e).splitlines()) <= 1,
+                   trace=traceback.format_exc(limit=-6))
         if isinstance(e, fxadapt.BudgetError):
             rec["frozen"] = frozen_reasons(model, x)
         return _finish(rec, t0, model, before)

@@ -61,7 +61,8 @@ BUDGETS = (0.5, 0.25, 0.1)
 BASELINES = ("datafree", "tp-uniform", "tp-global")      # keep the base's weights
 METHODS = BASELINES + ("importance", "scratch-W")
 # val-only diagnostics, run on request
-ABLATIONS = ("importance-oneshot", "importance-fisher", "importance-floor", "importance-floor1", "dna")
+ABLATIONS = ("importance-oneshot", "importance-fisher", "importance-floor", "importance-floor1", "dna",
+             "importance-screen-floors", "importance-depth", "datafree-lat", "importance-lat")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = os.path.join(CACHE, "users_protocol.jsonl")
 RESULTS = os.path.join(ROOT, "bench", "results", "users_protocol")

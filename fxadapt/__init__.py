@@ -26,6 +26,7 @@ from fxadapt.errors import (
                             LoadError,
                             RecipeError,
                             ReplanWarning,
+                            ResourceError,
                             SaveError,
                             SearchConfigError,
                             SearchInterrupted,
@@ -63,5 +64,5 @@ __all__ = ["export_onnx", "ExportError", "transform", "TransformConfig", "report
            "WriteBackError", "SolveConfig", "SearchConfig", "FurConfig", "SupernetConfig", "ImportanceConfig",
            "BudgetWarning", "LoadError", "RecipeError", "SaveError", "SearchConfigError", "SearchInterrupted",
            "ShapeCheckError", "UncostedWarning", "GrowthWarning", "adapt_checkpoint",
-           "RecoveryConfig"]
+           "RecoveryConfig", "ResourceError"]
 __version__ = "0.2.0"

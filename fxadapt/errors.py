@@ -63,6 +63,11 @@ class LoadError(FxAdaptError, ValueError):
     """A saved module that cannot be restored as asked (the message says what to pass)."""
 
 
+class ResourceError(FxAdaptError):
+    """A step needs more memory or disk than is available: the message names the bytes needed and available
+    and what to do."""
+
+
 class SearchConfigError(FxAdaptError, ValueError):
     """A search configuration that would do nothing (or cannot run)."""
 

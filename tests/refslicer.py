@@ -119,7 +119,9 @@ def slice_module(analysis, keep: dict[int, set[int]]) -> GraphModule:
         _set_tensor(gm, target, t.detach().index_select(axis, idx).clone())
     for s, mask in masks.values():
         node = nodes[s.node_name]
-        if s.kind == "groups":
+        if s.kind == "groups" and node.op == "call_function":   # a conv left unlifted (computed weight)
+            node.args = tuple(int(mask.sum()) if i == s.arg else a for i, a in enumerate(node.args))
+        elif s.kind == "groups":
             gm.get_submodule(node.target).groups = int(mask.sum())
         elif s.kind == "split":
             dim = s.arg

@@ -11,7 +11,7 @@ A group is frozen when any of its units was frozen by a rule; the first recorded
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -82,6 +82,20 @@ class Group:
 PRODUCER_ROLES = ("out", "dw")
 
 
+@dataclass
+class _Forming:
+    """What the groups of one ledger are formed from: its sites, the union-find root of every label, the
+    frozen roots with their reasons, and the per-root ``group_of`` / ``unit_of`` maps being filled, plus
+    per site index the (group, unit) of each of its positions (``mapped``)."""
+
+    sites: list[Site]
+    roots: np.ndarray
+    frozen: dict[int, str]
+    group_of: np.ndarray
+    unit_of: np.ndarray
+    mapped: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
 def form_groups(ledger: Ledger) -> tuple[list[Group], np.ndarray, np.ndarray]:
     """Groups, plus per-root arrays ``group_of`` and ``unit_of`` (-1 where a root has no group)."""
     roots = ledger.uf.roots()
@@ -89,23 +103,20 @@ def form_groups(ledger: Ledger) -> tuple[list[Group], np.ndarray, np.ndarray]:
     for labels, reason in ledger.frozen:
         for r in np.unique(roots[labels]).tolist():
             frozen.setdefault(r, reason)
-    group_of = np.full(len(roots), -1, dtype=np.int64)
-    unit_of = np.full(len(roots), -1, dtype=np.int64)
-    sites = ledger.sites
-    classes = _signature_classes(sites, roots)
+    f = _Forming(ledger.sites, roots, frozen, np.full(len(roots), -1, dtype=np.int64),
+                 np.full(len(roots), -1, dtype=np.int64))
+    classes = _signature_classes(f.sites, roots)
     # two phases: unit order of every group first, then members (a site's group/unit map is computed once;
     # groups own disjoint roots, so reading the final group_of / unit_of is the same as reading them early)
-    orders = [_order_units(gid, key, rs, sites, roots, group_of, unit_of)
-              for gid, (key, rs) in enumerate(classes)]
-    mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    orders = [_order_units(f, gid, key, rs) for gid, (key, rs) in enumerate(classes)]
     for key, _ in classes:
         for i in key:
-            if i not in mapped:
-                r = roots[sites[i].labels]
-                mapped[i] = (group_of[r], unit_of[r])
-    groups = [_make_group(gid, key, *order, sites, mapped, frozen)
+            if i not in f.mapped:
+                r = roots[f.sites[i].labels]
+                f.mapped[i] = (f.group_of[r], f.unit_of[r])
+    groups = [_make_group(f, gid, key, order)
               for gid, ((key, _), order) in enumerate(zip(classes, orders, strict=True))]
-    return groups, group_of, unit_of
+    return groups, f.group_of, f.unit_of
 
 
 def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
@@ -150,10 +161,11 @@ def _signature_classes(sites: list[Site], roots: np.ndarray) -> list[tuple[tuple
     return [(class_sites[ids[k]], members[bounds[k]:bounds[k + 1]]) for k in order.tolist()]
 
 
-def _order_units(gid, key, rs, sites, roots, group_of, unit_of) -> tuple[Site, np.ndarray, int]:
+def _order_units(f: _Forming, gid: int, key: tuple[int, ...], rs: np.ndarray) -> tuple[Site, np.ndarray, int]:
     """Canonical site, unit order (the canonical member's channel order, then the rest) and width of a group;
-    writes the group's entries of ``group_of`` / ``unit_of``."""
-    members_sites = [sites[i] for i in key]
+    writes the group's entries of ``f.group_of`` / ``f.unit_of``."""
+    roots = f.roots
+    members_sites = [f.sites[i] for i in key]
     canon = next((s for s in members_sites if s.role in PRODUCER_ROLES), members_sites[0])
     in_group = np.isin(roots[canon.labels], rs)
     canon_roots = roots[canon.labels][in_group]
@@ -161,16 +173,19 @@ def _order_units(gid, key, rs, sites, roots, group_of, unit_of) -> tuple[Site, n
     ordered = canon_roots[np.sort(first)]
     missing = np.setdiff1d(np.asarray(rs), ordered)
     ordered = np.concatenate([ordered, missing])
-    group_of[ordered] = gid
-    unit_of[ordered] = np.arange(len(ordered))
+    f.group_of[ordered] = gid
+    f.unit_of[ordered] = np.arange(len(ordered))
     return canon, ordered, int(in_group.sum())
 
 
-def _make_group(gid, key, canon, ordered, width, sites, mapped, frozen) -> Group:
+def _make_group(f: _Forming, gid: int, key: tuple[int, ...], order: tuple[Site, np.ndarray, int]) -> Group:
+    """The group ``gid`` over the sites ``key``, from its canonical site, unit order and width (``order``)."""
+    canon, ordered, width = order
+    frozen = f.frozen
     members = []
     for i in key:
-        g, u = mapped[i]
-        members.append(Member(sites[i], np.where(g == gid, u, -1)))
+        g, u = f.mapped[i]
+        members.append(Member(f.sites[i], np.where(g == gid, u, -1)))
     units = len(ordered)
     reason = next((frozen[r] for r in ordered.tolist() if r in frozen), None) if frozen else None
     if reason is None and units == 1:

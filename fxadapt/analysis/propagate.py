@@ -20,7 +20,7 @@ from fxadapt import meta
 from fxadapt.errors import InputError
 from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import OPS, Blocked, Call, Ctx, RuleRecord, missing_reason
-from fxadapt.ops.reshape import ATTENTION_MODES
+from fxadapt.ops.heads import ATTENTION_MODES
 from fxadapt.ops.routing import follow_ids
 
 
@@ -99,7 +99,7 @@ def propagate(gm: GraphModule, attention: str = "auto") -> Ctx:
     """Apply the rule table to every node; results land in ``ctx`` and ``node.meta``.
 
     ``attention``: ``"heads"`` / ``"auto"`` (whole attention heads are units) or ``"head_dim"`` (the head
-    count is kept and ``head_dim`` pruned); see ``fxadapt.ops.reshape``."""
+    count is kept and ``head_dim`` pruned); see ``fxadapt.ops.heads``."""
     if attention not in ATTENTION_MODES:
         raise InputError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     batch = gm.meta.get(meta.BATCH, 1)

@@ -12,7 +12,10 @@ Usage::
 Outputs: ``-o`` names the saved model; without it the model goes to ``DIR/adapted.pt`` with ``--out-dir``
 (``fxadapt-example/`` with ``--example``, together with ``adapted.onnx`` and ``widths.png``), else to
 ``<factory>-adapted.pt`` in the current directory. Every file written is printed. Folders are created only
-when a file is written into them, so a failed run leaves none behind.
+when a file is written into them, so a failed run leaves none behind. A Hugging Face checkpoint folder in
+gives one out (``-o``, streamed or not: ``fxadapt.cli.hf``), written into a folder beside it that is renamed
+when complete; a non-empty ``-o`` is refused unless ``--overwrite``; ``--layers uniform`` makes it load with
+stock ``from_pretrained``.
 
 The model file holds plain data (``fxadapt.save``): read it back with ``fxadapt.load(path)``
 (``fxadapt.export.save.load``); ``torch.load(path)`` with its defaults returns that data. The ONNX file
@@ -49,6 +52,7 @@ from fxadapt.cli.hf import is_checkpoint
 from fxadapt.dist import is_main
 from fxadapt.export.plot import plot_widths
 from fxadapt.export.save import save
+from fxadapt.export.shards import check_output, staged
 from fxadapt.pipeline.transform import TransformConfig
 from fxadapt.planning.budget import parse_budget
 
@@ -79,6 +83,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "one at a time, written shard by shard); automatic above half the available memory")
     p.add_argument("--max-shard-size", default="5GB",
                    help="shard size of a streamed checkpoint (default 5GB)")
+    p.add_argument("--layers", choices=("any", "uniform"), default="any",
+                   help="'any' (default): per-layer widths; 'uniform': repeated layers share widths, so a "
+                        "Hugging Face checkpoint loads with stock from_pretrained")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write a checkpoint folder into a non-empty -o (its weight files are replaced; "
+                        "default: refused)")
     add_data_arguments(p)
     p.set_defaults(run=run)
     return p
@@ -130,15 +140,19 @@ def run(args: argparse.Namespace) -> int:
     """Validate, adapt, report, write; returns the exit status (errors raise
     ``CliError``/``FxAdaptError``)."""
     budget = check_budget(args.budget)
-    if is_checkpoint(args.model) and hf.streams(args):
-        return hf.adapt_streamed(args, budget, output_paths(args)[0][1])
+    if is_checkpoint(args.model):   # a checkpoint folder out: refused before any work if it is not empty
+        check_output(output_paths(args)[0][1], args.overwrite)
+        if hf.streams(args):
+            return hf.adapt_streamed(args, budget, output_paths(args)[0][1],
+                                     load_data(args)[0] if args.data else None)
     model, inputs, label = load_model(args)
     train, val, search = load_data(args)
     if args.fold_bn:
         model.eval()  # folding uses the running statistics: the deployable model is an inference model
     outputs = output_paths(args)
     bar = Progress(f"adapt {label}", extra_steps=len(outputs), enabled=not args.quiet and is_main())
-    cfg = TransformConfig(fold_bn=args.fold_bn, grow_depth=args.grow_depth, progress=bar, **search)
+    cfg = TransformConfig(fold_bn=args.fold_bn, grow_depth=args.grow_depth, layers=args.layers, progress=bar,
+                          **search)
     created: list[str] = []
     try:
         adapted = fxadapt.transform(model, budget, inputs, data=train, val_data=val, config=cfg)
@@ -150,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                   f"(target {rep.macs_target / rep.macs_before:.4f})")
         writers: dict[str, Callable[[str], str]] = {
             "pt": lambda p: (save(adapted, p), f"saved {p} (load with fxadapt.load)")[1],
-            "hf": lambda p: _save_pretrained(adapted, p),
+            "hf": lambda p: _save_pretrained(adapted, p, args.overwrite),
             "onnx": lambda p: _onnx_line(fxadapt.export_onnx(adapted, inputs, p)),
             "png": lambda p: (plot_widths(rep, p), f"plot {p}")[1],
         }
@@ -170,11 +184,13 @@ def run(args: argparse.Namespace) -> int:
 STEP_NAMES = {"pt": "save", "hf": "save_pretrained", "onnx": "ONNX export", "png": "plot"}
 
 
-def _save_pretrained(model, path: str) -> str:
-    if not hasattr(model, "save_pretrained"):   # the write-back fell back to the graph (a warning said why)
-        save(model, os.path.join(path, "adapted.pt"))
+def _save_pretrained(model, path: str, overwrite: bool) -> str:
+    """Into a folder beside ``path`` that becomes ``path`` once complete (``shards.staged``)."""
+    graph = not hasattr(model, "save_pretrained")   # the write-back fell back to the graph (a warning said)
+    with staged(path, overwrite) as tmp:
+        save(model, os.path.join(tmp, "adapted.pt")) if graph else model.save_pretrained(tmp)
+    if graph:
         return f"saved {path}/adapted.pt (the graph: see the WriteBackWarning; load with fxadapt.load)"
-    model.save_pretrained(path)
     how = ("fxadapt.from_pretrained" if getattr(model.config, "fxadapt_recipe", None)
            else "transformers' from_pretrained or fxadapt.from_pretrained")
     return f"saved {path} (save_pretrained; load with {how})"

@@ -17,8 +17,11 @@ Streaming (``fxadapt.adapt_checkpoint``, ``fxadapt.export.stream``): with ``--st
 when the checkpoint's safetensors take more than ``STREAM_ABOVE`` (half) of the available memory (a model
 that size cannot be held twice), a Llama / Qwen2 / Mistral checkpoint is adapted without loading it: the
 model is built on the meta device, the weights are read one tensor at a time and the result is written shard
-by shard (a bar per shard). Automatic streaming of another architecture, or with ``--data``, ``--onnx`` or
-``--plot``, falls back to the in-memory path with a note; ``--stream`` refuses them.
+by shard (a bar per shard). With ``--data`` (token ids: a tensor, an ``(ids, labels)`` pair or a dict with
+``input_ids``) the widths stay the data-free solve's and the data's activations, read one decoder layer at
+a time, choose which units are kept (``fxadapt.export.stream_score``). Automatic streaming of another
+architecture, or with ``--onnx`` or ``--plot``, falls back to the in-memory path with a note; ``--stream``
+refuses them.
 
 Example:
     >>> import tempfile, transformers, torch
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import torch
@@ -97,9 +101,12 @@ def streams(args: argparse.Namespace) -> bool:
     """Whether ``adapt`` streams this checkpoint (see the module docstring); a note says why it does or, when
     it would have, why not."""
     if args.stream:
-        if args.data or args.onnx or args.plot or args.fold_bn or args.input_shape:
-            raise CliError("--stream writes the adapted checkpoint only, data-free: drop --data, --onnx, "
-                           "--plot, --fold-bn and --input-shape")
+        if args.onnx or args.plot or args.fold_bn or args.input_shape:
+            raise CliError("--stream writes the adapted checkpoint only: drop --onnx, --plot, --fold-bn and "
+                           "--input-shape")
+        if args.data and getattr(args, "strategy", "auto") not in ("auto", "importance"):
+            raise CliError(f"--stream scores units on --data by their activations, not by "
+                           f"--strategy {args.strategy}: drop --strategy or --stream")
         return True
     try:
         size = Checkpoint(args.model).nbytes()
@@ -112,19 +119,25 @@ def streams(args: argparse.Namespace) -> bool:
 
     arch = (getattr(transformers.AutoConfig.from_pretrained(args.model), "architectures", None) or ["?"])[0]
     why = ("its architecture streams" if arch in STREAMED else f"but {arch} does not stream")
-    extra = args.data or args.onnx or args.plot or args.fold_bn or args.input_shape
+    extra = args.onnx or args.plot or args.fold_bn or args.input_shape
     ok = arch in STREAMED and not extra
     print(f"note: the checkpoint ({size / 2**30:.1f} GiB) is over half the available memory "
           f"({have / 2**30:.1f} GiB), {why}: "
           + ("streaming it (--stream)" if ok else "adapting it in memory"
-             + (" (--data/--onnx/--plot/--fold-bn/--input-shape need the model)" if extra else "")))
+             + (" (--onnx/--plot/--fold-bn/--input-shape need the model)" if extra else "")))
     return ok
 
 
-def adapt_streamed(args: argparse.Namespace, budget: Any, out: str) -> int:
-    """``fxadapt.adapt_checkpoint`` for the CLI: bars per step and per shard, then the MACs and the files."""
-    res = adapt_checkpoint(args.model, budget, out, max_shard_size=args.max_shard_size,
-                           progress=not args.quiet)
+def adapt_streamed(args: argparse.Namespace, budget: Any, out: str, train: Any = None) -> int:
+    """``fxadapt.adapt_checkpoint`` for the CLI: bars per step, shard and layer (on a terminal, without
+    ``--quiet``), then the MACs and the files; ``train``: the training part of ``--data`` (token ids)."""
+    data = token_ids(train) if train is not None else None
+    if data is not None and not args.quiet:
+        print("note: streamed with --data: the widths are the data-free solve's; the data's activations "
+              "choose which units are kept (fxadapt.export.stream_score)")
+    res = adapt_checkpoint(args.model, budget, out, layers=args.layers, max_shard_size=args.max_shard_size,
+                           progress=not args.quiet and sys.stderr.isatty(), overwrite=args.overwrite,
+                           data=data)
     if not args.quiet:
         print(f"MACs ratio {res.macs_after / res.macs_before:.4f} "
               f"(target {res.macs_target / res.macs_before:.4f}), counted on the meta graph")
@@ -132,3 +145,16 @@ def adapt_streamed(args: argparse.Namespace, budget: Any, out: str) -> int:
                else "transformers' from_pretrained or fxadapt.from_pretrained")
         print(f"saved {out} (streamed, {len(res.files)} files; load with {how})")
     return 0
+
+
+def token_ids(train: Any) -> Any:
+    """The token ids of ``--data``'s training part for a streamed checkpoint: a tensor as it is, the inputs
+    of an ``(inputs, targets)`` pair, or a mapping's ``input_ids``; anything else is a one-line error."""
+    if isinstance(train, torch.Tensor):
+        return train
+    if isinstance(train, (tuple, list)) and train and isinstance(train[0], torch.Tensor):
+        return train[0]
+    if isinstance(train, dict) and isinstance(train.get("input_ids"), torch.Tensor):
+        return train["input_ids"]
+    raise CliError(f"--stream with --data reads token ids: the data function's train part must be a tensor, "
+                   f"an (ids, labels) pair or a dict with input_ids, got {type(train).__name__}")

@@ -6,20 +6,27 @@ bytes; a checkpoint is one ``model.safetensors`` or several shards named in ``mo
 (``{"metadata": {...}, "weight_map": {name: file}}``), as ``save_pretrained`` writes them. Reading a tensor is
 one ``readinto`` of its byte range into a new tensor: the pages read stay in the page cache, not in the
 process, so reading a 13 GB checkpoint tensor by tensor keeps one tensor resident.
+
+Writing a checkpoint folder is all or nothing (``staged``): the files go into a new folder beside ``out``
+that is renamed onto it once complete. The checks before a step (``require``) compare the bytes it needs
+with the bytes available and refuse in one line (``ResourceError``) that names both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fxadapt.errors import InputError, LoadError
+from fxadapt.errors import InputError, LoadError, ResourceError
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -137,9 +144,10 @@ def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return numel(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def write_shard(path: str, keys: list[str], shapes: dict, tensor: Callable[[str], torch.Tensor]) -> None:
+def write_shard(path: str, keys: list[str], shapes: dict, tensor: Callable[[str], torch.Tensor],
+                written: Callable[[str], None] | None = None) -> None:
     """A safetensors file written tensor by tensor: the header first (the shapes are known), then each
-    tensor's bytes as it comes."""
+    tensor's bytes as it comes (``written(key)`` called after each)."""
     head: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     at = 0
     for k in keys:
@@ -155,3 +163,155 @@ def write_shard(path: str, keys: list[str], shapes: dict, tensor: Callable[[str]
             t = tensor(k).contiguous()
             f.write(t.view(-1).view(torch.uint8).numpy().data)
             del t
+            if written is not None:
+                written(k)
+
+
+def shard_names(n: int) -> list[str]:
+    """The file names ``save_pretrained`` gives ``n`` safetensors shards.
+
+    >>> shard_names(1), shard_names(2)
+    (['model.safetensors'], ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'])
+    """
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_shards(out: str, parts: dict[str, list[str]], shapes: dict, tensor: Callable[[str], torch.Tensor],
+                 progress: bool = False) -> list[str]:
+    """Every shard ``{file name: keys}`` written into folder ``out`` (``write_shard``); ``progress``: a tqdm
+    bar per shard and one per decoder layer (a layer counts once its last tensor is written). The paths."""
+    layer = {k: _layer(k) for keys in parts.values() for k in keys}
+    last = {layer[k]: k for keys in parts.values() for k in keys if layer[k] is not None}
+    shard_bar = _bar(len(parts), "write shards", "shard", progress, 0)
+    layer_bar = _bar(len(last), "write layers", "layer", progress and bool(last), 1)
+    try:
+        for name, keys in parts.items():
+            shard_bar.set_postfix_str(name, refresh=False)
+            write_shard(os.path.join(out, name), keys, shapes, tensor,
+                        lambda k: layer_bar.update(1) if last.get(layer[k]) == k else None)
+            shard_bar.update(1)
+    finally:
+        layer_bar.close()
+        shard_bar.close()
+    return [os.path.join(out, n) for n in parts]
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _layer(key: str) -> int | None:
+    """The decoder layer of a checkpoint key (``model.layers.3.mlp.up_proj.weight`` -> 3), else None."""
+    m = _LAYER.search(key)
+    return int(m.group(1)) if m else None
+
+
+def _bar(total: int, desc: str, unit: str, enabled: bool, position: int) -> Any:
+    from tqdm import tqdm  # deferred: loaded only when a checkpoint is written
+
+    return tqdm(total=total, desc=desc, unit=unit, position=position, disable=not enabled)
+
+
+def human(n: float) -> str:
+    """A byte count in binary units.
+
+    >>> human(512), human(3 << 20), human(5 << 30)
+    ('512 B', '3.0 MiB', '5.0 GiB')
+    """
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def require(need: int, have: int | None, what: str, todo: str) -> None:
+    """A one-line ``ResourceError`` when ``need`` bytes exceed the ``have`` available (None: unknown, pass);
+    ``what``: "<step> ... of memory" phrase, ``todo``: what the user can do.
+
+    >>> require(2 << 30, 1 << 30, "streaming needs {need} of memory", "free memory")
+    Traceback (most recent call last):
+    ...
+    fxadapt.errors.ResourceError: streaming needs 2.0 GiB (2147483648 bytes) of memory; 1.0 GiB (1073741824 \
+bytes) are available: free memory
+    """
+    if have is not None and need > have:
+        step = what.replace("{need}", f"{human(need)} ({need} bytes)")
+        raise ResourceError(f"{step}; {human(have)} ({have} bytes) are available: {todo}")
+
+
+# The weight files ``save_pretrained`` writes: ``overwrite`` replaces these, the folder's other files stay.
+WEIGHT_FILES = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+
+
+def check_output(out: str, overwrite: bool = False) -> None:
+    """Refuse (one line) an ``out`` that is a file, or a folder that is not empty unless ``overwrite``."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{out} is a file: -o names the folder the checkpoint is written into")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise InputError(f"{out} exists and is not empty: choose another -o, or pass --overwrite "
+                         f"(overwrite=True) to replace the checkpoint in it")
+
+
+@contextlib.contextmanager
+def staged(out: str, overwrite: bool = False) -> Iterator[str]:
+    """A new folder beside ``out`` to write the checkpoint into; on success it becomes ``out`` (one rename;
+    into a non-empty ``out`` with ``overwrite``: its weight files and the new files replaced, the rest kept),
+    on any failure (an error, Ctrl-C) it is removed with the parent folders it created: no half checkpoint
+    (a killed process leaves the hidden ``.NAME.partial-*`` folder, never a half ``out``).
+
+    >>> import tempfile
+    >>> out = os.path.join(tempfile.mkdtemp(), "a", "out")
+    >>> with staged(out) as tmp:
+    ...     open(os.path.join(tmp, "config.json"), "w").close()
+    >>> os.listdir(out)
+    ['config.json']
+    >>> try:
+    ...     with staged(out + "2") as tmp:
+    ...         raise KeyboardInterrupt
+    ... except KeyboardInterrupt:
+    ...     os.listdir(os.path.dirname(out))
+    ['out']
+    """
+    check_output(out, overwrite)
+    out = os.path.abspath(out)
+    made = _make_parents(os.path.dirname(out))
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+        yield tmp
+        _publish(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(made):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+
+
+def _make_parents(parent: str) -> list[str]:
+    """The missing folders down to ``parent``, created (outermost first)."""
+    missing = []
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for d in reversed(missing):
+        os.mkdir(d)
+    return missing[::-1]
+
+
+def _publish(tmp: str, out: str) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)   # mkdtemp's folder is private; ``out`` gets the user's default mode
+    if not os.path.isdir(out) or not os.listdir(out):
+        os.replace(tmp, out)   # onto nothing or an empty folder: atomic
+        return
+    new = set(os.listdir(tmp))
+    for name in os.listdir(out):
+        if name not in new and WEIGHT_FILES.fullmatch(name):
+            os.remove(os.path.join(out, name))   # a shard of the checkpoint replaced
+    for name in new:
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)

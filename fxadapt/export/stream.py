@@ -16,7 +16,9 @@ files are what ``save_pretrained`` of the in-memory ``transform`` result writes 
 the same tensors bit for bit: the plan is made by the same steps on the same values.
 
 Scope: data-free MAC budgets that shrink a decoder-only causal LM whose class builds on the meta device
-(Llama, Qwen2, Mistral: ``STREAMED``); anything else is a one-line ``InputError``.
+(Llama, Qwen2, Mistral: ``STREAMED``); anything else is a one-line ``InputError``. With ``data``
+(calibration token ids) the widths are the same and the kept units are ranked by their mean |activation|
+instead of L1, the model run one decoder layer resident at a time (``fxadapt.export.stream_score``).
 
 Example:
     >>> import tempfile, torch, transformers
@@ -47,8 +49,22 @@ from torch import nn
 from fxadapt import meta
 from fxadapt.analysis.count import run_counted
 from fxadapt.checks import verify
-from fxadapt.errors import InputError, LoadError
-from fxadapt.export.shards import INDEX, Checkpoint, nbytes, numel, shard_bytes, shards, write_shard
+from fxadapt.errors import InputError
+from fxadapt.export.shards import (
+    INDEX,
+    Checkpoint,
+    check_output,
+    human,
+    nbytes,
+    numel,
+    require,
+    shard_bytes,
+    shard_names,
+    shards,
+    staged,
+    write_shards,
+)
+from fxadapt.export.stream_score import calibration, rescored
 from fxadapt.passes.materialize import materialize
 from fxadapt.passes.meta_run import to_meta
 from fxadapt.passes.shape_check import shape_check
@@ -75,21 +91,29 @@ class Streamed:
 
 
 def adapt_checkpoint(src: str, budget: Any, out: str, inputs: Any = None, layers: str = "any",
-                     max_shard_size: int | str = "5GB", progress: bool = False) -> Streamed:
-    """Adapt the checkpoint in folder ``src`` to ``budget`` (data-free, MACs) and write the result into
+                     max_shard_size: int | str = "5GB", progress: bool = False, data: Any = None,
+                     overwrite: bool = False) -> Streamed:
+    """Adapt the checkpoint in folder ``src`` to ``budget`` (MACs; with ``data``, calibration token ids,
+    the kept units are chosen by activation importance, ``export.stream_score``) and write the result into
     ``out`` shard by shard (see the module docstring). ``inputs``: the example inputs (default: input_ids of
     shape (2, 16), as the CLI's in-memory path uses); ``layers``: as ``TransformConfig.layers``;
-    ``progress``: a tqdm bar per step and per shard written."""
+    ``progress``: a tqdm bar per step and per shard and layer written. The files are written into a folder
+    beside ``out`` that becomes ``out`` at the end (``shards.staged``: a failure leaves no half checkpoint);
+    a non-empty ``out`` is refused unless ``overwrite`` (its weight files are then replaced)."""
     import transformers  # deferred: optional dependency, Hugging Face checkpoints only
 
     config = transformers.AutoConfig.from_pretrained(src)
     ckpt = Checkpoint(src)
     model = meta_model(config, ckpt)
     inputs = inputs if inputs is not None else example_ids(config)
+    data = calibration(data, config.vocab_size) if data is not None else None   # refused before the plan
+    check_output(out, overwrite)
     check_memory(ckpt, out)
-    job, work, macs = plan_on_meta(model, ckpt, budget, inputs, layers, progress)
-    files = write_checkpoint(ckpt, edits_by_key(job, model, ckpt), work, out, max_shard_size, progress)
-    files += write_configs(work, src, out)
+    job, work, macs = plan_on_meta(model, ckpt, budget, inputs, layers, progress, data)
+    with staged(out, overwrite) as tmp:
+        files = write_checkpoint(ckpt, edits_by_key(job, model, ckpt), work, tmp, max_shard_size, progress)
+        files += write_configs(work, src, tmp)
+    files = [os.path.join(out, os.path.basename(f)) for f in files]
     a, goal = job.analysis, job.goal
     assert a is not None and goal is not None and goal.macs is not None
     return Streamed(out, tuple(files), a.macs(), macs, goal.macs, getattr(work, "config", None))
@@ -127,7 +151,7 @@ def example_ids(config) -> dict[str, torch.Tensor]:
 
 
 def plan_on_meta(model: nn.Module, ckpt: Checkpoint, budget: Any, inputs: Any, layers: str,
-                 progress: bool) -> tuple[Job, nn.Module, float]:
+                 progress: bool, data: Any = None) -> tuple[Job, nn.Module, float]:
     """transform's capture, analyze and plan steps on the meta model, the weights read from ``ckpt``; the
     plan materialized on the meta graph (its MACs counted there) and written back without values."""
     if isinstance(budget, (int, float)) and budget > 1:   # refused before the capture; counts are after it
@@ -143,6 +167,10 @@ def plan_on_meta(model: nn.Module, ckpt: Checkpoint, budget: Any, inputs: Any, l
     job.analysis.gm.meta[meta.WEIGHTS] = _reader(model, ckpt)
     try:
         job = run_steps((PLAN,), job, cfg.progress)
+        if data is not None:   # the same widths, the units kept by activation importance
+            score_bar = _tqdm(None, "score (units run)", progress, "unit")
+            job = rescored(job, model, ckpt, _checkpoint_keys(model, ckpt), data, lambda: score_bar.update(1))
+            score_bar.close()
     finally:
         del job.analysis.gm.meta[meta.WEIGHTS]
         bar.close()
@@ -217,17 +245,14 @@ def check_memory(ckpt: Checkpoint, out: str) -> None:
     in the memory available, or the output (at most the input's size) not on the output's disk."""
     largest = max(e.end - e.start for e in ckpt.entries.values())
     need, have = 2 * largest + OVERHEAD, available_memory()
-    if have is not None and need > have:
-        raise LoadError(f"streaming needs ~{need / GiB:.1f} GiB of memory (the largest tensor, "
-                        f"{largest / GiB:.2f} GiB, and its slice, plus {OVERHEAD / GiB:.0f} GiB); "
-                        f"{have / GiB:.1f} GiB are available: free memory first")
+    require(need, have, f"streaming needs {{need}} of memory (the largest tensor, {human(largest)}, twice, "
+            f"plus {human(OVERHEAD)} for torch and the graph)", "close other programs or use more memory")
     parent = os.path.dirname(os.path.abspath(out)) or "."
     while not os.path.isdir(parent):
         parent = os.path.dirname(parent)
     free = shutil.disk_usage(parent).free
-    if free < ckpt.nbytes():
-        raise LoadError(f"writing the adapted checkpoint needs up to {ckpt.nbytes() / GiB:.1f} GiB of disk "
-                        f"at {out}; {free / GiB:.1f} GiB are free there")
+    require(ckpt.nbytes(), free, f"writing the adapted checkpoint needs up to {{need}} of disk at {out}",
+            "free disk space there or choose another -o")
 
 
 def available_memory() -> int | None:
@@ -258,15 +283,10 @@ def write_checkpoint(ckpt: Checkpoint, edits: dict, work: nn.Module, out: str, m
         shapes[k] = (e.dtype, tuple(shape))
     sizes = {k: nbytes(d, s) for k, (d, s) in shapes.items()}
     parts = shards(sizes, shard_bytes(max_shard_size))
-    names = ["model.safetensors"] if len(parts) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    names = shard_names(len(parts))
     os.makedirs(out, exist_ok=True)
-    bar = _tqdm(len(parts), "write shards", progress)
-    for name, keys in zip(names, parts):
-        write_shard(os.path.join(out, name), keys, shapes, lambda k: _sliced(ckpt, k, edits.get(k, [])))
-        bar.update(1)
-    bar.close()
-    files = [os.path.join(out, n) for n in names]
+    files = write_shards(out, dict(zip(names, parts)), shapes, lambda k: _sliced(ckpt, k, edits.get(k, [])),
+                         progress)
     if len(parts) > 1:
         index = {"metadata": {"total_parameters": sum(numel(s) for _, s in shapes.values()),
                               "total_size": sum(sizes.values())},

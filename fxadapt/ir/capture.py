@@ -42,7 +42,6 @@ import functools
 import inspect
 import io
 import logging
-import re
 import warnings
 from typing import Any
 
@@ -51,8 +50,9 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from fxadapt import frames, meta
+from fxadapt import meta
 from fxadapt.errors import CaptureError, InputError, warn
+from fxadapt.ir.capture_hints import data_dependent, hint, where_failed
 from fxadapt.ir.inputs import Inputs, as_inputs
 from fxadapt.ir.model_hints import latent_kv_hint
 from fxadapt.ir.share import shared_copy
@@ -174,40 +174,6 @@ def dynamic_axes(gm: GraphModule) -> tuple:
     return tuple(out)
 
 
-def _where(e: BaseException, model: nn.Module) -> str:
-    """The user's source line (or op) a tracing failure points at."""
-    text = str(e)
-    m = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', text)
-    user = [f for f in m if "/torch/" not in f[0]]
-    if user:
-        f = user[-1]
-        return f"{f[0]}:{f[1]} in {f[2]}: {f[3].strip()}"
-    frame = frames.user_frame(e.__traceback__, packages=True)
-    if frame is not None:
-        return frames.where(frame, source=True)
-    op = re.search(r"(aten\.\w+(?:\.\w+)?)", text)
-    return op.group(1) if op else type(model).__name__
-
-
-def _hint(text: str) -> str:
-    cache = re.search(r"Found <class '[\w.]*?(\w*Cache)'> in output", text)
-    if cache:
-        return (f"the output holds a {cache.group(1)} (a KV cache, no tensor pytree): "
-                f"leave use_cache unset (capture then passes use_cache=False) or set use_cache=False")
-    swap = re.search(r"Couldn't swap (\w+)\.(\w+)", text)
-    if swap:   # Module._apply swaps every parameter, which the fake parameters of a trace refuse
-        return (f"forward converts a {swap.group(1)} module (module.to(...) / .float() / .half()), which "
-                "torch.export cannot trace: convert the model once before transform and remove the "
-                "conversion from forward")
-    if "data-dependent" in text:
-        return ("forward branches or loops on tensor values (a data-dependent shape: .nonzero(), .item(), a "
-                "loop over a tensor, boolean-mask routing), which torch.export cannot trace with fixed "
-                "control flow: make that code value-independent (for a mixture of experts, an implementation "
-                "that runs the experts on fixed shapes, as transformers' experts_implementation='grouped_mm' "
-                "does for Mixtral)")
-    return ""
-
-
 _TORCH_LOGGERS = ("torch._dynamo", "torch.export", "torch._export", "torch._subclasses.fake_tensor",
                   "torch.fx.experimental.symbolic_shapes", "torch._functorch", "torch.utils._sympy")
 
@@ -290,10 +256,14 @@ def export(model: nn.Module, example_inputs: Any, dynamic: str = "batch") -> tor
             err = e
     text = str(err).strip()
     first = text.splitlines()[0].split("  (Size-like")[0].strip() if text else type(err).__name__
-    hint = _hint(text)   # one line: the user's source line, then torch's reason, then what to change
-    hint = hint or latent_kv_hint(model, text)
-    raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph at {_where(err, model)}: "
-                       f"{type(err).__name__}: {first}" + (f"; {hint}" if hint else "")) from err
+    why = hint(text)   # one line: the user's source line, then torch's reason, then what to change
+    why = why or latent_kv_hint(model, text)
+    where = where_failed(err, model)
+    if "data-dependent" in text and not why:   # torch's guard expression (Eq(u0, 0)) says nothing more
+        first, why = "", data_dependent(err, model, where)
+    raise CaptureError(f"cannot capture {type(model).__name__} to an ATen graph at {where}: "
+                       f"{type(err).__name__}" + (f": {first}" if first else "")
+                       + (f"; {why}" if why else "")) from err
 
 
 def _first_names(gm: GraphModule) -> None:

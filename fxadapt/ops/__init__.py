@@ -1,6 +1,6 @@
 """The op registry (``OPS``), filled by the op families imported below: layers (conv, linear, norms,
 embedding), pointwise (activations, broadcasting arithmetic, reductions, pooling), reshape (views,
-permutes, shuffles), indexing (cat, split, slice, matmul, attention) and routing (topk, sort, index,
+permutes, shuffles), indexing (cat, split, slice, matmul), attention (sdpa) and routing (topk, sort, index,
 grouped expert matmuls).
 
 >>> import torch
@@ -9,7 +9,7 @@ grouped expert matmuls).
 'produces'
 """
 
-from fxadapt.ops import einsum, grouped, indexing, layers, pointwise, recurrent, reshape, routing  # noqa: F401  (registration)
+from fxadapt.ops import attention, einsum, grouped, indexing, layers, pointwise, recurrent, reshape, routing  # noqa: F401  (registration)
 from fxadapt.ops.core import Blocked, Call, Ctx, RuleRecord
 from fxadapt.ops.registry import OPS, Lift, OpSpec, missing_reason, op_of, register, rule, spec_of
 

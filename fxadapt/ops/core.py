@@ -68,7 +68,7 @@ class Ctx:
         self.fired: Counter = Counter()
         self.node: Node | None = None
         self.ids: dict[str, Any] = {}  # node -> labels whose *positions* its values are (expert ids)
-        self.attention = "auto"        # the analysis' attention mode (fxadapt.ops.reshape)
+        self.attention = "auto"        # the analysis' attention mode (fxadapt.ops.heads)
         self.zero_axes: dict[tuple[str, int], Any] = {}  # (zeros node, axis) -> labels (ops.operands)
 
     # --- reading ---------------------------------------------------------------------------------

@@ -29,10 +29,13 @@ from fxadapt.ir.channels import ParamRef, Track
 from fxadapt.ops import operands
 from fxadapt.ops.core import Call, param_behind_squeezes
 from fxadapt.ops.forms import CostView
+from fxadapt.ops.wstd import Standardised, standardised
 
 
 def conv_macs(call: Call, cx: CostView):
     w, out = param_behind_squeezes(call.arg(1, "weight"), cx.shape), cx.out_shape
+    std = standardised(w, cx.shape)
+    w = std.param if isinstance(std, Standardised) else w
     if not isinstance(w, ParamRef):  # weight computed at run time (a slice): the rule froze it, fixed size
         return math.prod(out) / out[1], [cx.const(s) for s in cx.shape(w)]
     return math.prod(out) / out[1], cx.weight_factors(w)

@@ -21,7 +21,7 @@ import numpy as np
 from torch.fx import Node
 
 from fxadapt.ir.channels import ParamRef, Track
-from fxadapt.ops import costs, edits, lifts
+from fxadapt.ops import costs, edits, lifts, wstd
 from fxadapt.ops import latency_keys as keys
 from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, norm_dim, only_axis, param_behind_squeezes, rule
 from fxadapt.ops.norm_params import norm_param_site
@@ -53,9 +53,12 @@ def _conv(call: Call, ctx: Ctx, w_axes: tuple[int, int], groups: int, groups_arg
     ``groups_arg``: the argument position of ``groups`` (rewritten when a depthwise conv is sliced)."""
     x, w, b = call.arg(0, "input"), param_behind_squeezes(call.arg(1, "weight"), ctx.shape), \
             call.arg(2, "bias")
-    if not isinstance(w, ParamRef):
-        return Blocked("convolution weight is computed at run time")
     out_ax, in_ax = w_axes
+    std = wstd.standardised(w, ctx.shape, out_ax)
+    if isinstance(std, wstd.Standardised):
+        w = std.param
+    if not isinstance(w, ParamRef):
+        return _computed_weight(ctx, call, std)
     cin, cout = ctx.shape(x)[1], ctx.out_shape()[1]
     tin = only_axis(ctx, ctx.track(x), 1, "a convolution")
     if groups > 1 and groups == cin:
@@ -65,7 +68,10 @@ def _conv(call: Call, ctx: Ctx, w_axes: tuple[int, int], groups: int, groups_arg
         ctx.param_site(w, 0, out if out_ax == 0 else tin, "dw")
         _bias_site(ctx, b, out, "convolution")
         ctx.site("groups", tin, "groups", arg=groups_arg)
+        if isinstance(std, wstd.Standardised):
+            wstd.record(ctx, std, out, None)     # a depthwise filter is standardised over its kernel only
         return Track((1,), out)
+    in_lab = None
     if tin is not None:
         in_lab = _grouped(ctx, tin, groups) if groups > 1 else tin
         ctx.param_site(w, in_ax, in_lab if in_ax == 1 else tin, "in")
@@ -73,6 +79,20 @@ def _conv(call: Call, ctx: Ctx, w_axes: tuple[int, int], groups: int, groups_arg
     out_lab = _grouped(ctx, out, groups) if groups > 1 else out
     ctx.param_site(w, out_ax, out if out_ax == 0 else out_lab, "out")
     _bias_site(ctx, b, out, "convolution")
+    if isinstance(std, wstd.Standardised):
+        wstd.record(ctx, std, out, in_lab)
+    return Track((1,), out)
+
+
+def _computed_weight(ctx: Ctx, call: Call, std: str | None) -> Track:
+    """A weight computed at run time by anything but a per-channel chain (``fxadapt.ops.wstd``): the input
+    and output channels keep their size; the output's form a frozen group whose reason names the op, so a
+    model made of such layers is refused with it rather than with nothing to say."""
+    reason = "convolution weight is computed at run time" + (f" ({std})" if std else "")
+    ctx.freeze(ctx.track(call.arg(0, "input")), reason)
+    out = ctx.new(ctx.out_shape()[1])
+    ctx.freeze(out, reason)
+    ctx.site("mix", out, "mix")
     return Track((1,), out)
 
 

@@ -8,39 +8,17 @@ When a channel axis is split into several axes (``[C] -> [g, C/g]``, attention h
 are unioned along every split axis but the innermost, so any kept subset is a product set and the view
 stays valid: channel shuffles keep ``g``.
 
-Attention heads: a view ``[.., H*D] -> [.., H, D]`` whose output reaches an attention (``scaled_dot_product_
-attention``, or a matrix product of two activations) through layout and element-wise ops splits heads. The
-analysis' attention mode (``ctx.attention``, from ``fxadapt.analyze(..., attention=)``) picks the axis that
-stays tracked:
-
-- ``"heads"``: labels are unioned along ``D`` (and along any other split
-  axis, e.g. the ``3`` of a fused ``[3, H, D]``), so a unit is one whole head of ``D`` channels; ``head_dim``
-  stays fixed, which rotary embeddings need (they pair positions ``i`` and ``i + D/2``). Attention couples
-  the heads of q, k and v; with grouped-query attention (``repeat_kv``'s ``expand + reshape``, or
-  ``enable_gqa``) every kv head is unioned with its ``H_q / H_kv`` query heads, so whole groups go together.
-- ``"head_dim"``: labels are unioned along every split axis but the innermost (``H`` kept, ``D`` pruned).
-- ``"auto"`` (the default): ``heads`` where the model applies rotary embeddings on the way from the split to
-  the attention (the last axis is sliced/concatenated: ``rotate_half``), where pruning ``head_dim`` would
-  break the frequency pairs; elsewhere ``AUTO_WITHOUT_ROTARY`` (``head_dim``: the finer granularity and
-  fxadapt's earlier behaviour; set it to ``"heads"`` to remove whole heads everywhere).
+Attention heads (whether a split keeps whole heads or ``head_dim`` units): ``fxadapt.ops.heads``.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fxadapt.ir.channels import Track
 from fxadapt.ops import edits
 from fxadapt.ops.core import Blocked, Call, Ctx, aten_ops, norm_dim, rule
-from fxadapt.ops.registry import OPS, op_of
-
-if TYPE_CHECKING:
-    from torch.fx import Node
-
-ATTENTION_MODES = ("auto", "heads", "head_dim")
-DEFAULT_ATTENTION = "auto"
+from fxadapt.ops.heads import ATTENTION_MODES, DEFAULT_ATTENTION, heads_split  # noqa: F401  (re-exported)
 
 
 def _runs(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
@@ -102,81 +80,6 @@ def relayout(ctx: Ctx, t: Track, in_shape: tuple, out_shape: tuple,
     return Track(tuple(outs[k] for k in keep), np.ascontiguousarray(lab))
 
 
-def attention_mode(ctx: Ctx) -> str:
-    """The analysis' attention mode: ``"heads"``, ``"head_dim"`` or ``"auto"``."""
-    return getattr(ctx, "attention", DEFAULT_ATTENTION)
-
-
-AUTO_WITHOUT_ROTARY = "head_dim"
-"""What ``"auto"`` picks for attention without rotary embeddings (with them it is always ``"heads"``)."""
-
-_ATTENTION_OPS = aten_ops("scaled_dot_product_attention.default")
-_PRODUCTS = aten_ops("matmul.default", "bmm.default")
-_LAST_AXIS_SPLITS = {**{op: 1 for op in aten_ops("slice.Tensor", "narrow.default")},
-                     **{op: 2
-                        for op in aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default")}}
-_CATS = aten_ops("cat.default")
-_COMPLEX = aten_ops("view_as_complex.default")
-
-
-def attention_split(node: Node, depth: int = 12) -> tuple[bool, bool]:
-    """(reaches attention, rotary): whether ``node``'s value reaches an attention (sdpa, or a product of two
-    activations) through layout and element-wise ops only, and whether on the way its last axis
-    (``head_dim``) is both sliced and concatenated, as rotary embeddings' ``rotate_half`` does."""
-    frontier, seen, touched = list(node.users), set(), set[str]()
-    for _ in range(depth):
-        nxt: list[Node] = []
-        for u in frontier:
-            if u in seen:
-                continue
-            seen.add(u)
-            op = op_of(u)
-            if op in _ATTENTION_OPS or (op in _PRODUCTS and all(
-                    getattr(a, "op", "") not in ("get_attr", "") for a in u.args[:2])):
-                return True, touched == {"slice", "cat"}
-            if _touches_last_axis(u, op):
-                touched.add("cat" if op in _CATS else "slice")
-            if op in _COMPLEX:              # rotary as a complex product (Llama 4): pairs within head_dim
-                touched.update(("slice", "cat"))
-            spec = OPS.get(op)
-            if spec is not None and spec.kind in ("reindexes", "passes", "couples") and spec.cost is None:
-                nxt.extend(u.users)
-        frontier = nxt
-    return False, touched == {"slice", "cat"}
-
-
-def _touches_last_axis(node: Node, op) -> bool:
-    if op in _LAST_AXIS_SPLITS or op in _CATS:
-        pos = _LAST_AXIS_SPLITS.get(op, 1)
-        dim = node.args[pos] if len(node.args) > pos else node.kwargs.get("dim", 0)
-        val = node.meta.get("val")
-        nd = len(val[0].shape if isinstance(val, (list, tuple)) else val.shape) if val is not None else 0
-        return isinstance(dim, int) and nd >= 4 and norm_dim(dim, nd) == nd - 1  # [B, H, S, D]
-    return False
-
-
-def _heads_split(call: Call, ctx: Ctx) -> bool:
-    """Whether this view splits attention heads that are to be kept whole (see module docstring)."""
-    mode = attention_mode(ctx)   # a view that keeps the rank can split heads too: GPT-BigCode's multi-query
-    # attention views its query [B, 1, S, H*D] (an unsqueeze before the split) as [B, S, H, D]
-    if mode == "head_dim" or len(ctx.out_shape()) < len(ctx.shape(call.arg(0, "self"))):
-        return False
-    reaches, _ = attention_split(call.node)
-    return reaches \
-            and (mode == "heads" or AUTO_WITHOUT_ROTARY == "heads" or _model_rotary(ctx, call.node.graph))
-
-
-_VIEWS = aten_ops("view.default", "reshape.default", "_unsafe_view.default", "unflatten.int")
-
-
-def _model_rotary(ctx: Ctx, graph) -> bool:
-    """Whether any attention of the model applies rotary embeddings (cached on ``ctx``): ``auto`` then keeps
-    every attention's heads whole (q, k and v of one attention must agree)."""
-    if not hasattr(ctx, "_rotary"):
-        ctx._rotary = any(attention_split(n)[1] for n in graph.nodes if op_of(n) in _VIEWS)
-    return ctx._rotary
-
-
 def _constant_along(a: np.ndarray, k: int) -> bool:
     return bool(np.all(a == a.take([0], axis=k)))
 
@@ -202,7 +105,7 @@ def _relaid(call: Call, ctx: Ctx):
     t = ctx.track(x)
     if t is None:
         return None
-    return relayout(ctx, t, ctx.shape(x), ctx.out_shape(), _heads_split(call, ctx))
+    return relayout(ctx, t, ctx.shape(x), ctx.out_shape(), heads_split(call, ctx))
 
 
 @rule(*aten_ops("view.default", "reshape.default", "_unsafe_view.default", "view_copy.default"),

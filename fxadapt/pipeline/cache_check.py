@@ -47,7 +47,7 @@ from fxadapt.writeback.widths import module_stack
 if TYPE_CHECKING:
     from torch.fx import GraphModule
 
-    from fxadapt.pipeline.transform import Job
+    from fxadapt.pipeline.job import Job
 
 RETRIES = 2
 _SIZES = re.compile(r"size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\)")

@@ -31,7 +31,7 @@ from fxadapt.planning.budget import Goal
 from fxadapt.search.many import dna_many
 
 if TYPE_CHECKING:
-    from fxadapt.pipeline.transform import Job
+    from fxadapt.pipeline.job import Job
 
 
 def outcomes(job: Job, budgets: list[Any], goals: list[Goal]) -> list[Outcome]:

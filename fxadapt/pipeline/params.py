@@ -45,7 +45,7 @@ from fxadapt.planning.uniform import shared_widths
 
 if TYPE_CHECKING:
     from fxadapt.analysis.analyze import Analysis
-    from fxadapt.pipeline.transform import Job
+    from fxadapt.pipeline.job import Job
 
 
 def params_only(job: Job, solve) -> tuple[dict[int, int], int, float]:
@@ -78,17 +78,31 @@ def with_params(job: Job, a: Analysis, units: dict[int, int],
                           f"[{lowest:,.0f}, {a.params(units=units):,.0f}] = [{lowest / base:.3f}x, "
                           f"{a.params(units=units) / base:.3f}x] of the original {base:,.0f}; the params "
                           f"budget of {target:,.0f} ({target / base:.3f}x) is below: give a larger params=")
-    uniform = job.cfg.layers == "uniform"
-    n = _experts_alone(view, units, target, cfg, caps, uniform)
+    problem = _Problem(view, units, target, cfg, caps, job.cfg.layers == "uniform")
+    n = _experts_alone(problem)
     if n is None:
-        n = _together(a, view, units, target, cfg, caps, uniform)
+        n = _together(a, problem)
     check_window(view, n, target, False, cfg, base=a.params())
     return n, view.macs(units=n)
 
 
-def _experts_alone(view, units: dict, target: float, cfg: SolveConfig, caps: dict,
-                   uniform: bool) -> dict | None:
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """What steps 1 and 2 solve (module docstring): on ``view`` (the parameters as MACs, ``P``) to
+    ``target`` (``P_T``), from the MAC solve's ``units`` (``n_M``), every group within its ``caps``
+    (``[lo_g, n_M[g]]``), with the solve's ``cfg``; ``uniform``: one width ratio for every layer."""
+
+    view: Analysis
+    units: dict
+    target: float
+    cfg: SolveConfig
+    caps: dict
+    uniform: bool
+
+
+def _experts_alone(problem: _Problem) -> dict | None:
     """Step 1: channels at ``units``, experts solved on the parameters; None when that misses the window."""
+    view, units, target, cfg, caps = problem.view, problem.units, problem.target, problem.cfg, problem.caps
     experts = {e.id: caps[e.id] for e in view.experts if e.id in caps}
     if not experts:
         return None
@@ -98,17 +112,17 @@ def _experts_alone(view, units: dict, target: float, cfg: SolveConfig, caps: dic
             > target:
         return None
     n = fit(at, target, experts, {e: view.groups[e].units for e in experts}, False, cfg)
-    if uniform:
+    if problem.uniform:
         n = shared_widths(at, n, target, cfg, experts)[0]
     n = {**units, **n}
     return n if in_window(view.macs(units=n), target, False, cfg.tol) else None
 
 
-def _together(a: Analysis, view, units: dict, target: float, cfg: SolveConfig, caps: dict,
-              uniform: bool) -> dict:
+def _together(a: Analysis, problem: _Problem) -> dict:
     """Step 2: every group solved on the parameters within its caps, scaled down from ``units``, and for each
     expert count ``k`` (every expert group at ``k`` within its bounds) the channels alone; the candidate in
     the window with the most MACs, else the one closest below ``P_T``."""
+    view, units, target, cfg, caps = problem.view, problem.units, problem.target, problem.cfg, problem.caps
     experts = [e for e in view.experts if e.id in caps]
     channels = {g: b for g, b in caps.items() if view.groups[g].top_k is None}
     ks = range(min((caps[e.id][0] for e in experts), default=0),
@@ -119,7 +133,7 @@ def _together(a: Analysis, view, units: dict, target: float, cfg: SolveConfig, c
         free = caps if k is None else channels
         at = _fixed(view, {**units, **ek})
         n = fit(at, target, free, {g: units.get(g, view.groups[g].units) for g in free}, False, cfg)
-        if uniform:
+        if problem.uniform:
             n = shared_widths(at, {**units, **n}, target, cfg, free)[0]
         cand = {**units, **n, **ek}
         found.append((view.macs(units=cand), a.macs(units=cand), cand))

@@ -50,7 +50,7 @@ from fxadapt.train.finetune import FinetuneConfig, Schedule, train_for
 if TYPE_CHECKING:
     from fxadapt.analysis.analyze import Analysis
     from fxadapt.pipeline.config import TransformConfig
-    from fxadapt.pipeline.transform import Job
+    from fxadapt.pipeline.job import Job
 
 FINETUNE_LR = FinetuneConfig().lr     # 0.05, fxadapt.finetune's (the quality protocol's recipe)
 

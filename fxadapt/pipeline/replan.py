@@ -18,7 +18,10 @@ two differ:
 made again with every tie so far, materialised, verified and written back, at most ``RETRIES`` times (the
 orchestrator's loop, ``fxadapt.pipeline.transform``; this module diagnoses: ``write_back_tie`` reads the
 typed failure, ``SizeConflict.divergence``); each tie is reported in a ``ReplanWarning`` and in the report
-(``Outcome.ties`` and ``notes``: history ``ties``, ``note``). Nothing is tied when
+(``Outcome.ties`` and ``notes``: history ``ties``, ``note``). Where the failing op is inside a module
+(``read_size_tie``), the tie is in channels (a hidden width tied to whole heads) and holds in every module of
+that class at once (``Ties``); two sizes the module compares that the plan made equal are kept apart
+(``Apart``). Nothing is tied when
 no such pair exists, the strategy is a search (its plan is not re-made), or the retries are spent: then the
 verified graph of the first plan is returned, as before.
 """
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from fxadapt import meta
+from fxadapt.planning.uniform import Apart, Ties
 from fxadapt.writeback.build import SizeConflict
 from fxadapt.writeback.probe import Divergence, running_at_failure
 from fxadapt.writeback.recipe import apply
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
     from torch.fx import GraphModule, Node
 
     from fxadapt.analysis.analyze import Analysis
-    from fxadapt.pipeline.transform import Job
+    from fxadapt.pipeline.job import Job
 
 RETRIES = 2
 
@@ -59,13 +63,17 @@ def write_back_tie(job: Job) -> tuple[frozenset[int], str] | None:
 
 def tie_note(job: Job, tie: frozenset[int], why: str) -> str:
     """The sentence a tie is reported with (``ReplanWarning``, the report's ``note``)."""
-    names = [job.analysis.groups[g].name for g in sorted(tie)]
-    return f"{', '.join(names[:-1])} and {names[-1]} tied to one width ({why})"
+    parts = tie.parts if isinstance(tie, Ties) else (tie,)
+    names = [job.analysis.groups[g].name for g in sorted(parts[0])]
+    how = "kept at different widths" if isinstance(tie, Apart) else "tied to one width"
+    more = f", and likewise in {len(parts) - 1} more module(s) of that class" if len(parts) > 1 else ""
+    return f"{', '.join(names[:-1])} and {names[-1]} {how}{more} ({why})"
 
 
 def tie_names(job: Job) -> tuple[tuple[str, ...], ...]:
-    """The job's ties as group names (the report's ``ties``)."""
-    return tuple(tuple(sorted(job.analysis.groups[g].name for g in t)) for t in job.ties)
+    """The job's ties as group names (the report's ``ties``; a ``Ties``' parts one by one)."""
+    ties = [p for t in job.ties for p in (t.parts if isinstance(t, Ties) else (t,))]
+    return tuple(tuple(sorted(job.analysis.groups[g].name for g in t)) for t in ties)
 
 
 def find_tie(job: Job, where: Divergence | None) -> frozenset[int] | None:
@@ -92,8 +100,11 @@ def read_size_tie(job: Job, recipe) -> tuple[frozenset[int] | None, str]:
     reshape by a size read from the module's input): the plan's sizes replayed on a copy of the model
     (``recipe``), and for the modules running when it fails, innermost first, ``A`` = a group on that
     module's input and ``B`` = a group with a size argument (a reshape's constant) inside it, of the same
-    original width, units and granularity, planned wider or narrower than ``A``. ``(tie, where)`` or ``(None,
-    "")``."""
+    original channel width (its units may be whole heads where ``A`` counts channels: the tie is in
+    channels, ``fxadapt.planning.uniform``), planned wider or narrower than ``A`` (``A`` may be frozen: ``B``
+    then keeps ``A``'s width). Where none is, ``A`` and ``B`` of different original widths that the module
+    holds as two size attributes and the plan made equal (its code compares them): an ``Apart`` pair that
+    keeps them different. ``(tie, where)`` or ``(None, "")``."""
     try:
         work = apply(recipe, copy.deepcopy(job.model))
         with torch.no_grad():
@@ -109,11 +120,47 @@ def read_size_tie(job: Job, recipe) -> tuple[frozenset[int] | None, str]:
         ins = [a.groups[g] for g in (entry.meta.get(meta.GROUP, ()) if entry is not None else ())]
         sized = _sized_inside(a, gm, path)
         for g in ins:
-            same = [b for b in sized if g.id != b.id and g.prunable
-                    and (g.width, g.units, g.granularity) == (b.width, b.units, b.granularity)]
+            same = [b for b in sized if g.id != b.id and g.width == b.width]
             if any(width(g) != width(b) for b in same):   # every size read from g's width, all at once
-                return frozenset({g.id, *(b.id for b in same)}), f"{path} ({type(mod).__name__}) fails inside"
+                tie = _in_every(job, gm, path, frozenset({g.id, *(b.id for b in same)}))
+                return tie, f"{path} ({type(mod).__name__}) fails inside"
+        pair = _apart(job, path, ins, sized, width)
+        if pair is not None:
+            return pair, f"{path} ({type(mod).__name__}) compares its sizes"
     return None, ""
+
+
+def _in_every(job: Job, gm: GraphModule, path: str, tie: frozenset[int]) -> frozenset[int]:
+    """``tie`` and the same rule in every other module of the class of the module at ``path`` (its code
+    reads its sizes the same way): per module, a group on its input with the groups sized inside it of the
+    same original channel width; a ``Ties`` of them all where there are more than ``tie``."""
+    a, kind = job.analysis, type(job.model.get_submodule(path))
+    parts = [tie]
+    for q, m in job.model.named_modules():
+        if q == path or type(m) is not kind:
+            continue
+        entry = _entry(gm, q, inner=True)
+        sized = _sized_inside(a, gm, q)
+        for g in (a.groups[i] for i in (entry.meta.get(meta.GROUP, ()) if entry is not None else ())):
+            same = [b.id for b in sized if g.id != b.id and g.width == b.width]
+            if same and (g.prunable or any(a.groups[b].prunable for b in same)):
+                parts.append(frozenset({g.id, *same}))
+    return Ties(parts) if len(parts) > 1 else tie
+
+
+def _apart(job: Job, path: str, ins: list, sized: list, width) -> Apart | None:
+    """``{A, B}`` of different original widths, both held by the original module at ``path`` as integer
+    attributes, that the plan made equal (``read_size_tie``), or None."""
+    try:
+        held = {v for v in vars(job.model.get_submodule(path)).values() if type(v) is int}
+    except AttributeError:
+        return None
+    for g in ins:
+        for b in sized:
+            if g.width != b.width and {g.width, b.width} <= held and width(g) == width(b) \
+                    and (g.prunable or b.prunable):
+                return Apart({g.id, b.id})
+    return None
 
 
 def _sized_inside(a: Analysis, gm: GraphModule, path: str) -> list:

@@ -54,9 +54,11 @@ class Report:
     recovery: dict | None = None
 
     @staticmethod
-    def build(a: Analysis, outcome, out, goal, macs: float, strategy: str, seconds: float) -> Report:
-        """``a``: the original model's analysis; ``outcome``: what the strategy produced; ``goal``: the
-        resolved budget (``fxadapt.planning.budget.Goal``)."""
+    def build(a: Analysis, outcome, out, goal, macs: float) -> Report:
+        """``a``: the original model's analysis; ``outcome``: what the strategy produced; ``out``: the
+        adapted model, of ``macs`` MACs; ``goal``: the resolved budget (``fxadapt.planning.budget.Goal``).
+        What the run itself was (``strategy``, ``seconds``, ``timings``, ...) is the caller's to fill in
+        (``dataclasses.replace``)."""
         pa, plan = outcome.analysis, outcome.plan
         if pa is a:  # the plan refers to the original groups themselves
             before = {g.id: g.width for g in a.groups}
@@ -70,9 +72,9 @@ class Report:
         removed = tuple(blocks[b].exit for b in sorted(plan.remove) if b not in outcome.slots)
         added = tuple(blocks[b].exit for b in sorted(outcome.slots) if b not in plan.remove)
         added += tuple(f"{blocks[b].exit} x{k}" for b, k in sorted(plan.repeat.items()))
-        return Report(strategy, a.macs(), macs, goal.macs, a.params(),
+        return Report("", a.macs(), macs, goal.macs, a.params(),
                       float(sum(p.numel() for p in out.parameters())), goal.params, groups,
-                      removed, added, seconds, outcome.history_entries(), held=tuple(held_groups(a)))
+                      removed, added, history=outcome.history_entries(), held=tuple(held_groups(a)))
 
     def table(self) -> str:
         head = table(["", "before", "after", "target", "ratio"], [

@@ -8,7 +8,8 @@
 - ``dna``: differentiable width+depth search in the elastic supernet (``fxadapt.search.dna``);
 - ``fur``: Network Adjustment (``fxadapt.search.fur``);
 - ``importance``: data-scored units and blocks kept by importance per MAC under one price, pruned in steps
-  with distillation from the original (``fxadapt.search.importance``).
+  with distillation from the original (``fxadapt.search.importance``); under a latency budget toward the
+  MACs the data-free latency solve reaches, the last step re-timed and repaired on the target.
 
 Each returns an ``Outcome``: the graph the plan applies to (the captured graph, or the supernet's with
 its trained weights), the plan, the analysis the plan refers to, the search history, the block ids that
@@ -56,7 +57,7 @@ from fxadapt.search.screen import screen
 
 if TYPE_CHECKING:
     from fxadapt.analysis.analyze import Analysis
-    from fxadapt.pipeline.transform import Job
+    from fxadapt.pipeline.job import Job
 
 
 def datafree(job: Job) -> Outcome:
@@ -222,21 +223,53 @@ def search_importance(job: Job) -> Outcome:
     (units priced by that count's marginals), shrinking. The last prune step is aligned like the data-free
     solve (``halving`` from the target's alignment)."""
     params = job.goal.params is not None and job.goal.macs is None and job.goal.latency is None
-    if not params and (job.goal.macs is None or job.goal.latency is not None or job.goal.params is not None):
-        raise BudgetError("strategy='importance' takes a MAC or a params budget: use strategy='datafree' for "
-                          "latency budgets or MACs and params together, or strategy='dna' for "
-                          "Budget(latency=...) searched on data")
+    latency = job.goal.latency is not None and job.goal.macs is None and job.goal.params is None
+    if not (params or latency) and (job.goal.macs is None or job.goal.latency is not None
+                                    or job.goal.params is not None):
+        raise BudgetError("strategy='importance' takes a MAC, a params or a latency budget alone: use "
+                          "strategy='datafree' for budgets together")
     hw, solve = job.goal.target, job.cfg.solve
     start = hw.align() if hw is not None and solve.align == "auto" else None
     cfg = dataclasses.replace(job.cfg.importance, solve=solve)
+    if latency:
+        return _importance_latency(job, cfg)
     run = screen if cfg.screen and not params else importance   # axis candidates ranked on validation
     if params:
         run = functools.partial(importance, metric="params")
     base, plan, sn, history = run(job.analysis, job.goal.params if params else job.goal.macs, job.data,
                                   job.val_data, cfg, dist.setup(job.cfg.device, job.cfg.precision),
-                                  align=lambda attempt: halving(solve, start, attempt))
+                                  align=lambda attempt, *_: halving(solve, start, attempt))
     return Outcome(base, plan, sn.analysis, tuple(history), align=history[-1]["align"],
                    searched=history[-1]["searched"])
+
+
+def _importance_latency(job: Job, cfg) -> Outcome:
+    """Importance under a latency budget: the data-free measured latency solve says how many MACs the
+    budget's speed allows (``M_L``); importance prunes toward ``M_L``; its last step's allocation is the
+    reference of the measured latency solve on the supernet (the global scale of that allocation, re-timed
+    interleaved with the original and repaired into ``[0.9 T, T]``, as after DNA's latency search), each
+    group at most the units it still has, the units kept ranked by importance."""
+    a, goal, solve = job.analysis, job.goal, job.cfg.solve
+    free, _ = aligned_latency(a, goal, solve, progress=False)
+    solved = []
+
+    def align(attempt, sa, alive: dict[int, int]):
+        with warnings.catch_warnings():     # the MAC window is only the reference's: latency binds
+            warnings.simplefilter("ignore", BudgetWarning)
+            ref = attempt(dataclasses.replace(solve, align=1))
+        capped = dataclasses.replace(sa, groups=[
+            dataclasses.replace(g, max_units=min(alive[g.id], g.max_units or g.units)) if g.id in alive else g
+            for g in sa.groups])
+        sol, step = aligned_latency(capped, goal, solve, widths=ref, progress=False)
+        solved.append(sol)
+        return {**alive, **sol.units}, step
+
+    base, plan, sn, history = importance(a, a.cost.macs(free.units), job.data, job.val_data, cfg,
+                                         dist.setup(job.cfg.device, job.cfg.precision), align=align)
+    sol = solved[-1]
+    return Outcome(base, plan, sn.analysis, (*history, *sol.history), align=history[-1]["align"],
+                   binding=Binding(sol.binding), latency=Latency(sol.latency, sol.budget, sol.base),
+                   searched=f"{history[-1]['searched']}, latency repaired on the target")
 
 
 STRATEGIES = {"datafree": datafree, "dna": search_dna, "fur": search_fur, "importance": search_importance}

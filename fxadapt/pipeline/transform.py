@@ -27,6 +27,10 @@ or the cached path fails (``CacheFailure``) and ``replan`` / ``cache_check`` dia
 the ``REPLAN`` steps (``Step`` objects: plan to verify) run again with the tie, then ``write_back``. Steps
 are pure ``Job -> Job`` and never run other steps.
 
+The steps from the captured graph to the verified one live in ``fxadapt.pipeline.steps``, the graph results'
+in ``fxadapt.pipeline.graph_output``, the ``Job`` they hand on in ``fxadapt.pipeline.job``; this module
+captures, writes back, owns the retries and lists the steps.
+
 The returned model keeps BatchNorm by default (it fine-tunes well); ``export_onnx`` folds it for
 deployment, or pass ``fold_bn=True``.
 
@@ -42,30 +46,21 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
-from torch.utils import _pytree as pytree
 
 from fxadapt import meta
-from fxadapt.analysis import Analysis, analyze
-from fxadapt.analysis.count import run_counted
-from fxadapt.analysis.hold import apply_hold
-from fxadapt.checks import verify
 from fxadapt.checks.verify import VerificationError  # noqa: F401  (re-export)
 from fxadapt.errors import (
     BudgetError,
     FxAdaptError,
-    GrowthWarning,
     InputError,
     ReplanWarning,
     WriteBackError,
@@ -73,52 +68,33 @@ from fxadapt.errors import (
     warn,
 )
 from fxadapt.ir.capture import as_called
-from fxadapt.ir.inputs import Inputs, as_inputs
+from fxadapt.ir.inputs import as_inputs
 from fxadapt.passes.capture import capture
-from fxadapt.passes.fold_bn import fold_bn as fold_bn_pass
-from fxadapt.passes.materialize import materialize
-from fxadapt.passes.rewire_blocks import rewire_blocks
 from fxadapt.pipeline import cache_check, many, replan
-from fxadapt.pipeline.cache_check import CacheFailure, cached_failure
-from fxadapt.pipeline.config import TransformConfig, checked_data, hold_of, transform_config
-from fxadapt.pipeline.eager_check import warn_eager_gap
-from fxadapt.pipeline.program import captured_from_program, to_exported_program
+from fxadapt.pipeline.cache_check import cached_failure
+from fxadapt.pipeline.config import TransformConfig, checked_data, transform_config
+from fxadapt.pipeline.graph_output import dynamic_graph, export_step, graph_fallback, program_result
+from fxadapt.pipeline.job import Job, graph_result, module_result, original
+from fxadapt.pipeline.program import captured_from_program
 from fxadapt.pipeline.recovery import recover, recovering
 from fxadapt.pipeline.report import Report, attach
 from fxadapt.pipeline.runner import Step, run_steps
+from fxadapt.pipeline.steps import (
+    analyze_step,
+    fold_asked,
+    fold_step,
+    materialize_step,
+    plan_step,
+    recalibrate_step,
+    resolve,
+    rewire_step,
+    verify_step,
+    with_data,
+)
 from fxadapt.pipeline.strategies import STRATEGIES, Outcome, SearchInterrupted  # noqa: F401  (re-export)
-from fxadapt.planning.budget import Goal, parse_budget
+from fxadapt.planning.budget import parse_budget
 from fxadapt.search.dna import SearchConfig  # noqa: F401  (re-export)
-from fxadapt.train.recalibrate import recalibrate_bn
 from fxadapt.writeback.build import Reference, WriteBack, write_back
-
-
-@dataclass(frozen=True)
-class Job:
-    """What the pipeline steps read and produce (each step returns a new ``Job``)."""
-
-    model: nn.Module | ExportedProgram
-    example_inputs: Any             # as the user gave them (a tensor, tuple, dict, ``Inputs``)
-    budget: Any                     # as the user gave it (a fraction, "200M", a ``Budget``)
-    cfg: TransformConfig
-    data: Any = None
-    val_data: Any = None
-    inputs: Inputs | None = None    # the example inputs as the graph is called with them (set by capture)
-    called: Inputs | None = None    # ... and as the user's model is called to compute the same (capture)
-    gm: GraphModule | None = None
-    planned: GraphModule | None = None          # the graph the plan was materialised from
-    analysis: Analysis | None = None
-    goal: Goal | None = None        # the budget resolved against the model: MACs, params, latency, target
-    outcome: Outcome | None = None
-    macs: float = 0.0
-    outputs: Any = None            # the adapted graph's outputs at the example inputs (verify ran it)
-    reference: Any = None          # what verify compared them with (the original's outputs or shapes)
-    result: nn.Module | GraphModule | ExportedProgram | None = None
-    written: WriteBack | None = None       # the write-back: the module, or a typed failure (write_back)
-    cached: CacheFailure | None = None     # how the written-back module's cached path fails (write_back)
-    ties: tuple[frozenset[int], ...] = ()   # groups the plan gives one width (``fxadapt.pipeline.replan``)
-    recovered: dict | None = None   # what the recovery did (``fxadapt.pipeline.recovery``; the report's)
-    timings: tuple[tuple[str, float], ...] = ()
 
 
 def _capture(job: Job) -> Job:
@@ -128,112 +104,24 @@ def _capture(job: Job) -> Job:
         gm.meta.setdefault(meta.INPUTS, as_inputs(job.example_inputs))
     else:
         with warnings.catch_warnings():
-            if _module_result(job):   # the graph drops the KV cache; the model handed back keeps it
+            if module_result(job):   # the graph drops the KV cache; the model handed back keeps it
                 warnings.filterwarnings("ignore", message=r"fxadapt\.capture: calling .* use_cache=False")
             gm = capture(job.model, job.example_inputs, dynamic=_capture_mode(job))
     inputs = gm.meta[meta.INPUTS]
-    return dataclasses.replace(job, gm=gm, inputs=inputs, called=as_called(_original(job), inputs))
+    return dataclasses.replace(job, gm=gm, inputs=inputs, called=as_called(original(job), inputs))
 
 
-def _original(job: Job) -> nn.Module:
-    """The user's model as a module (an ExportedProgram's ``module()``)."""
-    return job.model.module() if isinstance(job.model, ExportedProgram) else job.model
-
-
-def _attention(job: Job) -> str:
-    """``"auto"`` is whole heads when the result goes back into the user's modules (an attention module has
-    one ``head_dim`` for q, k and v, which per-piece head sizes would break); the analysis' own ``"auto"``
-    (heads with rotary embeddings, else head_dim) for graph outputs."""
-    return "heads" if job.cfg.attention == "auto" and _module_result(job) else job.cfg.attention
-
-
-def _analyze(job: Job) -> Job:
-    a = apply_hold(analyze(job.gm, attention=_attention(job)), hold_of(job.cfg))
-    goal = resolve(job.budget, a)
-    if not a.prunable:
-        reasons = sorted({g.reason for g in a.groups if g.reason})
-        raise BudgetError(f"{type(job.model).__name__} has no prunable channel group: "
-                          + ("; ".join(reasons[:3]) if reasons
-                             else "it has no conv, linear or embedding layer"))
-    return dataclasses.replace(job, analysis=a, goal=goal)
-
-
-def resolve(budget: Any, a: Analysis) -> Goal:
-    """``budget`` against the analysed model (a ``BudgetError`` when it solves nothing)."""
-    goal = parse_budget(budget, a.macs(), a.params())
-    if goal.macs is None and goal.latency is None and goal.params is None:
-        raise BudgetError("give macs=, params= or latency=")
-    return goal
-
-
-def _plan(job: Job) -> Job:
-    outcome = STRATEGIES[job.cfg.strategy](job)
-    return dataclasses.replace(job, outcome=outcome, gm=outcome.base)
-
-
-def _materialize(job: Job) -> Job:
-    return dataclasses.replace(job, gm=materialize(job.gm, job.outcome.plan).graph_module, planned=job.gm)
-
-
-def _rewire(job: Job) -> Job:
-    return dataclasses.replace(job, gm=rewire_blocks(job.gm, job.outcome.plan).graph_module)
-
-
-def _with_data(job: Job) -> bool:
-    return job.data is not None and job.cfg.recalibrate_bn > 0
-
-
-def _recalibrate(job: Job) -> Job:
-    if job.goal.macs is not None and job.goal.macs >= job.analysis.macs():  # growth keeps every statistic
-        return job
-    gm = _copy(job.gm)
-    recalibrate_bn(gm, job.data, job.cfg.recalibrate_bn, job.cfg.search.batch_size)
-    return dataclasses.replace(job, gm=gm)
-
-
-def _fold(job: Job) -> Job:
-    if job.model.training if isinstance(job.model, nn.Module) else False:
-        warn("fold_bn=True folds BatchNorm's running statistics (inference behaviour) of a model "
-                      "given in train mode; the result is returned in eval mode")
-    folded = fold_bn_pass(job.gm).graph_module
-    verify.check_close(verify.outputs(job.gm, job.inputs), verify.outputs(folded, job.inputs), job.cfg,
-                       "BatchNorm folding", (job.gm, lambda m: fold_bn_pass(m).graph_module), job.inputs)
-    return dataclasses.replace(job, gm=folded.eval())
-
-
-def _verify(job: Job) -> Job:
-    macs, got = run_counted(job.gm, job.inputs)
-    if job.outcome.preserving or job.cfg.output_check:
-        ref_model = _original(job)
-        reference = verify.outputs(ref_model, job.called)
-    else:  # the original graph's recorded output shapes, as torch.export traced them
-        reference = verify.recorded_outputs(job.analysis.gm)
-    verify.check_shapes(reference, got)
-    o = _growth_error(job, got)
-    if o.preserving:
-        verify.check_close(reference, got, job.cfg, "function-preserving growth / identity",
-                           (ref_model, job.gm), job.inputs)
-    predicted = o.analysis.cost.macs(o.plan.units, {b: 0.0 for b in o.plan.remove})
-    verify.check_predicted(macs, predicted)
-    verify.check_goal(job.goal, o, macs, job.analysis.macs(), job.gm, job.cfg.solve)
-    return dataclasses.replace(job, macs=macs, outputs=got, reference=reference, outcome=o)
-
-
-def _growth_error(job: Job, got) -> Outcome:
-    """Non-preserving growth (``SolveConfig(preserve=False)``): the outcome with the output error against the
-    original (max |difference| over max |original|, at the example inputs), warned."""
-    grown = job.outcome.grown_under_norm
-    if not grown:
-        return job.outcome
-    ref = [t for t in pytree.tree_leaves(verify.outputs(_original(job), job.called))
-           if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    out = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    err = max(float((o - r).abs().max() / r.abs().max().clamp_min(1e-12)) for o, r in zip(out, ref))
-    warn("growth under a norm is not function-preserving (SolveConfig(preserve=False)): "
-         f"{', '.join(grown[:3])}{' ...' if len(grown) > 3 else ''} widened; outputs differ from the "
-         f"original by {err:.2e} (max |diff| / max |original| at the example inputs): fine-tune the result",
-         GrowthWarning)
-    return dataclasses.replace(job.outcome, function_error=err)
+def _capture_mode(job: Job) -> str:
+    """Static shapes where the graph only serves analysis and verification (a data-free MAC budget written
+    back into the user's modules: torch.export is ~2x faster without a symbolic batch); else a dynamic batch
+    (searches and BN re-estimation run other batch sizes, graph outputs keep it; a latency budget is
+    measured at other batch sizes too). Decided from the parsed goal (its form needs no model: unit bases);
+    a budget that does not parse is refused by ``analyze``, as before."""
+    try:
+        latency = parse_budget(job.budget, 1.0, 1.0).latency is not None
+    except BudgetError:
+        latency = False
+    return "static" if module_result(job) and job.data is None and not latency else "batch"
 
 
 def _write_back(job: Job) -> Job:
@@ -270,14 +158,27 @@ def _retried(job: Job) -> Job:
     ``WriteBackError``). Then, while the written-back model's cached path fails and ``cache_check`` finds a
     tie in that failure, the same, at most ``cache_check.RETRIES`` times; when none helps the first
     written-back model comes back with a ``WriteBackWarning``. Searches are not re-planned."""
-    datafree = job.cfg.strategy == "datafree"
-    first, tries = job, 0
+    done = _until_written(job)
+    return graph_fallback(job) if done is None else _until_cached(done)
+
+
+def _until_written(job: Job) -> Job | None:
+    """``job`` re-planned with the ties ``replan`` finds in its failed write-backs until one is written back;
+    None when none is."""
+    datafree, tries = job.cfg.strategy == "datafree", 0
     while job.written.failure is not None:
         found = replan.write_back_tie(job) if datafree and tries < replan.RETRIES else None
         again = _replanned(job, *found) if found is not None and found[0] not in job.ties else None
         if again is None:
-            return _graph_fallback(first)
+            return None
         job, tries = again, tries + 1
+    return job
+
+
+def _until_cached(job: Job) -> Job:
+    """The written-back ``job`` re-planned with the ties ``cache_check`` finds in its cached path's failures
+    until that path runs; else the first one, warned (``write_back="strict"``: a ``WriteBackError``)."""
+    datafree = job.cfg.strategy == "datafree"
     first, tries, failed = job, 0, job.cached
     while failed is not None and datafree and tries < cache_check.RETRIES:
         tie = cache_check.cache_tie(job, failed)
@@ -319,109 +220,26 @@ def _replanned(job: Job, tie: frozenset[int], why: str) -> Job | None:
     return run_steps((WRITE_BACK,), job)
 
 
-def _graph_fallback(job: Job) -> Job:
-    """The verified graph as the result, where the plan could not be written back (``job.written``)."""
-    reason = job.written.reason
-    msg = (f"{type(job.model).__name__}: the adapted sizes could not be written back into its own modules "
-           f"({reason}); returning the verified graph (a torch.fx.GraphModule) instead")
-    if job.cfg.write_back == "strict":
-        raise WriteBackError(msg)
-    warn(msg, WriteBackWarning)
-    warn_eager_gap(_original(job), job.called, job.analysis.macs(), job.macs)   # the graph vs the eager model
-    return dataclasses.replace(job, result=_batch_free(job))
-
-
-def _capture_mode(job: Job) -> str:
-    """Static shapes where the graph only serves analysis and verification (a data-free MAC budget written
-    back into the user's modules: torch.export is ~2x faster without a symbolic batch); else a dynamic batch
-    (searches and BN re-estimation run other batch sizes, graph outputs keep it; a latency budget is
-    measured at other batch sizes too). Decided from the parsed goal (its form needs no model: unit bases);
-    a budget that does not parse is refused by ``analyze``, as before."""
-    try:
-        latency = parse_budget(job.budget, 1.0, 1.0).latency is not None
-    except BudgetError:
-        latency = False
-    return "static" if _module_result(job) and job.data is None and not latency else "batch"
-
-
-def _batch_free(job: Job) -> GraphModule:
-    """The verified graph with a dynamic batch: a static capture is captured again (a fallback result is
-    used like a model: any batch size), kept when it matches."""
-    if job.gm.meta.get(meta.DYNAMIC) or not isinstance(job.model, nn.Module):
-        return job.gm
-    try:
-        gm = capture(job.gm, job.inputs, dynamic="batch")
-        verify.check_close(job.outputs, verify.outputs(gm, job.inputs), job.cfg, "re-capturing the graph")
-    except FxAdaptError:
-        return job.gm
-    gm.meta.update({k: v for k, v in job.gm.meta.items() if k not in gm.meta})
-    return gm.train(job.gm.training)
-
-
-def _module_result(job: Job) -> bool:
-    return job.cfg.output == "module" and isinstance(job.model, nn.Module) and not job.cfg.fold_bn
-
-
-def _graph_result(job: Job) -> bool:
-    return job.cfg.output != "module" and isinstance(job.model, nn.Module) and not job.cfg.fold_bn
-
-
-def _dynamic_graph(job: Job) -> Job:
-    """Graph outputs with free sequence / image axes: the plan written back into the user's modules and that
-    model captured with ``dynamic="auto"``, kept when it matches the verified graph (outputs and MACs);
-    otherwise the verified graph (dynamic batch only) is returned."""
-    cfg = job.cfg
-    ref = Reference(job.gm, job.planned, job.macs, job.outcome.preserving, cfg.rtol, cfg.atol)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wb = write_back(job.model, job.outcome.plan, job.inputs, ref)
-        if wb.module is None:
-            return job
-        try:
-            gm = capture(wb.module, job.inputs, dynamic="auto")
-            macs, got = run_counted(gm, job.inputs)
-            verify.check_close(verify.outputs(job.gm, job.inputs), got, cfg, "re-capturing with free axes")
-        except FxAdaptError:
-            return job
-    if abs(macs - job.macs) > 1e-3 * max(macs, 1.0):
-        return job
-    gm.train(job.gm.training)
-    return dataclasses.replace(job, gm=gm)
-
-
-def _export(job: Job) -> Job:
-
-    return dataclasses.replace(job, result=to_exported_program(job.gm, job.inputs))
-
-
-def _fold_asked(job: Job) -> bool:
-    return job.cfg.fold_bn
-
-
-def _program_result(job: Job) -> bool:
-    return job.cfg.output == "exported_program"
-
-
 CAPTURE = Step("capture", _capture)
-ANALYZE = Step("analyze", _analyze)
-PLAN = Step("plan", _plan)
-WRITE_BACK = Step("write_back", _write_back, _module_result)
+ANALYZE = Step("analyze", analyze_step)
+PLAN = Step("plan", plan_step)
+WRITE_BACK = Step("write_back", _write_back, module_result)
 REPLAN = (                 # what a re-plan runs again (``_replanned``), from the captured graph to verify
     PLAN,
-    Step("materialize", _materialize),
-    Step("rewire_blocks", _rewire),
-    Step("recalibrate_bn", _recalibrate, _with_data),
+    Step("materialize", materialize_step),
+    Step("rewire_blocks", rewire_step),
+    Step("recalibrate_bn", recalibrate_step, with_data),
     Step("recover", recover, recovering),
-    Step("fold_bn", _fold, _fold_asked),
-    Step("verify", _verify),
+    Step("fold_bn", fold_step, fold_asked),
+    Step("verify", verify_step),
 )
 PIPELINE = (
     CAPTURE,
     ANALYZE,
     *REPLAN,
     WRITE_BACK,
-    Step("dynamic_graph", _dynamic_graph, _graph_result),
-    Step("export", _export, _program_result),
+    Step("dynamic_graph", dynamic_graph, graph_result),
+    Step("export", export_step, program_result),
 )
 RETRIES = {WRITE_BACK: _retried}   # the orchestrator's loop after a step (``run_steps(..., then=RETRIES)``)
 
@@ -473,13 +291,13 @@ def finish(job: Job, start: float):
     cfg, model, out = job.cfg, job.model, job.gm
     if not cfg.fold_bn and isinstance(model, nn.Module):
         out.train(model.training)
-    rep = Report.build(job.analysis, job.outcome, out, job.goal, job.macs, cfg.strategy,
-                       time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    rep = Report.build(job.analysis, job.outcome, out, job.goal, job.macs)
     result = job.result if job.result is not None else out
     kind = ("exported_program" if isinstance(result, ExportedProgram)
             else "graph" if isinstance(result, GraphModule) else "module")
-    rep = dataclasses.replace(rep, timings=job.timings, returned=kind, write_back=_not_written(job),
-                              recovery=job.recovered,
+    rep = dataclasses.replace(rep, strategy=cfg.strategy, seconds=seconds, timings=job.timings, returned=kind,
+                              write_back=_not_written(job), recovery=job.recovered,
                               dynamic=tuple(job.gm.meta.get(meta.DYNAMIC, ())) if kind != "module" else ())
     attach(out, rep)
     if job.result is not None and job.result is not out:
@@ -492,7 +310,3 @@ def finish(job: Job, start: float):
 def _not_written(job: Job) -> str:
     """Why the plan could not be written back into the user's modules ("" where it was, or not asked)."""
     return job.written.reason or "" if job.written is not None and job.written.module is None else ""
-
-
-def _copy(gm: GraphModule) -> GraphModule:
-    return copy.deepcopy(gm)

@@ -5,8 +5,10 @@
 ``W.abs().float().sum(other)`` holds two full-size temporaries (the absolute values, then their float32
 copy: 3x a bfloat16 embedding of 128256x2048, 1.5 GiB, the data-free plan's whole peak on a Llama); a tensor
 above ``ONE_SHOT`` elements is summed in slices of ~``SLICE`` elements along its first axis instead, each
-slice's absolute values alone in memory (~24 MiB). Smaller tensors take the one-shot path (bit-for-bit the
-same scores as before).
+slice's absolute values alone in memory (~24 MiB): one float32 buffer reused for every slice, each slice's
+sums written into a preallocated result (fresh 16 MiB slices between small kept sums fragment glibc's heap:
+~1 GiB held on that embedding). Smaller tensors take the one-shot path (bit-for-bit the same scores as
+before).
 
 >>> import torch
 >>> w = torch.arange(12.0).reshape(3, 4) - 6
@@ -33,9 +35,17 @@ def l1(w: torch.Tensor, axis: int, one_shot: int = ONE_SHOT) -> np.ndarray:
     if w.numel() <= one_shot or w.shape[0] < 2:
         return (_abs32(w).sum(other) / scale).double().numpy()
     rows = max(1, min(SLICE, one_shot) // max(1, w[0].numel()))
-    parts = [_abs32(c).sum(other) for c in w.split(rows, dim=0)]
-    total = torch.cat(parts) if axis == 0 else torch.stack(parts).sum(0)
-    return (total / scale).double().numpy()
+    chunks = w.split(rows, dim=0)
+    buf = torch.empty(rows * w[0].numel(), dtype=torch.float32)   # one slice buffer, reused
+    if axis == 0:
+        total = torch.empty(w.shape[0], dtype=torch.float32)
+        outs = total.split(rows)
+    else:
+        sums = torch.empty(len(chunks), w.shape[axis], dtype=torch.float32)
+        outs = list(sums)
+    for c, out in zip(chunks, outs):
+        torch.sum(buf[:c.numel()].view(c.shape).copy_(c).abs_(), other, out=out)
+    return ((total if axis == 0 else sums.sum(0)) / scale).double().numpy()
 
 
 def _abs32(w: torch.Tensor) -> torch.Tensor:

@@ -14,18 +14,18 @@ two are too close, one global rescale ``c <- c * m / L(n)``).
 
 **Solving** (``solve_latency``). Widths follow the MAC solver's aligned ladders (``fxadapt.planning.solver``;
 the alignment is the target's, ``Target.align()``, unless ``SolveConfig.align`` names another) and the same
-scale-and-repair search (``fxadapt.planning.scale``): bisection on the global scale for the largest
-assignment predicted at most ``T'`` (MAC/params budgets held too: all must hold), then one-rung moves
-landing closest to ``T'``. **Repair**: the widths are materialised and measured end to end on the target
-(interleaved with the original, so load drift cancels). The window is ``[(1 - tol) T, T]`` (``tol = 0.10``)
-and the aim its middle ``A = (1 - tol / 2) T``, so a re-time's noise stays under ``T``. The first solve
-uses ``T' = A``; its measurement calibrates the model once (``LatencyModel.calibrate``); from then on the
-model is fixed and the *predicted target* ``T'`` is searched on measurements: ``T' <- T' A / m`` until
+scale-and-repair search (``fxadapt.planning.scale``): bisection on the global scale for the largest assignment
+predicted at most ``T'`` (MAC/params budgets held too: all must hold), then one-rung moves landing closest to
+``T'``. **Repair** (``fxadapt.planning.latency_repair``): the widths are materialised and measured end to end
+on the target (interleaved with the original, so load drift cancels). The window is ``[(1 - tol) T, T]``
+(``tol = 0.10``) and the aim its middle ``A = (1 - tol / 2) T``, so a re-time's noise stays under ``T``. The
+first solve uses ``T' = A``; its measurement calibrates the model once (``LatencyModel.calibrate``); from then
+on the model is fixed and the *predicted target* ``T'`` is searched on measurements: ``T' <- T' A / m`` until
 attempts lie on both sides of the window, then the secant between the nearest two (widths already measured
-push ``T'`` on until they change). At most ``max_repairs`` re-solves; a measurement below the window is a
-miss like one above it. The best measured assignment at or below ``T`` is kept (a ``BudgetWarning`` when
-it is below the window). When a MAC/params budget binds before the latency does, the MAC solver's exact
-widths are used and the latency only has to stay at or below ``T``.
+push ``T'`` on until they change). At most ``max_repairs`` re-solves; a measurement below the window is a miss
+like one above it. The best measured assignment at or below ``T`` is kept (a ``BudgetWarning`` when it is
+below the window). When a MAC/params budget binds before the latency does, the MAC solver's exact widths are
+used and the latency only has to stay at or below ``T``.
 
 A budget below the fastest reachable model (every group at its narrowest aligned width) is a
 ``BudgetError`` stating the reachable range; budgets above the original's latency are refused (growth is
@@ -65,9 +65,9 @@ from fxadapt.ops.latency_keys import resolve
 from fxadapt.ops.registry import spec_of
 from fxadapt.passes.materialize import apply_plan
 from fxadapt.planning.budget import Goal, latency_seconds, parse_budget
+from fxadapt.planning.latency_repair import RepairState, repairs
 from fxadapt.planning.plan import make_plan
-from fxadapt.planning.scale import LoopCost, approach, bisect
-from fxadapt.planning.solver import SolveConfig, ladder_problem, solve_widths, unit_bounds
+from fxadapt.planning.solver import SolveConfig, ladder_problem, unit_bounds
 
 if TYPE_CHECKING:
     from fxadapt.analysis.analyze import Analysis
@@ -236,35 +236,6 @@ def _limits(a: Analysis, budget) -> tuple[float, float]:
     return (b.macs or math.inf), (b.params or math.inf)
 
 
-def _widths_for(p, lm: LatencyModel, Tp: float, macs_ok: Callable) -> np.ndarray:
-    """Rungs whose predicted latency is at most ``Tp`` and within 1% of it where the ladders allow, MAC and
-    params budgets held (``fxadapt.planning.scale``: bisection, then the move landing closest to ``Tp``)."""
-    ok = lambda i: macs_ok(p.lad.units(i))
-    cost = LoopCost(lambda i: lm.predict(p.lad.units(i)), ok)
-    start = bisect(p.lad, lambda i: cost.total(i) <= Tp and ok(i))
-    return approach(p.lad, cost, start, Tp, done=lambda t: t >= 0.99 * Tp, pick="closest")
-
-
-def _targets(lm: LatencyModel, history: list, T: float, tol: float) -> list[float]:
-    """Predicted-latency targets ``T'`` for the next attempt, in the order to try them (module docstring):
-    between the nearest measurements below the window and above ``T`` the secant toward ``A``, then points
-    spread over that bracket; on one side only, ``T'`` scaled on by ``A / m`` step by step."""
-    aim = (1 - tol / 2) * T
-    below = [h for h in history if h["measured"] < (1 - tol) * T]
-    above = [h for h in history if h["measured"] > T]
-    lo = max(below, key=lambda h: h["measured"]) if below else None
-    hi = min(above, key=lambda h: h["measured"]) if above else None
-    if lo is None or hi is None:
-        h = lo or hi
-        step = aim / h["measured"]
-        return [lm.predict(h["units"]) * step ** k for k in (1, 2, 3, 4)]
-    (t0, m0), (t1, m1) = ((lm.predict(h["units"]), h["measured"]) for h in (lo, hi))
-    if t1 <= t0:                         # the model orders them the other way: only the spread
-        return [t0 + f * (t1 - t0) for f in (0.5, 0.25, 0.75)]
-    t = t0 + (aim - m0) * (t1 - t0) / max(m1 - m0, 1e-12)
-    return [min(max(t, t0), t1)] + [t0 + f * (t1 - t0) for f in (0.5, 0.25, 0.75, 0.9)]
-
-
 def solve_latency(a: Analysis, budget, target: Target | None = None, cfg: SolveConfig = SolveConfig(), *,
                   lut: LUT | None = None, measure: Callable | None = None, max_repairs: int = 5,
                   tol: float = TOL, progress: bool = True, widths: dict | None = None) -> LatencySolution:
@@ -288,61 +259,11 @@ def solve_latency(a: Analysis, budget, target: Target | None = None, cfg: SolveC
     macs_t, params_t = _limits(a, budget)
     macs_ok = lambda n: a.cost.macs(n) <= macs_t * (1 + 1e-9) and a.cost.params(n) <= params_t * (1 + 1e-9)
     sol = LatencySolution({}, base, T, base)
-    best, tried, plans = None, set(), [(1 - tol / 2) * T]
-    for attempt in range(max_repairs + 1):
-        n = binding = None
-        for Tp in plans:                 # the first target whose widths were not measured yet
-            n, binding = _attempt(a, p, lm, Tp, (macs_t, cfg), macs_ok)
-            if tuple(sorted(n.items())) not in tried:
-                break
-        if n is None or tuple(sorted(n.items())) in tried:
-            n, binding = _step_up(p, lm, sol.history, tried, T, tol, macs_ok), "latency"
-        if n is None:
-            # nothing untried between the measurements: the ladders are too coarse
-            break
-        tried.add(tuple(sorted(n.items())))
-        pred, m = lm.predict(n), float(measure(n))
-        sol.history.append({"units": n, "predicted": pred, "measured": m, "binding": binding, "aim": Tp})
-        if m <= T and (best is None or m > best[1]):
-            best = (n, m, binding)
-        if m <= T and (binding == "macs" or m >= (1 - tol) * T):
-            break
-        # the table's scale, once; then the target is searched on a fixed model
-        if attempt == 0:
-            lm.calibrate(n, m)
-        plans = ([(1 - tol / 2) * T] if attempt == 0 else []) + _targets(lm, sol.history, T, tol)
+    best = repairs(RepairState(a=a, p=p, lm=lm, T=T, tol=tol, macs_t=macs_t, cfg=cfg, macs_ok=macs_ok,
+                               history=sol.history), measure, max_repairs)
     sol.lut_measured, sol.lut_s = lut.measured, lut.measure_s
     sol.units, sol.latency, sol.binding = _verdict(sol.history, best, T, base, tol)
     return sol
-
-
-def _attempt(a: Analysis, p, lm: LatencyModel, Tp: float, macs: tuple, macs_ok: Callable) -> tuple[dict, str]:
-    """The widths for predicted target ``Tp``; the MAC solver's exact widths when a MAC budget binds first
-    (one rung wider would still be predicted under ``Tp`` but breaks the MAC budget)."""
-    macs_t, cfg = macs
-    idx = _widths_for(p, lm, Tp, macs_ok)
-    up = np.minimum(idx + 1, p.size - 1)
-    if math.isfinite(macs_t) and lm.predict(p.lad.units(up)) <= Tp and not macs_ok(p.lad.units(up)):
-        return solve_widths(a, macs_t, cfg), "macs"
-    return p.lad.units(idx), "latency"
-
-
-def _step_up(p, lm: LatencyModel, history: list, tried: set, T: float, tol: float, macs_ok: Callable):
-    """When no target gives new widths (a table too coarse or too noisy to tell them apart): one rung up from
-    the best measurement below the window, the untried move predicted cheapest (measured next), or None."""
-    below = [h for h in history if h["measured"] < (1 - tol) * T]
-    if not below:
-        return None
-    start = max(below, key=lambda h: h["measured"])["units"]
-    idx = np.array([int(np.searchsorted(r, start[g])) for g, r in zip(p.lad.gids, p.lad.rungs)])
-    moves = []
-    for k in np.flatnonzero(idx + 1 < p.size):
-        cand = idx.copy()
-        cand[k] += 1
-        n = p.lad.units(cand)
-        if tuple(sorted(n.items())) not in tried and macs_ok(n):
-            moves.append((lm.predict(n), n))
-    return min(moves, key=lambda m: m[0])[1] if moves else None
 
 
 def _check_reachable(fastest: float, T: float, base: float, target: Target, cfg: SolveConfig) -> None:

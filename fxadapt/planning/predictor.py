@@ -9,10 +9,11 @@ follows MACs) plus a two-layer tanh MLP (32 units) for what MACs miss (alignment
 inputs standardised, Adam with weight decay, full batch. It is differentiable in the ratios
 (``LatencyPredictor.torch_predict``), so a search can use it as a latency loss.
 
-**Data.** ``sample_units`` draws a global scale ``s ~ U(s_min, 1)`` and per group a jitter ``U(1 - j, 1 +
-j)``, snapped to the group's aligned ladder; ``collect`` materialises and times each sample on the target
-(``fxadapt.planning.latency.Measurer``). ``cross_validate`` reports the relative error ``|L_hat / L - 1|``
-of every sample when held out (k-fold): its mean, 95th percentile and the share within 10%.
+**Data.** ``sample_units`` draws a global scale ``s ~ U(s_min, 1)`` and per group a jitter ``U(1 - j, 1 + j)``
+(``SampleConfig``), snapped to the group's aligned ladder; ``collect`` materialises and times each sample on
+the target (``fxadapt.planning.latency.Measurer``). ``cross_validate`` reports the relative error
+``|L_hat / L - 1|`` of every sample when held out (k-fold): its mean, 95th percentile and the share within
+10%.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -26,6 +27,7 @@ True
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,8 +107,18 @@ def summary(err: np.ndarray) -> dict:
             "within_10": float((err <= 0.10).mean()), "n": int(len(err))}
 
 
-def sample_units(a: Analysis, k: int, align: int = 1, s_min: float = 0.3, jitter: float = 0.25, seed: int = 0,
-                 min_ratio: float = 0.1) -> list[dict]:
+@dataclass(frozen=True)
+class SampleConfig:
+    """How ``sample_units`` draws: the global scale ``s ~ U(s_min, 1)``, the per-group jitter ``j``, and the
+    narrowest kept fraction of a group (``min_ratio``, as ``SolveConfig.min_ratio``)."""
+
+    s_min: float = 0.3
+    jitter: float = 0.25
+    min_ratio: float = 0.1
+
+
+def sample_units(a: Analysis, k: int, align: int = 1, seed: int = 0,
+                 cfg: SampleConfig = SampleConfig()) -> list[dict]:
     """``k`` random sub-networks (kept units per prunable group) on the aligned ladders (module docstring).
 
     >>> import torch, fxadapt
@@ -116,6 +128,7 @@ def sample_units(a: Analysis, k: int, align: int = 1, s_min: float = 0.3, jitter
     True
     """
     rng = np.random.default_rng(seed)
+    s_min, jitter, min_ratio = cfg.s_min, cfg.jitter, cfg.min_ratio
     out = []
     for _ in range(k):
         s = rng.uniform(s_min, 1.0)

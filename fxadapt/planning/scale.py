@@ -21,7 +21,7 @@ predicted latency). ``T`` is the target.
 >>> lad = Ladders([0, 1], [ladder(32, 1, 4, 32, 4), ladder(16, 1, 2, 16, 2)], np.array([32.0, 16.0]))
 >>> cost = LoopCost(lambda idx: float(lad.values(idx) @ [3.0, 5.0]))   # c = 3 n_0 + 5 n_1
 >>> start = bisect(lad, lambda i: cost.total(i) <= 100)
->>> end = approach(lad, cost, start, 100.0, done=lambda c: c >= 99)
+>>> end = approach(lad, cost, start, Aim(100.0, done=lambda c: c >= 99))
 >>> cost.total(start) <= cost.total(end) <= 100, lad.units(end)
 (True, {0: 20, 1: 8})
 """
@@ -29,6 +29,7 @@ predicted latency). ``T`` is the target.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -103,10 +104,22 @@ def _best(c_new: np.ndarray, c: float, target: float, above: bool, smallest: boo
     return int(np.argmin(np.where(ok, np.abs(c_new - (c if smallest else target)), np.inf)))
 
 
-def approach(lad: Ladders, cost, idx: np.ndarray, target: float, above: bool = False,
-             done: Callable[[float], bool] | None = None, pick: str = "smallest") -> np.ndarray:
-    """Greedy rung moves toward ``target`` from one side until ``done(cost)`` (module docstring, step 2);
-    ``done=None`` goes as close as the moves get."""
+@dataclass(frozen=True)
+class Aim:
+    """Where ``approach`` heads: the target ``T``, from which side (``above``: down from above ``T``; else up
+    from below), when to stop (``done(cost)``; ``None``: as close as the moves get) and which one-rung move
+    to take (``pick``: the ``"smallest"`` step or the one landing ``"closest"`` to ``T``)."""
+
+    target: float
+    above: bool = False
+    done: Callable[[float], bool] | None = None
+    pick: str = "smallest"
+
+
+def approach(lad: Ladders, cost, idx: np.ndarray, aim: Aim) -> np.ndarray:
+    """Greedy rung moves toward ``aim.target`` from one side until ``aim.done(cost)`` (module docstring,
+    step 2)."""
+    target, above, done = aim.target, aim.above, aim.done
     d = -1 if above else 1
     idx = idx.copy()
     for _ in range(1_000_000):
@@ -114,7 +127,7 @@ def approach(lad: Ladders, cost, idx: np.ndarray, target: float, above: bool = F
         if done is not None and done(c):
             break
         fwd = np.flatnonzero((idx + d >= 0) & (idx + d < lad.size))
-        k = _best(cost.singles(idx, fwd, d), c, target, above, pick == "smallest") if fwd.size else None
+        k = _best(cost.singles(idx, fwd, d), c, target, above, aim.pick == "smallest") if fwd.size else None
         if k is not None:
             idx[fwd[k]] += d
             continue

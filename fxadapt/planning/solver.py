@@ -14,7 +14,7 @@ can grow). Its *ladder* ``R_g`` is the sorted set of unit counts in the bounds t
    ``T``; when none fits, the swap landing closest to ``T``. Steps 1 and 2 are ``fxadapt.planning.scale``
    (shared with the latency solver); here every round's candidates are evaluated at once: with factor values
    ``V = c + F n`` (one row per linear form) a move of group ``g`` by ``dn`` adds ``dn * F[:, g]``, and
-   ``M = sum_t coef_t * prod_{j in t} V_j``.
+   ``M = sum_t coef_t * prod_{j in t} V_j`` (``fxadapt.planning.poly.MacsPoly``).
 3. **Verdict.** In ``W``: done. Otherwise the groups are too coarse (or too coarsely aligned) for ``W``:
    ``strict`` raises ``BudgetError`` with the nearest totals found on both sides of ``T``; else the closest on
    the right side (never above when shrinking, never below when growing) is returned with a
@@ -34,16 +34,15 @@ import numpy as np
 from fxadapt.errors import BudgetError, BudgetWarning, warn
 from fxadapt.planning.align import Ladders, ladder, resolve_align
 from fxadapt.planning.plan import growth_blocker
+from fxadapt.planning.poly import MacsPoly
 from fxadapt.planning.refusals import floor_note, growth_note
-from fxadapt.planning.scale import approach, bisect
+from fxadapt.planning.scale import Aim, approach, bisect
 
 if TYPE_CHECKING:
     from fxadapt.analysis.analyze import Analysis
-    from fxadapt.analysis.cost import CostModel
     from fxadapt.analysis.groups import Group
 
 TOL = 0.01
-_CHUNK = 2048
 _EXHAUSTIVE = 200_000  # at most this many assignments: try them all when the greedy repair misses
 
 
@@ -83,90 +82,6 @@ def in_window(macs: float, target: float, grow: bool, tol: float = TOL) -> bool:
     (True, False, True)
     """
     return target <= macs <= target * (1 + tol) if grow else target * (1 - tol) <= macs <= target
-
-
-class MacsPoly:
-    """``M(n)`` vectorised over candidate assignments (columns: every group of the cost model).
-
-    >>> import torch, fxadapt
-    >>> a = fxadapt.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)),
-    ...                     (torch.randn(1, 3, 10, 10),))
-    >>> p = MacsPoly(a.cost)
-    >>> x = p.row({})
-    >>> bool(p(x[None])[0] == a.cost.macs()), bool(p.singles(x, np.array([0]),
-    ...                                                      np.array([4.0]))[0] == a.cost.macs({0: 4}))
-    (True, True)
-    """
-
-    F: np.ndarray | None   # the factor matrix; None for an unfamiliar cost model (evaluated term by term)
-
-    def __init__(self, cost: CostModel, present: dict | None = None):
-        self.cost, self.present = cost, present
-        self.cols = sorted(cost.units)
-        self.col = {g: i for i, g in enumerate(self.cols)}
-        self.base = np.array([cost.units[g] for g in self.cols], dtype=float)
-        try:
-            self._compile(cost.macs_terms, present)
-        except (AttributeError, TypeError, KeyError):  # an unfamiliar cost model: evaluate it term by term
-            self.F = None
-
-    def _compile(self, terms, present) -> None:
-        forms: list = []
-        rows: list[list[int]] = []
-        for t in terms:
-            rows.append(list(range(len(forms), len(forms) + len(t.factors))))
-            forms.extend(t.factors)
-        pad, width = len(forms), max((len(r) for r in rows), default=0)
-        self.F = np.zeros((pad + 1, len(self.cols)))
-        self.c = np.zeros(pad + 1)
-        self.c[pad] = 1.0
-        for i, f in enumerate(forms):
-            self.c[i] = f.const
-            for g, v in f.coefs:
-                self.F[i, self.col[g]] += v
-        self.idx = np.array([r + [pad] * (width - len(r)) for r in rows], dtype=np.int64).reshape(len(rows),
-                                                                                                  width)
-        scale = [math.prod(present.get(b, 1.0) for b in t.blocks) if present else 1.0 for t in terms]
-        self.coef = np.array([t.coef * s for t, s in zip(terms, scale)], dtype=float)
-
-    def row(self, n: dict) -> np.ndarray:
-        x = self.base.copy()
-        for g, v in n.items():
-            x[self.col[g]] = v
-        return x
-
-    def _total(self, V: np.ndarray) -> np.ndarray:
-        out = np.empty(len(V))
-        for s in range(0, len(V), _CHUNK):
-            out[s:s + _CHUNK] = np.prod(V[s:s + _CHUNK][:, self.idx], axis=2) @ self.coef
-        return out
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        if self.F is None:
-            return np.array([self.cost.macs(dict(zip(self.cols, r.tolist())), self.present) for r in X])
-        return self._total(X @ self.F.T + self.c)
-
-    def singles(self, x: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
-        """``M`` with column ``cols[i]`` of ``x`` set to ``vals[i]``, for every ``i``."""
-        if self.F is None:
-            X = np.repeat(x[None], len(cols), 0)
-            X[np.arange(len(cols)), cols] = vals
-            return self(X)
-        V = (x @ self.F.T + self.c) + (vals - x[cols])[:, None] * self.F[:, cols].T
-        return self._total(V)
-
-    def pairs(self, x: np.ndarray, ca, va, cb, vb) -> np.ndarray:
-        """``M[i, j]`` with ``x[ca[i]] = va[i]`` and ``x[cb[j]] = vb[j]`` (``ca[i] != cb[j]``)."""
-        if self.F is None:
-            X = np.repeat(x[None], len(ca) * len(cb), 0).reshape(len(ca), len(cb), -1)
-            X[np.arange(len(ca)), :, ca] = va[:, None]
-            X[:, np.arange(len(cb)), cb] = vb[None, :]
-            return self(X.reshape(-1, len(x))).reshape(len(ca), len(cb))
-        v0 = x @ self.F.T + self.c
-        A = (va - x[ca])[:, None] * self.F[:, ca].T
-        B = (vb - x[cb])[:, None] * self.F[:, cb].T
-        return self._total((v0 + A[:, None, :] + B[None, :, :]).reshape(-1, len(v0))).reshape(len(ca),
-                                                                                              len(cb))
 
 
 class _Problem:
@@ -221,7 +136,7 @@ def _scaled(p: _Problem, above: bool, tol: float | None) -> np.ndarray:
     cost = _MacCost(p)
     ok = (lambda i: cost.total(i) >= p.target) if above else (lambda i: cost.total(i) <= p.target)
     done = None if tol is None else (lambda m: in_window(m, p.target, above, tol))
-    return approach(p.lad, cost, bisect(p.lad, ok, above), p.target, above, done)
+    return approach(p.lad, cost, bisect(p.lad, ok, above), Aim(p.target, above, done))
 
 
 def _exhaustive(p: _Problem, near: np.ndarray, above: bool, tol: float | None):

@@ -15,7 +15,17 @@ back with a ``BudgetWarning`` that says per-layer widths reach it (``layers="any
 Ties (``Tying.ties``): sets of groups that must share one width for another reason (a model's code reads a
 size at run time that the graph holds as a constant, ``fxadapt.pipeline.replan``) are merged into the
 classes the same way (union of overlapping sets); ``Tying(repeated=False)`` ties those alone and leaves
-every other group a class of its own. A class whose members' ladders differ stays one class per group.
+every other group a class of its own. A class whose members' ladders differ stays one class per group,
+except where the members count different units (granularities ``k_g``: a hidden size of channels tied to
+an attention's whole heads): one width in channels then, ``n_g k_g = c`` for every member, over the channel
+widths ``c`` every member's ladder holds (none: one class per group). A tie with a group the solver does
+not move pins its tied groups of the same original channel width (``pinned_by_ties``).
+
+Apart (``Apart``, in ``Tying.ties``): two groups whose channel widths differed and must stay different (a
+model's code compares the two sizes and skips a projection when they are equal:
+``if hidden_size != hidden_size_output``): a start that makes them equal moves to the nearest allowed
+widths, and no move lands on equal ones. ``Ties`` holds several ties found at once (the same rule in every
+module of one class, ``fxadapt.pipeline.replan``): each part is a tie of its own.
 ``bounds`` (default: the solver's, after the reachable-range check) caps the rungs, e.g. at a MAC solution
 that a params solve must not exceed (``fxadapt.pipeline.params``).
 
@@ -65,6 +75,45 @@ class Tying:
     def what(self) -> str:
         return "layers='uniform'" if self.repeated else "tied widths"
 
+    def joined(self) -> list[frozenset[int]]:
+        """The ties that share a width (every tie but the ``Apart`` pairs; a ``Ties``' parts)."""
+        out: list[frozenset[int]] = []
+        for t in self.ties:
+            if isinstance(t, Ties):
+                out.extend(t.parts)
+            elif not isinstance(t, Apart):
+                out.append(t)
+        return out
+
+    def apart(self) -> list[frozenset[int]]:
+        return [t for t in self.ties if isinstance(t, Apart)]
+
+
+class Apart(frozenset):
+    """Two group ids whose channel widths must differ (module docstring); a ``frozenset`` so it rides in
+    ``Tying.ties`` and the pipeline's ties like a tie."""
+
+
+class Ties(frozenset):
+    """Several ties found at once (one rule in every module of a class): each part shares one width, the
+    parts need not. The union of the parts as a ``frozenset``, so it rides in ``Tying.ties`` like a tie.
+
+    >>> t = Ties([{0, 1}, {2, 3}])
+    >>> sorted(t), tied_classes(None, [0, 1, 2, 3, 4], Tying(False, (t,)))
+    ([0, 1, 2, 3], [[0, 1], [2, 3], [4]])
+    """
+
+    parts: tuple[frozenset[int], ...]
+
+    def __new__(cls, parts):
+        parts = tuple(frozenset(p) for p in parts)
+        self = super().__new__(cls, frozenset().union(*parts))
+        self.parts = parts
+        return self
+
+    def __reduce__(self):
+        return (Ties, (self.parts,))
+
 
 def classes(a: Analysis, gids: list[int]) -> list[list[int]]:
     """Groups of ``gids`` that repeat across layers, as lists of group ids (singletons included)."""
@@ -94,7 +143,7 @@ def tied_classes(a: Analysis, gids: list[int], tying: Tying = Tying()) -> list[l
         return g
 
     base = classes(a, gids) if tying.repeated else [[g] for g in gids]
-    for c in [*base, *([g for g in t if g in parent] for t in tying.ties)]:
+    for c in [*base, *([g for g in t if g in parent] for t in tying.joined())]:
         for g in c[1:]:
             parent[find(g)] = find(c[0])
     out: dict[int, list[int]] = {}
@@ -121,39 +170,79 @@ def shared_widths(a: Analysis, units: dict[int, int], target: float, cfg: SolveC
     grow = target > a.cost.macs()
     p = ladder_problem(a, target, bounds, {g: a.groups[g].units for g in bounds}, cfg)
     pos = {g: k for k, g in enumerate(p.lad.gids)}
-    cls = []
-    for c in tied_classes(a, p.lad.gids, tying):   # a class whose ladders differ: one class per group
-        same = len({tuple(p.lad.rungs[pos[g]]) for g in c}) == 1
-        cls.extend([c] if same else [[g] for g in c])
-    members = [np.array([pos[g] for g in c]) for c in cls]
-    rungs = [p.lad.rungs[m[0]] for m in members]
-    idx = np.array([int(np.argmin(np.abs(r - np.mean([units.get(p.lad.gids[k], r[-1]) for k in m]))))
-                    for r, m in zip(rungs, members)])
-    idx = _repair(p, members, rungs, idx, grow, cfg.tol)
+    members, rungs = [], []
+    for c in tied_classes(a, p.lad.gids, tying):
+        for part, r in _class_rungs(a, p, pos, c):
+            members.append(np.array([pos[g] for g in part]))
+            rungs.append(r)
+    grans = [np.array([a.groups[p.lad.gids[k]].granularity for k in m]) for m in members]
+    idx = np.array([int(np.argmin(np.abs(r[:, 0] * k[0] - np.mean(
+        [units.get(p.lad.gids[j], r[-1, i]) * k[i] for i, j in enumerate(m)]))))
+        for r, m, k in zip(rungs, members, grans)])
+    ok = _apart_check(a, p, members, rungs, {**units, **pinned}, tying.apart())
+    idx = _repair(p, members, rungs, idx, grow, cfg.tol, ok)
     out = dict(units)
     for r, m, i in zip(rungs, members, idx):
-        out.update({p.lad.gids[k]: int(r[i]) for k in m})
+        out.update({p.lad.gids[k]: int(r[i, j]) for j, k in enumerate(m)})
     return out, float(p.poly(_x(p, members, rungs, idx)[None])[0]), grow
+
+
+def _class_rungs(a: Analysis, p, pos: dict, c: list[int]) -> list[tuple[list[int], np.ndarray]]:
+    """A class as ``(members, rungs)`` with ``rungs[i, j]`` the units of member ``j`` at rung ``i``: one
+    ladder shared, or for members of different granularities the channel widths every ladder holds (module
+    docstring); else one class per group."""
+    lads = [p.lad.rungs[pos[g]] for g in c]
+    one = lambda: [([g], r[:, None]) for g, r in zip(c, lads)]  # noqa: E731
+    if len(c) == 1 or all(np.array_equal(lads[0], r) for r in lads):
+        return [(c, np.repeat(lads[0][:, None], len(c), 1))]
+    ks = [a.groups[g].granularity for g in c]
+    if len(set(ks)) == 1:
+        return one()
+    common = lads[0] * ks[0]
+    for r, k in zip(lads[1:], ks[1:]):
+        common = np.intersect1d(common, r * k)
+    if not common.size:
+        return one()
+    return [(c, np.stack([common // k for k in ks], 1).astype(np.int64))]
+
+
+def _apart_check(a: Analysis, p, members, rungs, fixed: dict, pairs: list):
+    """``ok(idx)``: every ``Apart`` pair at different channel widths (a group outside the problem at its
+    width in ``fixed``, else its original)."""
+    where = {int(k): (c, j) for c, m in enumerate(members) for j, k in enumerate(m)}
+    pos = {g: k for k, g in enumerate(p.lad.gids)}
+
+    def chans(g: int, idx) -> int:
+        k = a.groups[g].granularity
+        if g in pos:
+            c, j = where[pos[g]]
+            return int(rungs[c][idx[c], j]) * k
+        return fixed.get(g, a.groups[g].units) * k
+
+    pairs = [tuple(t) for t in pairs if len(t) == 2]
+    return lambda idx: all(chans(x, idx) != chans(y, idx) for x, y in pairs)
 
 
 def pinned_by_ties(a: Analysis, bounds: dict, tying: Tying) -> dict[int, int]:
     """Movable groups tied (``tying.ties``) to a group the solver does not move (outside ``bounds``: frozen,
-    or unable to grow under a norm) with the same original width: each stays at that width, so the tie
+    or unable to grow under a norm) of the same original channel width: each stays at that width, so the tie
     holds instead of being dropped (RWKV's state: the attention tied to a hidden size that cannot grow).
 
     >>> class G:
-    ...     def __init__(self, units): self.units = units
-    >>> class A: groups = [G(8), G(8), G(8)]
-    >>> pinned_by_ties(A(), {1: (1, 16), 2: (1, 16)}, Tying(False, (frozenset({0, 1}),)))
-    {1: 8}
+    ...     def __init__(self, units, granularity=1): self.units, self.granularity = units, granularity
+    >>> class A: groups = [G(8), G(8), G(8), G(32), G(2, 16)]
+    >>> pinned_by_ties(A(), {1: (1, 16), 2: (1, 16), 4: (1, 8)}, Tying(False, (frozenset({0, 1}),
+    ...                                                                        frozenset({3, 4}))))
+    {1: 8, 4: 2}
     """
     out: dict[int, int] = {}
-    for tie in tying.ties:
-        fixed = {a.groups[g].units for g in tie if g not in bounds}
+    chans = lambda g: a.groups[g].units * a.groups[g].granularity  # noqa: E731
+    for tie in tying.joined():
+        fixed = {chans(g) for g in tie if g not in bounds}
         if len(fixed) != 1:
             continue
         width = fixed.pop()
-        out.update({g: width for g in tie if g in bounds and a.groups[g].units == width})
+        out.update({g: width // a.groups[g].granularity for g in tie if g in bounds and chans(g) == width})
     return out
 
 
@@ -164,19 +253,25 @@ def _x(p, members, rungs, idx) -> np.ndarray:
     return x
 
 
-def _repair(p, members, rungs, idx, grow: bool, tol: float) -> np.ndarray:
-    """Class moves toward the window (see module docstring)."""
+def _repair(p, members, rungs, idx, grow: bool, tol: float, ok=lambda idx: True) -> np.ndarray:
+    """Class moves toward the window (see module docstring); only to widths ``ok`` allows (``Apart``), and
+    from a start it does not allow to the allowed move nearest the target (on its right side first)."""
     idx = idx.copy()
     for _ in range(10_000):
         m = p.poly(_x(p, members, rungs, idx)[None])[0]
-        if in_window(m, p.target, grow, tol):
+        allowed = ok(idx)
+        if allowed and in_window(m, p.target, grow, tol):
             return idx
-        cands = _moves(idx, [len(r) for r in rungs])
+        cands = [c for c in _moves(idx, [len(r) for r in rungs]) if ok(c)]
         if not cands:
             return idx
         X = np.stack([_x(p, members, rungs, c) for c in cands])
         ms = p.poly(X)
         side = ms >= p.target if grow else ms <= p.target
+        if not allowed:
+            dist = np.abs(ms - p.target)
+            idx = cands[int(np.argmin(dist + np.where(side, 0.0, dist.max() + 1)))]
+            continue
         here = m >= p.target if grow else m <= p.target
         better = side & (np.abs(ms - p.target) < abs(m - p.target)) if here else side
         if better.any():

@@ -85,6 +85,7 @@ from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.planning.budget import SolveConfig, fit
 from fxadapt.planning.solver import check_window
 from fxadapt.search.loop import (
+    GateSchedule,
     distil_step,
     gate_optimizer,
     gate_search,
@@ -382,7 +383,8 @@ def dna(a0: Analysis, target: float, data: Any, val_data: Any, cfg: SearchConfig
     grow = target > a0.macs()
     sn, train, val = prepare(a0, target, data, val_data, cfg, ctx)
     if cfg.weights == "frozen":   # gates only, on the inherited weights
-        state = SearchState(cfg.steps, gate_search(sn, val, target, grow, cfg, ctx, anneal=True))
+        state = SearchState(cfg.steps,
+                            gate_search(sn, val, target, grow, cfg, ctx, GateSchedule(anneal=True)))
         note = None
     else:
         state = run_search(sn, train, val, target, grow, cfg, ctx)   # its teacher: the original (a0)

@@ -190,7 +190,8 @@ def fur(a0: Analysis, target: float, data: Any, val_data: Any, cfg: FurConfig = 
     bounds = sn.bounds()
     ref = {g: w.n_on for g, w in sn.spec.widths.items()}
     present = {b: 1.0 if on else 0.0 for b, on in sn.spec.depths.items()}
-    units = fit(a, target, bounds, dict(ref), grow, cfg.solve, present)
+    window = Window(a, target, bounds, grow, cfg.solve, present)
+    units = window.fit(dict(ref))
     history, start = [], dict(units)
     bar = _bar(cfg)
     for it in range(cfg.iterations):
@@ -201,7 +202,7 @@ def fur(a0: Analysis, target: float, data: Any, val_data: Any, cfg: FurConfig = 
                         "fur": {int(g): round(v, 6) for g, v in scores.items()}})
         moved = adjust(realised, scores, ref, cfg.rate * (1 - it / max(cfg.iterations, 1)))
         moved = {g: min(max(n, bounds[g][0]), bounds[g][1]) for g, n in moved.items()}
-        units = fit_near(a, target, bounds, moved, ref, grow, cfg.solve, present)
+        units = fit_near(window, moved, ref)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(macs=f"{history[-1]['macs_ratio']:.3f}xT")
@@ -216,19 +217,39 @@ def fur(a0: Analysis, target: float, data: Any, val_data: Any, cfg: FurConfig = 
     return plain, plan, sn, history
 
 
-def fit_near(a: Analysis, target: float, bounds: dict, widths: dict, ref: dict, grow: bool,
-             solve: SolveConfig, present: dict) -> dict[int, int]:
+@dataclass(frozen=True)
+class Window:
+    """The budget window every FUR fit lands in: ``a``'s MACs at ``target`` (within ``solve.tol``, from
+    below when shrinking, from above when growing: ``grow``), every group within ``bounds``, the blocks at
+    ``present``."""
+
+    a: Analysis
+    target: float
+    bounds: dict
+    grow: bool
+    solve: SolveConfig
+    present: dict
+
+    def fit(self, widths: dict) -> dict[int, int]:
+        """``fxadapt.planning.budget.fit`` from ``widths`` into this window."""
+        return fit(self.a, self.target, self.bounds, widths, self.grow, self.solve, self.present)
+
+    def holds(self, units: dict) -> bool:
+        return in_window(self.a.cost.macs(units, self.present), self.target, self.grow, self.solve.tol)
+
+
+def fit_near(window: Window, widths: dict, ref: dict) -> dict[int, int]:
     """``fit`` from the FUR widths; when its greedy repair cannot reach the window from there (groups pinned
     at their bounds), from widths blended toward the uniform ones, ``w^(1-t) ref^t`` for t = 1/4 .. 1: the
     first blend that lands in the window keeps as much of FUR's allocation as the budget allows (the same
     window the data-free solver reaches from the uniform widths)."""
-    units = fit(a, target, bounds, widths, grow, solve, present)
-    if in_window(a.cost.macs(units, present), target, grow, solve.tol):
+    units = window.fit(widths)
+    if window.holds(units):
         return units
     for t in (0.25, 0.5, 0.75, 1.0):
         mixed = {g: max(1, round(widths[g] ** (1 - t) * max(ref[g], 1) ** t)) for g in widths}
-        cand = fit(a, target, bounds, mixed, grow, solve, present)
-        if in_window(a.cost.macs(cand, present), target, grow, solve.tol):
+        cand = window.fit(mixed)
+        if window.holds(cand):
             return cand
     return units
 

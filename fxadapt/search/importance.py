@@ -100,6 +100,7 @@ class ImportanceConfig(Options):
     temperature: float = 4.0
     # every group keeps >= floor x its uniformly scaled width (0: min_ratio only)
     floor: float = 0.0
+    floors: tuple[float, ...] = ()   # screen: the all-free allocation under these floors too (search.screen)
     depth: bool = False           # also score and remove whole blocks (same currency; off: it cost accuracy
                                   # at 0.1x on digits, bench/quality.py "importance-depth")
     seed: int = 0
@@ -117,6 +118,7 @@ class ImportanceConfig(Options):
         self.check(0.0 <= self.kd <= 1.0, "kd", "in [0, 1]")
         self.check(self.temperature > 0, "temperature", "above 0")
         self.check(0.0 <= self.floor <= 1.0, "floor", "in [0, 1]")
+        self.check(all(0.0 <= f <= 1.0 for f in self.floors), "floors", "values in [0, 1]")
         self.check(isinstance(self.screen, bool) or self.screen >= 0, "screen", "a bool or >= 0")
 
 
@@ -202,7 +204,7 @@ def _prune(a: Analysis, masks: Masks, scores: dict, blocks: dict, target: float,
             check_window(a, n, target, False, solve, d, base)
             return n
 
-        units, step = align(attempt)
+        units, step = align(attempt, a, {g: int(k.sum()) for g, k in masks.units.items()})
     keep = {g: top_units(scores[g], masks.units[g], units[g]) for g in masks.units}
     return Masks(keep, present), step
 
@@ -213,8 +215,10 @@ def importance(a0: Analysis, target: float, data: Any, val_data: Any=None,
     """The importance strategy on an analysed model ``a0`` toward ``target`` MACs (``metric="params"``:
     parameters; the allocation prices units by the marginal of that count, ``Analysis.params_as_macs``,
     and the last step is aligned and repaired on it) (module docstring);
-    ``align(attempt)`` runs the last step's rounding ``attempt(solve) -> units`` at an alignment and returns
-    ``(units, alignment)`` (default: ``cfg.solve`` as it is). ``val_data`` is not read (the calibration
+    ``align(attempt, a, alive)`` runs the last step's rounding ``attempt(solve) -> units`` at an
+    alignment and returns ``(units, alignment)`` (default: ``cfg.solve`` as it is); ``a`` is the
+    supernet's analysis and ``alive`` the units each group still has (a latency repair re-times the widths
+    on ``a``, keeping at most ``alive``). ``val_data`` is not read (the calibration
     batches come from ``data``). Returns ``(graph without gates, plan, supernet, history)``.
 
     >>> import torch, fxadapt
@@ -241,7 +245,7 @@ def importance(a0: Analysis, target: float, data: Any, val_data: Any=None,
     for p in sn.arch_parameters():
         p.requires_grad_(False)
     a = counted(sn.analysis)
-    align = align or (lambda attempt: (attempt(cfg.solve), cfg.solve.alignment()))
+    align = align or (lambda attempt, *_: (attempt(cfg.solve), cfg.solve.alignment()))
     teacher = teacher_of(a0, ctx)
     batches = batches_of(a0, data, cfg.batch_size, cfg.seed, ctx, teacher)
     probe = batches_of(a0, data, cfg.batch_size, cfg.seed + 7919, ctx, teacher)

@@ -28,7 +28,8 @@ of a step, and a gate-only search.
 >>> a = fxadapt.analyze(m, (x[:1],))
 >>> cfg = SearchConfig(steps=4, batch_size=16, progress=False)
 >>> sn, train, val = prepare(a, 0.5 * a.macs(), (x, y), None, cfg)
->>> [sorted(h) for h in gate_search(sn, train, 0.5 * a.macs(), False, cfg, steps=2)][0]
+>>> history = gate_search(sn, train, 0.5 * a.macs(), False, cfg, schedule=GateSchedule(steps=2))
+>>> sorted(history[0])
 ['gate_step', 'macs_ratio', 'val_loss']
 """
 
@@ -224,13 +225,23 @@ def tau_at(cfg: SearchConfig, step: int, first: int, end: int) -> float:
     return float(t0 * (t1 / t0) ** frac)
 
 
+@dataclasses.dataclass(frozen=True)
+class GateSchedule:
+    """Which gate steps ``gate_search`` runs: ``steps`` of them (None: ``SearchConfig.steps``), their batches
+    and noise drawn from step ``offset`` on; sampled gates at the final temperature, or with ``anneal`` the
+    temperature and the budget loss's ramp annealed over the steps."""
+
+    steps: int | None = None
+    offset: int = 0
+    anneal: bool = False
+
+
 def gate_search(sn: Supernet, batches: Batches, target: float, grow: bool, cfg: SearchConfig,
-                ctx: dist.DistContext | None = None, steps: int | None = None, offset: int = 0,
-                anneal: bool = False) -> list[dict]:
-    """``steps`` (default ``cfg.steps``) gate-only steps toward ``target`` from the current state (module
-    docstring); sampled gates at the final temperature, or annealed over the steps with ``anneal``."""
+                ctx: dist.DistContext | None = None, schedule: GateSchedule = GateSchedule()) -> list[dict]:
+    """``schedule.steps`` gate-only steps toward ``target`` from the current state (module docstring)."""
     ctx = ctx or dist.DistContext()
-    steps = cfg.steps if steps is None else steps
+    steps = cfg.steps if schedule.steps is None else schedule.steps
+    offset, anneal = schedule.offset, schedule.anneal
     opt = gate_optimizer(sn, cfg)
     if opt is None:
         return []

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from fxadapt import dist
 from fxadapt.errors import BudgetError
 from fxadapt.search.dna import SearchConfig, discretize, effective_warmup, gate_moves, run_search
-from fxadapt.search.loop import gate_search, prepare, teacher_of
+from fxadapt.search.loop import GateSchedule, gate_search, prepare, teacher_of
 
 if TYPE_CHECKING:
 
@@ -71,7 +71,7 @@ def dna_many(a0: Analysis, targets: list[float], data: Any, val_data: Any, cfg: 
     out = []
     for i, target in enumerate(targets):
         t1 = time.perf_counter()
-        history = gate_search(sn, val, target, grow, cfg, ctx, steps, 1_000_000 * (i + 1))
+        history = gate_search(sn, val, target, grow, cfg, ctx, GateSchedule(steps, 1_000_000 * (i + 1)))
         units, present = discretize(sn, target, grow, cfg.solve, cfg.discretize_by)
         sn.gm.to("cpu")
         plain, plan = sn.finalize(units, present)

@@ -238,7 +238,8 @@ class Ablation:
         cal = Calibration.of(calib, teacher, device)
         self.t_outs, self.pads, self.n = cal.t_outs, cal.pads, cal.n
         with Hooks(sn, masks):
-            self.plays = [Replay(sn.gm, (b.inputs.args, b.inputs.kwargs)) for b in cal.batches]
+            slices: dict = {}     # one compiled slice per gate, shared by the batches
+            self.plays = [Replay(sn.gm, (b.inputs.args, b.inputs.kwargs), slices=slices) for b in cal.batches]
         self.base = self._sum(p.out for p in self.plays)
 
     def _sum(self, outs) -> float:

@@ -14,7 +14,10 @@ Candidates (``candidates``): sets of axes held at full width, the transformer se
 
     all free | hidden held (heads + MLP) | hidden and heads held (MLP only) | heads held (hidden + MLP)
 
-and for CNNs: all free | the first half of the stages held | the second half held. A held axis is
+and for CNNs: all free | the first half of the stages held | the second half held; after "all free" come
+the same all-free allocation under each floor of ``ImportanceConfig.floors`` (every group at least that
+fraction of its uniformly scaled width: from importance's own widths at 0 to Minitron's homogeneous widths
+at 1, the data choosing how far the widths may concentrate). A held axis is
 ``Group.min_units = units`` on its groups (the mechanism of the user's ``min_width``,
 ``fxadapt.analysis.hold``), which the allocator's bounds (``fxadapt.planning.solver.limited``) respect.
 Candidates whose held groups leave the target out of reach (the others at their floors, MACs above the
@@ -183,7 +186,8 @@ def screen(a0: Analysis, target: float, data: Any, val_data: Any = None,
     two candidates): ``importance`` as it is. ``cfg.screen`` an int ``n``: the first ``n`` candidates.
     Returns ``(graph without gates, plan, supernet, history)`` as ``importance`` does."""
     axes = axes_of(a0)
-    sets = [c for c in candidates(axes) if reachable(held(a0, axes, c[1]), target, cfg)]
+    sets = [(n, h, cfg.floor) for n, h in candidates(axes) if reachable(held(a0, axes, h), target, cfg)]
+    sets[1:1] = [(f"floor {f:g}", (), f) for f in cfg.floors if f != cfg.floor and sets]
     sets = sets[:len(sets) if cfg.screen is True else int(cfg.screen)]
     if len(sets) < 2:
         return importance(a0, target, data, val_data, cfg, ctx, align)
@@ -197,8 +201,8 @@ def screen(a0: Analysis, target: float, data: Any, val_data: Any = None,
     teacher = teacher_of(a0, ctx)
     each = cfg.steps // (2 * len(sets))
     best, rows, history = None, [], []
-    for name, hold in sets:
-        sub = dataclasses.replace(cfg, steps=each, screen=False)
+    for name, hold, floor in sets:
+        sub = dataclasses.replace(cfg, steps=each, screen=False, floor=floor)
         plain, plan, sn, hist = importance(held(a0, axes, hold), target, train_data, None, sub, ctx, align)
         masks = _masks(sn, plan, cfg)
         loss = val_loss(sn, masks, teacher, val_batches, cfg, ctx.device)

@@ -10,7 +10,7 @@ unchanged tensors shared copy-on-write: ``fxadapt.ir.share``).
               and sequence length / image size (the batch alone where the original only runs at the
               example's size) model' runs and every output axis the input change moved moves as in the
               original, every axis the adaptation changed keeps the graph's size (and, for
-              function-preserving changes, model' == original there).
+              function-preserving changes, model' == original there) (check.py).
 
 Any step that cannot be expressed or any failed check gives a reason; ``transform`` then returns the
 graph with a ``WriteBackWarning`` (or raises ``WriteBackError`` with ``write_back="strict"``). The
@@ -19,29 +19,23 @@ user's model is never touched.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
-from torch.utils import _pytree as pytree
 
-from fxadapt import frames
-from fxadapt.analysis.count import run_counted
-from fxadapt.checks import verify
 from fxadapt.errors import FxAdaptError, WriteBackError, WriteBackWarning  # noqa: F401  (defined in fxadapt.errors)
 from fxadapt.ir.capture import as_called
 from fxadapt.ir.share import share_into, shared_copy
 from fxadapt.writeback import hf, stock
+from fxadapt.writeback.check import CheckFailed, check, kept_attributes, variants  # noqa: F401  (re-exported)
 from fxadapt.writeback.depth import NotExpressible, depth_ops
 from fxadapt.writeback.layer_config import module_config_ops, original_paths
 from fxadapt.writeback.probe import Divergence, first_divergence, graph_inputs, running_at_failure
 from fxadapt.writeback.recipe import Recipe, apply
-from fxadapt.writeback.shapes_at import original_outputs, runs_for_real, worth_meta
+from fxadapt.writeback.uses import edited_paths, forward_uses
 from fxadapt.writeback.widths import MEASURED, NAMES, graph_tensor, tensors_of, twin_attrs, width_ops
 
 if TYPE_CHECKING:
@@ -132,19 +126,30 @@ def write_back(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference) -> 
     follows the all-head size first; when that fails the check and the input width reads differently, that
     is tried too (``widths.SIZES``). Before that, a failed first attempt that set head counts is tried with
     them left as they were: a module may read its head count for another tensor than the attention's (an
-    input split into heads before its projections), where the attention's own views infer it."""
-    first = _attempt(model, plan, inputs, ref, "all")
+    input split into heads before its projections), where the attention's own views infer it. The
+    attributes a module's forward reads into the size arguments the plan edited are found once, on a copy
+    of the original (``uses``), for every attempt."""
+    used = _forward_uses(model, inputs, ref)
+    first = _attempt(model, plan, inputs, ref, "all", used=used)
     if first.module is not None or first.recipe == Recipe():
         return first
     if heads := _head_counts(first.recipe):   # read for another size (Wav2Vec2-Conformer's rotary input)
-        kept = _attempt(model, plan, inputs, ref, "all", unset=heads)
+        kept = _attempt(model, plan, inputs, ref, "all", unset=heads, used=used)
         if kept.module is not None:
             return kept
-    if width_ops(model, ref.graph, ref.planned, "hidden")[0] \
-            == width_ops(model, ref.graph, ref.planned, "all")[0]:
+    if width_ops(model, ref.graph, ref.planned, "hidden", used)[0] \
+            == width_ops(model, ref.graph, ref.planned, "all", used)[0]:
         return first    # no attribute reads differently: nothing else to try
-    second = _attempt(model, plan, inputs, ref, "hidden")
+    second = _attempt(model, plan, inputs, ref, "hidden", used=used)
     return second if second.module is not None else first
+
+
+def _forward_uses(model: nn.Module, inputs: Inputs, ref: Reference) -> dict:
+    """``uses.forward_uses`` on a copy of ``model`` (its modules' classes are swapped while it runs)."""
+    if not edited_paths(ref.graph, ref.planned):
+        return {}
+    probe = shared_copy(model)
+    return forward_uses(probe, lambda: as_called(probe, inputs).call(probe), ref.graph, ref.planned)
 
 
 def _head_counts(recipe: Recipe) -> frozenset:
@@ -161,10 +166,10 @@ def unchecked(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference) -> W
 
 
 def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefer: str,
-             checked: bool = True, unset: frozenset = frozenset()) -> WriteBack:
+             checked: bool = True, unset: frozenset = frozenset(), used: dict | None = None) -> WriteBack:
     work = shared_copy(model)   # new modules; unchanged tensors stay the user's storage, copy-on-write
     try:
-        ops, evidence = width_ops(work, ref.graph, ref.planned, prefer)
+        ops, evidence = width_ops(work, ref.graph, ref.planned, prefer, used)
         ops = [o for o in ops if (o.get("module"), o.get("attr")) not in unset]
         depth = depth_ops(work, ref.planned, plan, inputs)
     except NotExpressible as e:
@@ -195,7 +200,7 @@ def _attempt(model: nn.Module, plan: Plan, inputs: Inputs, ref: Reference, prefe
         return WriteBack(work, recipe)
     try:
         shapes = check(work, model, inputs, ref)
-    except _Mismatch as e:
+    except CheckFailed as e:
         hint = _uniform_hint(work)
         if e.fails:   # where it parts from the graph (``probe``)
             where = first_divergence(work, lambda: as_called(work, inputs).call(work),
@@ -304,127 +309,3 @@ def _fill(work: nn.Module, gm: GraphModule) -> None:
             if g is not None and id(t) not in done and tuple(g.shape) == tuple(t.shape):
                 share_into(t, g)
                 done.add(id(t))
-
-
-class _Mismatch(Exception):
-    """A failed check; ``fails``: the written-back model raised on the example inputs."""
-
-    def __init__(self, message: str, fails: bool = False):
-        super().__init__(message)
-        self.fails = fails
-
-
-def check(work: nn.Module, original: nn.Module, inputs: Inputs, ref: Reference) -> tuple:
-    """Verify ``work`` against the graph (see the module docstring); the input shapes it was checked at."""
-    cfg = SimpleNamespace(rtol=ref.rtol, atol=ref.atol)
-    try:
-        macs, got = run_counted(work, as_called(work, inputs))
-    except Exception as e:  # noqa: BLE001 - the user's forward failed with the new sizes
-        raise _Mismatch(f"the written-back model fails on the example inputs: {type(e).__name__}: "
-                        f"{_first(e)}", fails=True) from e
-    expected = ref.expected if ref.expected is not None else verify.outputs(ref.graph, inputs)
-    _close(expected, got, cfg, "at the example inputs")
-    if abs(macs - ref.macs) > 1e-3 * max(macs, ref.macs, 1.0):
-        raise _Mismatch(f"the written-back model runs {macs:,.0f} MACs where the graph runs {ref.macs:,.0f}")
-    original_shapes = ref.original if ref.original is not None \
-            else verify.outputs(original, as_called(original, inputs))
-    with kept_attributes(original), kept_attributes(work):
-        alt = _other_shape(work, original, inputs, got, original_shapes, ref, cfg)
-    return (_shapes(inputs),) + ((alt,) if alt else ())
-
-
-@contextlib.contextmanager
-def kept_attributes(model: nn.Module):
-    """Restore every module's plain attributes afterwards: some forwards change them for the input size they
-    see (HF Swin shrinks ``window_size`` to a small image), and neither the user's model nor the result may
-    keep that."""
-    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_") and not isinstance(v, nn.Module)})
-             for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, attrs in saved:
-            for k, v in attrs.items():
-                if k in vars(m):
-                    object.__setattr__(m, k, v)
-
-
-def _other_shape(work, original, inputs: Inputs, got, original_shapes, ref: Reference, cfg) -> list | None:
-    """One more input shape (another batch size and sequence length / image size; the batch alone where the
-    original only runs at the example's length or size): the first the original runs at."""
-    real = ref.preserving or not worth_meta(ref.graph, ref.macs)   # else the original's shapes: a meta run
-    for alt in variants(inputs):
-        orig_alt, exact = original_outputs(original, as_called(original, alt), exact=real)
-        if orig_alt is None:   # the original does not run there either: nothing to compare
-            continue
-        try:
-            mine = verify.outputs(work, as_called(work, alt))
-        except Exception as e:  # noqa: BLE001
-            if not (exact or runs_for_real(original, as_called(original, alt))):
-                continue
-            raise _Mismatch(f"the written-back model fails at input shapes {_shapes(alt)} where the original "
-                            f"runs: {type(e).__name__}: {_first(e)}") from e
-        try:
-            _axes(orig_alt, mine, original_shapes, got, _shapes(alt))
-        except _Mismatch:
-            if not (exact or runs_for_real(original, as_called(original, alt))):
-                continue
-            raise
-        if ref.preserving:
-            _close(orig_alt, mine, cfg, f"(function-preserving) at input shapes {_shapes(alt)}")
-        return _shapes(alt)
-    return None
-
-
-def _first(e: BaseException) -> str:
-    """The error's first line and the user's source line it was raised at (a size in their ``forward``)."""
-    text = str(e).strip()
-    line = text.splitlines()[0][:300] if text else type(e).__name__
-    user = frames.user_frame(e.__traceback__, packages=True)
-    return line + (f" (at {frames.where(user, source=True)})" if user is not None else "")
-
-
-def _close(ref: Any, got: Any, cfg, where: str) -> None:
-    try:
-        verify.check_shapes(ref, got)
-        verify.check_close(ref, got, cfg, "writing the plan back into the model's modules")
-    except verify.VerificationError as e:
-        raise _Mismatch(f"the written-back model differs from the verified graph {where}: {e}") from e
-
-
-def _axes(orig_alt, mine, orig, got, where) -> None:
-    """Output axes: moved by the input change as in the original, else kept at the adapted size."""
-    leaves = lambda o: [t for t in pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]  # noqa: E731
-    for a, m, o, g in zip(leaves(orig_alt), leaves(mine), leaves(orig), leaves(got)):
-        want = tuple(sa if sa != so else sg for sa, so, sg in zip(a.shape, o.shape, g.shape))
-        if a.dim() != m.dim() or tuple(m.shape) != want:
-            raise _Mismatch(f"at input shapes {where} the written-back model returns shape {tuple(m.shape)}, "
-                            f"expected {want}")
-
-
-def _shapes(inputs: Inputs) -> list:
-    return [tuple(t.shape) for t in inputs.tensors()]
-
-
-def variants(inputs: Inputs) -> list:
-    """Other inputs to check at, most different first: one more in the batch together with a longer sequence
-    (tokens, features, audio: every input sharing that axis' size) or a smaller image; then the batch
-    alone."""
-    batch = inputs.batch
-    more = (lambda t: torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == batch else t) if batch \
-            else (lambda t: t)
-    out = [inputs.map(more)]
-    first = next((t for t in inputs.tensors() if t.dim() >= 2), None)
-    if first is None:
-        return out
-    if first.dim() == 4 and first.is_floating_point():
-        h, w = first.shape[-2:]
-        size = (max(8, (3 * h // 4) // 8 * 8), max(8, (3 * w // 4) // 8 * 8))
-        if size == (h, w):
-            return out
-        spatial = lambda t: (F.interpolate(t, size=size, mode="bilinear") if t.dim() == 4  # noqa: E731
-                             and t.shape[-2:] == first.shape[-2:] and t.is_floating_point() else t)
-        return [inputs.map(lambda t: spatial(more(t)))] + out
-    n = first.shape[1]
-    longer = lambda t: torch.cat([t, t[:, :3]], 1) if t.dim() >= 2 and t.shape[1] == n else t  # noqa: E731
-    return [inputs.map(lambda t: longer(more(t)))] + out

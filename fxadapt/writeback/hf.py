@@ -6,11 +6,12 @@ think it means): hidden (``hidden_size``/``n_embd``/``d_model``: the input embed
 key/value heads and ``head_dim`` (from the attention modules' written-back attributes, when every layer
 agrees), intermediate (``intermediate_size``/``n_inner``/``d_ff``/``ffn_dim``: the output width of every
 layer whose old output width was that size, and the ``intermediate_dim`` of mixture-of-experts modules,
-when they agree) and layers (``num_hidden_layers``/``n_layer``/
-``num_layers``: the length of the layer list) and experts (``num_local_experts``/``num_experts``: the
-expert modules' count, ``fxadapt.writeback.experts``). ``head_dim`` is set explicitly where the new head size
-is no longer ``hidden / heads`` and the config has the field (Llama-style configs store it). A field the
-config class derives as a read-only property (Falcon's ``head_dim``) is never set.
+when they agree), the fields modules were rebuilt from (``derive``, when they agree) and layers
+(``num_hidden_layers``/``n_layer``/``num_layers``: the length of the layer list) and experts
+(``num_local_experts``/``num_experts``: the expert modules' count, ``fxadapt.writeback.experts``).
+``head_dim`` is set explicitly where the new head size is no longer ``hidden / heads`` and the config has
+the field (Llama-style configs store it). A field the config class derives as a read-only property
+(Falcon's ``head_dim``) is never set.
 
 *Uniform*: a fresh ``type(model)(config)`` on the meta device has exactly the written-back state-dict
 shapes; then stock ``save_pretrained``/``from_pretrained`` round-trip. Otherwise the config keeps what it
@@ -83,6 +84,7 @@ def config_ops(model: nn.Module, original: nn.Module, order: dict, attention: di
     ops += _intermediate(model, original, cfg)
     ops += _explicit_head_dim(cfg, new)
     ops += size_lists(model, cfg, attention)
+    ops += rebuilt_fields(cfg, attention, {o["field"] for o in ops if o["op"] == "config"})
     return [o for o in ops if o["op"] != "config" or (settable(cfg, o["field"]) and not rescales(cfg, o))]
 
 
@@ -151,6 +153,26 @@ def size_lists(model: nn.Module, cfg, attention: dict) -> list[dict]:
         if out != value:
             ops.append({"op": "config", "field": name, "value": out})
     return ops
+
+
+def rebuilt_fields(cfg, evidence: dict, done: set) -> list[dict]:
+    """The config fields modules were rebuilt from (``derive``: ``("field", name): (old, new)`` in the
+    evidence; a gated delta-net's ``linear_num_value_heads``), where every such module agrees, the config
+    holds the old value and no other operation sets the field.
+
+    >>> from types import SimpleNamespace as NS
+    >>> ev = {"a": {("field", "n_v"): (4, 2)}, "b": {("field", "n_v"): (4, 2), ("field", "n_k"): (2, 1)},
+    ...       "c": {("field", "n_k"): (2, 3)}}
+    >>> rebuilt_fields(NS(n_v=4, n_k=2), ev, set())
+    [{'op': 'config', 'field': 'n_v', 'value': 2}]
+    """
+    found: dict[str, set] = {}
+    for pairs in evidence.values():
+        for key, pair in pairs.items():
+            if isinstance(key, tuple) and key[0] == "field":
+                found.setdefault(key[1], set()).add(pair)
+    return [{"op": "config", "field": f, "value": next(iter(p))[1]} for f, p in sorted(found.items())
+            if len(p) == 1 and f not in done and raw(cfg, f) == next(iter(p))[0]]
 
 
 ATTRS = {"heads": ("num_heads", "num_attention_heads", "n_heads"),

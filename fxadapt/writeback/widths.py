@@ -21,6 +21,12 @@ Attributes a module derives from its shapes, from three kinds of evidence (the f
    input width (``prefer``; ``write_back`` tries both when the first fails its check). A head count the
    attention call measures (``MEASURED``) overrides evidence 2 for an attribute of that name.
 
+Last and over all of these, for a module whose own view/split sizes changed and that runs no attention call
+(a gated delta-net): the attributes its forward reads into those sizes take the values the graph's sizes
+require (``uses``), and the others follow the config fields its constructor computes them from
+(``derive``: ``conv_dim = 2 * key_dim + value_dim``), so no attribute changes because of a coincidence of
+values.
+
 ``scaling`` is left alone: the graph keeps the original constant, and the verifier compares the two.
 
 Example:
@@ -38,6 +44,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+
+from fxadapt.writeback.derive import derived_attrs
 
 aten = torch.ops.aten
 
@@ -67,12 +75,14 @@ def graph_tensor(graph_tensors: dict, user: dict, name: str) -> torch.Tensor | N
 
 
 def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule,
-              prefer: str = "all") -> tuple[list[dict], dict]:
+              prefer: str = "all", used: dict | None = None) -> tuple[list[dict], dict]:
     """``resize`` and ``set`` operations taking ``model`` to the widths of ``gm`` (``base``: the graph before
     materialize, for the old shapes the attention evidence compares with), and that evidence (module path
     -> {kind: (old, new)}). ``prefer``: what a hidden-named attribute of an attention module equal to both its
     input width and its all-head size follows when its own size arguments do not say (``"all"`` or
-    ``"hidden"``; see ``SIZES``)."""
+    ``"hidden"``; see ``SIZES``). ``used``: the attributes modules' forwards read into edited size arguments
+    (``uses.forward_uses``), which decide those modules' attributes and the config fields they are built
+    from (``derive.derived_attrs``; in the evidence as ``("field", name): (old, new)``)."""
     user, graph = tensors_of(model), tensors_of(gm)
     ops, seen, changed = [], set(), {}
     for name, t in user.items():
@@ -94,6 +104,10 @@ def width_ops(model: nn.Module, gm: GraphModule, base: GraphModule,
         attrs = {k: v for k, v in attrs.items() if k not in measured}
         attrs.update({k: v for k, v in _named(model, path, pairs, prefer).items()
                       if k not in attrs or k in measured})
+    if used:
+        attrs, fields = derived_attrs(model, attrs, used)
+        for path, pairs in fields.items():   # ("field", name): (old, new), for the config (``hf``)
+            evidence.setdefault(path, {}).update({("field", f): v for f, v in pairs.items()})
     for (path, attr), value in sorted(attrs.items()):
         op = {"op": "set", "module": path, "attr": attr,
               "value": list(value) if isinstance(value, tuple) else value}
@@ -267,14 +281,18 @@ makes a zero position bias of ``(1, n_heads, q, k)``)."""
 
 def _size_evidence(pairs: dict, node: Node, old: Node, at: int = 1) -> None:
     """Sizes in a module's own shape arguments: an edited one is ``("view", old) -> (old, new)``; one left as
-    it was on the feature axis (the last entry of a view, every entry of a split) is ``("kept", old)``."""
+    it was on the feature axis (the last entry of a view, every entry of a split) is ``("kept", old)``, and
+    on any axis ``("same", old)`` (a size both edited and kept in one view names no single attribute:
+    Hiera's ``[b, tokens, windows=4, 3, heads=4, d]`` with the heads pruned)."""
     olds, news = old.args[at], node.args[at]
     for k, (a, b) in enumerate(zip(olds, news)):
         if type(a) is not int or type(b) is not int:
             continue
         if a != b:
             pairs.setdefault(("view", a), (a, b))
-        elif node.target == aten.split_with_sizes.default or k == len(olds) - 1:
+            continue
+        pairs.setdefault(("same", a), (a, a))
+        if node.target == aten.split_with_sizes.default or k == len(olds) - 1:
             pairs.setdefault(("kept", a), (a, a))
 
 
@@ -297,11 +315,12 @@ def _named(model: nn.Module, path: str, pairs: dict, prefer: str = "all") -> dic
         return {}
     views = {a: b for key, (a, b) in pairs.items() if isinstance(key, tuple) and key[0] == "view"}
     kept = {a for key, (a, _) in pairs.items() if isinstance(key, tuple) and key[0] == "kept"}
+    same = {a for key, (a, _) in pairs.items() if isinstance(key, tuple) and key[0] == "same"}
     out = {}
     for attr, value in _int_attrs(mod).items():
         if type(value) is not int:
             continue
-        if _sized_name(attr) and value in views and value not in kept:
+        if _sized_name(attr) and value in views and value not in kept | same:
             out[(path, attr)] = views[value]   # a size the module's own view/split arguments changed
         for kind, names in NAMES.items():
             if attr not in names:

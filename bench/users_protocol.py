@@ -32,19 +32,18 @@ base, seed, config hash); rerunning skips finished rows.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import os
 import sys
 import time
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import provenance, stable  # noqa: E402
+import protocol_rows  # noqa: E402
+from quality import stable  # noqa: E402
 from quality_methods import candidate, count_macs, method_config  # noqa: E402
 from quality_report import interval  # noqa: E402
 from quality_tasks import BASE_LR, CACHE, _shapes, _standardise, base_model  # noqa: E402
@@ -173,36 +172,12 @@ def run_row(method: str, base, b: int, data: dict, budget: float, seed: int) -> 
 
 
 def load_rows() -> list[dict]:
-    if not os.path.exists(ROWS):
-        return []
-    with open(ROWS) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    key = lambda r: (r["method"], r["budget"], r["base"], r["seed"], r["config_hash"])  # noqa: E731
-    return list({key(r): r for r in rows}.values())
+    return protocol_rows.load_rows(ROWS)
 
 
 def run(runs, budgets, methods, floor_seeds) -> None:
-    """Rows of ``runs`` ((base, seed) pairs), budget-major in the order given (an interrupted run leaves
-    every finished budget with as many runs as possible); ``scratch-W`` only for seeds in ``floor_seeds``."""
-    data = users_task()
-    bases = {b: trained_base(data, b) for b in sorted({b for b, _ in runs})}
-    for budget in budgets:
-        for b, seed in runs:
-            base = bases[b]
-            for method in methods:
-                if method == "scratch-W" and seed not in floor_seeds:
-                    continue
-                h = row_hash(method)
-                done = {(r["method"], r["budget"], r["base"], r["seed"], r["config_hash"])
-                        for r in load_rows()}
-                if (method, budget, b, seed, h) in done:
-                    continue
-                row = {"task": TASK, "method": method, "budget": budget, "base": b, "seed": seed,
-                       "config_hash": h, "W": W, "base_steps": base_steps(data)}
-                row |= run_row(method, base, b, data, budget, seed) | provenance()
-                print(json.dumps(row), flush=True)
-                with open(ROWS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+    """``protocol_rows.run`` on this protocol."""
+    protocol_rows.run(sys.modules[__name__], runs, budgets, methods, floor_seeds)
 
 
 def _cell(v: list[float]) -> str:
@@ -241,10 +216,14 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
     for bud in budgets:
         cell = res["budgets"][str(bud)]
         for m in ("importance",) + ABLATIONS:
-            paired = [r for r in runs if all((k, bud) + r in by for k in (m,) + BASELINES)]
+            # a latency budget's methods pair with its own keep-weights baseline (datafree-lat)
+            bases_m = ("datafree-lat",) if m.endswith("-lat") else BASELINES
+            if m in bases_m:
+                continue
+            paired = [r for r in runs if all((k, bud) + r in by for k in (m,) + bases_m)]
             if not paired:
                 continue
-            best = max(BASELINES, key=lambda k: sum(by[(k, bud) + r]["val_acc"] for r in paired))
+            best = max(bases_m, key=lambda k: sum(by[(k, bud) + r]["val_acc"] for r in paired))
             d = {k: [by[(m, bud) + r][k] - by[(best, bud) + r][k] for r in paired]
                  for k in ("acc", "val_acc")}
             cell.setdefault("diff", {})[m] = {"baseline": best, "runs": len(paired),
@@ -267,43 +246,12 @@ def report() -> str:
         lines.append(f"base {b}: test {100 * acc[0]:.2f}%, val {100 * acc[1]:.2f}%")
     head = f"W = {W} steps after the base; base {res['base_steps']} steps.\n"
     text = head + "\n".join(lines) + "\n\n" + text
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS + ".md", "w") as f:
-        f.write(text + "\n")
-    with open(RESULTS + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    protocol_rows.write_results(RESULTS, text, res)
     return text
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bases", default="0,1,2")
-    p.add_argument("--seeds", default="0,1,2,3")
-    p.add_argument("--runs", default=None, help="base:seed pairs in order (default: seeds x bases)")
-    p.add_argument("--floor-seeds", default=None, help="seeds that also run scratch-W (default: all)")
-    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS + ABLATIONS)}")
-    p.add_argument("--bases-only", action="store_true", help="train / cache the bases, no rows")
-    p.add_argument("--report", action="store_true", help="only the tables from the cache")
-    p.add_argument("--no-report", action="store_true", help="rows only, no tables")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
-    if args.bases_only:
-        data = users_task()
-        for b in ints(args.bases):
-            trained_base(data, b)
-        return 0
-    if not args.report:
-        runs = [tuple(map(int, r.split(":"))) for r in args.runs.split(",")] if args.runs else \
-            [(b, s) for s in ints(args.seeds) for b in ints(args.bases)]
-        run(runs, [float(b) for b in args.budgets.split(",")], [m for m in args.methods.split(",") if m],
-            ints(args.floor_seeds or args.seeds))
-    if not args.no_report:
-        print(report())
-    return 0
+    return protocol_rows.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

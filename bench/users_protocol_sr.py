@@ -41,19 +41,18 @@ val. Nothing is chosen on test. Rows are cached in bench/.cache/users_protocol_s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import os
 import sys
 import time
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import provenance, stable  # noqa: E402
+import protocol_rows  # noqa: E402
+from quality import stable  # noqa: E402
 from quality_methods import candidate, count_macs, method_config  # noqa: E402
 from quality_report import interval  # noqa: E402
 from quality_sr import (  # noqa: E402
@@ -137,7 +136,7 @@ def trained_base(data: dict, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def base_steps() -> int:
+def base_steps(data: dict | None = None) -> int:
     return BASE_EPOCHS * (SPLIT[0] // BATCH)
 
 
@@ -195,37 +194,13 @@ def run_row(method: str, base, b: int, data: dict, budget: float, seed: int) -> 
             "search_s": search_s, "finetune_s": ft_s}
 
 
-def _key(r: dict) -> tuple:
-    return r["method"], r["budget"], r["base"], r["seed"], r["config_hash"]
-
-
 def load_rows() -> list[dict]:
-    if not os.path.exists(ROWS):
-        return []
-    with open(ROWS) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return list({_key(r): r for r in rows}.values())
+    return protocol_rows.load_rows(ROWS)
 
 
 def run(runs, budgets, methods, floor_seeds) -> None:
-    """Rows of ``runs`` ((base, seed) pairs), budget-major in the order given; ``scratch-W`` only for seeds
-    in ``floor_seeds``."""
-    data = users_task()
-    bases = {b: trained_base(data, b) for b in sorted({b for b, _ in runs})}
-    for budget in budgets:
-        for b, seed in runs:
-            for method in methods:
-                if method == "scratch-W" and seed not in floor_seeds:
-                    continue
-                h = row_hash(method)
-                if (method, budget, b, seed, h) in {_key(r) for r in load_rows()}:
-                    continue    # re-read every time: another process may run other runs
-                row = {"task": TASK, "method": method, "budget": budget, "base": b, "seed": seed,
-                       "config_hash": h, "W": W, "base_steps": base_steps()}
-                row |= run_row(method, bases[b], b, data, budget, seed) | provenance()
-                print(json.dumps(row), flush=True)
-                with open(ROWS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+    """``protocol_rows.run`` on this protocol."""
+    protocol_rows.run(sys.modules[__name__], runs, budgets, methods, floor_seeds)
 
 
 def _cell(v: list[float]) -> str:
@@ -305,44 +280,12 @@ def report() -> str:
             f"after the base; base {res['base_steps']} steps ({res['base_steps'] / W:.1f} W).\n")
     runs = ", ".join(f"{b}:{s}" for b, s in res["runs"])
     text = head + "\n".join(lines) + f"\n\nRuns (base:seed): {runs}.\n\n" + text
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS + ".md", "w") as f:
-        f.write(text + "\n")
-    with open(RESULTS + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    protocol_rows.write_results(RESULTS, text, res)
     return text
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bases", default="0,1,2")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--runs", default=None, help="base:seed pairs in order (default: seeds x bases)")
-    p.add_argument("--floor-seeds", default=None, help="seeds that also run scratch-W (default: all)")
-    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS + ABLATIONS)}")
-    p.add_argument("--data-only", action="store_true", help="generate / cache the splits, nothing else")
-    p.add_argument("--bases-only", action="store_true", help="train / cache the bases, no rows")
-    p.add_argument("--report", action="store_true", help="only the tables from the cache")
-    p.add_argument("--no-report", action="store_true", help="rows only, no tables")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
-    if args.data_only or args.bases_only:
-        data = users_task()
-        for b in ints(args.bases) if args.bases_only else []:
-            trained_base(data, b)
-        return 0
-    if not args.report:
-        runs = [tuple(map(int, r.split(":"))) for r in args.runs.split(",")] if args.runs else \
-            [(b, s) for s in ints(args.seeds) for b in ints(args.bases)]
-        run(runs, [float(b) for b in args.budgets.split(",")], [m for m in args.methods.split(",") if m],
-            ints(args.floor_seeds or args.seeds))
-    if not args.no_report:
-        print(report())
-    return 0
+    return protocol_rows.main(sys.modules[__name__], argv, seeds="0,1,2")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from fxadapt.writeback.depth import NotExpressible, depth_ops
 from fxadapt.writeback.layer_config import module_config_ops, original_paths
 from fxadapt.writeback.probe import Divergence, first_divergence, graph_inputs, running_at_failure
 from fxadapt.writeback.recipe import Recipe, apply
-from fxadapt.writeback.uses import edited_paths, forward_uses
+from fxadapt.writeback.uses import edited_paths, forward_uses, has_module
 from fxadapt.writeback.widths import MEASURED, NAMES, graph_tensor, tensors_of, twin_attrs, width_ops
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ def _inside_note(work: nn.Module, model: nn.Module, inputs: Inputs, evidence: di
     named = lambda a: "".join(f" ({k})" for k, v in sorted(vars(mod).items()) if v == a and type(v) is int)  # noqa: E731
     sizes = [f"{a}{named(a)} -> {b}" + (f" (and {a} kept)" if a in kept else "")
              for k, (a, b) in sorted(pairs.items(), key=str) if isinstance(k, tuple) and k[0] == "view"]
-    was = vars(model.get_submodule(path)) if _has(model, path) else {}
+    was = vars(model.get_submodule(path)) if has_module(model, path) else {}
     now = {k: v for k, v in vars(mod).items() if type(v) is int and type(was.get(k)) is int}
     met = [f"{a} and {b} (were {was[a]} and {was[b]}, both {now[a]} now)"
            for a in sorted(now) for b in sorted(now) if a < b and now[a] == now[b] and was[a] != was[b]]
@@ -235,14 +235,6 @@ def _inside_note(work: nn.Module, model: nn.Module, inputs: Inputs, evidence: di
                                  f"its sizes {', '.join(met)}" if met else "") if x)
     return (f"; it fails inside {path} ({type(mod).__name__}), whose code computes a size at run time (from "
             f"another tensor's shape or by comparing its sizes) that it cannot take: {what}")
-
-
-def _has(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _hf_final(work: nn.Module, model: nn.Module, recipe: Recipe, order: dict, found: tuple) -> Recipe:

@@ -100,7 +100,7 @@ def forward_uses(probe: nn.Module, run: Callable[[], object], gm: GraphModule,
     """``{path: {attr: value}}``: the attributes of the modules ``edited_paths`` names that their forward
     reads into size arguments, with the values the graph's sizes require (``probe``: a copy of the original
     model, ``run``: its forward at the example inputs; empty where it does not run)."""
-    paths = [p for p in edited_paths(gm, base) if _has(probe, p)]
+    paths = [p for p in edited_paths(gm, base) if has_module(probe, p)]
     if not paths:
         return {}
     mods = {p: probe.get_submodule(p) for p in paths}
@@ -139,7 +139,8 @@ def _solved(calls: list[tuple], graph: dict) -> dict[str, dict[str, int]]:
     return out
 
 
-def _has(model: nn.Module, path: str) -> bool:
+def has_module(model: nn.Module, path: str) -> bool:
+    """Whether ``model`` has a submodule at ``path``."""
     try:
         model.get_submodule(path)
         return True

@@ -95,3 +95,25 @@ def main(proto: ModuleType, argv=None, seeds: str = "0,1,2,3") -> int:
     if not args.no_report:
         print(proto.report())
     return 0
+
+
+def indexed(proto: ModuleType, rows: list[dict]) -> tuple[dict, list, list, list[dict]]:
+    """``(by, runs, budgets, rows)``: the rows of the methods' current configs, indexed by ``(method,
+    budget, base, seed)``, the runs (base, seed) and the budgets (largest first)."""
+    cur = {m: proto.row_hash(m) for m in proto.METHODS + proto.ABLATIONS}
+    rows = [r for r in rows if cur.get(r["method"]) == r["config_hash"]]
+    by = {(r["method"], r["budget"], r["base"], r["seed"]): r for r in rows}
+    return by, sorted({(r["base"], r["seed"]) for r in rows}), sorted({r["budget"] for r in rows},
+                                                                      reverse=True), rows
+
+
+def paired_diff(by: dict, runs: list, bud: float, method: str, baselines: tuple, keys: tuple[str, str]):
+    """``(best, runs, {key: differences})``: ``method`` minus the baseline with the highest mean of
+    ``keys[1]`` (the validation metric) over the runs all of them have, paired per run; ``None`` when no
+    run has them all."""
+    paired = [r for r in runs if all((k, bud) + r in by for k in (method,) + baselines)]
+    if not paired:
+        return None
+    best = max(baselines, key=lambda k: sum(by[(k, bud) + r][keys[1]] for r in paired))
+    diff = {k: [by[(method, bud) + r][k] - by[(best, bud) + r][k] for r in paired] for k in keys}
+    return best, paired, diff

@@ -189,11 +189,7 @@ def _cell(v: list[float]) -> str:
 
 def summary(rows: list[dict]) -> tuple[str, dict]:
     """Markdown tables and their numbers (see module docstring)."""
-    cur = {m: row_hash(m) for m in METHODS + ABLATIONS}
-    rows = [r for r in rows if cur.get(r["method"]) == r["config_hash"]]
-    by = {(r["method"], r["budget"], r["base"], r["seed"]): r for r in rows}
-    runs = sorted({(r["base"], r["seed"]) for r in rows})
-    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    by, runs, budgets, rows = protocol_rows.indexed(sys.modules[__name__], rows)
     out, res = [], {"W": W, "base_steps": BASE_EPOCHS * (SPLIT[0] // 64), "budgets": {}}
     out.append("| budget | method | runs | test acc % | val acc % | test before recovery % | "
                "search + fine-tune steps |")
@@ -220,12 +216,10 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
             bases_m = ("datafree-lat",) if m.endswith("-lat") else BASELINES
             if m in bases_m:
                 continue
-            paired = [r for r in runs if all((k, bud) + r in by for k in (m,) + bases_m)]
-            if not paired:
+            found = protocol_rows.paired_diff(by, runs, bud, m, bases_m, ("acc", "val_acc"))
+            if found is None:
                 continue
-            best = max(bases_m, key=lambda k: sum(by[(k, bud) + r]["val_acc"] for r in paired))
-            d = {k: [by[(m, bud) + r][k] - by[(best, bud) + r][k] for r in paired]
-                 for k in ("acc", "val_acc")}
+            best, paired, d = found
             cell.setdefault("diff", {})[m] = {"baseline": best, "runs": len(paired),
                                               "test": interval(d["acc"]), "val": interval(d["val_acc"])}
             out.append(f"| {bud} | {m} | {best} | {len(paired)} | {_cell(d['acc'])} | "

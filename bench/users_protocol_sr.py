@@ -237,12 +237,10 @@ def _diff_table(by: dict, runs: list, budgets: list, res: dict) -> list[str]:
     for bud in budgets:
         cell = res["budgets"].setdefault(str(bud), {"methods": {}})
         for m in ("importance",) + ABLATIONS:
-            paired = [r for r in runs if all((k, bud) + r in by for k in (m,) + BASELINES)]
-            if not paired:
+            found = protocol_rows.paired_diff(by, runs, bud, m, BASELINES, ("psnr", "val_psnr"))
+            if found is None:
                 continue
-            best = max(BASELINES, key=lambda k: sum(by[(k, bud) + r]["val_psnr"] for r in paired))
-            d = {k: [by[(m, bud) + r][k] - by[(best, bud) + r][k] for r in paired]
-                 for k in ("psnr", "val_psnr")}
+            best, paired, d = found
             cell.setdefault("diff", {})[m] = {"baseline": best, "runs": len(paired),
                                               "test": interval(d["psnr"]), "val": interval(d["val_psnr"])}
             out.append(f"| {bud} | {m} | {best} | {len(paired)} | {_cell(d['psnr'])} | "
@@ -252,11 +250,7 @@ def _diff_table(by: dict, runs: list, budgets: list, res: dict) -> list[str]:
 
 def summary(rows: list[dict]) -> tuple[str, dict]:
     """Markdown tables and their numbers (see module docstring)."""
-    cur = {m: row_hash(m) for m in METHODS + ABLATIONS}
-    rows = [r for r in rows if cur.get(r["method"]) == r["config_hash"]]
-    by = {(r["method"], r["budget"], r["base"], r["seed"]): r for r in rows}
-    runs = sorted({(r["base"], r["seed"]) for r in rows})
-    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    by, runs, budgets, rows = protocol_rows.indexed(sys.modules[__name__], rows)
     res = {"W": W, "base_steps": base_steps(), "budgets": {}, "runs": [list(r) for r in runs],
            "n_rows": len(rows)}
     out = _method_table(by, runs, budgets, res) + [""] + _diff_table(by, runs, budgets, res)

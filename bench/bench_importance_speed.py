@@ -3,8 +3,9 @@
 
 On the digits task of ``bench/quality.py --quick`` (its cached base of seed 0, its importance options: 120
 distillation steps over 3 prunes, hybrid scores), in one process and interleaved, ``--repeats`` times:
-``transform(..., strategy="importance")`` with the replay of ``--before`` (a git revision of
-``fxadapt/search/replay.py``, loaded beside the current one), the same with the current code, and the
+``transform(..., strategy="importance")`` with the scores of ``--before`` (a git revision of
+``fxadapt/search/scores.py`` and ``replay.py``, loaded beside the current ones), the same with the current
+code (the two pruned models must be equal, weight for weight: same widths, same kept units), and the
 recovery fine-tune of W = 240 steps (the quick protocol's W; ``fxadapt.finetune``, the protocol's
 distillation recipe) of the pruned model. Per run: seconds (wall and process CPU) in the scores, the
 allocation (``_prune``: allocation, alignment, repair), the distillation weight steps and the rest of
@@ -45,8 +46,8 @@ PARTS = {"score": "scores", "_prune": "allocation", "train": "distillation steps
 CLOCK = collections.defaultdict(lambda: [0.0, 0.0])
 
 
-def _timed(mod, name: str) -> None:
-    f = getattr(mod, name)
+def _timed(mod, name: str, f=None) -> None:
+    f = f or getattr(mod, name)
 
     @functools.wraps(f)
     def g(*a, **k):
@@ -59,25 +60,31 @@ def _timed(mod, name: str) -> None:
     setattr(mod, name, g)
 
 
-def _replay_at(rev: str) -> type:
-    """``Replay`` as ``fxadapt/search/replay.py`` was at git revision ``rev``."""
+def _module_at(rev: str, path: str, name: str, **names) -> types.ModuleType:
+    """The module at ``path`` as it was at git revision ``rev``, with ``names`` set after loading."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src = subprocess.run(["git", "show", f"{rev}:fxadapt/search/replay.py"], cwd=root, check=True,
-                         capture_output=True, text=True).stdout
-    mod = types.ModuleType(f"replay_{rev}")
-    exec(compile(src, f"replay@{rev}", "exec"), mod.__dict__)
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True,
+                         text=True).stdout
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod     # dataclasses look their module up
+    exec(compile(src, f"{path}@{rev}", "exec"), mod.__dict__)
+    mod.__dict__.update(names)
+    return mod
 
-    class Before(mod.Replay):
-        def __init__(self, gm, inputs, cap=mod.CAP, slices=None):   # ``slices``: not known before
-            super().__init__(gm, inputs, cap)
-    return Before
+
+def _score_at(rev: str):
+    """``score`` as ``fxadapt/search/scores.py`` (with its ``replay.py``) was at git revision ``rev``."""
+    replay = _module_at(rev, "fxadapt/search/replay.py", f"replay_{rev}")
+    old = _module_at(rev, "fxadapt/search/scores.py", f"scores_{rev}", Replay=replay.Replay,
+                     Calibration=scores.Calibration)    # the caller's calibration, as it is
+    return old.score
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=0.25)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--before", default="HEAD", help="git revision of the replay to compare against")
+    p.add_argument("--before", default="HEAD", help="git revision of the scores to compare against")
     p.add_argument("--steps", type=int, default=240, help="fine-tune steps (the quick protocol's W)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -86,20 +93,23 @@ def main(argv=None) -> int:
         raise SystemExit("no cached digits base: run python bench/quality.py --quick --tasks digits first")
     data, spe, kind = ctx["data"], ctx["spe"], KINDS["digits"]
     base = trained_base("digits", data, ctx["base_epochs"], 0)
-    for name in ("score", "_prune", "train"):
+    for name in ("_prune", "train"):
         _timed(imp, name)
     _timed(strategies, "importance")
-    replays = {"before": _replay_at(args.before), "after": scores.Replay}
+    replays = {"before": _score_at(args.before), "after": scores.score}
     rows = collections.defaultdict(list)
-    widths = {}
+    widths, models = {}, {}
     for rep in range(args.repeats):
-        for which, replay in replays.items():
-            scores.Replay = replay
+        for which, score in replays.items():
+            _timed(imp, "score", score)
             CLOCK.clear()
             model, _, _ = quality_methods.candidate("importance", base, data, args.budget, 0, ctx["opts"])
             widths[which] = fxadapt.report(model).history[-1]["widths"]
+            models[which] = model.state_dict()
             rows[which].append({k: tuple(v) for k, v in CLOCK.items()})
-        scores.Replay = replays["after"]
+        same = models["before"].keys() == models["after"].keys() and all(
+            torch.equal(v, models["after"][k]) for k, v in models["before"].items())
+        assert same, "the pruned models differ before / after"
         m = copy.deepcopy(model)
         w, c = time.perf_counter(), time.process_time()
         finetune(m, data["train"], args.steps // spe, teacher=copy.deepcopy(base),
@@ -122,7 +132,7 @@ def main(argv=None) -> int:
             ratio = [statistics.median(t[i] / f[i] for t, f in zip(got, ft)) for i in (0, 1)]
             print(f"{which:6s} {part:20s} {med[0]:7.2f} / {med[1]:6.2f}   "
                   f"ratio {ratio[0]:.3f} / {ratio[1]:.3f}")
-    print("widths (identical before / after):", widths["after"])
+    print("widths (identical before / after, and the pruned models weight for weight):", widths["after"])
     return 0
 
 

@@ -1,9 +1,16 @@
 """LM quality in the users' protocol (issue 25 items 8 and 9c): a small GPT-2 trained on the standard
-library's sources, adapted to 0.5 and 0.25 of its MACs, every method given the same W weight steps after
-the base and the same distillation; seeds paired, intervals, choices on a validation slice.
+library's sources, adapted to 0.5, 0.25 and 0.1 of its MACs, every method given the same W weight steps
+after the base and the same distillation; runs paired, intervals, choices on a validation slice.
 
-    python bench/bench_lm_quality.py --seeds 0,1,2 --threads 1        # resumable (rows cached)
-    python bench/bench_lm_quality.py --seeds 0,1,2 --report           # the tables from the cache only
+    python bench/bench_lm_quality.py --seeds 0 --ft-seeds 0,1,2,3 --ratios 0.5,0.25,0.1 \
+        --methods datafree,magnitude,importance        # one process per base seed (also 1, 2); resumable
+    python bench/bench_lm_quality.py --seeds 0,1,2 --ft-seeds 0,1,2,3 --ratios 0.5,0.25,0.1 --report
+
+A run is (base seed ``s``, fine-tune seed ``f``): 3 bases x 4 fine-tune seeds = 12 paired runs. Run (s, 0)
+uses the seeds of the earlier three-seed protocol; fine-tune seed ``f`` shifts the importance strategy's
+seed, its calibration windows and the fine-tune's windows by ``7919 f`` (``run_seed_of``); the keep-weights
+baselines do not depend on it (built once per base). The rows behind README's table are
+``bench/results/lm_quality_rows.jsonl`` (``--out`` it with ``--report``).
 
 Corpus: ``Path(os.__file__).parent.glob("*.py")`` in sorted name order, concatenated as bytes (V = 256); the
 last 10% of the bytes are held out and split in halves: **val** (the first half) and **test** (the second).
@@ -11,7 +18,7 @@ Perplexity is ``exp`` of the mean next-byte cross-entropy over non-overlapping w
 spread evenly over a slice: ``--eval-windows`` (2048) on test, ``--val-windows`` on val. Every choice
 reads val; test is only reported.
 
-Per seed ``s``: a base GPT-2 (init seed ``s``) trained ``B`` steps (``--base-steps``, at least 20 W) with
+Per base seed ``s``: a base GPT-2 (init seed ``s``) trained ``B`` steps (``--base-steps``, at least 20 W) with
 cross-entropy; then per MACs ratio ``r`` (``--ratios``) every method gets ``W`` (``--w``) weight steps
 after the base, counted from the search history where a search takes weight steps:
 
@@ -30,8 +37,9 @@ after the base, counted from the search history where a search takes weight step
 Fine-tune (every method, the same recipe): AdamW (betas 0.9 / 0.95, weight decay 0.01, lr ``--ft-lr``),
 linear warm-up (5%) then cosine to 0, batch ``BATCH``, loss ``KL(base || student)`` on the logits (T = 1,
 the mean over tokens), the same windows in the same order for every method of a seed. Report per ratio:
-test perplexity mean ± the 95% t-interval over seeds; paired differences (same base) against the
-keep-weights baseline (datafree, magnitude) with the lowest mean val perplexity. Rows are cached in
+test perplexity mean ± the 95% t-interval over runs; paired differences (same run) against the
+keep-weights baseline (datafree, magnitude) with the lowest mean val perplexity among those within 5% of the
+budget (magnitude keeps the hidden size and cannot get below 0.162x: no baseline at 0.1x). Rows are cached in
 ``bench/.cache/lm_quality25_rows.jsonl`` keyed by (method, ratio, seed, config hash); bases in
 ``bench/.cache/lm_base_*.pt``.
 
@@ -75,7 +83,8 @@ METHODS = ("datafree", "magnitude", "importance", "importance-screen")
 KEEP_WEIGHTS = ("datafree", "magnitude")
 LABELS = {"base-ft": "base + the same fine-tune (1.0x, reference)", "datafree": "fxadapt data-free",
           "magnitude": "magnitude heads+MLP (TP LLM recipe)", "importance": "importance (screen off)",
-          "importance-screen": "importance (screen on)", "importance-floor": "importance (floor 0.5)"}
+          "importance-screen": "importance (screen on)", "importance-floor": "importance (floor 0.5)",
+          "importance-fisher": "importance (fisher scores everywhere)"}
 
 
 # ---------------------------------------------------------------- data
@@ -187,11 +196,18 @@ def base_model(args, train_data: torch.Tensor, seed: int) -> tuple[nn.Module, fl
 
 
 # ---------------------------------------------------------------- methods
+def run_seed_of(seed: int, ft: int, offset: int = 0) -> int:
+    """The seed of run (base ``seed``, fine-tune seed ``ft``) for a stream ``offset``; run (s, 0) keeps the
+    seeds of the three-seed protocol, so its cached rows stay valid."""
+    return offset + seed + 7919 * ft
+
+
 def importance_config(args, seed: int, method: str) -> ImportanceConfig:
     """``importance``'s config; ``-screen`` screens the axes, ``-floor`` keeps >= 0.5 x the uniform widths."""
     return ImportanceConfig(steps=args.search_steps, batch_size=BATCH, seed=seed,
                             screen=method == "importance-screen",
-                            floor=0.5 if method == "importance-floor" else 0.0)
+                            floor=0.5 if method == "importance-floor" else 0.0,
+                            kind="fisher" if method == "importance-fisher" else ImportanceConfig.kind)
 
 
 def screened(model: nn.Module) -> tuple[str | None, str | None]:
@@ -200,26 +216,40 @@ def screened(model: nn.Module) -> tuple[str | None, str | None]:
     return (last.get("chosen"), last.get("note")) if isinstance(last, dict) else (None, None)
 
 
-def candidate(method: str, ratio: float, base, ex, train_data, args, seed
+_KEPT: dict = {}   # (method, ratio, base seed) -> a keep-weights candidate (no seed): built once per process
+
+
+def candidate(method: str, ratio: float, base, ex, train_data, args, seed, ft: int = 0
               ) -> tuple[nn.Module, str | None, int]:
-    """(model at ``ratio`` of the MACs, a note, weight steps taken choosing it)."""
+    """(model at ``ratio`` of the MACs, a note, weight steps taken choosing it); the keep-weights ones do
+    not depend on the fine-tune seed ``ft`` and are built once per base."""
     import copy
 
+    if method in KEEP_WEIGHTS:
+        key = (method, ratio, seed)
+        if key not in _KEPT:
+            _KEPT[key] = keep_weights(method, ratio, base, ex)
+        model, note = _KEPT[key]
+        return copy.deepcopy(model), note, 0
     if method == "base-ft":
         return copy.deepcopy(base), "reference: no adaptation", 0
-    if method == "datafree":
-        return fxadapt.transform(base, ratio, ex), None, 0
-    if method == "magnitude":
-        model, p = magnitude_at(base, count_macs(fxadapt.transform(base, ratio, ex), ex), ex)
-        heads = [b.attn.num_heads for b in model.transformer.h]
-        inner = [b.mlp.c_fc.weight.shape[1] for b in model.transformer.h]
-        return model, f"L1 magnitude p={p:.4f}, heads/layer {heads}, MLP {inner}", 0
-    x, _ = windows(train_data, random_offsets(train_data, args.calib_windows, seed=10 * seed + 2))
-    cfg = importance_config(args, seed, method)
+    x, _ = windows(train_data, random_offsets(train_data, args.calib_windows,
+                                              seed=run_seed_of(10 * seed, ft, 2)))
+    cfg = importance_config(args, run_seed_of(seed, ft), method)
     model = fxadapt.transform(base, ratio, ex, data={"input_ids": x}, strategy="importance", importance=cfg)
     steps = sum(1 for h in fxadapt.report(model).history if isinstance(h, dict) and "step" in h)
     chosen, note = screened(model)
     return model, (f"screen kept {chosen}: {note}" if chosen else None), steps
+
+
+def keep_weights(method: str, ratio: float, base, ex) -> tuple[nn.Module, str | None]:
+    """The keep-weights baselines: fxadapt data-free, and magnitude heads+MLP at its MACs."""
+    if method == "datafree":
+        return fxadapt.transform(base, ratio, ex), None
+    model, p = magnitude_at(base, count_macs(fxadapt.transform(base, ratio, ex), ex), ex)
+    heads = [b.attn.num_heads for b in model.transformer.h]
+    inner = [b.mlp.c_fc.weight.shape[1] for b in model.transformer.h]
+    return model, f"L1 magnitude p={p:.4f}, heads/layer {heads}, MLP {inner}"
 
 
 def widths(model: nn.Module) -> dict:
@@ -230,19 +260,21 @@ def widths(model: nn.Module) -> dict:
             "mlp": [int(b.mlp.c_fc.weight.shape[1]) for b in h]}
 
 
-def run_row(method, ratio, seed, base, ex, data, args) -> dict:
+def run_row(method, ratio, run: tuple[int, int], base, ex, data, args) -> dict:
     """Adapt, count, train to W weight steps after the base with the distillation recipe, evaluate."""
     train_data, val, test = data
-    print(f"[seed {seed}] [{method} @ {ratio}] adapting", flush=True)
+    seed, ft = run
+    print(f"[run {run}] [{method} @ {ratio}] adapting", flush=True)
     start = time.perf_counter()
-    model, note, search_steps = candidate(method, ratio, base, ex, train_data, args, seed)
+    model, note, search_steps = candidate(method, ratio, base, ex, train_data, args, seed, ft)
     adapt_s = time.perf_counter() - start
     ft_steps = args.w - search_steps
     row = {"macs": count_macs(model, ex), "params": sum(p.numel() for p in model.parameters()),
            "adapt_s": adapt_s, "note": note, "widths": widths(model), "search_steps": search_steps,
            "finetune_steps": ft_steps, "val_before": perplexity(model, val, args.val_windows)}
     print(f"[seed {seed}] [{method} @ {ratio}] val ppl {row['val_before']:.3f}; {ft_steps} steps", flush=True)
-    row["finetune_s"] = train(model, train_data, ft_steps, args.ft_lr, seed=1000 + seed, teacher=base.eval())
+    row["finetune_s"] = train(model, train_data, ft_steps, args.ft_lr, seed=run_seed_of(seed, ft, 1000),
+                              teacher=base.eval())
     row["val"], row["test"] = perplexity(model, val, args.val_windows), \
         perplexity(model, test, args.eval_windows)
     return row
@@ -268,26 +300,33 @@ def load_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return list({(r["method"], r.get("ratio"), r["seed"], r["config_hash"]): r for r in rows}.values())
+    return list({(r["method"], r.get("ratio"), run_of(r), r["config_hash"]): r for r in rows}.values())
+
+
+def run_of(row: dict) -> tuple[int, int]:
+    """A row's run: (base seed, fine-tune seed); rows of the three-seed protocol are fine-tune seed 0."""
+    return row["seed"], row.get("ft_seed", 0)
 
 
 def run_seed(seed: int, data, args, path: Path) -> None:
+    """Every row of base ``seed``: the base, then each fine-tune seed x ratio x method."""
     ex = {"input_ids": data[1][:SEQ][None]}
     base, base_s = base_model(args, data[0], seed)
-    todo = [("base", 1.0)] + [(m, r) for r in args.ratio_list for m in args.method_list]
-    for method, ratio in todo:
+    todo = [("base", 1.0, 0)] + [(m, r, ft) for ft in args.ft_list for r in args.ratio_list
+                                 for m in args.method_list]
+    for method, ratio, ft in todo:
         h = config_hash(args, method)
-        if any(r["method"] == method and r.get("ratio") == ratio and r["seed"] == seed
+        if any(r["method"] == method and r.get("ratio") == ratio and run_of(r) == (seed, ft)
                and r["config_hash"] == h for r in load_rows(path)):
             continue
-        row = {"method": method, "ratio": ratio, "seed": seed, "config_hash": h}
+        row = {"method": method, "ratio": ratio, "seed": seed, "ft_seed": ft, "config_hash": h}
         if method == "base":
             row |= {"macs": count_macs(base, ex), "params": sum(p.numel() for p in base.parameters()),
                     "val": perplexity(base, data[1], args.val_windows), "train_s": base_s,
                     "test": perplexity(base, data[2], args.eval_windows)}
         else:
             try:
-                row |= run_row(method, ratio, seed, base, ex, data, args)
+                row |= run_row(method, ratio, (seed, ft), base, ex, data, args)
             except Exception as e:  # noqa: BLE001  (a failing method is a printed row, not a crash; not cached)
                 print(json.dumps(row | {"error": f"{type(e).__name__}: {e}"}), flush=True)
                 continue
@@ -303,18 +342,30 @@ def _ci(v: list[float], sign: str = "") -> str:
     return f"{m:{sign}.3f} ± {h:.3f}"
 
 
+def missing(rows: list[dict], target: float) -> dict[str, float]:
+    """The keep-weights baselines that miss ``target`` MACs by more than 5% (magnitude heads+MLP keeps the
+    hidden size and cannot go below ~0.16x): their MACs; they are shown but are not the reference."""
+    macs = {m: max(r["macs"] for r in rows if r["method"] == m) for m in KEEP_WEIGHTS
+            if any(r["method"] == m for r in rows)}
+    return {m: v for m, v in macs.items() if v > 1.05 * target}
+
+
 def report_ratio(rows: list[dict], ratio: float, full: float) -> list[str]:
     rows = [r for r in rows if r.get("ratio") == ratio and r["method"] != "base"]
-    test = {m: {r["seed"]: r["test"] for r in rows if r["method"] == m} for m in LABELS}
-    val = {m: {r["seed"]: r["val"] for r in rows if r["method"] == m} for m in LABELS}
-    ref = min((m for m in KEEP_WEIGHTS if val[m]), key=lambda m: statistics.mean(val[m].values()),
-              default=None)
-    lines = [f"\n### {ratio} of the MACs (best keep-weights baseline on val: {ref})\n",
-             "| method | MACs ratio | steps (search + FT) | widths (hidden / qkv / MLP, seed 0) | val ppl | "
-             "test ppl (n) | − best keep-weights (paired) | adapt s / FT s |",
+    test = {m: {run_of(r): r["test"] for r in rows if r["method"] == m} for m in LABELS}
+    val = {m: {run_of(r): r["val"] for r in rows if r["method"] == m} for m in LABELS}
+    over = missing(rows, ratio * full)
+    ref = min((m for m in KEEP_WEIGHTS if val[m] and m not in over),
+              key=lambda m: statistics.mean(val[m].values()), default=None)
+    lines = [f"\n### {ratio} of the MACs (best keep-weights baseline on val: {ref})\n"]
+    lines += [f"{LABELS[m]}: its smallest model is {v / full:.3f}x of the MACs, so it is no baseline here\n"
+              for m, v in sorted(over.items())]
+    lines += [
+             "| method | MACs ratio | steps (search + FT) | widths (hidden / qkv / MLP, first run) | "
+             "val ppl | test ppl (n) | − best keep-weights (paired) | adapt s / FT s |",
              "|---|---:|---|---|---:|---:|---:|---|"]
     for m in LABELS:
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
+        rs = sorted((r for r in rows if r["method"] == m), key=run_of)
         if not rs:
             continue
         common = sorted(set(test[m]) & set(test[ref])) if ref else []
@@ -328,8 +379,8 @@ def report_ratio(rows: list[dict], ratio: float, full: float) -> list[str]:
             f"{_ci(list(val[m].values()))} | {_ci(list(test[m].values()))} ({len(rs)}) | {diff} | "
             f"{statistics.mean(r['adapt_s'] for r in rs):.1f} / "
             f"{statistics.mean(r['finetune_s'] for r in rs):.1f} |")
-    chosen = [f"seed {r['seed']}: {r['note'].split(':')[0].removeprefix('screen kept ')}"
-              for r in sorted(rows, key=lambda r: r["seed"])
+    chosen = [f"run {run_of(r)}: {r['note'].split(':')[0].removeprefix('screen kept ')}"
+              for r in sorted(rows, key=run_of)
               if r["method"] == "importance-screen" and r["note"]]
     if chosen:
         lines.append("\nscreen kept: " + "; ".join(chosen))
@@ -362,6 +413,7 @@ def report(rows: list[dict], ratios: list[float]) -> str:
 def _args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ft-seeds", default="0", help="fine-tune seeds per base: runs = bases x these")
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--base-steps", type=int, default=1000)
@@ -378,6 +430,7 @@ def _args(argv=None):
     args = ap.parse_args(argv)
     args.ratio_list = [float(r) for r in args.ratios.split(",")]
     args.method_list = args.methods.split(",")
+    args.ft_list = [int(s) for s in args.ft_seeds.split(",")]
     if args.base_steps < 20 * args.w:
         ap.error(f"--base-steps must be at least 20 x W = {20 * args.w}")
     return args
@@ -393,7 +446,7 @@ def main(argv=None) -> None:
         data = corpus()
         for seed in seeds:
             run_seed(seed, data, args, path)
-    rows = [r for r in load_rows(path) if r["seed"] in seeds
+    rows = [r for r in load_rows(path) if r["seed"] in seeds and run_of(r)[1] in args.ft_list
             and r["config_hash"] == config_hash(args, r["method"])]
     text = report(rows, args.ratio_list)
     path.with_name(path.stem.removesuffix("_rows") + ".md").write_text(text + "\n")

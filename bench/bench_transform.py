@@ -8,8 +8,11 @@ For each pytorchcv model (1x3x224x224, eval mode, random weights), interleaved, 
 - ``tp``: ``torch_pruning.pruner.MagnitudePruner(model, x, pruning_ratio=0.5, ignored_layers=[classifier])
   .step()`` on a deep copy (dependency graph build + pruning; no verification).
 
-Prints medians and the ratio fxadapt / TP (issue 7 target: at most 2x). Run with ``--threads 1`` on a
-loaded machine::
+Prints medians and the ratio fxadapt / TP (issue 7 target: at most 2x), of wall seconds and of this
+process' CPU seconds (``time.process_time``: comparable on a busy machine, where wall time also counts other
+processes' turns). Each timed call starts from a full ``gc.collect()`` (untimed): a run pays for the
+collections its own garbage causes, not for a full collection that earlier runs' garbage left due (~0.25 s
+on these models' heap, in about half the runs otherwise). Run with ``--threads 1`` on a loaded machine::
 
     python bench/bench_transform.py [--models resnet50,mobilenetv2_w1] [--repeats 3] [--threads 1]
 
@@ -20,8 +23,15 @@ its own process (``--tool``), which builds the model, resets its peak-RSS mark (
 and reports wall seconds and the peak RSS above the built model (``VmHWM`` minus ``VmRSS`` after the
 build): fxadapt ``transform`` (the input model is kept, the result is a second model) and Torch-Pruning's
 LLM recipe (``MetaPruner`` with ``num_heads``, ``prune_num_heads=True``, ``GroupMagnitudeImportance``, the
-``lm_head`` ignored; ``pruning_ratio=0.3`` of hidden and MLP channels and heads, ~0.5 of the MACs;
-in place)::
+``lm_head`` ignored, ``round_to=4`` as in its ``examples/LLMs/prune_llm.py``; ``pruning_ratio=0.3`` of
+hidden and MLP channels and heads: hidden 1432, MLP 5732, 16 query / 8 KV heads, so 0.63 of the MACs at 2
+layers (FlopCounterMode) and by the same widths 0.59 at 4, 0.52 at 16: the vocabulary-wide ``lm_head`` keeps
+its rows; in place). TP traces the model with ``use_cache=False``: from transformers 5 on, the default
+forward builds a ``DynamicCache`` whose first ``update`` is ``torch.cat([empty, keys], -2)`` (4.x assigned
+the keys, no op); TP 1.6.1 reads these cats as channel concatenations whose offsets shift the key/value
+channel indices on every pass around the q-k-v attention cycle, so its ``get_pruning_group`` never closes
+the group (a hang in ``get_all_groups``, the group growing). The cache plays no part in a one-pass prune,
+so this is TP's recipe as it runs on transformers 4.x::
 
     python bench/bench_transform.py --llama 16 [--repeats 1]
 """
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib
 import statistics
 import time
@@ -50,21 +61,23 @@ def load(name: str):
     return getattr(importlib.import_module(module), factory)().eval(), torch.randn(1, 3, 224, 224)
 
 
-def run_fxadapt(model, x) -> tuple[float, dict]:
-    t0 = time.perf_counter()
+def run_fxadapt(model, x) -> tuple[float, float, dict]:
+    """Wall seconds, CPU seconds and the report's per-step split of one ``transform``."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fxadapt.transform(model, 0.5, (x,))
-    return time.perf_counter() - t0, dict(fxadapt.report(out).timings)
+    return time.perf_counter() - t0, time.process_time() - c0, dict(fxadapt.report(out).timings)
 
 
-def run_tp(model, x) -> float:
+def run_tp(model, x) -> tuple[float, float]:
+    """Wall and CPU seconds of Torch-Pruning's prune of a deep copy."""
     import torch_pruning as tp
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m = copy.deepcopy(model)
     head = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))][-1:]
     tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
                               ignored_layers=head).step()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _status(key: str) -> float:
@@ -102,10 +115,11 @@ def run_tp_llm(model, inputs) -> None:
         if name.endswith("self_attn"):
             heads.update({m.q_proj: c.num_attention_heads, m.k_proj: c.num_key_value_heads,
                           m.v_proj: c.num_key_value_heads})
-    tp.pruner.MetaPruner(model, example_inputs=inputs["input_ids"],
+    traced = {"input_ids": inputs["input_ids"], "use_cache": False}   # no KV-cache cat: see the docstring
+    tp.pruner.MetaPruner(model, example_inputs=traced,
                          importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
                          pruning_ratio=0.3, ignored_layers=[model.lm_head], num_heads=heads,
-                         prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.3,
+                         prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.3, round_to=4,
                          output_transform=lambda x: x.logits).step()
 
 
@@ -175,17 +189,21 @@ def main(argv=None) -> int:
         run_fxadapt(model, x), run_tp(model, x)  # warm-up (imports, first export)
         ours, theirs, steps = [], [], []
         for _ in range(args.repeats):
-            t, split = run_fxadapt(model, x)
-            ours.append(t)
+            gc.collect()
+            t, cpu, split = run_fxadapt(model, x)
+            ours.append((t, cpu))
             steps.append(split)
+            gc.collect()
             theirs.append(run_tp(model, x))
         split = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
-        rows.append((name, statistics.median(ours), statistics.median(theirs), split))
-    print("| model | fxadapt transform s | TP prune s | ratio | fxadapt steps (median s) |")
-    print("|---|---:|---:|---:|---|")
-    for name, a, b, split in rows:
+        med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+        rows.append((name, med(ours, 0), med(theirs, 0), med(ours, 1), med(theirs, 1), split))
+    print("| model | fxadapt transform s | TP prune s | ratio | fxadapt CPU s | TP CPU s | CPU ratio "
+          "| fxadapt steps (median s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, a, b, ca, cb, split in rows:
         steps = ", ".join(f"{k} {v:.2f}" for k, v in split.items())
-        print(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} | {steps} |")
+        print(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} | {ca:.2f} | {cb:.2f} | {ca / cb:.2f} | {steps} |")
     return 0
 
 

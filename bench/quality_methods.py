@@ -42,11 +42,13 @@ from torch import nn
 
 import fxadapt
 from fxadapt.hw.sim import SimulatedTarget
+from fxadapt.train.finetune import FinetuneConfig
 
 # the "-lat" methods (datafree-lat, importance-lat) take Budget(latency=budget) on this synthetic processor:
 # latencies that do not depend on the machine's load, so runs on a shared machine are reproducible
 SIMULATED = SimulatedTarget(seed=0)
-IMPORTANCE = ("importance", "importance-oneshot", "importance-taylor", "importance-act", "importance-1it",
+IMPORTANCE = ("importance", "importance-lrr", "importance-oneshot", "importance-taylor", "importance-act",
+              "importance-1it",
               "importance-kd5", "importance-lr5", "importance-depth",
               # the default and its ablation (issue 25)
               "importance-ablation", "importance-ablation-depth", "importance-floor", "importance-floor1",
@@ -117,6 +119,14 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def code_revision(method: str) -> dict:
+    """What a cached row's hash adds for code changes its config does not show: the importance methods are
+    revision 2 since the rounding rule (``fxadapt.search.importance.rounding``: under ``align="auto"`` a
+    coarser alignment only while it rounds the allocation) and 3 since ``kind="hybrid"`` ablates only groups
+    of heads / experts (``fxadapt.search.scores.exact_groups``); older rows do not match."""
+    return {"importance_rev": 3} if method.startswith("importance") and not method.endswith("-lat") else {}
+
+
 def method_config(method: str, seed: int, opts: dict) -> fxadapt.TransformConfig | dict:
     """Everything that defines ``method``'s candidate (hashed into the cache key by bench/quality.py)."""
     if method.startswith("tp-"):
@@ -147,13 +157,16 @@ def importance_config(method: str, seed: int, steps: int, opts: dict) -> fxadapt
     ``-fisher`` Fisher scores everywhere (the default before; ``-hybrid`` the default spelled out),
     ``-oneshot`` one prune and no search step (the fine-tune gets all of W), ``-taylor`` / ``-act`` /
     ``-ablation`` the score, ``-1it`` one prune then the steps, ``-kd5``
-    half the loss on the labels, ``-lr5`` lr 0.05, ``-depth`` blocks scored and removed too, ``-floor`` every
+    half the loss on the labels, ``-lr5`` lr 0.05,
+    ``-lrr`` the recovery recipe's lr (opts ``lr``, else fxadapt.finetune's 0.05),
+    ``-depth`` blocks scored and removed too, ``-floor`` every
     group kept at >= half its uniformly scaled width (``-floor1``: at it,
     Minitron's homogeneous widths). A task with its own loss (sr) distils by MSE."""
     cfg = fxadapt.ImportanceConfig(seed=seed, steps=steps)
     variant = {"importance-oneshot": dict(iterations=1, steps=0), "importance-taylor": dict(kind="taylor"),
                "importance-act": dict(kind="activation"), "importance-1it": dict(iterations=1),
                "importance-kd5": dict(kd=0.5), "importance-lr5": dict(lr=0.05),
+               "importance-lrr": dict(lr=opts.get("lr", FinetuneConfig().lr)),
                "importance-depth": dict(depth=True), "importance-ablation": dict(kind="ablation"),
                "importance-ablation-depth": dict(kind="ablation", depth=True),
                "importance-floor": dict(floor=0.5), "importance-floor1": dict(floor=1.0),

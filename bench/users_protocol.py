@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol_rows  # noqa: E402
 from quality import stable  # noqa: E402
-from quality_methods import candidate, count_macs, method_config  # noqa: E402
+from quality_methods import candidate, code_revision, count_macs, method_config  # noqa: E402
 from quality_report import interval  # noqa: E402
 from quality_tasks import BASE_LR, CACHE, _shapes, _standardise, base_model  # noqa: E402
 
@@ -61,7 +61,8 @@ BASELINES = ("datafree", "tp-uniform", "tp-global")      # keep the base's weigh
 METHODS = BASELINES + ("importance", "scratch-W")
 # val-only diagnostics, run on request
 ABLATIONS = ("importance-oneshot", "importance-fisher", "importance-floor", "importance-floor1", "dna",
-             "importance-screen-floors", "importance-depth", "datafree-lat", "importance-lat")
+             "importance-screen-floors", "importance-depth", "datafree-lat", "importance-lat",
+             "importance-lrr", "importance-act", "importance-taylor")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = os.path.join(CACHE, "users_protocol.jsonl")
 RESULTS = os.path.join(ROOT, "bench", "results", "users_protocol")
@@ -123,7 +124,8 @@ def opts() -> dict:
 
 def row_hash(method: str) -> str:
     cfg = None if method == "scratch-W" else method_config(method, 0, opts())
-    return _hash({"protocol": PROTOCOL, "data": data_hash(), "base_epochs": BASE_EPOCHS, "W": W,
+    return _hash(code_revision(method) | {"protocol": PROTOCOL, "data": data_hash(),
+                                          "base_epochs": BASE_EPOCHS, "W": W,
                   "method": method, "config": stable(cfg), "finetune": stable(FinetuneConfig()),
                   "base": stable(base_cfg(0))})
 

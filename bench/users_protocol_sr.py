@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol_rows  # noqa: E402
 from quality import stable  # noqa: E402
-from quality_methods import candidate, count_macs, method_config  # noqa: E402
+from quality_methods import candidate, code_revision, count_macs, method_config  # noqa: E402
 from quality_report import interval  # noqa: E402
 from quality_sr import (  # noqa: E402
     CONSTANTS,
@@ -82,7 +82,9 @@ BATCH = 64
 BUDGETS = (0.5, 0.25, 0.1)
 BASELINES = ("datafree", "tp-uniform", "tp-global")      # keep the base's weights
 METHODS = BASELINES + ("importance", "scratch-W")
-ABLATIONS = ("importance-oneshot", "importance-lr5", "importance-floor")   # val diagnostics, on request
+# val diagnostics, on request
+ABLATIONS = ("importance-oneshot", "importance-lr5", "importance-floor", "importance-lrr",
+             "importance-fisher")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = os.path.join(CACHE, "users_protocol_sr.jsonl")
 RESULTS = os.path.join(ROOT, "bench", "results", "users_protocol_sr")
@@ -146,7 +148,8 @@ def opts() -> dict:
 
 def row_hash(method: str) -> str:
     cfg = None if method == "scratch-W" else method_config(method, 0, opts())
-    return _hash({"protocol": PROTOCOL, "data": data_hash(), "base_epochs": BASE_EPOCHS, "W": W,
+    return _hash(code_revision(method) | {"protocol": PROTOCOL, "data": data_hash(),
+                                          "base_epochs": BASE_EPOCHS, "W": W,
                   "method": method, "config": stable(cfg), "finetune": stable(ft_cfg(0)),
                   "base": stable(base_cfg(0)), "loss": "l1"})
 

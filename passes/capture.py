@@ -36,6 +36,5 @@ def from_program(ep: torch.export.ExportedProgram, origin: nn.Module | None = No
     tensors under one name, source lines recorded) and lifted to ``nn`` modules (BatchNorm momentum read
     from ``origin``, the exported module, when given)."""
     result = lift_modules(tidied(ep), LiftConfig(origin=origin)).graph_module
-    result.graph.lint()
-    result.recompile()
+    result.graph.lint()   # its code was generated from this graph when lift_modules built the module
     return result

@@ -219,9 +219,11 @@ def test_min_and_max_width_hold():
     assert wide[5].out_channels <= 6
 
 
-def test_hybrid_scores_narrow_groups_exactly():
-    """kind="hybrid": groups of at most EXACT_UNITS units get the exact ablation scores, wider ones fisher's;
-    both estimate the same KL increase (on the wide group fisher and ablation agree in scale)."""
+def test_hybrid_scores_narrow_groups_of_blocks_exactly():
+    """kind="hybrid": groups of at most EXACT_UNITS units that are blocks of channels (a GPT-2's heads) get
+    the exact ablation scores, every other group fisher's (single channels, however narrow: the convnet's
+    16- and 24-channel groups, the GPT-2's hidden size and MLP); both estimate the same KL increase (on a
+    wide group fisher and ablation agree in scale)."""
     from fxadapt.search.importance import EXACT_UNITS
 
     model, x = _convnet(), torch.randn(128, 3, 12, 12)
@@ -232,12 +234,23 @@ def test_hybrid_scores_narrow_groups_exactly():
     calib = [x[:64], x[64:]]
     got = {k: score(sn, masks, teacher, calib, ImportanceConfig(kind=k), 0)[0]
            for k in ("fisher", "ablation", "hybrid")}
-    for g, keep in masks.units.items():
-        want = got["ablation"] if keep.sum() <= EXACT_UNITS else got["fisher"]
-        np.testing.assert_allclose(got["hybrid"][g], want[g], rtol=1e-6)
+    assert any(k.sum() <= EXACT_UNITS for k in masks.units.values())    # narrow, but single channels
+    for g in masks.units:
+        np.testing.assert_allclose(got["hybrid"][g], got["fisher"][g], rtol=1e-6)
     wide = next(g for g, k in masks.units.items() if k.sum() > EXACT_UNITS)
     ratio = got["fisher"][wide].sum() / got["ablation"][wide].sum()
     assert 0.2 <= ratio <= 5, ratio
+
+    sn, masks, teacher = _gpt2_supernet(_tiny_gpt2(), 16)
+    ids = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    got = {k: score(sn, masks, teacher, [batch], ImportanceConfig(kind=k), 0)[0]
+           for k in ("fisher", "ablation", "hybrid")}
+    heads = [g for g in masks.units if sn.analysis.groups[g].granularity > 1]
+    assert heads and all(len(masks.units[g]) <= EXACT_UNITS for g in heads)
+    for g in masks.units:
+        want = got["ablation"] if g in heads else got["fisher"]
+        np.testing.assert_allclose(got["hybrid"][g], want[g], rtol=1e-6, err_msg=str(g))
 
 
 def _gpt2_supernet(model, length):

@@ -1,6 +1,7 @@
-"""The fast exact scores (``fxadapt.search.replay``'s compiled slices) equal a straightforward reference: one
-full forward of the masked supernet per removed unit (or bypassed block), written here without the replay,
-on a small CNN and a tiny GPT-2; and the importance strategy's plan is the same with the replay off."""
+"""The fast exact scores (``fxadapt.search.replay``'s compiled slices, and its runs of the removals of one
+group as copies of the batch) equal a straightforward reference: one full forward of the masked supernet per
+removed unit (or bypassed block), written here without the replay, on a small CNN and a tiny GPT-2; and the
+importance strategy's plan is the same with the replay off."""
 
 import numpy as np
 import pytest
@@ -9,10 +10,11 @@ from torch import nn
 
 import fxadapt
 import fxadapt.search.replay as replay
+import fxadapt.search.scores as scores
 from fxadapt.search.importance import ImportanceConfig, Masks, importance, score
 from fxadapt.search.loop import teacher_of
 from fxadapt.search.positions import divergence, position_mask
-from fxadapt.search.scores import Hooks, as_batch
+from fxadapt.search.scores import GATE_ROOT, Hooks, as_batch
 from fxadapt.search.supernet import SupernetConfig, build_supernet
 from fxadapt.train.data import prediction
 
@@ -129,6 +131,93 @@ def test_gpt2_ablation_scores_equal_full_forwards():
         want, _ = _reference(sn, masks, teacher, calib)
         got, _ = score(sn, masks, teacher, calib, ImportanceConfig(kind="ablation"), 0)
         _check(got, want)
+
+
+def _gpt2_case():
+    from fxadapt.train.data import Batch, Inputs
+
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 64, (6, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    a = fxadapt.analyze(model, {"input_ids": ids[:1], "attention_mask": mask[:1]})
+    return a, Batch(Inputs((), {"input_ids": ids[:3], "attention_mask": mask[:3]}))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", ["cnn", "gpt2"])
+def test_copies_equal_one_full_forward_per_removed_unit(case):
+    """``Replay.run_copies``: copy ``c`` of the batch holds what a plain forward of the supernet with unit
+    ``c`` removed returns (every group batched: no fallback)."""
+    if case == "cnn":
+        x = torch.randn(5, 3, 10, 10)
+        a, batch = fxadapt.analyze(_convnet(), (x[:1],)), as_batch(x)
+    else:
+        a, batch = _gpt2_case()
+    sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
+    sn.gm.eval()
+    masks = _partly_pruned(sn, False)
+    with torch.no_grad():
+        with Hooks(sn, masks):
+            play = replay.Replay(sn.gm, (batch.inputs.args, batch.inputs.kwargs))
+        for g, keep in masks.units.items():
+            target = f"{GATE_ROOT}.w{g}"
+            assert play.copies([target]) > 0, f"group {g} not batched"
+            units = np.flatnonzero(keep)
+            raw = sn.gm.get_submodule(target)()
+            removed = [Masks({**masks.units, g: keep & (np.arange(len(keep)) != j)}, {}) for j in units]
+            values = [raw * torch.as_tensor(m.units[g], dtype=torch.float32) for m in removed]
+            got = prediction(play.run_copies([target], values))
+            for c, m in enumerate(removed):
+                with Hooks(sn, m):
+                    want = prediction(batch.call(sn.gm))
+                rows = got[c * batch.size:(c + 1) * batch.size]
+                torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_equal_in_runs_of_two_copies(monkeypatch):
+    """The removals split into runs of at most two copies (``COPIES_CAP``) score what full forwards do."""
+    monkeypatch.setattr(replay.Replay, "copies", lambda self, targets: 2)
+
+    def no_single_runs(*_):
+        raise AssertionError("a group's removals fell back to one run each")
+    monkeypatch.setattr(scores.Ablation, "changed", no_single_runs)
+    model, x = _convnet(), torch.randn(64, 3, 10, 10)
+    a = fxadapt.analyze(model, (x[:1],))
+    sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
+    masks = _partly_pruned(sn, False)
+    teacher = teacher_of(a, fxadapt.dist.DistContext())
+    want, _ = _reference(sn, masks, teacher, [x[:32], x[32:]])
+    got, _ = score(sn, masks, teacher, [x[:32], x[32:]], ImportanceConfig(kind="ablation"), 0)
+    _check(got, want)
+
+
+class _BatchCentred(nn.Module):
+    """Centres its features over the batch (not per sample, even in eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_batch_mixing_graph_is_not_run_as_copies():
+    """A graph that reads other samples (a mean over the batch) is not batched into copies, and its scores
+    are still the full forwards'."""
+    x = torch.randn(16, 3, 6, 6)
+    a = fxadapt.analyze(_BatchCentred().eval(), (x[:2],))
+    sn = build_supernet(a, None, SupernetConfig(expand=1.0, depth_slots=0))
+    masks = Masks({g: np.ones(w.units, dtype=bool) for g, w in sn.spec.widths.items()}, {})
+    with torch.no_grad(), Hooks(sn, masks):
+        play = replay.Replay(sn.gm, ((x,), {}))
+    assert masks.units and all(play.copies([f"{GATE_ROOT}.w{g}"]) == 0 for g in masks.units)
+    teacher = teacher_of(a, fxadapt.dist.DistContext())
+    want, _ = _reference(sn, masks, teacher, [x[:8], x[8:]])
+    got, _ = score(sn, masks, teacher, [x[:8], x[8:]], ImportanceConfig(kind="ablation"), 0)
+    _check(got, want)
 
 
 def test_plan_unchanged_without_the_replay(monkeypatch):

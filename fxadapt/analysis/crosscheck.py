@@ -4,7 +4,9 @@ Every ATen call of the graph is replayed once on ``meta`` tensors of its recorde
 compute) under a dispatch mode that applies torch's own FLOP formulas (``torch.utils.flop_counter.
 flop_registry``, what ``FlopCounterMode`` uses) to every kernel the call decomposes into, with attention
 routed through the math backend so that scaled-dot-product attention is counted as its two matrix
-products. Calls with the same op and argument shapes are replayed once. That count (FLOPs / 2)
+products. Calls with the same op and argument shapes are replayed once, their meta kernels through the
+shape check's dispatch cache (``passes.meta_run.MetaCache``, below the counter: it sees the same calls and
+outputs). That count (FLOPs / 2)
 is compared with the cost model's term for the same node: a node torch counts and the registry does not
 (an op without a cost formula, an unregistered overload) or counts differently is an ``Uncosted`` entry.
 
@@ -30,6 +32,7 @@ from fxadapt.analysis.count import extra_flops  # the independent count's formul
 from fxadapt.analysis.propagate import normalize
 from fxadapt.ir.channels import ParamRef
 from fxadapt.ops.registry import op_of
+from fxadapt.passes.meta_run import MetaCache
 
 REL_TOL = 1e-3
 
@@ -112,7 +115,8 @@ def torch_macs(gm: GraphModule, shapes: dict) -> dict[str, float]:
     counter = _Flops()
     tensors = {**dict(gm.named_parameters(remove_duplicate=False)),
                **dict(gm.named_buffers(remove_duplicate=False))}
-    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), counter:
+    # the meta kernels memoised below the counter (``passes.meta_run``): it sees the same calls and outputs
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), MetaCache(), counter:
         for node in gm.graph.nodes:
             if not isinstance(op_of(node), torch._ops.OpOverload):
                 continue
@@ -140,8 +144,9 @@ def crosscheck(gm: GraphModule, shapes: dict, cost: CostModel) -> tuple[Uncosted
         ours[t.node] = ours.get(t.node, 0.0) + t.value(full)
     theirs = torch_macs(gm, shapes)
     nodes = {n.name: n for n in gm.graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
     bad = []
-    for name in sorted(set(ours) | set(theirs), key=list(nodes).index):
+    for name in sorted(set(ours) | set(theirs), key=order.__getitem__):
         a, b = theirs.get(name, 0.0), ours.get(name, 0.0)
         if abs(a - b) > REL_TOL * max(a, b):
             bad.append(Uncosted(name, str(op_of(nodes[name])), a, b))

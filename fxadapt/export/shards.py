@@ -8,8 +8,11 @@ one ``readinto`` of its byte range into a new tensor: the pages read stay in the
 process, so reading a 13 GB checkpoint tensor by tensor keeps one tensor resident.
 
 Writing a checkpoint folder is all or nothing (``staged``): the files go into a new folder beside ``out``
-that is renamed onto it once complete. The checks before a step (``require``) compare the bytes it needs
-with the bytes available and refuse in one line (``ResourceError``) that names both.
+that is renamed onto it once complete. That folder holds a marker naming its writer (pid, host, the
+process's start time); a process killed mid-write leaves it behind, and the next write into the same
+``out`` removes it when the marker names a process of this host that is gone (``stale``). The checks
+before a step (``require``) compare the bytes it needs with the bytes available and refuse in one line
+(``ResourceError``) that names both.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -258,7 +262,8 @@ def staged(out: str, overwrite: bool = False) -> Iterator[str]:
     """A new folder beside ``out`` to write the checkpoint into; on success it becomes ``out`` (one rename;
     into a non-empty ``out`` with ``overwrite``: its weight files and the new files replaced, the rest kept),
     on any failure (an error, Ctrl-C) it is removed with the parent folders it created: no half checkpoint
-    (a killed process leaves the hidden ``.NAME.partial-*`` folder, never a half ``out``).
+    (a killed process leaves the hidden ``.NAME.partial-*`` folder, never a half ``out``; the next
+    ``staged(out)`` removes it once its writer is gone: ``stale``).
 
     >>> import tempfile
     >>> out = os.path.join(tempfile.mkdtemp(), "a", "out")
@@ -276,10 +281,15 @@ def staged(out: str, overwrite: bool = False) -> Iterator[str]:
     check_output(out, overwrite)
     out = os.path.abspath(out)
     made = _make_parents(os.path.dirname(out))
+    for old in stale(out):
+        shutil.rmtree(old, ignore_errors=True)   # left by a killed write into the same ``out``
     tmp = None
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+        _mark(tmp, out)
         yield tmp
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(tmp, MARKER))   # not published into ``out``
         _publish(tmp, out)
     except BaseException:
         if tmp is not None:
@@ -288,6 +298,66 @@ def staged(out: str, overwrite: bool = False) -> Iterator[str]:
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
         raise
+
+
+MARKER = ".fxadapt-partial.json"   # in a staged folder: {"writer": "fxadapt", "out", "pid", "host", "start"}
+
+
+def _mark(tmp: str, out: str) -> None:
+    """The marker naming this process as the writer of staged folder ``tmp`` (module docstring)."""
+    mark = {"writer": "fxadapt", "out": os.path.basename(out), "pid": os.getpid(),
+            "host": socket.gethostname(), "start": _proc(os.getpid())[1]}
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump(mark, f)
+
+
+def stale(out: str) -> list[str]:
+    """The staged folders of ``out`` left by a killed write: named ``.NAME.partial-XXXXXXXX`` (``mkdtemp``'s
+    eight characters) beside ``out``, holding our marker for ``out``'s name, whose process is gone from this
+    host (no such pid, or the pid now runs a process started at another time). A folder whose writer is alive,
+    of another host, or without a readable marker is kept."""
+    parent, name = os.path.split(os.path.abspath(out))
+    pattern = re.compile(re.escape(f".{name}.partial-") + r"[a-z0-9_]{8}")
+    found = []
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        path = os.path.join(parent, entry)
+        if not pattern.fullmatch(entry) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, MARKER)) as f:
+                mark = json.load(f)
+            host = mark["host"] == socket.gethostname()
+            ours = (mark["writer"] == "fxadapt" and mark["out"] == name and host
+                    and isinstance(mark["pid"], int) and mark["pid"] > 0)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if ours and not _alive(mark["pid"], mark.get("start")):
+            found.append(path)
+    return found
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` of this host runs: it exists, is no zombie, and where ``start`` is known it
+    is the process started then (not a new one given a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # exists, owned by another user (PermissionError): alive
+    state, now = _proc(pid)
+    return state != "Z" and (start is None or now is None or now == start)
+
+
+def _proc(pid: int) -> tuple[str | None, int | None]:
+    """The state letter and start time (clock ticks since boot) of process ``pid`` from Linux's
+    ``/proc/PID/stat`` (fields 3 and 22, after the name, which may hold spaces), else Nones."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None, None
 
 
 def _make_parents(parent: str) -> list[str]:

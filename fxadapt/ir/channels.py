@@ -17,6 +17,7 @@ positions whose class is kept (in original order) yields tensors that still fit 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,8 +67,17 @@ class UnionFind:
         return x
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = np.broadcast_arrays(a, b)
-        pairs = {(int(x), int(y)) for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()) if x != y}
+        """Union ``a[i]`` with ``b[i]`` (broadcast) for every i; each distinct pair once (the roots, each
+        set's smallest label, do not depend on the order)."""
+        a, b = (x.reshape(-1) for x in np.broadcast_arrays(np.asarray(a, np.int64), np.asarray(b, np.int64)))
+        a, b = a[a != b], b[a != b]
+        n = np.int64(max(len(self.parent), 1))
+        pairs: Iterable[tuple[int, int]]
+        if a.size and min(a.min(), b.min()) >= 0 and max(a.max(), b.max()) < n:
+            keys = np.unique(a * n + b)   # one key a pair: labels are allocated below len(parent)
+            pairs = zip((keys // n).tolist(), (keys % n).tolist())
+        else:
+            pairs = dict.fromkeys(zip(a.tolist(), b.tolist()))
         for x, y in pairs:
             rx, ry = self.find(x), self.find(y)
             if rx != ry:

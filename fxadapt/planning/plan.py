@@ -32,7 +32,7 @@ from fxadapt.ir.channels import Site
 from fxadapt.ir.plan_types import Plan, SiteEdit
 from fxadapt.ops.registry import spec_of
 from fxadapt.ops.routing import EXPERTS_NO_GROWTH
-from fxadapt.planning.l1 import l1
+from fxadapt.planning.l1 import Scratch, l1
 
 if TYPE_CHECKING:
     from fxadapt.analysis.analyze import Analysis
@@ -93,15 +93,15 @@ def unit_runs(index: np.ndarray) -> list[np.ndarray] | None:
     return runs if ok else None
 
 
-def importance(a: Analysis, group: Group) -> np.ndarray:
-    """Per-unit L1 importance of a group (see module docstring)."""
+def importance(a: Analysis, group: Group, scratch: Scratch | None = None) -> np.ndarray:
+    """Per-unit L1 importance of a group (see module docstring; ``scratch``: ``planning.l1.Scratch``)."""
     score = np.zeros(group.units)
     gm = a.gm
     for m in group.members:
         s = m.site
         if s.kind != "param" or s.role not in ("out", "dw") or s.ref is None:
             continue
-        per_pos = l1(_get(gm, s.ref.target), s.axis)   # in bounded memory (``planning.l1``)
+        per_pos = l1(_get(gm, s.ref.target), s.axis, scratch=scratch)   # bounded memory (``planning.l1``)
         pos = m.index >= 0
         sums = np.bincount(m.index[pos], weights=per_pos[pos], minlength=group.units)
         score += sums / max(sums.mean(), 1e-12)
@@ -120,9 +120,10 @@ def _get(root, target: str) -> torch.Tensor:
     return obj
 
 
-def select_units(a: Analysis, group: Group, n: int, score: np.ndarray | None = None) -> np.ndarray:
+def select_units(a: Analysis, group: Group, n: int, score: np.ndarray | None = None,
+                 scratch: Scratch | None = None) -> np.ndarray:
     """Selection of ``n`` units: the top-``n`` by importance (shrink), or all plus copies (grow)."""
-    score = importance(a, group) if score is None else score
+    score = importance(a, group, scratch) if score is None else score
     order = np.argsort(-score, kind="stable")
     if n <= group.units:
         return np.sort(order[:n])
@@ -138,7 +139,7 @@ def make_plan(a: Analysis, units: dict[int, int], remove: Iterable[int] = (),
     ``scores`` (group id -> per-unit score, higher is kept first) overrides the L1 importance, e.g. with
     the order a searched gate used; ``preserve=False`` lets groups under a norm grow (not
     function-preserving)."""
-    select = {}
+    select, scratch = {}, Scratch()   # one float32 buffer for every weight's L1 (``planning.l1``)
     for g in a.groups:
         n = units.get(g.id, g.units)
         if n == g.units:
@@ -147,7 +148,7 @@ def make_plan(a: Analysis, units: dict[int, int], remove: Iterable[int] = (),
             raise ValueError(f"group {g.id} ({g.name}) is frozen: {g.reason}")
         if n > g.units and (why := growth_blocker(a, g, preserve)):
             raise ValueError(f"group {g.id} ({g.name}) cannot grow: {why}")
-        select[g.id] = select_units(a, g, n, None if scores is None else scores.get(g.id))
+        select[g.id] = select_units(a, g, n, None if scores is None else scores.get(g.id), scratch)
     # a tensor axis is edited once, as its first site says: a tied tensor read as a consumer ("in": the LM
     # head) and a producer (the embedding) must zero its grown positions, so "in" sites come first
     sites = sorted(_sites(a), key=lambda s: s.role != "in")

@@ -3,14 +3,16 @@ and the weight steps distil from the original (``strategy="importance"``).
 
 Scores (``fxadapt.search.scores``), on calibration batches, through the elastic supernet's gates: per unit
 fisher / taylor / activation from the gates' gradients and activations, or the exact divergence increase of
-removing it (ablation, re-running only what it reaches), ``hybrid`` (default) ablation in narrow groups and
-fisher in wide ones, all over the positions that count (``fxadapt.search.positions``: a padded position is
-none). Fisher and ablation are one currency (``D``: the mean over samples of the KL summed over positions;
-fisher's ``S_j`` is its second-order estimate), and agree where removing one unit is a small step (fisher /
-ablation summed over a group: 0.93-1.33 on a trained GPT-2's 64- and 256-unit groups, Spearman 0.86-0.96);
-in the 8- and 16-channel groups of the digits base fisher is 3-30x too small and misranks (stem: Spearman
--0.07). Under ``torchrun`` the scores' sums are all-reduced and the weight steps' gradients averaged
-(``fxadapt.dist.sync_step``): every rank takes the same allocation and the same steps.
+removing it (ablation, re-running only what it reaches), ``hybrid`` (default) ablation in narrow groups of
+heads or experts and fisher in the others, all over the positions that count (``fxadapt.search.positions``:
+a padded position is none). Fisher and ablation are one currency (``D``: the mean over samples of the KL
+summed over positions; fisher's ``S_j`` is its second-order estimate), and agree where removing one unit is
+a small step (fisher / ablation summed over a group: 0.93-1.33 on a trained GPT-2's 64- and 256-unit groups,
+Spearman 0.86-0.96); in the 8- and 16-channel groups of the digits base fisher is 3-30x too small and
+misranks (stem: Spearman -0.07), yet its allocation recovers better there on the users' image protocol, so
+``hybrid`` ablates only blocks of channels (``fxadapt.search.scores.exact_groups``). Under ``torchrun`` the
+scores' sums are all-reduced and the weight steps' gradients averaged (``fxadapt.dist.sync_step``): every
+rank takes the same allocation and the same steps.
 Batches are read through ``fxadapt.train.data`` (tuples, inputs alone, dicts such as Hugging Face's
 ``input_ids`` / ``attention_mask``, loaders; ``Batch.call`` calls the original and the student). No labels
 are read for the scores: calibration data may be inputs only. ``fxadapt.planning.allocate`` then keeps the
@@ -21,10 +23,12 @@ each group within ``fxadapt.planning.solver.unit_bounds`` (``min_ratio``, the us
 
 Iterative (``iterations = k``): for ``i = 1..k`` score the surviving units, prune to
 ``T_i = M_0 (T / M_0)^(i / k)`` (the last step aligned and repaired into the budget window by ``align``,
-``fxadapt.planning.solver.fit`` + ``check_window``), then ``steps / k`` distillation steps (SGD; loss
-``kd * tau^2 KL_tau(t || s) + (1 - kd) loss_fn(s, y)``, or MSE to the original for ``loss="mse"``) with the
-pruned units masked to zero, which is exactly the pruned network. Every weight step is one history entry
-with a ``"step"`` key. Returns the supernet graph without gates and the plan that cuts the masked units.
+``fxadapt.planning.solver.fit`` + ``check_window``; under ``align="auto"`` an alignment is taken only where
+it rounds the allocation, every group within one aligned step of it: ``rounding``), then ``steps / k``
+distillation steps (SGD; loss ``kd * tau^2 KL_tau(t || s) + (1 - kd) loss_fn(s, y)``, or MSE to the original
+for ``loss="mse"``) with the pruned units masked to zero, which is exactly the pruned network. Every weight
+step is one history entry with a ``"step"`` key. Returns the supernet graph without gates and the plan that
+cuts the masked units.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ import torch
 from torch import nn
 
 from fxadapt import dist
-from fxadapt.errors import InputError, SearchConfigError
+from fxadapt.errors import BudgetError, InputError, SearchConfigError
 from fxadapt.options import RUN_OPTIONS, Options
 from fxadapt.passes.insert_gates import strip_gates
+from fxadapt.planning.align import unit_step
 from fxadapt.planning.allocate import allocate, top_units, uniform_scale
 from fxadapt.planning.plan import make_plan
 from fxadapt.planning.solver import SolveConfig, check_window, fit, limited, unit_bounds
@@ -82,7 +87,8 @@ class ImportanceConfig(Options):
                      "'taylor': |mean gate gradient|, 'activation': mean |activation|, 'ablation': the exact "
                      "divergence increase of removing each unit alone (one forward per unit), 'hybrid': "
                      "ablation "
-                     f"in groups of at most {EXACT_UNITS} surviving units, fisher in wider ones",
+                     f"in groups of at most {EXACT_UNITS} surviving units that are blocks of channels "
+                     "(heads, experts), fisher in the others",
              "loss": "'kl': logits (distribution over the last axis), 'mse': a regression output",
              "screen": "False: one allocation over every axis; True: screen the axis candidates "
                        "(fxadapt.search.screen); n: the first n of them"}
@@ -92,8 +98,9 @@ class ImportanceConfig(Options):
     calib_batches: int = 4        # calibration batches per scoring
     batch_size: int = 64
     lr: float = 0.02
-    # "hybrid" (exact in narrow groups) over "fisher": +1.5 / +2.7 val points on digits at 0.25x / 0.1x
-    # (5 seeds, bench/quality.py importance-fisher); the two agree in scale on wide groups
+    # "hybrid" (exact for narrow groups of heads / experts, fisher elsewhere), chosen on the users'
+    # protocols' val data: fisher on single channels +1.6 / +2.7 / +5.4 points on images at 0.5 / 0.25 / 0.1x,
+    # exact heads worth 0.4 / 2.2 val perplexity on the LM at 0.25 / 0.1x (fxadapt.search.scores.exact_groups)
     kind: Literal["fisher", "taylor", "activation", "ablation", "hybrid"] = "hybrid"
     loss: Literal["kl", "mse"] = "kl"
     kd: float = 1.0               # distillation weight in the weight steps (1: the original's outputs only)
@@ -181,6 +188,19 @@ def _bounds(sn: Supernet, gids, solve: SolveConfig) -> dict[int, tuple[int, int]
     return out
 
 
+def rounding(a: Analysis, n: dict[int, int], ref: dict[int, int], align: int) -> None:
+    """Raise ``BudgetError`` when the aligned widths ``n`` move a group more than one aligned step from the
+    allocation ``ref``: under ``align="auto"`` the alignment is then halved (``pipeline.strategies.
+    halving``), so aligning rounds the data's allocation instead of replacing it (on a two-group ESPCN at
+    0.25x, alignment 8 leaves only the data-free widths [8, 24] in the window, far from the data's
+    [17, 12]; alignment 1 keeps [21, 10])."""
+    far = {g: (ref[g], v) for g, v in n.items() if g in ref
+           and abs(v - ref[g]) > unit_step(align, a.groups[g].granularity)}
+    if far:
+        raise BudgetError(f"widths aligned to {align} move groups more than one step from the importance "
+                          f"allocation (group: (allocated, aligned)): {far}")
+
+
 def _prune(a: Analysis, masks: Masks, scores: dict, blocks: dict, target: float, bounds: dict, final: bool,
            cfg: ImportanceConfig, align: Callable, base: float) -> tuple[Masks, int]:
     """``masks`` with the allocation at ``target`` applied (the last step aligned and repaired by
@@ -202,6 +222,8 @@ def _prune(a: Analysis, masks: Masks, scores: dict, blocks: dict, target: float,
         def attempt(solve: SolveConfig) -> dict[int, int]:
             n = fit(a, target, live, units, False, solve, d)
             check_window(a, n, target, False, solve, d, base)
+            if cfg.solve.align == "auto" and solve.alignment() > 1:   # coarser only while it rounds
+                rounding(a, n, units, solve.alignment())
             return n
 
         units, step = align(attempt, a, {g: int(k.sum()) for g, k in masks.units.items()})

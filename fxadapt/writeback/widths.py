@@ -266,8 +266,9 @@ def _attention_evidence(gm: GraphModule, base: GraphModule) -> dict[str, dict]:
         elif (k := SIZED.get(node.target)) is not None and len(node.args) > k \
                 and isinstance(old.args[k], (list, tuple)):
             _size_evidence(pairs, node, old, k)
+    first = _first_nodes(gm)
     for path, pairs in found.items():
-        hidden = _hidden(gm, old_nodes, path)
+        hidden = _hidden(first.get(path), old_nodes)
         if hidden:
             pairs["hidden"] = hidden
     return {p: v for p, v in found.items() if v}
@@ -296,15 +297,25 @@ def _size_evidence(pairs: dict, node: Node, old: Node, at: int = 1) -> None:
             pairs.setdefault(("kept", a), (a, a))
 
 
-def _hidden(gm: GraphModule, old_nodes: dict, path: str) -> tuple | None:
-    """(old, new) width of the first tensor the module at ``path`` reads (the hidden size it works in)."""
+def _first_nodes(gm: GraphModule) -> dict[str, Node]:
+    """Module path -> the first op node (graph order) traced in that module, for every path (one pass)."""
+    first: dict[str, Node] = {}
     for node in gm.graph.nodes:
-        if path in module_stack(node) and node.op in ("call_module", "call_function"):
-            ins = [a for a in node.all_input_nodes if a.op != "get_attr"]
-            old = old_nodes.get(ins[0].name) if ins else None
-            if old is not None and _shape(ins[0]) and _shape(old):
-                return _shape(old)[-1], _shape(ins[0])[-1]
-            return None
+        if node.op in ("call_module", "call_function"):
+            for path in module_stack(node):
+                first.setdefault(path, node)
+    return first
+
+
+def _hidden(node: Node | None, old_nodes: dict) -> tuple | None:
+    """(old, new) width of the first tensor a module reads (the hidden size it works in), from ``node``:
+    the first op traced in it (``_first_nodes``)."""
+    if node is None:
+        return None
+    ins = [a for a in node.all_input_nodes if a.op != "get_attr"]
+    old = old_nodes.get(ins[0].name) if ins else None
+    if old is not None and _shape(ins[0]) and _shape(old):
+        return _shape(old)[-1], _shape(ins[0])[-1]
     return None
 
 
